@@ -1,0 +1,42 @@
+# witscale — set-up, demo and tests. Every target creates the virtualenv first if it is missing.
+# Order matters: torch (local CPU build) first, then deepspeed without build isolation (otherwise pip
+# resolves a multi-GB CUDA torch for the build), then everything else, all pinned by constraints.txt.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip -q --disable-pip-version-check
+STAMP  := $(VENV)/.installed
+
+export DS_ACCELERATOR ?= cpu
+export OMP_NUM_THREADS ?= 1
+export PYTHONWARNINGS ?= ignore::FutureWarning
+export HF_DATASETS_OFFLINE ?= 1
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test test-fast bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): constraints.txt setup.cfg
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -c constraints.txt torch==2.13.0
+	$(PIP) install -c constraints.txt --no-build-isolation deepspeed
+	$(PIP) install -c constraints.txt transformers datasets tensorboard mpi4py sentencepiece safetensors \
+	    pyarrow pytest hypothesis
+	$(PIP) install -c constraints.txt --no-build-isolation --no-deps -e .
+	touch $@
+
+## The README's main command: the end-to-end CPU demo on its embedded default.
+demo: $(STAMP)
+	$(PY) tools/demo.py
+
+## The README's test command (also what .ci/run calls).
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) tools/bench/bench_pack.py
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

@@ -1,0 +1,1 @@
+"""Data: token classes, readers, templates, packing and the packed on-disk format."""
