@@ -1,0 +1,248 @@
+"""From packed rows to training micro-batches, and the global-batch loss denominators.
+
+One optimizer step consumes a *global batch* of ``dp × grad_accum × micro_batch_size`` rows. The sampler
+draws it from a seeded per-epoch permutation; every data-parallel rank draws the same permutation, so each
+rank can compute the denominators of the whole global batch (count of non-zero-weight targets, weight sum,
+target count) locally, without communication, before any forward pass. Every micro-batch on every rank and
+pipeline stage is then divided by the same constant — the paper's objective, with no per-micro-batch or
+per-rank normalization ("gradient accumulation bug").
+
+Targets: the label at position t is the token at t+1 *of the same document*. The label that would cross
+from a document's last token into the next document (or into padding) is dropped (-100). The weight of a
+target is the class-table weight of the *predicted* token's class, times the data's explicit weight
+channel when present.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from witscale.data.classes import TokenClass
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor       # [B, S] int64
+    labels: torch.Tensor          # [B, S] int64, IGNORE_INDEX where nothing is predicted
+    weights: torch.Tensor         # [B, S] float32, weight of the predicted token (0 where ignored)
+    target_classes: torch.Tensor  # [B, S] int64, class of the predicted token (PAD where ignored)
+    position_ids: torch.Tensor    # [B, S] int64, restarting at 0 for every document
+    cu_seqlens: torch.Tensor      # [num_segments + 1] int32 over the flattened B*S tokens
+    max_seqlen: int
+    rows: list[int] = field(default_factory=list)
+    real_tokens: int = 0          # non-pad input tokens
+
+
+@dataclass
+class StepBatch:
+    """What one optimizer step needs on this rank."""
+    micro_batches: list[MicroBatch]
+    denominators: dict[str, float]   # over the GLOBAL batch: 'nonzero', 'weight_sum', 'tokens'
+    global_real_tokens: int          # non-pad tokens in the global batch (throughput)
+    global_capacity: int             # rows × seq_len of the global batch (packing efficiency)
+    epoch: int
+    step_in_epoch: int
+
+
+def row_targets(tokens: np.ndarray, classes: np.ndarray, explicit: np.ndarray | None,
+                doc_lengths: np.ndarray, table: np.ndarray):
+    """Labels, weights, target classes and position ids for one packed row (numpy, [S] each)."""
+    seq_len = tokens.shape[0]
+    ends = np.cumsum(doc_lengths, dtype=np.int64)
+    used = int(ends[-1]) if len(ends) else 0
+    labels = np.full(seq_len, IGNORE_INDEX, dtype=np.int64)
+    if used > 1:
+        labels[: used - 1] = tokens[1:used]
+    if used:
+        labels[ends - 1] = IGNORE_INDEX          # a document's last token predicts nothing
+    target_classes = np.zeros(seq_len, dtype=np.int64)
+    target_classes[:-1] = classes[1:]
+    ignored = labels == IGNORE_INDEX
+    target_classes[ignored] = TokenClass.PAD
+    weights = table[target_classes].astype(np.float32)
+    if explicit is not None:
+        weights[:-1] *= explicit[1:]
+    weights[ignored] = 0.0
+    positions = np.zeros(seq_len, dtype=np.int64)
+    starts = ends - doc_lengths
+    for s, e in zip(starts, ends):
+        positions[s:e] = np.arange(e - s)
+    if used < seq_len:
+        positions[used:] = np.arange(seq_len - used)
+    return labels, weights, target_classes, positions, used
+
+
+def segment_lengths(doc_lengths: np.ndarray, seq_len: int) -> list[int]:
+    """Attention segments of a row: its documents, then the pad tail as a segment of its own."""
+    lens = [int(x) for x in doc_lengths]
+    used = sum(lens)
+    if used < seq_len:
+        lens.append(seq_len - used)
+    return lens
+
+
+def denominators_of(labels: np.ndarray, weights: np.ndarray) -> dict[str, float]:
+    predicted = labels != IGNORE_INDEX
+    return {
+        "nonzero": float(np.count_nonzero(predicted & (weights > 0))),
+        "weight_sum": float(weights[predicted].sum(dtype=np.float64)),
+        "tokens": float(np.count_nonzero(predicted)),
+    }
+
+
+class PackedLoader:
+    """Deterministic, data-parallel-sharded sampler over packed rows, yielding one StepBatch per step.
+
+    Rows are drawn without replacement from a permutation seeded by (seed, epoch); the remainder of an
+    epoch that does not fill a global batch is skipped (logged by the trainer). ``state_dict`` records
+    the position so that a resumed run draws exactly the same batches.
+    """
+
+    def __init__(self, dataset, weight_table: np.ndarray, *, micro_batch_size: int, grad_accum: int,
+                 dp_size: int = 1, dp_rank: int = 0, seed: int = 0, shuffle: bool = True):
+        self.dataset = dataset
+        self.table = np.asarray(weight_table, dtype=np.float32)
+        self.micro_batch_size = micro_batch_size
+        self.grad_accum = grad_accum
+        self.dp_size = dp_size
+        self.dp_rank = dp_rank
+        self.seed = seed
+        self.shuffle = shuffle
+        self.global_rows = micro_batch_size * grad_accum * dp_size
+        if len(dataset) < self.global_rows:
+            raise ValueError(
+                f"the dataset has {len(dataset)} packed rows but one global batch needs {self.global_rows} "
+                f"(micro-batch {micro_batch_size} × grad-accum {grad_accum} × data-parallel {dp_size})")
+        self.steps_per_epoch = len(dataset) // self.global_rows
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self._order_epoch = None
+        self._order = None
+
+    # --- sampling ----------------------------------------------------------------------------------
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if self._order_epoch != epoch:
+            n = len(self.dataset)
+            if self.shuffle:
+                self._order = np.random.default_rng([self.seed, epoch]).permutation(n)
+            else:
+                self._order = np.arange(n)
+            self._order_epoch = epoch
+        return self._order
+
+    def global_batch_rows(self, epoch: int, step_in_epoch: int) -> np.ndarray:
+        order = self._epoch_order(epoch)
+        return order[step_in_epoch * self.global_rows:(step_in_epoch + 1) * self.global_rows]
+
+    def rank_micro_rows(self, global_rows: np.ndarray, micro: int, dp_rank: int) -> np.ndarray:
+        """Micro-batch `micro` of data-parallel rank `dp_rank` within a global batch."""
+        start = (micro * self.dp_size + dp_rank) * self.micro_batch_size
+        return global_rows[start:start + self.micro_batch_size]
+
+    # --- assembly ----------------------------------------------------------------------------------
+    def _row(self, index: int):
+        ds = self.dataset
+        explicit = ds.weights[index] if ds.weights is not None else None
+        return ds.tokens[index], ds.classes[index], explicit, ds.doc_lengths(index)
+
+    def make_micro_batch(self, rows) -> MicroBatch:
+        seq_len = self.dataset.seq_len
+        ids, labs, wts, tcs, poss, segs = [], [], [], [], [], []
+        real = 0
+        max_seqlen = 0
+        for r in rows:
+            tokens, classes, explicit, doc_lengths = self._row(int(r))
+            labels, weights, tclasses, positions, used = row_targets(tokens, classes, explicit, doc_lengths,
+                                                                     self.table)
+            ids.append(np.asarray(tokens, dtype=np.int64))
+            labs.append(labels)
+            wts.append(weights)
+            tcs.append(tclasses)
+            poss.append(positions)
+            row_segments = segment_lengths(doc_lengths, seq_len)
+            segs.extend(row_segments)
+            max_seqlen = max(max_seqlen, max(row_segments))
+            real += used
+        cu = np.zeros(len(segs) + 1, dtype=np.int32)
+        np.cumsum(segs, out=cu[1:])
+        mb = MicroBatch(
+            input_ids=torch.from_numpy(np.stack(ids)),
+            labels=torch.from_numpy(np.stack(labs)),
+            weights=torch.from_numpy(np.stack(wts)),
+            target_classes=torch.from_numpy(np.stack(tcs)),
+            position_ids=torch.from_numpy(np.stack(poss)),
+            cu_seqlens=torch.from_numpy(cu),
+            max_seqlen=int(max_seqlen),
+            rows=[int(r) for r in rows],
+            real_tokens=real,
+        )
+        return mb
+
+    def global_denominators(self, global_rows: np.ndarray) -> tuple[dict[str, float], int]:
+        totals = {"nonzero": 0.0, "weight_sum": 0.0, "tokens": 0.0}
+        real = 0
+        for r in global_rows:
+            tokens, classes, explicit, doc_lengths = self._row(int(r))
+            labels, weights, _, _, used = row_targets(tokens, classes, explicit, doc_lengths, self.table)
+            for k, v in denominators_of(labels, weights).items():
+                totals[k] += v
+            real += used
+        return totals, real
+
+    def batch_for(self, epoch: int, step_in_epoch: int) -> StepBatch:
+        rows = self.global_batch_rows(epoch, step_in_epoch)
+        denominators, real = self.global_denominators(rows)
+        micro = [self.make_micro_batch(self.rank_micro_rows(rows, m, self.dp_rank))
+                 for m in range(self.grad_accum)]
+        return StepBatch(micro, denominators, real, len(rows) * self.dataset.seq_len, epoch, step_in_epoch)
+
+    def next_step(self) -> StepBatch:
+        if self.step_in_epoch >= self.steps_per_epoch:
+            self.epoch += 1
+            self.step_in_epoch = 0
+        batch = self.batch_for(self.epoch, self.step_in_epoch)
+        self.step_in_epoch += 1
+        return batch
+
+    def __iter__(self) -> Iterator[StepBatch]:
+        while True:
+            yield self.next_step()
+
+    # --- resume ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "seed": self.seed,
+                "num_rows": len(self.dataset), "global_rows": self.global_rows, "shuffle": self.shuffle}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, mine in (("num_rows", len(self.dataset)), ("global_rows", self.global_rows),
+                          ("seed", self.seed), ("shuffle", self.shuffle)):
+            if state.get(key) != mine:
+                raise ValueError(f"cannot resume the data position: checkpoint has {key}={state.get(key)}, "
+                                 f"this run has {key}={mine}")
+        self.epoch = int(state["epoch"])
+        self.step_in_epoch = int(state["step_in_epoch"])
+
+
+def check_model_compat(manifest: dict, model_config, data_path: str = "") -> None:
+    """Refuse data tokenized with a tokenizer that does not fit the model (vocab size, special ids)."""
+    fp = manifest.get("tokenizer") or {}
+    where = f"data {data_path}" if data_path else "data"
+    vocab = fp.get("vocab_size")
+    if vocab is not None and vocab > model_config.vocab_size:
+        raise ValueError(f"{where} was tokenized with a {vocab}-token vocabulary but the model's vocab_size is "
+                         f"{model_config.vocab_size}: wrong tokenizer for this model")
+    for key in ("bos_id", "eos_id"):
+        theirs = fp.get(key)
+        ours = getattr(model_config, key.replace("_id", "_token_id"), None)
+        if isinstance(ours, (list, tuple)):
+            ok = theirs in ours
+        else:
+            ok = ours is None or theirs is None or theirs == ours
+        if not ok:
+            raise ValueError(f"{where} has tokenizer {key}={theirs} but the model config says {ours}: "
+                             f"wrong tokenizer for this model")

@@ -1,0 +1,1 @@
+"""Parallelism: the layout/topology, tensor-parallel communication and layers."""

@@ -1,0 +1,179 @@
+"""The parallel layout: world = pp × dp × tp, validated before any process group exists.
+
+Rank order is tp fastest, then dp, then pp (Megatron's order, and the one DeepSpeed's
+``PipeModelDataParallelTopology`` uses): tensor-parallel peers are neighbouring ranks, i.e. on the same
+node, where their per-layer all-reduces need the fastest links.
+
+    rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank
+
+``ParallelDims`` is pure arithmetic (no torch.distributed) so that every layout error is raised, with the
+numbers, before ``init_process_group``. ``Topology`` builds the groups and doubles as the ``mpu`` object
+DeepSpeed expects (Megatron's method names).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch.distributed as dist
+
+
+class LayoutError(ValueError):
+    """A parallel layout that cannot work; raised before any process group is created."""
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    world_size: int
+    tp: int = 1
+    pp: int = 1
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // (self.tp * self.pp)
+
+    def validate(self, zero_stage: int = 0, model_config=None) -> "ParallelDims":
+        w, tp, pp = self.world_size, self.tp, self.pp
+        for name, value in (("world size", w), ("--tp", tp), ("--pp", pp)):
+            if value < 1:
+                raise LayoutError(f"{name} must be >= 1, got {value}")
+        if w % (tp * pp):
+            raise LayoutError(f"world size {w} is not divisible by tp × pp = {tp} × {pp} = {tp * pp}")
+        if pp > 1 and zero_stage > 1:
+            raise LayoutError(
+                f"ZeRO stage {zero_stage} cannot be combined with pipeline parallelism (pp={pp}): DeepSpeed's "
+                "pipeline engine supports ZeRO stage 0 or 1 only; use a zero1 config for tp × pp × dp layouts")
+        if model_config is not None:
+            self._validate_model(model_config)
+        return self
+
+    def _validate_model(self, cfg) -> None:
+        tp, pp = self.tp, self.pp
+        checks = [
+            ("attention heads", cfg.num_attention_heads, tp, "tp"),
+            ("key/value heads", cfg.num_key_value_heads, tp, "tp"),
+            ("intermediate size", cfg.intermediate_size, tp, "tp"),
+        ]
+        for what, n, k, flag in checks:
+            if n % k:
+                raise LayoutError(f"--{flag} {k} does not divide the model's {what} ({n})")
+        if cfg.num_hidden_layers < pp:
+            raise LayoutError(f"--pp {pp} exceeds the model's {cfg.num_hidden_layers} layers")
+
+    def coords(self, rank: int) -> tuple[int, int, int]:
+        """(pp_rank, dp_rank, tp_rank) of a global rank."""
+        tp_rank = rank % self.tp
+        dp_rank = (rank // self.tp) % self.dp
+        pp_rank = rank // (self.tp * self.dp)
+        return pp_rank, dp_rank, tp_rank
+
+    def rank_of(self, pp_rank: int, dp_rank: int, tp_rank: int) -> int:
+        return pp_rank * self.dp * self.tp + dp_rank * self.tp + tp_rank
+
+    def tp_groups(self) -> list[list[int]]:
+        return [[self.rank_of(p, d, t) for t in range(self.tp)] for p in range(self.pp) for d in range(self.dp)]
+
+    def dp_groups(self) -> list[list[int]]:
+        return [[self.rank_of(p, d, t) for d in range(self.dp)] for p in range(self.pp) for t in range(self.tp)]
+
+    def pp_groups(self) -> list[list[int]]:
+        return [[self.rank_of(p, d, t) for p in range(self.pp)] for d in range(self.dp) for t in range(self.tp)]
+
+    def mp_groups(self) -> list[list[int]]:
+        """Model-parallel groups (tp × pp): all ranks that hold different pieces of one model replica."""
+        return [[self.rank_of(p, d, t) for p in range(self.pp) for t in range(self.tp)] for d in range(self.dp)]
+
+
+def _build_groups(all_groups: list[list[int]], rank: int):
+    """Every rank must call new_group for every group in the same order; keep the one containing `rank`."""
+    mine = None
+    for ranks in all_groups:
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            mine = (group, ranks)
+    return mine
+
+
+class Topology:
+    """Process groups for one layout; implements the Megatron-style ``mpu`` interface for DeepSpeed."""
+
+    def __init__(self, dims: ParallelDims):
+        if not dist.is_initialized():
+            raise RuntimeError("Topology needs an initialised torch.distributed process group")
+        if dist.get_world_size() != dims.world_size:
+            raise LayoutError(f"layout is for {dims.world_size} ranks but the job has {dist.get_world_size()}")
+        self.dims = dims
+        self.rank = dist.get_rank()
+        self.pp_rank, self.dp_rank, self.tp_rank = dims.coords(self.rank)
+        self.tp_group, self.tp_ranks = _build_groups(dims.tp_groups(), self.rank)
+        self.dp_group, self.dp_ranks = _build_groups(dims.dp_groups(), self.rank)
+        self.pp_group, self.pp_ranks = _build_groups(dims.pp_groups(), self.rank)
+        self.mp_group, self.mp_ranks = _build_groups(dims.mp_groups(), self.rank)
+
+    # --- convenience -------------------------------------------------------------------------------
+    @property
+    def tp(self) -> int:
+        return self.dims.tp
+
+    @property
+    def pp(self) -> int:
+        return self.dims.pp
+
+    @property
+    def dp(self) -> int:
+        return self.dims.dp
+
+    def tp_group_or_none(self) -> Optional[dist.ProcessGroup]:
+        """The TP group, or None at tp=1 (the TP layers then skip all communication)."""
+        return self.tp_group if self.tp > 1 else None
+
+    # --- the mpu interface (names from Megatron, as DeepSpeed calls them) --------------------------
+    def get_data_parallel_group(self):
+        return self.dp_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.dp
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return list(self.dp_ranks)
+
+    def get_model_parallel_group(self):
+        return self.mp_group
+
+    def get_model_parallel_rank(self) -> int:
+        return self.pp_rank * self.tp + self.tp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.tp * self.pp
+
+    def get_tensor_model_parallel_group(self):
+        return self.tp_group
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self.tp_rank
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self.tp
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self.tp_ranks[0]
+
+    def get_pipeline_model_parallel_group(self):
+        return self.pp_group
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return self.pp_rank
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return self.pp
+
+    get_pipe_parallel_group = get_pipeline_model_parallel_group
+    get_pipe_parallel_rank = get_pipeline_model_parallel_rank
+    get_pipe_parallel_world_size = get_pipeline_model_parallel_world_size
+
+    def describe(self) -> str:
+        return (f"world={self.dims.world_size} = pp {self.pp} × dp {self.dp} × tp {self.tp}; this rank "
+                f"{self.rank}: pp_rank {self.pp_rank}, dp_rank {self.dp_rank}, tp_rank {self.tp_rank}")

@@ -1,0 +1,258 @@
+"""witscale training entry point.
+
+    deepspeed --num_gpus 8 witscale/train.py --ds_config ds_configs/zero3.json --data packed/ --model llama-7b/ ...
+    torchrun --nproc_per_node 2 witscale/train.py ...
+    python witscale/train.py ...            (a single process)
+
+Every flag and file is checked before any process group is created: a bad run fails in a second with one
+line that says what is wrong, not after minutes of start-up on a cluster.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+if __package__ in (None, ""):   # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from witscale.data.classes import CLASS_NAMES  # noqa: E402
+from witscale.data.weighting import build_weight_table, describe_weight_table, parse_class_weights  # noqa: E402
+from witscale.ds_config import DSConfigError, fill_ds_config, load_ds_config, zero_stage  # noqa: E402
+
+log = logging.getLogger("witscale")
+
+NORMALIZATION_HELP = """how the weighted sum of token losses is divided, over the GLOBAL batch
+(all micro-batches of all data-parallel ranks):
+  nonzero     the paper's: count of predicted tokens with non-zero weight (default). Scaling all
+              weights by c changes nothing without clipping: only the ratio λp:λr matters.
+  weight_sum  Σ w: a weighted mean NLL. Also scale-free, but prompt tokens now count by λp in N.
+  tokens      all predicted (non-pad) tokens: the absolute λ scale acts like a learning-rate factor."""
+
+
+class UsageError(ValueError):
+    """A flag or input file that cannot work; reported as one line before anything starts."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="witscale/train.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Weighted Instruction Tuning on DeepSpeed: prompt tokens weighted λp, response tokens λr.",
+        epilog="Token classes: " + ", ".join(CLASS_NAMES) + ". --prompt-weight sets template, system and "
+               "prompt; --response-weight sets response and eot; pad is always 0.")
+    g = p.add_argument_group("data and model")
+    g.add_argument("--data", required=True, help="packed dataset directory (tools/pack_dataset.py)")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="HF checkpoint directory: config.json + *.safetensors")
+    src.add_argument("--model-config", help="HF-style config.json; the model starts from a seeded random init")
+    g.add_argument("--output-dir", required=True, help="metrics.jsonl, the effective config and the log go here")
+
+    g = p.add_argument_group("loss weights")
+    g.add_argument("--prompt-weight", type=float, default=0.0, help="λp for template/system/prompt tokens (default 0)")
+    g.add_argument("--response-weight", type=float, default=1.0, help="λr for response/eot tokens (default 1)")
+    g.add_argument("--class-weights", default="", help="per-class overrides, e.g. 'template=0,system=0.1'")
+    g.add_argument("--normalization", choices=("nonzero", "weight_sum", "tokens"), default="nonzero",
+                   help=NORMALIZATION_HELP)
+
+    g = p.add_argument_group("optimization")
+    g.add_argument("--micro-batch-size", type=int, default=1, help="packed rows per micro-batch per rank")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step per rank")
+    g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (paper: 2e-5; 5e-6 for Mistral-7B)")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.999))
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--warmup-ratio", type=float, default=0.01, help="linear warm-up fraction, then cosine decay")
+    length = g.add_mutually_exclusive_group()
+    length.add_argument("--max-steps", type=int, help="optimizer steps to run")
+    length.add_argument("--epochs", type=float, default=None, help="passes over the packed rows (default 1)")
+    g.add_argument("--clip-grad", type=float, default=None,
+                   help="global grad-norm clipping; default off, as in the paper (DeepSpeed's own default, "
+                        "1.0, is overridden). With clipping, (λp, λr) and (cλp, cλr) no longer train alike.")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-shuffle", action="store_true", help="visit rows in stored order")
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--ds_config", "--ds-config", dest="ds_config", required=True,
+                   help="DeepSpeed JSON (ds_configs/zero3.json …); \"auto\" fields are filled from these flags")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    g.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    g.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
+    g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--log-level", default="INFO")
+    return p
+
+
+@dataclass
+class Plan:
+    """Everything validated, before any process group exists."""
+    args: argparse.Namespace
+    model_config: object
+    dataset: object
+    weight_table: object
+    ds_config: dict
+    world_size: int
+    dims: object
+    total_steps: int
+    steps_per_epoch: int
+
+
+def _require_file(path: str, flag: str) -> None:
+    if not os.path.exists(path):
+        raise UsageError(f"{flag} {path}: no such file or directory")
+
+
+def plan_run(args: argparse.Namespace, world_size: int) -> Plan:
+    from witscale.data.loader import check_model_compat
+    from witscale.data.packed import PackedDataset
+    from witscale.model import ModelConfig
+    from witscale.parallel.topology import LayoutError, ParallelDims
+
+    try:
+        table = build_weight_table(args.prompt_weight, args.response_weight, parse_class_weights(args.class_weights))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    for flag, value, ok in (("--micro-batch-size", args.micro_batch_size, args.micro_batch_size >= 1),
+                            ("--grad-accum", args.grad_accum, args.grad_accum >= 1),
+                            ("--lr", args.lr, args.lr > 0 and math.isfinite(args.lr)),
+                            ("--warmup-ratio", args.warmup_ratio, 0 <= args.warmup_ratio <= 1),
+                            ("--weight-decay", args.weight_decay, args.weight_decay >= 0),
+                            ("--max-steps", args.max_steps, args.max_steps is None or args.max_steps >= 1),
+                            ("--epochs", args.epochs, args.epochs is None or args.epochs > 0),
+                            ("--clip-grad", args.clip_grad, args.clip_grad is None or args.clip_grad >= 0)):
+        if not ok:
+            raise UsageError(f"{flag} {value} is out of range")
+
+    _require_file(args.data, "--data")
+    try:
+        dataset = PackedDataset(args.data)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--data {args.data}: {e}") from None
+    if args.model:
+        _require_file(os.path.join(args.model, "config.json"), "--model")
+        config_path = os.path.join(args.model, "config.json")
+    else:
+        _require_file(args.model_config, "--model-config")
+        config_path = args.model_config
+    try:
+        model_config = ModelConfig.from_json_file(config_path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{config_path}: {e}") from None
+    try:
+        check_model_compat(dataset.manifest, model_config, args.data)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+    _require_file(args.ds_config, "--ds_config")
+    try:
+        raw_ds = load_ds_config(args.ds_config)
+        dims = ParallelDims(world_size, args.tp, args.pp).validate(zero_stage(raw_ds), model_config)
+    except (DSConfigError, LayoutError) as e:
+        raise UsageError(str(e)) from None
+    if args.tp > 1 or args.pp > 1:
+        raise UsageError(f"--tp {args.tp} --pp {args.pp}: tensor and pipeline parallelism are not available "
+                         "in this version yet; use --tp 1 --pp 1 with ZeRO")
+    import torch
+    try:
+        ds_config = fill_ds_config(
+            raw_ds, micro_batch_size=args.micro_batch_size, grad_accum=args.grad_accum, dp_size=dims.dp,
+            clip_grad=args.clip_grad, lr=args.lr, weight_decay=args.weight_decay, betas=tuple(args.adam_betas),
+            eps=args.adam_eps, hidden_size=model_config.hidden_size, use_cuda=torch.cuda.is_available(),
+            path=args.ds_config)
+    except DSConfigError as e:
+        raise UsageError(str(e)) from None
+
+    global_rows = args.micro_batch_size * args.grad_accum * dims.dp
+    if len(dataset) < global_rows:
+        raise UsageError(f"--data {args.data} has {len(dataset)} packed rows but one optimizer step needs "
+                         f"{global_rows} (micro-batch {args.micro_batch_size} × grad-accum {args.grad_accum} × "
+                         f"data-parallel {dims.dp})")
+    steps_per_epoch = len(dataset) // global_rows
+    total = args.max_steps if args.max_steps else max(1, int(steps_per_epoch * (args.epochs or 1.0)))
+    return Plan(args, model_config, dataset, table, ds_config, world_size, dims, total, steps_per_epoch)
+
+
+def build_module(plan: Plan, topo):
+    """The module DeepSpeed wraps, created partitioned under ZeRO-3 and filled from HF or a seeded init."""
+    import deepspeed
+
+    from witscale.model import build_training_model, load_model_weights
+
+    with deepspeed.zero.Init(config_dict_or_path=plan.ds_config, mpu=topo,
+                             enabled=zero_stage(plan.ds_config) == 3):
+        module = build_training_model(plan.model_config, topo=topo,
+                                      activation_checkpointing=plan.args.activation_checkpointing)
+    load_model_weights(module, plan.model_config, model_dir=plan.args.model, seed=plan.args.seed, topo=topo)
+    return module
+
+
+def run(args: argparse.Namespace):
+    """Validate, start the process group, train. Returns the per-step results (rank 0 logs them)."""
+    import torch
+
+    from witscale.data.loader import PackedLoader
+    from witscale.distributed import init_distributed, teardown, world_size_from_env
+    from witscale.parallel.topology import Topology
+    from witscale.trainer import Trainer
+
+    plan = plan_run(args, world_size_from_env())
+    init_distributed()
+    topo = Topology(plan.dims)
+    import torch.distributed as dist
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        os.makedirs(args.output_dir, exist_ok=True)
+        _add_file_log(os.path.join(args.output_dir, "train.log"))
+        log.info(topo.describe())
+        log.info(f"loss weights per class: {describe_weight_table(plan.weight_table)}; "
+                 f"normalization: {args.normalization}")
+        log.info(f"{len(plan.dataset)} packed rows of {plan.dataset.seq_len} tokens; {plan.steps_per_epoch} "
+                 f"steps per epoch; training {plan.total_steps} steps")
+        with open(os.path.join(args.output_dir, "effective_config.json"), "w", encoding="utf-8") as f:
+            json.dump({"args": {k: v for k, v in vars(args).items()}, "ds_config": plan.ds_config,
+                       "weight_table": {CLASS_NAMES[i]: float(w) for i, w in enumerate(plan.weight_table)},
+                       "total_steps": plan.total_steps, "world": vars(plan.dims) | {"dp": plan.dims.dp}},
+                      f, indent=2, default=str)
+    torch.manual_seed(args.seed)
+    module = build_module(plan, topo)
+    loader = PackedLoader(plan.dataset, plan.weight_table, micro_batch_size=args.micro_batch_size,
+                          grad_accum=args.grad_accum, dp_size=topo.dp, dp_rank=topo.dp_rank, seed=args.seed,
+                          shuffle=not args.no_shuffle)
+    trainer = Trainer(module=module, ds_config=plan.ds_config, loader=loader, topo=topo,
+                      normalization=args.normalization, lr=args.lr, weight_decay=args.weight_decay,
+                      betas=args.adam_betas, eps=args.adam_eps, total_steps=plan.total_steps,
+                      warmup_ratio=args.warmup_ratio, output_dir=args.output_dir)
+    try:
+        results = trainer.fit()
+    finally:
+        trainer.close()
+    return trainer, results
+
+
+def _add_file_log(path: str) -> None:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="[witscale] %(message)s", stream=sys.stdout)
+    from witscale.distributed import rank_from_env, teardown
+    if rank_from_env() != 0:
+        log.setLevel(logging.WARNING)
+    try:
+        run(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
