@@ -75,6 +75,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-shuffle", action="store_true", help="visit rows in stored order")
 
+    g = p.add_argument_group("checkpoints, evaluation, export")
+    g.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (always at the end)")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="keep the last K complete checkpoints")
+    g.add_argument("--resume", default=None, metavar="auto|PATH",
+                   help="'auto': continue from <output-dir>/checkpoints/latest if it exists; or a checkpoint path")
+    g.add_argument("--allow-data-change", action="store_true",
+                   help="resume even though the packed data differs from the checkpoint's")
+    g.add_argument("--eval-data", default=None, help="packed eval set, scored every --eval-steps and at the end")
+    g.add_argument("--eval-steps", type=int, default=0, help="evaluate every N steps (0: only at the end)")
+    g.add_argument("--export-hf", default=None, metavar="DIR",
+                   help="at the end, write an HF directory (safetensors + config + tokenizer files)")
+    g.add_argument("--tokenizer", default=None,
+                   help="tokenizer files to copy into --export-hf (default: those in --model, if any)")
+    g.add_argument("--log-every", type=int, default=1, help="console line every N steps (non-TTY)")
+    g.add_argument("--no-tensorboard", action="store_true")
+
     g = p.add_argument_group("parallelism")
     g.add_argument("--ds_config", "--ds-config", dest="ds_config", required=True,
                    help="DeepSpeed JSON (ds_configs/zero3.json …); \"auto\" fields are filled from these flags")
@@ -92,6 +108,7 @@ class Plan:
     args: argparse.Namespace
     model_config: object
     dataset: object
+    eval_dataset: object
     weight_table: object
     ds_config: dict
     world_size: int
@@ -170,9 +187,29 @@ def plan_run(args: argparse.Namespace, world_size: int) -> Plan:
         raise UsageError(f"--data {args.data} has {len(dataset)} packed rows but one optimizer step needs "
                          f"{global_rows} (micro-batch {args.micro_batch_size} × grad-accum {args.grad_accum} × "
                          f"data-parallel {dims.dp})")
+    eval_dataset = None
+    if args.eval_data:
+        _require_file(args.eval_data, "--eval-data")
+        try:
+            eval_dataset = PackedDataset(args.eval_data)
+            check_model_compat(eval_dataset.manifest, model_config, args.eval_data)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--eval-data {args.eval_data}: {e}") from None
+    for flag in ("save_steps", "eval_steps", "keep_checkpoints", "log_every"):
+        if getattr(args, flag) < 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 0")
+    if args.resume not in (None, "auto") and not os.path.exists(args.resume):
+        raise UsageError(f"--resume {args.resume}: no such checkpoint")
+    ckpt_root = os.path.join(args.output_dir, "checkpoints")
+    if args.resume is None and os.path.isdir(ckpt_root) and os.listdir(ckpt_root):
+        raise UsageError(f"--output-dir {args.output_dir} already holds checkpoints: pass --resume auto to "
+                         "continue that run, or choose a new --output-dir")
+    if args.tokenizer:
+        _require_file(args.tokenizer, "--tokenizer")
     steps_per_epoch = len(dataset) // global_rows
     total = args.max_steps if args.max_steps else max(1, int(steps_per_epoch * (args.epochs or 1.0)))
-    return Plan(args, model_config, dataset, table, ds_config, world_size, dims, total, steps_per_epoch)
+    return Plan(args, model_config, dataset, eval_dataset, table, ds_config, world_size, dims, total,
+                steps_per_epoch)
 
 
 def build_module(plan: Plan, topo):
@@ -190,46 +227,117 @@ def build_module(plan: Plan, topo):
 
 
 def run(args: argparse.Namespace):
-    """Validate, start the process group, train. Returns the per-step results (rank 0 logs them)."""
+    """Validate, start the process group, train. Returns (trainer, per-step results)."""
     import torch
+    import torch.distributed as dist
 
-    from witscale.data.loader import PackedLoader
-    from witscale.distributed import init_distributed, teardown, world_size_from_env
+    from witscale.distributed import init_distributed, world_size_from_env
     from witscale.parallel.topology import Topology
-    from witscale.trainer import Trainer
 
-    plan = plan_run(args, world_size_from_env())
+    world = dist.get_world_size() if dist.is_initialized() else world_size_from_env()
+    plan = plan_run(args, world)
     init_distributed()
     topo = Topology(plan.dims)
-    import torch.distributed as dist
-    rank0 = dist.get_rank() == 0
-    if rank0:
-        os.makedirs(args.output_dir, exist_ok=True)
-        _add_file_log(os.path.join(args.output_dir, "train.log"))
-        log.info(topo.describe())
-        log.info(f"loss weights per class: {describe_weight_table(plan.weight_table)}; "
-                 f"normalization: {args.normalization}")
-        log.info(f"{len(plan.dataset)} packed rows of {plan.dataset.seq_len} tokens; {plan.steps_per_epoch} "
-                 f"steps per epoch; training {plan.total_steps} steps")
-        with open(os.path.join(args.output_dir, "effective_config.json"), "w", encoding="utf-8") as f:
-            json.dump({"args": {k: v for k, v in vars(args).items()}, "ds_config": plan.ds_config,
-                       "weight_table": {CLASS_NAMES[i]: float(w) for i, w in enumerate(plan.weight_table)},
-                       "total_steps": plan.total_steps, "world": vars(plan.dims) | {"dp": plan.dims.dp}},
-                      f, indent=2, default=str)
+    if dist.get_rank() == 0:
+        _announce(plan, topo)
     torch.manual_seed(args.seed)
     module = build_module(plan, topo)
+    return train_loop(plan, topo, module)
+
+
+def train_loop(plan: Plan, topo, module):
+    """Resume if asked, then step until done or preempted; checkpoint, evaluate and log on the way."""
+    import torch.distributed as dist
+
+    from witscale import checkpoint, preemption
+    from witscale.data.loader import PackedLoader
+    from witscale.metrics import MetricsLogger
+    from witscale.trainer import Trainer
+
+    args = plan.args
     loader = PackedLoader(plan.dataset, plan.weight_table, micro_batch_size=args.micro_batch_size,
                           grad_accum=args.grad_accum, dp_size=topo.dp, dp_rank=topo.dp_rank, seed=args.seed,
                           shuffle=not args.no_shuffle)
+    eval_loader = None
+    if plan.eval_dataset is not None:
+        eval_loader = PackedLoader(plan.eval_dataset, plan.weight_table, micro_batch_size=args.micro_batch_size,
+                                   grad_accum=1, dp_size=1, dp_rank=0, seed=0, shuffle=False)
     trainer = Trainer(module=module, ds_config=plan.ds_config, loader=loader, topo=topo,
                       normalization=args.normalization, lr=args.lr, weight_decay=args.weight_decay,
                       betas=args.adam_betas, eps=args.adam_eps, total_steps=plan.total_steps,
-                      warmup_ratio=args.warmup_ratio, output_dir=args.output_dir)
+                      warmup_ratio=args.warmup_ratio)
+    ckpt_root = os.path.join(args.output_dir, "checkpoints")
+    data_fp = checkpoint.data_fingerprint(plan.dataset.manifest)
+    model_fp = checkpoint.model_fingerprint(plan.model_config)
+    if args.resume:
+        found = checkpoint.resolve_resume(args.resume, ckpt_root)
+        if found:
+            root, tag = found
+            state = checkpoint.load(trainer.engine, root, tag)
+            checkpoint.check_fingerprints(state, data_fp=data_fp, model_fp=model_fp,
+                                          allow_data_change=args.allow_data_change, where=os.path.join(root, tag))
+            trainer.step = int(state["step"])
+            if state.get("data_fingerprint") == data_fp:
+                loader.load_state_dict(state["loader"])
+            log.info(f"resumed from {os.path.join(root, tag)} at step {trainer.step}")
+        else:
+            log.info("--resume auto: no checkpoint yet, starting fresh")
+
+    def save():
+        client = {"step": trainer.step, "loader": loader.state_dict(), "data_fingerprint": data_fp,
+                  "model_fingerprint": model_fp, "args": {k: str(v) for k, v in vars(args).items()}}
+        checkpoint.save(trainer.engine, ckpt_root, trainer.step, client, args.keep_checkpoints)
+
+    metrics = MetricsLogger(args.output_dir, plan.total_steps, enabled=dist.get_rank() == 0,
+                            log_every=args.log_every, tensorboard=not args.no_tensorboard, start_step=trainer.step)
+    results, preempted, last_saved = [], False, None
     try:
-        results = trainer.fit()
+        while trainer.step < plan.total_steps:
+            result = trainer.train_step(loader.next_step())
+            results.append(result)
+            metrics.write(result.as_dict())
+            if eval_loader is not None and args.eval_steps and trainer.step % args.eval_steps == 0:
+                metrics.write(trainer.evaluate(eval_loader))
+            if preemption.agreed(None):
+                log.warning(f"preemption signal ({preemption.signal_names() or 'on another rank'}): "
+                            f"checkpointing at step {trainer.step} and exiting")
+                save()
+                preempted = True
+                break
+            if args.save_steps and trainer.step % args.save_steps == 0:
+                save()
+                last_saved = trainer.step
+        if not preempted:
+            if eval_loader is not None and not (args.eval_steps and trainer.step % args.eval_steps == 0):
+                metrics.write(trainer.evaluate(eval_loader))
+            if last_saved != trainer.step:
+                save()
+            if args.export_hf:
+                from witscale.export import export_from_engine
+                export_from_engine(trainer, plan.model_config, args.export_hf,
+                                   tokenizer_src=args.tokenizer or args.model)
     finally:
-        trainer.close()
+        metrics.close()
     return trainer, results
+
+
+def _announce(plan: Plan, topo) -> None:
+    args = plan.args
+    os.makedirs(args.output_dir, exist_ok=True)
+    _add_file_log(os.path.join(args.output_dir, "train.log"))
+    log.info(topo.describe())
+    log.info(f"loss weights per class: {describe_weight_table(plan.weight_table)}; "
+             f"normalization: {args.normalization}")
+    log.info(f"{len(plan.dataset)} packed rows of {plan.dataset.seq_len} tokens; {plan.steps_per_epoch} "
+             f"steps per epoch; training {plan.total_steps} steps")
+    with open(os.path.join(args.output_dir, "model_config.json"), "w", encoding="utf-8") as f:
+        json.dump(plan.model_config.to_hf_dict(), f, indent=2)     # read by tools/export_hf.py
+    with open(os.path.join(args.output_dir, "effective_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"args": vars(args), "ds_config": plan.ds_config,
+                   "weight_table": {CLASS_NAMES[i]: float(w) for i, w in enumerate(plan.weight_table)},
+                   "total_steps": plan.total_steps,
+                   "layout": {"world": plan.dims.world_size, "tp": plan.dims.tp, "pp": plan.dims.pp,
+                              "dp": plan.dims.dp}}, f, indent=2, default=str)
 
 
 def _add_file_log(path: str) -> None:
@@ -239,14 +347,17 @@ def _add_file_log(path: str) -> None:
 
 
 def main(argv=None) -> int:
+    from witscale import preemption
+    preemption.install()        # first: SLURM's signal can come before start-up is over
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="[witscale] %(message)s", stream=sys.stdout)
     from witscale.distributed import rank_from_env, teardown
     if rank_from_env() != 0:
         log.setLevel(logging.WARNING)
+    from witscale.checkpoint import CheckpointError
     try:
         run(args)
-    except UsageError as e:
+    except (UsageError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -1,8 +1,9 @@
-"""The training loop: DeepSpeed engine, global-batch loss normalization, metrics.
+"""One optimizer step on the DeepSpeed engine, with the global-batch loss normalization; evaluation.
 
-Read top to bottom: ``Trainer.__init__`` builds the model (partitioned at creation under ZeRO-3), the
-loader, the optimizer and schedule and the DeepSpeed engine; ``train_step`` runs one optimizer step over
-``grad_accum`` micro-batches; ``fit`` loops and logs.
+``Trainer.__init__`` wraps the (already built, under ZeRO-3 already partitioned) module in the DeepSpeed
+engine with AdamW and the warm-up + cosine schedule; ``train_step`` runs one optimizer step over
+``grad_accum`` micro-batches; ``evaluate`` scores a packed eval set. The loop (checkpoints, preemption,
+metrics) is ``witscale.train.train_loop``.
 
 Normalization. The objective is Σ_{global batch} w·nll / N, N the global batch's denominator for the
 chosen normalization (DESIGN.md §1). DeepSpeed *averages* gradients over the data-parallel ranks, so each
@@ -12,10 +13,8 @@ grad_accum or ZeRO stage — tested as dp=2 × accum=2 against dp=1 × accum=4.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -25,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from witscale.data.classes import PROMPT_SIDE, RESPONSE_SIDE, NUM_CLASSES
-from witscale.data.loader import MicroBatch, PackedLoader, StepBatch
+from witscale.data.loader import IGNORE_INDEX, MicroBatch, PackedLoader, StepBatch, denominators_of
 from witscale.ds_config import zero_stage
 from witscale.optim import cosine_with_warmup, param_groups
 
@@ -59,14 +58,13 @@ def _mean(nll_sum: torch.Tensor, count: torch.Tensor, classes) -> float:
 class Trainer:
     def __init__(self, *, module: torch.nn.Module, ds_config: dict, loader: PackedLoader, topo,
                  normalization: str, lr: float, weight_decay: float, betas, eps: float,
-                 total_steps: int, warmup_ratio: float, output_dir: Optional[str] = None):
+                 total_steps: int, warmup_ratio: float):
         import deepspeed
 
         self.topo = topo
         self.loader = loader
         self.normalization = normalization
         self.total_steps = total_steps
-        self.output_dir = output_dir
         self.is_rank0 = dist.get_rank() == 0
         self.zero_stage = zero_stage(ds_config)
 
@@ -82,10 +80,6 @@ class Trainer:
             model_parameters=None if optimizer is not None else module_params,
             lr_scheduler=lambda opt: cosine_with_warmup(opt, total_steps, warmup_ratio))
         self.step = 0
-        self._metrics_file = None
-        if output_dir and self.is_rank0:
-            os.makedirs(output_dir, exist_ok=True)
-            self._metrics_file = open(os.path.join(output_dir, "metrics.jsonl"), "a", encoding="utf-8")
 
     # --- one optimizer step ------------------------------------------------------------------------
     def _forward_backward(self, mb: MicroBatch, scale: float):
@@ -129,30 +123,42 @@ class Trainer:
             epoch=batch.epoch,
         )
 
-    # --- the loop ----------------------------------------------------------------------------------
-    def log_step(self, result: StepResult) -> None:
-        if not self.is_rank0:
-            return
-        if self._metrics_file is not None:
-            self._metrics_file.write(json.dumps(result.as_dict()) + "\n")
-            self._metrics_file.flush()
-        gn = f"{result.grad_norm:.3f}" if result.grad_norm is not None else "-"
-        log.info(f"step {result.step}/{self.total_steps} epoch {result.epoch} loss {result.loss:.4f} "
-                 f"prompt_nll {result.prompt_nll:.4f} response_nll {result.response_nll:.4f} "
-                 f"lr {result.lr:.3g} grad_norm {gn} tok/s {result.tokens_per_s:.0f}")
+    # --- evaluation ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, eval_loader: "PackedLoader") -> dict:
+        """Weighted loss (the run's normalization) and per-class NLL over a whole packed eval set.
 
-    def fit(self) -> list[StepResult]:
-        results = []
-        while self.step < self.total_steps:
-            result = self.train_step(self.loader.next_step())
-            self.log_step(result)
-            results.append(result)
-        return results
-
-    def close(self) -> None:
-        if self._metrics_file is not None:
-            self._metrics_file.close()
-            self._metrics_file = None
+        Rows are split over the data-parallel ranks; every rank runs the same number of forwards (ZeRO-3
+        gathers are collective), padding with an empty batch where a rank has run out of rows.
+        """
+        self.engine.eval()
+        rows = np.arange(len(eval_loader.dataset))
+        per_rank = int(math.ceil(len(rows) / self.topo.dp))
+        mine = rows[self.topo.dp_rank * per_rank:(self.topo.dp_rank + 1) * per_rank]
+        mbs = eval_loader.micro_batch_size
+        n_batches = int(math.ceil(per_rank / mbs))
+        totals = torch.zeros(4 + 2 * NUM_CLASSES, dtype=torch.float64)
+        for b in range(n_batches):
+            chunk = mine[b * mbs:(b + 1) * mbs]
+            mb = eval_loader.make_micro_batch(chunk if len(chunk) else rows[:1])
+            if not len(chunk):
+                mb.weights.zero_()
+                mb.labels.fill_(IGNORE_INDEX)
+            stats = self.engine(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen,
+                                mb.labels, mb.weights, mb.target_classes)
+            totals[0] += float(stats.weighted_sum)
+            for i, key in enumerate(("nonzero", "weight_sum", "tokens")):
+                totals[1 + i] += denominators_of(mb.labels.numpy(), mb.weights.numpy())[key]
+            totals[4:4 + NUM_CLASSES] += stats.class_nll_sum.double()
+            totals[4 + NUM_CLASSES:] += stats.class_count.double()
+        dist.all_reduce(totals, group=self.topo.get_data_parallel_group())
+        self.engine.train()
+        denominator = float(totals[1 + ("nonzero", "weight_sum", "tokens").index(self.normalization)])
+        nll_sum, count = totals[4:4 + NUM_CLASSES], totals[4 + NUM_CLASSES:]
+        return {"step": self.step,
+                "eval_loss": float(totals[0]) / denominator if denominator > 0 else float("nan"),
+                "eval_prompt_nll": _mean(nll_sum, count, PROMPT_SIDE),
+                "eval_response_nll": _mean(nll_sum, count, RESPONSE_SIDE)}
 
     # --- inspection (tests, export) ----------------------------------------------------------------
     def full_parameters(self) -> dict[str, torch.Tensor]:
@@ -165,3 +171,7 @@ class Trainer:
             with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
                 return {n: p.detach().clone().float() for n, p in params}
         return {n: p.detach().clone().float() for n, p in params}
+
+    def full_dense_state_dict(self) -> dict[str, torch.Tensor]:
+        """Dense HF-named tensors of the whole model (collective). With tp=1 this is full_parameters()."""
+        return self.full_parameters()

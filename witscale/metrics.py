@@ -1,0 +1,78 @@
+"""Rank-0 metrics sinks: metrics.jsonl (one object per step), TensorBoard scalars, and the console.
+
+On a TTY the console gets a progress bar with ETA and the current loss (tqdm); otherwise (SLURM logs)
+plain lines every ``log_every`` steps.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from typing import Optional
+
+log = logging.getLogger("witscale")
+
+# metrics.jsonl key → TensorBoard tag
+TB_TAGS = {
+    "loss": "train/loss", "prompt_nll": "train/prompt_nll", "response_nll": "train/response_nll",
+    "tokens_per_s": "perf/tokens_per_s", "lr": "train/lr", "grad_norm": "train/grad_norm",
+    "packing_efficiency": "data/packing_efficiency", "mfu": "perf/mfu",
+    "eval_loss": "eval/loss", "eval_response_nll": "eval/response_nll", "eval_prompt_nll": "eval/prompt_nll",
+}
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: Optional[str], total_steps: int, *, enabled: bool, log_every: int = 1,
+                 tensorboard: bool = True, start_step: int = 0):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.log_every = max(1, log_every)
+        self._jsonl = None
+        self._tb = None
+        self._bar = None
+        if not enabled:
+            return
+        if output_dir:
+            os.makedirs(output_dir, exist_ok=True)
+            self._jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a", encoding="utf-8")
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(log_dir=os.path.join(output_dir, "tensorboard"))
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+    def write(self, record: dict) -> None:
+        """Record one step (or eval) result: jsonl, TensorBoard, console."""
+        if not self.enabled:
+            return
+        step = int(record["step"])
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+        if self._tb is not None:
+            for key, tag in TB_TAGS.items():
+                value = record.get(key)
+                if isinstance(value, (int, float)) and not math.isnan(value):
+                    self._tb.add_scalar(tag, value, step)
+            self._tb.flush()
+        if "loss" not in record:        # an eval record
+            log.info(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+            return
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            self._bar.set_postfix(loss=f"{record['loss']:.4f}", resp_nll=f"{record['response_nll']:.3f}")
+        elif step % self.log_every == 0 or step == self.total_steps:
+            gn = record.get("grad_norm")
+            log.info(f"step {step}/{self.total_steps} loss {record['loss']:.4f} "
+                     f"prompt_nll {record['prompt_nll']:.4f} response_nll {record['response_nll']:.4f} "
+                     f"lr {record['lr']:.3g} grad_norm {'-' if gn is None else f'{gn:.3f}'} "
+                     f"tok/s {record['tokens_per_s']:.0f}")
+
+    def close(self) -> None:
+        for sink in (self._jsonl, self._tb, self._bar):
+            if sink is not None:
+                sink.close()
+        self._jsonl = self._tb = self._bar = None
