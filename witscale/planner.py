@@ -1,0 +1,159 @@
+"""Per-GPU memory estimates for a model, a sequence length and a parallel layout.
+
+Counts are exact for parameters, gradients and optimizer state (they are checked against partitions
+measured in ZeRO runs by tests/test_planner.py); activations are an estimate under stated assumptions.
+
+Assumptions (bf16 training on GPU, the paper's recipe):
+- parameters and gradients in bf16 (2 bytes); AdamW state in fp32: master weights + m + v (12 bytes);
+- ZeRO-1 partitions optimizer state over dp; ZeRO-2 also gradients; ZeRO-3 also parameters, and keeps
+  about ``live_layers`` decoder layers gathered at a time (prefetch) on top of its partition;
+- TP shards every matrix and the vocabulary by tp (norms are replicated); PP splits the layers evenly,
+  embedding on the first stage and LM head on the last (the larger of the two is counted);
+- activations: activation checkpointing on (the block input, 2·h bytes per token per layer, is kept)
+  plus one layer's working set recomputed in backward, ~34·h bytes per token / tp (Korthikanti et al.
+  2022, without the s² attention term thanks to flash/varlen attention); under 1F1B the first pipeline
+  stage holds ``pp`` micro-batches in flight;
+- the fused loss keeps one chunk of [chunk × vocab/tp] fp32 logits (and its gradient);
+- ``overhead_gib`` covers the CUDA context, NCCL buffers and allocator fragmentation.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+GIB = 1024 ** 3
+
+# Named sizes (HF config fields) for users without the config at hand.
+NAMED_SIZES = {
+    "7B": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False),
+    "8B": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+    "13B": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                num_attention_heads=40, num_key_value_heads=40, tie_word_embeddings=False),
+    "70B": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False),
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    tie_word_embeddings: bool = False
+    head_dim: int = 0
+    attention_bias: bool = False
+
+    @classmethod
+    def from_config(cls, cfg) -> "ModelShape":
+        get = (lambda k, d=None: cfg.get(k, d)) if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+        model_type = get("model_type", "llama")
+        return cls(vocab_size=get("vocab_size"), hidden_size=get("hidden_size"),
+                   intermediate_size=get("intermediate_size"), num_hidden_layers=get("num_hidden_layers"),
+                   num_attention_heads=get("num_attention_heads"),
+                   num_key_value_heads=get("num_key_value_heads") or get("num_attention_heads"),
+                   tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+                   head_dim=get("head_dim") or 0,
+                   attention_bias=bool(get("attention_bias", model_type == "qwen2")))
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    def layer_params(self) -> tuple[int, int]:
+        """(parameters sharded by tp, replicated parameters) of one decoder layer."""
+        h, hd = self.hidden_size, self.hd
+        q, kv = self.num_attention_heads * hd, self.num_key_value_heads * hd
+        sharded = h * q + 2 * h * kv + q * h + 3 * h * self.intermediate_size
+        if self.attention_bias:
+            sharded += q + 2 * kv
+        return sharded, 2 * h
+
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    def total_params(self) -> int:
+        sharded, replicated = self.layer_params()
+        heads = 1 if self.tie_word_embeddings else 2
+        return self.num_hidden_layers * (sharded + replicated) + heads * self.embedding_params() + self.hidden_size
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    zero: int = 3
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def name(self) -> str:
+        return f"tp{self.tp}·pp{self.pp}·dp{self.dp} ZeRO-{self.zero}"
+
+
+@dataclass
+class Estimate:
+    layout: Layout
+    params_per_gpu: float      # parameter elements this GPU holds (its shard/partition, before gathers)
+    param_gib: float
+    grad_gib: float
+    optim_gib: float
+    activation_gib: float
+    overhead_gib: float
+
+    @property
+    def total_gib(self) -> float:
+        return self.param_gib + self.grad_gib + self.optim_gib + self.activation_gib + self.overhead_gib
+
+
+def model_parallel_params(shape: ModelShape, tp: int, pp: int) -> float:
+    """Parameter elements on the most loaded model-parallel rank (before any ZeRO partitioning)."""
+    sharded, replicated = shape.layer_params()
+    layers = math.ceil(shape.num_hidden_layers / pp)
+    vocab = math.ceil(shape.vocab_size / tp) * shape.hidden_size
+    ends = vocab if (pp > 1 or shape.tie_word_embeddings) else 2 * vocab
+    return layers * (sharded / tp + replicated) + ends + shape.hidden_size
+
+
+def estimate(shape: ModelShape, layout: Layout, *, seq_len: int, micro_batch: int, live_layers: int = 2,
+             loss_chunk: int = 4096, overhead_gib: float = 3.0) -> Estimate:
+    tp, pp, dp, zero = layout.tp, layout.pp, layout.dp, layout.zero
+    mp = model_parallel_params(shape, tp, pp)
+    sharded, replicated = shape.layer_params()
+    per_layer = sharded / tp + replicated
+    param_elems = mp / dp if zero >= 3 else mp
+    live = live_layers * per_layer + math.ceil(shape.vocab_size / tp) * shape.hidden_size if zero >= 3 else 0
+    grad_elems = mp / dp if zero >= 2 else mp
+    optim_elems = mp / dp if zero >= 1 else mp
+    tokens = seq_len * micro_batch
+    h = shape.hidden_size
+    layers_here = math.ceil(shape.num_hidden_layers / pp)
+    in_flight = pp if pp > 1 else 1
+    act_bytes = in_flight * tokens * layers_here * 2 * h + tokens * 34 * h / tp
+    loss_bytes = 2 * min(loss_chunk, tokens) * math.ceil(shape.vocab_size / tp) * 4
+    return Estimate(layout=layout, params_per_gpu=param_elems, param_gib=(param_elems + live) * 2 / GIB,
+                    grad_gib=grad_elems * 2 / GIB, optim_gib=optim_elems * 12 / GIB,
+                    activation_gib=(act_bytes + loss_bytes) / GIB, overhead_gib=overhead_gib)
+
+
+def valid_layouts(shape: ModelShape, gpus: int, gpus_per_node: int = 8) -> list[Layout]:
+    """ZeRO-3 (tp ≤ node) and 3D ZeRO-1 layouts for ``gpus`` GPUs that divide the model evenly."""
+    out = []
+    for tp in (1, 2, 4, 8):
+        if tp > gpus_per_node or gpus % tp or shape.num_attention_heads % tp or shape.num_key_value_heads % tp \
+                or shape.intermediate_size % tp:
+            continue
+        for pp in (1, 2, 4, 8, 16):
+            if gpus % (tp * pp) or pp > shape.num_hidden_layers:
+                continue
+            dp = gpus // (tp * pp)
+            if pp == 1:
+                out.append(Layout(tp, 1, dp, 3))
+            out.append(Layout(tp, pp, dp, 1))
+    return out
