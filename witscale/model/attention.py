@@ -1,0 +1,99 @@
+"""Packed (varlen) causal attention: tokens attend only within their own segment (document).
+
+Segments are given as ``cu_seqlens`` over the flattened [B*S] tokens, as flash-attn's varlen API takes
+them. Backends, chosen once by ``select_backend`` and logged:
+- ``flash_varlen``: flash-attn's ``flash_attn_varlen_func`` (CUDA, when installed): O(Σ len²) work, no mask.
+- ``sdpa_segments``: SDPA per segment with ``is_causal=True``; also O(Σ len²). The CPU default: on a
+  2048-token row of ~200-token documents it is ~7× faster than a dense masked SDPA (ENVIRONMENT.md).
+- ``dense``: one SDPA per row with a block-diagonal causal mask: O(S²) whatever the documents; kept as
+  the reference the other two are tested against.
+Mistral's sliding window (token i sees j when i − j < window) is honoured by every backend.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("witscale")
+BACKENDS = ("auto", "flash_varlen", "sdpa_segments", "dense")
+_announced: set[str] = set()
+
+
+def _flash_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def select_backend(requested: str = "auto", device: Optional[torch.device] = None) -> str:
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown attention backend {requested!r} (known: {', '.join(BACKENDS)})")
+    backend = requested
+    if requested == "auto":
+        on_cuda = device is not None and device.type == "cuda"
+        backend = "flash_varlen" if on_cuda and _flash_available() else "sdpa_segments"
+    if backend == "flash_varlen" and not _flash_available():
+        raise ValueError("attention backend flash_varlen needs CUDA and the flash-attn package")
+    if backend not in _announced:
+        _announced.add(backend)
+        log.info(f"packed attention backend: {backend}")
+    return backend
+
+
+def _window_mask(length: int, window: int, device) -> torch.Tensor:
+    i = torch.arange(length, device=device)
+    d = i[:, None] - i[None, :]
+    return (d >= 0) & (d < window)
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int, *, backend: str, sliding_window: Optional[int] = None) -> torch.Tensor:
+    """q [B, S, Hq, D], k/v [B, S, Hkv, D] → [B, S, Hq, D]; causal within each segment of cu_seqlens."""
+    b, s, hq, d = q.shape
+    hkv = k.shape[2]
+    if backend == "flash_varlen":
+        from flash_attn import flash_attn_varlen_func
+
+        window = (sliding_window - 1, 0) if sliding_window else (-1, -1)
+        out = flash_attn_varlen_func(q.reshape(b * s, hq, d), k.reshape(b * s, hkv, d), v.reshape(b * s, hkv, d),
+                                     cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True,
+                                     window_size=window)
+        return out.reshape(b, s, hq, d)
+    if hkv != hq:                       # grouped-query attention: each kv head serves hq/hkv query heads
+        k = k.repeat_interleave(hq // hkv, dim=2)
+        v = v.repeat_interleave(hq // hkv, dim=2)
+    if backend == "dense":
+        return _dense(q, k, v, cu_seqlens, sliding_window)
+    qf, kf, vf = (t.reshape(b * s, hq, d).transpose(0, 1) for t in (q, k, v))   # [H, B*S, D]
+    out = torch.empty_like(qf)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        length = end - start
+        qs, ks, vs = qf[:, start:end], kf[:, start:end], vf[:, start:end]
+        if sliding_window and length > sliding_window:
+            mask = _window_mask(length, sliding_window, q.device)
+            out[:, start:end] = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
+        else:
+            out[:, start:end] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+    return out.transpose(0, 1).reshape(b, s, hq, d)
+
+
+def _dense(q, k, v, cu_seqlens, sliding_window):
+    b, s, h, d = q.shape
+    seg = torch.zeros(b * s, dtype=torch.long, device=q.device)
+    seg[cu_seqlens[1:-1].long()] = 1
+    seg = seg.cumsum(0).reshape(b, s)                       # segment id of every token
+    same = seg[:, :, None] == seg[:, None, :]
+    mask = same & torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+    if sliding_window:
+        mask &= _window_mask(s, sliding_window, q.device)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask[:, None])
+    return out.transpose(1, 2)

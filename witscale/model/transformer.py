@@ -1,0 +1,159 @@
+"""A LLaMA-family decoder (Llama, Qwen2, Mistral) built from tensor-parallel layers.
+
+Parameter names equal HF's (``model.layers.0.self_attn.q_proj.weight`` …, ``lm_head.weight``), so a
+tp=1 state dict is an HF state dict. At tp > 1 each projection holds its shard: q/k/v and gate/up are
+column-parallel, o and down row-parallel, embedding and LM head vocab-parallel; attention heads and
+key/value heads are split across ranks (kv heads must be divisible by tp: no replication of kv heads,
+which keeps the layout and checkpoints simple; the layout check rejects the rest up front).
+
+``forward`` takes packed rows: input ids, per-document position ids and ``cu_seqlens`` segment
+boundaries over the flattened tokens (see attention.py). With labels it returns the weighted-loss
+statistics computed by the fused vocab-parallel head; without, the final hidden states.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from witscale.model.attention import packed_attention, select_backend
+from witscale.model.config import ModelConfig
+from witscale.model.rope import apply_rope, inverse_frequencies, rope_cos_sin
+from witscale.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                      VocabParallelLMHead, divide, tp_size_rank)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp_group, attention_backend: str):
+        super().__init__()
+        tp, _ = tp_size_rank(tp_group)
+        self.head_dim = cfg.head_dim
+        self.local_heads = divide(cfg.num_attention_heads, tp, "attention heads")
+        self.local_kv_heads = divide(cfg.num_key_value_heads, tp, "key/value heads")
+        q_out, kv_out = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        self.q_proj = ColumnParallelLinear(cfg.hidden_size, q_out, cfg.attention_bias, tp_group)
+        self.k_proj = ColumnParallelLinear(cfg.hidden_size, kv_out, cfg.attention_bias, tp_group)
+        self.v_proj = ColumnParallelLinear(cfg.hidden_size, kv_out, cfg.attention_bias, tp_group)
+        self.o_proj = RowParallelLinear(q_out, cfg.hidden_size, cfg.o_bias, tp_group)
+        self.sliding_window = cfg.sliding_window
+        self.backend = attention_backend
+
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.local_heads, self.head_dim)
+        k = self.k_proj(x).view(b, s, self.local_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, s, self.local_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        backend = select_backend(self.backend, x.device)
+        out = packed_attention(q, k, v, cu_seqlens, max_seqlen, backend=backend, sliding_window=self.sliding_window)
+        return self.o_proj(out.reshape(b, s, self.local_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp_group):
+        super().__init__()
+        self.gate_proj = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, tp_group)
+        self.up_proj = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, tp_group)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, tp_group)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp_group, attention_backend: str):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, tp_group, attention_backend)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg, tp_group)
+
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp_group, attention_backend: str, activation_checkpointing: bool):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_group)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, tp_group, attention_backend)
+                                    for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.register_buffer("inv_freq", inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
+                             persistent=False)
+        self.activation_checkpointing = activation_checkpointing
+
+    def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen):
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq, x.dtype)
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, cu_seqlens, max_seqlen)
+        return self.norm(x)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp_group=None, *, attention_backend: str = "auto",
+                 activation_checkpointing: bool = False, loss_chunk_size: int = 4096):
+        super().__init__()
+        self.config = cfg
+        self.tp_group = tp_group
+        self.model = Decoder(cfg, tp_group, attention_backend, activation_checkpointing)
+        self.lm_head = VocabParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp_group, loss_chunk_size)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int, labels: Optional[torch.Tensor] = None,
+                weights: Optional[torch.Tensor] = None, target_classes: Optional[torch.Tensor] = None):
+        hidden = self.model(input_ids, position_ids, cu_seqlens, int(max_seqlen))
+        if labels is None:
+            return hidden
+        return self.lm_head(hidden, labels, weights, target_classes)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+
+def dense_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF (unsharded) shape of every parameter, by name."""
+    h, hd = cfg.hidden_size, cfg.head_dim
+    q, kv, inter = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd, cfg.intermediate_size
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+            p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+            p + "mlp.down_proj.weight": (h, inter)})
+        if cfg.attention_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,)})
+        if cfg.o_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (h,)
+        if cfg.mlp_bias:
+            shapes.update({p + "mlp.gate_proj.bias": (inter,), p + "mlp.up_proj.bias": (inter,),
+                           p + "mlp.down_proj.bias": (h,)})
+    return shapes
