@@ -47,14 +47,19 @@ def _free_port() -> int:
 
 
 def init_distributed() -> None:
-    """Initialise torch.distributed (gloo on CPU, nccl on GPU) unless a group already exists."""
-    if dist.is_initialized():
-        return
+    """Initialise torch.distributed (gloo on CPU, nccl on GPU) and DeepSpeed's view of it.
+
+    An existing torch process group (tests start their own) is adopted: DeepSpeed still has to be told,
+    or its config would see a world of one.
+    """
     import deepspeed
 
     # The shared-memory comm op is only for inference all-reduce and costs a ~60 s JIT compile on CPU.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        return
     if launched_by_mpi():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False)
     else:

@@ -23,8 +23,7 @@ Normalizations (the trainer divides ``weighted_sum`` by a *global-batch* denomin
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -33,8 +32,9 @@ IGNORE_INDEX = -100
 NORMALIZATIONS = ("nonzero", "weight_sum", "tokens")
 
 
-@dataclass
-class LossStats:
+class LossStats(NamedTuple):
+    """A NamedTuple (not a dataclass) so DeepSpeed ZeRO-3 finds its tensors and re-gathers the LM head
+    weight for backward."""
     weighted_sum: torch.Tensor    # scalar, differentiable: Σ_t w_t · nll_t over this micro-batch
     class_nll_sum: torch.Tensor   # [num_classes] float64, detached: Σ nll of predicted tokens of each class
     class_count: torch.Tensor     # [num_classes] float64, detached: predicted tokens of each class

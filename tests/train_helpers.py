@@ -1,0 +1,101 @@
+"""Shared pieces for the training tests: an in-memory packed dataset and rank workers.
+
+``InMemoryPacked`` has the read interface of ``witscale.data.packed.PackedDataset`` (tokens, classes,
+weights, doc_lengths, seq_len, manifest) over numpy arrays the test controls exactly; the trainer,
+DeepSpeed and the process groups under test are all real.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from witscale.data.classes import TokenClass
+
+TINY = dict(model_type="llama", vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6,
+            rope_theta=10000.0, tie_word_embeddings=False, initializer_range=0.1)
+
+
+class InMemoryPacked:
+    def __init__(self, tokens, classes, doc_lengths, weights=None):
+        self.tokens = np.asarray(tokens, dtype=np.int32)
+        self.classes = np.asarray(classes, dtype=np.uint8)
+        self.weights = None if weights is None else np.asarray(weights, dtype=np.float32)
+        self._docs = [np.asarray(d, dtype=np.int32) for d in doc_lengths]
+        self.seq_len = self.tokens.shape[1]
+        self.manifest = {"tokenizer": {"vocab_size": int(self.tokens.max()) + 1}, "seq_len": self.seq_len,
+                         "num_rows": len(self._docs)}
+
+    def __len__(self):
+        return self.tokens.shape[0]
+
+    def doc_lengths(self, i):
+        return self._docs[i]
+
+
+def random_packed(n_rows: int, seq_len: int, vocab: int, seed: int, with_weights: bool = False) -> InMemoryPacked:
+    """Rows of 1-4 documents, each [TEMPLATE, PROMPT…, RESPONSE…, EOT], padded at the end."""
+    rng = np.random.default_rng(seed)
+    tokens = np.zeros((n_rows, seq_len), dtype=np.int32)
+    classes = np.zeros((n_rows, seq_len), dtype=np.uint8)
+    weights = np.ones((n_rows, seq_len), dtype=np.float32) if with_weights else None
+    docs = []
+    for r in range(n_rows):
+        pos, lens = 0, []
+        for _ in range(rng.integers(1, 5)):
+            length = int(rng.integers(4, seq_len // 2))
+            if pos + length > seq_len:
+                break
+            n_prompt = int(rng.integers(1, length - 2))
+            tokens[r, pos:pos + length] = rng.integers(3, vocab, size=length)
+            cls = [TokenClass.TEMPLATE] + [TokenClass.PROMPT] * n_prompt
+            cls += [TokenClass.RESPONSE] * (length - 2 - n_prompt) + [TokenClass.EOT]
+            classes[r, pos:pos + length] = cls
+            if with_weights:
+                weights[r, pos:pos + length] = rng.choice([0.0, 0.5, 1.0, 2.0])
+            lens.append(length)
+            pos += length
+        docs.append(lens)
+    return InMemoryPacked(tokens, classes, docs, weights)
+
+
+def ds_config(stage: int, micro: int, accum: int, dp: int, clip: float = 0.0) -> dict:
+    return {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
+            "train_batch_size": micro * accum * dp, "gradient_clipping": clip, "zero_allow_untested_optimizer": True,
+            "zero_optimization": {"stage": stage}, "bf16": {"enabled": False}, "steps_per_print": 10 ** 9}
+
+
+def train_worker(rank, world, *, stage=0, micro=1, accum=1, steps=1, normalization="nonzero", lp=0.2, lr_w=1.0,
+                 lr=1e-3, clip=0.0, seed=0, rows=8, seq_len=48, with_weights=False, model=None, data_seed=1):
+    """Train ``steps`` optimizer steps on a world of ``world`` data-parallel ranks; return losses and params."""
+    import torch
+
+    from witscale.data.loader import PackedLoader
+    from witscale.data.weighting import build_weight_table
+    from witscale.model import ModelConfig, build_training_model, load_model_weights
+    from witscale.parallel.topology import ParallelDims, Topology
+    from witscale.trainer import Trainer
+
+    import contextlib
+
+    import deepspeed
+
+    from witscale.distributed import init_distributed
+    init_distributed()
+    cfg = ModelConfig.from_dict(dict(TINY, **(model or {})))
+    dims = ParallelDims(world, 1, 1).validate(stage, cfg)
+    topo = Topology(dims)
+    config = ds_config(stage, micro, accum, topo.dp, clip)
+    torch.manual_seed(seed)
+    zero_init = deepspeed.zero.Init(config_dict_or_path=config, mpu=topo) if stage == 3 else contextlib.nullcontext()
+    with zero_init:
+        module = build_training_model(cfg, topo)
+    load_model_weights(module, cfg, model_dir=None, seed=seed, topo=topo)
+    data = random_packed(rows, seq_len, cfg.vocab_size, data_seed, with_weights)
+    loader = PackedLoader(data, build_weight_table(lp, lr_w), micro_batch_size=micro, grad_accum=accum,
+                          dp_size=topo.dp, dp_rank=topo.dp_rank, seed=seed)
+    trainer = Trainer(module=module, ds_config=config, loader=loader, topo=topo, normalization=normalization,
+                      lr=lr, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, total_steps=steps, warmup_ratio=0.0)
+    results = [trainer.train_step(loader.next_step()) for _ in range(steps)]
+    params = trainer.full_parameters()
+    return {"losses": [r.loss for r in results], "results": [r.as_dict() for r in results],
+            "params": {k: v.numpy() for k, v in params.items()}}

@@ -1,0 +1,194 @@
+"""Tokenizers behind one small interface: text → (ids, character offsets), special ids, a fingerprint.
+
+Two kinds:
+  * a SentencePiece ``.model`` file (or a directory holding only ``tokenizer.model``);
+  * a local Hugging Face tokenizer directory (fast tokenizers only: they report offsets). Loaded with
+    ``local_files_only=True, trust_remote_code=False``: no download, no remote code.
+
+``encode_with_offsets(text, continuation=...)``: a *continuation* run follows a special token inside a
+document. SentencePiece (and HF's Metaspace tokenizers) prepend a word-boundary "▁" to a fresh string; after a
+special token the modern behaviour (and the one of tokenizing the whole rendered string) is not to, so
+continuation runs are encoded without that dummy prefix.
+
+pad_id: the tokenizer's pad token; if it has none, its eos; failing that 0. Pad positions are never
+predicted and never attended to across documents, so the id only needs to be a valid one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+
+from witscale.data.errors import TokenizerError
+
+
+def _char_offsets(text: str, byte_begin: np.ndarray, byte_end: np.ndarray):
+    """UTF-8 byte offsets → character offsets (a byte-fallback token may cover part of a character)."""
+    if text.isascii():
+        return byte_begin, byte_end
+    lens = np.fromiter((len(c.encode("utf-8")) for c in text), dtype=np.int64, count=len(text))
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    begin = np.searchsorted(starts, byte_begin, side="right") - 1
+    end = np.searchsorted(starts, byte_end, side="left")
+    return np.maximum(begin, 0), end
+
+
+class Tokenizer:
+    kind = "?"
+    path: str
+    vocab_size: int
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int
+
+    def encode_with_offsets(self, text: str, continuation: bool = False):
+        """(ids int32[n], begin int64[n], end int64[n]); offsets are character positions in `text`."""
+        raise NotImplementedError
+
+    def encode(self, text: str, continuation: bool = False) -> list[int]:
+        return self.encode_with_offsets(text, continuation)[0].tolist()
+
+    def token_id(self, piece: str) -> int | None:
+        """Id of a (special) token given as its string, or None if the vocabulary lacks it."""
+        raise NotImplementedError
+
+    def require_token(self, piece: str, needed_by: str) -> int:
+        tid = self.token_id(piece)
+        if tid is None:
+            raise TokenizerError(f"tokenizer has no token {piece!r}, which {needed_by} needs; pick another "
+                                 f"--template or a tokenizer that defines it", self.path)
+        return tid
+
+    def vocabulary(self) -> list[str]:
+        raise NotImplementedError
+
+    def fingerprint(self) -> dict:
+        digest = hashlib.sha256(json.dumps(self.vocabulary(), ensure_ascii=False).encode("utf-8")).hexdigest()
+        return {"kind": self.kind, "vocab_size": int(self.vocab_size), "bos_id": self.bos_id,
+                "eos_id": self.eos_id, "pad_id": int(self.pad_id), "digest": digest}
+
+
+class SentencePieceTokenizer(Tokenizer):
+    kind = "sentencepiece"
+
+    def __init__(self, path: str):
+        import sentencepiece as spm
+        self.path = path
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            with open(path, "rb") as f:
+                self._proto = f.read()
+            self._sp.LoadFromSerializedProto(self._proto)
+        except Exception as e:
+            raise TokenizerError(f"cannot load SentencePiece model: {e}", path) from None
+        self._sp_cont = None
+        self.vocab_size = self._sp.get_piece_size()
+        self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+        self.eos_id = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
+        pad = self._sp.pad_id()
+        self.pad_id = pad if pad >= 0 else (self.eos_id if self.eos_id is not None else 0)
+
+    def _continuation_processor(self):
+        """A copy of the model with add_dummy_prefix off (needs protobuf, shipped with sentencepiece's pb2)."""
+        if self._sp_cont is None:
+            import sentencepiece as spm
+            try:
+                from sentencepiece import sentencepiece_model_pb2 as pb
+            except ImportError as e:  # protobuf missing
+                raise TokenizerError(f"encoding text after a special token needs the 'protobuf' package ({e})",
+                                     self.path) from None
+            proto = pb.ModelProto()
+            proto.ParseFromString(self._proto)
+            if proto.normalizer_spec.add_dummy_prefix:
+                proto.normalizer_spec.add_dummy_prefix = False
+                sp = spm.SentencePieceProcessor()
+                sp.LoadFromSerializedProto(proto.SerializeToString())
+                self._sp_cont = sp
+            else:
+                self._sp_cont = self._sp
+        return self._sp_cont
+
+    def encode_with_offsets(self, text: str, continuation: bool = False):
+        sp = self._continuation_processor() if continuation else self._sp
+        pieces = sp.encode(text, return_type="proto").pieces  # pieces carry begin/end
+        n = len(pieces)
+        ids = np.fromiter((p.id for p in pieces), dtype=np.int32, count=n)
+        begin = np.fromiter((p.begin for p in pieces), dtype=np.int64, count=n)
+        end = np.fromiter((p.end for p in pieces), dtype=np.int64, count=n)
+        begin, end = _char_offsets(text, begin, end)
+        return ids, begin, end
+
+    def token_id(self, piece: str) -> int | None:
+        tid = self._sp.piece_to_id(piece)
+        if tid == self._sp.unk_id() and piece != self._sp.id_to_piece(tid):
+            return None
+        return int(tid)
+
+    def vocabulary(self) -> list[str]:
+        return [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
+
+
+class HFTokenizer(Tokenizer):
+    kind = "hf"
+
+    def __init__(self, path: str):
+        from transformers import AutoTokenizer
+        self.path = path
+        try:
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        except Exception as e:
+            raise TokenizerError(f"cannot load Hugging Face tokenizer: {type(e).__name__}: {e}", path) from None
+        if not getattr(tok, "is_fast", False):
+            raise TokenizerError("a fast (Rust) tokenizer is needed for character offsets; this one is slow", path)
+        self.hf = tok
+        self.vocab_size = len(tok)
+        self.bos_id = tok.bos_token_id
+        self.eos_id = tok.eos_token_id
+        pad = tok.pad_token_id
+        self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
+        # any added special token works as an anchor that ends the "fresh string" state
+        specials = [t for t in tok.all_special_tokens if tok.convert_tokens_to_ids(t) is not None]
+        self._anchor = specials[0] if specials else None
+
+    def encode_with_offsets(self, text: str, continuation: bool = False):
+        shift = 0
+        if continuation and self._anchor is not None:
+            text_in, shift = self._anchor + text, len(self._anchor)
+        else:
+            text_in = text
+        enc = self.hf(text_in, add_special_tokens=False, return_offsets_mapping=True)
+        ids = np.asarray(enc["input_ids"], dtype=np.int32)
+        offs = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        if shift:
+            anchor_id = self.hf.convert_tokens_to_ids(self._anchor)
+            if len(ids) == 0 or ids[0] != anchor_id:
+                raise TokenizerError(f"special token {self._anchor!r} is not kept whole by the tokenizer", self.path)
+            ids, offs = ids[1:], offs[1:] - shift
+        return ids, np.maximum(offs[:, 0], 0), np.maximum(offs[:, 1], 0)
+
+    def token_id(self, piece: str) -> int | None:
+        vocab = self.hf.get_vocab()
+        tid = vocab.get(piece)
+        return int(tid) if tid is not None else None
+
+    def vocabulary(self) -> list[str]:
+        items = sorted(self.hf.get_vocab().items(), key=lambda kv: kv[1])
+        return [k for k, _ in items]
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """A SentencePiece .model file, a directory holding only tokenizer.model, or a local HF tokenizer dir."""
+    if not os.path.exists(path):
+        raise TokenizerError("no such file or directory", path)
+    if os.path.isfile(path):
+        return SentencePieceTokenizer(path)
+    names = set(os.listdir(path))
+    hf_files = {"tokenizer.json", "tokenizer_config.json"}
+    if "tokenizer.model" in names and not names & hf_files:
+        return SentencePieceTokenizer(os.path.join(path, "tokenizer.model"))
+    if not names & hf_files:
+        raise TokenizerError("not a tokenizer: expected a SentencePiece .model file or a directory with "
+                             "tokenizer.json / tokenizer_config.json", path)
+    return HFTokenizer(path)
