@@ -65,7 +65,7 @@ def ds_config(stage: int, micro: int, accum: int, dp: int, clip: float = 0.0) ->
 
 
 def train_worker(rank, world, *, stage=0, micro=1, accum=1, steps=1, normalization="nonzero", lp=0.2, lr_w=1.0,
-                 lr=1e-3, clip=0.0, seed=0, rows=8, seq_len=48, with_weights=False, model=None, data_seed=1):
+                 lr=1e-3, clip=0.0, eps=1e-8, seed=0, rows=8, seq_len=48, with_weights=False, model=None, data_seed=1):
     """Train ``steps`` optimizer steps on a world of ``world`` data-parallel ranks; return losses and params."""
     import torch
 
@@ -94,7 +94,7 @@ def train_worker(rank, world, *, stage=0, micro=1, accum=1, steps=1, normalizati
     loader = PackedLoader(data, build_weight_table(lp, lr_w), micro_batch_size=micro, grad_accum=accum,
                           dp_size=topo.dp, dp_rank=topo.dp_rank, seed=seed)
     trainer = Trainer(module=module, ds_config=config, loader=loader, topo=topo, normalization=normalization,
-                      lr=lr, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, total_steps=steps, warmup_ratio=0.0)
+                      lr=lr, weight_decay=0.0, betas=(0.9, 0.999), eps=eps, total_steps=steps, warmup_ratio=0.0)
     results = [trainer.train_step(loader.next_step()) for _ in range(steps)]
     params = trainer.full_parameters()
     return {"losses": [r.loss for r in results], "results": [r.as_dict() for r in results],

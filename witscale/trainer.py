@@ -82,12 +82,25 @@ class Trainer:
         self.step = 0
 
     # --- one optimizer step ------------------------------------------------------------------------
-    def _forward_backward(self, mb: MicroBatch, scale: float):
+    def _forward_backward(self, mb: MicroBatch, scale: float, last: bool):
         stats = self.engine(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen,
                             mb.labels, mb.weights, mb.target_classes)
         self.engine.backward(stats.weighted_sum * scale, scale_wrt_gas=False)
+        if last and self.zero_stage == 0:
+            # Without ZeRO, DeepSpeed reports no grad norm; the gradients are all-reduced by now.
+            self._grad_norm = self._local_grad_norm()
         self.engine.step()
         return stats
+
+    def _local_grad_norm(self) -> float:
+        """Global L2 norm of the (already data-parallel-reduced) gradients; TP shards summed, replicas once."""
+        sq = torch.zeros(1, dtype=torch.float64)
+        for p in self.engine.module.parameters():
+            if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or self.topo.tp_rank == 0):
+                sq += p.grad.detach().double().pow(2).sum()
+        if self.topo.tp > 1:
+            dist.all_reduce(sq, group=self.topo.get_tensor_model_parallel_group())
+        return float(sq.sqrt())
 
     def train_step(self, batch: StepBatch) -> StepResult:
         t0 = time.perf_counter()
@@ -96,8 +109,9 @@ class Trainer:
         scale = self.topo.dp / denominator if denominator > 0 else 0.0
         lr = self.scheduler.get_last_lr()[0]
         totals = torch.zeros(1 + 2 * NUM_CLASSES, dtype=torch.float64)
-        for mb in batch.micro_batches:
-            stats = self._forward_backward(mb, scale)
+        self._grad_norm = None
+        for i, mb in enumerate(batch.micro_batches):
+            stats = self._forward_backward(mb, scale, last=i == len(batch.micro_batches) - 1)
             totals[0] += float(stats.weighted_sum.detach())
             totals[1:1 + NUM_CLASSES] += stats.class_nll_sum.double()
             totals[1 + NUM_CLASSES:] += stats.class_count.double()
@@ -107,6 +121,8 @@ class Trainer:
         self.step += 1
         elapsed = time.perf_counter() - t0
         grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = self._grad_norm
         if isinstance(grad_norm, torch.Tensor):
             grad_norm = float(grad_norm)
         return StepResult(
