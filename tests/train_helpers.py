@@ -64,7 +64,27 @@ def ds_config(stage: int, micro: int, accum: int, dp: int, clip: float = 0.0) ->
             "zero_optimization": {"stage": stage}, "bf16": {"enabled": False}, "steps_per_print": 10 ** 9}
 
 
-def train_worker(rank, world, *, stage=0, micro=1, accum=1, steps=1, normalization="nonzero", lp=0.2, lr_w=1.0,
+def probe(module, loader, topo):
+    """Logits, loss statistics and dense gradients of one micro-batch at the current weights (no ZeRO-3)."""
+    from witscale.parallel.layers import gather_dense
+
+    mb = loader.make_micro_batch(loader.global_batch_rows(0, 0)[:2])
+    group = topo.tp_group_or_none()
+    with __import__("torch").no_grad():
+        logits = module.compute_logits(module(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen))
+    stats = module(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen, mb.labels, mb.weights,
+                   mb.target_classes)
+    module.zero_grad()
+    stats.weighted_sum.backward()
+    vocab = module.config.vocab_size
+    grads = {n: gather_dense(p, p.grad, group, vocab if getattr(p, "padded_dense_rows", None) else None).numpy()
+             for n, p in module.named_parameters()}
+    module.zero_grad()
+    return {"logits": logits.numpy(), "loss_sum": float(stats.weighted_sum), "grads": grads,
+            "class_nll": stats.class_nll_sum.numpy()}
+
+
+def train_worker(rank, world, *, tp=1, do_probe=False, stage=0, micro=1, accum=1, steps=1, normalization="nonzero", lp=0.2, lr_w=1.0,
                  lr=1e-3, clip=0.0, eps=1e-8, seed=0, rows=8, seq_len=48, with_weights=False, model=None, data_seed=1):
     """Train ``steps`` optimizer steps on a world of ``world`` data-parallel ranks; return losses and params."""
     import torch
@@ -82,7 +102,7 @@ def train_worker(rank, world, *, stage=0, micro=1, accum=1, steps=1, normalizati
     from witscale.distributed import init_distributed
     init_distributed()
     cfg = ModelConfig.from_dict(dict(TINY, **(model or {})))
-    dims = ParallelDims(world, 1, 1).validate(stage, cfg)
+    dims = ParallelDims(world, tp, 1).validate(stage, cfg)
     topo = Topology(dims)
     config = ds_config(stage, micro, accum, topo.dp, clip)
     torch.manual_seed(seed)
@@ -93,9 +113,10 @@ def train_worker(rank, world, *, stage=0, micro=1, accum=1, steps=1, normalizati
     data = random_packed(rows, seq_len, cfg.vocab_size, data_seed, with_weights)
     loader = PackedLoader(data, build_weight_table(lp, lr_w), micro_batch_size=micro, grad_accum=accum,
                           dp_size=topo.dp, dp_rank=topo.dp_rank, seed=seed)
+    probed = probe(module, loader, topo) if do_probe else None
     trainer = Trainer(module=module, ds_config=config, loader=loader, topo=topo, normalization=normalization,
                       lr=lr, weight_decay=0.0, betas=(0.9, 0.999), eps=eps, total_steps=steps, warmup_ratio=0.0)
     results = [trainer.train_step(loader.next_step()) for _ in range(steps)]
-    params = trainer.full_parameters()
+    params = trainer.full_dense_state_dict()
     return {"losses": [r.loss for r in results], "results": [r.as_dict() for r in results],
-            "params": {k: v.numpy() for k, v in params.items()}}
+            "params": {k: v.numpy() for k, v in params.items()}, "probe": probed}

@@ -78,14 +78,22 @@ def complete_tags(root: str) -> list[str]:
                   and os.path.exists(os.path.join(root, t, STATE_FILE)))
 
 
-def save(engine, root: str, step: int, client_state: dict, keep: int, _crash_after_shards: bool = False) -> str:
+def _fault(kind: str, step: int) -> bool:
+    """Fault injection for the resilience tests: WITSCALE_FAULT=<kind>:<step>[:<rank>] (default rank 0)."""
+    spec = os.environ.get("WITSCALE_FAULT", "").split(":")
+    if len(spec) < 2 or spec[0] != kind or int(spec[1]) != step:
+        return False
+    return dist.get_rank() == (int(spec[2]) if len(spec) > 2 else 0)
+
+
+def save(engine, root: str, step: int, client_state: dict, keep: int) -> str:
     """Collective: every rank calls it. Returns the tag written."""
     tag = tag_for(step)
     rank = dist.get_rank()
     engine.save_checkpoint(root, tag=tag, save_latest=False)
     torch.save(_rng_state(), os.path.join(root, tag, f"rng_rank{rank:05d}.pt"))
     dist.barrier()                      # every rank's shards are on disk before the commit
-    if _crash_after_shards:             # test hook: die where a real crash would hurt most
+    if _fault("crash_in_save", step):   # die where a real crash would hurt most: shards written, no commit
         os._exit(17)
     if rank == 0:
         _atomic_write(os.path.join(root, tag, STATE_FILE), json.dumps(client_state, indent=1))
@@ -94,6 +102,8 @@ def save(engine, root: str, step: int, client_state: dict, keep: int, _crash_aft
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
         log.info(f"checkpoint {tag} saved")
     dist.barrier()
+    if _fault("kill_after_save", step):
+        os.kill(os.getpid(), 9)
     return tag
 
 

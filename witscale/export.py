@@ -86,6 +86,9 @@ def export_checkpoint(checkpoint_path: str, out_dir: str, tokenizer_src: Optiona
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{config_path}: the run's model config is missing (written at start of training)")
     model_config = ModelConfig.from_json_file(config_path)
+    if glob.glob(os.path.join(root, tag, "*mp_rank_01*")):
+        raise ValueError(f"{os.path.join(root, tag)} is tensor/pipeline-parallel: offline export supports tp=pp=1; "
+                         "use --export-hf at the end of training (it gathers the shards from the live run)")
     if glob.glob(os.path.join(root, tag, "*zero_pp_rank_*optim_states.pt")):
         # ZeRO 1-3: the fp32 master weights live partitioned in the optimizer states.
         state = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)

@@ -4,22 +4,33 @@ For every predicted token t (target id y_t, weight w_t ≥ 0)
 
     nll_t = logsumexp(h_t · Wᵀ) − h_t · W[y_t]          weighted_sum = Σ_t w_t · nll_t
 
-computed on this rank's vocabulary shard W[v0:v0+V_local] with Megatron's three all-reduces over the
-tensor-parallel group (row max, target logit, Σ exp), in fp32 whatever the input dtype, chunk by chunk
-over tokens: at most one [chunk × V_local] block of logits is alive at any time, in forward and in
-backward — the full [T × V] logits are never materialized.
+computed on this rank's vocabulary shard W[v0:v0+V_local] with Megatron's algorithm over the
+tensor-parallel group: all-reduce(MAX) of the row max, then all-reduce(SUM) of the target logit and of
+Σ exp (the two sums travel in one call). Softmax arithmetic is fp32 whatever the input dtype (bf16 inputs:
+the logits block is cast to fp32 straight after the matmul, as HF and Megatron do; gradients of the LM
+weight are accumulated over chunks in fp32). Work is chunked over tokens: at most one
+[chunk × V_local] block of logits is alive at any time, in forward and in backward — the full [T × V]
+logits are never materialized.
 
-Gradients are computed during the forward pass. The output is linear in its (scalar) upstream gradient,
-so backward only multiplies the stored dL/dh and dL/dW by it. This costs the same three matmuls per chunk
-as the naive path (logits, dh, dW) instead of four for a recompute-in-backward design, and the stored
-dL/dW has the size of the weight's own gradient. Under ``torch.no_grad`` (evaluation) no gradient buffer
-is created. dL/dh is summed over the vocab shards inside (one all-reduce), so the caller passes the
-replicated hidden states directly (no ``copy_to_tp`` in front).
+Why gradients are computed during the forward pass: the output is linear in its (scalar) upstream
+gradient g, so dL/dh = g · d(Σ w·nll)/dh and likewise for the weight. Computing d/dh and d/dW while the
+logits block is at hand and only scaling them by g in backward costs the same three matmuls per chunk as
+the naive path (logits, dh, dW); a recompute-in-backward design needs a fourth (~1.33× time). The stored
+dW buffer has the size of the weight's own gradient and is handed over as that gradient (scaled in
+place). Under ``torch.no_grad`` (evaluation), or for inputs that do not require grad, no gradient buffer
+is created. Backward through one call can run once (the buffers are handed over).
 
-Normalizations (the trainer divides ``weighted_sum`` by a *global-batch* denominator, DESIGN.md §1):
-- ``nonzero`` (default, the paper, Chatterjee et al. 2025): number of predicted tokens with w > 0;
-- ``weight_sum``: Σ w over predicted tokens;
-- ``tokens``: number of predicted tokens, whatever their weight.
+Tensor parallelism: pass the *replicated* hidden states directly — NOT through ``copy_to_tp``. dL/dh is
+the sum of the partial gradients of all vocabulary shards; this function all-reduces it itself (one
+all-reduce of [T, H] per call), so every TP rank receives the full gradient.
+
+Normalizations. ``weighted_sum`` is divided by a denominator counted over the GLOBAL batch (all
+micro-batches of all data-parallel ranks, DESIGN.md §1), never per micro-batch; ``normalization_counts``
+gives this micro-batch's share of each:
+- ``nonzero`` (default, the paper: Chatterjee et al. 2025): the number of predicted tokens with w > 0.
+  (λp, λr) and (cλp, cλr) then give the same AdamW update without clipping;
+- ``weight_sum``: Σ w over predicted tokens (a weighted mean; the absolute scale of λ cancels);
+- ``tokens``: the number of predicted tokens whatever their weight (the weights' scale matters).
 """
 from __future__ import annotations
 
@@ -30,21 +41,31 @@ import torch.distributed as dist
 
 IGNORE_INDEX = -100
 NORMALIZATIONS = ("nonzero", "weight_sum", "tokens")
+MIN_AUTO_CHUNK = 512     # smaller chunks make the per-chunk matmuls less efficient (and tp>1 sends more messages)
 
 
 class LossStats(NamedTuple):
-    """A NamedTuple (not a dataclass) so DeepSpeed ZeRO-3 finds its tensors and re-gathers the LM head
-    weight for backward."""
+    """A NamedTuple, not a dataclass: DeepSpeed ZeRO-3 must find these tensors among a module's outputs to
+    re-gather the LM head's weight before its backward (a dataclass hides them and backward fails)."""
     weighted_sum: torch.Tensor    # scalar, differentiable: Σ_t w_t · nll_t over this micro-batch
     class_nll_sum: torch.Tensor   # [num_classes] float64, detached: Σ nll of predicted tokens of each class
     class_count: torch.Tensor     # [num_classes] float64, detached: predicted tokens of each class
 
 
 def normalization_counts(targets: torch.Tensor, weights: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The three denominators for a set of targets (the trainer sums them over the global batch)."""
+    """This batch's share of each denominator (float64 scalars; the trainer sums them over the global batch)."""
     predicted = targets != IGNORE_INDEX
-    w = weights.double() * predicted
+    w = torch.where(predicted, weights.double(), torch.zeros((), dtype=torch.float64, device=weights.device))
     return {"nonzero": (w > 0).sum().double(), "weight_sum": w.sum(), "tokens": predicted.sum().double()}
+
+
+def chunk_rows(tokens: int, hidden: int, v_local: int, chunk_size: int) -> int:
+    """Tokens per chunk: at most ``chunk_size``, and fewer when the [chunk × V_local] fp32 logits block would
+    be larger than the hidden states [T × H] themselves (Liger's rule: the loss then never needs more than
+    about one more copy of the activations it consumes), but not below MIN_AUTO_CHUNK."""
+    budget = max(MIN_AUTO_CHUNK, (tokens * hidden) // max(1, v_local))
+    budget = 1 << (budget.bit_length() - 1)             # a power of two: steady matmul shapes
+    return max(1, min(int(chunk_size), max(budget, MIN_AUTO_CHUNK), max(1, tokens)))
 
 
 def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
@@ -55,58 +76,81 @@ def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
 
 class _FusedLinearWeightedCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, weights, group, vocab_start, true_vocab_size, chunk_size,
-                need_grad):
-        tokens, _ = hidden.shape
+    def forward(ctx, hidden, weight, targets, weights, group, vocab_start, true_vocab_size, rows, need_h, need_w):
+        tokens = hidden.shape[0]
         v_local = weight.shape[0]
-        nll = torch.zeros(tokens, dtype=torch.float32, device=hidden.device)
-        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_grad else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
-        # Padded vocabulary rows (ids ≥ true_vocab_size, present when vocab % tp != 0) never win the softmax.
-        n_pad = max(0, vocab_start + v_local - true_vocab_size)
+        dev = hidden.device
+        fp32 = torch.float32
+        nll = torch.zeros(tokens, dtype=fp32, device=dev)
+        grad_h = torch.empty(hidden.shape, dtype=fp32, device=dev) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=fp32, device=dev) if need_w else None
+        same_dtype = hidden.dtype == fp32 and weight.dtype == fp32
+        # Padded vocabulary rows (global ids ≥ true_vocab_size, when vocab % tp != 0) never win the softmax.
+        first_pad = min(v_local, max(0, true_vocab_size - vocab_start))
         valid = targets != IGNORE_INDEX
         local_t = targets - vocab_start
         in_shard = valid & (local_t >= 0) & (local_t < v_local)
         local_t = torch.where(in_shard, local_t, torch.zeros_like(local_t))
-        w_all = torch.where(valid, weights.float(), torch.zeros_like(weights, dtype=torch.float32))
+        w_all = torch.where(valid, weights.to(fp32), torch.zeros((), dtype=fp32, device=dev))
+        zero = torch.zeros((), dtype=fp32, device=dev)
 
-        for s in range(0, tokens, chunk_size):
-            e = min(s + chunk_size, tokens)
+        for s in range(0, tokens, rows):
+            e = min(s + rows, tokens)
             h = hidden[s:e]
-            logits = (h @ weight.t()).float()                              # [c, V_local], the only big block
-            if n_pad:
-                logits[:, v_local - n_pad:] = float("-inf")
-            row_max = _all_reduce(logits.max(dim=1).values, dist.ReduceOp.MAX, group)
+            logits = h @ weight.t()                                         # [c, V_local]: the only big block
+            if not same_dtype:
+                logits = logits.float()
+            if first_pad < v_local:
+                logits[:, first_pad:] = float("-inf")
+            row_max = _all_reduce(logits.amax(dim=1), dist.ReduceOp.MAX, group)
             logits -= row_max[:, None]
-            rows = torch.arange(e - s, device=logits.device)
-            shard_mask = in_shard[s:e]
-            target_logit = torch.where(shard_mask, logits[rows, local_t[s:e]], torch.zeros((), device=logits.device))
-            _all_reduce(target_logit, dist.ReduceOp.SUM, group)
-            probs = logits.exp_()                                           # in place: logits are no longer needed
-            sum_exp = _all_reduce(probs.sum(dim=1), dist.ReduceOp.SUM, group)
-            nll[s:e] = torch.where(valid[s:e], sum_exp.log() - target_logit, torch.zeros((), device=nll.device))
-            if need_grad:
-                # d(Σ w·nll)/dlogits = w · (softmax − onehot(target))
-                probs /= sum_exp[:, None]
-                probs[rows[shard_mask], local_t[s:e][shard_mask]] -= 1.0
-                probs *= w_all[s:e, None]
-                g = probs.to(weight.dtype)
-                grad_h[s:e] = (g @ weight).float()
-                grad_w += (g.t() @ h).float()
-            del logits, probs
-        if need_grad:
+            shard_mask, lt = in_shard[s:e], local_t[s:e]
+            target_logit = torch.where(shard_mask, logits.gather(1, lt[:, None]).squeeze(1), zero)
+            logits.exp_()                                                    # in place: now exp(logit − max)
+            sums = torch.stack([target_logit, logits.sum(dim=1)])
+            target_logit, sum_exp = _all_reduce(sums, dist.ReduceOp.SUM, group)
+            nll[s:e] = torch.where(valid[s:e], sum_exp.log() - target_logit, zero)
+            if need_h or need_w:
+                # d(Σ w·nll)/dlogits = w · (softmax − onehot(target)); w = 0 rows give exact zeros.
+                w = w_all[s:e]
+                logits *= (w / sum_exp)[:, None]
+                idx = shard_mask.nonzero().squeeze(1)
+                logits[idx, lt[idx]] -= w[idx]
+                g = logits if same_dtype else logits.to(weight.dtype)
+                if need_h:
+                    if same_dtype:
+                        torch.mm(g, weight, out=grad_h[s:e])
+                    else:
+                        grad_h[s:e] = g @ weight
+                if need_w:
+                    if same_dtype:
+                        grad_w.addmm_(g.t(), h)                              # no [V_local × H] temporary
+                    else:
+                        grad_w += g.t() @ h
+                del g
+            del logits
+        if need_h:
             _all_reduce(grad_h, dist.ReduceOp.SUM, group)   # dL/dh is a sum over the vocabulary shards
-            ctx.save_for_backward(grad_h, grad_w)
+        # Plain attributes, not save_for_backward: these are neither inputs nor outputs, and backward hands
+        # them over (scaled in place) rather than copying them.
+        ctx.grads = (grad_h, grad_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         ctx.mark_non_differentiable(nll)
         return (nll * w_all).sum(), nll
 
     @staticmethod
     def backward(ctx, grad_sum, _grad_nll):
-        grad_h, grad_w = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError("fused_weighted_cross_entropy: backward can run only once per call "
+                               "(its gradients are computed in forward and handed over)")
+        grad_h, grad_w = ctx.grads
+        ctx.grads = None
         h_dtype, w_dtype = ctx.dtypes
-        return ((grad_h * grad_sum).to(h_dtype), (grad_w * grad_sum).to(w_dtype),
-                None, None, None, None, None, None, None)
+        if grad_h is not None:
+            grad_h = grad_h.mul_(grad_sum).to(h_dtype)
+        if grad_w is not None:
+            grad_w = grad_w.mul_(grad_sum).to(w_dtype)
+        return grad_h, grad_w, None, None, None, None, None, None, None, None
 
 
 def fused_weighted_cross_entropy(hidden: torch.Tensor, lm_weight: torch.Tensor, targets: torch.Tensor,
@@ -115,24 +159,45 @@ def fused_weighted_cross_entropy(hidden: torch.Tensor, lm_weight: torch.Tensor, 
                                  true_vocab_size: Optional[int] = None, chunk_size: int = 4096) -> LossStats:
     """Weighted NLL of ``targets`` under logits ``hidden @ lm_weightᵀ`` without materializing the logits.
 
-    hidden [T, H] (replicated over the TP group); lm_weight [V_local, H], this rank's vocab shard starting
-    at global id ``vocab_start``; targets [T] global ids, IGNORE_INDEX (-100) where nothing is predicted;
-    weights [T] ≥ 0, the weight of each predicted token; target_classes [T] the class of each predicted
-    token (for per-class NLL logging). ``true_vocab_size``: ids at or above it are padding rows.
+    hidden [T, H] (or [..., H]), replicated over the TP group and NOT passed through ``copy_to_tp`` (the
+    gradient all-reduce happens here); lm_weight [V_local, H], this rank's vocabulary shard starting at
+    global id ``vocab_start``; targets [T] global ids, -100 where nothing is predicted; weights [T] ≥ 0,
+    the weight of each predicted token (0 masks it); target_classes [T] the class of each predicted token
+    (per-class NLL for logging; None = all class 0). ``true_vocab_size``: rows of global id ≥ it are
+    padding and get probability 0 (default: no padding, V_local × tp). ``chunk_size``: the most tokens per
+    chunk (see ``chunk_rows``: fewer when the logits block would outgrow the hidden states).
     """
-    if hidden.dim() != 2 or targets.shape != hidden.shape[:1] or weights.shape != targets.shape:
-        raise ValueError(f"shape mismatch: hidden {tuple(hidden.shape)}, targets {tuple(targets.shape)}, "
-                         f"weights {tuple(weights.shape)}")
+    h_dim = hidden.shape[-1]
+    hidden = hidden.reshape(-1, h_dim)
+    targets, weights = targets.reshape(-1), weights.reshape(-1)
+    if targets.shape[0] != hidden.shape[0] or weights.shape != targets.shape or lm_weight.shape[-1] != h_dim:
+        raise ValueError(f"shape mismatch: hidden {tuple(hidden.shape)}, lm_weight {tuple(lm_weight.shape)}, "
+                         f"targets {tuple(targets.shape)}, weights {tuple(weights.shape)}")
     group = tp_group if tp_group is not None and dist.get_world_size(tp_group) > 1 else None
+    tp = 1 if group is None else dist.get_world_size(group)
     if true_vocab_size is None:
-        true_vocab_size = vocab_start + lm_weight.shape[0] if group is None else 1 << 62
-    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or lm_weight.requires_grad)
-    weighted_sum, nll = _FusedLinearWeightedCE.apply(hidden, lm_weight, targets, weights, group, vocab_start,
-                                                     true_vocab_size, max(1, int(chunk_size)), need_grad)
+        true_vocab_size = lm_weight.shape[0] * tp
     predicted = targets != IGNORE_INDEX
-    classes = (target_classes if target_classes is not None else torch.zeros_like(targets)).long()
+    if predicted.any():
+        # A target outside the vocabulary would silently give an inf/garbage loss: say so instead.
+        lo, hi = int(targets[predicted].min()), int(targets[predicted].max())
+        if lo < 0 or hi >= true_vocab_size:
+            raise ValueError(f"target ids must lie in [0, {true_vocab_size}) or be {IGNORE_INDEX}; "
+                             f"got min {lo}, max {hi}")
+    grad_on = torch.is_grad_enabled()
+    need_h, need_w = grad_on and hidden.requires_grad, grad_on and lm_weight.requires_grad
+    rows = chunk_rows(hidden.shape[0], h_dim, lm_weight.shape[0], chunk_size)
+    weighted_sum, nll = _FusedLinearWeightedCE.apply(hidden, lm_weight, targets, weights, group, vocab_start,
+                                                     true_vocab_size, rows, need_h, need_w)
+    classes = (target_classes.reshape(-1) if target_classes is not None else torch.zeros_like(targets)).long()
     cls = classes[predicted]
+    if cls.numel() and (int(cls.min()) < 0 or int(cls.max()) >= num_classes):
+        raise ValueError(f"target classes must lie in [0, {num_classes}); got {int(cls.min())}..{int(cls.max())}")
     class_nll = torch.zeros(num_classes, dtype=torch.float64, device=hidden.device)
     class_nll.index_add_(0, cls, nll[predicted].double())
-    class_count = torch.bincount(cls, minlength=num_classes).double()[:num_classes]
+    class_count = torch.bincount(cls, minlength=num_classes).double()
     return LossStats(weighted_sum, class_nll, class_count)
+
+
+__all__ = ["IGNORE_INDEX", "NORMALIZATIONS", "LossStats", "fused_weighted_cross_entropy",
+           "normalization_counts", "chunk_rows"]

@@ -50,7 +50,9 @@ class MetricsLogger:
             return
         step = int(record["step"])
         if self._jsonl is not None:
-            self._jsonl.write(json.dumps(record) + "\n")
+            # NaN (e.g. no response token in a batch) is not JSON: write null.
+            clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()}
+            self._jsonl.write(json.dumps(clean) + "\n")
             self._jsonl.flush()
         if self._tb is not None:
             for key, tag in TB_TAGS.items():

@@ -170,9 +170,9 @@ def plan_run(args: argparse.Namespace, world_size: int) -> Plan:
         dims = ParallelDims(world_size, args.tp, args.pp).validate(zero_stage(raw_ds), model_config)
     except (DSConfigError, LayoutError) as e:
         raise UsageError(str(e)) from None
-    if args.tp > 1 or args.pp > 1:
-        raise UsageError(f"--tp {args.tp} --pp {args.pp}: tensor and pipeline parallelism are not available "
-                         "in this version yet; use --tp 1 --pp 1 with ZeRO")
+    if args.pp > 1:
+        raise UsageError(f"--pp {args.pp}: pipeline parallelism is not available in this version yet; "
+                         "use --pp 1 (ZeRO-3, optionally with --tp)")
     import torch
     try:
         ds_config = fill_ds_config(

@@ -189,5 +189,13 @@ class Trainer:
         return {n: p.detach().clone().float() for n, p in params}
 
     def full_dense_state_dict(self) -> dict[str, torch.Tensor]:
-        """Dense HF-named tensors of the whole model (collective). With tp=1 this is full_parameters()."""
-        return self.full_parameters()
+        """Dense HF-named tensors of the whole model (collective): ZeRO partitions gathered, TP shards
+        concatenated, vocabulary padding trimmed."""
+        from witscale.parallel.layers import gather_dense
+
+        module = self.engine.module
+        local = self.full_parameters()
+        vocab = module.config.vocab_size
+        group = self.topo.get_tensor_model_parallel_group() if self.topo.tp > 1 else None
+        return {name: gather_dense(p, local[name], group, vocab if getattr(p, "padded_dense_rows", None) else None)
+                for name, p in module.named_parameters()}

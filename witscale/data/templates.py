@@ -157,13 +157,14 @@ TEMPLATE_NAMES = tuple(TEMPLATES) + ("hf",)
 
 
 # ---------------------------------------------------------------------------------------------- tokenizing
-def classify_tokens(text: str, char_cls: np.ndarray, char_msg: np.ndarray, begin: np.ndarray, end: np.ndarray):
+def classify_tokens(text: str, char_cls: np.ndarray, char_msg: np.ndarray, begin: np.ndarray, end: np.ndarray,
+                    num_classes: int = NUM_CLASSES):
     """Per token: (class, message index) from the characters it covers. Raises BoundaryError on a token whose
     non-whitespace characters have two classes."""
     n = len(text)
     nonws = np.fromiter((not c.isspace() for c in text), dtype=bool, count=n)
     # prefix counts of non-whitespace characters per class: counts over [b, e) in O(1) per token
-    onehot = np.zeros((NUM_CLASSES, n + 1), dtype=np.int32)
+    onehot = np.zeros((num_classes, n + 1), dtype=np.int32)
     onehot[char_cls[nonws], np.nonzero(nonws)[0] + 1] = 1
     cum = np.cumsum(onehot, axis=1)
     present = (cum[:, end] - cum[:, begin]) > 0                   # [classes, tokens]
@@ -171,7 +172,8 @@ def classify_tokens(text: str, char_cls: np.ndarray, char_msg: np.ndarray, begin
     bad = np.nonzero(npresent > 1)[0]
     if len(bad):
         k = int(bad[0])
-        names = [TokenClass(c).name.lower() for c in np.nonzero(present[:, k])[0]]
+        names = [TokenClass(c).name.lower() if c < NUM_CLASSES else "end-of-turn"
+                 for c in np.nonzero(present[:, k])[0]]
         raise BoundaryError(f"token {k} covers {text[begin[k]:end[k]]!r}, which spans classes "
                             f"{' and '.join(names)}: the class boundary falls inside a token")
     # the first non-whitespace character of each token, or its first position when it has none

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 from witscale.model.config import ModelConfig
-from witscale.model.transformer import CausalLM, dense_shapes
+from witscale.model.hf_io import CheckpointFormatError, load_hf_weights, save_hf_checkpoint, tp_slice_fn
+from witscale.model.transformer import CausalLM, dense_shapes, packed_positions
 
-__all__ = ["ModelConfig", "CausalLM", "dense_shapes", "build_training_model", "load_model_weights"]
+__all__ = ["ModelConfig", "CausalLM", "CheckpointFormatError", "dense_shapes", "packed_positions",
+           "build_training_model", "init_weights", "load_hf_weights", "load_model_weights", "save_hf_checkpoint",
+           "tp_slice_fn"]
 
 
 def build_training_model(config: ModelConfig, topo=None, *, activation_checkpointing: bool = False,
@@ -14,28 +17,23 @@ def build_training_model(config: ModelConfig, topo=None, *, activation_checkpoin
                     activation_checkpointing=activation_checkpointing)
 
 
-def load_model_weights(model: CausalLM, config: ModelConfig, *, model_dir: str | None, seed: int,
-                       topo=None) -> None:
-    """Fill the (possibly TP-sharded, possibly ZeRO-3-partitioned) model from HF safetensors or a seeded init."""
-    from witscale.model.hf_io import CheckpointFormatError, SafetensorsSource
+def init_weights(model: CausalLM, seed: int, tp_rank: int = 0, tp: int = 1) -> None:
+    """Seeded random init from the config: N(0, initializer_range) matrices, unit norms, zero biases.
+    Drawn per parameter name at the dense shape, then sliced: every layout gets the same dense weights."""
     from witscale.model.materialize import materialize_parameters, seeded_dense
     from witscale.parallel.layers import shard_dense
 
+    shapes = dense_shapes(model.config)
+    std = model.config.initializer_range
+    materialize_parameters(model, lambda name, p: shard_dense(p, seeded_dense(name, shapes[name], seed, std),
+                                                               tp_rank, tp))
+
+
+def load_model_weights(model: CausalLM, config: ModelConfig, *, model_dir: str | None, seed: int,
+                       topo=None) -> None:
+    """Fill the (possibly TP-sharded, possibly ZeRO-3-partitioned) model from HF safetensors or a seeded init."""
     tp, tp_rank = (topo.tp, topo.tp_rank) if topo is not None else (1, 0)
     if model_dir is None:
-        shapes = dense_shapes(config)
-
-        def value(name, p):
-            return shard_dense(p, seeded_dense(name, shapes[name], seed, config.initializer_range), tp_rank, tp)
+        init_weights(model, seed, tp_rank, tp)
     else:
-        source = SafetensorsSource(model_dir)
-        wanted = {n for n, _ in model.named_parameters()}
-        unexpected = sorted(set(source.names()) - wanted - {"lm_head.weight"})
-        if unexpected:
-            raise CheckpointFormatError(f"{model_dir}: tensors the model does not have: {', '.join(unexpected[:5])}"
-                                        + (" …" if len(unexpected) > 5 else ""))
-
-        def value(name, p):
-            return source.read_shard(name, getattr(p, "tp_split_dim", None), tp_rank, tp,
-                                     getattr(p, "padded_dense_rows", None))
-    materialize_parameters(model, value)
+        load_hf_weights(model, model_dir, tp_slice_fn(model, tp_rank, tp))

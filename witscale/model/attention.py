@@ -73,9 +73,11 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         return _dense(q, k, v, cu_seqlens, sliding_window)
     qf, kf, vf = (t.reshape(b * s, hq, d).transpose(0, 1) for t in (q, k, v))   # [H, B*S, D]
     out = torch.empty_like(qf)
-    bounds = cu_seqlens.tolist()
+    bounds = _checked_bounds(cu_seqlens, b * s)
     for start, end in zip(bounds[:-1], bounds[1:]):
         length = end - start
+        if length == 0:
+            continue
         qs, ks, vs = qf[:, start:end], kf[:, start:end], vf[:, start:end]
         if sliding_window and length > sliding_window:
             mask = _window_mask(length, sliding_window, q.device)
@@ -85,8 +87,24 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     return out.transpose(0, 1).reshape(b, s, hq, d)
 
 
+def _checked_bounds(cu_seqlens: torch.Tensor, total: int) -> list[int]:
+    """cu_seqlens as a list, after checking it partitions the ``total`` flattened tokens."""
+    bounds = cu_seqlens.tolist()
+    if cu_seqlens.dim() != 1 or len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total or any(
+            a > b for a, b in zip(bounds[:-1], bounds[1:])):
+        raise ValueError(f"cu_seqlens must rise from 0 to the {total} flattened tokens, got {bounds[:8]}"
+                         + ("…" if len(bounds) > 8 else ""))
+    return bounds
+
+
 def _dense(q, k, v, cu_seqlens, sliding_window):
     b, s, h, d = q.shape
+    bounds = _checked_bounds(cu_seqlens, b * s)
+    row_ends = set(range(0, b * s + 1, s))
+    if any(x not in set(bounds) for x in row_ends):
+        # A row-local mask cannot express attention across rows; the other backends could, but
+        # the packer never produces such segments, so this is a caller's error.
+        raise ValueError("dense attention: every row boundary must also be a cu_seqlens boundary")
     seg = torch.zeros(b * s, dtype=torch.long, device=q.device)
     seg[cu_seqlens[1:-1].long()] = 1
     seg = seg.cumsum(0).reshape(b, s)                       # segment id of every token

@@ -32,11 +32,11 @@ def seeded_dense(name: str, shape, seed: int, std: float) -> torch.Tensor:
 
 def materialize_parameters(model: torch.nn.Module, value_fn: ValueFn) -> None:
     """Copy ``value_fn(name, param)`` into every parameter of ``model`` (tied parameters once)."""
-    import deepspeed
-
     with torch.no_grad():
         for name, p in model.named_parameters():
             if is_zero3_param(p):
+                import deepspeed    # only here: importing it costs seconds, and plain models never need it
+
                 # modifier_rank=0: rank 0's value is broadcast and re-partitioned on exit; every rank
                 # computes the same value anyway, so the copy is right on all of them.
                 with deepspeed.zero.GatheredParameters([p], modifier_rank=0):

@@ -12,14 +12,14 @@ statistics computed by the fused vocab-parallel head; without, the final hidden 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from witscale.model.attention import packed_attention, select_backend
+from witscale.model.attention import BACKENDS, packed_attention, select_backend
 from witscale.model.config import ModelConfig
 from witscale.model.rope import apply_rope, inverse_frequencies, rope_cos_sin
 from witscale.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
@@ -96,13 +96,19 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, tp_group, attention_backend)
                                     for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.register_buffer("inv_freq", inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
-                             persistent=False)
+        # Not a buffer: ``model.to(torch.bfloat16)`` (and DeepSpeed's bf16 wrapping) would cast a buffer,
+        # and bf16 frequencies put RoPE phases off by whole radians at long positions.
+        self._inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.activation_checkpointing = activation_checkpointing
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        if self._inv_freq.device != device:
+            self._inv_freq = self._inv_freq.to(device)
+        return self._inv_freq
 
     def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen):
         x = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(position_ids, self.inv_freq, x.dtype)
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq(x.device), x.dtype)
         for layer in self.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False)
@@ -124,13 +130,51 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int, labels: Optional[torch.Tensor] = None,
                 weights: Optional[torch.Tensor] = None, target_classes: Optional[torch.Tensor] = None):
+        """input_ids/position_ids [B, S] int64, cu_seqlens int32 [segments + 1] over the B*S flattened
+        tokens → final-norm hidden states [B, S, H]; with ``labels``, the fused head's loss statistics."""
+        if input_ids.shape != position_ids.shape or input_ids.dim() != 2:
+            raise ValueError(f"input_ids {tuple(input_ids.shape)} and position_ids {tuple(position_ids.shape)} "
+                             "must both be [batch, seq]")
         hidden = self.model(input_ids, position_ids, cu_seqlens, int(max_seqlen))
         if labels is None:
             return hidden
         return self.lm_head(hidden, labels, weights, target_classes)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full (gathered, unpadded) logits [..., vocab]: for tests and evaluation, not for training."""
         return self.lm_head(hidden)
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Force one attention backend ('auto', 'flash_varlen', 'sdpa_segments', 'dense') in every layer."""
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r} (known: {', '.join(BACKENDS)})")
+        for layer in self.model.layers:
+            layer.self_attn.backend = backend
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        self.model.activation_checkpointing = bool(enabled)
+
+
+def packed_positions(doc_lengths_per_row: Sequence[Sequence[int]], seq_len: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(position_ids [B, S] int64, cu_seqlens int32, max_seqlen) for rows packed with documents of the
+    given lengths, in order. Positions restart at 0 for every document; a row's unfilled tail becomes
+    one more segment of its own (positions from 0), so every token belongs to exactly one segment."""
+    if seq_len <= 0:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    positions = torch.empty(len(doc_lengths_per_row), seq_len, dtype=torch.long)
+    cu, max_len = [0], 0
+    for r, lengths in enumerate(doc_lengths_per_row):
+        lengths = [int(n) for n in lengths]
+        if any(n < 0 for n in lengths) or sum(lengths) > seq_len:
+            raise ValueError(f"row {r}: document lengths {lengths} do not fit in seq_len {seq_len}")
+        tail = seq_len - sum(lengths)
+        segments = [n for n in lengths if n > 0] + ([tail] if tail else [])
+        positions[r] = torch.cat([torch.arange(n) for n in segments])
+        for n in segments:
+            cu.append(cu[-1] + n)
+        max_len = max([max_len] + segments)
+    return positions, torch.tensor(cu, dtype=torch.int32), max_len
 
 
 def dense_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -58,6 +58,22 @@ def shard_dense(p: torch.Tensor, dense: torch.Tensor, tp_rank: int, tp: int) -> 
     return dense.chunk(tp, dim=dim)[tp_rank]
 
 
+def gather_dense(p: torch.Tensor, local: torch.Tensor, group, dense_rows: Optional[int] = None) -> torch.Tensor:
+    """Inverse of ``shard_dense`` (collective over the TP group): the dense tensor from every rank's piece.
+    ``dense_rows`` trims vocabulary padding."""
+    dim = getattr(p, "tp_split_dim", None)
+    tp, _ = tp_size_rank(group)
+    if dim is None or tp == 1:
+        full = local
+    else:
+        parts = [torch.empty_like(local) for _ in range(tp)]
+        dist.all_gather(parts, local.contiguous(), group=group)
+        full = torch.cat(parts, dim=dim)
+    if dense_rows is not None and dim == 0:
+        full = full[:dense_rows]
+    return full
+
+
 class ColumnParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, tp_group=None):
         super().__init__()
@@ -145,4 +161,4 @@ class VocabParallelLMHead(nn.Module):
 
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "VocabParallelLMHead",
-           "LossStats", "pad_vocab_size", "shard_dense", "tp_size_rank"]
+           "LossStats", "gather_dense", "pad_vocab_size", "shard_dense", "tp_size_rank"]

@@ -1,0 +1,55 @@
+"""Shared fixtures. Tests make their own data; nothing here reads ../shared."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ------------------------------------------------------------------------------------------- data pipeline
+@pytest.fixture(scope="session")
+def synthetic_records():
+    from witscale.data.synthetic import generate_instruction_records
+    return generate_instruction_records(400, seed=0, multi_turn_fraction=0.2)
+
+
+@pytest.fixture(scope="session")
+def sp_model_path(tmp_path_factory, synthetic_records):
+    """A small BPE SentencePiece model (unk=0, bos=1, eos=2, pad=3; chat specials as user symbols)."""
+    from witscale.data.synthetic import train_sentencepiece
+    texts = []
+    for r in synthetic_records:
+        if "messages" in r:
+            texts += [m["content"] for m in r["messages"]]
+        else:
+            texts += [r["instruction"], r["input"], r["output"]]
+    texts += ["Below is an instruction that describes a task. Write a response that appropriately completes "
+              "the request.\n\n### Instruction:\n### Input:\n### Response:\n", "system user assistant",
+              "Be brief. Hello there, how are you? Fine, thanks."]
+    return train_sentencepiece(texts, str(tmp_path_factory.mktemp("sp")), vocab_size=600)
+
+
+@pytest.fixture(scope="session")
+def sp_tokenizer(sp_model_path):
+    from witscale.data.tokenizer import load_tokenizer
+    return load_tokenizer(sp_model_path)
+
+
+def write_jsonl(path, records) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+def write_json(path, records) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(records, f, indent=1)
+    return str(path)

@@ -1,0 +1,131 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT, write_json, write_jsonl
+from witscale.data.classes import TokenClass as C
+from witscale.data.packed import PackedDataset
+from witscale.data.pipeline import PackOptions, pack_records
+
+GOOD = {"instruction": "Add 2 and 3.", "input": "", "output": "5"}
+
+
+def run_cli(*args):
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", PYTHONPATH="")
+    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", "pack_dataset.py"), *map(str, args)],
+                          capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=120)
+
+
+def test_cli_end_to_end_and_workers_are_deterministic(tmp_path, sp_model_path, synthetic_records):
+    path = write_jsonl(tmp_path / "train.jsonl", [r for r in synthetic_records if "messages" not in r])
+    outs = []
+    for workers in (1, 2):
+        out = tmp_path / f"ds{workers}"
+        r = run_cli("--input", path, "--tokenizer", sp_model_path, "--seq-len", 256, "--output", out,
+                    "--template", "alpaca", "--workers", workers)
+        assert r.returncode == 0, r.stderr
+        assert "detected format alpaca" in r.stderr and "packing efficiency" in r.stdout
+        outs.append(out)
+    for name in sorted(os.listdir(outs[0])):
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+    ds = PackedDataset(str(outs[0]))
+    m = ds.manifest
+    assert m["counts"]["records_read"] == m["num_documents"] == m["sources"][0]["records"]
+    assert m["template"] == "alpaca" and not ds.has_weights and m["tokenizer"]["vocab_size"] == 600
+    assert m["counts"]["truncated"] == 0
+    assert m["packing_efficiency"] == pytest.approx(m["num_tokens"] / (len(ds) * 256))
+    # every document ends with EOT (EOS), begins with BOS
+    for i in range(len(ds)):
+        row = ds[i]
+        ends = np.cumsum(row.doc_lengths)
+        assert (row.classes[ends - 1] == C.EOT).all() and (row.tokens[ends - row.doc_lengths] == 1).all()
+
+
+def test_pack_records_from_python_with_weights(tmp_path, sp_model_path):
+    recs = [{"messages": [{"role": "user", "content": "hi", "loss_weight": 0.0},
+                          {"role": "assistant", "content": "hello", "loss_weight": 1.0}]},
+            {"messages": [{"role": "user", "content": "add 2 and 3"}, {"role": "assistant", "content": "5"}],
+             "weight": 3}]
+    m = pack_records(recs, sp_model_path, str(tmp_path / "ds"), PackOptions(seq_len=64, template="chatml"))
+    ds = PackedDataset(str(tmp_path / "ds"))
+    assert m["has_weights"] and ds.has_weights
+    row = ds[0]
+    w = row.weights[:int(row.doc_lengths.sum())]
+    assert set(np.unique(w).tolist()) == {0.0, 1.0, 3.0}
+    assert (row.weights[row.classes == C.PROMPT] != 1.0).all()
+
+
+def _bad_cases(tmp_path):
+    good = json.dumps(GOOD)
+    cases = {
+        "invalid_json": (write_jsonl(tmp_path / "a.jsonl", [good, "{oops", good]), "a.jsonl:line 2: invalid JSON"),
+        "missing_field": (write_jsonl(tmp_path / "b.jsonl", [GOOD, {"instruction": "x", "input": ""}]),
+                          "b.jsonl:line 2: missing field 'output'"),
+        "mistyped": (write_jsonl(tmp_path / "c.jsonl", [GOOD, {"instruction": "x", "output": 5}]),
+                     "c.jsonl:line 2: field 'output' must be a string"),
+        "empty_response": (write_json(tmp_path / "d.json", [GOOD, GOOD, {"instruction": "x", "output": " "}]),
+                           "d.json:record 3: message 2: empty response"),
+        "unknown_role": (write_jsonl(tmp_path / "e.jsonl", [{"messages": [{"role": "user", "content": "x"},
+                                                                          {"role": "assistant", "content": "y"}]},
+                                                            {"messages": [{"role": "wizard", "content": "x"}]}]),
+                         "e.jsonl:line 2: messages[1]: unknown role 'wizard'"),
+    }
+    bad = tmp_path / "f.jsonl"
+    bad.write_bytes(good.encode() + b"\n" + b'{"instruction": "caf\xe9", "output": "y"}\n')
+    cases["non_utf8"] = (str(bad), "f.jsonl:line 2: not valid UTF-8")
+    return cases
+
+
+RECORD_CASES = ["invalid_json", "missing_field", "mistyped", "empty_response", "unknown_role", "non_utf8"]
+
+
+@pytest.mark.parametrize("case", RECORD_CASES)
+def test_bad_records_fail_cleanly_or_are_skipped(tmp_path, sp_model_path, case):
+    path, message = _bad_cases(tmp_path)[case]
+    out = tmp_path / "out"
+    r = run_cli("--input", path, "--tokenizer", sp_model_path, "--seq-len", 64, "--output", out)
+    assert r.returncode == 2
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and message in line and "Traceback" not in r.stderr
+    assert not out.exists() and not [n for n in os.listdir(tmp_path) if n.startswith(".out")]
+    r = run_cli("--input", path, "--tokenizer", sp_model_path, "--seq-len", 64, "--output", out, "--skip-invalid")
+    assert r.returncode == 0, r.stderr
+    m = PackedDataset(str(out)).manifest
+    assert m["counts"]["skipped"] == 1 and message.split(": ", 1)[1] in m["skipped"][0]
+    assert m["counts"]["records_read"] == m["num_documents"] + 1
+    assert "records skipped      1" in r.stdout
+
+
+@pytest.mark.parametrize("case", ["empty_file", "bad_tokenizer", "unknown_format", "no_special", "exists"])
+def test_run_level_errors(tmp_path, sp_model_path, case):
+    good = write_jsonl(tmp_path / "g.jsonl", [GOOD])
+    args = {"input": good, "tokenizer": sp_model_path, "extra": []}
+    if case == "empty_file":
+        (tmp_path / "empty.jsonl").write_text("")
+        args["input"], needle = str(tmp_path / "empty.jsonl"), "empty.jsonl: input file is empty"
+    elif case == "bad_tokenizer":
+        (tmp_path / "tok.model").write_bytes(b"not a model")
+        args["tokenizer"], needle = str(tmp_path / "tok.model"), "tok.model: cannot load SentencePiece model"
+    elif case == "unknown_format":
+        args["input"] = write_jsonl(tmp_path / "u.jsonl", [{"question": "q", "answer": "a"}])
+        needle = "u.jsonl:line 1: cannot detect the format from the first record (keys: answer, question); known formats"
+    elif case == "no_special":
+        import sentencepiece as s
+        s.SentencePieceTrainer.train(sentence_iterator=iter(["some plain text"] * 10), vocab_size=300,
+                                     model_prefix=str(tmp_path / "p"), byte_fallback=True, hard_vocab_limit=False,
+                                     minloglevel=2)
+        args["tokenizer"], args["extra"] = str(tmp_path / "p.model"), ["--template", "llama3"]
+        needle = "needs the special token '<|begin_of_text|>'"
+    else:
+        (tmp_path / "out").mkdir()
+        needle = "output already exists; pass --overwrite"
+    r = run_cli("--input", args["input"], "--tokenizer", args["tokenizer"], "--seq-len", 64,
+                "--output", tmp_path / "out", *args["extra"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert needle in r.stderr.strip().splitlines()[-1], r.stderr
+    if case != "exists":
+        assert not (tmp_path / "out").exists()

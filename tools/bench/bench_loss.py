@@ -1,0 +1,128 @@
+"""Peak memory and time of forward+backward: fused chunked weighted CE vs the naive path, on the CPU.
+
+    python tools/bench/bench_loss.py [--tokens 4096] [--hidden 1024] [--vocab 32000 128256] [--repeats 2]
+
+naive = full fp32 logits ``hidden @ Wᵀ`` + ``F.cross_entropy(reduction='none') · w``, summed, autograd.
+fused = ``witscale.loss.fused_weighted_cross_entropy`` (default chunk_size).
+Both: fp32, T tokens with random targets (5% ignored, 30% weight 0), gradients wrt hidden and W.
+
+Each (vocab, method) runs in a fresh subprocess, so one case's allocator state cannot flatter another.
+Memory, measured honestly from the OS side: the child runs with ``MALLOC_MMAP_THRESHOLD_=65536`` (glibc
+then serves every large tensor by mmap and returns it to the OS on free, so the resident set follows the
+live tensors instead of a heap high-water mark). After one warm-up step the inputs exist and the grads
+are reset to None; the peak-RSS counter is reset (``/proc/self/clear_refs`` ← 5) and the step runs; the
+figure is ``VmHWM − VmRSS_before`` minus the bytes of the gradients every implementation must return
+(W.grad [V, H] and hidden.grad [T, H], fp32), i.e. the working memory of the loss beyond inputs and
+parameter/input grads. Time: the best of ``--repeats`` timed steps after the warm-up, over ``--rounds``
+rounds that alternate naive and fused children (the machine may be shared: the minimum is the figure least
+disturbed by other load), with ``--threads`` threads (default: all cores).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _case(method: str, tokens: int, hidden: int, vocab: int, repeats: int) -> dict:
+    sys.path.insert(0, ROOT)
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    from witscale.loss import chunk_rows, fused_weighted_cross_entropy
+
+    torch.manual_seed(0)
+    h = (torch.randn(tokens, hidden) * 0.5).requires_grad_()
+    w_lm = (torch.randn(vocab, hidden) * 0.02).requires_grad_()
+    targets = torch.randint(0, vocab, (tokens,))
+    targets[torch.rand(tokens) < 0.05] = -100
+    weights = torch.rand(tokens)
+    weights[torch.rand(tokens) < 0.3] = 0.0
+
+    def step():
+        if method == "naive":
+            logits = (h @ w_lm.t()).float()
+            loss = (F.cross_entropy(logits, targets, reduction="none") * weights).sum()
+        else:
+            loss = fused_weighted_cross_entropy(h, w_lm, targets, weights).weighted_sum
+        loss.backward()
+        return float(loss)
+
+    step()                                            # warm-up (allocator, oneDNN/MKL buffers)
+    h.grad = w_lm.grad = None
+    with open("/proc/self/clear_refs", "w") as f:    # reset VmHWM to the current RSS
+        f.write("5")
+    before = _status("VmRSS")
+    t0 = time.perf_counter()
+    loss = step()
+    times = [time.perf_counter() - t0]
+    peak = _status("VmHWM") - before
+    grads = (h.numel() + w_lm.numel()) * 4
+    for _ in range(repeats - 1):
+        h.grad = w_lm.grad = None
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {"method": method, "vocab": vocab, "loss": loss, "time_s": min(times), "times": times,
+            "peak_bytes": peak, "extra_bytes": peak - grads,
+            "chunk": chunk_rows(tokens, hidden, vocab, 4096) if method == "fused" else tokens}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256])
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--_child", nargs=2, metavar=("METHOD", "VOCAB"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._child:
+        out = _case(args._child[0], args.tokens, args.hidden, int(args._child[1]), args.repeats)
+        print("RESULT " + json.dumps(out))
+        return
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONWARNINGS="ignore")
+    env["OMP_NUM_THREADS"] = str(args.threads)
+    mib = 2 ** 20
+    print(f"T={args.tokens} H={args.hidden}, fp32, forward+backward, {args.threads} threads, "
+          f"best of {args.repeats} steps x {args.rounds} rounds")
+    for vocab in args.vocab:
+        res = {}
+        for rnd in range(args.rounds):
+            for method in ("naive", "fused"):
+                cmd = [sys.executable, os.path.abspath(__file__), "--tokens", str(args.tokens), "--hidden",
+                       str(args.hidden), "--repeats", str(args.repeats), "--_child", method, str(vocab)]
+                out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+                r = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
+                if method in res:      # memory from the first round; time: the best over all rounds
+                    res[method]["times"] += r["times"]
+                    res[method]["time_s"] = min(res[method]["time_s"], r["time_s"])
+                else:
+                    res[method] = r
+        for method in ("naive", "fused"):
+            r = res[method]
+            print(f"  V={vocab:>6} {method:>5}: {r['time_s']:7.2f} s  extra peak {r['extra_bytes'] / mib:8.1f} MiB "
+                  f"(raw peak {r['peak_bytes'] / mib:8.1f} MiB, chunk {r['chunk']}, loss {r['loss']:.4f})")
+        n, f = res["naive"], res["fused"]
+        print(f"  V={vocab:>6} fused/naive: time {f['time_s'] / n['time_s']:.3f}x, "
+              f"extra memory {f['extra_bytes'] / n['extra_bytes']:.4f}x, "
+              f"loss rel. diff {abs(f['loss'] - n['loss']) / abs(n['loss']):.1e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+#!/usr/bin/env python3
+"""Consolidate a witscale checkpoint (any ZeRO stage) into an HF directory that transformers loads.
+
+    python tools/export_hf.py runs/my-run/checkpoints OUT          # the checkpoint 'latest' names
+    python tools/export_hf.py runs/my-run/checkpoints/step_00000500 OUT --tokenizer path/to/tokenizer
+
+The run's model config is read from <run>/model_config.json (written when training starts). Tokenizer
+files are copied from --tokenizer, or from the run's --model / --tokenizer flags when they are recorded.
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a checkpoints directory (uses 'latest') or one step_* directory")
+    p.add_argument("out", help="the HF directory to write (replaced if it exists)")
+    p.add_argument("--tokenizer", help="tokenizer directory or SentencePiece .model to copy")
+    args = p.parse_args(argv)
+    from witscale.checkpoint import CheckpointError, resolve_resume
+    from witscale.export import export_checkpoint
+
+    if not os.path.exists(args.checkpoint):
+        print(f"error: {args.checkpoint}: no such checkpoint", file=sys.stderr)
+        return 2
+    tokenizer = args.tokenizer
+    try:
+        root, _ = resolve_resume(args.checkpoint, args.checkpoint)
+        if tokenizer is None:
+            eff = os.path.join(os.path.dirname(os.path.abspath(root)), "effective_config.json")
+            if os.path.exists(eff):
+                run_args = json.load(open(eff, encoding="utf-8")).get("args", {})
+                tokenizer = run_args.get("tokenizer") or run_args.get("model")
+        export_checkpoint(args.checkpoint, args.out, tokenizer)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {args.checkpoint} → {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

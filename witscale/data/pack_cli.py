@@ -1,0 +1,106 @@
+"""Command line of tools/pack_dataset.py: argument parsing, progress and the final stats table."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from witscale.data.errors import DataError
+from witscale.data.packing import LONG_POLICIES
+from witscale.data.pipeline import PackOptions, pack_files
+from witscale.data.readers import FORMATS
+from witscale.data.templates import TEMPLATE_NAMES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pack_dataset.py", description="Tokenize instruction data and pack it into "
+                                "fixed-length rows with a token class per token (witscale packed format v1).")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="JSON array, JSONL or parquet files")
+    p.add_argument("--tokenizer", required=True, help="SentencePiece .model file or local HF tokenizer directory")
+    p.add_argument("--seq-len", type=int, required=True, help="row length in tokens")
+    p.add_argument("--output", required=True, help="output directory (created atomically)")
+    p.add_argument("--format", default="auto", choices=("auto",) + FORMATS)
+    p.add_argument("--template", default="plain", choices=TEMPLATE_NAMES)
+    p.add_argument("--long", default="truncate", choices=LONG_POLICIES, dest="long_policy",
+                   help="documents longer than --seq-len (default truncate)")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
+    p.add_argument("--skip-invalid", action="store_true", help="skip (and count) invalid records instead of failing")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--last-turn-only", action="store_true",
+                   help="earlier assistant turns of a multi-turn record become prompt-side")
+    p.add_argument("--system", default=None, help="system prompt for records that have none")
+    return p
+
+
+class _Progress:
+    """tqdm on a terminal, a plain line every `every` records otherwise."""
+
+    def __init__(self, every: int = 10000):
+        self.n, self.every, self.t0 = 0, every, time.perf_counter()
+        self.bar = None
+        if sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(unit=" rec", desc="tokenizing", file=sys.stderr)
+            except ImportError:
+                pass
+
+    def __call__(self, k: int) -> None:
+        before, self.n = self.n, self.n + k
+        if self.bar is not None:
+            self.bar.update(k)
+        elif before // self.every != self.n // self.every:
+            rate = self.n / max(time.perf_counter() - self.t0, 1e-9)
+            print(f"tokenized {self.n} records ({rate:.0f} rec/s)", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def stats_table(m: dict) -> str:
+    c, t = m["counts"], m.get("timing", {})
+    rows = [("records read", c["records_read"]), ("records skipped", c["skipped"]),
+            ("documents truncated", c["truncated"]), ("documents dropped", c["dropped"]),
+            ("documents split", c["split"]), ("documents packed", m["num_documents"]),
+            ("rows", f"{m['num_rows']} × {m['seq_len']}"), ("tokens (non-pad)", m["num_tokens"])]
+    rows += [(f"  {name}", n) for name, n in m["tokens_per_class"].items()]
+    rows.append(("packing efficiency", f"{100 * m['packing_efficiency']:.2f}%"))
+    if t:
+        rows.append(("throughput", f"{t['input_tokens'] / max(t['total_s'], 1e-9):,.0f} tokens/s "
+                                   f"({t['total_s']:.2f} s)"))
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    for reason in m.get("skipped", [])[:10]:
+        lines.append(f"skipped: {reason}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.seq_len < 2:
+        print(f"error: --seq-len must be at least 2, got {args.seq_len}", file=sys.stderr)
+        return 2
+    if args.workers < 1:
+        print(f"error: --workers must be at least 1, got {args.workers}", file=sys.stderr)
+        return 2
+    opts = PackOptions(seq_len=args.seq_len, template=args.template, long_policy=args.long_policy,
+                       last_turn_only=args.last_turn_only, system=args.system, skip_invalid=args.skip_invalid,
+                       workers=args.workers)
+    progress = _Progress()
+    try:
+        manifest = pack_files(args.input, args.tokenizer, args.output, opts, fmt=args.format,
+                              overwrite=args.overwrite, progress=progress,
+                              on_format=lambda path, fmt: print(f"{path}: detected format {fmt}", file=sys.stderr))
+    except DataError as e:
+        progress.close()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        progress.close()
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    progress.close()
+    print(stats_table(manifest))
+    print(f"wrote {args.output}")
+    return 0

@@ -1,0 +1,174 @@
+"""Records → tokenized documents → packed dataset. The CLI (tools/pack_dataset.py) is a thin shell over
+:func:`pack_files`; :func:`pack_records` does the same for records already in memory."""
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import os
+import time
+from typing import Callable, Iterable, NamedTuple
+
+from witscale.data.errors import DataError, RecordError
+from witscale.data.packed import TokenizedCorpus, write_packed
+from witscale.data.readers import SourceRecord, normalize_record, read_records
+from witscale.data.templates import Document, Renderer
+from witscale.data.tokenizer import load_tokenizer
+
+MAX_SKIP_REASONS = 50
+
+
+class PackOptions(NamedTuple):
+    seq_len: int
+    template: str = "plain"
+    long_policy: str = "truncate"
+    last_turn_only: bool = False
+    system: str | None = None
+    skip_invalid: bool = False
+    workers: int = 1
+
+
+class _Task(NamedTuple):
+    fmt: str
+    src: SourceRecord
+
+
+# ------------------------------------------------------------------------------------- tokenizing (workers)
+_RENDERER: Renderer | None = None
+_OPTS: PackOptions | None = None
+
+
+def _init_worker(tokenizer_path: str, opts: PackOptions) -> None:
+    global _RENDERER, _OPTS
+    _RENDERER, _OPTS = Renderer(opts.template, load_tokenizer(tokenizer_path)), opts
+
+
+def _tokenize(task: _Task):
+    """A Document, or the RecordError (located) that the record raised."""
+    src = task.src
+    if isinstance(src.record, RecordError):
+        return src.record
+    try:
+        conv = normalize_record(src.record, task.fmt, last_turn_only=_OPTS.last_turn_only, system=_OPTS.system)
+        return _RENDERER(conv)
+    except RecordError as e:
+        return e.located(src.file, src.where)
+
+
+def _tokenize_chunk(tasks: list) -> list:
+    return [_tokenize(t) for t in tasks]
+
+
+# ------------------------------------------------------------------------------------------ orchestration
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _chunks(it: Iterable, size: int):
+    chunk = []
+    for x in it:
+        chunk.append(x)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def tokenize_tasks(tasks: Iterable[_Task], tokenizer_path: str, opts: PackOptions,
+                   progress: Callable[[int], None] | None = None):
+    """Yield (task index order) Document or RecordError; ordered results whatever the worker count."""
+    if opts.workers <= 1:
+        _init_worker(tokenizer_path, opts)
+        for task in tasks:
+            out = _tokenize(task)
+            if progress:
+                progress(1)
+            yield out
+        return
+    ctx = mp.get_context("spawn" if os.name == "nt" else "fork")
+    with ctx.Pool(opts.workers, initializer=_init_worker, initargs=(tokenizer_path, opts)) as pool:
+        for results in pool.imap(_tokenize_chunk, _chunks(tasks, 64)):
+            if progress:
+                progress(len(results))
+            yield from results
+
+
+def pack_files(inputs: list[str], tokenizer_path: str, output: str, opts: PackOptions, fmt: str = "auto",
+               overwrite: bool = False, progress: Callable[[int], None] | None = None,
+               on_format: Callable[[str, str], None] | None = None) -> dict:
+    """Read every input file, tokenize, pack and write `output`. Returns the manifest plus a 'timing' entry
+    (seconds; not written to disk, so that the output stays byte-identical across runs)."""
+    _check_output(output, overwrite)
+    if not inputs:
+        raise DataError("no input files")
+    tokenizer = load_tokenizer(tokenizer_path)
+    Renderer(opts.template, tokenizer)          # a missing special token fails before any reading
+    sources, streams = [], []
+    for path in inputs:
+        detected, records = read_records(path, fmt)
+        if on_format and fmt == "auto":
+            on_format(path, detected)
+        source = {"path": path, "sha256": sha256_file(path), "format": detected, "records": 0}
+        sources.append(source)
+        streams.append((detected, records, source))
+
+    def tasks():
+        for detected, records, source in streams:
+            for src in records:
+                source["records"] += 1
+                yield _Task(detected, src)
+    return _run(tasks(), tokenizer, tokenizer_path, output, opts, sources, overwrite, progress)
+
+
+def pack_records(records: list, tokenizer_path: str, output: str, opts: PackOptions, fmt: str = "auto",
+                 overwrite: bool = False, name: str = "<records>") -> dict:
+    """Pack in-memory records (dicts of one format) the same way as :func:`pack_files`."""
+    _check_output(output, overwrite)
+    tokenizer = load_tokenizer(tokenizer_path)
+    Renderer(opts.template, tokenizer)
+    if not records:
+        raise DataError("no records", name)
+    if fmt == "auto":
+        from witscale.data.readers import detect_format
+        fmt = detect_format(records[0])
+    tasks = (_Task(fmt, SourceRecord(name, f"record {i}", r)) for i, r in enumerate(records, 1))
+    sources = [{"path": name, "sha256": None, "format": fmt, "records": len(records)}]
+    return _run(tasks, tokenizer, tokenizer_path, output, opts, sources, overwrite, None)
+
+
+def _check_output(output: str, overwrite: bool) -> None:
+    if os.path.exists(output) and not overwrite:
+        raise DataError("output already exists; pass --overwrite to replace it", output)
+
+
+def _run(tasks, tokenizer, tokenizer_path, output, opts, sources, overwrite, progress) -> dict:
+    t0 = time.perf_counter()
+    docs, reasons, n_read, n_skipped = [], [], 0, 0
+    for out in tokenize_tasks(tasks, tokenizer_path, opts, progress):
+        n_read += 1
+        if isinstance(out, Document):
+            docs.append(out)
+        elif opts.skip_invalid and isinstance(out, RecordError):
+            n_skipped += 1
+            if len(reasons) < MAX_SKIP_REASONS:
+                reasons.append(str(out))
+        else:
+            raise out
+    if not docs:
+        raise DataError(f"no usable records ({n_read} read, {n_skipped} skipped)")
+    t1 = time.perf_counter()
+    corpus = TokenizedCorpus.from_documents(docs)
+    del docs
+    manifest = write_packed(output, corpus, seq_len=opts.seq_len, pad_id=tokenizer.pad_id,
+                            long_policy=opts.long_policy, tokenizer=tokenizer.fingerprint(), template=opts.template,
+                            sources=sources, counts={"records_read": n_read, "skipped": n_skipped},
+                            skipped=reasons, overwrite=overwrite)
+    t2 = time.perf_counter()
+    manifest = dict(manifest)
+    manifest["timing"] = {"tokenize_s": t1 - t0, "pack_write_s": t2 - t1, "total_s": t2 - t0,
+                          "input_tokens": int(corpus.offsets[-1])}
+    return manifest
