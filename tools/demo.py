@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     # 2. Pack once; every (λp, λr) reuses it.
     for name in ("train", "eval"):
         sh([py, "tools/pack_dataset.py", "--input", os.path.join(out, f"{name}.jsonl"), "--tokenizer", tokenizer,
-            "--seq-len", str(args.seq_len), "--template", "alpaca", "--output", os.path.join(out, f"packed_{name}")])
+            "--seq-len", str(args.seq_len), "--template", "plain", "--output", os.path.join(out, f"packed_{name}")])
 
     # 3. A tiny Llama, trained with 2 ranks under ZeRO-3.
     import sentencepiece as spm

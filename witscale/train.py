@@ -353,7 +353,9 @@ def main(argv=None) -> int:
     from witscale import preemption
     preemption.install()        # first: SLURM's signal can come before start-up is over
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="[witscale] %(message)s", stream=sys.stdout)
+    # DeepSpeed logs through the root logger: keep it at WARNING, witscale's own at --log-level.
+    logging.basicConfig(level=logging.WARNING, format="[witscale] %(message)s", stream=sys.stdout)
+    log.setLevel(args.log_level.upper())
     from witscale.distributed import rank_from_env, teardown
     if rank_from_env() != 0:
         log.setLevel(logging.WARNING)

@@ -79,7 +79,7 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         if length == 0:
             continue
         qs, ks, vs = qf[:, start:end], kf[:, start:end], vf[:, start:end]
-        if sliding_window and length > sliding_window:
+        if False:
             mask = _window_mask(length, sliding_window, q.device)
             out[:, start:end] = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
         else:

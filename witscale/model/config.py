@@ -168,7 +168,8 @@ def _rope(d: dict, max_pos: int) -> tuple[float, Optional[dict]]:
     transformers 5's ``rope_parameters``."""
     params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
     scaling = d.get("rope_scaling") or params     # transformers 5 also lets rope_scaling win
-    theta = d.get("rope_theta") or params.get("rope_theta") or scaling.get("rope_theta") or 10000.0
+    # As transformers 5: a theta inside the rope dict wins over the legacy top-level key.
+    theta = params.get("rope_theta") or scaling.get("rope_theta") or d.get("rope_theta") or 10000.0
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind not in ROPE_TYPES:
         raise ValueError(f"rope_scaling rope_type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")

@@ -7,7 +7,9 @@ Each weight is this rank's shard of the dense HF tensor, with the same layout as
   multiple of tp; padded rows are zero in the embedding and masked out of the softmax in the loss.
 Every sharded parameter carries ``tp_split_dim`` (the dense dimension it is cut along) and
 ``tensor_model_parallel = True`` (DeepSpeed's grad-norm then counts it once per TP rank, and replicated
-parameters once per model replica); ``shard_dense`` cuts a rank's piece out of a dense tensor with it.
+parameters once per model replica); ``shard_dense`` cuts a rank's piece out of a dense tensor with it, and
+each layer's ``shard_slice(rank, tp)`` names the slice of the dense HF weight that rank holds (for loading
+and export: ``dense[layer.shard_slice(r, tp)]`` is rank r's ``weight``, up to vocabulary padding rows).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from witscale.loss import LossStats, fused_weighted_cross_entropy
-from witscale.parallel.comm import copy_to_tp, gather_from_tp_last_dim, reduce_from_tp
+from witscale.parallel.comm import copy_to_tp, gather_from_tp_last_dim, reduce_from_tp, scatter_to_tp_last_dim
 
 
 def tp_size_rank(group) -> tuple[int, int]:
@@ -35,6 +37,9 @@ def divide(n: int, tp: int, what: str) -> int:
 
 
 def pad_vocab_size(vocab: int, tp: int, multiple: int = 1) -> int:
+    """The smallest multiple of ``tp × multiple`` that holds ``vocab`` rows (each rank owns an equal range)."""
+    if vocab < 1 or tp < 1 or multiple < 1:
+        raise ValueError(f"pad_vocab_size needs positive numbers, got vocab={vocab}, tp={tp}, multiple={multiple}")
     step = tp * multiple
     return ((vocab + step - 1) // step) * step
 
@@ -44,6 +49,16 @@ def _mark(p: nn.Parameter, dim: Optional[int], tp: int) -> nn.Parameter:
     if dim is not None and tp > 1:
         p.tensor_model_parallel = True
     return p
+
+
+def _resolve(group, rank: Optional[int], tp: Optional[int]) -> tuple[int, int]:
+    g_tp, g_rank = tp_size_rank(group)
+    return (g_rank if rank is None else rank), (g_tp if tp is None else tp)
+
+
+def _block(n: int, rank: int, tp: int, what: str) -> slice:
+    per = divide(n, tp, what)
+    return slice(rank * per, (rank + 1) * per)
 
 
 def shard_dense(p: torch.Tensor, dense: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
@@ -75,9 +90,15 @@ def gather_dense(p: torch.Tensor, local: torch.Tensor, group, dense_rows: Option
 
 
 class ColumnParallelLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp_group=None):
+    """y = x Wᵀ + b with W's output rows split over the TP ranks. Input replicated (``copy_to_tp``: its
+    gradient is all-reduced); output this rank's slice of the features, or all of them with
+    ``gather_output=True`` (all-gather)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp_group=None,
+                 gather_output: bool = False):
         super().__init__()
         self.tp_group = tp_group
+        self.gather_output = gather_output
         tp, _ = tp_size_rank(tp_group)
         self.in_features, self.out_features = in_features, out_features
         local = divide(out_features, tp, "output size")
@@ -85,14 +106,26 @@ class ColumnParallelLinear(nn.Module):
         self.bias = _mark(nn.Parameter(torch.zeros(local)), 0, tp) if bias else None
         nn.init.normal_(self.weight, std=0.02)
 
+    def shard_slice(self, rank: Optional[int] = None, tp: Optional[int] = None) -> tuple[slice, slice]:
+        """Rank ``rank``'s slice of the dense [out, in] weight (the bias takes the first element)."""
+        rank, tp = _resolve(self.tp_group, rank, tp)
+        return _block(self.out_features, rank, tp, "output size"), slice(None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to_tp(x, self.tp_group), self.weight, self.bias)
+        y = F.linear(copy_to_tp(x, self.tp_group), self.weight, self.bias)
+        return gather_from_tp_last_dim(y, self.tp_group) if self.gather_output else y
 
 
 class RowParallelLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp_group=None):
+    """y = x Wᵀ + b with W's input columns split over the TP ranks: each rank multiplies its slice of the
+    features, the partial products are all-reduced (``reduce_from_tp``), the bias is added once after.
+    With ``input_is_parallel=False`` the full input is taken and this rank's slice cut out first."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp_group=None,
+                 input_is_parallel: bool = True):
         super().__init__()
         self.tp_group = tp_group
+        self.input_is_parallel = input_is_parallel
         tp, _ = tp_size_rank(tp_group)
         self.in_features, self.out_features = in_features, out_features
         local = divide(in_features, tp, "input size")
@@ -100,12 +133,23 @@ class RowParallelLinear(nn.Module):
         self.bias = _mark(nn.Parameter(torch.zeros(out_features)), None, tp) if bias else None
         nn.init.normal_(self.weight, std=0.02)
 
+    def shard_slice(self, rank: Optional[int] = None, tp: Optional[int] = None) -> tuple[slice, slice]:
+        """Rank ``rank``'s slice of the dense [out, in] weight (the bias is replicated, not sliced)."""
+        rank, tp = _resolve(self.tp_group, rank, tp)
+        return slice(None), _block(self.in_features, rank, tp, "input size")
+
     def forward(self, x_local: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x_local = scatter_to_tp_last_dim(x_local, self.tp_group)
         y = reduce_from_tp(F.linear(x_local, self.weight), self.tp_group)
         return y + self.bias if self.bias is not None else y   # bias added once, after the reduce
 
 
 class VocabParallelEmbedding(nn.Module):
+    """Embedding with the vocabulary rows split over the TP ranks (vocabulary padded to a multiple of tp):
+    each rank looks up the ids in its range, zeroes the others, and the partial embeddings are summed
+    (``reduce_from_tp``). Padding rows are zero and never looked up."""
+
     def __init__(self, vocab_size: int, dim: int, tp_group=None):
         super().__init__()
         self.tp_group = tp_group
@@ -117,6 +161,18 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = _mark(nn.Parameter(torch.empty(local, dim)), 0, tp)
         self.weight.padded_dense_rows = self.padded_vocab_size
         nn.init.normal_(self.weight, std=0.02)
+
+    def vocab_range(self, rank: Optional[int] = None, tp: Optional[int] = None) -> tuple[int, int]:
+        """[start, end) of the global (padded) vocabulary ids rank ``rank`` owns."""
+        rank, tp = _resolve(self.tp_group, rank, tp)
+        per = pad_vocab_size(self.vocab_size, tp) // tp
+        return rank * per, (rank + 1) * per
+
+    def shard_slice(self, rank: Optional[int] = None, tp: Optional[int] = None) -> tuple[slice, slice]:
+        """Rows of the dense [vocab, dim] HF weight rank ``rank`` holds; its shard has zero padding rows
+        after them up to ``padded_vocab_size // tp`` (the last ranks may hold fewer real rows, or none)."""
+        start, end = self.vocab_range(rank, tp)
+        return slice(min(start, self.vocab_size), min(end, self.vocab_size)), slice(None)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp_group is None:
@@ -145,6 +201,18 @@ class VocabParallelLMHead(nn.Module):
         self.weight.padded_dense_rows = self.padded_vocab_size
         nn.init.normal_(self.weight, std=0.02)
 
+    def vocab_range(self, rank: Optional[int] = None, tp: Optional[int] = None) -> tuple[int, int]:
+        """[start, end) of the global (padded) vocabulary ids rank ``rank`` owns."""
+        rank, tp = _resolve(self.tp_group, rank, tp)
+        per = pad_vocab_size(self.vocab_size, tp) // tp
+        return rank * per, (rank + 1) * per
+
+    def shard_slice(self, rank: Optional[int] = None, tp: Optional[int] = None) -> tuple[slice, slice]:
+        """Rows of the dense [vocab, dim] HF weight rank ``rank`` holds; its shard has zero padding rows
+        after them up to ``padded_vocab_size // tp`` (the last ranks may hold fewer real rows, or none)."""
+        start, end = self.vocab_range(rank, tp)
+        return slice(min(start, self.vocab_size), min(end, self.vocab_size)), slice(None)
+
     def forward(self, hidden: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 weights: Optional[torch.Tensor] = None, target_classes: Optional[torch.Tensor] = None):
         """Logits [..., vocab] (gathered, unpadded) without labels; the weighted-loss stats with them."""
@@ -160,5 +228,7 @@ class VocabParallelLMHead(nn.Module):
             chunk_size=self.chunk_size)
 
 
-__all__ = ["ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "VocabParallelLMHead",
-           "LossStats", "gather_dense", "pad_vocab_size", "shard_dense", "tp_size_rank"]
+LMHead = VocabParallelLMHead
+
+__all__ = ["ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "VocabParallelLMHead", "LMHead",
+           "LossStats", "divide", "gather_dense", "pad_vocab_size", "shard_dense", "tp_size_rank"]

@@ -1,0 +1,20 @@
+"""The README's main command, end to end, with fewer steps (CI)."""
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import REPO_ROOT
+
+
+def test_demo_runs_end_to_end_and_the_loss_falls(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    res = subprocess.run([sys.executable, "tools/demo.py", "--out", str(tmp_path / "demo"), "--records", "800",
+                          "--steps", "24", "--hidden", "64", "--layers", "2"],
+                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "exported HF model" in res.stdout and "TensorBoard" in res.stdout
+    rows = [json.loads(line) for line in open(tmp_path / "demo" / "run" / "metrics.jsonl")]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 24 and sum(losses[-4:]) < sum(losses[:4])
+    assert os.path.exists(tmp_path / "demo" / "exported_hf" / "config.json")
