@@ -79,6 +79,8 @@ def test_logits_match_transformers(family, tmp_path):
     with torch.no_grad():
         want = hf(ids).logits
     torch.testing.assert_close(_logits(ours, ids), want, rtol=0, atol=1e-5)
+    # RoPE frequencies bit-identical (fp32 as transformers computes them, so long positions agree too).
+    assert torch.equal(ours.model._inv_freq, hf.model.rotary_emb.inv_freq)
     # The names are HF's: the transformers state dict (tied head included) loads strictly as well.
     fresh = CausalLM(cfg).eval()
     fresh.load_state_dict(hf.state_dict(), strict=True)
@@ -86,7 +88,7 @@ def test_logits_match_transformers(family, tmp_path):
 
 
 def test_long_positions_match_transformers(tmp_path):
-    # RoPE phases at positions in the thousands expose frequency precision (fp32 like HF, not fp64/bf16).
+    # Positions in the thousands (where scaled RoPE matters) agree too.
     hf = _hf_model(FAMILIES["llama-mha-tied-llama3rope"])
     ours, _ = _ours_from(hf, tmp_path)
     ids = torch.randint(0, VOCAB, (1, 8))
@@ -363,3 +365,32 @@ def test_config_file_errors_name_the_file(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json: invalid JSON at line 1"):
         ModelConfig.from_hf_dir(str(tmp_path))
+
+
+# ---- tensor-parallel loading ------------------------------------------------------------------------------
+
+def _tp_load_worker(rank, world, model_dir):
+    import torch.distributed as dist
+
+    from witscale.model import tp_slice_fn
+
+    group = dist.new_group(list(range(world)))
+    cfg = ModelConfig.from_hf_dir(model_dir)
+    model = CausalLM(cfg, group).eval()
+    load_hf_weights(model, model_dir, tp_slice_fn(model, rank, world))
+    local_q = model.model.layers[0].self_attn.q_proj.weight.shape
+    ids = torch.arange(18).remainder(VOCAB).view(2, 9) * 5 % VOCAB
+    return local_q, _logits(model, ids).numpy()
+
+
+def test_tp2_ranks_read_their_slices_of_a_sharded_checkpoint(tmp_path):
+    from tests.distributed import run_distributed
+
+    hf = _hf_model(FAMILIES["qwen2-qkv-bias"])          # vocab 97: padded to 98 at tp=2; 4 heads / 2 kv heads
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    ids = torch.arange(18).remainder(VOCAB).view(2, 9) * 5 % VOCAB
+    with torch.no_grad():
+        want = hf(ids).logits
+    for local_q, logits in run_distributed(_tp_load_worker, 2, str(tmp_path)):
+        assert tuple(local_q) == (16, 32)                # half of the 4 × 8 query rows
+        torch.testing.assert_close(torch.from_numpy(logits), want, rtol=0, atol=1e-5)

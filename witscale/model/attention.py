@@ -32,13 +32,15 @@ def _flash_available() -> bool:
     return True
 
 
-def select_backend(requested: str = "auto", device: Optional[torch.device] = None) -> str:
+def select_backend(requested: str = "auto", device: Optional[torch.device] = None,
+                   dtype: Optional[torch.dtype] = None) -> str:
     if requested not in BACKENDS:
         raise ValueError(f"unknown attention backend {requested!r} (known: {', '.join(BACKENDS)})")
     backend = requested
     if requested == "auto":
         on_cuda = device is not None and device.type == "cuda"
-        backend = "flash_varlen" if on_cuda and _flash_available() else "sdpa_segments"
+        half = dtype is None or dtype in (torch.float16, torch.bfloat16)    # flash-attn has no fp32 kernels
+        backend = "flash_varlen" if on_cuda and half and _flash_available() else "sdpa_segments"
     if backend == "flash_varlen" and not _flash_available():
         raise ValueError("attention backend flash_varlen needs CUDA and the flash-attn package")
     if backend not in _announced:
@@ -79,7 +81,7 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         if length == 0:
             continue
         qs, ks, vs = qf[:, start:end], kf[:, start:end], vf[:, start:end]
-        if False:
+        if sliding_window and length > sliding_window:
             mask = _window_mask(length, sliding_window, q.device)
             out[:, start:end] = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
         else:

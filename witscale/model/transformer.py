@@ -60,7 +60,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, s, self.local_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, s, self.local_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        backend = select_backend(self.backend, x.device)
+        backend = select_backend(self.backend, x.device, q.dtype)
         out = packed_attention(q, k, v, cu_seqlens, max_seqlen, backend=backend, sliding_window=self.sliding_window)
         return self.o_proj(out.reshape(b, s, self.local_heads * self.head_dim))
 
