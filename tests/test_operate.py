@@ -183,7 +183,18 @@ def test_exported_model_loads_in_transformers(reference_run, run_inputs, tmp_pat
     assert np.abs(live["model.layers.0.mlp.up_proj.weight"].numpy()).max() > 0
 
 
-def _cli(args):
+def _cli(args, capsys=None):
+    """The CLI's exit code and stderr lines; in-process when capsys is given (no process group exists
+    before validation ends, so nothing leaks), else as a real subprocess."""
+    if capsys is not None:
+        from witscale.train import main
+        saved = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+        try:
+            code = main(args)
+        finally:            # main() installs the preemption handlers: give pytest its own back
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
+        return code, capsys.readouterr().err.strip().splitlines()
     res = subprocess.run([sys.executable, "witscale/train.py", *args], cwd=REPO_ROOT, env=_env(),
                          capture_output=True, text=True, timeout=120)
     return res.returncode, res.stderr.strip().splitlines()
@@ -199,10 +210,10 @@ def _cli(args):
     ({"--tp": "3"}, "world size 1 is not divisible by tp × pp = 3 × 1"),
     ({"--lr": "0"}, "--lr 0.0 is out of range"),
 ])
-def test_bad_flags_fail_fast_with_one_line(run_inputs, tmp_path, change, message):
+def test_bad_flags_fail_fast_with_one_line(run_inputs, tmp_path, change, message, capsys):
     args = dict(zip(*[iter(_args(run_inputs, tmp_path, 2))] * 2))
     args.update(change)
-    code, err = _cli([x for kv in args.items() for x in kv])
+    code, err = _cli([x for kv in args.items() for x in kv], capsys)
     assert code == 2
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
