@@ -25,15 +25,11 @@ def test_total_parameters_match_transformers(name):
 
 
 def _measure(rank, world, cfg_dict, tp, stage):
-    import contextlib
-
-    import deepspeed
-
     from tests.train_helpers import ds_config, random_packed
     from witscale.data.loader import PackedLoader
     from witscale.data.weighting import build_weight_table
     from witscale.distributed import init_distributed
-    from witscale.model import ModelConfig, build_training_model, load_model_weights
+    from witscale.model import ModelConfig, build_training_model, construction_context, load_model_weights
     from witscale.parallel.topology import ParallelDims, Topology
     from witscale.trainer import Trainer
 
@@ -41,7 +37,7 @@ def _measure(rank, world, cfg_dict, tp, stage):
     cfg = ModelConfig.from_dict(dict(cfg_dict, max_position_embeddings=64))
     topo = Topology(ParallelDims(world, tp, 1).validate(stage, cfg))
     config = ds_config(stage, 1, 1, topo.dp)
-    with deepspeed.zero.Init(config_dict_or_path=config, mpu=topo) if stage == 3 else contextlib.nullcontext():
+    with construction_context(config, topo):
         module = build_training_model(cfg, topo)
     load_model_weights(module, cfg, model_dir=None, seed=0, topo=topo)
     data = random_packed(4, 32, cfg.vocab_size, 0)

@@ -91,13 +91,9 @@ def train_worker(rank, world, *, tp=1, do_probe=False, stage=0, micro=1, accum=1
 
     from witscale.data.loader import PackedLoader
     from witscale.data.weighting import build_weight_table
-    from witscale.model import ModelConfig, build_training_model, load_model_weights
+    from witscale.model import ModelConfig, build_training_model, construction_context, load_model_weights
     from witscale.parallel.topology import ParallelDims, Topology
     from witscale.trainer import Trainer
-
-    import contextlib
-
-    import deepspeed
 
     from witscale.distributed import init_distributed
     init_distributed()
@@ -106,8 +102,7 @@ def train_worker(rank, world, *, tp=1, do_probe=False, stage=0, micro=1, accum=1
     topo = Topology(dims)
     config = ds_config(stage, micro, accum, topo.dp, clip)
     torch.manual_seed(seed)
-    zero_init = deepspeed.zero.Init(config_dict_or_path=config, mpu=topo) if stage == 3 else contextlib.nullcontext()
-    with zero_init:
+    with construction_context(config, topo):
         module = build_training_model(cfg, topo)
     load_model_weights(module, cfg, model_dir=None, seed=seed, topo=topo)
     data = random_packed(rows, seq_len, cfg.vocab_size, data_seed, with_weights)

@@ -64,8 +64,8 @@ def chunk_rows(tokens: int, hidden: int, v_local: int, chunk_size: int) -> int:
     be larger than the hidden states [T × H] themselves (Liger's rule: the loss then never needs more than
     about one more copy of the activations it consumes), but not below MIN_AUTO_CHUNK."""
     budget = max(MIN_AUTO_CHUNK, (tokens * hidden) // max(1, v_local))
-    budget = 1 << (budget.bit_length() - 1)             # a power of two: steady matmul shapes
-    return max(1, min(int(chunk_size), max(budget, MIN_AUTO_CHUNK), max(1, tokens)))
+    budget = 1 << (budget.bit_length() - 1)             # a power of two (≥ MIN_AUTO_CHUNK): steady matmul shapes
+    return max(1, min(int(chunk_size), budget, tokens))
 
 
 def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:

@@ -10,7 +10,6 @@ line that says what is wrong, not after minutes of start-up on a cluster.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
@@ -215,14 +214,9 @@ def plan_run(args: argparse.Namespace, world_size: int) -> Plan:
 
 def build_module(plan: Plan, topo):
     """The module DeepSpeed wraps, created partitioned under ZeRO-3 and filled from HF or a seeded init."""
-    import deepspeed
+    from witscale.model import build_training_model, construction_context, load_model_weights
 
-    from witscale.model import build_training_model, load_model_weights
-
-    # Under ZeRO-3 every parameter is partitioned as soon as its layer is built: no rank ever holds the
-    # whole model. (zero.Init is not entered at all otherwise: it would validate the config needlessly.)
-    zero3 = zero_stage(plan.ds_config) == 3
-    with deepspeed.zero.Init(config_dict_or_path=plan.ds_config, mpu=topo) if zero3 else contextlib.nullcontext():
+    with construction_context(plan.ds_config, topo):
         module = build_training_model(plan.model_config, topo=topo,
                                       activation_checkpointing=plan.args.activation_checkpointing)
     load_model_weights(module, plan.model_config, model_dir=plan.args.model, seed=plan.args.seed, topo=topo)

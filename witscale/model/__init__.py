@@ -10,6 +10,21 @@ __all__ = ["ModelConfig", "CausalLM", "CheckpointFormatError", "dense_shapes", "
            "tp_slice_fn"]
 
 
+def construction_context(ds_config: dict, topo):
+    """Where to build the model: under ZeRO-3, ``zero.Init`` partitions every parameter over the
+    data-parallel group as soon as its layer exists (no rank ever holds the whole model); otherwise a no-op.
+    The group must be passed explicitly: ``zero.Init`` uses ``mpu`` only for the config and would otherwise
+    partition over the whole world — mixing different tensor-parallel shards."""
+    import contextlib
+
+    from witscale.ds_config import zero_stage
+    if zero_stage(ds_config) != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+    return deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=topo,
+                               data_parallel_group=topo.get_data_parallel_group())
+
+
 def build_training_model(config: ModelConfig, topo=None, *, activation_checkpointing: bool = False,
                          attention_backend: str = "auto") -> CausalLM:
     tp_group = topo.tp_group_or_none() if topo is not None else None

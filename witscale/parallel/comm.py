@@ -86,16 +86,24 @@ class _GatherFromTP(torch.autograd.Function):
 
 
 def copy_to_tp(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Forward: identity (x is replicated on the TP ranks). Backward: all-reduce (sum) of the gradient, since
+    every rank used x for its own shard. Put in front of a column-parallel layer."""
     return x if _size(group) == 1 else _CopyToTP.apply(x, group)
 
 
 def reduce_from_tp(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Forward: all-reduce (sum) of the per-rank partial results. Backward: identity (the sum's gradient
+    reaches every rank's partial unchanged). After a row-parallel layer or a vocab-parallel embedding."""
     return x if _size(group) == 1 else _ReduceFromTP.apply(x, group)
 
 
 def scatter_to_tp_last_dim(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Forward: this rank's contiguous chunk of the last dimension (which must divide by tp). Backward:
+    all-gather of the ranks' gradient chunks along the last dimension."""
     return x if _size(group) == 1 else _ScatterToTP.apply(x, group)
 
 
 def gather_from_tp_last_dim(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Forward: all-gather of the ranks' chunks, concatenated along the last dimension. Backward: this rank's
+    chunk of the gradient."""
     return x if _size(group) == 1 else _GatherFromTP.apply(x, group)
