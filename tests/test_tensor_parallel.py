@@ -114,7 +114,9 @@ def test_model_tp2_and_tp4_match_tp1():
 
 
 def test_tp2_zero3_dp2_matches_tp1_zero3_dp2():
-    common = dict(model=TP_MODEL, stage=3, micro=1, accum=2, steps=3, lr=1e-3)
+    # Adam turns an element whose gradient is ~0 into a ±lr step whose sign depends on summation order;
+    # eps=1e-6 damps those elements so that the comparison measures the parallel layout, not that noise.
+    common = dict(model=TP_MODEL, stage=3, micro=1, accum=2, steps=3, lr=1e-3, eps=1e-6)
     ref = run_distributed(_model_worker, 2, [dict(common, tp=1)])[0][0]
     got = run_distributed(_model_worker, 4, [dict(common, tp=2)])
     # The first step is bit-identical in exact terms; later steps differ by fp32 summation order (~1e-6).
