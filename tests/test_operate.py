@@ -226,3 +226,29 @@ def test_model_that_does_not_match_the_data_is_refused(run_inputs, tmp_path):
     args["--model-config"] = str(tmp_path / "small.json")
     code, err = _cli([x for kv in args.items() for x in kv])
     assert code == 2 and "wrong tokenizer for this model" in err[-1], err
+
+
+def test_tp2_training_exports_the_same_model_as_tp1(run_inputs, tmp_path):
+    """--tp 2 on 2 ranks (dp=1) and a single process see the same batches: their HF exports must agree, and
+    the tp=2 export (gathered from both TP shards, vocabulary padding trimmed) loads in transformers."""
+    import transformers
+    from safetensors.torch import load_file
+
+    common = lambda out: _args(run_inputs, out, 3, "--export-hf", str(out / "hf"), "--ds_config",  # noqa: E731
+                               "ds_configs/zero1.json")
+    single = subprocess.run([sys.executable, "witscale/train.py", *common(tmp_path / "tp1")], cwd=REPO_ROOT,
+                            env=_env(), capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stdout[-2000:] + single.stderr[-2000:]
+    code, log = _torchrun([*common(tmp_path / "tp2"), "--tp", "2"])
+    assert code == 0, log
+    assert "tp 2" in log
+    a = load_file(tmp_path / "tp1" / "hf" / "model.safetensors")
+    b = load_file(tmp_path / "tp2" / "hf" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=2e-5, msg=k)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "tp2" / "hf")).eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "tp1" / "hf")).eval()
+    ids = torch.randint(0, hf.config.vocab_size, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ref(ids).logits, rtol=0, atol=1e-4)
