@@ -27,6 +27,7 @@ from witscale.data.classes import PROMPT_SIDE, RESPONSE_SIDE, NUM_CLASSES
 from witscale.data.loader import IGNORE_INDEX, MicroBatch, PackedLoader, StepBatch, denominators_of
 from witscale.ds_config import zero_stage
 from witscale.optim import cosine_with_warmup, param_groups
+from witscale.planner import ModelShape
 
 log = logging.getLogger("witscale")
 
@@ -44,9 +45,21 @@ class StepResult:
     packing_efficiency: float
     denominator: float
     epoch: int
+    mfu: Optional[float] = None
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
+
+
+# Dense bf16 peak FLOP/s by GPU name (datasheet figures, no sparsity); MFU is reported only for these.
+_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+
+
+def gpu_peak_flops() -> Optional[float]:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in _PEAK_BF16.items() if key in name), None)
 
 
 def _mean(nll_sum: torch.Tensor, count: torch.Tensor, classes) -> float:
@@ -80,6 +93,11 @@ class Trainer:
             model_parameters=None if optimizer is not None else module_params,
             lr_scheduler=lambda opt: cosine_with_warmup(opt, total_steps, warmup_ratio))
         self.step = 0
+        self.peak_flops = gpu_peak_flops()
+        shape = ModelShape.from_config(module.config)
+        # Training FLOPs per token ≈ 6 × parameters (matmuls, forward + backward); attention's extra
+        # O(context) term is left out, so MFU is slightly understated for long documents.
+        self.flops_per_token = 6 * shape.total_params()
 
     # --- one optimizer step ------------------------------------------------------------------------
     def _forward_backward(self, mb: MicroBatch, scale: float, last: bool):
@@ -137,6 +155,8 @@ class Trainer:
             packing_efficiency=batch.global_real_tokens / batch.global_capacity,
             denominator=denominator,
             epoch=batch.epoch,
+            mfu=(batch.global_real_tokens * self.flops_per_token / elapsed / (self.peak_flops * dist.get_world_size())
+                 if self.peak_flops and elapsed > 0 else None),
         )
 
     # --- evaluation ---------------------------------------------------------------------------------
