@@ -4,7 +4,9 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-PIP    := $(PY) -m pip -q --disable-pip-version-check
+# The CPU build of torch lies on local disk here; without it pip would fetch a multi-GB CUDA build.
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
+PIP    := $(PY) -m pip -q --disable-pip-version-check $(FIND_LINKS)
 STAMP  := $(VENV)/.installed
 
 export DS_ACCELERATOR ?= cpu
