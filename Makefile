@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 # The CPU build of torch lies on local disk here; without it pip would fetch a multi-GB CUDA build.
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
-PIP    := $(PY) -m pip -q --disable-pip-version-check $(FIND_LINKS)
+PIP_INSTALL := $(PY) -m pip --disable-pip-version-check install -q $(FIND_LINKS) -c constraints.txt
 STAMP  := $(VENV)/.installed
 
 export DS_ACCELERATOR ?= cpu
@@ -16,17 +16,17 @@ export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast bench lint clean
+.PHONY: setup demo test bench clean
 
 setup: $(STAMP)
 
 $(STAMP): constraints.txt setup.cfg
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -c constraints.txt torch==2.13.0
-	$(PIP) install -c constraints.txt --no-build-isolation deepspeed
-	$(PIP) install -c constraints.txt transformers datasets tensorboard mpi4py sentencepiece safetensors \
+	$(PIP_INSTALL) torch==2.13.0
+	$(PIP_INSTALL) --no-build-isolation deepspeed
+	$(PIP_INSTALL) transformers datasets tensorboard mpi4py sentencepiece safetensors protobuf psutil \
 	    pyarrow pytest hypothesis
-	$(PIP) install -c constraints.txt --no-build-isolation --no-deps -e .
+	$(PIP_INSTALL) --no-build-isolation --no-deps -e .
 	touch $@
 
 ## The README's main command: the end-to-end CPU demo on its embedded default.
