@@ -95,7 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ds_config", "--ds-config", dest="ds_config", required=True,
                    help="DeepSpeed JSON (ds_configs/zero3.json …); \"auto\" fields are filled from these flags")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    g.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    g.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (ZeRO-0/1 configs only)")
+    g.add_argument("--pp-partition", choices=("uniform", "parameters"), default="uniform",
+                   help="pipeline stages: the same number of decoder layers each (embedding on the first, "
+                        "norm + LM head on the last), or balanced parameter counts")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     g.add_argument("--log-level", default="INFO")
@@ -169,9 +172,6 @@ def plan_run(args: argparse.Namespace, world_size: int) -> Plan:
         dims = ParallelDims(world_size, args.tp, args.pp).validate(zero_stage(raw_ds), model_config)
     except (DSConfigError, LayoutError) as e:
         raise UsageError(str(e)) from None
-    if args.pp > 1:
-        raise UsageError(f"--pp {args.pp}: pipeline parallelism is not available in this version yet; "
-                         "use --pp 1 (ZeRO-3, optionally with --tp)")
     import torch
     try:
         ds_config = fill_ds_config(
@@ -216,6 +216,12 @@ def build_module(plan: Plan, topo):
     """The module DeepSpeed wraps, created partitioned under ZeRO-3 and filled from HF or a seeded init."""
     from witscale.model import build_training_model, construction_context, load_model_weights
 
+    if topo.pp > 1:
+        from witscale.parallel.pipeline import build_pipeline_module, load_pipeline_weights
+        module = build_pipeline_module(plan.model_config, topo, partition=plan.args.pp_partition,
+                                       activation_checkpointing=plan.args.activation_checkpointing)
+        load_pipeline_weights(module, plan.model_config, model_dir=plan.args.model, seed=plan.args.seed, topo=topo)
+        return module
     with construction_context(plan.ds_config, topo):
         module = build_training_model(plan.model_config, topo=topo,
                                       activation_checkpointing=plan.args.activation_checkpointing)
@@ -259,10 +265,15 @@ def train_loop(plan: Plan, topo, module):
     if plan.eval_dataset is not None:
         eval_loader = PackedLoader(plan.eval_dataset, plan.weight_table, micro_batch_size=args.micro_batch_size,
                                    grad_accum=1, dp_size=1, dp_rank=0, seed=0, shuffle=False)
-    trainer = Trainer(module=module, ds_config=plan.ds_config, loader=loader, topo=topo,
-                      normalization=args.normalization, lr=args.lr, weight_decay=args.weight_decay,
-                      betas=args.adam_betas, eps=args.adam_eps, total_steps=plan.total_steps,
-                      warmup_ratio=args.warmup_ratio)
+    trainer_kwargs = dict(module=module, ds_config=plan.ds_config, loader=loader, topo=topo,
+                          normalization=args.normalization, lr=args.lr, weight_decay=args.weight_decay,
+                          betas=args.adam_betas, eps=args.adam_eps, total_steps=plan.total_steps,
+                          warmup_ratio=args.warmup_ratio)
+    if topo.pp > 1:
+        from witscale.pipeline_trainer import PipelineTrainer
+        trainer = PipelineTrainer(**trainer_kwargs, activation_checkpointing=args.activation_checkpointing)
+    else:
+        trainer = Trainer(**trainer_kwargs)
     ckpt_root = os.path.join(args.output_dir, "checkpoints")
     data_fp = checkpoint.data_fingerprint(plan.dataset.manifest)
     model_fp = checkpoint.model_fingerprint(plan.model_config)
