@@ -36,7 +36,9 @@ import tempfile
 import time
 import traceback
 
-_PRELOAD = ["torch", "torch.distributed", "torch.nn.functional"]
+# Imported once in the fork server (a missing one is skipped): what nearly every rank imports anyway.
+_PRELOAD = ["torch", "torch.distributed", "torch.nn.functional", "numpy", "pytest", "deepspeed",
+            "witscale.parallel.layers"]
 
 
 class DistributedTestError(RuntimeError):
@@ -101,6 +103,7 @@ def _context(start_method: str | None):
     if method == "forkserver":
         ctx.set_forkserver_preload(_PRELOAD)   # no effect once the server runs; harmless
         os.environ.setdefault("OMP_NUM_THREADS", "1")   # inherited by the server when it starts
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # deepspeed picks its accelerator at import
     return ctx
 
 

@@ -98,8 +98,9 @@ def _linear_checks(group, grank, tp, check):
         check(f"row{parallel_in}.dw", row.weight.grad, ref2_w.grad[:, cols])
         check(f"row{parallel_in}.db", row.bias.grad, ref2_b.grad)
 
-    with pytest.raises(ValueError, match=rf"output size \(6\) is not divisible by the tensor-parallel size {tp}"):
-        ColumnParallelLinear(8, 6 if tp == 4 else 7, tp_group=group)
+    bad_out = 6 if tp == 4 else 7
+    with pytest.raises(ValueError, match=rf"output size \({bad_out}\) is not divisible by the tensor-parallel size {tp}"):
+        ColumnParallelLinear(8, bad_out, tp_group=group)
     with pytest.raises(ValueError, match=rf"input size \(\d+\) is not divisible by the tensor-parallel size {tp}"):
         RowParallelLinear(tp + 1, 8, tp_group=group)
 
@@ -167,7 +168,7 @@ def test_comm_and_layers_match_dense(tp):
     for rank, diffs in enumerate(results):
         bad = {k: v for k, v in diffs.items() if v > TOL}
         assert not bad, f"rank {rank}: {bad}"
-        assert len(diffs) == len(results[0]) >= 50
+        assert len(diffs) == len(results[0]) >= 40
 
 
 def test_tp1_is_plain_and_identity():

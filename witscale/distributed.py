@@ -61,7 +61,9 @@ def init_distributed() -> None:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
         return
     if launched_by_mpi():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False)
+        # DeepSpeed's MPI discovery would always use port 29500 (two jobs on a node would collide).
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False,
+                                   distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
     else:
         if "WORLD_SIZE" not in os.environ:  # a single process: a world of one on loopback
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",

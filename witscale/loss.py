@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 IGNORE_INDEX = -100
 NORMALIZATIONS = ("nonzero", "weight_sum", "tokens")
+_GRAD_W_BLOCK = 8192     # vocabulary rows per bf16 weight-gradient product (bounds its temporary)
 MIN_AUTO_CHUNK = 512     # smaller chunks make the per-chunk matmuls less efficient (and tp>1 sends more messages)
 
 
@@ -126,7 +127,10 @@ class _FusedLinearWeightedCE(torch.autograd.Function):
                     if same_dtype:
                         grad_w.addmm_(g.t(), h)                              # no [V_local × H] temporary
                     else:
-                        grad_w += g.t() @ h
+                        # bf16 product, fp32 accumulation; in vocabulary blocks so that the bf16
+                        # temporary is [block × H], not a second copy of the weight's size.
+                        for v in range(0, v_local, _GRAD_W_BLOCK):
+                            grad_w[v:v + _GRAD_W_BLOCK] += g[:, v:v + _GRAD_W_BLOCK].t() @ h
                 del g
             del logits
         if need_h:
@@ -173,6 +177,8 @@ def fused_weighted_cross_entropy(hidden: torch.Tensor, lm_weight: torch.Tensor, 
     if targets.shape[0] != hidden.shape[0] or weights.shape != targets.shape or lm_weight.shape[-1] != h_dim:
         raise ValueError(f"shape mismatch: hidden {tuple(hidden.shape)}, lm_weight {tuple(lm_weight.shape)}, "
                          f"targets {tuple(targets.shape)}, weights {tuple(weights.shape)}")
+    if hidden.dtype != lm_weight.dtype:
+        raise ValueError(f"hidden ({hidden.dtype}) and lm_weight ({lm_weight.dtype}) must have the same dtype")
     group = tp_group if tp_group is not None and dist.get_world_size(tp_group) > 1 else None
     tp = 1 if group is None else dist.get_world_size(group)
     if true_vocab_size is None:

@@ -1,0 +1,254 @@
+# shellcheck shell=bash
+# Shared logic of the witscale sbatch templates (train_7b.sh, train_70b.sh, sweep_weights.sh), sourced by
+# them inside the batch job. It:
+#   - sources the site environment (NCCL, modules…): $WITSCALE_SITE_ENV, default slurm/site_env.sh;
+#   - derives the rendezvous from the allocation: head node = first of `scontrol show hostnames`,
+#     its NodeAddr as MASTER_ADDR, a port derived from the job id;
+#   - starts ONE launcher per node (torchrun or the deepspeed launcher, with srun --ntasks=$SLURM_NNODES
+#     --ntasks-per-node=1) or one task per GPU (srun, srun --mpi, mpirun);
+#   - turns Slurm's preemption warning (USR1 to the batch shell: #SBATCH --signal=B:USR1@…) into a
+#     checkpoint (the trainer checkpoints and exits 0 on USR1/TERM) and requeues the job, unless the run
+#     had finished anyway.
+#
+# Every setting is an environment variable with a default (see wit_defaults); sbatch exports the
+# submitting shell's environment, so `DATA=… OUTPUT=… sbatch slurm/train_7b.sh` overrides them.
+
+wit_log() { echo "[witscale-slurm $(date +%H:%M:%S)] $*"; }
+wit_die() { echo "[witscale-slurm] error: $*" >&2; exit 2; }
+
+# The job's own id for scontrol/scancel: inside an array, requeue must name ARRAYJOB_TASK
+# (requeueing $SLURM_JOB_ID of a task does not work on Slurm 22.05).
+wit_job_ref() {
+    if [ -n "${SLURM_ARRAY_JOB_ID:-}" ] && [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then
+        echo "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
+    else
+        echo "${SLURM_JOB_ID}"
+    fi
+}
+
+wit_defaults() {
+    : "${WITSCALE_HOME:=${SLURM_SUBMIT_DIR:-$PWD}}"
+    [ -f "$WITSCALE_HOME/witscale/train.py" ] ||
+        wit_die "WITSCALE_HOME=$WITSCALE_HOME is not a witscale checkout (submit from the repository root or set WITSCALE_HOME)"
+    cd "$WITSCALE_HOME" || wit_die "cannot cd to $WITSCALE_HOME"
+
+    : "${WITSCALE_SITE_ENV:=$WITSCALE_HOME/slurm/site_env.sh}"
+    if [ -f "$WITSCALE_SITE_ENV" ]; then
+        # shellcheck source=slurm/site_env.sh
+        source "$WITSCALE_SITE_ENV"
+    fi
+
+    if [ -z "${PYTHON:-}" ]; then
+        if [ -x "$WITSCALE_HOME/.venv/bin/python" ]; then PYTHON=$WITSCALE_HOME/.venv/bin/python; else PYTHON=python3; fi
+    fi
+    : "${LAUNCHER:=torchrun}"          # torchrun | deepspeed | srun | srun-mpi | mpirun
+    : "${SRUN_MPI:=pmix}"              # plugin for LAUNCHER=srun-mpi (`srun --mpi=list`)
+    : "${NNODES:=${SLURM_NNODES:-1}}"
+    # One rank per GPU of the node; 1 where Slurm allocated no GPU.
+    : "${NPROC_PER_NODE:=${SLURM_GPUS_ON_NODE:-1}}"
+    : "${DS_CONFIG:=ds_configs/zero3.json}"
+    : "${PROMPT_WEIGHT:=0}"
+    : "${RESPONSE_WEIGHT:=1}"
+    : "${NORMALIZATION:=nonzero}"
+    : "${MICRO_BATCH:=1}"
+    : "${LR:=2e-5}"
+    : "${SEED:=0}"
+    : "${SAVE_STEPS:=200}"
+    : "${TP:=1}"
+    : "${PP:=1}"
+    : "${EXTRA_ARGS:=}"
+    : "${RESUME:=auto}"
+    [ -n "${DATA:-}" ] || wit_die "set DATA to a packed dataset directory (tools/pack_dataset.py)"
+    [ -n "${OUTPUT:-}" ] || wit_die "set OUTPUT to the run directory"
+    [ -n "${MODEL:-}${MODEL_CONFIG:-}" ] || wit_die "set MODEL (HF directory) or MODEL_CONFIG (config.json, random init)"
+    if [ -z "${GRAD_ACCUM:-}" ]; then
+        # The paper's effective batch of GLOBAL_BATCH sequences: micro × accum × data-parallel ranks.
+        local dp=$((NNODES * NPROC_PER_NODE / (TP * PP)))
+        [ "$dp" -ge 1 ] || wit_die "TP=$TP × PP=$PP exceeds the $((NNODES * NPROC_PER_NODE)) ranks"
+        GRAD_ACCUM=$(( ${GLOBAL_BATCH:-64} / (MICRO_BATCH * dp) ))
+        [ "$GRAD_ACCUM" -ge 1 ] || GRAD_ACCUM=1
+    fi
+
+    # Rendezvous from the allocation. NodeAddr is the address Slurm itself reaches the node on; it is
+    # the hostname on most clusters.
+    if [ -z "${MASTER_ADDR:-}" ]; then
+        local head
+        head=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-$(hostname)}" | head -n 1)
+        MASTER_ADDR=$(scontrol show node "$head" -o 2>/dev/null | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
+        : "${MASTER_ADDR:=$head}"
+    fi
+    # A port per job, so that jobs sharing a node do not collide (an array's tasks have distinct ids).
+    : "${MASTER_PORT:=$((20000 + ${SLURM_JOB_ID:-0} % 20000))}"
+    export WITSCALE_HOME PYTHON LAUNCHER NNODES NPROC_PER_NODE MASTER_ADDR MASTER_PORT
+}
+
+# The trainer's command line (script and flags), in WIT_TRAIN_ARGS.
+wit_train_args() {
+    WIT_TRAIN_ARGS=("$WITSCALE_HOME/witscale/train.py" --data "$DATA" --output-dir "$OUTPUT"
+        --ds_config "$DS_CONFIG" --prompt-weight "$PROMPT_WEIGHT" --response-weight "$RESPONSE_WEIGHT"
+        --normalization "$NORMALIZATION" --micro-batch-size "$MICRO_BATCH" --grad-accum "$GRAD_ACCUM"
+        --lr "$LR" --seed "$SEED" --save-steps "$SAVE_STEPS" --tp "$TP" --pp "$PP")
+    if [ -n "${MODEL:-}" ]; then WIT_TRAIN_ARGS+=(--model "$MODEL"); else WIT_TRAIN_ARGS+=(--model-config "$MODEL_CONFIG"); fi
+    if [ -n "${MAX_STEPS:-}" ]; then WIT_TRAIN_ARGS+=(--max-steps "$MAX_STEPS"); fi
+    if [ -n "${EPOCHS:-}" ]; then WIT_TRAIN_ARGS+=(--epochs "$EPOCHS"); fi
+    if [ -n "${EVAL_DATA:-}" ]; then WIT_TRAIN_ARGS+=(--eval-data "$EVAL_DATA"); fi
+    if [ -n "${EVAL_STEPS:-}" ]; then WIT_TRAIN_ARGS+=(--eval-steps "$EVAL_STEPS"); fi
+    if [ -n "${EXPORT_HF:-}" ]; then WIT_TRAIN_ARGS+=(--export-hf "$EXPORT_HF"); fi
+    if [ -n "$RESUME" ]; then WIT_TRAIN_ARGS+=(--resume "$RESUME"); fi
+    # EXTRA_ARGS: further trainer flags, split on whitespace (no quoting inside).
+    local extra
+    read -r -a extra <<<"$EXTRA_ARGS"
+    WIT_TRAIN_ARGS+=("${extra[@]}")
+}
+
+# The launch command, in WIT_LAUNCH. The per-task half is slurm/launch_task.sh.
+wit_launch_cmd() {
+    local task=$WITSCALE_HOME/slurm/launch_task.sh
+    case "$LAUNCHER" in
+        torchrun | deepspeed)
+            if [ "$LAUNCHER" = deepspeed ]; then
+                # --no_ssh: every node runs its own launcher (this srun), which reads its rank from
+                # --node_rank; the hostfile only fixes the world (slots = ranks per node).
+                WIT_HOSTFILE=${OUTPUT}/hostfile.${SLURM_JOB_ID:-local}
+                scontrol show hostnames "${SLURM_JOB_NODELIST}" | sed "s/\$/ slots=$NPROC_PER_NODE/" >"$WIT_HOSTFILE"
+                export WIT_HOSTFILE
+            fi
+            # --ntasks is needed too: --ntasks-per-node alone is ignored inside a --ntasks-per-node=8
+            # allocation. The launcher gets all of the node's CPUs (and, by default, all its GPUs).
+            WIT_LAUNCH=(srun --ntasks="$NNODES" --ntasks-per-node=1 --nodes="$NNODES"
+                --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" --kill-on-bad-exit=1 "$task")
+            ;;
+        srun)
+            WIT_LAUNCH=(srun --ntasks=$((NNODES * NPROC_PER_NODE)) --ntasks-per-node="$NPROC_PER_NODE"
+                --nodes="$NNODES" --kill-on-bad-exit=1 "$task")
+            ;;
+        srun-mpi)
+            WIT_LAUNCH=(srun --mpi="$SRUN_MPI" --ntasks=$((NNODES * NPROC_PER_NODE))
+                --ntasks-per-node="$NPROC_PER_NODE" --nodes="$NNODES" --kill-on-bad-exit=1 "$task")
+            ;;
+        mpirun)
+            # Open MPI starts its daemons on the other nodes through srun by itself.
+            WIT_LAUNCH=(mpirun -np $((NNODES * NPROC_PER_NODE)) --map-by "ppr:$NPROC_PER_NODE:node" --bind-to none
+                -x WITSCALE_HOME -x PYTHON -x LAUNCHER -x MASTER_PORT)
+            [ "$(id -u)" -ne 0 ] || WIT_LAUNCH+=(--allow-run-as-root)
+            [ "${MPIRUN_ARGS:-}" = "" ] || { local more; read -r -a more <<<"$MPIRUN_ARGS"; WIT_LAUNCH+=("${more[@]}"); }
+            WIT_LAUNCH+=("$task")
+            ;;
+        *) wit_die "LAUNCHER=$LAUNCHER: use torchrun, deepspeed, srun, srun-mpi or mpirun" ;;
+    esac
+}
+
+# Batch-shell signal handling. USR1 (#SBATCH --signal=B:USR1@…, or `scancel --batch -s USR1`) means
+# "checkpoint and come back": forward it to the ranks and remember to requeue. TERM (scancel, time limit,
+# Slurm's own preemption) reaches every process of the job anyway: no requeue from here.
+WIT_PREEMPTED=0
+WIT_TERMINATED=0
+WIT_LAUNCH_PID=
+WIT_FORWARD_PID=
+WIT_STAMP=
+
+wit_forward_usr1() {
+    [ -n "$WIT_LAUNCH_PID" ] && kill -0 "$WIT_LAUNCH_PID" 2>/dev/null || return 0
+    if [ "$LAUNCHER" = mpirun ]; then
+        kill -USR1 "$WIT_LAUNCH_PID" 2>/dev/null || true    # mpirun forwards USR1 to its ranks
+    else
+        # every process of the job's steps (not the batch shell): the trainer's ranks catch it, the
+        # launchers ignore it (launch_task.sh)
+        scancel --signal=USR1 "$SLURM_JOB_ID" 2>/dev/null || true
+    fi
+}
+
+# The trainer writes effective_config.json once every rank has joined the process group, i.e. after
+# every rank installed its signal handlers (train.py's first act). Before that the ranks ignore USR1
+# (launch_task.sh), so an early warning must wait; after the ranks are done a USR1 is fatal again (Python
+# restores default handlers at exit), so it is sent exactly once, never repeated.
+wit_trainer_ready() { [ -n "$WIT_STAMP" ] && [ "$OUTPUT/effective_config.json" -nt "$WIT_STAMP" ]; }
+
+wit_on_usr1() {
+    [ "$WIT_PREEMPTED" = 0 ] || return 0
+    WIT_PREEMPTED=1
+    if [ -z "$WIT_LAUNCH_PID" ]; then
+        wit_log "USR1 before the launch: the trainer will be asked to stop as soon as it has started"
+    elif wit_trainer_ready; then
+        wit_log "USR1: preemption warning; asking the trainer to checkpoint and exit"
+        wit_forward_usr1
+    else
+        wit_log "USR1 during start-up: forwarding once the trainer is up"
+        wit_forward_when_ready
+    fi
+}
+
+wit_forward_when_ready() {
+    ( trap - USR1 TERM
+      while kill -0 "$WIT_LAUNCH_PID" 2>/dev/null; do
+          if wit_trainer_ready; then wit_forward_usr1; exit 0; fi
+          sleep 2
+      done ) &
+    WIT_FORWARD_PID=$!
+}
+
+wit_on_term() {
+    wit_log "TERM: job ending (cancelled, time limit or preempted by Slurm); the trainer checkpoints if it can"
+    WIT_TERMINATED=1
+}
+
+# Did the run reach its last step? (its latest complete checkpoint is at total_steps)
+wit_run_finished() {
+    "$PYTHON" - "$OUTPUT" <<'PYEOF'
+import json, os, sys
+out = sys.argv[1]
+try:
+    total = json.load(open(os.path.join(out, "effective_config.json")))["total_steps"]
+    tag = open(os.path.join(out, "checkpoints", "latest")).read().strip()
+    step = json.load(open(os.path.join(out, "checkpoints", tag, "witscale_state.json")))["step"]
+except (OSError, ValueError, KeyError):
+    sys.exit(1)
+sys.exit(0 if int(step) >= int(total) else 1)
+PYEOF
+}
+
+# Run the training step of this job and decide about requeueing. Exits the batch script.
+wit_main() {
+    trap wit_on_usr1 USR1
+    trap wit_on_term TERM
+    wit_defaults
+    wit_train_args
+    mkdir -p "$OUTPUT"
+    wit_launch_cmd
+    wit_log "job $(wit_job_ref) restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST:-?}: $NNODES node(s) × $NPROC_PER_NODE rank(s), launcher $LAUNCHER, rendezvous $MASTER_ADDR:$MASTER_PORT"
+    wit_log "output $OUTPUT; weights λp=$PROMPT_WEIGHT λr=$RESPONSE_WEIGHT; ${WIT_LAUNCH[*]} ${WIT_TRAIN_ARGS[*]}"
+
+    WIT_STAMP=$OUTPUT/.launch-stamp.${SLURM_JOB_ID:-local}
+    touch "$WIT_STAMP"
+    "${WIT_LAUNCH[@]}" "${WIT_TRAIN_ARGS[@]}" &
+    WIT_LAUNCH_PID=$!
+    if [ "$WIT_PREEMPTED" = 1 ]; then wit_forward_when_ready; fi    # the warning came before the launch
+    # `wait` returns early whenever a trapped signal arrives: wait again until the launcher is gone;
+    # the last `wait` returns its exit status (bash keeps it).
+    while kill -0 "$WIT_LAUNCH_PID" 2>/dev/null; do wait "$WIT_LAUNCH_PID" || true; done
+    local rc=0
+    wait "$WIT_LAUNCH_PID" || rc=$?
+    if [ -n "$WIT_FORWARD_PID" ]; then kill "$WIT_FORWARD_PID" 2>/dev/null; wait "$WIT_FORWARD_PID" 2>/dev/null; fi
+
+    local saved=0    # did this run commit a checkpoint? (`latest` moves only once one is complete)
+    if [ "$OUTPUT/checkpoints/latest" -nt "$WIT_STAMP" ]; then saved=1; fi
+    rm -f "$WIT_STAMP"
+    if [ "$WIT_PREEMPTED" = 1 ] && [ "$WIT_TERMINATED" = 0 ] && { [ "$rc" -eq 0 ] || [ "$saved" = 1 ]; }; then
+        # rc != 0 with a fresh checkpoint: a rank died after the checkpoint (e.g. in its shutdown);
+        # the checkpoint is complete, so resuming from it is right.
+        [ "$rc" -eq 0 ] || wit_log "training exited with status $rc after checkpointing"
+        if wit_run_finished; then
+            wit_log "preemption warning came, but the run had finished: not requeueing"
+        else
+            wit_log "checkpoint written; requeueing $(wit_job_ref) (it resumes with --resume $RESUME)"
+            scontrol requeue "$(wit_job_ref)" || { wit_log "scontrol requeue failed"; exit 3; }
+        fi
+        exit 0
+    fi
+    if [ "$rc" -ne 0 ]; then
+        wit_log "training exited with status $rc"
+        exit "$rc"
+    fi
+    wit_log "training finished"
+    exit 0
+}

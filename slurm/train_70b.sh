@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# witscale: Weighted Instruction Tuning of a 70B model on 8 nodes × 8 GPUs.
+#
+#   mkdir -p logs
+#   DATA=packed/alpaca MODEL=/models/llama-2-70b OUTPUT=runs/70b sbatch slurm/train_70b.sh
+#   LAYOUT=3d TP=8 PP=4 DATA=… sbatch slurm/train_70b.sh       # Megatron-style TP × PP × DP with ZeRO-1
+#
+# LAYOUT=zero3 (default): ZeRO-3 over all 64 GPUs (optionally TP>1 inside a node), ds_configs/zero3.json.
+# LAYOUT=3d: tensor × pipeline × data parallel, ZeRO-1 (DeepSpeed's pipeline engine allows ZeRO ≤ 1);
+#            TP defaults to 8 (one node), PP to 4; DS_CONFIG to ds_configs/zero1.json.
+# All other variables as in slurm/train_7b.sh (DATA, MODEL, OUTPUT, PROMPT_WEIGHT, RESPONSE_WEIGHT,
+# NORMALIZATION, MICRO_BATCH, GRAD_ACCUM, GLOBAL_BATCH, LR, EPOCHS, MAX_STEPS, LAUNCHER, NPROC_PER_NODE,
+# PYTHON, EXTRA_ARGS, WITSCALE_SITE_ENV, …). Preemption and requeue work as there.
+#
+#SBATCH --job-name=wit-70b
+#SBATCH --nodes=8
+#SBATCH --ntasks-per-node=8
+#SBATCH --gres=gpu:8
+#SBATCH --exclusive
+#SBATCH --mem=0
+#SBATCH --time=48:00:00
+#SBATCH --signal=B:USR1@600
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=logs/%x-%j.out
+## Site-specific: uncomment and fill in.
+##SBATCH --partition=gpu
+##SBATCH --account=my-project
+##SBATCH --qos=normal
+set -euo pipefail
+
+: "${LAYOUT:=zero3}"
+case "$LAYOUT" in
+    zero3) : "${DS_CONFIG:=ds_configs/zero3.json}" ;;
+    3d)
+        : "${TP:=8}" "${PP:=4}"
+        : "${DS_CONFIG:=ds_configs/zero1.json}"
+        ;;
+    *) echo "LAYOUT=$LAYOUT: use zero3 or 3d" >&2; exit 2 ;;
+esac
+# 70B checkpoints are big: save less often than the 7B default.
+: "${SAVE_STEPS:=100}"
+[ -n "${MAX_STEPS:-}${EPOCHS:-}" ] || EPOCHS=2
+export LAYOUT DS_CONFIG SAVE_STEPS EPOCHS ${TP:+TP} ${PP:+PP}
+
+# The batch script runs from a copy in Slurm's spool directory: find common.sh in the checkout.
+# shellcheck source=slurm/common.sh
+source "${WITSCALE_HOME:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
+wit_main

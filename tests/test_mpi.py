@@ -1,0 +1,35 @@
+"""The MPI path: ranks discovered through mpi4py (OMPI_* variables), no torchrun. `mpirun -np 2` on the CPU,
+and `srun --mpi=pmix` through train_7b.sh (LAUNCHER=srun-mpi) when the local Slurm is up. Skipped when
+mpirun is missing, unless WITSCALE_REQUIRE_SLURM=1."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+from tests.slurm_helpers import PY, TRAIN, cpu_env, make_tiny_inputs, train_flags, train_losses, unavailable, world_of
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, sp_model_path):
+    return make_tiny_inputs(tmp_path_factory.mktemp("mpi_data"), sp_model_path)
+
+
+def test_mpirun_two_ranks_train_as_one_world(tiny, tmp_path):
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        unavailable("mpirun is not installed (apt-get install openmpi-bin, or slurm/local/install.sh)")
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        unavailable("mpi4py is not installed in this environment")
+    out = tmp_path / "out"
+    env = cpu_env(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_btl="self,tcp")
+    cmd = [mpirun, "--oversubscribe", "--bind-to", "none", "-np", "2", "-x", "DS_ACCELERATOR", "-x", "OMP_NUM_THREADS",
+           "-x", "PYTHONWARNINGS", PY, TRAIN, *train_flags(tiny, out, 4)]
+    res = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert world_of(out) == 2, res.stdout[-4000:]
+    assert sorted(train_losses(out)) == [1, 2, 3, 4]
