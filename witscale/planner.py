@@ -136,7 +136,9 @@ def estimate(shape: ModelShape, layout: Layout, *, seq_len: int, micro_batch: in
     layers_here = math.ceil(shape.num_hidden_layers / pp)
     in_flight = pp if pp > 1 else 1
     act_bytes = in_flight * tokens * layers_here * 2 * h + tokens * 34 * h / tp
-    loss_bytes = 2 * min(loss_chunk, tokens) * math.ceil(shape.vocab_size / tp) * 4
+    from witscale.loss import chunk_rows      # the fused loss's own chunk choice
+    chunk = chunk_rows(tokens, h, math.ceil(shape.vocab_size / tp), loss_chunk)
+    loss_bytes = 2 * chunk * math.ceil(shape.vocab_size / tp) * 4
     return Estimate(layout=layout, params_per_gpu=param_elems, param_gib=(param_elems + live) * 2 / GIB,
                     grad_gib=grad_elems * 2 / GIB, optim_gib=optim_elems * 12 / GIB,
                     activation_gib=(act_bytes + loss_bytes) / GIB, overhead_gib=overhead_gib)
