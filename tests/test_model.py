@@ -109,7 +109,7 @@ def test_bf16_cast_keeps_rope_frequencies_fp32():
 
 # ---- packed attention --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", ["sdpa_segments", "dense"])
+@pytest.mark.parametrize("backend", ["sdpa_grouped", "sdpa_segments", "dense"])
 @pytest.mark.parametrize("family", ["mistral-sliding-window", "qwen2-qkv-bias"])
 def test_packed_row_equals_documents_run_alone(family, backend, tmp_path):
     hf = _hf_model(FAMILIES[family])
@@ -136,16 +136,17 @@ def test_attention_backends_agree_forward_and_backward(window):
     q = torch.randn(2, 16, 4, 8, requires_grad=True)
     k = torch.randn(2, 16, 2, 8, requires_grad=True)
     v = torch.randn(2, 16, 2, 8, requires_grad=True)
-    cu = torch.tensor([0, 5, 16, 20, 26, 32], dtype=torch.int32)
+    cu = torch.tensor([0, 5, 16, 20, 26, 32], dtype=torch.int32)     # lengths 5, 11, 4, 6, 6
     outs, grads = [], []
-    for backend in ("sdpa_segments", "dense"):
+    for backend in ("sdpa_segments", "dense", "sdpa_grouped"):
         out = packed_attention(q, k, v, cu, 11, backend=backend, sliding_window=window)
         g = torch.autograd.grad(out.pow(2).sum(), (q, k, v))
         outs.append(out.detach())
         grads.append(g)
-    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-5)
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    for other in (1, 2):
+        torch.testing.assert_close(outs[other], outs[0], rtol=0, atol=1e-5)
+        for a, b in zip(grads[other], grads[0]):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     # ... and the segments really are isolated: the first token of segment 2 sees only itself.
     first = outs[0][0, 5]
     torch.testing.assert_close(first, v[0, 5].detach().repeat_interleave(2, dim=0), rtol=0, atol=1e-6)
@@ -162,9 +163,9 @@ def test_attention_rejects_bad_segments():
 def test_backend_selection_is_logged_once(caplog, monkeypatch):
     monkeypatch.setattr(attention_mod, "_announced", set())
     with caplog.at_level(logging.INFO, logger="witscale"):
-        assert select_backend("auto", torch.device("cpu")) == "sdpa_segments"
-        assert select_backend("auto", torch.device("cpu")) == "sdpa_segments"
-    assert [r.getMessage() for r in caplog.records].count("packed attention backend: sdpa_segments") == 1
+        assert select_backend("auto", torch.device("cpu")) == "sdpa_grouped"
+        assert select_backend("auto", torch.device("cpu")) == "sdpa_grouped"
+    assert [r.getMessage() for r in caplog.records].count("packed attention backend: sdpa_grouped") == 1
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="flash-attn"):
             select_backend("flash_varlen", torch.device("cpu"))

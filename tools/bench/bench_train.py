@@ -67,7 +67,7 @@ def witscale_steps(docs, cfg_dict, table, args):
                  seq_len=args.seq_len, pad_id=0)
     ds = PackedDataset(out)
     cfg = ModelConfig.from_dict(cfg_dict)
-    model = CausalLM(cfg, attention_backend="sdpa_segments")
+    model = CausalLM(cfg)          # the automatic attention backend (CPU: sdpa_grouped)
     load_model_weights(model, cfg, model_dir=None, seed=0)
     loader = PackedLoader(ds, table, micro_batch_size=args.rows_per_batch, grad_accum=1, shuffle=False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
