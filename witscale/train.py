@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pipeline stages: the same number of decoder layers each (embedding on the first, "
                         "norm + LM head on the last), or balanced parameter counts")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
+    g.add_argument("--attention", default="auto",
+                   choices=("auto", "flash_varlen", "sdpa_grouped", "sdpa_segments", "dense"),
+                   help="packed-attention backend; auto: flash-attn varlen on GPU when installed, else "
+                        "sdpa_grouped (documents batched by length). All keep attention inside documents.")
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     g.add_argument("--log-level", default="INFO")
     return p
@@ -219,12 +223,14 @@ def build_module(plan: Plan, topo):
     if topo.pp > 1:
         from witscale.parallel.pipeline import build_pipeline_module, load_pipeline_weights
         module = build_pipeline_module(plan.model_config, topo, partition=plan.args.pp_partition,
-                                       activation_checkpointing=plan.args.activation_checkpointing)
+                                       activation_checkpointing=plan.args.activation_checkpointing,
+                                       attention_backend=plan.args.attention)
         load_pipeline_weights(module, plan.model_config, model_dir=plan.args.model, seed=plan.args.seed, topo=topo)
         return module
     with construction_context(plan.ds_config, topo):
         module = build_training_model(plan.model_config, topo=topo,
-                                      activation_checkpointing=plan.args.activation_checkpointing)
+                                      activation_checkpointing=plan.args.activation_checkpointing,
+                                      attention_backend=plan.args.attention)
     load_model_weights(module, plan.model_config, model_dir=plan.args.model, seed=plan.args.seed, topo=topo)
     return module
 
