@@ -145,10 +145,9 @@ class RowParallelLinear(nn.Module):
         return y + self.bias if self.bias is not None else y   # bias added once, after the reduce
 
 
-class VocabParallelEmbedding(nn.Module):
-    """Embedding with the vocabulary rows split over the TP ranks (vocabulary padded to a multiple of tp):
-    each rank looks up the ids in its range, zeroes the others, and the partial embeddings are summed
-    (``reduce_from_tp``). Padding rows are zero and never looked up."""
+class _VocabShard(nn.Module):
+    """A [vocab/tp, dim] shard of a vocabulary matrix: the vocabulary padded to a multiple of tp, each rank
+    owning one contiguous range of (padded) ids."""
 
     def __init__(self, vocab_size: int, dim: int, tp_group=None):
         super().__init__()
@@ -174,6 +173,12 @@ class VocabParallelEmbedding(nn.Module):
         start, end = self.vocab_range(rank, tp)
         return slice(min(start, self.vocab_size), min(end, self.vocab_size)), slice(None)
 
+
+class VocabParallelEmbedding(_VocabShard):
+    """Embedding with the vocabulary rows split over the TP ranks (vocabulary padded to a multiple of tp):
+    each rank looks up the ids in its range, zeroes the others, and the partial embeddings are summed
+    (``reduce_from_tp``). Padding rows are zero and never looked up."""
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp_group is None:
             return F.embedding(ids, self.weight)
@@ -184,34 +189,13 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_tp(out, self.tp_group)
 
 
-class VocabParallelLMHead(nn.Module):
+class VocabParallelLMHead(_VocabShard):
     """The output projection, fused with the weighted loss; ``forward`` runs inside the module so that
     ZeRO-3 gathers ``weight`` for it (a parameter read outside its module's forward is not gathered)."""
 
     def __init__(self, vocab_size: int, dim: int, tp_group=None, chunk_size: int = 4096):
-        super().__init__()
-        self.tp_group = tp_group
-        tp, rank = tp_size_rank(tp_group)
-        self.vocab_size = vocab_size
-        self.padded_vocab_size = pad_vocab_size(vocab_size, tp)
-        local = self.padded_vocab_size // tp
-        self.vocab_start = rank * local
+        super().__init__(vocab_size, dim, tp_group)
         self.chunk_size = chunk_size
-        self.weight = _mark(nn.Parameter(torch.empty(local, dim)), 0, tp)
-        self.weight.padded_dense_rows = self.padded_vocab_size
-        nn.init.normal_(self.weight, std=0.02)
-
-    def vocab_range(self, rank: Optional[int] = None, tp: Optional[int] = None) -> tuple[int, int]:
-        """[start, end) of the global (padded) vocabulary ids rank ``rank`` owns."""
-        rank, tp = _resolve(self.tp_group, rank, tp)
-        per = pad_vocab_size(self.vocab_size, tp) // tp
-        return rank * per, (rank + 1) * per
-
-    def shard_slice(self, rank: Optional[int] = None, tp: Optional[int] = None) -> tuple[slice, slice]:
-        """Rows of the dense [vocab, dim] HF weight rank ``rank`` holds; its shard has zero padding rows
-        after them up to ``padded_vocab_size // tp`` (the last ranks may hold fewer real rows, or none)."""
-        start, end = self.vocab_range(rank, tp)
-        return slice(min(start, self.vocab_size), min(end, self.vocab_size)), slice(None)
 
     def forward(self, hidden: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 weights: Optional[torch.Tensor] = None, target_classes: Optional[torch.Tensor] = None):
