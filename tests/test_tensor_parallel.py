@@ -2,7 +2,6 @@
 against ZeRO-3 alone. (Each layer alone against its dense equivalent: tests/test_tp_layers.py.)"""
 import numpy as np
 import pytest
-import torch
 
 from tests.distributed import run_distributed
 from tests.train_helpers import train_worker

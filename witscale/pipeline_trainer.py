@@ -61,6 +61,7 @@ class PipelineTrainer(Trainer):
             model_parameters=None if optimizer is not None else module_params,
             lr_scheduler=lambda opt: cosine_with_warmup(opt, total_steps, warmup_ratio))
         self.step = 0
+        self._init_mfu(module.config)
         self._grad_norm: Optional[float] = None
         if self.zero_stage == 0:
             take_step = self.engine._take_model_step
@@ -105,25 +106,8 @@ class PipelineTrainer(Trainer):
         self.loss_fn.records = []
         self.engine.train_batch(iter([_pipe_item(mb, scale) for mb in batch.micro_batches]))
         totals = self._stage_totals(self.loss_fn.pop_stats())
-        nll_sum, count = totals[1:1 + NUM_CLASSES], totals[1 + NUM_CLASSES:]
-        self.step += 1
-        elapsed = time.perf_counter() - t0
         grad_norm = self._grad_norm if self.zero_stage == 0 else self.engine.get_global_grad_norm()
-        if isinstance(grad_norm, torch.Tensor):
-            grad_norm = float(grad_norm)
-        return StepResult(
-            step=self.step,
-            loss=float(totals[0]) / denominator if denominator > 0 else 0.0,
-            prompt_nll=_mean(nll_sum, count, PROMPT_SIDE),
-            response_nll=_mean(nll_sum, count, RESPONSE_SIDE),
-            lr=lr,
-            grad_norm=None if grad_norm is None or math.isnan(grad_norm) else grad_norm,
-            tokens=batch.global_real_tokens,
-            tokens_per_s=batch.global_real_tokens / elapsed if elapsed > 0 else 0.0,
-            packing_efficiency=batch.global_real_tokens / batch.global_capacity,
-            denominator=denominator,
-            epoch=batch.epoch,
-        )
+        return self._finish_step(batch, totals, denominator, lr, grad_norm, t0)
 
     def _stage_totals(self, records, extra: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[weighted_sum, class_nll_sum…, class_count…] of the global batch on every rank: the last stage

@@ -93,11 +93,13 @@ class Trainer:
             model_parameters=None if optimizer is not None else module_params,
             lr_scheduler=lambda opt: cosine_with_warmup(opt, total_steps, warmup_ratio))
         self.step = 0
+        self._init_mfu(module.config)
+
+    def _init_mfu(self, model_config) -> None:
         self.peak_flops = gpu_peak_flops()
-        shape = ModelShape.from_config(module.config)
         # Training FLOPs per token ≈ 6 × parameters (matmuls, forward + backward); attention's extra
         # O(context) term is left out, so MFU is slightly understated for long documents.
-        self.flops_per_token = 6 * shape.total_params()
+        self.flops_per_token = 6 * ModelShape.from_config(model_config).total_params()
 
     # --- one optimizer step ------------------------------------------------------------------------
     def _forward_backward(self, mb: MicroBatch, scale: float, last: bool):
@@ -135,12 +137,17 @@ class Trainer:
             totals[1 + NUM_CLASSES:] += stats.class_count.double()
         # Sum the logging statistics over the data-parallel replicas (TP peers hold identical numbers).
         dist.all_reduce(totals, group=self.topo.get_data_parallel_group())
-        nll_sum, count = totals[1:1 + NUM_CLASSES], totals[1 + NUM_CLASSES:]
-        self.step += 1
-        elapsed = time.perf_counter() - t0
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is None:
             grad_norm = self._grad_norm
+        return self._finish_step(batch, totals, denominator, lr, grad_norm, t0)
+
+    def _finish_step(self, batch: StepBatch, totals: torch.Tensor, denominator: float, lr: float, grad_norm,
+                     t0: float) -> StepResult:
+        """Count the step and turn the global-batch sums [weighted_sum, class_nll…, class_count…] into metrics."""
+        nll_sum, count = totals[1:1 + NUM_CLASSES], totals[1 + NUM_CLASSES:]
+        self.step += 1
+        elapsed = time.perf_counter() - t0
         if isinstance(grad_norm, torch.Tensor):
             grad_norm = float(grad_norm)
         return StepResult(
