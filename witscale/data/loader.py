@@ -146,19 +146,21 @@ class PackedLoader:
 
     # --- assembly ----------------------------------------------------------------------------------
     def _row(self, index: int):
+        """(tokens, doc_lengths, labels, weights, target_classes, positions, used) of one packed row."""
         ds = self.dataset
         explicit = ds.weights[index] if ds.weights is not None else None
-        return ds.tokens[index], ds.classes[index], explicit, ds.doc_lengths(index)
+        tokens, doc_lengths = ds.tokens[index], ds.doc_lengths(index)
+        return (tokens, doc_lengths) + row_targets(tokens, ds.classes[index], explicit, doc_lengths, self.table)
 
-    def make_micro_batch(self, rows) -> MicroBatch:
+    def make_micro_batch(self, rows, cache: dict | None = None) -> MicroBatch:
         seq_len = self.dataset.seq_len
         ids, labs, wts, tcs, poss, segs = [], [], [], [], [], []
         real = 0
         max_seqlen = 0
         for r in rows:
-            tokens, classes, explicit, doc_lengths = self._row(int(r))
-            labels, weights, tclasses, positions, used = row_targets(tokens, classes, explicit, doc_lengths,
-                                                                     self.table)
+            r = int(r)
+            tokens, doc_lengths, labels, weights, tclasses, positions, used = (
+                cache[r] if cache is not None and r in cache else self._row(r))
             ids.append(np.asarray(tokens, dtype=np.int64))
             labs.append(labels)
             wts.append(weights)
@@ -170,7 +172,7 @@ class PackedLoader:
             real += used
         cu = np.zeros(len(segs) + 1, dtype=np.int32)
         np.cumsum(segs, out=cu[1:])
-        mb = MicroBatch(
+        return MicroBatch(
             input_ids=torch.from_numpy(np.stack(ids)),
             labels=torch.from_numpy(np.stack(labs)),
             weights=torch.from_numpy(np.stack(wts)),
@@ -181,23 +183,18 @@ class PackedLoader:
             rows=[int(r) for r in rows],
             real_tokens=real,
         )
-        return mb
-
-    def global_denominators(self, global_rows: np.ndarray) -> tuple[dict[str, float], int]:
-        totals = {"nonzero": 0.0, "weight_sum": 0.0, "tokens": 0.0}
-        real = 0
-        for r in global_rows:
-            tokens, classes, explicit, doc_lengths = self._row(int(r))
-            labels, weights, _, _, used = row_targets(tokens, classes, explicit, doc_lengths, self.table)
-            for k, v in denominators_of(labels, weights).items():
-                totals[k] += v
-            real += used
-        return totals, real
 
     def batch_for(self, epoch: int, step_in_epoch: int) -> StepBatch:
         rows = self.global_batch_rows(epoch, step_in_epoch)
-        denominators, real = self.global_denominators(rows)
-        micro = [self.make_micro_batch(self.rank_micro_rows(rows, m, self.dp_rank))
+        # Every row of the global batch is read once: for the denominators (all ranks' rows) and, for
+        # this rank's rows, again from the same arrays for its micro-batches.
+        cache = {int(r): self._row(int(r)) for r in rows}
+        denominators = {"nonzero": 0.0, "weight_sum": 0.0, "tokens": 0.0}
+        for _, _, labels, weights, _, _, _ in cache.values():
+            for k, v in denominators_of(labels, weights).items():
+                denominators[k] += v
+        real = sum(entry[-1] for entry in cache.values())
+        micro = [self.make_micro_batch(self.rank_micro_rows(rows, m, self.dp_rank), cache)
                  for m in range(self.grad_accum)]
         return StepBatch(micro, denominators, real, len(rows) * self.dataset.seq_len, epoch, step_in_epoch)
 
