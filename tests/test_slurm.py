@@ -102,15 +102,20 @@ def wait_job(job, env, timeout=240) -> list[dict]:
     """Poll until every record of the job (all tasks of an array) is in a final state."""
     deadline = time.time() + timeout
     recs = []
+    held_since: dict[str, float] = {}
     while time.time() < deadline:
         recs = job_records(job, env)
         if recs and all(r.get("JobState") in FINAL_STATES for r in recs):
             return recs
         for r in recs:
-            # Slurm holds a requeued job for ~2 minutes (Reason=BeginTime); release it at once here.
+            # Slurm holds a requeued job for ~2 minutes (Reason=BeginTime); release it early here — but not
+            # within the same second as the requeue: slurmd compares credential times in whole seconds and
+            # refuses a relaunch whose credential is not newer than the revocation ("Job credential revoked").
             if r.get("JobState") == "PENDING" and r.get("Reason") == "BeginTime" and r.get("Restarts", "0") != "0":
-                subprocess.run(["scontrol", "update", f"JobId={r['JobId']}", "StartTime=now"], env=env,
-                               capture_output=True)
+                first = held_since.setdefault(r["JobId"], time.time())
+                if time.time() - first >= 3:
+                    subprocess.run(["scontrol", "update", f"JobId={r['JobId']}", "StartTime=now"], env=env,
+                                   capture_output=True)
         time.sleep(0.5)
     subprocess.run(["scancel", str(job)], env=env)
     pytest.fail(f"job {job} did not finish in {timeout}s: {[(r.get('JobId'), r.get('JobState')) for r in recs]}")
