@@ -252,3 +252,19 @@ def test_tp2_training_exports_the_same_model_as_tp1(run_inputs, tmp_path):
     ids = torch.randint(0, hf.config.vocab_size, (1, 16))
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ref(ids).logits, rtol=0, atol=1e-4)
+
+
+def test_tp2_kill_then_resume_is_bitwise_equal(run_inputs, tmp_path):
+    """Checkpoints hold every TP rank's shards: a tp=2 run killed after checkpoint 2 resumes exactly."""
+    args = lambda out, *extra: _args(run_inputs, out, 4, "--save-steps", "2", "--tp", "2", *extra)  # noqa: E731
+    code, log = _torchrun(args(tmp_path / "ref"))
+    assert code == 0, log
+    ref = _train_losses(tmp_path / "ref")
+    code, _ = _torchrun(args(tmp_path / "run"), env=_env(WITSCALE_FAULT="kill_after_save:2:1"))
+    assert code != 0
+    code, log = _torchrun(args(tmp_path / "run", "--resume", "auto"))
+    assert code == 0 and "resumed from" in log, log
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    resumed = [r for r in rows if "loss" in r][2:]
+    assert [r["step"] for r in resumed] == [3, 4]
+    assert all(r["loss"] == ref[r["step"]] for r in resumed)

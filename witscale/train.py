@@ -197,6 +197,8 @@ def plan_run(args: argparse.Namespace, world_size: int) -> Plan:
         try:
             eval_dataset = PackedDataset(args.eval_data)
             check_model_compat(eval_dataset.manifest, model_config, args.eval_data)
+            if len(eval_dataset) == 0:
+                raise ValueError("the eval set has no rows")
         except (OSError, ValueError) as e:
             raise UsageError(f"--eval-data {args.eval_data}: {e}") from None
     for flag in ("save_steps", "eval_steps", "keep_checkpoints", "log_every"):
@@ -269,7 +271,9 @@ def train_loop(plan: Plan, topo, module):
                           shuffle=not args.no_shuffle)
     eval_loader = None
     if plan.eval_dataset is not None:
-        eval_loader = PackedLoader(plan.eval_dataset, plan.weight_table, micro_batch_size=args.micro_batch_size,
+        # Evaluation reads every row once; a set smaller than one micro-batch is fine.
+        eval_loader = PackedLoader(plan.eval_dataset, plan.weight_table,
+                                   micro_batch_size=min(args.micro_batch_size, len(plan.eval_dataset)),
                                    grad_accum=1, dp_size=1, dp_rank=0, seed=0, shuffle=False)
     trainer_kwargs = dict(module=module, ds_config=plan.ds_config, loader=loader, topo=topo,
                           normalization=args.normalization, lr=args.lr, weight_decay=args.weight_decay,
