@@ -100,10 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pipeline stages: the same number of decoder layers each (embedding on the first, "
                         "norm + LM head on the last), or balanced parameter counts")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
-    g.add_argument("--attention", default="auto",
-                   choices=("auto", "flash_varlen", "sdpa_grouped", "sdpa_segments", "dense"),
-                   help="packed-attention backend; auto: flash-attn varlen on GPU when installed, else "
-                        "sdpa_grouped (documents batched by length). All keep attention inside documents.")
+    g.add_argument("--attention", default="auto", metavar="BACKEND",
+                   help="packed-attention backend (witscale/model/attention.py lists them); auto: torch's varlen "
+                        "(FlashAttention-2) kernels on a bf16 GPU, sdpa_grouped (documents batched by length) "
+                        "on the CPU. All keep attention inside documents.")
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     g.add_argument("--log-level", default="INFO")
     return p
@@ -150,6 +150,9 @@ def plan_run(args: argparse.Namespace, world_size: int) -> Plan:
         if not ok:
             raise UsageError(f"{flag} {value} is out of range")
 
+    from witscale.model.attention import BACKENDS
+    if args.attention not in BACKENDS:
+        raise UsageError(f"--attention {args.attention}: unknown backend (known: {', '.join(BACKENDS)})")
     _require_file(args.data, "--data")
     try:
         dataset = PackedDataset(args.data)
