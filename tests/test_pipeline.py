@@ -15,7 +15,7 @@ from tests.train_helpers import TINY, ds_config, random_packed, train_worker
 def pipe_worker(rank, world, *, tp=1, pp=2, stage=0, micro=1, accum=4, steps=2, normalization="nonzero", lp=0.3,
                 lr=1e-2, clip=0.0, seed=0, rows=16, seq_len=48, with_weights=True, model=None, data_seed=1,
                 activation_checkpointing=False, partition="uniform", resume_dir=None):
-    """Train ``steps`` steps on a tp × pp × dp layout with the PipelineTrainer; return losses, dense params.
+    """Train ``steps`` steps on a tp × pp × dp layout with the Trainer; return losses, dense params.
     With ``resume_dir``: save after ``steps // 2`` steps, finish, then restore into a fresh engine and
     redo the second half (returned as ``resumed``)."""
     from witscale import checkpoint
@@ -25,7 +25,7 @@ def pipe_worker(rank, world, *, tp=1, pp=2, stage=0, micro=1, accum=4, steps=2, 
     from witscale.model import ModelConfig
     from witscale.parallel.pipeline import build_pipeline_module, load_pipeline_weights
     from witscale.parallel.topology import ParallelDims, Topology
-    from witscale.pipeline_trainer import PipelineTrainer
+    from witscale.trainer import Trainer
 
     init_distributed()
     cfg = ModelConfig.from_dict(dict(TINY, **(model or {})))
@@ -39,10 +39,10 @@ def pipe_worker(rank, world, *, tp=1, pp=2, stage=0, micro=1, accum=4, steps=2, 
         load_pipeline_weights(module, cfg, model_dir=None, seed=seed, topo=topo)
         loader = PackedLoader(data, build_weight_table(lp, 1.0), micro_batch_size=micro, grad_accum=accum,
                               dp_size=topo.dp, dp_rank=topo.dp_rank, seed=seed)
-        trainer = PipelineTrainer(module=module, ds_config=ds_config(stage, micro, accum, topo.dp, clip),
-                                  loader=loader, topo=topo, normalization=normalization, lr=lr, weight_decay=0.0,
-                                  betas=(0.9, 0.999), eps=1e-8, total_steps=steps, warmup_ratio=0.0,
-                                  activation_checkpointing=activation_checkpointing)
+        trainer = Trainer(module=module, ds_config=ds_config(stage, micro, accum, topo.dp, clip),
+                          loader=loader, topo=topo, normalization=normalization, lr=lr, weight_decay=0.0,
+                          betas=(0.9, 0.999), eps=1e-8, total_steps=steps, warmup_ratio=0.0,
+                          activation_checkpointing=activation_checkpointing)
         return trainer, loader
 
     trainer, loader = fresh()
@@ -139,6 +139,26 @@ def test_tp2_pp2_and_pp2_dp2_zero1_equal_one_rank(reference):
             _close(r["params"], want["params"], what=layout)
             for a, b in zip(r["results"], want["results"]):
                 assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), layout
+
+
+def test_pp2_clips_by_the_true_global_norm(reference):
+    """Clipping under pp=2 uses the norm of the WHOLE model (replicated norm weights on the last stage
+    included): a threshold below the one-rank norm changes the update exactly as on one rank, and the
+    logged norm is the one-rank norm. ZeRO-0 (witscale's GlobalNormClipping: DeepSpeed's own ZeRO-0
+    clipping would count the last stage's replicated weights nowhere) and ZeRO-1 (DeepSpeed's)."""
+    clip = 0.5 * reference[0]["results"][0]["grad_norm"]
+    runs = [dict(REF_RUN, stage=stage, clip=clip) for stage in (0, 1)]
+    one_rank = run_distributed(_many, 1, train_worker, runs)[0]
+    piped = run_distributed(_many, 2, pipe_worker, runs, timeout=300)[1]
+    unclipped = reference[0]
+    for stage, want, got in zip((0, 1), one_rank, piped):
+        assert max(abs(a - b).max() for a, b in zip(want["params"].values(), unclipped["params"].values())) > 1e-4, \
+            "the threshold must actually clip"
+        for a, b in zip(got["results"], want["results"]):
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), f"ZeRO-{stage}"
+        assert got["results"][0]["grad_norm"] == pytest.approx(unclipped["results"][0]["grad_norm"], rel=1e-6)
+        np.testing.assert_allclose(got["losses"], want["losses"], rtol=1e-6, err_msg=f"ZeRO-{stage}")
+        _close(got["params"], want["params"], what=f"pp2 clipped, ZeRO-{stage}")
 
 
 def _export_worker(rank, world, out_dir):

@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from witscale.faults import injected
+
 log = logging.getLogger("witscale")
 
 STATE_FILE = "witscale_state.json"
@@ -78,14 +80,6 @@ def complete_tags(root: str) -> list[str]:
                   and os.path.exists(os.path.join(root, t, STATE_FILE)))
 
 
-def _fault(kind: str, step: int) -> bool:
-    """Fault injection for the resilience tests: WITSCALE_FAULT=<kind>:<step>[:<rank>] (default rank 0)."""
-    spec = os.environ.get("WITSCALE_FAULT", "").split(":")
-    if len(spec) < 2 or spec[0] != kind or int(spec[1]) != step:
-        return False
-    return dist.get_rank() == (int(spec[2]) if len(spec) > 2 else 0)
-
-
 def save(engine, root: str, step: int, client_state: dict, keep: int) -> str:
     """Collective: every rank calls it. Returns the tag written."""
     tag = tag_for(step)
@@ -93,7 +87,7 @@ def save(engine, root: str, step: int, client_state: dict, keep: int) -> str:
     engine.save_checkpoint(root, tag=tag, save_latest=False)
     torch.save(_rng_state(), os.path.join(root, tag, f"rng_rank{rank:05d}.pt"))
     dist.barrier()                      # every rank's shards are on disk before the commit
-    if _fault("crash_in_save", step):   # die where a real crash would hurt most: shards written, no commit
+    if injected("crash_in_save", step):   # die where a real crash would hurt most: shards written, no commit
         os._exit(17)
     if rank == 0:
         _atomic_write(os.path.join(root, tag, STATE_FILE), json.dumps(client_state, indent=1))
@@ -102,7 +96,7 @@ def save(engine, root: str, step: int, client_state: dict, keep: int) -> str:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
         log.info(f"checkpoint {tag} saved")
     dist.barrier()
-    if _fault("kill_after_save", step):
+    if injected("kill_after_save", step):
         os.kill(os.getpid(), 9)
     return tag
 

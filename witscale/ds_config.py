@@ -5,7 +5,8 @@ Filled fields (a concrete value in the file must agree with the flag, or it is a
   train_batch_size ← micro × accum × data-parallel size.
 - gradient_clipping ← --clip-grad, 0 (off, as in the paper) when the flag is not given. DeepSpeed's own
   default is 1.0, so an absent field is written explicitly too.
-- bf16.enabled ← true on GPU, false on CPU (CPU trains in fp32).
+- bf16.enabled ← true on GPU, false on CPU (CPU trains in fp32). With bf16, gradients accumulate in fp32
+  (data_types.grad_accum_dtype; a ZeRO-0 config runs as ZeRO-1, see ``_bf16_with_fp32_gradients``).
 - optimizer.params (lr, betas, eps, weight_decay) ← --lr, --adam-betas, --adam-eps, --weight-decay.
   On a machine without CUDA the optimizer section is removed and the trainer passes torch's AdamW
   (DeepSpeed's FusedAdam needs CUDA; its CPU Adam needs a JIT compile).
@@ -69,6 +70,8 @@ def fill_ds_config(cfg: dict, *, micro_batch_size: int, grad_accum: int, dp_size
         raise DSConfigError(f"{path}: fp16 is not supported by witscale (use bf16 on GPU, fp32 on CPU)")
     if bf16["enabled"] and not use_cuda:
         raise DSConfigError(f"{path}: bf16 is enabled but there is no GPU; set bf16.enabled to \"auto\"")
+    if bf16["enabled"]:
+        _bf16_with_fp32_gradients(cfg, path)
 
     opt = cfg.get("optimizer")
     if opt is not None:
@@ -91,6 +94,25 @@ def fill_ds_config(cfg: dict, *, micro_batch_size: int, grad_accum: int, dp_size
     if leftover:
         raise DSConfigError(f"{path}: witscale cannot fill \"auto\" for {', '.join(leftover)}")
     return cfg
+
+
+def _bf16_with_fp32_gradients(cfg: dict, path: str) -> None:
+    """bf16 weights and compute, fp32 gradient accumulation, fp32 master weights and Adam state.
+
+    ``data_types.grad_accum_dtype = "fp32"`` makes DeepSpeed accumulate the micro-batches' gradients in fp32
+    (by default it accumulates in the model dtype: bf16 over 8+ micro-batches loses low bits): ZeRO-2/3 keep
+    fp32 gradient partitions, ZeRO-1 switches to DeepSpeed's BF16_Optimizer (fp32 gradient buffers, also
+    under pipeline parallelism). DeepSpeed has no fp32 accumulation for ZeRO-0, so a bf16 ZeRO-0 config runs
+    as ZeRO-1 — identical at dp = 1 (the usual pipeline layout), and at dp > 1 the same gradients with the
+    optimizer state partitioned instead of replicated. The master weights and Adam moments are fp32 in every
+    DeepSpeed bf16 optimizer."""
+    dtypes = cfg.setdefault("data_types", {})
+    if dtypes.setdefault("grad_accum_dtype", "fp32") != "fp32":
+        raise DSConfigError(f"{path}: data_types.grad_accum_dtype={dtypes['grad_accum_dtype']!r}: witscale "
+                            "accumulates bf16 gradients in fp32; remove the field or set it to \"fp32\"")
+    zero = cfg.setdefault("zero_optimization", {"stage": 0})
+    if int(zero.get("stage", 0)) == 0:
+        zero["stage"] = 1
 
 
 def _walk(d: dict, prefix: str = ""):

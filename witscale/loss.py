@@ -115,8 +115,9 @@ class _FusedLinearWeightedCE(torch.autograd.Function):
                 # d(Σ w·nll)/dlogits = w · (softmax − onehot(target)); w = 0 rows give exact zeros.
                 w = w_all[s:e]
                 logits *= (w / sum_exp)[:, None]
-                idx = shard_mask.nonzero().squeeze(1)
-                logits[idx, lt[idx]] -= w[idx]
+                # − w at the target column of rows whose target lies in this shard; a scatter, not a
+                # nonzero() gather, so that no chunk waits for the host (rows elsewhere add 0 at column 0).
+                logits.scatter_add_(1, lt[:, None], torch.where(shard_mask, -w, zero)[:, None])
                 g = logits if same_dtype else logits.to(weight.dtype)
                 if need_h:
                     if same_dtype:
@@ -184,26 +185,39 @@ def fused_weighted_cross_entropy(hidden: torch.Tensor, lm_weight: torch.Tensor, 
     if true_vocab_size is None:
         true_vocab_size = lm_weight.shape[0] * tp
     predicted = targets != IGNORE_INDEX
-    if predicted.any():
-        # A target outside the vocabulary would silently give an inf/garbage loss: say so instead.
-        lo, hi = int(targets[predicted].min()), int(targets[predicted].max())
-        if lo < 0 or hi >= true_vocab_size:
-            raise ValueError(f"target ids must lie in [0, {true_vocab_size}) or be {IGNORE_INDEX}; "
-                             f"got min {lo}, max {hi}")
+    classes = (target_classes.reshape(-1) if target_classes is not None else torch.zeros_like(targets)).long()
+    if hidden.device.type == "cpu":
+        # Checking ids costs a device→host sync on a GPU, so there the loader checks them (numpy, per row,
+        # witscale/data/loader.py); on the CPU there is nothing to wait for and direct callers get the error.
+        check_targets(targets, classes, true_vocab_size, num_classes)
     grad_on = torch.is_grad_enabled()
     need_h, need_w = grad_on and hidden.requires_grad, grad_on and lm_weight.requires_grad
     rows = chunk_rows(hidden.shape[0], h_dim, lm_weight.shape[0], chunk_size)
     weighted_sum, nll = _FusedLinearWeightedCE.apply(hidden, lm_weight, targets, weights, group, vocab_start,
                                                      true_vocab_size, rows, need_h, need_w)
-    classes = (target_classes.reshape(-1) if target_classes is not None else torch.zeros_like(targets)).long()
-    cls = classes[predicted]
-    if cls.numel() and (int(cls.min()) < 0 or int(cls.max()) >= num_classes):
-        raise ValueError(f"target classes must lie in [0, {num_classes}); got {int(cls.min())}..{int(cls.max())}")
+    # Per-class sums without boolean indexing (its output size is data-dependent: a host sync on a GPU):
+    # tokens that predict nothing go to class 0 with nll 0 and count 0.
+    cls = torch.where(predicted, classes, torch.zeros_like(classes))
     class_nll = torch.zeros(num_classes, dtype=torch.float64, device=hidden.device)
-    class_nll.index_add_(0, cls, nll[predicted].double())
-    class_count = torch.bincount(cls, minlength=num_classes).double()
+    class_nll.index_add_(0, cls, nll.double())
+    class_count = torch.zeros(num_classes, dtype=torch.float64, device=hidden.device)
+    class_count.index_add_(0, cls, predicted.double())
     return LossStats(weighted_sum, class_nll, class_count)
 
 
+def check_targets(targets: torch.Tensor, classes: torch.Tensor, vocab_size: int, num_classes: int) -> None:
+    """Raise if a predicted target id lies outside [0, vocab_size) or its class outside [0, num_classes):
+    such a target would silently give an inf/garbage loss. Host-side (synchronizing) check."""
+    predicted = targets != IGNORE_INDEX
+    if not bool(predicted.any()):
+        return
+    lo, hi = int(targets[predicted].min()), int(targets[predicted].max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"target ids must lie in [0, {vocab_size}) or be {IGNORE_INDEX}; got min {lo}, max {hi}")
+    cls = classes[predicted]
+    if int(cls.min()) < 0 or int(cls.max()) >= num_classes:
+        raise ValueError(f"target classes must lie in [0, {num_classes}); got {int(cls.min())}..{int(cls.max())}")
+
+
 __all__ = ["IGNORE_INDEX", "NORMALIZATIONS", "LossStats", "fused_weighted_cross_entropy",
-           "normalization_counts", "chunk_rows"]
+           "normalization_counts", "chunk_rows", "check_targets"]

@@ -29,12 +29,14 @@ def signal_names() -> str:
     return ", ".join(signal.Signals(s).name for s in sorted(set(_received)))
 
 
-def agreed(group=None) -> bool:
-    """Collective: True on every rank if any rank received a preemption signal."""
+def agreed(group=None, device=None) -> bool:
+    """Collective: True on every rank if any rank received a preemption signal. ``device``: where the
+    backend's collectives run (the trainer's device: a GPU for NCCL, the CPU for gloo). One tiny all-reduce
+    and one host read per optimizer step."""
     import torch
     import torch.distributed as dist
 
-    flag = torch.tensor([1 if _received else 0], dtype=torch.int32)
+    flag = torch.tensor([1 if _received else 0], dtype=torch.int32, device=device)
     if dist.is_initialized():
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     return bool(flag.item())

@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="packed-attention backend (witscale/model/attention.py lists them); auto: torch's varlen "
                         "(FlashAttention-2) kernels on a bf16 GPU, sdpa_grouped (documents batched by length) "
                         "on the CPU. All keep attention inside documents.")
+    g.add_argument("--dist-timeout", type=float, default=30.0, metavar="MINUTES",
+                   help="collective timeout (NCCL/gloo) in minutes; a rank that fails ends the job at once "
+                        "whatever this is (default 30: long enough for a 70B checkpoint write between barriers)")
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     g.add_argument("--log-level", default="INFO")
     return p
@@ -146,7 +149,8 @@ def plan_run(args: argparse.Namespace, world_size: int) -> Plan:
                             ("--weight-decay", args.weight_decay, args.weight_decay >= 0),
                             ("--max-steps", args.max_steps, args.max_steps is None or args.max_steps >= 1),
                             ("--epochs", args.epochs, args.epochs is None or args.epochs > 0),
-                            ("--clip-grad", args.clip_grad, args.clip_grad is None or args.clip_grad >= 0)):
+                            ("--clip-grad", args.clip_grad, args.clip_grad is None or args.clip_grad >= 0),
+                            ("--dist-timeout", args.dist_timeout, args.dist_timeout > 0 and math.isfinite(args.dist_timeout))):
         if not ok:
             raise UsageError(f"{flag} {value} is out of range")
 
@@ -245,18 +249,22 @@ def run(args: argparse.Namespace):
     import torch
     import torch.distributed as dist
 
-    from witscale.distributed import init_distributed, world_size_from_env
+    from witscale.distributed import PeerFailureWatch, init_distributed, world_size_from_env
     from witscale.parallel.topology import Topology
 
     world = dist.get_world_size() if dist.is_initialized() else world_size_from_env()
     plan = plan_run(args, world)
-    init_distributed()
+    init_distributed(timeout_minutes=args.dist_timeout)
+    watch = PeerFailureWatch() if world > 1 else None
     topo = Topology(plan.dims)
     if dist.get_rank() == 0:
         _announce(plan, topo)
     torch.manual_seed(args.seed)
     module = build_module(plan, topo)
-    return train_loop(plan, topo, module)
+    result = train_loop(plan, topo, module)
+    if watch is not None:
+        watch.stop()        # from here on, rank 0 (the store's host) may leave first
+    return result
 
 
 def train_loop(plan: Plan, topo, module):
@@ -265,28 +273,25 @@ def train_loop(plan: Plan, topo, module):
 
     from witscale import checkpoint, preemption
     from witscale.data.loader import PackedLoader
+    from witscale.faults import injected
     from witscale.metrics import MetricsLogger
     from witscale.trainer import Trainer
 
     args = plan.args
     loader = PackedLoader(plan.dataset, plan.weight_table, micro_batch_size=args.micro_batch_size,
                           grad_accum=args.grad_accum, dp_size=topo.dp, dp_rank=topo.dp_rank, seed=args.seed,
-                          shuffle=not args.no_shuffle)
+                          shuffle=not args.no_shuffle, vocab_size=plan.model_config.vocab_size)
     eval_loader = None
     if plan.eval_dataset is not None:
         # Evaluation reads every row once; a set smaller than one micro-batch is fine.
         eval_loader = PackedLoader(plan.eval_dataset, plan.weight_table,
                                    micro_batch_size=min(args.micro_batch_size, len(plan.eval_dataset)),
-                                   grad_accum=1, dp_size=1, dp_rank=0, seed=0, shuffle=False)
-    trainer_kwargs = dict(module=module, ds_config=plan.ds_config, loader=loader, topo=topo,
-                          normalization=args.normalization, lr=args.lr, weight_decay=args.weight_decay,
-                          betas=args.adam_betas, eps=args.adam_eps, total_steps=plan.total_steps,
-                          warmup_ratio=args.warmup_ratio)
-    if topo.pp > 1:
-        from witscale.pipeline_trainer import PipelineTrainer
-        trainer = PipelineTrainer(**trainer_kwargs, activation_checkpointing=args.activation_checkpointing)
-    else:
-        trainer = Trainer(**trainer_kwargs)
+                                   grad_accum=1, dp_size=1, dp_rank=0, seed=0, shuffle=False,
+                                   vocab_size=plan.model_config.vocab_size)
+    trainer = Trainer(module=module, ds_config=plan.ds_config, loader=loader, topo=topo,
+                      normalization=args.normalization, lr=args.lr, weight_decay=args.weight_decay,
+                      betas=args.adam_betas, eps=args.adam_eps, total_steps=plan.total_steps,
+                      warmup_ratio=args.warmup_ratio, activation_checkpointing=args.activation_checkpointing)
     ckpt_root = os.path.join(args.output_dir, "checkpoints")
     data_fp = checkpoint.data_fingerprint(plan.dataset.manifest)
     model_fp = checkpoint.model_fingerprint(plan.model_config)
@@ -314,12 +319,14 @@ def train_loop(plan: Plan, topo, module):
     results, preempted, last_saved = [], False, None
     try:
         while trainer.step < plan.total_steps:
+            if injected("raise_in_step", trainer.step + 1):
+                raise RuntimeError(f"injected fault before step {trainer.step + 1} (WITSCALE_FAULT)")
             result = trainer.train_step(loader.next_step())
             results.append(result)
             metrics.write(result.as_dict())
             if eval_loader is not None and args.eval_steps and trainer.step % args.eval_steps == 0:
                 metrics.write(trainer.evaluate(eval_loader))
-            if preemption.agreed(None):
+            if preemption.agreed(device=trainer.device):
                 log.warning(f"preemption signal ({preemption.signal_names() or 'on another rank'}): "
                             f"checkpointing at step {trainer.step} and exiting")
                 save()
@@ -374,17 +381,22 @@ def main(argv=None) -> int:
     # DeepSpeed logs through the root logger: keep it at WARNING, witscale's own at --log-level.
     logging.basicConfig(level=logging.WARNING, format="[witscale] %(message)s", stream=sys.stdout)
     log.setLevel(args.log_level.upper())
-    from witscale.distributed import rank_from_env, teardown
+    from witscale.distributed import fail_fast, rank_from_env, teardown
     if rank_from_env() != 0:
         log.setLevel(logging.WARNING)
     from witscale.checkpoint import CheckpointError
     try:
         run(args)
-    except (UsageError, CheckpointError) as e:
+    except UsageError as e:     # before any process group exists
         print(f"error: {e}", file=sys.stderr)
         return 2
-    finally:
-        teardown()
+    except CheckpointError as e:
+        fail_fast(2, f"error: {e}")
+    except BaseException:       # noqa: BLE001 - KeyboardInterrupt and SystemExit too
+        # Never wait in a barrier for ranks that may be stuck in a collective with this one: print the
+        # traceback now and leave; the launcher then ends the other ranks within seconds.
+        fail_fast()
+    teardown()
     return 0
 
 

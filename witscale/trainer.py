@@ -1,15 +1,27 @@
-"""One optimizer step on the DeepSpeed engine, with the global-batch loss normalization; evaluation.
+"""One optimizer step on a DeepSpeed engine, with the global-batch loss normalization; evaluation.
 
-``Trainer.__init__`` wraps the (already built, under ZeRO-3 already partitioned) module in the DeepSpeed
-engine with AdamW and the warm-up + cosine schedule; ``train_step`` runs one optimizer step over
-``grad_accum`` micro-batches; ``evaluate`` scores a packed eval set. The loop (checkpoints, preemption,
-metrics) is ``witscale.train.train_loop``.
+``Trainer`` serves every layout. It wraps the (already built, under ZeRO-3 already partitioned) module in
+a DeepSpeed engine with AdamW and the warm-up + cosine schedule, and talks to it through one of two small
+adapters that know how that engine runs a step:
+- ``_DenseEngine``: ZeRO 0–3 (± tensor parallelism): forward, backward and step per micro-batch;
+- ``_PipelineEngine``: DeepSpeed's PipelineEngine (--pp > 1): one ``train_batch`` per optimizer step
+  through its 1F1B schedule; the loss statistics exist on the last stage and are broadcast to the others.
+The loop (checkpoints, preemption, metrics) is ``witscale.train.train_loop``.
 
 Normalization. The objective is Σ_{global batch} w·nll / N, N the global batch's denominator for the
-chosen normalization (DESIGN.md §1). DeepSpeed *averages* gradients over the data-parallel ranks, so each
-micro-batch's loss is ``weighted_sum × dp / N`` and ``backward`` is called with ``scale_wrt_gas=False``
-(DeepSpeed would otherwise divide by grad_accum as well). The result is the same gradient whatever dp,
-grad_accum or ZeRO stage — tested as dp=2 × accum=2 against dp=1 × accum=4.
+chosen normalization (DESIGN.md §1). DeepSpeed *averages* gradients over the data-parallel ranks, so the
+dense engine's micro-batch loss is ``weighted_sum × dp / N`` and ``backward`` is called with
+``scale_wrt_gas=False`` (DeepSpeed would otherwise divide by grad_accum as well); the pipeline engine
+always divides by grad_accum, so its loss is ``weighted_sum × dp × grad_accum / N``. The result is the same
+gradient whatever dp, grad_accum, pp or ZeRO stage — tested as equivalences.
+
+Devices. The engine decides the device (``engine.device``: the local GPU, or the CPU). Micro-batches are
+moved there (pinned memory, non_blocking), every tensor handed to a collective lives there (NCCL takes
+device tensors, gloo host tensors — the engine's device is right for both), and the step's statistics
+stay there until they cross to the host once per optimizer step.
+
+Gradient norm and clipping come from DeepSpeed (ZeRO-1/2/3 and its bf16 optimizer, pipeline-aware); in
+fp32 ZeRO-0, where DeepSpeed measures none, from ``witscale.optim.GlobalNormClipping``.
 """
 from __future__ import annotations
 
@@ -26,7 +38,8 @@ import torch.distributed as dist
 from witscale.data.classes import PROMPT_SIDE, RESPONSE_SIDE, NUM_CLASSES
 from witscale.data.loader import IGNORE_INDEX, MicroBatch, PackedLoader, StepBatch, denominators_of
 from witscale.ds_config import zero_stage
-from witscale.optim import cosine_with_warmup, param_groups
+from witscale.loss import NORMALIZATIONS
+from witscale.optim import GlobalNormClipping, cosine_with_warmup, param_groups
 from witscale.planner import ModelShape
 
 log = logging.getLogger("witscale")
@@ -62,99 +75,218 @@ def gpu_peak_flops() -> Optional[float]:
     return next((peak for key, peak in _PEAK_BF16.items() if key in name), None)
 
 
-def _mean(nll_sum: torch.Tensor, count: torch.Tensor, classes) -> float:
-    idx = [int(c) for c in classes]
-    n = float(count[idx].sum())
-    return float(nll_sum[idx].sum()) / n if n > 0 else float("nan")
+# --- the step's statistics: one float64 vector, summed on the device -----------------------------------
+# [weighted_sum, class_nll_sum[0..C), class_count[0..C)]; evaluation appends the three denominators.
+STATS_SIZE = 1 + 2 * NUM_CLASSES
 
 
+def stats_vector(stats) -> torch.Tensor:
+    """One micro-batch's ``LossStats`` as the float64 vector the step sums (on the stats' device)."""
+    return torch.cat([stats.weighted_sum.detach().double().reshape(1), stats.class_nll_sum.double(),
+                      stats.class_count.double()])
+
+
+@dataclass
+class StepSums:
+    """The global batch's sums, on the host."""
+    weighted_sum: float
+    class_nll_sum: np.ndarray
+    class_count: np.ndarray
+
+    @classmethod
+    def from_vector(cls, totals: torch.Tensor) -> "StepSums":
+        t = totals.double().cpu().numpy()          # the step's one device→host crossing
+        return cls(float(t[0]), t[1:1 + NUM_CLASSES], t[1 + NUM_CLASSES:STATS_SIZE])
+
+    def mean_nll(self, classes) -> float:
+        idx = [int(c) for c in classes]
+        n = float(self.class_count[idx].sum())
+        return float(self.class_nll_sum[idx].sum()) / n if n > 0 else float("nan")
+
+
+# --- the two engines ---------------------------------------------------------------------------------
+class _DenseEngine:
+    """ZeRO 0–3 (± TP): DeepSpeed's engine runs forward, backward and step per micro-batch."""
+
+    def __init__(self, engine, topo):
+        self.engine, self.topo = engine, topo
+
+    def loss_scale(self, denominator: float, grad_accum: int) -> float:
+        return self.topo.dp / denominator if denominator > 0 else 0.0
+
+    def _forward(self, mb: MicroBatch):
+        return self.engine(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen,
+                           mb.labels, mb.weights, mb.target_classes)
+
+    def train(self, micro_batches: list[MicroBatch], scale: float, device) -> torch.Tensor:
+        totals = torch.zeros(STATS_SIZE, dtype=torch.float64, device=device)
+        for mb in micro_batches:
+            stats = self._forward(mb)
+            self.engine.backward(stats.weighted_sum * scale, scale_wrt_gas=False)
+            self.engine.step()
+            totals += stats_vector(stats)
+        return self._sum_over_dp(totals)
+
+    def score(self, micro_batches: list[MicroBatch], extra: torch.Tensor) -> torch.Tensor:
+        totals = torch.zeros(STATS_SIZE, dtype=torch.float64, device=extra.device)
+        for mb in micro_batches:
+            totals += stats_vector(self._forward(mb))
+        return self._sum_over_dp(torch.cat([totals, extra]))
+
+    def _sum_over_dp(self, totals: torch.Tensor) -> torch.Tensor:
+        # Summed over the data-parallel replicas; TP peers hold identical numbers.
+        dist.all_reduce(totals, group=self.topo.get_data_parallel_group())
+        return totals
+
+    def dense_state_dict(self, model_config) -> dict[str, torch.Tensor]:
+        """Dense HF-named fp32 tensors on the host (collective): ZeRO-3 partitions gathered, TP shards
+        concatenated, vocabulary padding trimmed."""
+        import contextlib
+
+        import deepspeed
+
+        from witscale.parallel.layers import gather_dense
+
+        module = self.engine.module
+        group = self.topo.get_tensor_model_parallel_group() if self.topo.tp > 1 else None
+        params = list(module.named_parameters())
+        gathered = (deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None)
+                    if zero_stage_of(self.engine) == 3 else contextlib.nullcontext())
+        out = {}
+        with gathered:
+            for name, p in params:
+                out[name] = gather_dense(p, p.detach().float(), group,
+                                         model_config.vocab_size if getattr(p, "padded_dense_rows", None) else None
+                                         ).cpu()
+        return out
+
+
+class _PipelineEngine:
+    """DeepSpeed's PipelineEngine: one ``train_batch`` (1F1B) per optimizer step."""
+
+    def __init__(self, engine, topo, loss_fn):
+        self.engine, self.topo, self.loss_fn = engine, topo, loss_fn
+
+    def loss_scale(self, denominator: float, grad_accum: int) -> float:
+        return self.topo.dp * grad_accum / denominator if denominator > 0 else 0.0
+
+    @staticmethod
+    def _item(mb: MicroBatch, scale: float):
+        from witscale.parallel.pipeline import pipe_inputs
+        labels = (mb.labels, mb.weights, mb.target_classes,
+                  torch.tensor(scale, dtype=torch.float64, device=mb.labels.device))
+        return pipe_inputs(mb), labels
+
+    def train(self, micro_batches: list[MicroBatch], scale: float, device) -> torch.Tensor:
+        self.loss_fn.records = []
+        self.engine.train_batch(iter([self._item(mb, scale) for mb in micro_batches]))
+        return self._stage_totals(self.loss_fn.pop_stats(), torch.zeros(0, dtype=torch.float64, device=device))
+
+    def score(self, micro_batches: list[MicroBatch], extra: torch.Tensor) -> torch.Tensor:
+        self.loss_fn.records = []
+        self.engine.eval_batch(iter([self._item(mb, 1.0) for mb in micro_batches]), compute_loss=True,
+                               reduce_output=None, bcast_loss=False, num_micro_batches=len(micro_batches))
+        records = self.loss_fn.pop_stats() if self.engine.is_last_stage() else []
+        # The denominators are known on every stage; only the last stage's count is kept (no double sum).
+        return self._stage_totals(records, extra if self.engine.is_last_stage() else torch.zeros_like(extra))
+
+    def _stage_totals(self, records, extra: torch.Tensor) -> torch.Tensor:
+        """The global batch's sums on every rank: the last stage sums its micro-batches and its dp
+        replicas; the other stages receive that by a broadcast over the pipeline group."""
+        totals = torch.zeros(STATS_SIZE, dtype=torch.float64, device=extra.device)
+        for stats in records:
+            totals += stats_vector(stats)
+        totals = torch.cat([totals, extra])
+        if self.engine.is_last_stage():
+            dist.all_reduce(totals, group=self.topo.get_data_parallel_group())
+        last = self.topo.dims.rank_of(self.topo.pp - 1, self.topo.dp_rank, self.topo.tp_rank)
+        dist.broadcast(totals, src=last, group=self.topo.get_pipeline_model_parallel_group())
+        return totals
+
+    def dense_state_dict(self, model_config) -> dict[str, torch.Tensor]:
+        from witscale.parallel.pipeline import dense_state_dict
+        return dense_state_dict(self.engine.module, model_config, self.topo)
+
+
+def zero_stage_of(engine) -> int:
+    return int(engine.zero_optimization_stage())
+
+
+# --- the trainer ---------------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, *, module: torch.nn.Module, ds_config: dict, loader: PackedLoader, topo,
                  normalization: str, lr: float, weight_decay: float, betas, eps: float,
-                 total_steps: int, warmup_ratio: float):
+                 total_steps: int, warmup_ratio: float, activation_checkpointing: bool = False):
         import deepspeed
 
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalization {normalization!r} (known: {', '.join(NORMALIZATIONS)})")
         self.topo = topo
         self.loader = loader
         self.normalization = normalization
         self.total_steps = total_steps
-        self.is_rank0 = dist.get_rank() == 0
-        self.zero_stage = zero_stage(ds_config)
+        self.model_config = module.config
+        pipelined = topo.pp > 1
+        config = dict(ds_config)
+        if pipelined:
+            from witscale.parallel.pipeline import pipeline_ds_config
+            config = pipeline_ds_config(ds_config, activation_checkpointing)
+        self.grad_accum = int(config["gradient_accumulation_steps"])
+        self.zero_stage = zero_stage(config)
+        bf16 = bool((config.get("bf16") or {}).get("enabled"))
 
+        groups = param_groups(module, weight_decay)
         optimizer = None
-        if "optimizer" not in ds_config:
-            optimizer = torch.optim.AdamW(param_groups(module, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
-        else:
-            # DeepSpeed builds its optimizer from the config; the param groups still exempt norms/biases.
-            module_params = param_groups(module, weight_decay)
-        # The engine steps the schedule once per optimizer step (at the accumulation boundary).
+        if "optimizer" not in config:
+            optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps,
+                                          fused=True if torch.cuda.is_available() else None)
+        if self.zero_stage == 0 and not bf16:
+            # fp32 ZeRO-0: DeepSpeed measures no norm, and clips wrongly under pp (GlobalNormClipping says why).
+            if optimizer is None:
+                optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps,
+                                              fused=True if torch.cuda.is_available() else None)
+                config.pop("optimizer")
+                config["zero_allow_untested_optimizer"] = True
+            optimizer = GlobalNormClipping(optimizer, float(config.get("gradient_clipping") or 0.0), topo)
+            config["gradient_clipping"] = 0.0
+        # The engine steps the schedule once per optimizer step (at the accumulation boundary). Under pp,
+        # mpu is None: the PipelineModule brings its own grid (the same rank order as witscale's Topology).
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=module, optimizer=optimizer, config=ds_config, mpu=topo,
-            model_parameters=None if optimizer is not None else module_params,
+            model=module, optimizer=optimizer, config=config, mpu=None if pipelined else topo,
+            model_parameters=None if optimizer is not None else groups,
             lr_scheduler=lambda opt: cosine_with_warmup(opt, total_steps, warmup_ratio))
+        self.device = torch.device(self.engine.device)
+        self.runner = (_PipelineEngine(self.engine, topo, module.loss_fn) if pipelined
+                       else _DenseEngine(self.engine, topo))
         self.step = 0
-        self._init_mfu(module.config)
-
-    def _init_mfu(self, model_config) -> None:
         self.peak_flops = gpu_peak_flops()
         # Training FLOPs per token ≈ 6 × parameters (matmuls, forward + backward); attention's extra
         # O(context) term is left out, so MFU is slightly understated for long documents.
-        self.flops_per_token = 6 * ModelShape.from_config(model_config).total_params()
+        self.flops_per_token = 6 * ModelShape.from_config(module.config).total_params()
 
     # --- one optimizer step ------------------------------------------------------------------------
-    def _forward_backward(self, mb: MicroBatch, scale: float, last: bool):
-        stats = self.engine(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen,
-                            mb.labels, mb.weights, mb.target_classes)
-        self.engine.backward(stats.weighted_sum * scale, scale_wrt_gas=False)
-        if last and self.zero_stage == 0:
-            # Without ZeRO, DeepSpeed reports no grad norm; the gradients are all-reduced by now.
-            self._grad_norm = self._local_grad_norm()
-        self.engine.step()
-        return stats
-
-    def _local_grad_norm(self) -> float:
-        """Global L2 norm of the (already data-parallel-reduced) gradients; TP shards summed, replicas once."""
-        sq = torch.zeros(1, dtype=torch.float64)
-        for p in self.engine.module.parameters():
-            if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or self.topo.tp_rank == 0):
-                sq += p.grad.detach().double().pow(2).sum()
-        if self.topo.tp > 1:
-            dist.all_reduce(sq, group=self.topo.get_tensor_model_parallel_group())
-        return float(sq.sqrt())
-
     def train_step(self, batch: StepBatch) -> StepResult:
         t0 = time.perf_counter()
+        if len(batch.micro_batches) != self.grad_accum:
+            raise ValueError(f"the step has {len(batch.micro_batches)} micro-batches, the engine expects "
+                             f"{self.grad_accum}")
         denominator = batch.denominators[self.normalization]
         # A global batch with nothing to learn from (e.g. all weights 0) gives a zero gradient, not NaN.
-        scale = self.topo.dp / denominator if denominator > 0 else 0.0
+        scale = self.runner.loss_scale(denominator, self.grad_accum)
         lr = self.scheduler.get_last_lr()[0]
-        totals = torch.zeros(1 + 2 * NUM_CLASSES, dtype=torch.float64)
-        self._grad_norm = None
-        for i, mb in enumerate(batch.micro_batches):
-            stats = self._forward_backward(mb, scale, last=i == len(batch.micro_batches) - 1)
-            totals[0] += float(stats.weighted_sum.detach())
-            totals[1:1 + NUM_CLASSES] += stats.class_nll_sum.double()
-            totals[1 + NUM_CLASSES:] += stats.class_count.double()
-        # Sum the logging statistics over the data-parallel replicas (TP peers hold identical numbers).
-        dist.all_reduce(totals, group=self.topo.get_data_parallel_group())
+        micro_batches = [mb.to(self.device) for mb in batch.micro_batches]
+        totals = self.runner.train(micro_batches, scale, self.device)
+        sums = StepSums.from_vector(totals)
         grad_norm = self.engine.get_global_grad_norm()
-        if grad_norm is None:
-            grad_norm = self._grad_norm
-        return self._finish_step(batch, totals, denominator, lr, grad_norm, t0)
-
-    def _finish_step(self, batch: StepBatch, totals: torch.Tensor, denominator: float, lr: float, grad_norm,
-                     t0: float) -> StepResult:
-        """Count the step and turn the global-batch sums [weighted_sum, class_nll…, class_count…] into metrics."""
-        nll_sum, count = totals[1:1 + NUM_CLASSES], totals[1 + NUM_CLASSES:]
         self.step += 1
         elapsed = time.perf_counter() - t0
         if isinstance(grad_norm, torch.Tensor):
             grad_norm = float(grad_norm)
         return StepResult(
             step=self.step,
-            loss=float(totals[0]) / denominator if denominator > 0 else 0.0,
-            prompt_nll=_mean(nll_sum, count, PROMPT_SIDE),
-            response_nll=_mean(nll_sum, count, RESPONSE_SIDE),
+            loss=sums.weighted_sum / denominator if denominator > 0 else 0.0,
+            prompt_nll=sums.mean_nll(PROMPT_SIDE),
+            response_nll=sums.mean_nll(RESPONSE_SIDE),
             lr=lr,
             grad_norm=None if grad_norm is None or math.isnan(grad_norm) else grad_norm,
             tokens=batch.global_real_tokens,
@@ -172,57 +304,38 @@ class Trainer:
         """Weighted loss (the run's normalization) and per-class NLL over a whole packed eval set.
 
         Rows are split over the data-parallel ranks; every rank runs the same number of forwards (ZeRO-3
-        gathers are collective), padding with an empty batch where a rank has run out of rows.
+        gathers and pipeline schedules are collective), scoring an all-masked micro-batch where it has run
+        out of rows.
         """
-        self.engine.eval()
         rows = np.arange(len(eval_loader.dataset))
         per_rank = int(math.ceil(len(rows) / self.topo.dp))
         mine = rows[self.topo.dp_rank * per_rank:(self.topo.dp_rank + 1) * per_rank]
         mbs = eval_loader.micro_batch_size
-        n_batches = int(math.ceil(per_rank / mbs))
-        totals = torch.zeros(4 + 2 * NUM_CLASSES, dtype=torch.float64)
-        for b in range(n_batches):
+        micro_batches, denominators = [], np.zeros(len(NORMALIZATIONS))
+        for b in range(int(math.ceil(per_rank / mbs))):
             chunk = mine[b * mbs:(b + 1) * mbs]
             mb = eval_loader.make_micro_batch(chunk if len(chunk) else rows[:1])
             if not len(chunk):
                 mb.weights.zero_()
                 mb.labels.fill_(IGNORE_INDEX)
-            stats = self.engine(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen,
-                                mb.labels, mb.weights, mb.target_classes)
-            totals[0] += float(stats.weighted_sum)
-            for i, key in enumerate(("nonzero", "weight_sum", "tokens")):
-                totals[1 + i] += denominators_of(mb.labels.numpy(), mb.weights.numpy())[key]
-            totals[4:4 + NUM_CLASSES] += stats.class_nll_sum.double()
-            totals[4 + NUM_CLASSES:] += stats.class_count.double()
-        dist.all_reduce(totals, group=self.topo.get_data_parallel_group())
-        self.engine.train()
-        denominator = float(totals[1 + ("nonzero", "weight_sum", "tokens").index(self.normalization)])
-        nll_sum, count = totals[4:4 + NUM_CLASSES], totals[4 + NUM_CLASSES:]
+            counts = denominators_of(mb.labels.numpy(), mb.weights.numpy())
+            denominators += [counts[k] for k in NORMALIZATIONS]
+            micro_batches.append(mb.to(self.device))
+        self.engine.eval()
+        try:
+            totals = self.runner.score(micro_batches, torch.tensor(denominators, dtype=torch.float64,
+                                                                   device=self.device))
+        finally:
+            self.engine.train()
+        host = totals.cpu().numpy()
+        sums = StepSums.from_vector(totals)
+        denominator = float(host[STATS_SIZE + NORMALIZATIONS.index(self.normalization)])
         return {"step": self.step,
-                "eval_loss": float(totals[0]) / denominator if denominator > 0 else float("nan"),
-                "eval_prompt_nll": _mean(nll_sum, count, PROMPT_SIDE),
-                "eval_response_nll": _mean(nll_sum, count, RESPONSE_SIDE)}
+                "eval_loss": sums.weighted_sum / denominator if denominator > 0 else float("nan"),
+                "eval_prompt_nll": sums.mean_nll(PROMPT_SIDE),
+                "eval_response_nll": sums.mean_nll(RESPONSE_SIDE)}
 
     # --- inspection (tests, export) ----------------------------------------------------------------
-    def full_parameters(self) -> dict[str, torch.Tensor]:
-        """This rank's full (un-partitioned) parameters, by name; gathers ZeRO-3 partitions."""
-        import deepspeed
-
-        module = self.engine.module
-        params = list(module.named_parameters())
-        if self.zero_stage == 3:
-            with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
-                return {n: p.detach().clone().float() for n, p in params}
-        return {n: p.detach().clone().float() for n, p in params}
-
     def full_dense_state_dict(self) -> dict[str, torch.Tensor]:
-        """Dense HF-named tensors of the whole model (collective): ZeRO partitions gathered, TP shards
-        concatenated, vocabulary padding trimmed."""
-        from witscale.parallel.layers import gather_dense
-
-        module = self.engine.module
-        local = self.full_parameters()
-        vocab = module.config.vocab_size
-        group = self.topo.get_tensor_model_parallel_group() if self.topo.tp > 1 else None
-        return {name: gather_dense(p, local[name], group, vocab if getattr(p, "padded_dense_rows", None) else None)
-                for name, p in module.named_parameters()}
+        """Dense HF-named fp32 tensors of the whole model on the host (collective over all ranks)."""
+        return self.runner.dense_state_dict(self.model_config)

@@ -14,13 +14,13 @@ channel when present.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from witscale.data.classes import TokenClass
+from witscale.data.classes import NUM_CLASSES, TokenClass
 
 IGNORE_INDEX = -100
 
@@ -36,6 +36,22 @@ class MicroBatch:
     max_seqlen: int
     rows: list[int] = field(default_factory=list)
     real_tokens: int = 0          # non-pad input tokens
+
+    TENSORS = ("input_ids", "labels", "weights", "target_classes", "position_ids", "cu_seqlens")
+
+    def to(self, device: torch.device) -> "MicroBatch":
+        """This micro-batch on ``device`` (the engine's). To a GPU the host tensors go through pinned memory
+        with ``non_blocking``: the copy overlaps the previous micro-batch's work instead of stalling it."""
+        device = torch.device(device)
+        if self.input_ids.device == device:
+            return self
+        moved = {}
+        for name in self.TENSORS:
+            t = getattr(self, name)
+            if device.type == "cuda" and t.device.type == "cpu":
+                t = t.pin_memory()
+            moved[name] = t.to(device, non_blocking=True)
+        return replace(self, **moved)
 
 
 @dataclass
@@ -104,8 +120,10 @@ class PackedLoader:
     """
 
     def __init__(self, dataset, weight_table: np.ndarray, *, micro_batch_size: int, grad_accum: int,
-                 dp_size: int = 1, dp_rank: int = 0, seed: int = 0, shuffle: bool = True):
+                 dp_size: int = 1, dp_rank: int = 0, seed: int = 0, shuffle: bool = True,
+                 vocab_size: int | None = None):
         self.dataset = dataset
+        self.vocab_size = vocab_size      # token ids are checked against it row by row (None: not checked)
         self.table = np.asarray(weight_table, dtype=np.float32)
         self.micro_batch_size = micro_batch_size
         self.grad_accum = grad_accum
@@ -149,8 +167,19 @@ class PackedLoader:
         """(tokens, doc_lengths, labels, weights, target_classes, positions, used) of one packed row."""
         ds = self.dataset
         explicit = ds.weights[index] if ds.weights is not None else None
-        tokens, doc_lengths = ds.tokens[index], ds.doc_lengths(index)
-        return (tokens, doc_lengths) + row_targets(tokens, ds.classes[index], explicit, doc_lengths, self.table)
+        tokens, doc_lengths, classes = ds.tokens[index], ds.doc_lengths(index), ds.classes[index]
+        self._check_row(index, tokens, classes)
+        return (tokens, doc_lengths) + row_targets(tokens, classes, explicit, doc_lengths, self.table)
+
+    def _check_row(self, index: int, tokens: np.ndarray, classes: np.ndarray) -> None:
+        """Token ids and classes are checked here, on the host, once per row: in the loss the same check
+        would cost a device→host sync per micro-batch. A bad id would give a silently wrong loss."""
+        where = f"{getattr(self.dataset, 'path', 'packed data')}: row {index}"
+        if len(tokens) and (int(tokens.min()) < 0 or (self.vocab_size is not None and int(tokens.max()) >= self.vocab_size)):
+            raise ValueError(f"{where}: token ids span {int(tokens.min())}..{int(tokens.max())}, outside the "
+                             f"model's vocabulary [0, {self.vocab_size})")
+        if len(classes) and int(classes.max()) >= NUM_CLASSES:
+            raise ValueError(f"{where}: token class {int(classes.max())} is unknown (classes are 0..{NUM_CLASSES - 1})")
 
     def make_micro_batch(self, rows, cache: dict | None = None) -> MicroBatch:
         seq_len = self.dataset.seq_len

@@ -2,13 +2,13 @@
 
 The pipeline is the same blocks as ``CausalLM``, as a flat list DeepSpeed places on the stages:
 
-    0          EmbeddingPipe      (input_ids, position_ids, cu_seqlens, max_seqlen) → (hidden, position_ids, …)
-    1 … L      DecoderLayerPipe   (hidden, position_ids, cu_seqlens, max_seqlen) → the same, transformed
+    0          EmbeddingPipe      (input_ids, position_ids, cu_seqlens) → (hidden, position_ids, cu_seqlens)
+    1 … L      DecoderLayerPipe   (hidden, position_ids, cu_seqlens) → the same, transformed
     L+1        FinalNormPipe      → hidden
     L+2        LMHeadPipe         → hidden (the head's matmul runs inside the loss, fused with the CE)
 
-Only tensors travel between stages, so ``max_seqlen`` is a 1-element tensor and RoPE's cos/sin are
-recomputed in each layer from the position ids. Labels, weights, target classes and the loss scale go
+Only tensors travel between stages: attention takes the row length as its ``max_seqlen`` bound, and
+RoPE's cos/sin are recomputed in each layer from the position ids. Labels, weights, target classes and the loss scale go
 straight from the data iterator to the last stage (DeepSpeed's labels tuple), where ``PipelineLoss`` runs
 the fused vocab-parallel weighted cross-entropy. With tied embeddings the embedding is a ``TiedLayerSpec``
 at both ends (DeepSpeed all-reduces its gradient between the first and last stage).
@@ -38,8 +38,9 @@ PARTITION_METHODS = ("uniform", "parameters")
 
 
 # --- the blocks ---------------------------------------------------------------------------------------
-def _max_seqlen_tensor(max_seqlen: int) -> torch.Tensor:
-    return torch.tensor([int(max_seqlen)], dtype=torch.long)
+def pipe_inputs(mb) -> tuple:
+    """What the first stage takes from a ``MicroBatch``: (input_ids, position_ids, cu_seqlens)."""
+    return mb.input_ids, mb.position_ids, mb.cu_seqlens
 
 
 class EmbeddingPipe(nn.Module):
@@ -48,8 +49,8 @@ class EmbeddingPipe(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_group)
 
     def forward(self, inputs):
-        input_ids, position_ids, cu_seqlens, max_seqlen = inputs
-        return self.embed_tokens(input_ids), position_ids, cu_seqlens, max_seqlen
+        input_ids, position_ids, cu_seqlens = inputs
+        return self.embed_tokens(input_ids), position_ids, cu_seqlens
 
 
 class TiedEmbeddingPipe(EmbeddingPipe):
@@ -74,12 +75,14 @@ class DecoderLayerPipe(DecoderLayer):
         self._inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
     def forward(self, inputs):
-        x, position_ids, cu_seqlens, max_seqlen = inputs
+        x, position_ids, cu_seqlens = inputs
         if self._inv_freq.device != x.device:
             self._inv_freq = self._inv_freq.to(x.device)
         cos, sin = rope_cos_sin(position_ids, self._inv_freq, x.dtype)
-        x = super().forward(x, cos, sin, cu_seqlens, int(max_seqlen[0]))
-        return x, position_ids, cu_seqlens, max_seqlen
+        # The row length bounds the longest segment (segments never cross rows): the attention kernels
+        # take it as max_seqlen, where reading the exact maximum off the device would sync every layer.
+        x = super().forward(x, cos, sin, cu_seqlens, x.shape[1])
+        return x, position_ids, cu_seqlens
 
 
 class FinalNormPipe(nn.Module):

@@ -1,0 +1,19 @@
+"""Fault injection for the resilience tests (test-only; inert unless WITSCALE_FAULT is set).
+
+    WITSCALE_FAULT=<kind>:<step>[:<rank>]      (rank defaults to 0)
+
+Kinds: ``crash_in_save`` and ``kill_after_save`` (witscale/checkpoint.py: die with shards written but no
+commit, or right after a complete checkpoint), ``raise_in_step`` (witscale/train.py: an exception on one
+rank before the step, while the others enter its collectives — the fail-fast path).
+"""
+from __future__ import annotations
+
+import os
+
+
+def injected(kind: str, step: int) -> bool:
+    spec = os.environ.get("WITSCALE_FAULT", "").split(":")
+    if len(spec) < 2 or spec[0] != kind or int(spec[1]) != step:
+        return False
+    import torch.distributed as dist
+    return dist.get_rank() == (int(spec[2]) if len(spec) > 2 else 0)
