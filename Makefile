@@ -16,7 +16,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean gpu-wheels gpu-check-dry
 
 setup: $(STAMP)
 
@@ -42,3 +42,29 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
+
+## Wheels for an offline CUDA machine (Python 3.12, manylinux x86_64) that has torch, transformers, triton,
+## ninja, sentencepiece, pytest … but not DeepSpeed: DeepSpeed as a pure-Python wheel built here (its CUDA
+## ops JIT-compile there) and those of its dependencies that machine lacks, one pinned version each from
+## constraints.txt. Nothing is installed into $(VENV) and no CUDA wheel is fetched. On the GPU machine:
+##   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+##       .whl/*.whl && export PYTHONPATH=/tmp/site
+GPU_WHEEL_DIR  := .whl
+GPU_WHEEL_DEPS := hjson pydantic pydantic_core annotated-types typing-inspection typing_extensions
+GPU_PLATFORMS  := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 \
+                  manylinux1_x86_64
+pin = $(or $(shell grep -i -m1 '^$(1)==' constraints.txt),$(error $(1) is not pinned in constraints.txt))
+
+gpu-wheels: $(STAMP)
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	$(PY) -m pip --disable-pip-version-check wheel -q --no-deps --no-build-isolation -w "$$tmp" \
+	    $(call pin,deepspeed) && \
+	$(PY) -m pip --disable-pip-version-check download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	    --implementation cp $(foreach p,$(GPU_PLATFORMS),--platform $(p)) -d "$$tmp" \
+	    $(foreach p,$(GPU_WHEEL_DEPS),$(call pin,$(p))) && \
+	rm -rf $(GPU_WHEEL_DIR) && mkdir -p $(GPU_WHEEL_DIR) && cp "$$tmp"/*.whl $(GPU_WHEEL_DIR)/
+	@ls -1s --block-size=K $(GPU_WHEEL_DIR) && du -sh $(GPU_WHEEL_DIR)
+
+## The GPU check's CPU part (what tests/test_gpu_check.py runs): no CUDA needed.
+gpu-check-dry: $(STAMP)
+	$(PY) tools/gpu_check.py --dry-run --output gpu_check_dry.json
