@@ -701,6 +701,11 @@ def summarize(data: dict) -> str:
                     part += f", {ws['peak_memory_gib']:.1f} GiB"
                 for other, ratio in (res.get("ratio") or {}).items():
                     part += f"; {ratio:.2f}× {other.replace('witscale_vs_', '')}"
+                t = res.get("targets") or {}
+                if key == "gpu":
+                    yes = {True: "met", False: "NOT met", None: "n/a"}
+                    part += (f"; targets: MFU ≥ {t.get('mfu_min', 0):.0%} {yes[t.get('mfu_met')]}, "
+                             f"≥ {t.get('speedup_vs_hf_padded_min')}× {yes[t.get('speedup_met')]}")
                 bits.append(part)
         failed = [f"{k}: {v.get('error', v.get('reason', ''))}"[:160] for k, v in checks.items()
                   if v.get("status") == "failed"]

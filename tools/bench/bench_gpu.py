@@ -299,13 +299,14 @@ def build_hf(cfg_dict: dict, state: dict, device, dtype, gradient_checkpointing:
         except TypeError:       # transformers 4.x spells it torch_dtype
             model = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa",
                                                                   torch_dtype=dtype)
+    model = model.to(device=device, dtype=dtype)         # wherever from_config built it
     missing, unexpected = model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and hf_cfg.tie_word_embeddings)]
     if missing or unexpected:
         raise RuntimeError(f"weight copy into transformers: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    return model.to(dtype).train()
+    return model.train()
 
 
 def witscale_microbatch(model, mb, denominator: float) -> torch.Tensor:
