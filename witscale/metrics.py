@@ -18,7 +18,7 @@ log = logging.getLogger("witscale")
 TB_TAGS = {
     "loss": "train/loss", "prompt_nll": "train/prompt_nll", "response_nll": "train/response_nll",
     "tokens_per_s": "perf/tokens_per_s", "lr": "train/lr", "grad_norm": "train/grad_norm",
-    "packing_efficiency": "data/packing_efficiency", "mfu": "perf/mfu",
+    "packing_efficiency": "data/packing_efficiency", "mfu": "perf/mfu", "peak_memory_gib": "perf/peak_memory_gib",
     "eval_loss": "eval/loss", "eval_response_nll": "eval/response_nll", "eval_prompt_nll": "eval/prompt_nll",
 }
 

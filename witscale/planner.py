@@ -81,6 +81,18 @@ class ModelShape:
         heads = 1 if self.tie_word_embeddings else 2
         return self.num_hidden_layers * (sharded + replicated) + heads * self.embedding_params() + self.hidden_size
 
+    def matmul_params(self) -> int:
+        """Weights that take part in a matmul per token: every projection and the LM head (tied or not);
+        the embedding lookup is no matmul."""
+        return self.num_hidden_layers * self.layer_params()[0] + self.embedding_params()
+
+    def training_flops(self, tokens: float, sum_sq_doc_lengths: float) -> float:
+        """Model FLOPs of forward + backward over packed documents: 6·N_matmul per token, plus causal
+        attention's 6·n_layers·d_attn·L² per document of length L (QKᵀ and P·V each L²·d_attn under the
+        causal mask forward, twice that backward; recomputation not counted). ``sum_sq_doc_lengths`` = Σ L²."""
+        d_attn = self.num_attention_heads * self.hd
+        return 6.0 * self.matmul_params() * tokens + 6.0 * self.num_hidden_layers * d_attn * sum_sq_doc_lengths
+
 
 @dataclass(frozen=True)
 class Layout:

@@ -59,6 +59,7 @@ class StepResult:
     denominator: float
     epoch: int
     mfu: Optional[float] = None
+    peak_memory_gib: Optional[float] = None     # this rank's peak GPU memory so far (CUDA only)
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
@@ -260,9 +261,9 @@ class Trainer:
                        else _DenseEngine(self.engine, topo))
         self.step = 0
         self.peak_flops = gpu_peak_flops()
-        # Training FLOPs per token ≈ 6 × parameters (matmuls, forward + backward); attention's extra
-        # O(context) term is left out, so MFU is slightly understated for long documents.
-        self.flops_per_token = 6 * ModelShape.from_config(module.config).total_params()
+        # MFU counts model FLOPs: 6 × matmul weights per token plus causal attention's per-document
+        # term (ModelShape.training_flops), the same count as tools/bench/bench_gpu.py.
+        self.shape = ModelShape.from_config(module.config)
 
     # --- one optimizer step ------------------------------------------------------------------------
     def train_step(self, batch: StepBatch) -> StepResult:
@@ -294,8 +295,10 @@ class Trainer:
             packing_efficiency=batch.global_real_tokens / batch.global_capacity,
             denominator=denominator,
             epoch=batch.epoch,
-            mfu=(batch.global_real_tokens * self.flops_per_token / elapsed / (self.peak_flops * dist.get_world_size())
-                 if self.peak_flops and elapsed > 0 else None),
+            mfu=(self.shape.training_flops(batch.global_real_tokens, batch.global_sum_sq_doc_lengths) / elapsed
+                 / (self.peak_flops * dist.get_world_size()) if self.peak_flops and elapsed > 0 else None),
+            peak_memory_gib=(torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+                             if self.device.type == "cuda" else None),
         )
 
     # --- evaluation ---------------------------------------------------------------------------------

@@ -66,6 +66,7 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from witscale.planner import ModelShape  # noqa: E402
 
 LLAMA_32_1B = dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
                    num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
@@ -194,19 +195,9 @@ class Workload:
 
 
 # ------------------------------------------------------------------------------------------------ FLOPs
-def matmul_params(cfg: dict) -> int:
-    h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
-    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
-    per_layer = h * q + 2 * h * kv + q * h + 3 * h * inter
-    return layers * per_layer + cfg["vocab_size"] * h          # + the LM head (tied or not)
-
-
 def step_flops(cfg: dict, doc_lengths) -> float:
-    hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    d_attn = cfg["num_attention_heads"] * hd
     lengths = np.asarray(doc_lengths, dtype=np.float64)
-    return 6.0 * matmul_params(cfg) * lengths.sum() + 6.0 * cfg["num_hidden_layers"] * d_attn * (lengths ** 2).sum()
+    return ModelShape.from_config(cfg).training_flops(lengths.sum(), (lengths ** 2).sum())
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -472,7 +463,7 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "bench_gpu", "device": device_name, "dtype": str(dtype).replace("torch.", ""),
         "tiny": args.tiny, "torch": torch.__version__, "transformers": transformers.__version__,
-        "model": {k: v for k, v in cfg.items() if k != "rope_scaling"} | {"matmul_params": matmul_params(cfg)},
+        "model": {k: v for k, v in cfg.items() if k != "rope_scaling"} | {"matmul_params": ModelShape.from_config(cfg).matmul_params()},
         "seq_len": args.seq_len, "rows_per_step": args.rows_per_step, "pad_budget": args.pad_budget,
         "warmup_steps": args.warmup, "timed_steps": args.steps,
         "documents": dict(work.doc_stats, distribution=(

@@ -63,6 +63,7 @@ class StepBatch:
     global_capacity: int             # rows × seq_len of the global batch (packing efficiency)
     epoch: int
     step_in_epoch: int
+    global_sum_sq_doc_lengths: float = 0.0   # Σ L² over the global batch's documents (attention FLOPs)
 
 
 def row_targets(tokens: np.ndarray, classes: np.ndarray, explicit: np.ndarray | None,
@@ -223,9 +224,10 @@ class PackedLoader:
             for k, v in denominators_of(labels, weights).items():
                 denominators[k] += v
         real = sum(entry[-1] for entry in cache.values())
+        sum_sq = float(sum(np.square(entry[1], dtype=np.float64).sum() for entry in cache.values()))
         micro = [self.make_micro_batch(self.rank_micro_rows(rows, m, self.dp_rank), cache)
                  for m in range(self.grad_accum)]
-        return StepBatch(micro, denominators, real, len(rows) * self.dataset.seq_len, epoch, step_in_epoch)
+        return StepBatch(micro, denominators, real, len(rows) * self.dataset.seq_len, epoch, step_in_epoch, sum_sq)
 
     def next_step(self) -> StepBatch:
         if self.step_in_epoch >= self.steps_per_epoch:

@@ -145,7 +145,7 @@ class CausalLM(nn.Module):
         return self.lm_head(hidden)
 
     def set_attention_backend(self, backend: str) -> None:
-        """Force one attention backend ('auto', 'flash_varlen', 'sdpa_segments', 'dense') in every layer."""
+        """Force one attention backend (attention.BACKENDS) in every layer."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r} (known: {', '.join(BACKENDS)})")
         for layer in self.model.layers:
