@@ -22,7 +22,7 @@ def unavailable(reason: str):
 
 def make_tiny_inputs(root, sp_model_path) -> dict:
     """Packed train/eval sets of 64-token rows and a 2-layer, 32-wide Llama config matching the tokenizer."""
-    from witscale.data.pipeline import PackOptions, pack_records
+    from witscale.data.pack import PackOptions, pack_records
     from witscale.data.synthetic import generate_instruction_records
     from witscale.data.tokenizer import load_tokenizer
 

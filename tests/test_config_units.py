@@ -8,8 +8,8 @@ import torch
 
 from witscale.data.classes import TokenClass
 from witscale.data.weighting import build_weight_table, parse_class_weights
-from witscale.ds_config import DSConfigError, fill_ds_config, load_ds_config
-from witscale.optim import cosine_with_warmup, warmup_steps_for
+from witscale.training.ds_config import DSConfigError, fill_ds_config, load_ds_config
+from witscale.training.optim import cosine_with_warmup, warmup_steps_for
 from witscale.parallel.topology import LayoutError, ParallelDims
 
 

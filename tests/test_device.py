@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from tests.distributed import run_distributed
-from tests.test_operate import SEQ, _args, _env, _torchrun, run_inputs  # noqa: F401 - fixture
+from tests.test_operate import _args, _env, _torchrun, run_inputs  # noqa: F401 - fixture
 from tests.train_helpers import TINY, ds_config, random_packed
 
 
@@ -31,17 +31,17 @@ def _device_worker(rank, world, stage, pp):
 
     from witscale.data.loader import MicroBatch, PackedLoader
     from witscale.data.weighting import build_weight_table
-    from witscale.distributed import init_distributed
+    from witscale.training.distributed import init_distributed
     from witscale.model import ModelConfig, build_training_model, construction_context, load_model_weights
     from witscale.parallel.topology import ParallelDims, Topology
-    from witscale.trainer import Trainer
+    from witscale.training.trainer import Trainer
 
     init_distributed()
     cfg = ModelConfig.from_dict(TINY)
     topo = Topology(ParallelDims(world, 1, pp).validate(stage, cfg))
     config = ds_config(stage, 1, 2, topo.dp, clip=1.0)
     if pp > 1:
-        from witscale.parallel.pipeline import build_pipeline_module, load_pipeline_weights
+        from witscale.model.pipeline import build_pipeline_module, load_pipeline_weights
         module = build_pipeline_module(cfg, topo, attention_backend="dense")
         load_pipeline_weights(module, cfg, model_dir=None, seed=0, topo=topo)
     else:

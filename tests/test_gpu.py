@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.gpu,
 
 def fused_loss_case(seed: int = 0, tokens: int = 1500, hidden: int = 256, vocab: int = 9001):
     """bf16 inputs of a loss call: ~10% ignored targets, weights in {0, 0.2, 1}, logits of std ~1."""
-    from witscale.loss import IGNORE_INDEX
+    from witscale.parallel.cross_entropy import IGNORE_INDEX
 
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(tokens, hidden, generator=g).to(torch.bfloat16)
@@ -40,7 +40,7 @@ def fused_loss_case(seed: int = 0, tokens: int = 1500, hidden: int = 256, vocab:
 
 def fp64_reference(h, w, targets, weights, classes):
     """Σ w·nll, per-class NLL sums and d/dh, d/dW in fp64 from the same (bf16-valued) inputs."""
-    from witscale.loss import IGNORE_INDEX
+    from witscale.parallel.cross_entropy import IGNORE_INDEX
 
     h64 = h.double().requires_grad_(True)
     w64 = w.double().requires_grad_(True)
@@ -59,7 +59,7 @@ def rel_fro(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def test_fused_weighted_loss_bf16_cuda_matches_fp64():
-    from witscale.loss import fused_weighted_cross_entropy
+    from witscale.parallel.cross_entropy import fused_weighted_cross_entropy
 
     h, w, targets, weights, classes = fused_loss_case()
     hc = h.cuda().requires_grad_(True)
@@ -93,7 +93,7 @@ def test_fused_weighted_loss_bf16_cuda_matches_fp64():
 def _write_learnable_packed(path: str, vocab: int, seq_len: int, rows: int) -> None:
     """Documents whose next token is (token + 1) mod vocab: a pattern a tiny model learns in a few steps."""
     from witscale.data.classes import TokenClass
-    from witscale.data.packed import TokenizedCorpus, write_packed
+    from witscale.data.format import TokenizedCorpus, write_packed
 
     rng = np.random.default_rng(0)
     docs = []

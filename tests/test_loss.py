@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.distributed import run_distributed
-from witscale.loss import (IGNORE_INDEX, NORMALIZATIONS, LossStats, chunk_rows, fused_weighted_cross_entropy,
+from witscale.parallel.cross_entropy import (IGNORE_INDEX, NORMALIZATIONS, LossStats, chunk_rows, fused_weighted_cross_entropy,
                            normalization_counts)
 from witscale.parallel.layers import VocabParallelLMHead, pad_vocab_size
 
@@ -120,8 +120,8 @@ def test_tp1_large_logits():
 
 @pytest.mark.parametrize("grad_w_block", [8192, 7])     # 7: the weight gradient in several ragged blocks
 def test_tp1_bf16(monkeypatch, grad_w_block):
-    import witscale.loss
-    monkeypatch.setattr(witscale.loss, "_GRAD_W_BLOCK", grad_w_block)
+    import witscale.parallel.cross_entropy
+    monkeypatch.setattr(witscale.parallel.cross_entropy, "_GRAD_W_BLOCK", grad_w_block)
     h, w, t, wt, c = make_problem()
     exact = reference(h, w, t, wt, c)
     # the same rounding as the fused path (bf16 matmul, fp32 softmax), computed by torch

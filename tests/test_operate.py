@@ -19,7 +19,7 @@ SEQ = 160
 @pytest.fixture(scope="session")
 def run_inputs(tmp_path_factory, sp_model_path):
     """Packed train/eval sets from generated records, and a tiny Llama config matching the tokenizer."""
-    from witscale.data.pipeline import PackOptions, pack_records
+    from witscale.data.pack import PackOptions, pack_records
     from witscale.data.synthetic import generate_instruction_records
     from witscale.data.tokenizer import load_tokenizer
 

@@ -8,8 +8,8 @@ import pytest
 
 from conftest import REPO_ROOT, write_json, write_jsonl
 from witscale.data.classes import TokenClass as C
-from witscale.data.packed import PackedDataset
-from witscale.data.pipeline import PackOptions, pack_records
+from witscale.data.format import PackedDataset
+from witscale.data.pack import PackOptions, pack_records
 
 GOOD = {"instruction": "Add 2 and 3.", "input": "", "output": "5"}
 

@@ -6,8 +6,8 @@ from hypothesis import given, settings, strategies as st
 
 from witscale.data.classes import TokenClass as C
 from witscale.data.errors import DataError
-from witscale.data.packed import PackedDataset, TokenizedCorpus, write_packed
-from witscale.data.packing import apply_long_policy, best_fit_decreasing
+from witscale.data.format import PackedDataset, TokenizedCorpus, write_packed
+from witscale.data.bestfit import apply_long_policy, best_fit_decreasing
 
 
 def _corpus(lengths, seed=0, weights=False):

@@ -18,14 +18,14 @@ def pipe_worker(rank, world, *, tp=1, pp=2, stage=0, micro=1, accum=4, steps=2, 
     """Train ``steps`` steps on a tp × pp × dp layout with the Trainer; return losses, dense params.
     With ``resume_dir``: save after ``steps // 2`` steps, finish, then restore into a fresh engine and
     redo the second half (returned as ``resumed``)."""
-    from witscale import checkpoint
+    from witscale.training import checkpoint
     from witscale.data.loader import PackedLoader
     from witscale.data.weighting import build_weight_table
-    from witscale.distributed import init_distributed
+    from witscale.training.distributed import init_distributed
     from witscale.model import ModelConfig
-    from witscale.parallel.pipeline import build_pipeline_module, load_pipeline_weights
+    from witscale.model.pipeline import build_pipeline_module, load_pipeline_weights
     from witscale.parallel.topology import ParallelDims, Topology
-    from witscale.trainer import Trainer
+    from witscale.training.trainer import Trainer
 
     init_distributed()
     cfg = ModelConfig.from_dict(dict(TINY, **(model or {})))
@@ -164,7 +164,7 @@ def test_pp2_clips_by_the_true_global_norm(reference):
 def _export_worker(rank, world, out_dir):
     res = pipe_worker(rank, world, tp=1, pp=2, steps=1, accum=2)
     if rank == 0:
-        from witscale.export import write_hf_dir
+        from witscale.training.export import write_hf_dir
         from witscale.model import ModelConfig
         write_hf_dir({k: torch.from_numpy(v) for k, v in res["params"].items()},
                      ModelConfig.from_dict(TINY), out_dir, None)
@@ -192,7 +192,7 @@ def test_export_after_pp2_loads_in_transformers(tmp_path):
 
 def test_pipeline_names_round_trip():
     from witscale.model import ModelConfig, dense_shapes
-    from witscale.parallel.pipeline import hf_to_pipe_name, pipe_to_hf_name
+    from witscale.model.pipeline import hf_to_pipe_name, pipe_to_hf_name
 
     for tied in (False, True):
         cfg = ModelConfig.from_dict(dict(TINY, tie_word_embeddings=tied))

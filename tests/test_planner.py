@@ -28,10 +28,10 @@ def _measure(rank, world, cfg_dict, tp, stage):
     from tests.train_helpers import ds_config, random_packed
     from witscale.data.loader import PackedLoader
     from witscale.data.weighting import build_weight_table
-    from witscale.distributed import init_distributed
+    from witscale.training.distributed import init_distributed
     from witscale.model import ModelConfig, build_training_model, construction_context, load_model_weights
     from witscale.parallel.topology import ParallelDims, Topology
-    from witscale.trainer import Trainer
+    from witscale.training.trainer import Trainer
 
     init_distributed()
     cfg = ModelConfig.from_dict(dict(cfg_dict, max_position_embeddings=64))

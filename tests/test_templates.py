@@ -5,7 +5,8 @@ import sentencepiece as spm
 from witscale.data.classes import TokenClass as C
 from witscale.data.errors import BoundaryError, TokenizerError
 from witscale.data.readers import normalize_record
-from witscale.data.templates import Renderer, classify_tokens
+from witscale.data.render import Renderer
+from witscale.data.templates import classify_tokens
 from witscale.data.tokenizer import load_tokenizer
 
 CHAT = {"messages": [{"role": "system", "content": "Be brief."},

@@ -92,10 +92,10 @@ def _independent_loss(model, data, table, rows, normalization):
 def _formula_worker(rank, world, normalization):
     from witscale.data.loader import PackedLoader
     from witscale.data.weighting import build_weight_table
-    from witscale.distributed import init_distributed
+    from witscale.training.distributed import init_distributed
     from witscale.model import ModelConfig, build_training_model, load_model_weights
     from witscale.parallel.topology import ParallelDims, Topology
-    from witscale.trainer import Trainer
+    from witscale.training.trainer import Trainer
     from tests.train_helpers import ds_config
 
     init_distributed()

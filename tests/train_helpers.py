@@ -1,6 +1,6 @@
 """Shared pieces for the training tests: an in-memory packed dataset and rank workers.
 
-``InMemoryPacked`` has the read interface of ``witscale.data.packed.PackedDataset`` (tokens, classes,
+``InMemoryPacked`` has the read interface of ``witscale.data.format.PackedDataset`` (tokens, classes,
 weights, doc_lengths, seq_len, manifest) over numpy arrays the test controls exactly; the trainer,
 DeepSpeed and the process groups under test are all real.
 """
@@ -93,9 +93,9 @@ def train_worker(rank, world, *, tp=1, do_probe=False, stage=0, micro=1, accum=1
     from witscale.data.weighting import build_weight_table
     from witscale.model import ModelConfig, build_training_model, construction_context, load_model_weights
     from witscale.parallel.topology import ParallelDims, Topology
-    from witscale.trainer import Trainer
+    from witscale.training.trainer import Trainer
 
-    from witscale.distributed import init_distributed
+    from witscale.training.distributed import init_distributed
     init_distributed()
     cfg = ModelConfig.from_dict(dict(TINY, **(model or {})))
     dims = ParallelDims(world, tp, 1).validate(stage, cfg)

@@ -21,8 +21,8 @@ def main(argv=None) -> int:
     p.add_argument("out", help="the HF directory to write (replaced if it exists)")
     p.add_argument("--tokenizer", help="tokenizer directory or SentencePiece .model to copy")
     args = p.parse_args(argv)
-    from witscale.checkpoint import CheckpointError, resolve_resume
-    from witscale.export import export_checkpoint
+    from witscale.training.checkpoint import CheckpointError, resolve_resume
+    from witscale.training.export import export_checkpoint
 
     if not os.path.exists(args.checkpoint):
         print(f"error: {args.checkpoint}: no such checkpoint", file=sys.stderr)

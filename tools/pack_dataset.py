@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Offline tokenize-and-pack: raw instruction records → witscale packed dataset. See --help and
-witscale/data/packed.py for the format."""
+witscale/data/format.py for the format."""
 import os
 import sys
 

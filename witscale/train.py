@@ -21,8 +21,9 @@ if __package__ in (None, ""):   # run as a script: make the repository importabl
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from witscale.data.classes import CLASS_NAMES  # noqa: E402
-from witscale.data.weighting import build_weight_table, describe_weight_table, parse_class_weights  # noqa: E402
-from witscale.ds_config import DSConfigError, fill_ds_config, load_ds_config, zero_stage  # noqa: E402
+from witscale.data.weighting import (NORMALIZATIONS, build_weight_table, describe_weight_table,  # noqa: E402
+                                     parse_class_weights)
+from witscale.training.ds_config import DSConfigError, fill_ds_config, load_ds_config, zero_stage  # noqa: E402
 
 log = logging.getLogger("witscale")
 
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-weight", type=float, default=0.0, help="λp for template/system/prompt tokens (default 0)")
     g.add_argument("--response-weight", type=float, default=1.0, help="λr for response/eot tokens (default 1)")
     g.add_argument("--class-weights", default="", help="per-class overrides, e.g. 'template=0,system=0.1'")
-    g.add_argument("--normalization", choices=("nonzero", "weight_sum", "tokens"), default="nonzero",
+    g.add_argument("--normalization", choices=NORMALIZATIONS, default="nonzero",
                    help=NORMALIZATION_HELP)
 
     g = p.add_argument_group("optimization")
@@ -134,7 +135,7 @@ def _require_file(path: str, flag: str) -> None:
 
 def plan_run(args: argparse.Namespace, world_size: int) -> Plan:
     from witscale.data.loader import check_model_compat
-    from witscale.data.packed import PackedDataset
+    from witscale.data.format import PackedDataset
     from witscale.model import ModelConfig
     from witscale.parallel.topology import LayoutError, ParallelDims
 
@@ -230,7 +231,7 @@ def build_module(plan: Plan, topo):
     from witscale.model import build_training_model, construction_context, load_model_weights
 
     if topo.pp > 1:
-        from witscale.parallel.pipeline import build_pipeline_module, load_pipeline_weights
+        from witscale.model.pipeline import build_pipeline_module, load_pipeline_weights
         module = build_pipeline_module(plan.model_config, topo, partition=plan.args.pp_partition,
                                        activation_checkpointing=plan.args.activation_checkpointing,
                                        attention_backend=plan.args.attention)
@@ -249,7 +250,7 @@ def run(args: argparse.Namespace):
     import torch
     import torch.distributed as dist
 
-    from witscale.distributed import PeerFailureWatch, init_distributed, world_size_from_env
+    from witscale.training.distributed import PeerFailureWatch, init_distributed, world_size_from_env
     from witscale.parallel.topology import Topology
 
     world = dist.get_world_size() if dist.is_initialized() else world_size_from_env()
@@ -271,11 +272,11 @@ def train_loop(plan: Plan, topo, module):
     """Resume if asked, then step until done or preempted; checkpoint, evaluate and log on the way."""
     import torch.distributed as dist
 
-    from witscale import checkpoint, preemption
+    from witscale.training import checkpoint, preemption
     from witscale.data.loader import PackedLoader
-    from witscale.faults import injected
-    from witscale.metrics import MetricsLogger
-    from witscale.trainer import Trainer
+    from witscale.training.faults import injected
+    from witscale.training.metrics import MetricsLogger
+    from witscale.training.trainer import Trainer
 
     args = plan.args
     loader = PackedLoader(plan.dataset, plan.weight_table, micro_batch_size=args.micro_batch_size,
@@ -341,7 +342,7 @@ def train_loop(plan: Plan, topo, module):
             if last_saved != trainer.step:
                 save()
             if args.export_hf:
-                from witscale.export import export_from_engine
+                from witscale.training.export import export_from_engine
                 export_from_engine(trainer, plan.model_config, args.export_hf,
                                    tokenizer_src=args.tokenizer or args.model)
     finally:
@@ -375,16 +376,16 @@ def _add_file_log(path: str) -> None:
 
 
 def main(argv=None) -> int:
-    from witscale import preemption
+    from witscale.training import preemption
     preemption.install()        # first: SLURM's signal can come before start-up is over
     args = build_parser().parse_args(argv)
     # DeepSpeed logs through the root logger: keep it at WARNING, witscale's own at --log-level.
     logging.basicConfig(level=logging.WARNING, format="[witscale] %(message)s", stream=sys.stdout)
     log.setLevel(args.log_level.upper())
-    from witscale.distributed import fail_fast, rank_from_env, teardown
+    from witscale.training.distributed import fail_fast, rank_from_env, teardown
     if rank_from_env() != 0:
         log.setLevel(logging.WARNING)
-    from witscale.checkpoint import CheckpointError
+    from witscale.training.checkpoint import CheckpointError
     try:
         run(args)
     except UsageError as e:     # before any process group exists

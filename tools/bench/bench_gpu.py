@@ -66,7 +66,7 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from witscale.planner import ModelShape  # noqa: E402
+from witscale.model.shape import ModelShape  # noqa: E402
 
 LLAMA_32_1B = dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
                    num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
@@ -119,7 +119,7 @@ class Workload:
 
     def __init__(self, cfg: dict, args, device: torch.device):
         from witscale.data.loader import PackedLoader
-        from witscale.data.packed import PackedDataset, TokenizedCorpus, write_packed
+        from witscale.data.format import PackedDataset, TokenizedCorpus, write_packed
         from witscale.data.weighting import build_weight_table
 
         steps = args.warmup + args.steps

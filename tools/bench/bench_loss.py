@@ -3,7 +3,7 @@
     python tools/bench/bench_loss.py [--tokens 4096] [--hidden 1024] [--vocab 32000 128256] [--repeats 2]
 
 naive = full fp32 logits ``hidden @ Wᵀ`` + ``F.cross_entropy(reduction='none') · w``, summed, autograd.
-fused = ``witscale.loss.fused_weighted_cross_entropy`` (default chunk_size).
+fused = ``witscale.parallel.cross_entropy.fused_weighted_cross_entropy`` (default chunk_size).
 Both: fp32, T tokens with random targets (5% ignored, 30% weight 0), gradients wrt hidden and W.
 
 Each (vocab, method) runs in a fresh subprocess, so one case's allocator state cannot flatter another.
@@ -44,7 +44,7 @@ def _case(method: str, tokens: int, hidden: int, vocab: int, repeats: int) -> di
     import torch.nn.functional as F
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    from witscale.loss import chunk_rows, fused_weighted_cross_entropy
+    from witscale.parallel.cross_entropy import chunk_rows, fused_weighted_cross_entropy
 
     torch.manual_seed(0)
     h = (torch.randn(tokens, hidden) * 0.5).requires_grad_()

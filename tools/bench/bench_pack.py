@@ -18,8 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import numpy as np  # noqa: E402
 
-from witscale.data.packing import best_fit_decreasing  # noqa: E402
-from witscale.data.pipeline import PackOptions, pack_files  # noqa: E402
+from witscale.data.bestfit import best_fit_decreasing  # noqa: E402
+from witscale.data.pack import PackOptions, pack_files  # noqa: E402
 
 
 def generated_corpus(tmp: str, n: int):

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 def load_documents(args):
     """Tokenized documents (ids, classes) through witscale's own renderer, and the tokenizer path."""
     from witscale.data.readers import normalize_record, read_records
-    from witscale.data.templates import Renderer
+    from witscale.data.render import Renderer
     from witscale.data.tokenizer import load_tokenizer
 
     tmp = tempfile.mkdtemp(prefix="bench-train-")
@@ -59,7 +59,7 @@ def model_config(vocab: int, args) -> dict:
 def witscale_steps(docs, cfg_dict, table, args):
     """Packed rows of seq_len, micro-batches of ``rows_per_batch`` rows: yields (closure, real tokens)."""
     from witscale.data.loader import PackedLoader
-    from witscale.data.packed import PackedDataset, TokenizedCorpus, write_packed
+    from witscale.data.format import PackedDataset, TokenizedCorpus, write_packed
     from witscale.model import CausalLM, ModelConfig, load_model_weights
 
     out = os.path.join(tempfile.mkdtemp(prefix="bench-packed-"), "packed")

@@ -21,8 +21,7 @@ import numpy as np
 import torch
 
 from witscale.data.classes import NUM_CLASSES, TokenClass
-
-IGNORE_INDEX = -100
+from witscale.data.weighting import IGNORE_INDEX, denominators_of  # noqa: F401 - part of the loader's interface
 
 
 @dataclass
@@ -101,15 +100,6 @@ def segment_lengths(doc_lengths: np.ndarray, seq_len: int) -> list[int]:
     if used < seq_len:
         lens.append(seq_len - used)
     return lens
-
-
-def denominators_of(labels: np.ndarray, weights: np.ndarray) -> dict[str, float]:
-    predicted = labels != IGNORE_INDEX
-    return {
-        "nonzero": float(np.count_nonzero(predicted & (weights > 0))),
-        "weight_sum": float(weights[predicted].sum(dtype=np.float64)),
-        "tokens": float(np.count_nonzero(predicted)),
-    }
 
 
 class PackedLoader:

@@ -6,8 +6,8 @@ import sys
 import time
 
 from witscale.data.errors import DataError
-from witscale.data.packing import LONG_POLICIES
-from witscale.data.pipeline import PackOptions, pack_files
+from witscale.data.bestfit import LONG_POLICIES
+from witscale.data.pack import PackOptions, pack_files
 from witscale.data.readers import FORMATS
 from witscale.data.templates import TEMPLATE_NAMES
 

@@ -13,6 +13,23 @@ import numpy as np
 from witscale.data.classes import CLASS_NAMES, NUM_CLASSES, PROMPT_SIDE, RESPONSE_SIDE, TokenClass, class_from_name
 
 
+# The objective's vocabulary (docs/objective.md): a target of IGNORE_INDEX predicts nothing, and the
+# global-batch denominator N is one of NORMALIZATIONS.
+IGNORE_INDEX = -100
+NORMALIZATIONS = ("nonzero", "weight_sum", "tokens")
+
+
+def denominators_of(labels: np.ndarray, weights: np.ndarray) -> dict[str, float]:
+    """This batch's share of each normalization's denominator: predicted tokens with non-zero weight
+    ('nonzero', the paper's), Σ w ('weight_sum'), all predicted tokens ('tokens')."""
+    predicted = labels != IGNORE_INDEX
+    return {
+        "nonzero": float(np.count_nonzero(predicted & (weights > 0))),
+        "weight_sum": float(weights[predicted].sum(dtype=np.float64)),
+        "tokens": float(np.count_nonzero(predicted)),
+    }
+
+
 def _check_weight(name: str, value: float) -> float:
     value = float(value)
     if math.isnan(value) or math.isinf(value) or value < 0:

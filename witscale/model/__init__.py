@@ -17,7 +17,7 @@ def construction_context(ds_config: dict, topo):
     partition over the whole world — mixing different tensor-parallel shards."""
     import contextlib
 
-    from witscale.ds_config import zero_stage
+    from witscale.training.ds_config import zero_stage
     if zero_stage(ds_config) != 3:
         return contextlib.nullcontext()
     import deepspeed

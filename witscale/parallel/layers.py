@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from witscale.loss import LossStats, fused_weighted_cross_entropy
+from witscale.parallel.cross_entropy import LossStats, fused_weighted_cross_entropy
 from witscale.parallel.comm import copy_to_tp, gather_from_tp_last_dim, reduce_from_tp, scatter_to_tp_last_dim
 
 

@@ -77,7 +77,7 @@ def export_checkpoint(checkpoint_path: str, out_dir: str, tokenizer_src: Optiona
     """Offline: consolidate a witscale checkpoint (any ZeRO stage) into an HF directory."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from witscale.checkpoint import resolve_resume
+    from witscale.training.checkpoint import resolve_resume
     from witscale.model import ModelConfig
 
     root, tag = resolve_resume(checkpoint_path, checkpoint_path)

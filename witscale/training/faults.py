@@ -2,7 +2,7 @@
 
     WITSCALE_FAULT=<kind>:<step>[:<rank>]      (rank defaults to 0)
 
-Kinds: ``crash_in_save`` and ``kill_after_save`` (witscale/checkpoint.py: die with shards written but no
+Kinds: ``crash_in_save`` and ``kill_after_save`` (witscale/training/checkpoint.py: die with shards written but no
 commit, or right after a complete checkpoint), ``raise_in_step`` (witscale/train.py: an exception on one
 rank before the step, while the others enter its collectives — the fail-fast path).
 """

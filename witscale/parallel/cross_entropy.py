@@ -39,8 +39,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-IGNORE_INDEX = -100
-NORMALIZATIONS = ("nonzero", "weight_sum", "tokens")
+from witscale.data.weighting import IGNORE_INDEX, NORMALIZATIONS  # noqa: E402 - the objective's names, defined once
 _GRAD_W_BLOCK = 8192     # vocabulary rows per bf16 weight-gradient product (bounds its temporary)
 MIN_AUTO_CHUNK = 512     # smaller chunks make the per-chunk matmuls less efficient (and tp>1 sends more messages)
 

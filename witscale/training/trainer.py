@@ -21,7 +21,7 @@ device tensors, gloo host tensors — the engine's device is right for both), an
 stay there until they cross to the host once per optimizer step.
 
 Gradient norm and clipping come from DeepSpeed (ZeRO-1/2/3 and its bf16 optimizer, pipeline-aware); in
-fp32 ZeRO-0, where DeepSpeed measures none, from ``witscale.optim.GlobalNormClipping``.
+fp32 ZeRO-0, where DeepSpeed measures none, from ``witscale.training.optim.GlobalNormClipping``.
 """
 from __future__ import annotations
 
@@ -36,11 +36,11 @@ import torch
 import torch.distributed as dist
 
 from witscale.data.classes import PROMPT_SIDE, RESPONSE_SIDE, NUM_CLASSES
-from witscale.data.loader import IGNORE_INDEX, MicroBatch, PackedLoader, StepBatch, denominators_of
-from witscale.ds_config import zero_stage
-from witscale.loss import NORMALIZATIONS
-from witscale.optim import GlobalNormClipping, cosine_with_warmup, param_groups
-from witscale.planner import ModelShape
+from witscale.data.loader import MicroBatch, PackedLoader, StepBatch
+from witscale.data.weighting import IGNORE_INDEX, NORMALIZATIONS, denominators_of
+from witscale.training.ds_config import zero_stage
+from witscale.training.optim import GlobalNormClipping, cosine_with_warmup, param_groups
+from witscale.model.shape import ModelShape
 
 log = logging.getLogger("witscale")
 
@@ -173,7 +173,7 @@ class _PipelineEngine:
 
     @staticmethod
     def _item(mb: MicroBatch, scale: float):
-        from witscale.parallel.pipeline import pipe_inputs
+        from witscale.model.pipeline import pipe_inputs
         labels = (mb.labels, mb.weights, mb.target_classes,
                   torch.tensor(scale, dtype=torch.float64, device=mb.labels.device))
         return pipe_inputs(mb), labels
@@ -205,7 +205,7 @@ class _PipelineEngine:
         return totals
 
     def dense_state_dict(self, model_config) -> dict[str, torch.Tensor]:
-        from witscale.parallel.pipeline import dense_state_dict
+        from witscale.model.pipeline import dense_state_dict
         return dense_state_dict(self.engine.module, model_config, self.topo)
 
 
@@ -230,7 +230,7 @@ class Trainer:
         pipelined = topo.pp > 1
         config = dict(ds_config)
         if pipelined:
-            from witscale.parallel.pipeline import pipeline_ds_config
+            from witscale.model.pipeline import pipeline_ds_config
             config = pipeline_ds_config(ds_config, activation_checkpointing)
         self.grad_accum = int(config["gradient_accumulation_steps"])
         self.zero_stage = zero_stage(config)

@@ -87,7 +87,7 @@ class PeerFailureWatch:
     """Ends this rank within seconds when another rank has failed.
 
     A collective with a rank that died does not fail on NCCL until the collective timeout (minutes), and a
-    launcher's SIGTERM to the survivors is taken as a preemption request (witscale/preemption.py). So a
+    launcher's SIGTERM to the survivors is taken as a preemption request (witscale/training/preemption.py). So a
     failing rank writes its rank under a key of the rendezvous store (``fail_fast``), and a daemon thread on
     every rank polls that key once a ``interval``: when it is set — or when the store itself is gone, i.e.
     rank 0 ended — the rank prints why and exits. ``stop()`` before the normal teardown: the store's host

@@ -22,7 +22,7 @@ import numpy as np
 
 from witscale.data.classes import CLASS_NAMES, NUM_CLASSES, TokenClass
 from witscale.data.errors import DataError
-from witscale.data.packing import apply_long_policy, gather_index, layout_rows
+from witscale.data.bestfit import apply_long_policy, gather_index, layout_rows
 
 FORMAT_VERSION = 1
 _ARRAYS = {"tokens": "<i4", "classes": "u1", "weights": "<f4"}

@@ -9,9 +9,10 @@ import time
 from typing import Callable, Iterable, NamedTuple
 
 from witscale.data.errors import DataError, RecordError
-from witscale.data.packed import TokenizedCorpus, write_packed
+from witscale.data.format import TokenizedCorpus, write_packed
 from witscale.data.readers import SourceRecord, normalize_record, read_records
-from witscale.data.templates import Document, Renderer
+from witscale.data.render import Renderer
+from witscale.data.templates import Document
 from witscale.data.tokenizer import load_tokenizer
 
 MAX_SKIP_REASONS = 50

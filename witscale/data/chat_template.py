@@ -9,6 +9,7 @@ import numpy as np
 from witscale.data.classes import TokenClass
 from witscale.data.errors import RecordError, TokenizerError
 from witscale.data.readers import Conversation
+from witscale.data.templates import classify_tokens, content_class, end_class
 from witscale.data.tokenizer import HFTokenizer
 
 _END = len(TokenClass)   # provisional class: template text after an assistant turn (EOT if special, else TEMPLATE)
@@ -30,7 +31,6 @@ class HFChatRenderer:
             raise RecordError(f"chat_template failed: {type(e).__name__}: {e}") from None
 
     def __call__(self, conv: Conversation):
-        from witscale.data.templates import classify_tokens, content_class, end_class
         msgs = [{"role": m.role, "content": m.full_text()} for m in conv.messages]
         text, cls_parts, msg_parts = "", [], []
 

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from witscale.faults import injected
+from witscale.training.faults import injected
 
 log = logging.getLogger("witscale")
 

@@ -1,0 +1,116 @@
+"""A template bound to a tokenizer: records (``Conversation``) → token ids + a class per token (``Document``).
+
+``Renderer(template, tokenizer)`` renders with one of the fixed templates of witscale/data/templates.py, or,
+for ``hf``, with the tokenizer's own chat template (witscale/data/chat_template.py); both share the token
+classification of templates.py, and neither imports this module (no import cycle).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from witscale.data.chat_template import HFChatRenderer
+from witscale.data.errors import DataError, TokenizerError
+from witscale.data.readers import Conversation
+from witscale.data.templates import (TEMPLATE_NAMES, TEMPLATES, Document, Special, TemplateSpec, Text,
+                                     classify_tokens)
+from witscale.data.tokenizer import Tokenizer
+
+
+def _resolve(spec: TemplateSpec, name: str, tokenizer: Tokenizer) -> int | None:
+    if name == "bos":
+        return tokenizer.bos_id
+    if name == "eos":
+        return tokenizer.eos_id
+    return tokenizer.token_id(name)
+
+
+class Renderer:
+    """A template bound to a tokenizer: checks up front that every special token it needs exists."""
+
+    def __init__(self, template: str, tokenizer: Tokenizer):
+        if template == "hf":
+            self._hf = HFChatRenderer(tokenizer)
+        elif template not in TEMPLATES:
+            raise DataError(f"unknown template {template!r}; known templates: {', '.join(TEMPLATE_NAMES)}")
+        else:
+            self._hf = None
+            self.spec = TEMPLATES[template]
+            for name in self.spec.required:
+                if _resolve(self.spec, name, tokenizer) is None:
+                    what = {"eos": "an EOS token", "bos": "a BOS token"}.get(name, f"the special token {name!r}")
+                    raise TokenizerError(f"template {template!r} needs {what}, which this tokenizer lacks; pick "
+                                         f"another --template or a tokenizer that defines it", tokenizer.path)
+        self.template = template
+        self.tokenizer = tokenizer
+
+    def items(self, conv: Conversation) -> list:
+        return self.spec.render(conv)
+
+    def render_text(self, conv: Conversation) -> str:
+        """The rendered document as one string (specials spelled out), for inspection and tests."""
+        out = []
+        for it in self.items(conv):
+            if isinstance(it, Special):
+                tid = _resolve(self.spec, it.name, self.tokenizer)
+                if tid is None:
+                    out.append(it.name if it.name not in ("bos", "eos") else "")
+                else:
+                    out.append(self.tokenizer.vocabulary()[tid] if it.name in ("bos", "eos") else it.name)
+            else:
+                out.append(it.text)
+        return "".join(out)
+
+    def __call__(self, conv: Conversation) -> Document:
+        if self._hf is not None:
+            ids, classes, msgs = self._hf(conv)
+        else:
+            ids, classes, msgs = self._tokenize_items(self.items(conv))
+        weights = None
+        if conv.has_weights:
+            mw = np.array([m.weight if m.weight is not None else 1.0 for m in conv.messages] + [1.0], dtype=np.float32)
+            weights = mw[msgs] * np.float32(conv.weight if conv.weight is not None else 1.0)
+        return Document(ids, classes, weights)
+
+    def _tokenize_items(self, items: list):
+        ids, classes, msgs = [], [], []
+        run: list[Text] = []
+        started = False          # has a token other than a leading BOS been emitted?
+
+        def flush():
+            nonlocal started
+            if not run:
+                return
+            text = "".join(t.text for t in run)
+            lens = [len(t.text) for t in run]
+            char_cls = np.repeat(np.array([t.cls for t in run], dtype=np.uint8), lens)
+            char_msg = np.repeat(np.array([t.msg for t in run], dtype=np.int64), lens)
+            tok_ids, begin, end = self.tokenizer.encode_with_offsets(text, continuation=started)
+            cls, msg = classify_tokens(text, char_cls, char_msg, begin, end)
+            ids.append(tok_ids.astype(np.int32))
+            classes.append(cls.astype(np.uint8))
+            msgs.append(msg)
+            started = True
+            run.clear()
+
+        for k, it in enumerate(items):
+            if isinstance(it, Text):
+                if it.text:
+                    run.append(it)
+                continue
+            flush()
+            tid = _resolve(self.spec, it.name, self.tokenizer)
+            if tid is None:
+                if it.name == "bos" and self.spec.optional_bos:
+                    continue
+                if it.name in self.spec.text_fallback:
+                    run.append(Text(it.name, it.cls, it.msg))
+                    continue
+                raise TokenizerError(f"template {self.template!r} needs {it.name!r}, which the tokenizer lacks",
+                                     self.tokenizer.path)
+            ids.append(np.array([tid], dtype=np.int32))
+            classes.append(np.array([it.cls], dtype=np.uint8))
+            msgs.append(np.array([it.msg], dtype=np.int64))
+            if not (k == 0 and it.name == "bos"):
+                started = True
+        flush()
+        return np.concatenate(ids), np.concatenate(classes), np.concatenate(msgs)
