@@ -23,6 +23,18 @@ TB_TAGS = {
 }
 
 
+def tb_tag(key: str):
+    """The TensorBoard tag of a metrics.jsonl key (None: not plotted). Per-class mean NLLs ``nll_<class>``
+    and ``eval_nll_<class>`` go to train_class_nll/<class> and eval_class_nll/<class>."""
+    if key in TB_TAGS:
+        return TB_TAGS[key]
+    if key.startswith("eval_nll_"):
+        return "eval_class_nll/" + key[len("eval_nll_"):]
+    if key.startswith("nll_"):
+        return "train_class_nll/" + key[len("nll_"):]
+    return None
+
+
 class MetricsLogger:
     def __init__(self, output_dir: Optional[str], total_steps: int, *, enabled: bool, log_every: int = 1,
                  tensorboard: bool = True, start_step: int = 0):
@@ -55,13 +67,14 @@ class MetricsLogger:
             self._jsonl.write(json.dumps(clean) + "\n")
             self._jsonl.flush()
         if self._tb is not None:
-            for key, tag in TB_TAGS.items():
-                value = record.get(key)
-                if isinstance(value, (int, float)) and not math.isnan(value):
+            for key, value in record.items():
+                tag = tb_tag(key)
+                if tag and isinstance(value, (int, float)) and not math.isnan(value):
                     self._tb.add_scalar(tag, value, step)
             self._tb.flush()
         if "loss" not in record:        # an eval record
-            log.info(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+            log.info(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+                              if not k.startswith(("nll_", "eval_nll_"))))
             return
         if self._bar is not None:
             self._bar.update(step - self._bar.n)

@@ -28,14 +28,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from witscale.data.classes import PROMPT_SIDE, RESPONSE_SIDE, NUM_CLASSES
+from witscale.data.classes import CLASS_NAMES, NUM_CLASSES, PROMPT_SIDE, RESPONSE_SIDE
 from witscale.data.loader import MicroBatch, PackedLoader, StepBatch
 from witscale.data.weighting import IGNORE_INDEX, NORMALIZATIONS, denominators_of
 from witscale.training.ds_config import zero_stage
@@ -60,9 +60,12 @@ class StepResult:
     epoch: int
     mfu: Optional[float] = None
     peak_memory_gib: Optional[float] = None     # this rank's peak GPU memory so far (CUDA only)
+    class_nll: dict = field(default_factory=dict)   # mean NLL per token class present in the batch
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items()}
+        out = {k: v for k, v in self.__dict__.items() if k != "class_nll"}
+        out.update({f"nll_{name}": v for name, v in self.class_nll.items()})
+        return out
 
 
 # Dense bf16 peak FLOP/s by GPU name (datasheet figures, no sparsity); MFU is reported only for these.
@@ -98,6 +101,11 @@ class StepSums:
     def from_vector(cls, totals: torch.Tensor) -> "StepSums":
         t = totals.double().cpu().numpy()          # the step's one device→host crossing
         return cls(float(t[0]), t[1:1 + NUM_CLASSES], t[1 + NUM_CLASSES:STATS_SIZE])
+
+    def per_class(self) -> dict[str, float]:
+        """Mean NLL of each class that has predicted tokens, by class name."""
+        return {CLASS_NAMES[c]: float(self.class_nll_sum[c] / self.class_count[c])
+                for c in range(NUM_CLASSES) if self.class_count[c] > 0}
 
     def mean_nll(self, classes) -> float:
         idx = [int(c) for c in classes]
@@ -299,6 +307,7 @@ class Trainer:
                  / (self.peak_flops * dist.get_world_size()) if self.peak_flops and elapsed > 0 else None),
             peak_memory_gib=(torch.cuda.max_memory_allocated(self.device) / 2 ** 30
                              if self.device.type == "cuda" else None),
+            class_nll=sums.per_class(),
         )
 
     # --- evaluation ---------------------------------------------------------------------------------
@@ -336,7 +345,8 @@ class Trainer:
         return {"step": self.step,
                 "eval_loss": sums.weighted_sum / denominator if denominator > 0 else float("nan"),
                 "eval_prompt_nll": sums.mean_nll(PROMPT_SIDE),
-                "eval_response_nll": sums.mean_nll(RESPONSE_SIDE)}
+                "eval_response_nll": sums.mean_nll(RESPONSE_SIDE),
+                **{f"eval_nll_{name}": v for name, v in sums.per_class().items()}}
 
     # --- inspection (tests, export) ----------------------------------------------------------------
     def full_dense_state_dict(self) -> dict[str, torch.Tensor]:
