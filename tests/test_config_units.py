@@ -90,11 +90,11 @@ def _cfg(**kw):
 ])
 def test_layout_errors_name_the_numbers(world, tp, pp, stage, cfg, msg):
     with pytest.raises(LayoutError, match=msg.replace("(", r"\(").replace(")", r"\)")):
-        ParallelDims(world, tp, pp).validate(stage, cfg)
+        ParallelDims(world, tp, pp, stage, cfg)
 
 
 def test_rank_grid_is_tp_fastest_then_dp_then_pp():
-    dims = ParallelDims(16, tp=2, pp=2).validate(1, _cfg())
+    dims = ParallelDims(16, tp=2, pp=2, zero_stage=1, model=_cfg())
     assert dims.dp == 4
     assert dims.tp_groups()[0] == [0, 1]
     assert dims.dp_groups()[0] == [0, 2, 4, 6]

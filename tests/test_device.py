@@ -32,22 +32,16 @@ def _device_worker(rank, world, stage, pp):
     from witscale.data.loader import MicroBatch, PackedLoader
     from witscale.data.weighting import build_weight_table
     from witscale.training.distributed import init_distributed
-    from witscale.model import ModelConfig, build_training_model, construction_context, load_model_weights
+    from witscale.model import ModelConfig
     from witscale.parallel.topology import ParallelDims, Topology
+    from witscale.training.build import build_module
     from witscale.training.trainer import Trainer
 
     init_distributed()
     cfg = ModelConfig.from_dict(TINY)
-    topo = Topology(ParallelDims(world, 1, pp).validate(stage, cfg))
+    topo = Topology(ParallelDims(world, 1, pp, stage, cfg))
     config = ds_config(stage, 1, 2, topo.dp, clip=1.0)
-    if pp > 1:
-        from witscale.model.pipeline import build_pipeline_module, load_pipeline_weights
-        module = build_pipeline_module(cfg, topo, attention_backend="dense")
-        load_pipeline_weights(module, cfg, model_dir=None, seed=0, topo=topo)
-    else:
-        with construction_context(config, topo):
-            module = build_training_model(cfg, topo, attention_backend="dense")
-        load_model_weights(module, cfg, model_dir=None, seed=0, topo=topo)
+    module = build_module(cfg, topo, config, model_dir=None, seed=0, attention="dense")
     data = random_packed(8, 48, cfg.vocab_size, 1, with_weights=True)
     loader = PackedLoader(data, build_weight_table(0.3, 1.0), micro_batch_size=1, grad_accum=2,
                           dp_size=topo.dp, dp_rank=topo.dp_rank, vocab_size=cfg.vocab_size)

@@ -23,20 +23,19 @@ def pipe_worker(rank, world, *, tp=1, pp=2, stage=0, micro=1, accum=4, steps=2, 
     from witscale.data.weighting import build_weight_table
     from witscale.training.distributed import init_distributed
     from witscale.model import ModelConfig
-    from witscale.model.pipeline import build_pipeline_module, load_pipeline_weights
+    from witscale.training.build import build_module
     from witscale.parallel.topology import ParallelDims, Topology
     from witscale.training.trainer import Trainer
 
     init_distributed()
     cfg = ModelConfig.from_dict(dict(TINY, **(model or {})))
-    topo = Topology(ParallelDims(world, tp, pp).validate(stage, cfg))
+    topo = Topology(ParallelDims(world, tp, pp, stage, cfg))
     data = random_packed(rows, seq_len, cfg.vocab_size, data_seed, with_weights)
 
     def fresh():
         torch.manual_seed(seed)
-        module = build_pipeline_module(cfg, topo, partition=partition,
-                                       activation_checkpointing=activation_checkpointing)
-        load_pipeline_weights(module, cfg, model_dir=None, seed=seed, topo=topo)
+        module = build_module(cfg, topo, ds_config(stage, micro, accum, topo.dp, clip), model_dir=None, seed=seed,
+                              pp_partition=partition, activation_checkpointing=activation_checkpointing)
         loader = PackedLoader(data, build_weight_table(lp, 1.0), micro_batch_size=micro, grad_accum=accum,
                               dp_size=topo.dp, dp_rank=topo.dp_rank, seed=seed)
         trainer = Trainer(module=module, ds_config=ds_config(stage, micro, accum, topo.dp, clip),
@@ -192,7 +191,7 @@ def test_export_after_pp2_loads_in_transformers(tmp_path):
 
 def test_pipeline_names_round_trip():
     from witscale.model import ModelConfig, dense_shapes
-    from witscale.model.pipeline import hf_to_pipe_name, pipe_to_hf_name
+    from witscale.model.hf_names import hf_to_pipe_name, pipe_to_hf_name
 
     for tied in (False, True):
         cfg = ModelConfig.from_dict(dict(TINY, tie_word_embeddings=tied))
@@ -215,7 +214,7 @@ def test_layout_errors_are_one_clear_line(stage, layers, pp, message):
     from witscale.parallel.topology import LayoutError, ParallelDims
 
     with pytest.raises(LayoutError) as e:
-        ParallelDims(4, 1, pp).validate(stage, ModelConfig.from_dict(dict(TINY, num_hidden_layers=layers)))
+        ParallelDims(4, 1, pp, stage, ModelConfig.from_dict(dict(TINY, num_hidden_layers=layers)))
     assert message in str(e.value) and "\n" not in str(e.value)
 
 

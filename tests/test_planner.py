@@ -29,17 +29,16 @@ def _measure(rank, world, cfg_dict, tp, stage):
     from witscale.data.loader import PackedLoader
     from witscale.data.weighting import build_weight_table
     from witscale.training.distributed import init_distributed
-    from witscale.model import ModelConfig, build_training_model, construction_context, load_model_weights
+    from witscale.model import ModelConfig
+    from witscale.training.build import build_module
     from witscale.parallel.topology import ParallelDims, Topology
     from witscale.training.trainer import Trainer
 
     init_distributed()
     cfg = ModelConfig.from_dict(dict(cfg_dict, max_position_embeddings=64))
-    topo = Topology(ParallelDims(world, tp, 1).validate(stage, cfg))
+    topo = Topology(ParallelDims(world, tp, 1, stage, cfg))
     config = ds_config(stage, 1, 1, topo.dp)
-    with construction_context(config, topo):
-        module = build_training_model(cfg, topo)
-    load_model_weights(module, cfg, model_dir=None, seed=0, topo=topo)
+    module = build_module(cfg, topo, config, model_dir=None, seed=0)
     data = random_packed(4, 32, cfg.vocab_size, 0)
     loader = PackedLoader(data, build_weight_table(0.5, 1.0), micro_batch_size=1, grad_accum=1,
                           dp_size=topo.dp, dp_rank=topo.dp_rank)

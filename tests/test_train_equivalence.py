@@ -93,16 +93,16 @@ def _formula_worker(rank, world, normalization):
     from witscale.data.loader import PackedLoader
     from witscale.data.weighting import build_weight_table
     from witscale.training.distributed import init_distributed
-    from witscale.model import ModelConfig, build_training_model, load_model_weights
+    from witscale.model import ModelConfig
+    from witscale.training.build import build_module
     from witscale.parallel.topology import ParallelDims, Topology
     from witscale.training.trainer import Trainer
     from tests.train_helpers import ds_config
 
     init_distributed()
     cfg = ModelConfig.from_dict(TINY)
-    topo = Topology(ParallelDims(1).validate(0, cfg))
-    module = build_training_model(cfg, topo)
-    load_model_weights(module, cfg, model_dir=None, seed=3, topo=topo)
+    topo = Topology(ParallelDims(1, model=cfg))
+    module = build_module(cfg, topo, ds_config(0, 1, 3, 1), model_dir=None, seed=3)
     data = random_packed(6, 40, cfg.vocab_size, seed=5)
     table = build_weight_table(0.25, 1.0)
     loader = PackedLoader(data, table, micro_batch_size=1, grad_accum=3, seed=0)

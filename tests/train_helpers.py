@@ -91,20 +91,19 @@ def train_worker(rank, world, *, tp=1, do_probe=False, stage=0, micro=1, accum=1
 
     from witscale.data.loader import PackedLoader
     from witscale.data.weighting import build_weight_table
-    from witscale.model import ModelConfig, build_training_model, construction_context, load_model_weights
+    from witscale.model import ModelConfig
+    from witscale.training.build import build_module
     from witscale.parallel.topology import ParallelDims, Topology
     from witscale.training.trainer import Trainer
 
     from witscale.training.distributed import init_distributed
     init_distributed()
     cfg = ModelConfig.from_dict(dict(TINY, **(model or {})))
-    dims = ParallelDims(world, tp, 1).validate(stage, cfg)
+    dims = ParallelDims(world, tp, 1, stage, cfg)
     topo = Topology(dims)
     config = ds_config(stage, micro, accum, topo.dp, clip)
     torch.manual_seed(seed)
-    with construction_context(config, topo):
-        module = build_training_model(cfg, topo)
-    load_model_weights(module, cfg, model_dir=None, seed=seed, topo=topo)
+    module = build_module(cfg, topo, config, model_dir=None, seed=seed)
     data = random_packed(rows, seq_len, cfg.vocab_size, data_seed, with_weights)
     loader = PackedLoader(data, build_weight_table(lp, lr_w), micro_batch_size=micro, grad_accum=accum,
                           dp_size=topo.dp, dp_rank=topo.dp_rank, seed=seed)

@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass
 
 from witscale.model.shape import ModelShape
+from witscale.parallel.topology import LayoutError, ParallelDims
 
 GIB = 1024 ** 3
 
@@ -101,17 +102,14 @@ def estimate(shape: ModelShape, layout: Layout, *, seq_len: int, micro_batch: in
 
 
 def valid_layouts(shape: ModelShape, gpus: int, gpus_per_node: int = 8) -> list[Layout]:
-    """ZeRO-3 (tp ≤ node) and 3D ZeRO-1 layouts for ``gpus`` GPUs that divide the model evenly."""
+    """ZeRO-3 (tp ≤ node) and 3D ZeRO-1 layouts for ``gpus`` GPUs that ``ParallelDims`` accepts for the model."""
     out = []
-    for tp in (1, 2, 4, 8):
-        if tp > gpus_per_node or gpus % tp or shape.num_attention_heads % tp or shape.num_key_value_heads % tp \
-                or shape.intermediate_size % tp:
-            continue
+    for tp in (t for t in (1, 2, 4, 8) if t <= gpus_per_node):
         for pp in (1, 2, 4, 8, 16):
-            if gpus % (tp * pp) or pp > shape.num_hidden_layers:
-                continue
-            dp = gpus // (tp * pp)
-            if pp == 1:
-                out.append(Layout(tp, 1, dp, 3))
-            out.append(Layout(tp, pp, dp, 1))
+            for zero in ((3, 1) if pp == 1 else (1,)):
+                try:
+                    dims = ParallelDims(gpus, tp, pp, zero, shape)
+                except LayoutError:
+                    continue
+                out.append(Layout(tp, pp, dims.dp, zero))
     return out

@@ -23,6 +23,7 @@ if __package__ in (None, ""):   # run as a script: make the repository importabl
 from witscale.data.classes import CLASS_NAMES  # noqa: E402
 from witscale.data.weighting import (NORMALIZATIONS, build_weight_table, describe_weight_table,  # noqa: E402
                                      parse_class_weights)
+from witscale.training.config import RunConfig  # noqa: E402
 from witscale.training.ds_config import DSConfigError, fill_ds_config, load_ds_config, zero_stage  # noqa: E402
 
 log = logging.getLogger("witscale")
@@ -116,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 @dataclass
 class Plan:
     """Everything validated, before any process group exists."""
-    args: argparse.Namespace
+    config: RunConfig
     model_config: object
     dataset: object
     eval_dataset: object
@@ -133,135 +134,120 @@ def _require_file(path: str, flag: str) -> None:
         raise UsageError(f"{flag} {path}: no such file or directory")
 
 
-def plan_run(args: argparse.Namespace, world_size: int) -> Plan:
+def plan_run(cfg: RunConfig, world_size: int) -> Plan:
     from witscale.data.loader import check_model_compat
     from witscale.data.format import PackedDataset
     from witscale.model import ModelConfig
     from witscale.parallel.topology import LayoutError, ParallelDims
 
     try:
-        table = build_weight_table(args.prompt_weight, args.response_weight, parse_class_weights(args.class_weights))
+        table = build_weight_table(cfg.prompt_weight, cfg.response_weight, parse_class_weights(cfg.class_weights))
     except ValueError as e:
         raise UsageError(str(e)) from None
-    for flag, value, ok in (("--micro-batch-size", args.micro_batch_size, args.micro_batch_size >= 1),
-                            ("--grad-accum", args.grad_accum, args.grad_accum >= 1),
-                            ("--lr", args.lr, args.lr > 0 and math.isfinite(args.lr)),
-                            ("--warmup-ratio", args.warmup_ratio, 0 <= args.warmup_ratio <= 1),
-                            ("--weight-decay", args.weight_decay, args.weight_decay >= 0),
-                            ("--max-steps", args.max_steps, args.max_steps is None or args.max_steps >= 1),
-                            ("--epochs", args.epochs, args.epochs is None or args.epochs > 0),
-                            ("--clip-grad", args.clip_grad, args.clip_grad is None or args.clip_grad >= 0),
-                            ("--dist-timeout", args.dist_timeout, args.dist_timeout > 0 and math.isfinite(args.dist_timeout))):
+    for flag, value, ok in (("--micro-batch-size", cfg.micro_batch_size, cfg.micro_batch_size >= 1),
+                            ("--grad-accum", cfg.grad_accum, cfg.grad_accum >= 1),
+                            ("--lr", cfg.lr, cfg.lr > 0 and math.isfinite(cfg.lr)),
+                            ("--warmup-ratio", cfg.warmup_ratio, 0 <= cfg.warmup_ratio <= 1),
+                            ("--weight-decay", cfg.weight_decay, cfg.weight_decay >= 0),
+                            ("--max-steps", cfg.max_steps, cfg.max_steps is None or cfg.max_steps >= 1),
+                            ("--epochs", cfg.epochs, cfg.epochs is None or cfg.epochs > 0),
+                            ("--clip-grad", cfg.clip_grad, cfg.clip_grad is None or cfg.clip_grad >= 0),
+                            ("--dist-timeout", cfg.dist_timeout, cfg.dist_timeout > 0 and math.isfinite(cfg.dist_timeout))):
         if not ok:
             raise UsageError(f"{flag} {value} is out of range")
 
     from witscale.model.attention import BACKENDS
-    if args.attention not in BACKENDS:
-        raise UsageError(f"--attention {args.attention}: unknown backend (known: {', '.join(BACKENDS)})")
-    _require_file(args.data, "--data")
+    if cfg.attention not in BACKENDS:
+        raise UsageError(f"--attention {cfg.attention}: unknown backend (known: {', '.join(BACKENDS)})")
+    _require_file(cfg.data, "--data")
     try:
-        dataset = PackedDataset(args.data)
+        dataset = PackedDataset(cfg.data)
     except (OSError, ValueError) as e:
-        raise UsageError(f"--data {args.data}: {e}") from None
-    if args.model:
-        _require_file(os.path.join(args.model, "config.json"), "--model")
-        config_path = os.path.join(args.model, "config.json")
+        raise UsageError(f"--data {cfg.data}: {e}") from None
+    if cfg.model:
+        _require_file(os.path.join(cfg.model, "config.json"), "--model")
+        config_path = os.path.join(cfg.model, "config.json")
     else:
-        _require_file(args.model_config, "--model-config")
-        config_path = args.model_config
+        _require_file(cfg.model_config, "--model-config")
+        config_path = cfg.model_config
     try:
         model_config = ModelConfig.from_json_file(config_path)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"{config_path}: {e}") from None
     try:
-        check_model_compat(dataset.manifest, model_config, args.data)
+        check_model_compat(dataset.manifest, model_config, cfg.data)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
-    _require_file(args.ds_config, "--ds_config")
+    _require_file(cfg.ds_config, "--ds_config")
     try:
-        raw_ds = load_ds_config(args.ds_config)
-        dims = ParallelDims(world_size, args.tp, args.pp).validate(zero_stage(raw_ds), model_config)
+        raw_ds = load_ds_config(cfg.ds_config)
+        dims = ParallelDims(world_size, cfg.tp, cfg.pp, zero_stage(raw_ds), model_config)
     except (DSConfigError, LayoutError) as e:
         raise UsageError(str(e)) from None
     import torch
     try:
         ds_config = fill_ds_config(
-            raw_ds, micro_batch_size=args.micro_batch_size, grad_accum=args.grad_accum, dp_size=dims.dp,
-            clip_grad=args.clip_grad, lr=args.lr, weight_decay=args.weight_decay, betas=tuple(args.adam_betas),
-            eps=args.adam_eps, hidden_size=model_config.hidden_size, use_cuda=torch.cuda.is_available(),
-            path=args.ds_config)
+            raw_ds, micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum, dp_size=dims.dp,
+            clip_grad=cfg.clip_grad, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas),
+            eps=cfg.adam_eps, hidden_size=model_config.hidden_size, use_cuda=torch.cuda.is_available(),
+            path=cfg.ds_config)
     except DSConfigError as e:
         raise UsageError(str(e)) from None
 
-    global_rows = args.micro_batch_size * args.grad_accum * dims.dp
+    global_rows = cfg.micro_batch_size * cfg.grad_accum * dims.dp
     if len(dataset) < global_rows:
-        raise UsageError(f"--data {args.data} has {len(dataset)} packed rows but one optimizer step needs "
-                         f"{global_rows} (micro-batch {args.micro_batch_size} × grad-accum {args.grad_accum} × "
+        raise UsageError(f"--data {cfg.data} has {len(dataset)} packed rows but one optimizer step needs "
+                         f"{global_rows} (micro-batch {cfg.micro_batch_size} × grad-accum {cfg.grad_accum} × "
                          f"data-parallel {dims.dp})")
     eval_dataset = None
-    if args.eval_data:
-        _require_file(args.eval_data, "--eval-data")
+    if cfg.eval_data:
+        _require_file(cfg.eval_data, "--eval-data")
         try:
-            eval_dataset = PackedDataset(args.eval_data)
-            check_model_compat(eval_dataset.manifest, model_config, args.eval_data)
+            eval_dataset = PackedDataset(cfg.eval_data)
+            check_model_compat(eval_dataset.manifest, model_config, cfg.eval_data)
             if len(eval_dataset) == 0:
                 raise ValueError("the eval set has no rows")
         except (OSError, ValueError) as e:
-            raise UsageError(f"--eval-data {args.eval_data}: {e}") from None
+            raise UsageError(f"--eval-data {cfg.eval_data}: {e}") from None
     for flag in ("save_steps", "eval_steps", "keep_checkpoints", "log_every"):
-        if getattr(args, flag) < 0:
+        if getattr(cfg, flag) < 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 0")
-    if args.resume not in (None, "auto") and not os.path.exists(args.resume):
-        raise UsageError(f"--resume {args.resume}: no such checkpoint")
-    ckpt_root = os.path.join(args.output_dir, "checkpoints")
-    if args.resume is None and os.path.isdir(ckpt_root) and os.listdir(ckpt_root):
-        raise UsageError(f"--output-dir {args.output_dir} already holds checkpoints: pass --resume auto to "
+    if cfg.resume not in (None, "auto") and not os.path.exists(cfg.resume):
+        raise UsageError(f"--resume {cfg.resume}: no such checkpoint")
+    ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
+    if cfg.resume is None and os.path.isdir(ckpt_root) and os.listdir(ckpt_root):
+        raise UsageError(f"--output-dir {cfg.output_dir} already holds checkpoints: pass --resume auto to "
                          "continue that run, or choose a new --output-dir")
-    if args.tokenizer:
-        _require_file(args.tokenizer, "--tokenizer")
+    if cfg.tokenizer:
+        _require_file(cfg.tokenizer, "--tokenizer")
     steps_per_epoch = len(dataset) // global_rows
-    total = args.max_steps if args.max_steps else max(1, int(steps_per_epoch * (args.epochs or 1.0)))
-    return Plan(args, model_config, dataset, eval_dataset, table, ds_config, world_size, dims, total,
+    total = cfg.max_steps if cfg.max_steps else max(1, int(steps_per_epoch * (cfg.epochs or 1.0)))
+    return Plan(cfg, model_config, dataset, eval_dataset, table, ds_config, world_size, dims, total,
                 steps_per_epoch)
 
 
-def build_module(plan: Plan, topo):
-    """The module DeepSpeed wraps, created partitioned under ZeRO-3 and filled from HF or a seeded init."""
-    from witscale.model import build_training_model, construction_context, load_model_weights
-
-    if topo.pp > 1:
-        from witscale.model.pipeline import build_pipeline_module, load_pipeline_weights
-        module = build_pipeline_module(plan.model_config, topo, partition=plan.args.pp_partition,
-                                       activation_checkpointing=plan.args.activation_checkpointing,
-                                       attention_backend=plan.args.attention)
-        load_pipeline_weights(module, plan.model_config, model_dir=plan.args.model, seed=plan.args.seed, topo=topo)
-        return module
-    with construction_context(plan.ds_config, topo):
-        module = build_training_model(plan.model_config, topo=topo,
-                                      activation_checkpointing=plan.args.activation_checkpointing,
-                                      attention_backend=plan.args.attention)
-    load_model_weights(module, plan.model_config, model_dir=plan.args.model, seed=plan.args.seed, topo=topo)
-    return module
-
-
-def run(args: argparse.Namespace):
+def run(args: argparse.Namespace | RunConfig):
     """Validate, start the process group, train. Returns (trainer, per-step results)."""
     import torch
     import torch.distributed as dist
 
-    from witscale.training.distributed import PeerFailureWatch, init_distributed, world_size_from_env
     from witscale.parallel.topology import Topology
+    from witscale.training.build import build_module
+    from witscale.training.distributed import PeerFailureWatch, init_distributed, world_size_from_env
 
+    config = args if isinstance(args, RunConfig) else RunConfig.from_args(args)
     world = dist.get_world_size() if dist.is_initialized() else world_size_from_env()
-    plan = plan_run(args, world)
-    init_distributed(timeout_minutes=args.dist_timeout)
+    plan = plan_run(config, world)
+    init_distributed(timeout_minutes=config.dist_timeout)
     watch = PeerFailureWatch() if world > 1 else None
     topo = Topology(plan.dims)
     if dist.get_rank() == 0:
         _announce(plan, topo)
-    torch.manual_seed(args.seed)
-    module = build_module(plan, topo)
+    torch.manual_seed(config.seed)
+    module = build_module(plan.model_config, topo, plan.ds_config, model_dir=config.model, seed=config.seed,
+                          pp_partition=config.pp_partition, attention=config.attention,
+                          activation_checkpointing=config.activation_checkpointing)
     result = train_loop(plan, topo, module)
     if watch is not None:
         watch.stop()        # from here on, rank 0 (the store's host) may leave first
@@ -272,51 +258,45 @@ def train_loop(plan: Plan, topo, module):
     """Resume if asked, then step until done or preempted; checkpoint, evaluate and log on the way."""
     import torch.distributed as dist
 
-    from witscale.training import checkpoint, preemption
     from witscale.data.loader import PackedLoader
+    from witscale.training import checkpoint, preemption
     from witscale.training.faults import injected
     from witscale.training.metrics import MetricsLogger
     from witscale.training.trainer import Trainer
 
-    args = plan.args
-    loader = PackedLoader(plan.dataset, plan.weight_table, micro_batch_size=args.micro_batch_size,
-                          grad_accum=args.grad_accum, dp_size=topo.dp, dp_rank=topo.dp_rank, seed=args.seed,
-                          shuffle=not args.no_shuffle, vocab_size=plan.model_config.vocab_size)
+    cfg = plan.config
+    vocab = plan.model_config.vocab_size
+    loader = PackedLoader(plan.dataset, plan.weight_table, micro_batch_size=cfg.micro_batch_size,
+                          grad_accum=cfg.grad_accum, dp_size=topo.dp, dp_rank=topo.dp_rank, seed=cfg.seed,
+                          shuffle=not cfg.no_shuffle, vocab_size=vocab)
     eval_loader = None
     if plan.eval_dataset is not None:
         # Evaluation reads every row once; a set smaller than one micro-batch is fine.
         eval_loader = PackedLoader(plan.eval_dataset, plan.weight_table,
-                                   micro_batch_size=min(args.micro_batch_size, len(plan.eval_dataset)),
-                                   grad_accum=1, dp_size=1, dp_rank=0, seed=0, shuffle=False,
-                                   vocab_size=plan.model_config.vocab_size)
+                                   micro_batch_size=min(cfg.micro_batch_size, len(plan.eval_dataset)),
+                                   grad_accum=1, dp_size=1, dp_rank=0, seed=0, shuffle=False, vocab_size=vocab)
     trainer = Trainer(module=module, ds_config=plan.ds_config, loader=loader, topo=topo,
-                      normalization=args.normalization, lr=args.lr, weight_decay=args.weight_decay,
-                      betas=args.adam_betas, eps=args.adam_eps, total_steps=plan.total_steps,
-                      warmup_ratio=args.warmup_ratio, activation_checkpointing=args.activation_checkpointing)
-    ckpt_root = os.path.join(args.output_dir, "checkpoints")
-    data_fp = checkpoint.data_fingerprint(plan.dataset.manifest)
-    model_fp = checkpoint.model_fingerprint(plan.model_config)
-    if args.resume:
-        found = checkpoint.resolve_resume(args.resume, ckpt_root)
-        if found:
-            root, tag = found
-            state = checkpoint.load(trainer.engine, root, tag)
-            checkpoint.check_fingerprints(state, data_fp=data_fp, model_fp=model_fp,
-                                          allow_data_change=args.allow_data_change, where=os.path.join(root, tag))
-            trainer.step = int(state["step"])
-            if state.get("data_fingerprint") == data_fp:
-                loader.load_state_dict(state["loader"])
-            log.info(f"resumed from {os.path.join(root, tag)} at step {trainer.step}")
-        else:
-            log.info("--resume auto: no checkpoint yet, starting fresh")
+                      normalization=cfg.normalization, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                      betas=cfg.adam_betas, eps=cfg.adam_eps, total_steps=plan.total_steps,
+                      warmup_ratio=cfg.warmup_ratio, activation_checkpointing=cfg.activation_checkpointing)
+    ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
+    fingerprints = {"data_fingerprint": checkpoint.data_fingerprint(plan.dataset.manifest),
+                    "model_fingerprint": checkpoint.model_fingerprint(plan.model_config)}
+    if cfg.resume:
+        where = trainer.resume(cfg.resume, ckpt_root, allow_data_change=cfg.allow_data_change, **fingerprints)
+        log.info(f"resumed from {where} at step {trainer.step}" if where
+                 else "--resume auto: no checkpoint yet, starting fresh")
 
     def save():
-        client = {"step": trainer.step, "loader": loader.state_dict(), "data_fingerprint": data_fp,
-                  "model_fingerprint": model_fp, "args": {k: str(v) for k, v in vars(args).items()}}
-        checkpoint.save(trainer.engine, ckpt_root, trainer.step, client, args.keep_checkpoints)
+        trainer.save_checkpoint(ckpt_root, cfg.keep_checkpoints, args={k: str(v) for k, v in cfg.as_dict().items()},
+                                **fingerprints)
 
-    metrics = MetricsLogger(args.output_dir, plan.total_steps, enabled=dist.get_rank() == 0,
-                            log_every=args.log_every, tensorboard=not args.no_tensorboard, start_step=trainer.step)
+    def evaluate_now(final: bool) -> bool:
+        every = cfg.eval_steps and trainer.step % cfg.eval_steps == 0
+        return eval_loader is not None and (every if not final else not every)
+
+    metrics = MetricsLogger(cfg.output_dir, plan.total_steps, enabled=dist.get_rank() == 0,
+                            log_every=cfg.log_every, tensorboard=not cfg.no_tensorboard, start_step=trainer.step)
     results, preempted, last_saved = [], False, None
     try:
         while trainer.step < plan.total_steps:
@@ -325,7 +305,7 @@ def train_loop(plan: Plan, topo, module):
             result = trainer.train_step(loader.next_step())
             results.append(result)
             metrics.write(result.as_dict())
-            if eval_loader is not None and args.eval_steps and trainer.step % args.eval_steps == 0:
+            if evaluate_now(final=False):
                 metrics.write(trainer.evaluate(eval_loader))
             if preemption.agreed(device=trainer.device):
                 log.warning(f"preemption signal ({preemption.signal_names() or 'on another rank'}): "
@@ -333,36 +313,35 @@ def train_loop(plan: Plan, topo, module):
                 save()
                 preempted = True
                 break
-            if args.save_steps and trainer.step % args.save_steps == 0:
+            if cfg.save_steps and trainer.step % cfg.save_steps == 0:
                 save()
                 last_saved = trainer.step
         if not preempted:
-            if eval_loader is not None and not (args.eval_steps and trainer.step % args.eval_steps == 0):
+            if evaluate_now(final=True):
                 metrics.write(trainer.evaluate(eval_loader))
             if last_saved != trainer.step:
                 save()
-            if args.export_hf:
+            if cfg.export_hf:
                 from witscale.training.export import export_from_engine
-                export_from_engine(trainer, plan.model_config, args.export_hf,
-                                   tokenizer_src=args.tokenizer or args.model)
+                export_from_engine(trainer, plan.model_config, cfg.export_hf, tokenizer_src=cfg.tokenizer or cfg.model)
     finally:
         metrics.close()
     return trainer, results
 
 
 def _announce(plan: Plan, topo) -> None:
-    args = plan.args
-    os.makedirs(args.output_dir, exist_ok=True)
-    _add_file_log(os.path.join(args.output_dir, "train.log"))
+    cfg = plan.config
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    _add_file_log(os.path.join(cfg.output_dir, "train.log"))
     log.info(topo.describe())
     log.info(f"loss weights per class: {describe_weight_table(plan.weight_table)}; "
-             f"normalization: {args.normalization}")
+             f"normalization: {cfg.normalization}")
     log.info(f"{len(plan.dataset)} packed rows of {plan.dataset.seq_len} tokens; {plan.steps_per_epoch} "
              f"steps per epoch; training {plan.total_steps} steps")
-    with open(os.path.join(args.output_dir, "model_config.json"), "w", encoding="utf-8") as f:
+    with open(os.path.join(cfg.output_dir, "model_config.json"), "w", encoding="utf-8") as f:
         json.dump(plan.model_config.to_hf_dict(), f, indent=2)     # read by tools/export_hf.py
-    with open(os.path.join(args.output_dir, "effective_config.json"), "w", encoding="utf-8") as f:
-        json.dump({"args": vars(args), "ds_config": plan.ds_config,
+    with open(os.path.join(cfg.output_dir, "effective_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"args": cfg.as_dict(), "ds_config": plan.ds_config,
                    "weight_table": {CLASS_NAMES[i]: float(w) for i, w in enumerate(plan.weight_table)},
                    "total_steps": plan.total_steps,
                    "layout": {"world": plan.dims.world_size, "tp": plan.dims.tp, "pp": plan.dims.pp,

@@ -5,9 +5,8 @@ Reading: ``SafetensorsSource`` indexes a checkpoint directory (one file, or shar
 reads only the slice a tensor-parallel rank needs (``get_slice``), so no rank ever holds the full model.
 No pickle is ever loaded: ``*.bin`` checkpoints are refused (convert them to safetensors first).
 
-``load_hf_weights(model, path, slice_fn)`` fills a model strictly (missing, unexpected and mis-shaped
-tensors are errors naming the file and tensor); ``slice_fn(name, slice)`` picks what this rank needs from
-a lazy safetensors slice, and ``tp_slice_fn`` is the one for witscale's tensor-parallel layers.
+``slice_fn(name, slice)`` picks what this rank needs from a lazy safetensors slice; ``tp_slice_fn`` is the
+one for witscale's tensor-parallel layers. Filling a model from a checkpoint: witscale/model/weights.py.
 
 Writing: ``save_hf_checkpoint`` writes safetensors shards, their index and config.json into a temporary
 directory and renames it into place, so an interrupted export never looks complete.
@@ -144,54 +143,6 @@ def tp_slice_fn(model: torch.nn.Module, tp_rank: int, tp: int) -> SliceFn:
         p = params[name]
         return shard_of_slice(sl, getattr(p, "tp_split_dim", None), tp_rank, tp, getattr(p, "padded_dense_rows", None))
     return fn
-
-
-def _tied_names(model: torch.nn.Module) -> set[str]:
-    """Parameter names that alias an earlier parameter (tied embeddings): not read from the file."""
-    seen, tied = {}, set()
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen:
-            tied.add(name)
-        seen.setdefault(id(p), name)
-    return tied
-
-
-def load_hf_weights(model: torch.nn.Module, path: str, slice_fn: Optional[SliceFn] = None) -> None:
-    """Fill every parameter of ``model`` from the HF safetensors checkpoint in ``path`` (one file or shards
-    with an index), strictly: a tensor the model needs but the files lack, a tensor the model does not
-    have, or a wrong shape is a CheckpointFormatError naming the file and tensor. ``slice_fn(name, slice)``
-    returns this rank's tensor from the lazy slice (default: all of it). ZeRO-3-partitioned parameters are
-    gathered, written and re-partitioned. A tied LM head takes the embedding; a stored copy is ignored."""
-    from witscale.model.materialize import materialize_parameters
-
-    source = SafetensorsSource(path)
-    slice_fn = slice_fn or whole_tensor
-    params = dict(model.named_parameters())
-    tied = _tied_names(model)
-    unexpected = sorted(set(source.names()) - set(params) - tied)
-    if unexpected:
-        first = unexpected[0]
-        raise CheckpointFormatError(f"{source.file_of(first)}: tensor {first} is not a parameter of the model"
-                                    + (f" (and {len(unexpected) - 1} more: {', '.join(unexpected[1:4])}…)"
-                                       if len(unexpected) > 1 else ""))
-    missing = sorted(set(params) - set(source.names()))
-    if missing:
-        raise CheckpointFormatError(f"{path}: tensor {missing[0]} is missing from the checkpoint"
-                                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-
-    def value(name: str, p: torch.Tensor) -> torch.Tensor:
-        try:
-            t = slice_fn(name, source.slice(name))
-        except ValueError as e:
-            if isinstance(e, CheckpointFormatError):
-                raise
-            raise CheckpointFormatError(f"{source.file_of(name)}: {name}: {e}") from None
-        if tuple(t.shape) != tuple(p.shape):
-            raise CheckpointFormatError(
-                f"{source.file_of(name)}: tensor {name} gives shape {tuple(t.shape)} "
-                f"(stored {source.shape(name)}), the model expects {tuple(p.shape)}")
-        return t
-    materialize_parameters(model, value)
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,

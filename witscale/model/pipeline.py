@@ -13,8 +13,9 @@ straight from the data iterator to the last stage (DeepSpeed's labels tuple), wh
 the fused vocab-parallel weighted cross-entropy. With tied embeddings the embedding is a ``TiedLayerSpec``
 at both ends (DeepSpeed all-reduces its gradient between the first and last stage).
 
-Parameter names: ``pipe_to_hf_name`` maps ``3.self_attn.q_proj.weight`` → ``model.layers.2.self_attn.q_proj.weight``
-(and back with ``hf_to_pipe_name``), so loading, the seeded init and export all work by HF name.
+Parameter names: witscale/model/hf_names.py maps ``3.self_attn.q_proj.weight`` ↔
+``model.layers.2.self_attn.q_proj.weight``; loading, the seeded init and export (witscale/model/weights.py,
+witscale/model/state.py) work by HF name for this module and the dense one alike.
 
 Loss scaling. The last stage calls ``DeepSpeedEngine.backward(loss)`` with ``scale_wrt_gas=True``: it divides
 by gradient_accumulation_steps, and the gradients are then *averaged* over dp. So each micro-batch's loss is
@@ -23,10 +24,8 @@ the global batch — the same as without pipelining (tests/test_pipeline.py chec
 """
 from __future__ import annotations
 
-import re
 from typing import Optional
 
-import torch
 from torch import nn
 
 from witscale.model.config import ModelConfig
@@ -163,6 +162,7 @@ def build_pipeline_module(cfg: ModelConfig, topo, *, partition: str = "uniform",
         # cu_seqlens has one entry per document: its length changes from one micro-batch to the next.
         dynamic_shape=True)
     module.config = cfg
+    module.is_witscale_pipeline = True      # parameter names: witscale/model/hf_names.py
     if module.stage_id == topo.pp - 1:
         loss.head = _find_head(module)
     _check_stage(module, topo)
@@ -195,102 +195,3 @@ def pipeline_ds_config(ds_config: dict, activation_checkpointing: bool) -> dict:
     pipe.setdefault("use_reentrant", False)
     pipe["activation_checkpoint_interval"] = 1 if activation_checkpointing else 0
     return cfg
-
-
-# --- names --------------------------------------------------------------------------------------------
-_LAYER = re.compile(r"^(\d+)\.(.+)$")
-
-
-def pipe_to_hf_name(name: str, cfg: ModelConfig) -> str:
-    """``PipelineModule`` parameter name → HF name."""
-    if name.startswith("tied_modules.embed."):
-        rest = name[len("tied_modules.embed."):]
-        return "model.embed_tokens.weight" if rest in ("embed_tokens.weight", "lm_head.weight") else _bad(name)
-    m = _LAYER.match(name)
-    if not m:
-        return _bad(name)
-    idx, rest = int(m.group(1)), m.group(2)
-    n = cfg.num_hidden_layers
-    if idx == 0 and rest == "embed_tokens.weight":
-        return "model.embed_tokens.weight"
-    if 1 <= idx <= n:
-        return f"model.layers.{idx - 1}.{rest}"
-    if idx == n + 1 and rest == "norm.weight":
-        return "model.norm.weight"
-    if idx == n + 2 and rest == "lm_head.weight":
-        return "lm_head.weight"
-    return _bad(name)
-
-
-def hf_to_pipe_name(name: str, cfg: ModelConfig) -> str:
-    """HF name → ``PipelineModule`` parameter name (the first stage's copy for a tied embedding)."""
-    n = cfg.num_hidden_layers
-    if name == "model.embed_tokens.weight":
-        return "tied_modules.embed.embed_tokens.weight" if cfg.tie_word_embeddings else "0.embed_tokens.weight"
-    if name == "model.norm.weight":
-        return f"{n + 1}.norm.weight"
-    if name == "lm_head.weight" and not cfg.tie_word_embeddings:
-        return f"{n + 2}.lm_head.weight"
-    m = re.match(r"^model\.layers\.(\d+)\.(.+)$", name)
-    if m and int(m.group(1)) < n:
-        return f"{int(m.group(1)) + 1}.{m.group(2)}"
-    return _bad(name)
-
-
-def _bad(name: str) -> str:
-    raise KeyError(f"{name}: not a parameter name of the witscale pipeline / HF model")
-
-
-# --- weights ------------------------------------------------------------------------------------------
-def load_pipeline_weights(module, cfg: ModelConfig, *, model_dir: Optional[str], seed: int, topo) -> None:
-    """Fill this stage's parameters by HF name: from safetensors (this rank's TP slice) or the seeded init
-    (drawn at the dense shape, then sliced: every layout starts from the same dense weights)."""
-    from witscale.model.hf_io import CheckpointFormatError, SafetensorsSource, shard_of_slice
-    from witscale.model.materialize import materialize_parameters, seeded_dense
-    from witscale.model.transformer import dense_shapes
-    from witscale.parallel.layers import shard_dense
-
-    tp, tp_rank = topo.tp, topo.tp_rank
-    if model_dir is None:
-        shapes = dense_shapes(cfg)
-
-        def value(name, p):
-            hf = pipe_to_hf_name(name, cfg)
-            return shard_dense(p, seeded_dense(hf, shapes[hf], seed, cfg.initializer_range), tp_rank, tp)
-    else:
-        source = SafetensorsSource(model_dir)
-
-        def value(name, p):
-            hf = pipe_to_hf_name(name, cfg)
-            if not source.has(hf):
-                raise CheckpointFormatError(f"{model_dir}: tensor {hf} is missing from the checkpoint")
-            t = shard_of_slice(source.slice(hf), getattr(p, "tp_split_dim", None), tp_rank, tp,
-                               getattr(p, "padded_dense_rows", None))
-            if tuple(t.shape) != tuple(p.shape):
-                raise CheckpointFormatError(f"{source.file_of(hf)}: tensor {hf} gives shape {tuple(t.shape)}, "
-                                            f"the model expects {tuple(p.shape)}")
-            return t
-    materialize_parameters(module, value)
-
-
-def dense_state_dict(module, cfg: ModelConfig, topo) -> dict[str, torch.Tensor]:
-    """Dense HF-named tensors of the WHOLE model on every rank (collective over all ranks): TP shards
-    gathered within each stage, then the stages' dictionaries exchanged over the pipeline group."""
-    import torch.distributed as dist
-
-    from witscale.parallel.layers import gather_dense
-
-    group = topo.get_tensor_model_parallel_group() if topo.tp > 1 else None
-    mine = {}
-    for name, p in module.named_parameters():
-        full = gather_dense(p, p.detach().float().clone(), group,
-                            cfg.vocab_size if getattr(p, "padded_dense_rows", None) else None)
-        mine[pipe_to_hf_name(name, cfg)] = full.cpu()
-    if topo.pp == 1:
-        return mine
-    stages = [None] * topo.pp
-    dist.all_gather_object(stages, mine, group=topo.get_pipeline_model_parallel_group())
-    out = {}
-    for part in stages:
-        out.update(part)
-    return out

@@ -6,13 +6,13 @@ node, where their per-layer all-reduces need the fastest links.
 
     rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank
 
-``ParallelDims`` is pure arithmetic (no torch.distributed) so that every layout error is raised, with the
-numbers, before ``init_process_group``. ``Topology`` builds the groups and doubles as the ``mpu`` object
+``ParallelDims`` is pure arithmetic (no torch.distributed), valid on construction, so that every layout error
+is raised, with the numbers, before ``init_process_group``. ``Topology`` builds the groups and doubles as the ``mpu`` object
 DeepSpeed expects (Megatron's method names).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch.distributed as dist
@@ -24,30 +24,34 @@ class LayoutError(ValueError):
 
 @dataclass(frozen=True)
 class ParallelDims:
+    """A layout of ``world_size`` ranks as pp × dp × tp, valid by construction: every rule is checked in
+    ``__post_init__`` (LayoutError with the numbers), for the ZeRO stage and — when given — the model
+    (any object with the HF config fields: ModelConfig, ModelShape). The planner asks it too."""
     world_size: int
     tp: int = 1
     pp: int = 1
+    zero_stage: int = 0
+    model: Optional[object] = field(default=None, compare=False, repr=False)
 
-    @property
-    def dp(self) -> int:
-        return self.world_size // (self.tp * self.pp)
-
-    def validate(self, zero_stage: int = 0, model_config=None) -> "ParallelDims":
+    def __post_init__(self):
         w, tp, pp = self.world_size, self.tp, self.pp
         for name, value in (("world size", w), ("--tp", tp), ("--pp", pp)):
             if value < 1:
                 raise LayoutError(f"{name} must be >= 1, got {value}")
         if w % (tp * pp):
             raise LayoutError(f"world size {w} is not divisible by tp × pp = {tp} × {pp} = {tp * pp}")
-        if pp > 1 and zero_stage > 1:
+        if pp > 1 and self.zero_stage > 1:
             raise LayoutError(
-                f"ZeRO stage {zero_stage} cannot be combined with pipeline parallelism (pp={pp}): DeepSpeed's "
+                f"ZeRO stage {self.zero_stage} cannot be combined with pipeline parallelism (pp={pp}): DeepSpeed's "
                 "pipeline engine supports ZeRO stage 0 or 1 only; use a zero1 config for tp × pp × dp layouts")
-        if model_config is not None:
-            self._validate_model(model_config)
-        return self
+        if self.model is not None:
+            self._check_model(self.model)
 
-    def _validate_model(self, cfg) -> None:
+    @property
+    def dp(self) -> int:
+        return self.world_size // (self.tp * self.pp)
+
+    def _check_model(self, cfg) -> None:
         tp, pp = self.tp, self.pp
         checks = [
             ("attention heads", cfg.num_attention_heads, tp, "tp"),

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -38,9 +39,11 @@ import torch.distributed as dist
 from witscale.data.classes import CLASS_NAMES, NUM_CLASSES, PROMPT_SIDE, RESPONSE_SIDE
 from witscale.data.loader import MicroBatch, PackedLoader, StepBatch
 from witscale.data.weighting import IGNORE_INDEX, NORMALIZATIONS, denominators_of
+from witscale.training import checkpoint
 from witscale.training.ds_config import zero_stage
 from witscale.training.optim import GlobalNormClipping, cosine_with_warmup, param_groups
 from witscale.model.shape import ModelShape
+from witscale.model.state import dense_state_dict
 
 log = logging.getLogger("witscale")
 
@@ -147,28 +150,6 @@ class _DenseEngine:
         dist.all_reduce(totals, group=self.topo.get_data_parallel_group())
         return totals
 
-    def dense_state_dict(self, model_config) -> dict[str, torch.Tensor]:
-        """Dense HF-named fp32 tensors on the host (collective): ZeRO-3 partitions gathered, TP shards
-        concatenated, vocabulary padding trimmed."""
-        import contextlib
-
-        import deepspeed
-
-        from witscale.parallel.layers import gather_dense
-
-        module = self.engine.module
-        group = self.topo.get_tensor_model_parallel_group() if self.topo.tp > 1 else None
-        params = list(module.named_parameters())
-        gathered = (deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None)
-                    if zero_stage_of(self.engine) == 3 else contextlib.nullcontext())
-        out = {}
-        with gathered:
-            for name, p in params:
-                out[name] = gather_dense(p, p.detach().float(), group,
-                                         model_config.vocab_size if getattr(p, "padded_dense_rows", None) else None
-                                         ).cpu()
-        return out
-
 
 class _PipelineEngine:
     """DeepSpeed's PipelineEngine: one ``train_batch`` (1F1B) per optimizer step."""
@@ -212,14 +193,6 @@ class _PipelineEngine:
         dist.broadcast(totals, src=last, group=self.topo.get_pipeline_model_parallel_group())
         return totals
 
-    def dense_state_dict(self, model_config) -> dict[str, torch.Tensor]:
-        from witscale.model.pipeline import dense_state_dict
-        return dense_state_dict(self.engine.module, model_config, self.topo)
-
-
-def zero_stage_of(engine) -> int:
-    return int(engine.zero_optimization_stage())
-
 
 # --- the trainer ---------------------------------------------------------------------------------------
 class Trainer:
@@ -234,7 +207,6 @@ class Trainer:
         self.loader = loader
         self.normalization = normalization
         self.total_steps = total_steps
-        self.model_config = module.config
         pipelined = topo.pp > 1
         config = dict(ds_config)
         if pipelined:
@@ -348,7 +320,37 @@ class Trainer:
                 "eval_response_nll": sums.mean_nll(RESPONSE_SIDE),
                 **{f"eval_nll_{name}": v for name, v in sums.per_class().items()}}
 
+    # --- checkpoints ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What a checkpoint needs besides DeepSpeed's own state: the step and the data position."""
+        return {"step": self.step, "loader": self.loader.state_dict()}
+
+    def load_state_dict(self, state: dict, *, data_position: bool = True) -> None:
+        self.step = int(state["step"])
+        if data_position:
+            self.loader.load_state_dict(state["loader"])
+
+    def save_checkpoint(self, root: str, keep: int, **extra) -> str:
+        """Collective: DeepSpeed's state, every rank's RNG, and ``state_dict()`` plus ``extra`` (fingerprints,
+        the run's settings) committed last (witscale/training/checkpoint.py, docs/checkpoints.md)."""
+        return checkpoint.save(self.engine, root, self.step, {**self.state_dict(), **extra}, keep)
+
+    def resume(self, spec: str, root: str, *, data_fingerprint: str, model_fingerprint: str,
+               allow_data_change: bool = False) -> Optional[str]:
+        """Collective: continue from ``spec`` ('auto' → ``root``/latest, or a checkpoint path). Returns the
+        checkpoint's path, or None when 'auto' finds none. A checkpoint of another model is refused, one of
+        other data too unless ``allow_data_change`` (then the data position starts afresh)."""
+        found = checkpoint.resolve_resume(spec, root)
+        if found is None:
+            return None
+        where = os.path.join(*found)
+        state = checkpoint.load(self.engine, *found)
+        checkpoint.check_fingerprints(state, data_fp=data_fingerprint, model_fp=model_fingerprint,
+                                      allow_data_change=allow_data_change, where=where)
+        self.load_state_dict(state, data_position=state.get("data_fingerprint") == data_fingerprint)
+        return where
+
     # --- inspection (tests, export) ----------------------------------------------------------------
     def full_dense_state_dict(self) -> dict[str, torch.Tensor]:
         """Dense HF-named fp32 tensors of the whole model on the host (collective over all ranks)."""
-        return self.runner.dense_state_dict(self.model_config)
+        return dense_state_dict(self.engine.module, self.topo)

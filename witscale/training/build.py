@@ -1,0 +1,41 @@
+"""The module DeepSpeed wraps, built and filled in one place for every layout.
+
+Dense (``CausalLM``, tensor-parallel layers; under ZeRO-3 created partitioned inside ``zero.Init``) or a
+pipeline stage (DeepSpeed ``PipelineModule``, --pp > 1); then its weights from HF safetensors or the seeded
+init through the one load path (witscale/model/weights.py).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+from witscale.model import ModelConfig, load_model_weights
+from witscale.model.transformer import CausalLM
+from witscale.training.ds_config import zero_stage
+
+
+def construction_context(ds_config: dict, topo):
+    """Where to build the model: under ZeRO-3, ``zero.Init`` partitions every parameter over the
+    data-parallel group as soon as its layer exists (no rank ever holds the whole model); otherwise a no-op.
+    The group must be passed explicitly: ``zero.Init`` uses ``mpu`` only for the config and would otherwise
+    partition over the whole world — mixing different tensor-parallel shards."""
+    if zero_stage(ds_config) != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+    return deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=topo,
+                               data_parallel_group=topo.get_data_parallel_group())
+
+
+def build_module(config: ModelConfig, topo, ds_config: dict, *, model_dir: Optional[str], seed: int,
+                 pp_partition: str = "uniform", attention: str = "auto", activation_checkpointing: bool = False):
+    """This rank's module (whole model or pipeline stage), weights loaded."""
+    if topo.pp > 1:
+        from witscale.model.pipeline import build_pipeline_module
+        module = build_pipeline_module(config, topo, partition=pp_partition, attention_backend=attention,
+                                       activation_checkpointing=activation_checkpointing)
+    else:
+        with construction_context(ds_config, topo):
+            module = CausalLM(config, topo.tp_group_or_none(), attention_backend=attention,
+                              activation_checkpointing=activation_checkpointing)
+    load_model_weights(module, config, model_dir=model_dir, seed=seed, topo=topo)
+    return module

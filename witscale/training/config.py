@@ -1,0 +1,68 @@
+"""The run configuration: every setting of a training run, typed, built once from the command line.
+
+``RunConfig`` mirrors ``witscale/train.py``'s flags one to one (a field per flag, the flag's name with
+``_``), so ``--help`` documents it; the rest of the code takes this object, never the argparse namespace.
+It is frozen: a run's settings do not change once it has started (``effective_config.json`` records them).
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # data and model
+    data: str
+    output_dir: str
+    ds_config: str
+    model: Optional[str] = None            # HF checkpoint directory, or
+    model_config: Optional[str] = None     # an HF-style config.json for a seeded random init
+    # loss weights (docs/objective.md)
+    prompt_weight: float = 0.0
+    response_weight: float = 1.0
+    class_weights: str = ""
+    normalization: str = "nonzero"
+    # optimization
+    micro_batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 2e-5
+    weight_decay: float = 0.1
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    warmup_ratio: float = 0.01
+    max_steps: Optional[int] = None
+    epochs: Optional[float] = None
+    clip_grad: Optional[float] = None
+    seed: int = 0
+    no_shuffle: bool = False
+    # checkpoints, evaluation, export
+    save_steps: int = 0
+    keep_checkpoints: int = 2
+    resume: Optional[str] = None
+    allow_data_change: bool = False
+    eval_data: Optional[str] = None
+    eval_steps: int = 0
+    export_hf: Optional[str] = None
+    tokenizer: Optional[str] = None
+    log_every: int = 1
+    no_tensorboard: bool = False
+    # parallelism and runtime
+    tp: int = 1
+    pp: int = 1
+    pp_partition: str = "uniform"
+    activation_checkpointing: bool = False
+    attention: str = "auto"
+    dist_timeout: float = 30.0
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "RunConfig":
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in vars(args).items() if k in names}
+        values["adam_betas"] = tuple(values.get("adam_betas", cls.adam_betas))
+        return cls(**values)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
