@@ -4,7 +4,7 @@
   both gradients), with tolerances derived from bf16's precision;
 - a few bf16 training steps of a tiny Llama through the real CLI on CUDA (world size 1, NCCL, ZeRO-3 with
   gradient accumulation): finite losses that fall.
-(The attention backends' GPU tests are in tests/test_attention.py.)
+(The attention backends' GPU tests are in tests/test_model_attention.py.)
 """
 from __future__ import annotations
 

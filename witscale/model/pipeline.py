@@ -20,7 +20,7 @@ witscale/model/state.py) work by HF name for this module and the dense one alike
 Loss scaling. The last stage calls ``DeepSpeedEngine.backward(loss)`` with ``scale_wrt_gas=True``: it divides
 by gradient_accumulation_steps, and the gradients are then *averaged* over dp. So each micro-batch's loss is
 ``weighted_sum × dp × gas / N`` (N the global denominator), which makes the final gradient Σ w·∇nll / N over
-the global batch — the same as without pipelining (tests/test_pipeline.py checks it).
+the global batch — the same as without pipelining (tests/test_train_pipeline_parallel.py checks it).
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from tests.distributed import run_distributed
-from tests.test_operate import _args, _env, _torchrun, run_inputs  # noqa: F401 - fixture
+from tests.test_train_cli_operations import _args, _env, _torchrun, run_inputs  # noqa: F401 - fixture
 from tests.train_helpers import TINY, ds_config, random_packed
 
 

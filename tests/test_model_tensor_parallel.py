@@ -1,5 +1,5 @@
 """Tensor parallelism on real gloo ranks: the whole model at tp=2 and tp=4 against tp=1, and tp × ZeRO-3
-against ZeRO-3 alone. (Each layer alone against its dense equivalent: tests/test_tp_layers.py.)"""
+against ZeRO-3 alone. (Each layer alone against its dense equivalent: tests/test_parallel_layers.py.)"""
 import numpy as np
 import pytest
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
-from tests.test_operate import run_inputs  # noqa: F401 - the packed data fixture
+from tests.test_train_cli_operations import run_inputs  # noqa: F401 - the packed data fixture
 from tests.train_helpers import TINY, ds_config, random_packed, train_worker
 
 
@@ -222,7 +222,7 @@ def test_cli_pp2_trains_evaluates_exports_and_resumes(run_inputs, tmp_path):
     """witscale/train.py --pp 2 under torchrun: ZeRO-1, eval, checkpoint, --export-hf, then --resume auto."""
     import json
 
-    from tests.test_operate import _args, _torchrun
+    from tests.test_train_cli_operations import _args, _torchrun
 
     out = tmp_path / "run"
 
