@@ -39,7 +39,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from witscale.data.weighting import IGNORE_INDEX, NORMALIZATIONS  # noqa: E402 - the objective's names, defined once
+from witscale.data.classes import NUM_CLASSES
+from witscale.data.weighting import IGNORE_INDEX, NORMALIZATIONS  # the objective's names, defined once
 _GRAD_W_BLOCK = 8192     # vocabulary rows per bf16 weight-gradient product (bounds its temporary)
 MIN_AUTO_CHUNK = 512     # smaller chunks make the per-chunk matmuls less efficient (and tp>1 sends more messages)
 
@@ -159,7 +160,7 @@ class _FusedLinearWeightedCE(torch.autograd.Function):
 
 def fused_weighted_cross_entropy(hidden: torch.Tensor, lm_weight: torch.Tensor, targets: torch.Tensor,
                                  weights: torch.Tensor, target_classes: Optional[torch.Tensor] = None, *,
-                                 num_classes: int = 6, tp_group=None, vocab_start: int = 0,
+                                 num_classes: int = NUM_CLASSES, tp_group=None, vocab_start: int = 0,
                                  true_vocab_size: Optional[int] = None, chunk_size: int = 4096) -> LossStats:
     """Weighted NLL of ``targets`` under logits ``hidden @ lm_weightᵀ`` without materializing the logits.
 

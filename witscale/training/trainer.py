@@ -95,15 +95,19 @@ def stats_vector(stats) -> torch.Tensor:
 
 @dataclass
 class StepSums:
-    """The global batch's sums, on the host."""
+    """The global batch's sums, on the host: from the vector [weighted_sum, class_nll_sum[C], class_count[C]]
+    (+ the denominators of NORMALIZATIONS, for evaluation) that the engines sum on the device."""
     weighted_sum: float
     class_nll_sum: np.ndarray
     class_count: np.ndarray
+    denominators: Optional[dict] = None
 
     @classmethod
     def from_vector(cls, totals: torch.Tensor) -> "StepSums":
         t = totals.double().cpu().numpy()          # the step's one device→host crossing
-        return cls(float(t[0]), t[1:1 + NUM_CLASSES], t[1 + NUM_CLASSES:STATS_SIZE])
+        extra = t[STATS_SIZE:]
+        return cls(float(t[0]), t[1:1 + NUM_CLASSES], t[1 + NUM_CLASSES:STATS_SIZE],
+                   dict(zip(NORMALIZATIONS, map(float, extra))) if len(extra) else None)
 
     def per_class(self) -> dict[str, float]:
         """Mean NLL of each class that has predicted tokens, by class name."""
@@ -311,9 +315,8 @@ class Trainer:
                                                                    device=self.device))
         finally:
             self.engine.train()
-        host = totals.cpu().numpy()
         sums = StepSums.from_vector(totals)
-        denominator = float(host[STATS_SIZE + NORMALIZATIONS.index(self.normalization)])
+        denominator = sums.denominators[self.normalization]
         return {"step": self.step,
                 "eval_loss": sums.weighted_sum / denominator if denominator > 0 else float("nan"),
                 "eval_prompt_nll": sums.mean_nll(PROMPT_SIDE),
