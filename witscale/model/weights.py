@@ -38,20 +38,27 @@ def seeded_dense(name: str, shape, seed: int, std: float) -> torch.Tensor:
     if name.endswith(".bias"):
         return torch.zeros(shape)
     gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63))
-    return torch.randn(tuple(shape), generator=gen) * std
+    return torch.randn(tuple(shape), generator=gen).mul_(std)    # in place: one dense temporary, not two
 
 
 def materialize_parameters(model: torch.nn.Module, value_fn: ValueFn) -> None:
-    """Copy ``value_fn(name, param)`` into every parameter of ``model`` (tied parameters once)."""
+    """Copy ``value_fn(name, param)`` into every parameter of ``model`` (tied parameters once).
+
+    A ZeRO-3-partitioned parameter is gathered, filled by ONE rank of its data-parallel group — its owner,
+    round-robin over the parameters, so that the group shares the reading — and re-partitioned from that
+    rank's copy on exit (``modifier_rank``): only the owner reads the tensor from the checkpoint."""
+    import torch.distributed as dist
+
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for index, (name, p) in enumerate(model.named_parameters()):
             if is_zero3_param(p):
                 import deepspeed    # only here: importing it costs seconds, and plain models never need it
 
-                # modifier_rank=0: rank 0's value is broadcast and re-partitioned on exit; every rank
-                # computes the same value anyway, so the copy is right on all of them.
-                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                    _copy_checked(name, p, value_fn(name, p))
+                group = p.ds_process_group
+                owner = index % dist.get_world_size(group)
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=owner):
+                    if dist.get_rank(group) == owner:
+                        _copy_checked(name, p, value_fn(name, p))
             else:
                 _copy_checked(name, p, value_fn(name, p))
 

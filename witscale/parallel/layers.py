@@ -44,6 +44,27 @@ def pad_vocab_size(vocab: int, tp: int, multiple: int = 1) -> int:
     return ((vocab + step - 1) // step) * step
 
 
+_SKIP_INIT = [False]
+
+
+class skip_init:
+    """Context: layers built inside leave their weights uninitialized (``torch.empty``), for a model whose
+    every parameter is filled right after by the load path (witscale/model/weights.py). Building a 70B
+    model's random init only to overwrite it costs minutes and, on the host, memory."""
+
+    def __enter__(self):
+        self._was = _SKIP_INIT[0]
+        _SKIP_INIT[0] = True
+
+    def __exit__(self, *exc):
+        _SKIP_INIT[0] = self._was
+
+
+def _init_normal(weight: nn.Parameter) -> None:
+    if not _SKIP_INIT[0]:
+        nn.init.normal_(weight, std=0.02)
+
+
 def _mark(p: nn.Parameter, dim: Optional[int], tp: int) -> nn.Parameter:
     p.tp_split_dim = dim
     if dim is not None and tp > 1:
@@ -104,7 +125,7 @@ class ColumnParallelLinear(nn.Module):
         local = divide(out_features, tp, "output size")
         self.weight = _mark(nn.Parameter(torch.empty(local, in_features)), 0, tp)
         self.bias = _mark(nn.Parameter(torch.zeros(local)), 0, tp) if bias else None
-        nn.init.normal_(self.weight, std=0.02)
+        _init_normal(self.weight)
 
     def shard_slice(self, rank: Optional[int] = None, tp: Optional[int] = None) -> tuple[slice, slice]:
         """Rank ``rank``'s slice of the dense [out, in] weight (the bias takes the first element)."""
@@ -131,7 +152,7 @@ class RowParallelLinear(nn.Module):
         local = divide(in_features, tp, "input size")
         self.weight = _mark(nn.Parameter(torch.empty(out_features, local)), 1, tp)
         self.bias = _mark(nn.Parameter(torch.zeros(out_features)), None, tp) if bias else None
-        nn.init.normal_(self.weight, std=0.02)
+        _init_normal(self.weight)
 
     def shard_slice(self, rank: Optional[int] = None, tp: Optional[int] = None) -> tuple[slice, slice]:
         """Rank ``rank``'s slice of the dense [out, in] weight (the bias is replicated, not sliced)."""
@@ -159,7 +180,7 @@ class _VocabShard(nn.Module):
         self.vocab_start = rank * local
         self.weight = _mark(nn.Parameter(torch.empty(local, dim)), 0, tp)
         self.weight.padded_dense_rows = self.padded_vocab_size
-        nn.init.normal_(self.weight, std=0.02)
+        _init_normal(self.weight)
 
     def vocab_range(self, rank: Optional[int] = None, tp: Optional[int] = None) -> tuple[int, int]:
         """[start, end) of the global (padded) vocabulary ids rank ``rank`` owns."""

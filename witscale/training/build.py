@@ -9,8 +9,11 @@ from __future__ import annotations
 import contextlib
 from typing import Optional
 
+import torch
+
 from witscale.model import ModelConfig, load_model_weights
 from witscale.model.transformer import CausalLM
+from witscale.parallel.layers import skip_init
 from witscale.training.ds_config import zero_stage
 
 
@@ -26,16 +29,42 @@ def construction_context(ds_config: dict, topo):
                                data_parallel_group=topo.get_data_parallel_group())
 
 
+@contextlib.contextmanager
+def _materialize_on(device: torch.device, dtype: torch.dtype):
+    """Parameters created inside are allocated on ``device`` in ``dtype`` and left uninitialized."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device), skip_init():
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def training_device() -> torch.device:
+    """The device DeepSpeed's engine will use for this rank: its local GPU, or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def build_module(config: ModelConfig, topo, ds_config: dict, *, model_dir: Optional[str], seed: int,
                  pp_partition: str = "uniform", attention: str = "auto", activation_checkpointing: bool = False):
-    """This rank's module (whole model or pipeline stage), weights loaded."""
-    if topo.pp > 1:
-        from witscale.model.pipeline import build_pipeline_module
-        module = build_pipeline_module(config, topo, partition=pp_partition, attention_backend=attention,
-                                       activation_checkpointing=activation_checkpointing)
-    else:
-        with construction_context(ds_config, topo):
-            module = CausalLM(config, topo.tp_group_or_none(), attention_backend=attention,
-                              activation_checkpointing=activation_checkpointing)
+    """This rank's module (whole model or pipeline stage), weights loaded.
+
+    Memory: each rank allocates only what it keeps — its tensor-parallel shard, its pipeline stage, under
+    ZeRO-3 its partition (``zero.Init``) — directly on its device and in the training dtype (bf16 when the
+    config says so), with no random init that the load would overwrite (``skip_init``). The load then
+    writes every parameter once (docs/parallel-layout.md)."""
+    dtype = torch.bfloat16 if (ds_config.get("bf16") or {}).get("enabled") is True else torch.float32
+    with _materialize_on(training_device(), dtype):
+        if topo.pp > 1:
+            from witscale.model.pipeline import build_pipeline_module
+            module = build_pipeline_module(config, topo, partition=pp_partition, attention_backend=attention,
+                                           activation_checkpointing=activation_checkpointing)
+        else:
+            with construction_context(ds_config, topo):
+                module = CausalLM(config, topo.tp_group_or_none(), attention_backend=attention,
+                                  activation_checkpointing=activation_checkpointing)
     load_model_weights(module, config, model_dir=model_dir, seed=seed, topo=topo)
     return module
