@@ -3,6 +3,8 @@
 A directory with ``manifest.json`` and raw little-endian arrays:
   tokens.bin       int32   [num_rows, seq_len]
   classes.bin      uint8   [num_rows, seq_len]   (TokenClass; PAD after the last document of a row)
+                                                 ids as in the manifest's class_table (name → id); a
+                                                 manifest without one is the legacy 6-class table
   weights.bin      float32 [num_rows, seq_len]   optional: weights carried by the data (1.0 where absent)
   doc_lengths.bin  int32   [num_documents]       every document's length, row by row, in order
   row_offsets.bin  int64   [num_rows + 1]        CSR: row r holds doc_lengths[row_offsets[r]:row_offsets[r+1]],
@@ -20,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from witscale.data.classes import CLASS_NAMES, NUM_CLASSES, TokenClass
+from witscale.data.classes import CLASS_NAMES, NUM_CLASSES, TokenClass, check_class_table, class_table
 from witscale.data.errors import DataError
 from witscale.data.bestfit import apply_long_policy, gather_index, layout_rows
 
@@ -96,7 +98,7 @@ def write_packed(output: str, corpus: TokenizedCorpus, *, seq_len: int, pad_id: 
             "num_rows": int(num_rows), "num_tokens": num_tokens,
             "packing_efficiency": num_tokens / total if total else 0.0,
             "tokens_per_class": {name: int(per_class[i]) for i, name in enumerate(CLASS_NAMES)},
-            "class_table": {name: i for i, name in enumerate(CLASS_NAMES)},
+            "class_table": class_table(),
             "tokenizer": tokenizer or {}, "template": template, "has_weights": corpus.weights is not None,
             "pad_id": int(pad_id), "long_policy": long_policy, "sources": sources or [], "counts": c,
             "skipped": skipped or [],
@@ -155,6 +157,12 @@ class PackedDataset:
             ndocs = int(self.manifest["num_documents"])
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"manifest.json lacks a valid {e}", path) from None
+        try:
+            # the classes this data was packed with: ids 0..num_classes-1, a prefix of today's table
+            self.class_names = check_class_table(self.manifest.get("class_table"))
+        except ValueError as e:
+            raise DataError(f"manifest.json: {e}", path) from None
+        self.num_classes = len(self.class_names)
         self.has_weights = bool(self.manifest.get("has_weights"))
         shape = (rows, self.seq_len)
         self.tokens = self._map("tokens.bin", "<i4", shape)

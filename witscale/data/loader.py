@@ -169,8 +169,9 @@ class PackedLoader:
         if len(tokens) and (int(tokens.min()) < 0 or (self.vocab_size is not None and int(tokens.max()) >= self.vocab_size)):
             raise ValueError(f"{where}: token ids span {int(tokens.min())}..{int(tokens.max())}, outside the "
                              f"model's vocabulary [0, {self.vocab_size})")
-        if len(classes) and int(classes.max()) >= NUM_CLASSES:
-            raise ValueError(f"{where}: token class {int(classes.max())} is unknown (classes are 0..{NUM_CLASSES - 1})")
+        known = getattr(self.dataset, "num_classes", NUM_CLASSES)   # the data's own class table
+        if len(classes) and int(classes.max()) >= known:
+            raise ValueError(f"{where}: token class {int(classes.max())} is unknown (classes are 0..{known - 1})")
 
     def make_micro_batch(self, rows, cache: dict | None = None) -> MicroBatch:
         seq_len = self.dataset.seq_len
