@@ -1,11 +1,24 @@
 """Raw records → normalized conversations.
 
 Formats (one per file, given or detected from the first record):
-  alpaca           {instruction, input?, output, system?}
-  prompt_response  {prompt, response, system?}                          (the paper's format)
-  messages         {messages: [{role, content, weight?|loss_weight?}]}  (content: str or [{type: text, text|value}])
-  sharegpt         {conversations: [{from, value, weight?|loss_weight?}]}
-Every format accepts an optional per-record multiplier ``weight``. Files: JSON array, JSONL, parquet.
+  alpaca           {instruction, input?, output, system?}                 (a null input is an empty one)
+  prompt_response  {prompt, response, system?}                            (the paper's format)
+  messages         {messages: [{role, content, weight?|loss_weight?}], tools?}          (OpenAI style)
+  sharegpt         {conversations: [{from, value, weight?|loss_weight?}], system?, tools?}
+Every format accepts an optional per-record multiplier ``weight``. Files: JSON array, JSONL (a UTF-8 BOM,
+CRLF line ends and blank lines are fine) or parquet.
+
+Tool-calling and reasoning data:
+  * roles ``tool`` / ``function`` / ``observation`` / ``ipython`` are tool results; ShareGPT's
+    ``function_call`` turn (a JSON call or a list of calls) is an assistant turn that calls tools;
+  * an assistant message's ``tool_calls`` ([{id?, type: function, function: {name, arguments}}], arguments a
+    JSON object or a JSON string) or legacy ``function_call`` ({name, arguments});
+  * a top-level ``tools`` list (OpenAI ``{type: function, function: {...}}`` or bare ``{name, ...}`` schemas,
+    normalized to the former), given as a list or as a JSON string;
+  * content-part lists: ``text``; ``reasoning`` / ``thinking`` parts; ``tool_call`` / ``function_call`` /
+    ``tool_use`` parts — in that order within a message (templates render reasoning, then text, then calls);
+  * the assistant's reasoning as a ``reasoning_content`` (or ``reasoning`` / ``thinking``) field, or as a
+    ``<think>…</think>`` block at the start of its content.
 A record becomes a :class:`Conversation`; errors are :class:`RecordError` naming the record.
 """
 from __future__ import annotations
@@ -18,17 +31,37 @@ from typing import Any, Iterator, NamedTuple
 from witscale.data.errors import DataError, RecordError
 
 FORMATS = ("alpaca", "prompt_response", "messages", "sharegpt")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 _ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
-                 "model": "assistant"}
+                 "model": "assistant", "tool": "tool", "function": "tool", "observation": "tool", "ipython": "tool",
+                 "function_call": "assistant"}
+_CALL_ROLES = ("function_call",)          # a turn whose text is a JSON tool call (ShareGPT tool data)
+_REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
+_REASONING_PARTS = ("reasoning", "thinking", "reasoning_content")
+_CALL_PARTS = ("tool_call", "function_call", "tool_use")
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+class ToolCall(NamedTuple):
+    name: str
+    arguments: Any               # the parsed JSON arguments (normally an object)
+    id: str | None = None
+
+    def arguments_json(self) -> str:
+        """The arguments as JSON, the way chat templates print them (Jinja's tojson: no ASCII escaping)."""
+        return json.dumps(self.arguments, ensure_ascii=False)
 
 
 class Message(NamedTuple):
-    role: str                    # 'system' | 'user' | 'assistant'
+    role: str                    # 'system' | 'user' | 'assistant' | 'tool'
     text: str
     weight: float | None = None  # per-message weight from the data (None: absent)
     input: str | None = None     # alpaca's separate `input`; templates other than alpaca append it to text
     as_prompt: bool = False      # an assistant turn demoted to prompt-side (--last-turn-only)
+    reasoning: str | None = None  # assistant: its reasoning trace (None: none; '' an empty <think> block)
+    tool_calls: tuple = ()       # assistant: ToolCall, in order, after its text
+    name: str | None = None      # tool: the name of the tool that answered
+    tool_call_id: str | None = None  # tool: the call it answers
 
     def full_text(self) -> str:
         return self.text + "\n\n" + self.input if self.input else self.text
@@ -37,13 +70,34 @@ class Message(NamedTuple):
 class Conversation(NamedTuple):
     messages: list[Message]
     weight: float | None = None  # per-record multiplier (None: absent)
+    tools: tuple | None = None   # tool schemas offered to the model, OpenAI style ({type: function, function})
 
     @property
     def has_weights(self) -> bool:
         return self.weight is not None or any(m.weight is not None for m in self.messages)
 
+    def features(self) -> list[str]:
+        """What beyond plain text this record carries: 'reasoning', 'tool calls', 'tool results', 'tools'."""
+        out = []
+        if any(m.reasoning is not None for m in self.messages):
+            out.append("reasoning")
+        if any(m.tool_calls for m in self.messages):
+            out.append("tool calls")
+        if any(m.role == "tool" for m in self.messages):
+            out.append("tool results")
+        if self.tools:
+            out.append("tools")
+        return out
+
+    @property
+    def uses_tools(self) -> bool:
+        return bool(self.tools) or any(m.tool_calls or m.role == "tool" for m in self.messages)
+
 
 # ---------------------------------------------------------------------------------------------- files
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
 def file_kind(path: str) -> str:
     """'parquet', 'json' (one array) or 'jsonl', from the extension and, for .json, the first character."""
     low = path.lower()
@@ -59,12 +113,17 @@ def file_kind(path: str) -> str:
 def iter_raw_records(path: str) -> Iterator[tuple[str, Any]]:
     """Yield (where, record) for each record of a file; `record` is a RecordError for a bad line.
 
-    File-level problems (missing, empty, not an array, non-UTF-8 JSON array) raise DataError."""
+    File-level problems (missing, empty, not an array, UTF-16, non-UTF-8 JSON array) raise DataError."""
     if not os.path.isfile(path):
-        raise DataError("no such file", path)
+        raise DataError("no such file" if not os.path.isdir(path) else "is a directory, not a data file", path)
     if os.path.getsize(path) == 0:
         raise DataError("input file is empty (no records)", path)
     kind = file_kind(path)
+    if kind != "parquet":
+        with open(path, "rb") as f:
+            if f.read(2) in _UTF16_BOMS:
+                raise DataError("the file is UTF-16 (it starts with a UTF-16 byte-order mark); witscale reads "
+                                "UTF-8: convert it, e.g. iconv -f UTF-16 -t UTF-8", path)
     count = 0
     if kind == "parquet":
         it = _iter_parquet(path)
@@ -80,9 +139,13 @@ def iter_raw_records(path: str) -> Iterator[tuple[str, Any]]:
 
 
 def _iter_jsonl(path: str):
+    """One record per line. A UTF-8 byte-order mark (at the start of the file, or of a line where files were
+    concatenated), CRLF/CR line ends and blank lines are accepted; line numbers count every line."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             where = f"line {lineno}"
+            if raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -125,8 +188,17 @@ def _iter_parquet(path: str):
     for batch in pf.iter_batches(batch_size=4096):
         for rec in batch.to_pylist():
             i += 1
-            # parquet has no "absent": a null optional column means the field is not there
-            yield f"record {i}", {k: v for k, v in rec.items() if v is not None}
+            yield f"record {i}", drop_nulls(rec)
+
+
+def drop_nulls(value: Any) -> Any:
+    """Parquet and Arrow have no "absent": every struct has the union of its rows' fields, a missing one as
+    null. Records from them treat a null field as an absent one, at every depth."""
+    if isinstance(value, dict):
+        return {k: drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [drop_nulls(v) for v in value]
+    return value
 
 
 # ---------------------------------------------------------------------------------------------- records
@@ -147,6 +219,15 @@ def detect_format(record: Any) -> str:
                     f"{', '.join(FORMATS)}")
 
 
+def describe_format(record: Any, fmt: str) -> str:
+    """'sharegpt (tool calls, tool results, tools)': the format and what its first record carries."""
+    try:
+        features = normalize_record(record, fmt).features()
+    except DataError:
+        features = []
+    return f"{fmt} ({', '.join(features)})" if features else fmt
+
+
 def _weight(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RecordError(f"{what} must be a number, got {type(value).__name__}")
@@ -159,7 +240,7 @@ def _weight(value: Any, what: str) -> float:
 def _string(record: dict, key: str, *, required: bool = True, nonempty: bool = False) -> str | None:
     if key not in record or record[key] is None:
         if required:
-            raise RecordError(f"missing field '{key}'")
+            raise RecordError(f"missing field '{key}'" if key not in record else f"field '{key}' is null")
         return None
     value = record[key]
     if not isinstance(value, str):
@@ -169,25 +250,148 @@ def _string(record: dict, key: str, *, required: bool = True, nonempty: bool = F
     return value
 
 
-def _content(value: Any, what: str) -> str:
-    """Message content: a string, or a list of text parts ({type: text, text|value})."""
+def _json_value(value: Any, what: str, verb: str = "is") -> Any:
+    """A JSON value given as itself or as a JSON string (tools, arguments, ShareGPT function calls)."""
     if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        parts = []
-        for part in value:
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as e:
+            raise RecordError(f"{what} {verb} not valid JSON: {e.msg} (column {e.colno})") from None
+    return value
+
+
+def _tool_call(obj: Any, what: str) -> ToolCall:
+    """{name, arguments} / {id?, type: function, function: {name, arguments}} / {type: tool_use, name, input}."""
+    if not isinstance(obj, dict):
+        raise RecordError(f"{what}: a tool call must be an object, got {type(obj).__name__}")
+    fn = obj.get("function") if isinstance(obj.get("function"), dict) else obj
+    name = fn.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise RecordError(f"{what}: tool call without a 'name'")
+    args = None
+    for key in ("arguments", "parameters", "input"):
+        if fn.get(key) is not None:
+            args = fn[key]
+            break
+    args = {} if args is None else _json_value(args, f"{what}: arguments of tool call '{name}'", "are")
+    call_id = obj.get("id")
+    return ToolCall(name, args, call_id if isinstance(call_id, str) else None)
+
+
+def _tools(value: Any) -> tuple | None:
+    """Tool schemas → a tuple of OpenAI-style dicts ({type: function, function: {name, ...}}), or None."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    value = _json_value(value, "field 'tools'")
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise RecordError(f"field 'tools' must be a list of tool schemas, got {type(value).__name__}")
+    out = []
+    for i, tool in enumerate(value, 1):
+        if not isinstance(tool, dict):
+            raise RecordError(f"tools[{i}] must be an object, got {type(tool).__name__}")
+        fn = tool.get("function")
+        if isinstance(fn, dict):
+            if not isinstance(fn.get("name"), str):
+                raise RecordError(f"tools[{i}]: 'function' without a 'name'")
+            out.append(tool)
+        elif isinstance(tool.get("name"), str):
+            out.append({"type": "function", "function": tool})
+        else:
+            raise RecordError(f"tools[{i}]: a tool schema needs a 'name' (or a 'function' with one)")
+    return tuple(out) or None
+
+
+def _content(value: Any, what: str, role: str = "user") -> tuple[str, str | None, list]:
+    """Message content → (text, reasoning or None, tool calls).
+
+    A string, or a list of parts: text ({type: text, text|value}), reasoning ({type: reasoning|thinking, ...})
+    and tool calls ({type: tool_call|function_call|tool_use, ...}), in that order. Reasoning and calls only
+    in assistant messages; a tool result may also be a JSON object (kept as its JSON text)."""
+    if value is None:
+        return "", None, []
+    if isinstance(value, str):
+        return value, None, []
+    if isinstance(value, dict) and role == "tool":
+        return json.dumps(value, ensure_ascii=False), None, []
+    if not isinstance(value, list):
+        raise RecordError(f"{what}: content must be a string or a list of parts, got {type(value).__name__}")
+    texts, reasoning, calls = [], [], []
+    stage = 0                                   # 0 reasoning, 1 text, 2 tool calls: parts must not go back
+    for part in value:
+        kind = part.get("type", "text") if isinstance(part, dict) else None
+        if isinstance(part, str) or kind == "text":
             if isinstance(part, str):
-                parts.append(part)
-            elif isinstance(part, dict) and part.get("type", "text") == "text":
+                text = part
+            else:
                 text = part.get("text", part.get("value"))
                 if not isinstance(text, str):
                     raise RecordError(f"{what}: text part without a string 'text'/'value'")
-                parts.append(text)
-            else:
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise RecordError(f"{what}: unsupported content part {kind!r} (text only)")
-        return "".join(parts)
-    raise RecordError(f"{what}: content must be a string or a list of text parts, got {type(value).__name__}")
+            order = 1
+        elif kind in _REASONING_PARTS or kind in _CALL_PARTS:
+            if role != "assistant":
+                raise RecordError(f"{what}: a {kind!r} part is only allowed in an assistant message")
+            order = 0 if kind in _REASONING_PARTS else 2
+        else:
+            shown = kind if isinstance(part, dict) else type(part).__name__
+            raise RecordError(f"{what}: unsupported content part {shown!r} (text, reasoning/thinking and "
+                              f"tool_call parts only)")
+        if order < stage:
+            later = {0: "a reasoning part", 1: "a text part"}[order]
+            raise RecordError(f"{what}: {later} after a {('reasoning', 'text', 'tool_call')[stage]} part; the "
+                              f"templates render reasoning, then text, then tool calls")
+        stage = order
+        if order == 1:
+            texts.append(text)
+        elif order == 0:
+            text = next((part[k] for k in ("text", "thinking", "reasoning", "value", "content")
+                         if isinstance(part.get(k), str)), None)
+            if text is None:
+                raise RecordError(f"{what}: {kind} part without a string 'text'/'thinking'/'reasoning'")
+            reasoning.append(text)
+        else:
+            calls.append(_tool_call(part, what))
+    return "".join(texts), ("".join(reasoning) if reasoning else None), calls
+
+
+def _split_think(text: str, what: str) -> tuple[str | None, str]:
+    """A leading <think>…</think> block → (reasoning, rest); (None, text) when there is none."""
+    stripped = text.lstrip()
+    if not stripped.startswith(THINK_OPEN):
+        return None, text
+    close = stripped.find(THINK_CLOSE)
+    if close < 0:
+        raise RecordError(f"{what}: {THINK_OPEN} at the start of the message is never closed by {THINK_CLOSE}")
+    return stripped[len(THINK_OPEN):close].strip(), stripped[close + len(THINK_CLOSE):].lstrip()
+
+
+def _assistant_extras(turn: dict, what: str, text: str, reasoning: str | None, calls: list):
+    """Reasoning and tool calls given beside the content (fields, a <think> block)."""
+    for key in _REASONING_FIELDS:
+        value = turn.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise RecordError(f"{what}: '{key}' must be a string, got {type(value).__name__}")
+        if reasoning is not None:
+            raise RecordError(f"{what}: the reasoning is given twice ('{key}' and another field or part)")
+        reasoning = value
+    think, rest = _split_think(text, what)
+    if think is not None:
+        if reasoning is not None:
+            raise RecordError(f"{what}: the reasoning is given twice (a <think> block and a field or part)")
+        reasoning, text = think, rest
+    extra = []
+    if turn.get("tool_calls") is not None:
+        if not isinstance(turn["tool_calls"], list):
+            raise RecordError(f"{what}: 'tool_calls' must be a list, got {type(turn['tool_calls']).__name__}")
+        extra = [_tool_call(c, f"{what}.tool_calls[{j}]") for j, c in enumerate(turn["tool_calls"], 1)]
+    if turn.get("function_call") is not None:
+        extra.append(_tool_call(turn["function_call"], f"{what}.function_call"))
+    if extra and calls:
+        raise RecordError(f"{what}: tool calls given both as content parts and as 'tool_calls'")
+    return text, reasoning, tuple(calls or extra)
 
 
 def _turns(record: dict, key: str, role_key: str, text_key: str) -> list[Message]:
@@ -208,14 +412,30 @@ def _turns(record: dict, key: str, role_key: str, text_key: str) -> list[Message
         role = _ROLE_ALIASES.get(raw_role.strip().lower())
         if role is None:
             raise RecordError(f"{what}: unknown role {raw_role!r}; known roles: {', '.join(sorted(_ROLE_ALIASES))}")
-        if text_key not in turn:
+        if text_key not in turn and not (role == "assistant" and (turn.get("tool_calls") or turn.get("function_call"))):
             raise RecordError(f"{what}: missing field '{text_key}'")
-        text = _content(turn[text_key], what)
+        if raw_role.strip().lower() in _CALL_ROLES:
+            # ShareGPT tool data: the turn's text is the call (or a list of calls) as JSON
+            value = _json_value(turn.get(text_key), f"{what}: {raw_role} value")
+            value = value if isinstance(value, list) else [value]
+            if not value:
+                raise RecordError(f"{what}: {raw_role} without a call")
+            text, reasoning = "", None
+            calls = tuple(_tool_call(c, what) for c in value)
+        else:
+            text, reasoning, calls = _content(turn.get(text_key), what, role)
+            if role == "assistant":
+                text, reasoning, calls = _assistant_extras(turn, what, text, reasoning, calls)
+            else:
+                calls = ()
         weight = None
         for wkey in ("weight", "loss_weight"):
             if turn.get(wkey) is not None:
                 weight = _weight(turn[wkey], f"{what}.{wkey}")
-        out.append(Message(role, text, weight))
+        name = turn.get("name") if role == "tool" and isinstance(turn.get("name"), str) else None
+        call_id = turn.get("tool_call_id") if role == "tool" and isinstance(turn.get("tool_call_id"), str) else None
+        out.append(Message(role, text, weight, reasoning=reasoning, tool_calls=tuple(calls), name=name,
+                           tool_call_id=call_id))
     return out
 
 
@@ -226,6 +446,7 @@ def normalize_record(record: Any, fmt: str, *, last_turn_only: bool = False,
         raise DataError(f"unknown format {fmt!r}; known formats: {', '.join(FORMATS)}")
     if not isinstance(record, dict):
         raise RecordError(f"a record must be a JSON object, got {type(record).__name__}")
+    tools = None
     if fmt == "alpaca":
         instruction = _string(record, "instruction")
         inp = _string(record, "input", required=False) or None
@@ -238,9 +459,11 @@ def normalize_record(record: Any, fmt: str, *, last_turn_only: bool = False,
     elif fmt == "messages":
         msgs = _turns(record, "messages", "role", "content")
         sys_text = None
+        tools = _tools(record.get("tools"))
     else:
         msgs = _turns(record, "conversations", "from", "value")
         sys_text = _string(record, "system", required=False)
+        tools = _tools(record.get("tools"))
     if sys_text:
         if msgs[0].role == "system":
             raise RecordError("both a 'system' field and a system message")
@@ -252,17 +475,22 @@ def normalize_record(record: Any, fmt: str, *, last_turn_only: bool = False,
         last = max(i for i, m in enumerate(msgs) if m.role == "assistant")
         msgs = [m._replace(as_prompt=True) if m.role == "assistant" and i != last else m for i, m in enumerate(msgs)]
     weight = _weight(record["weight"], "weight") if record.get("weight") is not None else None
-    return Conversation(msgs, weight)
+    return Conversation(msgs, weight, tools)
 
 
 def _check_turns(msgs: list[Message]) -> None:
     for i, m in enumerate(msgs):
         if m.role == "system" and i != 0:
             raise RecordError(f"message {i + 1}: a system message is only allowed first")
-        if m.role == "assistant" and not m.text.strip():
-            raise RecordError(f"message {i + 1}: empty response")
+        if m.role == "assistant" and not m.text.strip() and not m.tool_calls:
+            raise RecordError(f"message {i + 1}: empty response" +
+                              (" (reasoning without an answer or a tool call)" if m.reasoning else ""))
         if m.role == "user" and not m.full_text().strip():
             raise RecordError(f"message {i + 1}: empty prompt")
+        if m.role == "tool":
+            prev = next((p for p in reversed(msgs[:i]) if p.role != "tool"), None)
+            if prev is None or prev.role != "assistant" or not prev.tool_calls:
+                raise RecordError(f"message {i + 1}: a tool result must follow an assistant message with tool calls")
     if msgs[-1].role != "assistant":
         raise RecordError("the last message must be an assistant response")
 
@@ -273,13 +501,13 @@ class SourceRecord(NamedTuple):
     record: Any          # the raw dict, or a RecordError for an unparseable line
 
 
-def read_records(path: str, fmt: str = "auto") -> tuple[str, Iterator[SourceRecord]]:
-    """Detect (fmt='auto') or check the format of a file; return (format, iterator of SourceRecord).
+def records_with_format(name: str, raw: Iterator[tuple[str, Any]], fmt: str = "auto"):
+    """(format, iterator of SourceRecord) over (where, record) pairs of one source named `name`.
 
-    Detection reads the first record that parses; the iterator still yields every record in order."""
+    Detection (fmt='auto') reads the first record that parses; the iterator still yields every record."""
     if fmt != "auto" and fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r}; known formats: auto, {', '.join(FORMATS)}")
-    it = iter_raw_records(path)
+    it = iter(raw)
     head: list[tuple[str, Any]] = []
     if fmt == "auto":
         for where, rec in it:
@@ -288,14 +516,21 @@ def read_records(path: str, fmt: str = "auto") -> tuple[str, Iterator[SourceReco
                 try:
                     fmt = detect_format(rec)
                 except DataError as e:
-                    raise e.located(path, where) from None
+                    raise e.located(name, where) from None
                 break
         else:
-            raise DataError("no record could be parsed to detect the format", path)
+            raise DataError("no record could be parsed to detect the format", name)
 
     def gen():
         for where, rec in head:
-            yield SourceRecord(path, where, rec)
+            yield SourceRecord(name, where, rec)
         for where, rec in it:
-            yield SourceRecord(path, where, rec)
+            yield SourceRecord(name, where, rec)
     return fmt, gen()
+
+
+def read_records(path: str, fmt: str = "auto") -> tuple[str, Iterator[SourceRecord]]:
+    """Detect (fmt='auto') or check the format of a file; return (format, iterator of SourceRecord)."""
+    if fmt != "auto" and fmt not in FORMATS:
+        raise DataError(f"unknown format {fmt!r}; known formats: auto, {', '.join(FORMATS)}")
+    return records_with_format(path, iter_raw_records(path), fmt)
