@@ -58,6 +58,7 @@ wit_defaults() {
     : "${PP:=1}"
     : "${EXTRA_ARGS:=}"
     : "${RESUME:=auto}"
+    : "${ACTIVATION_CHECKPOINTING:=auto}"  # auto | on | off (auto: where the planner says it is needed; 70B template: on)
     [ -n "${DATA:-}" ] || wit_die "set DATA to a packed dataset directory (tools/pack_dataset.py)"
     [ -n "${OUTPUT:-}" ] || wit_die "set OUTPUT to the run directory"
     [ -n "${MODEL:-}${MODEL_CONFIG:-}" ] || wit_die "set MODEL (HF directory) or MODEL_CONFIG (config.json, random init)"
@@ -87,7 +88,8 @@ wit_train_args() {
     WIT_TRAIN_ARGS=("$WITSCALE_HOME/witscale/train.py" --data "$DATA" --output-dir "$OUTPUT"
         --ds_config "$DS_CONFIG" --prompt-weight "$PROMPT_WEIGHT" --response-weight "$RESPONSE_WEIGHT"
         --normalization "$NORMALIZATION" --micro-batch-size "$MICRO_BATCH" --grad-accum "$GRAD_ACCUM"
-        --lr "$LR" --seed "$SEED" --save-steps "$SAVE_STEPS" --tp "$TP" --pp "$PP")
+        --lr "$LR" --seed "$SEED" --save-steps "$SAVE_STEPS" --tp "$TP" --pp "$PP"
+        --activation-checkpointing "$ACTIVATION_CHECKPOINTING")
     if [ -n "${MODEL:-}" ]; then WIT_TRAIN_ARGS+=(--model "$MODEL"); else WIT_TRAIN_ARGS+=(--model-config "$MODEL_CONFIG"); fi
     if [ -n "${MAX_STEPS:-}" ]; then WIT_TRAIN_ARGS+=(--max-steps "$MAX_STEPS"); fi
     if [ -n "${EPOCHS:-}" ]; then WIT_TRAIN_ARGS+=(--epochs "$EPOCHS"); fi

@@ -38,10 +38,12 @@ case "$LAYOUT" in
         ;;
     *) echo "LAYOUT=$LAYOUT: use zero3 or 3d" >&2; exit 2 ;;
 esac
+# At seq-len 4096 the activations of 70B do not fit without recomputing each block (tools/plan.py).
+: "${ACTIVATION_CHECKPOINTING:=on}"
 # 70B checkpoints are big: save less often than the 7B default.
 : "${SAVE_STEPS:=100}"
 [ -n "${MAX_STEPS:-}${EPOCHS:-}" ] || EPOCHS=2
-export LAYOUT DS_CONFIG SAVE_STEPS EPOCHS ${TP:+TP} ${PP:+PP}
+export LAYOUT DS_CONFIG SAVE_STEPS EPOCHS ACTIVATION_CHECKPOINTING ${TP:+TP} ${PP:+PP}
 
 # The batch script runs from a copy in Slurm's spool directory: find common.sh in the checkout.
 # shellcheck source=slurm/common.sh

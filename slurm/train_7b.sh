@@ -42,8 +42,11 @@
 set -euo pipefail
 
 : "${DS_CONFIG:=ds_configs/zero3.json}"
+# auto: the trainer recomputes blocks only where tools/plan.py's estimate says the layout needs it (7B on
+# 8 × 80 GB ZeRO-3 fits without, ~34 GiB per GPU; on smaller GPUs it turns on).
+: "${ACTIVATION_CHECKPOINTING:=auto}"
 [ -n "${MAX_STEPS:-}${EPOCHS:-}" ] || EPOCHS=3
-export DS_CONFIG EPOCHS
+export DS_CONFIG EPOCHS ACTIVATION_CHECKPOINTING
 
 # The batch script runs from a copy in Slurm's spool directory: find common.sh in the checkout.
 # shellcheck source=slurm/common.sh

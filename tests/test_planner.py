@@ -72,3 +72,32 @@ def test_plan_cli_lists_layouts_and_fits():
     assert "tp8·pp1·dp8 ZeRO-3" in out and "tp1·pp1·dp64 ZeRO-1" in out
     line = next(x for x in out.splitlines() if x.startswith("tp1·pp1·dp64 ZeRO-1"))
     assert line.rstrip().endswith("no"), "70B with replicated parameters cannot fit in 80 GB"
+
+
+def test_activation_checkpointing_is_needed_where_the_planner_says():
+    """The trainer's --activation-checkpointing auto asks this: 70B ZeRO-3 over 64 × 80 GB needs recomputed
+    blocks at seq-len 4096 (≈110 GiB per GPU without, ≈31 with); 7B over 8 × 80 GB does not (≈34 GiB)."""
+    big = planner.ModelShape.from_config(planner.NAMED_SIZES["70B"])
+    small = planner.ModelShape.from_config(planner.NAMED_SIZES["7B"])
+    z3 = planner.Layout(tp=1, pp=1, dp=64, zero=3)
+    on = planner.estimate(big, z3, seq_len=4096, micro_batch=1)
+    off = planner.estimate(big, z3, seq_len=4096, micro_batch=1, activation_checkpointing=False)
+    assert off.activation_gib > 5 * on.activation_gib and off.total_gib > 80 > on.total_gib
+    assert planner.needs_activation_checkpointing(big, z3, seq_len=4096, micro_batch=1, gpu_gib=80)
+    assert not planner.needs_activation_checkpointing(small, planner.Layout(1, 1, 8, 3), seq_len=4096,
+                                                      micro_batch=1, gpu_gib=80)
+    assert planner.needs_activation_checkpointing(small, planner.Layout(1, 1, 8, 3), seq_len=4096,
+                                                  micro_batch=1, gpu_gib=24)
+
+
+def test_activation_checkpointing_flag_resolves_on_the_cpu():
+    """auto is off on the CPU (no GPU memory to plan for); a bare --activation-checkpointing means on."""
+    from witscale.train import build_parser
+    from witscale.training.config import RunConfig
+
+    base = ["--data", "d", "--model-config", "c", "--output-dir", "o", "--ds_config", "z"]
+    p = build_parser()
+    assert RunConfig.from_args(p.parse_args(base)).activation_checkpointing == "auto"
+    assert RunConfig.from_args(p.parse_args(base + ["--activation-checkpointing"])).activation_checkpointing == "on"
+    assert RunConfig.from_args(p.parse_args(base + ["--activation-checkpointing", "off"])).activation_checkpointing \
+        == "off"

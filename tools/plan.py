@@ -39,6 +39,8 @@ def main(argv=None) -> int:
     p.add_argument("--dp", type=int)
     p.add_argument("--zero", type=int, default=3)
     p.add_argument("--assumptions", action="store_true", help="print the estimate's assumptions")
+    p.add_argument("--activation-checkpointing", choices=("on", "off"), default="on",
+                   help="recompute each block in backward (the trainer's auto turns it on where needed)")
     args = p.parse_args(argv)
     if args.assumptions:
         print(planner.__doc__)
@@ -49,10 +51,12 @@ def main(argv=None) -> int:
     else:
         layouts = planner.valid_layouts(shape, args.gpus, args.gpus_per_node)
     print(f"model {args.model}: {shape.total_params() / 1e9:.2f} B parameters; seq-len {args.seq_len}, "
-          f"micro-batch {args.micro_batch}; {args.gpu_mem:g} GiB per GPU")
+          f"micro-batch {args.micro_batch}; {args.gpu_mem:g} GiB per GPU; activation checkpointing "
+          f"{args.activation_checkpointing}")
     print(f"{'layout':<24}{'params':>9}{'grads':>9}{'optim':>9}{'activ.':>9}{'other':>8}{'total':>9}  fits")
     for layout in layouts:
-        e = planner.estimate(shape, layout, seq_len=args.seq_len, micro_batch=args.micro_batch)
+        e = planner.estimate(shape, layout, seq_len=args.seq_len, micro_batch=args.micro_batch,
+                             activation_checkpointing=args.activation_checkpointing == "on")
         fits = "yes" if e.total_gib <= args.gpu_mem else "no"
         print(f"{layout.name():<24}{e.param_gib:>9.1f}{e.grad_gib:>9.1f}{e.optim_gib:>9.1f}"
               f"{e.activation_gib:>9.1f}{e.overhead_gib:>8.1f}{e.total_gib:>9.1f}  {fits}")

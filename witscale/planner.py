@@ -79,7 +79,7 @@ def model_parallel_params(shape: ModelShape, tp: int, pp: int) -> float:
 
 
 def estimate(shape: ModelShape, layout: Layout, *, seq_len: int, micro_batch: int, live_layers: int = 2,
-             loss_chunk: int = 4096, overhead_gib: float = 3.0) -> Estimate:
+             loss_chunk: int = 4096, overhead_gib: float = 3.0, activation_checkpointing: bool = True) -> Estimate:
     tp, pp, dp, zero = layout.tp, layout.pp, layout.dp, layout.zero
     mp = model_parallel_params(shape, tp, pp)
     sharded, replicated = shape.layer_params()
@@ -92,7 +92,10 @@ def estimate(shape: ModelShape, layout: Layout, *, seq_len: int, micro_batch: in
     h = shape.hidden_size
     layers_here = math.ceil(shape.num_hidden_layers / pp)
     in_flight = pp if pp > 1 else 1
-    act_bytes = in_flight * tokens * layers_here * 2 * h + tokens * 34 * h / tp
+    if activation_checkpointing:    # each block's input kept, one block's working set recomputed at a time
+        act_bytes = in_flight * tokens * layers_here * 2 * h + tokens * 34 * h / tp
+    else:                           # every block's working set kept until its backward
+        act_bytes = in_flight * tokens * layers_here * 34 * h / tp
     from witscale.parallel.cross_entropy import chunk_rows      # the fused loss's own chunk choice
     chunk = chunk_rows(tokens, h, math.ceil(shape.vocab_size / tp), loss_chunk)
     loss_bytes = 2 * chunk * math.ceil(shape.vocab_size / tp) * 4
@@ -113,3 +116,10 @@ def valid_layouts(shape: ModelShape, gpus: int, gpus_per_node: int = 8) -> list[
                     continue
                 out.append(Layout(tp, pp, dims.dp, zero))
     return out
+
+
+def needs_activation_checkpointing(shape: ModelShape, layout: Layout, *, seq_len: int, micro_batch: int,
+                                   gpu_gib: float, headroom: float = 0.9) -> bool:
+    """True when the layout would not fit in ``headroom`` × the GPU's memory without recomputing blocks."""
+    off = estimate(shape, layout, seq_len=seq_len, micro_batch=micro_batch, activation_checkpointing=False)
+    return off.total_gib > headroom * gpu_gib

@@ -101,7 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pp-partition", choices=("uniform", "parameters"), default="uniform",
                    help="pipeline stages: the same number of decoder layers each (embedding on the first, "
                         "norm + LM head on the last), or balanced parameter counts")
-    g.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
+    g.add_argument("--activation-checkpointing", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
+                   help="recompute each decoder block in backward (saves activations, costs ~1/3 more compute); "
+                        "auto (default): on where the planner says the layout would not fit this GPU without "
+                        "it, off on the CPU")
     g.add_argument("--attention", default="auto", metavar="BACKEND",
                    help="packed-attention backend (witscale/model/attention.py lists them); auto: torch's varlen "
                         "(FlashAttention-2) kernels on a bf16 GPU, sdpa_grouped (documents batched by length) "
@@ -127,6 +130,7 @@ class Plan:
     dims: object
     total_steps: int
     steps_per_epoch: int
+    activation_checkpointing: bool = False
 
 
 def _require_file(path: str, flag: str) -> None:
@@ -223,8 +227,25 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
         _require_file(cfg.tokenizer, "--tokenizer")
     steps_per_epoch = len(dataset) // global_rows
     total = cfg.max_steps if cfg.max_steps else max(1, int(steps_per_epoch * (cfg.epochs or 1.0)))
+    checkpointing = _activation_checkpointing(cfg, model_config, dims, ds_config, dataset.seq_len)
     return Plan(cfg, model_config, dataset, eval_dataset, table, ds_config, world_size, dims, total,
-                steps_per_epoch)
+                steps_per_epoch, checkpointing)
+
+
+def _activation_checkpointing(cfg: RunConfig, model_config, dims, ds_config: dict, seq_len: int) -> bool:
+    """--activation-checkpointing auto: on where the planner's estimate without it exceeds 90% of this GPU."""
+    if cfg.activation_checkpointing != "auto":
+        return cfg.activation_checkpointing == "on"
+    import torch
+    if not torch.cuda.is_available():
+        return False
+    from witscale.planner import Layout, ModelShape, needs_activation_checkpointing
+    gpu_gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2 ** 30
+    layout = Layout(dims.tp, dims.pp, dims.dp, zero_stage(ds_config))
+    on = needs_activation_checkpointing(ModelShape.from_config(model_config), layout, seq_len=seq_len,
+                                        micro_batch=cfg.micro_batch_size, gpu_gib=gpu_gib)
+    log.info(f"--activation-checkpointing auto: {'on' if on else 'off'} (planner, {gpu_gib:.0f} GiB per GPU)")
+    return on
 
 
 def run(args: argparse.Namespace | RunConfig):
@@ -247,7 +268,7 @@ def run(args: argparse.Namespace | RunConfig):
     torch.manual_seed(config.seed)
     module = build_module(plan.model_config, topo, plan.ds_config, model_dir=config.model, seed=config.seed,
                           pp_partition=config.pp_partition, attention=config.attention,
-                          activation_checkpointing=config.activation_checkpointing)
+                          activation_checkpointing=plan.activation_checkpointing)
     result = train_loop(plan, topo, module)
     if watch is not None:
         watch.stop()        # from here on, rank 0 (the store's host) may leave first
@@ -278,7 +299,7 @@ def train_loop(plan: Plan, topo, module):
     trainer = Trainer(module=module, ds_config=plan.ds_config, loader=loader, topo=topo,
                       normalization=cfg.normalization, lr=cfg.lr, weight_decay=cfg.weight_decay,
                       betas=cfg.adam_betas, eps=cfg.adam_eps, total_steps=plan.total_steps,
-                      warmup_ratio=cfg.warmup_ratio, activation_checkpointing=cfg.activation_checkpointing)
+                      warmup_ratio=cfg.warmup_ratio, activation_checkpointing=plan.activation_checkpointing)
     ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
     fingerprints = {"data_fingerprint": checkpoint.data_fingerprint(plan.dataset.manifest),
                     "model_fingerprint": checkpoint.model_fingerprint(plan.model_config)}

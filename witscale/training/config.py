@@ -52,7 +52,7 @@ class RunConfig:
     tp: int = 1
     pp: int = 1
     pp_partition: str = "uniform"
-    activation_checkpointing: bool = False
+    activation_checkpointing: str = "auto"    # auto | on | off (resolved by witscale/train.py)
     attention: str = "auto"
     dist_timeout: float = 30.0
     log_level: str = "INFO"
