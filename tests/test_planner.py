@@ -92,12 +92,14 @@ def test_activation_checkpointing_is_needed_where_the_planner_says():
 
 def test_activation_checkpointing_flag_resolves_on_the_cpu():
     """auto is off on the CPU (no GPU memory to plan for); a bare --activation-checkpointing means on."""
-    from witscale.train import build_parser
+    from witscale.train import _activation_checkpointing, build_parser
     from witscale.training.config import RunConfig
 
     base = ["--data", "d", "--model-config", "c", "--output-dir", "o", "--ds_config", "z"]
     p = build_parser()
-    assert RunConfig.from_args(p.parse_args(base)).activation_checkpointing == "auto"
+    auto = RunConfig.from_args(p.parse_args(base))
+    assert auto.activation_checkpointing == "auto"
+    assert _activation_checkpointing(auto, None, None, {}, 4096) is False       # no CUDA here
     assert RunConfig.from_args(p.parse_args(base + ["--activation-checkpointing"])).activation_checkpointing == "on"
     assert RunConfig.from_args(p.parse_args(base + ["--activation-checkpointing", "off"])).activation_checkpointing \
         == "off"
