@@ -67,7 +67,7 @@ def test_weight_scale_invariance_needs_no_clipping():
 
 
 def _independent_loss(model, data, table, rows, normalization):
-    """DESIGN.md §1 written out directly: full logits, log-softmax, weights of predicted tokens, N."""
+    """docs/objective.md#formula written out directly: full logits, log-softmax, weights of predicted tokens, N."""
     total, n_nonzero, w_sum, n_tokens = 0.0, 0, 0.0, 0
     for r in rows:
         tokens, classes = data.tokens[r], data.classes[r]

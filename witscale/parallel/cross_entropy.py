@@ -25,8 +25,8 @@ the sum of the partial gradients of all vocabulary shards; this function all-red
 all-reduce of [T, H] per call), so every TP rank receives the full gradient.
 
 Normalizations. ``weighted_sum`` is divided by a denominator counted over the GLOBAL batch (all
-micro-batches of all data-parallel ranks, DESIGN.md §1), never per micro-batch; ``normalization_counts``
-gives this micro-batch's share of each:
+micro-batches of all data-parallel ranks; docs/objective.md#global-denominator), never per micro-batch;
+``normalization_counts`` gives this micro-batch's share of each:
 - ``nonzero`` (default, the paper: Chatterjee et al. 2025): the number of predicted tokens with w > 0.
   (λp, λr) and (cλp, cλr) then give the same AdamW update without clipping;
 - ``weight_sum``: Σ w over predicted tokens (a weighted mean; the absolute scale of λ cancels);

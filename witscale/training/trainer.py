@@ -9,8 +9,8 @@ adapters that know how that engine runs a step:
 The loop (checkpoints, preemption, metrics) is ``witscale.train.train_loop``.
 
 Normalization. The objective is Σ_{global batch} w·nll / N, N the global batch's denominator for the
-chosen normalization (DESIGN.md §1). DeepSpeed *averages* gradients over the data-parallel ranks, so the
-dense engine's micro-batch loss is ``weighted_sum × dp / N`` and ``backward`` is called with
+chosen normalization (docs/objective.md#normalizations). DeepSpeed *averages* gradients over the
+data-parallel ranks, so the dense engine's micro-batch loss is ``weighted_sum × dp / N`` and ``backward`` is called with
 ``scale_wrt_gas=False`` (DeepSpeed would otherwise divide by grad_accum as well); the pipeline engine
 always divides by grad_accum, so its loss is ``weighted_sum × dp × grad_accum / N``. The result is the same
 gradient whatever dp, grad_accum, pp or ZeRO stage — tested as equivalences.
