@@ -3,16 +3,23 @@
 ``Renderer(template, tokenizer)`` renders with one of the fixed templates of witscale/data/templates.py, or,
 for ``hf``, with the tokenizer's own chat template (witscale/data/chat_template.py); both share the token
 classification of templates.py, and neither imports this module (no import cycle).
+
+A record with tools (schemas, calls or results) under a template that cannot express them is refused with a
+RecordError naming what it has; ``plain``'s prompt → response boundary follows the paper's rule (see
+templates.py).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from witscale.data.chat_template import HFChatRenderer
-from witscale.data.errors import DataError, TokenizerError
+from witscale.data.classes import RESPONSE_SIDE, TokenClass
+from witscale.data.errors import DataError, RecordError, TokenizerError
 from witscale.data.readers import Conversation
-from witscale.data.templates import (TEMPLATE_NAMES, TEMPLATES, Document, Special, TemplateSpec, Text,
-                                     classify_tokens)
+from witscale.data.templates import (TEMPLATE_NAMES, TEMPLATES, TOOL_TEMPLATES, Document, Special, TemplateSpec,
+                                     Text, classify_tokens)
+
+_RESPONSE_SIDE = np.array(sorted(int(c) for c in RESPONSE_SIDE))
 from witscale.data.tokenizer import Tokenizer
 
 
@@ -60,7 +67,15 @@ class Renderer:
                 out.append(it.text)
         return "".join(out)
 
+    def check(self, conv: Conversation) -> None:
+        """Refuse (RecordError) a record this template cannot express."""
+        if self._hf is None and not self.spec.tools and conv.uses_tools:
+            what = ", ".join(f for f in conv.features() if f != "reasoning")
+            raise RecordError(f"template {self.template!r} cannot express tools (the record has {what}); use "
+                              f"--template {', '.join(TOOL_TEMPLATES[:-1])} or {TOOL_TEMPLATES[-1]}")
+
     def __call__(self, conv: Conversation) -> Document:
+        self.check(conv)
         if self._hf is not None:
             ids, classes, msgs = self._hf(conv)
         else:
@@ -86,6 +101,8 @@ class Renderer:
             char_msg = np.repeat(np.array([t.msg for t in run], dtype=np.int64), lens)
             tok_ids, begin, end = self.tokenizer.encode_with_offsets(text, continuation=started)
             cls, msg = classify_tokens(text, char_cls, char_msg, begin, end)
+            if any(t.boundary for t in run):
+                cls, msg = self._paper_boundary(run, text, begin, cls, msg, continuation=started)
             ids.append(tok_ids.astype(np.int32))
             classes.append(cls.astype(np.uint8))
             msgs.append(msg)
@@ -114,3 +131,28 @@ class Renderer:
                 started = True
         flush()
         return np.concatenate(ids), np.concatenate(classes), np.concatenate(msgs)
+
+    def _paper_boundary(self, run: list, text: str, begin: np.ndarray, cls: np.ndarray, msg: np.ndarray,
+                        continuation: bool):
+        """The paper's rule at each boundary-marked text (plain's joining space before an answer): the tokens
+        of the answer's turn at index ≥ len(tokenize(everything before the boundary)) are response-side,
+        those before it prompt-side — whatever characters they cover."""
+        cls, msg = cls.copy(), msg.copy()
+        offsets = np.cumsum([0] + [len(t.text) for t in run])
+        for k, t in enumerate(run):
+            if not t.boundary:
+                continue
+            turn = t.msg
+            first = next((u.cls for u in run[k:] if u.msg == turn and u.cls in RESPONSE_SIDE), None)
+            if first is None:             # an answer demoted to prompt-side (--last-turn-only): no boundary
+                continue
+            c = int(offsets[k])
+            turn_end = int(offsets[max(j for j, u in enumerate(run) if u.msg == turn) + 1])
+            n_prompt = len(self.tokenizer.encode_with_offsets(text[:c], continuation=continuation)[0])
+            idx = np.arange(len(cls))
+            in_turn = begin < turn_end
+            after = in_turn & (idx >= n_prompt) & ~np.isin(cls, _RESPONSE_SIDE)
+            cls[after], msg[after] = first, turn
+            before = (idx < n_prompt) & (msg == turn) & np.isin(cls, _RESPONSE_SIDE)
+            cls[before] = TokenClass.PROMPT
+        return cls, msg
