@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, write_json, write_jsonl
+from tests.test_readers import OPENAI_TOOLS, SHAREGPT_TOOLS
 from witscale.data.classes import TokenClass as C
 from witscale.data.format import PackedDataset
 from witscale.data.pack import PackOptions, pack_records
@@ -14,8 +15,8 @@ from witscale.data.pack import PackOptions, pack_records
 GOOD = {"instruction": "Add 2 and 3.", "input": "", "output": "5"}
 
 
-def run_cli(*args):
-    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", PYTHONPATH="")
+def run_cli(*args, env=None):
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", PYTHONPATH="", **(env or {}))
     return subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", "pack_dataset.py"), *map(str, args)],
                           capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=120)
 
@@ -77,10 +78,19 @@ def _bad_cases(tmp_path):
     bad = tmp_path / "f.jsonl"
     bad.write_bytes(good.encode() + b"\n" + b'{"instruction": "caf\xe9", "output": "y"}\n')
     cases["non_utf8"] = (str(bad), "f.jsonl:line 2: not valid UTF-8")
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    share = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
+    cases["tools_in_plain"] = (write_jsonl(tmp_path / "g.jsonl", [share, SHAREGPT_TOOLS]),
+                               "g.jsonl:line 2: template 'plain' cannot express tools (the record has tool calls, "
+                               "tool results, tools); use --template chatml, llama3 or hf")
+    think = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "<think>unclosed"}]}
+    cases["unclosed_think"] = (write_jsonl(tmp_path / "h.jsonl", [chat, think]),
+                               "h.jsonl:line 2: messages[2]: <think> at the start of the message is never closed")
     return cases
 
 
-RECORD_CASES = ["invalid_json", "missing_field", "mistyped", "empty_response", "unknown_role", "non_utf8"]
+RECORD_CASES = ["invalid_json", "missing_field", "mistyped", "empty_response", "unknown_role", "non_utf8",
+                "tools_in_plain", "unclosed_think"]
 
 
 @pytest.mark.parametrize("case", RECORD_CASES)
@@ -100,7 +110,8 @@ def test_bad_records_fail_cleanly_or_are_skipped(tmp_path, sp_model_path, case):
     assert "records skipped      1" in r.stdout
 
 
-@pytest.mark.parametrize("case", ["empty_file", "bad_tokenizer", "unknown_format", "no_special", "exists"])
+@pytest.mark.parametrize("case", ["empty_file", "bad_tokenizer", "unknown_format", "no_special", "exists", "utf16",
+                                  "no_glob_match", "hub_offline"])
 def test_run_level_errors(tmp_path, sp_model_path, case):
     good = write_jsonl(tmp_path / "g.jsonl", [GOOD])
     args = {"input": good, "tokenizer": sp_model_path, "extra": []}
@@ -120,12 +131,82 @@ def test_run_level_errors(tmp_path, sp_model_path, case):
                                      minloglevel=2)
         args["tokenizer"], args["extra"] = str(tmp_path / "p.model"), ["--template", "llama3"]
         needle = "needs the special token '<|begin_of_text|>'"
+    elif case == "utf16":
+        (tmp_path / "w.jsonl").write_bytes(json.dumps(GOOD).encode("utf-16"))
+        args["input"], needle = str(tmp_path / "w.jsonl"), "w.jsonl: the file is UTF-16"
+    elif case == "no_glob_match":
+        args["input"], needle = str(tmp_path / "*.parquet"), "*.parquet: no file matches this pattern"
+    elif case == "hub_offline":
+        args["input"] = "some-org/no-such-dataset"
+        needle = "some-org/no-such-dataset: cannot load as a Hugging Face dataset"
     else:
         (tmp_path / "out").mkdir()
         needle = "output already exists; pass --overwrite"
     r = run_cli("--input", args["input"], "--tokenizer", args["tokenizer"], "--seq-len", 64,
-                "--output", tmp_path / "out", *args["extra"])
+                "--output", tmp_path / "out", *args["extra"], env={"HF_HOME": str(tmp_path / "hf")})
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert needle in r.stderr.strip().splitlines()[-1], r.stderr
     if case != "exists":
         assert not (tmp_path / "out").exists()
+
+
+def test_windows_file_with_bom_crlf_blank_lines_and_null_input(tmp_path, sp_model_path):
+    lines = [json.dumps(GOOD), "", json.dumps({"instruction": "Say hi.", "input": None, "output": "hi"}), ""]
+    path = tmp_path / "win.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    r = run_cli("--input", path, "--tokenizer", sp_model_path, "--seq-len", 64, "--output", tmp_path / "out",
+                "--template", "alpaca")
+    assert r.returncode == 0, r.stderr
+    m = PackedDataset(str(tmp_path / "out")).manifest
+    assert m["counts"]["records_read"] == m["num_documents"] == 2 and m["counts"]["skipped"] == 0
+
+
+def test_tool_calling_data_packs_with_its_own_classes(tmp_path, sp_model_path):
+    """ShareGPT function_call/observation data and OpenAI tool_calls data, detected and said so, packed with
+    chatml: the manifest counts tokens of every new class; the stats table lists them."""
+    a = write_jsonl(tmp_path / "a.jsonl", [SHAREGPT_TOOLS] * 3)
+    b = write_jsonl(tmp_path / "b.jsonl", [OPENAI_TOOLS] * 2)
+    out = tmp_path / "out"
+    r = run_cli("--input", a, b, "--tokenizer", sp_model_path, "--seq-len", 1024, "--output", out,
+                "--template", "chatml")
+    assert r.returncode == 0, r.stderr
+    assert "a.jsonl: detected format sharegpt (tool calls, tool results, tools)" in r.stderr
+    assert "b.jsonl: detected format messages (reasoning, tool calls, tool results, tools)" in r.stderr
+    ds = PackedDataset(str(out))
+    per = ds.manifest["tokens_per_class"]
+    assert all(per[c] > 0 for c in ("system", "prompt", "response", "eot", "reasoning", "tool_call", "tool"))
+    assert "  tool_call" in r.stdout and "  reasoning" in r.stdout
+    assert ds.num_classes == 9 and int(ds.classes.max()) == C.TOOL
+
+
+def test_dataset_directories_and_globs_as_inputs(tmp_path, sp_model_path):
+    """A save_to_disk DatasetDict with --split; a folder of JSONL files (datasets.load_dataset); a glob."""
+    import datasets
+    train = [GOOD, {"instruction": "Say hi.", "input": None, "output": "hi"}]
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(train * 3),
+                          "test": datasets.Dataset.from_list(train)}).save_to_disk(str(saved))
+    env = {"HF_HOME": str(tmp_path / "hf")}
+    r = run_cli("--input", saved, "--split", "test", "--tokenizer", sp_model_path, "--seq-len", 64,
+                "--output", tmp_path / "o1", env=env)
+    assert r.returncode == 0, r.stderr
+    assert f"{saved}[test]: detected format alpaca" in r.stderr
+    m = PackedDataset(str(tmp_path / "o1")).manifest
+    assert m["num_documents"] == 2 and m["sources"][0]["split"] == "test" and len(m["sources"][0]["sha256"]) == 64
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", train * 2)
+    r = run_cli("--input", folder, "--tokenizer", sp_model_path, "--seq-len", 64, "--output", tmp_path / "o2", env=env)
+    assert r.returncode == 0, r.stderr
+    assert PackedDataset(str(tmp_path / "o2")).manifest["num_documents"] == 4
+    r = run_cli("--input", str(tmp_path / "folder" / "*.jsonl"), "--tokenizer", sp_model_path, "--seq-len", 64,
+                "--output", tmp_path / "o3", env=env)
+    assert r.returncode == 0, r.stderr
+    m = PackedDataset(str(tmp_path / "o3")).manifest
+    assert m["num_documents"] == 4 and m["sources"][0]["path"] == str(folder / "train.jsonl")
+    # a record error inside a dataset names the dataset, split and record
+    bad = tmp_path / "bad"
+    datasets.Dataset.from_list([GOOD, {"instruction": "x", "input": "", "output": " "}]).save_to_disk(str(bad))
+    r = run_cli("--input", bad, "--tokenizer", sp_model_path, "--seq-len", 64, "--output", tmp_path / "o4", env=env)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == f"error: {bad}[train]:record 2: message 2: empty response"

@@ -1,8 +1,10 @@
 """Records → tokenized documents → packed dataset. The CLI (tools/pack_dataset.py) is a thin shell over
-:func:`pack_files`; :func:`pack_records` does the same for records already in memory."""
+:func:`pack_files` (files, globs, dataset directories and Hub datasets: witscale/data/inputs.py);
+:func:`pack_records` does the same for records already in memory."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import multiprocessing as mp
 import os
 import time
@@ -10,7 +12,8 @@ from typing import Callable, Iterable, NamedTuple
 
 from witscale.data.errors import DataError, RecordError
 from witscale.data.format import TokenizedCorpus, write_packed
-from witscale.data.readers import SourceRecord, normalize_record, read_records
+from witscale.data.inputs import dataset_digest, iter_dataset, load_dataset_source, resolve_inputs
+from witscale.data.readers import SourceRecord, describe_format, normalize_record, read_records, records_with_format
 from witscale.data.render import Renderer
 from witscale.data.templates import Document
 from witscale.data.tokenizer import load_tokenizer
@@ -98,30 +101,49 @@ def tokenize_tasks(tasks: Iterable[_Task], tokenizer_path: str, opts: PackOption
             yield from results
 
 
+def _peek(records):
+    """(first record that parsed or None, the same iterator from the start)."""
+    head = []
+    for src in records:
+        head.append(src)
+        if not isinstance(src.record, RecordError):
+            break
+    first = head[-1].record if head and not isinstance(head[-1].record, RecordError) else None
+    return first, itertools.chain(head, records)
+
+
 def pack_files(inputs: list[str], tokenizer_path: str, output: str, opts: PackOptions, fmt: str = "auto",
                overwrite: bool = False, progress: Callable[[int], None] | None = None,
-               on_format: Callable[[str, str], None] | None = None) -> dict:
-    """Read every input file, tokenize, pack and write `output`. Returns the manifest plus a 'timing' entry
-    (seconds; not written to disk, so that the output stays byte-identical across runs)."""
+               on_format: Callable[[str, str], None] | None = None, split: str | None = None,
+               subset: str | None = None) -> dict:
+    """Read every input (files, globs, dataset directories, Hub datasets), tokenize, pack and write `output`.
+    Returns the manifest plus a 'timing' entry (seconds; not written to disk, so that the output stays
+    byte-identical across runs). `on_format(source, 'format (features)')` reports each detected format."""
     _check_output(output, overwrite)
-    if not inputs:
-        raise DataError("no input files")
+    sources_in = resolve_inputs(inputs, split, subset)
     tokenizer = load_tokenizer(tokenizer_path)
     Renderer(opts.template, tokenizer)          # a missing special token fails before any reading
     sources, streams = [], []
-    for path in inputs:
-        detected, records = read_records(path, fmt)
+    for src in sources_in:
+        if src.kind == "file":
+            detected, records = read_records(src.path, fmt)
+            source = {"path": src.path, "sha256": sha256_file(src.path)}
+        else:
+            ds = load_dataset_source(src)
+            detected, records = records_with_format(src.name, iter_dataset(ds), fmt)
+            source = {"path": src.path, "sha256": dataset_digest(ds), "split": src.split, "subset": src.subset}
+        first, records = _peek(records)
         if on_format and fmt == "auto":
-            on_format(path, detected)
-        source = {"path": path, "sha256": sha256_file(path), "format": detected, "records": 0}
+            on_format(src.name, describe_format(first, detected) if first is not None else detected)
+        source.update(format=detected, records=0)
         sources.append(source)
         streams.append((detected, records, source))
 
     def tasks():
         for detected, records, source in streams:
-            for src in records:
+            for rec in records:
                 source["records"] += 1
-                yield _Task(detected, src)
+                yield _Task(detected, rec)
     return _run(tasks(), tokenizer, tokenizer_path, output, opts, sources, overwrite, progress)
 
 

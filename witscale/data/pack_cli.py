@@ -5,6 +5,7 @@ import argparse
 import sys
 import time
 
+from witscale.data.classes import CLASS_NAMES, LEGACY_CLASS_NAMES
 from witscale.data.errors import DataError
 from witscale.data.bestfit import LONG_POLICIES
 from witscale.data.pack import PackOptions, pack_files
@@ -14,13 +15,20 @@ from witscale.data.templates import TEMPLATE_NAMES
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pack_dataset.py", description="Tokenize instruction data and pack it into "
-                                "fixed-length rows with a token class per token (witscale packed format v1).")
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="JSON array, JSONL or parquet files")
+                                "fixed-length rows with a token class per token (witscale packed format v1).",
+                                epilog="Token classes: " + ", ".join(f"{n}={i}" for i, n in enumerate(CLASS_NAMES)) + ".")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help="JSON array, JSONL or parquet files, globs ('data/*.jsonl'), dataset directories "
+                        "(save_to_disk, or folders datasets.load_dataset reads) or Hugging Face dataset names")
+    p.add_argument("--split", default=None, help="split of a dataset input (default: train, or its only split)")
+    p.add_argument("--subset", default=None, help="configuration (subset) of a dataset input")
     p.add_argument("--tokenizer", required=True, help="SentencePiece .model file or local HF tokenizer directory")
     p.add_argument("--seq-len", type=int, required=True, help="row length in tokens")
     p.add_argument("--output", required=True, help="output directory (created atomically)")
     p.add_argument("--format", default="auto", choices=("auto",) + FORMATS)
-    p.add_argument("--template", default="plain", choices=TEMPLATE_NAMES)
+    p.add_argument("--template", default="plain", choices=TEMPLATE_NAMES,
+                   help="plain (the paper's), alpaca, chatml (Qwen; tools, <think>), llama3 (Llama 3.1 tools), tulu, "
+                        "hf (the tokenizer's chat_template). Records with tools need chatml, llama3 or hf")
     p.add_argument("--long", default="truncate", choices=LONG_POLICIES, dest="long_policy",
                    help="documents longer than --seq-len (default truncate)")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
@@ -64,7 +72,7 @@ def stats_table(m: dict) -> str:
             ("documents truncated", c["truncated"]), ("documents dropped", c["dropped"]),
             ("documents split", c["split"]), ("documents packed", m["num_documents"]),
             ("rows", f"{m['num_rows']} × {m['seq_len']}"), ("tokens (non-pad)", m["num_tokens"])]
-    rows += [(f"  {name}", n) for name, n in m["tokens_per_class"].items()]
+    rows += [(f"  {name}", n) for name, n in m["tokens_per_class"].items() if n or name in LEGACY_CLASS_NAMES]
     rows.append(("packing efficiency", f"{100 * m['packing_efficiency']:.2f}%"))
     if t:
         rows.append(("throughput", f"{t['input_tokens'] / max(t['total_s'], 1e-9):,.0f} tokens/s "
@@ -90,7 +98,7 @@ def main(argv=None) -> int:
     progress = _Progress()
     try:
         manifest = pack_files(args.input, args.tokenizer, args.output, opts, fmt=args.format,
-                              overwrite=args.overwrite, progress=progress,
+                              overwrite=args.overwrite, progress=progress, split=args.split, subset=args.subset,
                               on_format=lambda path, fmt: print(f"{path}: detected format {fmt}", file=sys.stderr))
     except DataError as e:
         progress.close()
