@@ -18,9 +18,9 @@ from witscale.data.errors import DataError, RecordError, TokenizerError
 from witscale.data.readers import Conversation
 from witscale.data.templates import (TEMPLATE_NAMES, TEMPLATES, TOOL_TEMPLATES, Document, Special, TemplateSpec,
                                      Text, classify_tokens)
+from witscale.data.tokenizer import Tokenizer
 
 _RESPONSE_SIDE = np.array(sorted(int(c) for c in RESPONSE_SIDE))
-from witscale.data.tokenizer import Tokenizer
 
 
 def _resolve(spec: TemplateSpec, name: str, tokenizer: Tokenizer) -> int | None:
