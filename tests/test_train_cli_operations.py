@@ -161,7 +161,9 @@ def test_exported_model_loads_in_transformers(reference_run, run_inputs, tmp_pat
     from witscale.model import CausalLM, ModelConfig, load_model_weights
 
     hf_dir = reference_run / "hf"
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval()
+    # bf16 by default; loaded in fp32 (an exact upcast) to compare with witscale's fp32 model
+    assert json.load(open(hf_dir / "config.json"))["torch_dtype"] == "bfloat16"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     assert (hf_dir / "tokenizer.model").exists()
     # The offline exporter on the final checkpoint gives the same tensors as the live export.
     code = subprocess.run([sys.executable, "tools/export_hf.py", str(reference_run / "checkpoints"),
@@ -180,7 +182,7 @@ def test_exported_model_loads_in_transformers(reference_run, run_inputs, tmp_pat
         got = ours.compute_logits(ours(ids, torch.arange(20)[None], torch.tensor([0, 20], dtype=torch.int32), 20))
         torch.testing.assert_close(got, hf(ids).logits, rtol=0, atol=1e-5)
     # the trained model is not the random init: training moved the weights
-    assert np.abs(live["model.layers.0.mlp.up_proj.weight"].numpy()).max() > 0
+    assert np.abs(live["model.layers.0.mlp.up_proj.weight"].float().numpy()).max() > 0
 
 
 def _cli(args, capsys=None):
@@ -235,7 +237,7 @@ def test_tp2_training_exports_the_same_model_as_tp1(run_inputs, tmp_path):
     from safetensors.torch import load_file
 
     common = lambda out: _args(run_inputs, out, 3, "--export-hf", str(out / "hf"), "--ds_config",  # noqa: E731
-                               "ds_configs/zero1.json")
+                               "ds_configs/zero1.json", "--export-dtype", "fp32")
     single = subprocess.run([sys.executable, "witscale/train.py", *common(tmp_path / "tp1")], cwd=REPO_ROOT,
                             env=_env(), capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stdout[-2000:] + single.stderr[-2000:]

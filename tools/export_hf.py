@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Consolidate a witscale checkpoint (any ZeRO stage) into an HF directory that transformers loads.
+"""Consolidate a witscale checkpoint of any layout (ZeRO-0..3 × tp × pp) into an HF directory that transformers
+loads, one tensor at a time (bf16 by default; --export-dtype fp32). No pickle is executed: DeepSpeed's files
+are read with torch's weights_only loader (see witscale/training/export.py).
 
     python tools/export_hf.py runs/my-run/checkpoints OUT          # the checkpoint 'latest' names
     python tools/export_hf.py runs/my-run/checkpoints/step_00000500 OUT --tokenizer path/to/tokenizer
@@ -20,6 +22,9 @@ def main(argv=None) -> int:
     p.add_argument("checkpoint", help="a checkpoints directory (uses 'latest') or one step_* directory")
     p.add_argument("out", help="the HF directory to write (replaced if it exists)")
     p.add_argument("--tokenizer", help="tokenizer directory or SentencePiece .model to copy")
+    p.add_argument("--export-dtype", default="bf16", choices=("bf16", "fp32"),
+                   help="dtype of the exported weights (recorded in config.json as torch_dtype; default bf16)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     args = p.parse_args(argv)
     from witscale.training.checkpoint import CheckpointError, resolve_resume
     from witscale.training.export import export_checkpoint
@@ -35,7 +40,7 @@ def main(argv=None) -> int:
             if os.path.exists(eff):
                 run_args = json.load(open(eff, encoding="utf-8")).get("args", {})
                 tokenizer = run_args.get("tokenizer") or run_args.get("model")
-        export_checkpoint(args.checkpoint, args.out, tokenizer)
+        export_checkpoint(args.checkpoint, args.out, tokenizer, args.export_dtype, args.max_shard_size)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-steps", type=int, default=0, help="evaluate every N steps (0: only at the end)")
     g.add_argument("--export-hf", default=None, metavar="DIR",
                    help="at the end, write an HF directory (safetensors + config + tokenizer files)")
+    g.add_argument("--export-dtype", default="bf16", choices=("bf16", "fp32"),
+                   help="dtype of the --export-hf weights (recorded in config.json as torch_dtype; default bf16)")
     g.add_argument("--tokenizer", default=None,
                    help="tokenizer files to copy into --export-hf (default: those in --model, if any)")
     g.add_argument("--log-every", type=int, default=1, help="console line every N steps (non-TTY)")
@@ -344,7 +346,8 @@ def train_loop(plan: Plan, topo, module):
                 save()
             if cfg.export_hf:
                 from witscale.training.export import export_from_engine
-                export_from_engine(trainer, plan.model_config, cfg.export_hf, tokenizer_src=cfg.tokenizer or cfg.model)
+                export_from_engine(trainer, plan.model_config, cfg.export_hf, tokenizer_src=cfg.tokenizer or cfg.model,
+                                   dtype=cfg.export_dtype)
     finally:
         metrics.close()
     return trainer, results

@@ -8,8 +8,10 @@ No pickle is ever loaded: ``*.bin`` checkpoints are refused (convert them to saf
 ``slice_fn(name, slice)`` picks what this rank needs from a lazy safetensors slice; ``tp_slice_fn`` is the
 one for witscale's tensor-parallel layers. Filling a model from a checkpoint: witscale/model/weights.py.
 
-Writing: ``save_hf_checkpoint`` writes safetensors shards, their index and config.json into a temporary
-directory and renames it into place, so an interrupted export never looks complete.
+Writing: ``HFShardWriter`` streams an HF directory tensor by tensor (shards planned from the config, each
+tensor's bytes written straight to its place in its shard: nothing but the tensor at hand is held in
+memory) into a temporary directory renamed into place, so an interrupted export never looks complete.
+``save_hf_checkpoint`` writes an in-memory state dict through it.
 """
 from __future__ import annotations
 
@@ -22,7 +24,6 @@ from typing import Callable, Optional
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 INDEX = "model.safetensors.index.json"
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)   # old checkpoints store RoPE buffers; we recompute them
@@ -185,60 +186,195 @@ def _check_state_dict(state_dict: dict, config) -> dict[str, torch.Tensor]:
     return state
 
 
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
+EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def export_dtype(name) -> torch.dtype:
+    """``'bf16'`` / ``'fp32'`` (or a torch dtype) → the torch dtype an export writes."""
+    if isinstance(name, torch.dtype):
+        if name not in EXPORT_DTYPES.values():
+            raise ValueError(f"export dtype {name}: expected bf16 or fp32")
+        return name
+    if name not in EXPORT_DTYPES:
+        raise ValueError(f"export dtype {name!r}: expected one of {', '.join(EXPORT_DTYPES)}")
+    return EXPORT_DTYPES[name]
+
+
+def _nbytes(shape, dtype: torch.dtype) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+class HFShardWriter:
+    """Streams an HF model directory to disk one tensor at a time.
+
+    Every tensor's name, shape and dtype is known before the first byte is written (from the config:
+    ``dense_shapes``), so the shards are planned up front — tensors in the given order, a new shard when
+    the next tensor would take the current one past ``max_shard_size`` — and each shard file is created
+    with its final safetensors header. ``write(name, tensor)`` then copies the tensor's bytes straight to
+    their place in the file: nothing but the tensor being written is ever held in memory (no shard buffer,
+    no pickle). ``commit()`` checks that every planned tensor was written, adds the index and config.json
+    and renames the temporary directory into place (an existing ``out_dir`` is replaced only then);
+    ``abort()`` (or leaving a ``with`` block by an exception) removes everything.
+    """
+
+    def __init__(self, out_dir: str, plan: list[tuple[str, tuple[int, ...], torch.dtype]], config: dict,
+                 max_shard_size="5GB", *, max_shard_bytes: Optional[int] = None):
+        if not plan:
+            raise ValueError("HFShardWriter: nothing to write")
+        limit = max_shard_bytes if max_shard_bytes is not None else parse_size(max_shard_size)
+        self.out_dir = os.path.abspath(out_dir)
+        self.config = dict(config)
+        dtypes = {dt for _, _, dt in plan}
+        self.config["torch_dtype"] = str(plan[0][2]).replace("torch.", "") if len(dtypes) == 1 else "float32"
+        groups: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
+        size = 0
+        for name, shape, dtype in plan:
+            if dtype not in _ST_DTYPES:
+                raise ValueError(f"{name}: dtype {dtype} cannot be exported")
+            nbytes = _nbytes(shape, dtype)
+            if groups[-1] and size + nbytes > limit:
+                groups.append([])
+                size = 0
+            groups[-1].append((name, tuple(int(d) for d in shape), dtype))
+            size += nbytes
+        self._where: dict[str, tuple[int, int, tuple[int, ...], torch.dtype]] = {}   # name → (shard, offset, …)
+        self._files: list[str] = []
+        self.total_size = 0
+        parent = os.path.dirname(self.out_dir)
+        os.makedirs(parent, exist_ok=True)
+        self._tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out_dir)}.tmp-", dir=parent)
+        try:
+            for i, group in enumerate(groups):
+                fname = "model.safetensors" if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+                header, offset = {"__metadata__": {"format": "pt"}}, 0
+                for name, shape, dtype in group:
+                    nbytes = _nbytes(shape, dtype)
+                    header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape),
+                                    "data_offsets": [offset, offset + nbytes]}
+                    offset += nbytes
+                raw = json.dumps(header, separators=(",", ":")).encode()
+                raw += b" " * (-len(raw) % 8)              # the data starts 8-byte aligned
+                start = 8 + len(raw)
+                with open(os.path.join(self._tmp, fname), "wb") as f:
+                    f.write(len(raw).to_bytes(8, "little"))
+                    f.write(raw)
+                    f.truncate(start + offset)
+                for name, shape, dtype in group:
+                    self._where[name] = (i, start + header[name]["data_offsets"][0], shape, dtype)
+                self._files.append(fname)
+                self.total_size += offset
+        except BaseException:
+            self.abort()
+            raise
+        self._written: set[str] = set()
+        self._handle: Optional[tuple[int, object]] = None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self._where:
+            raise ValueError(f"tensor {name} is not part of the model being exported")
+        if name in self._written:
+            raise ValueError(f"tensor {name} written twice")
+        shard, offset, shape, dtype = self._where[name]
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, the config implies {shape} "
+                             "(a tensor-parallel shard, or padded vocabulary rows?)")
+        t = tensor.detach().to("cpu", dtype).contiguous()
+        if self._handle is None or self._handle[0] != shard:
+            self._close_handle()
+            self._handle = (shard, open(os.path.join(self._tmp, self._files[shard]), "r+b"))
+        f = self._handle[1]
+        f.seek(offset)
+        if t.numel():
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        self._written.add(name)
+
+    def _close_handle(self) -> None:
+        if self._handle is not None:
+            f = self._handle[1]
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            self._handle = None
+
+    @property
+    def tmp_dir(self) -> str:
+        """The directory being filled: extra files (tokenizer …) go here before ``commit``."""
+        return self._tmp
+
+    def commit(self) -> None:
+        """Check that every planned tensor was written, add the index and config.json, fsync, and rename the
+        directory into place (an existing ``out_dir`` is replaced only now)."""
+        try:
+            self._close_handle()
+            missing = [n for n in self._where if n not in self._written]
+            if missing:
+                raise ValueError(f"export incomplete: {len(missing)} tensors never written, e.g. {missing[0]}")
+            if len(self._files) > 1:
+                weight_map = {name: self._files[w[0]] for name, w in self._where.items()}
+                with open(os.path.join(self._tmp, INDEX), "w", encoding="utf-8") as f:
+                    json.dump({"metadata": {"total_size": self.total_size}, "weight_map": weight_map}, f, indent=1)
+            with open(os.path.join(self._tmp, "config.json"), "w", encoding="utf-8") as f:
+                json.dump(self.config, f, indent=2)
+            parent = os.path.dirname(self.out_dir)
+            old = None
+            if os.path.exists(self.out_dir):
+                old = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out_dir)}.old-", dir=parent)
+                os.rmdir(old)
+                os.replace(self.out_dir, old)
+            os.replace(self._tmp, self.out_dir)
+        except BaseException:
+            self.abort()
+            raise
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def abort(self) -> None:
+        try:
+            if self._handle is not None:
+                self._handle[1].close()
+                self._handle = None
+        except Exception:
+            pass
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is not None:
+            self.abort()
+
+
+def model_plan(config, dtype: torch.dtype) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """Every tensor of an HF checkpoint of ``config`` (a ModelConfig), in the canonical export order:
+    the embedding, layer by layer, the final norm, the LM head (not when tied)."""
+    from witscale.model.transformer import dense_shapes
+
+    return [(name, tuple(shape), dtype) for name, shape in dense_shapes(config).items()]
+
+
 def save_hf_checkpoint(state_dict: dict[str, torch.Tensor], config, out_dir: str, max_shard_size="5GB", *,
                        max_shard_bytes: Optional[int] = None) -> None:
-    """Write an HF model directory (safetensors shards + index + config.json) atomically: everything goes
-    to a temporary sibling directory that is renamed into place; an existing ``out_dir`` is replaced only
-    once the new one is complete. ``config`` is a ModelConfig (checked against the state dict) or a dict."""
-    limit = max_shard_bytes if max_shard_bytes is not None else parse_size(max_shard_size)
+    """Write an HF model directory (safetensors shards + index + config.json) atomically from an in-memory
+    state dict: the same writer as the streaming export (``HFShardWriter``). ``config`` is a ModelConfig
+    (checked against the state dict) or a dict."""
     if hasattr(config, "to_hf_dict"):
         state = _check_state_dict(state_dict, config)
         cfg = config.to_hf_dict()
+        plan = [(name, tuple(shape), state[name].dtype) for name, shape, _ in model_plan(config, torch.float32)]
     else:
         state, cfg = dict(state_dict), dict(config)
+        plan = [(name, tuple(state[name].shape), state[name].dtype) for name in sorted(state)]
     if not state:
         raise ValueError("save_hf_checkpoint: empty state dict")
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        size, storages = 0, set()
-        for name in sorted(state):
-            t = state[name].detach().cpu().contiguous()
-            nbytes = t.numel() * t.element_size()
-            # safetensors refuses tensors that share storage (views, tied copies): give those their own.
-            ptr = t.untyped_storage().data_ptr()
-            if ptr in storages or t.untyped_storage().nbytes() != nbytes:
-                t = t.clone()
-            storages.add(t.untyped_storage().data_ptr())
-            if shards[-1] and size + nbytes > limit:
-                shards.append({})
-                size = 0
-            shards[-1][name] = t
-            size += nbytes
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
-            weight_map.update({name: fname for name in shard})
-        if len(shards) > 1:
-            total = sum(t.numel() * t.element_size() for t in state.values())
-            with open(os.path.join(tmp, INDEX), "w", encoding="utf-8") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
-        dtype = str(next(iter(state.values())).dtype).replace("torch.", "")
-        cfg["torch_dtype"] = dtype
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(cfg, f, indent=2)
-        old = None
-        if os.path.exists(out_dir):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-            os.rmdir(old)
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with HFShardWriter(out_dir, plan, cfg, max_shard_size, max_shard_bytes=max_shard_bytes) as writer:
+        for name, _, _ in plan:
+            writer.write(name, state[name])
+        writer.commit()

@@ -1,20 +1,30 @@
-"""Weights out, one path for every layout: the dense, HF-named state of the whole model.
+"""Weights out, one path for every layout: the dense, HF-named tensors of the whole model, one at a time.
 
-For each parameter of this rank's module: gather its ZeRO-3 partitions (one parameter at a time), then its
-tensor-parallel shards, trim the vocabulary padding, move it to the host in fp32 and name it by HF's name
-(witscale/model/hf_names.py); under pipeline parallelism the stages then exchange what they hold. The
-result — the same on every rank — is what an HF checkpoint of the model holds (witscale/training/export.py
-writes it; the tests compare it across layouts).
+``iter_dense_tensors(module, topo, dtype)`` walks the model parameter by parameter, pipeline stage by
+pipeline stage (the canonical order: stage 0's parameters in module order, then stage 1's …). For each
+parameter the ranks of the stage that holds it gather its ZeRO-3 partitions (over the data-parallel
+group, one parameter at a time), cast it to the export dtype, gather its tensor-parallel shards to the
+stage's tp-rank 0 (``dist.gather``: the other TP ranks never hold the dense tensor), trim the vocabulary
+padding and name it by HF's name (witscale/model/hf_names.py). That rank — the stage's owner, (pp=s,
+dp=0, tp=0) — sends it to global rank 0 point-to-point (or, with ``everywhere=True``, broadcasts it to
+every rank). Rank 0 yields ``(hf_name, tensor)`` on the host; the other ranks take part in the
+collectives and yield nothing. At any moment a rank holds one gathered tensor: nothing is pickled, no
+rank builds the whole model.
+
+``dense_state_dict`` is its consumer for the tests that compare layouts: every rank gets the whole dense
+fp32 state (small models only). The HF export (witscale/training/export.py) streams it into a
+safetensors writer on rank 0.
 """
 from __future__ import annotations
 
 import contextlib
+import json
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
 from witscale.model.hf_names import hf_name_fn
-from witscale.parallel.layers import gather_dense
 
 
 def _zero3_gathered(p: torch.Tensor):
@@ -24,19 +34,151 @@ def _zero3_gathered(p: torch.Tensor):
     return deepspeed.zero.GatheredParameters([p], modifier_rank=None)
 
 
-def dense_state_dict(module: torch.nn.Module, topo) -> dict[str, torch.Tensor]:
-    """Dense HF-named fp32 host tensors of the WHOLE model, on every rank (collective over all ranks)."""
-    cfg = module.config
+def _local_shape(p: torch.Tensor) -> tuple[int, ...]:
+    return tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+
+
+def _dense_shape(p: torch.Tensor, tp: int, vocab: int) -> tuple[int, ...]:
+    shape = list(_local_shape(p))
+    dim = getattr(p, "tp_split_dim", None)
+    if dim is not None and tp > 1:
+        shape[dim] *= tp
+    if getattr(p, "padded_dense_rows", None) is not None and dim == 0:
+        shape[0] = vocab
+    return tuple(shape)
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    # Communication moves raw bytes: every backend carries uint8 (gloo has no bf16 for some collectives).
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _from_bytes(buf: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
+    return buf.view(dtype).reshape(shape)
+
+
+def _stage_params(module, topo) -> list[tuple[str, torch.nn.Parameter]]:
+    """(hf_name, parameter) this rank's stage exports, in module order. A tied embedding lives on the
+    first and the last stage: only its lowest stage exports it."""
     to_hf = hf_name_fn(module)
-    group = topo.get_tensor_model_parallel_group() if topo.tp > 1 else None
-    mine = {}
+    out = []
     for name, p in module.named_parameters():
-        with _zero3_gathered(p):
-            full = gather_dense(p, p.detach().float(), group,
-                                cfg.vocab_size if getattr(p, "padded_dense_rows", None) else None)
-            mine[to_hf(name)] = full.cpu()
-    if topo.pp == 1:
-        return mine
-    stages = [None] * topo.pp
-    dist.all_gather_object(stages, mine, group=topo.get_pipeline_model_parallel_group())
-    return {name: t for part in stages for name, t in part.items()}
+        if topo.pp > 1 and topo.pp_rank > 0 and name.startswith("tied_modules."):
+            continue
+        out.append((to_hf(name), p))
+    return out
+
+
+def _send_meta(meta: list, owner: int, everywhere: bool, device) -> list:
+    """The owner's list of (name, shape, dtype) to rank 0 (or every rank): JSON bytes, no pickle."""
+    rank = dist.get_rank()
+    if not everywhere and rank not in (owner, 0):
+        return meta
+    raw = json.dumps(meta).encode() if rank == owner else b""
+    n = torch.tensor([len(raw)], dtype=torch.int64, device=device)
+    if everywhere:
+        dist.broadcast(n, src=owner)
+    elif rank == owner:
+        dist.send(n, dst=0)
+    else:
+        dist.recv(n, src=owner)
+    buf = (torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(device) if rank == owner
+           else torch.empty(int(n.item()), dtype=torch.uint8, device=device))
+    if everywhere:
+        dist.broadcast(buf, src=owner)
+    elif rank == owner:
+        dist.send(buf, dst=0)
+    else:
+        dist.recv(buf, src=owner)
+    return json.loads(bytes(buf.cpu().numpy()).decode())
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def iter_dense_tensors(module: torch.nn.Module, topo, dtype: Optional[torch.dtype] = None, *,
+                       everywhere: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Collective over all ranks: yields ``(hf_name, dense host tensor)`` for every parameter of the whole
+    model, on rank 0 only (every rank with ``everywhere``), in the canonical order; ``dtype`` defaults to
+    fp32. Every rank must exhaust the iterator."""
+    dtype = dtype or torch.float32
+    cfg = module.config
+    tp, pp = topo.tp, topo.pp
+    rank = dist.get_rank()
+    tp_group = topo.get_tensor_model_parallel_group() if tp > 1 else None
+    mine = _stage_params(module, topo)
+    try:
+        device = next(module.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+    for stage in range(pp):
+        owner = topo.dims.rank_of(stage, 0, 0)
+        in_stage = topo.pp_rank == stage
+        meta = [[name, list(_dense_shape(p, tp, cfg.vocab_size))] for name, p in mine] if in_stage else None
+        if owner != 0 or everywhere:
+            meta = _send_meta(meta, owner, everywhere, device)
+        for i, entry in enumerate(meta or []):
+            name, shape = entry[0], tuple(entry[1])
+            full = None
+            if in_stage:
+                full = _gather_to_owner(mine[i][1], dtype, tp_group, tp, cfg.vocab_size, topo)
+            if rank == owner:
+                if tuple(full.shape) != shape:
+                    raise RuntimeError(f"{name}: gathered shape {tuple(full.shape)}, expected {shape}")
+            if everywhere:
+                buf = _as_bytes(full) if rank == owner else torch.empty(
+                    _nbytes(shape, dtype), dtype=torch.uint8, device=device)
+                dist.broadcast(buf, src=owner)
+                full = _from_bytes(buf, shape, dtype)
+            elif owner != 0:
+                if rank == owner:
+                    dist.send(_as_bytes(full), dst=0)
+                elif rank == 0:
+                    buf = torch.empty(_nbytes(shape, dtype), dtype=torch.uint8, device=device)
+                    dist.recv(buf, src=owner)
+                    full = _from_bytes(buf, shape, dtype)
+            if rank == 0 or everywhere:
+                yield name, full.cpu()
+            del full
+
+
+def _nbytes(shape, dtype: torch.dtype) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+def _gather_to_owner(p: torch.Tensor, dtype: torch.dtype, tp_group, tp: int, vocab: int, topo):
+    """On the ranks of the parameter's stage: the dense tensor at the stage's (dp 0, tp 0) rank, None
+    elsewhere. ZeRO-3 partitions are gathered over the data-parallel group (all of its ranks take part);
+    TP shards only within data-parallel replica 0."""
+    with _zero3_gathered(p):
+        if topo.dp_rank != 0:
+            return None
+        local = p.detach().to(dtype)
+        dim = getattr(p, "tp_split_dim", None)
+        if dim is not None and tp > 1:
+            root = topo.dims.rank_of(topo.pp_rank, topo.dp_rank, 0)
+            raw = _as_bytes(local)
+            parts = [torch.empty_like(raw) for _ in range(tp)] if topo.tp_rank == 0 else None
+            dist.gather(raw, parts, dst=root, group=tp_group)
+            del raw, local
+            if topo.tp_rank != 0:
+                return None
+            shape = _local_shape(p)
+            full = torch.cat([_from_bytes(b, shape, dtype) for b in parts], dim=dim)
+            del parts
+        else:
+            if topo.tp_rank != 0:
+                return None
+            full = local.clone() if local.data_ptr() == p.data_ptr() else local
+        if getattr(p, "padded_dense_rows", None) is not None and dim == 0 and full.shape[0] != vocab:
+            full = full[:vocab].clone()
+        return full
+
+
+def dense_state_dict(module: torch.nn.Module, topo) -> dict[str, torch.Tensor]:
+    """Dense HF-named fp32 host tensors of the WHOLE model, on every rank (collective over all ranks).
+    For tests and small models: the export streams ``iter_dense_tensors`` instead."""
+    return dict(iter_dense_tensors(module, topo, torch.float32, everywhere=True))

@@ -45,6 +45,7 @@ class RunConfig:
     eval_data: Optional[str] = None
     eval_steps: int = 0
     export_hf: Optional[str] = None
+    export_dtype: str = "bf16"
     tokenizer: Optional[str] = None
     log_every: int = 1
     no_tensorboard: bool = False

@@ -1,10 +1,30 @@
 """Export a trained model as an HF directory that ``transformers.AutoModelForCausalLM`` loads.
 
-Two entry points:
-- ``export_from_engine``: at the end of training (``--export-hf``), from the live engine; collective.
-- ``export_checkpoint``: offline, from a witscale checkpoint directory (``tools/export_hf.py``).
-Both write safetensors shards + config.json (+ the tokenizer files, when given) into a temporary directory
-renamed into place, so a failed export never leaves something that looks like a model.
+Two entry points, both streaming (one dense tensor in memory at a time, written straight into its place in
+a safetensors shard by ``HFShardWriter``; nothing is pickled), in bf16 by default (``dtype='fp32'`` for
+full precision; config.json's ``torch_dtype`` says which):
+- ``export_from_engine``: at the end of training (``--export-hf``), from the live engine, any layout
+  (ZeRO-0..3 × tp × pp); collective, rank 0 writes (witscale/model/state.py ``iter_dense_tensors``).
+- ``export_checkpoint``: offline, from a witscale checkpoint of any layout (``tools/export_hf.py``); one
+  process, reading DeepSpeed's files parameter by parameter (``CheckpointReader``).
+Both write into a temporary directory renamed into place, so a failed export never leaves something that
+looks like a model.
+
+Reading DeepSpeed's files. DeepSpeed writes its model and optimizer states with ``torch.save`` — pickle.
+They are read here only with ``torch.load(weights_only=True, mmap=True)``: torch's restricted unpickler,
+which builds tensors and plain containers and refuses every other global (no code runs from the file),
+with exactly the DeepSpeed types a ZeRO-3 optimizer file holds allow-listed (``ZeroStageEnum``, an
+``IntEnum``, and the loss scalers, plain attribute holders: reconstructed from their ``__dict__``, no
+``__reduce__`` call). ``mmap`` maps the tensors' storage: a parameter's bytes are read when it is
+copied, so the whole checkpoint is never loaded. Which file holds what:
+- ZeRO-0/1/2 (tp ranks ``mp_rank_XX_model_states.pt``'s ``module``) and pipelines (one
+  ``layer_LL-model_TT-model_states.pt`` per block and tp rank): the module's weights in the training
+  dtype (fp32 on the CPU; bf16 on a bf16 GPU run, whose fp32 master copy sits in the ZeRO-1/2 optimizer
+  partitions and is not read — an fp32 export of a bf16 run is the bf16 weights, exactly);
+- ZeRO-3 (``zero_pp_rank_D_mp_rank_TT_optim_states.pt``): the fp32 master partitions, merged per parameter
+  with DeepSpeed's own ``zero_to_fp32.GatheredTensor`` in the order of the model states' ``param_shapes``.
+Tensor-parallel shards are concatenated along the dimension witscale's layers split them
+(``tp_split_dim``, read off a model built on the meta device) and the vocabulary padding is trimmed.
 """
 from __future__ import annotations
 
@@ -12,8 +32,9 @@ import glob
 import json
 import logging
 import os
+import re
 import shutil
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -48,37 +69,199 @@ def copy_tokenizer_files(src: Optional[str], out_dir: str) -> list[str]:
     return copied
 
 
-def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # DeepSpeed's consolidation may prefix names with "module."; the model itself uses HF's names.
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+def _writer(model_config, out_dir: str, dtype, max_shard_size):
+    from witscale.model.hf_io import HFShardWriter, export_dtype, model_plan
+
+    dtype = export_dtype(dtype)
+    return HFShardWriter(out_dir, model_plan(model_config, dtype), model_config.to_hf_dict(), max_shard_size), dtype
+
+
+def _finish(writer, out_dir: str, tokenizer_src: Optional[str], n: int, dtype) -> None:
+    copied = copy_tokenizer_files(tokenizer_src, writer.tmp_dir)
+    writer.commit()
+    log.info(f"exported HF model to {out_dir} ({n} tensors, {str(dtype).replace('torch.', '')}; "
+             f"tokenizer files: {', '.join(copied) or 'none'})")
 
 
 def write_hf_dir(state: dict[str, torch.Tensor], model_config, out_dir: str, tokenizer_src: Optional[str],
-                 dtype: torch.dtype = torch.float32) -> None:
-    from witscale.model.hf_io import save_hf_checkpoint
+                 dtype="fp32", max_shard_size="5GB") -> None:
+    """An in-memory dense state dict (tests, small models) → an HF directory, through the same writer."""
+    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    with_names = [(k, v) for k, v in state.items()
+                  if not (k == "lm_head.weight" and model_config.tie_word_embeddings)]
+    writer, dtype = _writer(model_config, out_dir, dtype, max_shard_size)
+    with writer:
+        for name, t in with_names:
+            writer.write(name, t)
+        _finish(writer, out_dir, tokenizer_src, len(with_names), dtype)
 
-    state = {k: v.to(dtype).contiguous() for k, v in _strip_prefix(state).items()}
-    if getattr(model_config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)
-    save_hf_checkpoint(state, model_config, out_dir)
-    copied = copy_tokenizer_files(tokenizer_src, out_dir)
-    log.info(f"exported HF model to {out_dir} ({len(state)} tensors; tokenizer files: {', '.join(copied) or 'none'})")
 
+def export_module(module, topo, model_config, out_dir: str, tokenizer_src: Optional[str] = None, dtype="bf16",
+                  max_shard_size="5GB") -> None:
+    """Collective over all ranks: stream the live module's dense tensors to rank 0, which writes them."""
+    from witscale.model.hf_io import export_dtype
+    from witscale.model.state import iter_dense_tensors
 
-def export_from_engine(trainer, model_config, out_dir: str, tokenizer_src: Optional[str] = None) -> None:
-    """Collective: every rank gathers its parameters; rank 0 writes the directory."""
-    state = trainer.full_dense_state_dict()
-    if dist.get_rank() == 0:
-        write_hf_dir(state, model_config, out_dir, tokenizer_src)
+    torch_dtype = export_dtype(dtype)
+    writer = _writer(model_config, out_dir, dtype, max_shard_size)[0] if dist.get_rank() == 0 else None
+    n = 0
+    try:
+        for name, t in iter_dense_tensors(module, topo, torch_dtype):
+            writer.write(name, t)
+            n += 1
+        if writer is not None:
+            _finish(writer, out_dir, tokenizer_src, n, torch_dtype)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
     dist.barrier()
 
 
-def export_checkpoint(checkpoint_path: str, out_dir: str, tokenizer_src: Optional[str] = None) -> None:
-    """Offline: consolidate a witscale checkpoint (any ZeRO stage) into an HF directory."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def export_from_engine(trainer, model_config, out_dir: str, tokenizer_src: Optional[str] = None,
+                       dtype="bf16") -> None:
+    """Collective: ``--export-hf`` at the end of training; rank 0 writes the directory."""
+    export_module(trainer.engine.module, trainer.topo, model_config, out_dir, tokenizer_src, dtype)
 
-    from witscale.training.checkpoint import resolve_resume
+
+# --- offline ------------------------------------------------------------------------------------------
+def _safe_load(path: str):
+    """A DeepSpeed ``torch.save`` file through torch's restricted unpickler (see the module docstring)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    try:
+        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: unreadable checkpoint file ({str(e).splitlines()[0]})") from None
+
+
+_LAYER_FILE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt$")
+_ZERO_FILE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+_MP_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+
+
+class CheckpointReader:
+    """The dense HF-named tensors of a witscale (DeepSpeed) checkpoint directory of any layout, one at a
+    time: ``for name, tensor in CheckpointReader(dir, cfg)``. Only the files a tensor lives in are mapped;
+    each tensor is assembled (ZeRO-3 partitions, then TP shards) when it is asked for."""
+
+    def __init__(self, ckpt_dir: str, model_config):
+        self.dir, self.cfg = ckpt_dir, model_config
+        files = os.listdir(ckpt_dir)
+        self.layer_files = {(int(m.group(1)), int(m.group(2))): os.path.join(ckpt_dir, f)
+                            for f in files if (m := _LAYER_FILE.match(f))}
+        self.zero_files = {(int(m.group(1)), int(m.group(2))): os.path.join(ckpt_dir, f)
+                           for f in files if (m := _ZERO_FILE.match(f))}
+        self.mp_files = {int(m.group(1)): os.path.join(ckpt_dir, f) for f in files if (m := _MP_FILE.match(f))}
+        if self.layer_files:
+            self.layout = "pipeline"
+            self.tp = 1 + max(t for _, t in self.layer_files)
+        elif any(f.startswith("zero_pp_rank_") and f.endswith("_model_states.pt") for f in files):
+            # ZeRO-3 writes its model states per (dp, tp) rank, without the parameters (they are partitioned).
+            self.layout = "zero3"
+            self.tp = 1 + max(t for _, t in self.zero_files)
+            self.dp = 1 + max(d for d, _ in self.zero_files)
+        elif self.mp_files:
+            self.layout = "module"
+            self.tp = len(self.mp_files)
+        else:
+            raise FileNotFoundError(f"{ckpt_dir}: no DeepSpeed model states")
+        self.split = self._split_dims()
+
+    def _split_dims(self) -> dict[str, Optional[int]]:
+        """HF name → the dimension witscale's TP layers cut it along (a model built on the meta device)."""
+        from witscale.model.transformer import CausalLM
+
+        with torch.device("meta"):
+            model = CausalLM(self.cfg)
+        return {name: getattr(p, "tp_split_dim", None) for name, p in model.named_parameters()}
+
+    def describe(self) -> str:
+        return f"{self.layout} checkpoint, tp {self.tp}" + (f", dp {self.dp}" if self.layout == "zero3" else "")
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        from witscale.model.transformer import dense_shapes
+
+        shapes = dense_shapes(self.cfg)
+        shards = {"pipeline": self._pipeline_shards, "zero3": self._zero3_shards, "module": self._module_shards}
+        for name, parts in shards[self.layout]():
+            if name not in shapes or (name == "lm_head.weight" and self.cfg.tie_word_embeddings):
+                continue
+            dim = self.split.get(name)
+            full = parts[0] if len(parts) == 1 or dim is None else torch.cat(parts, dim=dim)
+            if name in ("model.embed_tokens.weight", "lm_head.weight"):
+                full = full[:self.cfg.vocab_size]
+            if tuple(full.shape) != tuple(shapes[name]):
+                raise ValueError(f"{self.dir}: {name} assembles to {tuple(full.shape)}, the config says "
+                                 f"{tuple(shapes[name])}")
+            yield name, full
+            del full, parts
+
+    def _module_shards(self):
+        states = [_safe_load(self.mp_files[t])["module"] for t in range(self.tp)]
+        for key in states[0]:
+            name = key[len("module."):] if key.startswith("module.") else key
+            yield name, [s[key] for s in states]
+
+    def _pipeline_shards(self):
+        from witscale.model.hf_names import pipe_to_hf_name
+
+        n = self.cfg.num_hidden_layers
+        tied = self.cfg.tie_word_embeddings
+        for idx in sorted({i for i, _ in self.layer_files}):
+            states = [_safe_load(self.layer_files[(idx, t)]) for t in range(self.tp)]
+            for key in states[0]:
+                if tied and idx in (0, n + 2):
+                    if key != "embed_tokens.weight":
+                        continue                       # the tied head shares the embedding's weight
+                    name = "model.embed_tokens.weight"
+                else:
+                    name = pipe_to_hf_name(f"{idx}.{key}", self.cfg)
+                yield name, [s[key] for s in states]
+            del states
+
+    def _zero3_shards(self):
+        from deepspeed.utils.zero_to_fp32 import GatheredTensor, zero3_partitioned_param_info
+
+        per_tp = []
+        for t in range(self.tp):
+            models = sorted(glob.glob(os.path.join(self.dir, f"zero_pp_rank_*_mp_rank_{t:02d}_model_states.pt")))
+            if not models:
+                raise FileNotFoundError(f"{self.dir}: no ZeRO-3 model states of tp rank {t}")
+            shapes = {k: v for d in _safe_load(models[0])["param_shapes"] for k, v in d.items()}
+            flat = []
+            for d in range(self.dp):
+                if (d, t) not in self.zero_files:
+                    raise FileNotFoundError(f"{self.dir}: optimizer states of dp rank {d}, tp rank {t} missing")
+                flat.append(_safe_load(self.zero_files[(d, t)])["optimizer_state_dict"]["fp32_flat_groups"])
+            offsets = [0]
+            for g in flat[0]:
+                offsets.append(offsets[-1] + g.numel())
+            where, offset = {}, 0
+            for key, shape in shapes.items():
+                numel, _ = zero3_partitioned_param_info(shape.numel(), self.dp)
+                where[key] = (offset, numel, shape)
+                offset += numel
+            if offset * self.dp != offsets[-1] * self.dp:
+                raise ValueError(f"{self.dir}: ZeRO-3 partitions of tp rank {t} hold {offsets[-1]} elements per "
+                                 f"rank, the parameters need {offset}")
+            per_tp.append((flat, offsets, where))
+        for key in per_tp[0][2]:
+            parts = []
+            for flat, offsets, where in per_tp:
+                offset, numel, shape = where[key]
+                parts.append(GatheredTensor(flat, offsets, offset, numel, shape).contiguous())
+            name = key[len("module."):] if key.startswith("module.") else key
+            yield name, parts
+
+
+def export_checkpoint(checkpoint_path: str, out_dir: str, tokenizer_src: Optional[str] = None, dtype="bf16",
+                      max_shard_size="5GB") -> None:
+    """Offline: a witscale checkpoint of any layout (ZeRO-0..3 × tp × pp) → an HF directory, streamed."""
     from witscale.model import ModelConfig
+    from witscale.training.checkpoint import resolve_resume
 
     root, tag = resolve_resume(checkpoint_path, checkpoint_path)
     run_dir = os.path.dirname(os.path.abspath(root))
@@ -86,16 +269,12 @@ def export_checkpoint(checkpoint_path: str, out_dir: str, tokenizer_src: Optiona
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{config_path}: the run's model config is missing (written at start of training)")
     model_config = ModelConfig.from_json_file(config_path)
-    if glob.glob(os.path.join(root, tag, "*mp_rank_01*")):
-        raise ValueError(f"{os.path.join(root, tag)} is tensor/pipeline-parallel: offline export supports tp=pp=1; "
-                         "use --export-hf at the end of training (it gathers the shards from the live run)")
-    if glob.glob(os.path.join(root, tag, "*zero_pp_rank_*optim_states.pt")):
-        # ZeRO 1-3: the fp32 master weights live partitioned in the optimizer states.
-        state = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
-    else:
-        files = sorted(glob.glob(os.path.join(root, tag, "mp_rank_*_model_states.pt")))
-        if not files:
-            raise FileNotFoundError(f"{os.path.join(root, tag)}: no DeepSpeed model states")
-        # Our own run's file; DeepSpeed stores non-tensor metadata in it, which weights_only rejects.
-        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
-    write_hf_dir(state, model_config, out_dir, tokenizer_src)
+    reader = CheckpointReader(os.path.join(root, tag), model_config)
+    log.info(f"exporting {os.path.join(root, tag)} ({reader.describe()})")
+    writer, torch_dtype = _writer(model_config, out_dir, dtype, max_shard_size)
+    n = 0
+    with writer:
+        for name, t in reader:
+            writer.write(name, t)
+            n += 1
+        _finish(writer, out_dir, tokenizer_src, n, torch_dtype)
