@@ -7,13 +7,17 @@ set -euo pipefail
 # Slurm signals EVERY process of a step. The launchers would die on USR1 (no handler) and would kill
 # their workers on TERM; ignored here, the dispositions pass through exec to the workers, which stay
 # immune until witscale/train.py installs its own handlers (its first act) — an early signal is then
-# lost, not fatal, and common.sh sends it again.
+# lost, not fatal, and common.sh sends it again. torchrun would re-arm TERM (and SIGKILL its workers 30 s
+# after forwarding it): witscale/launch.py runs it without. DeepSpeed's launcher kills its workers on
+# TERM whatever we do (deepspeed/launcher/launch.py's sigkill_handler): prefer torchrun or srun.
 trap '' USR1 TERM
 
 # $SLURM_NODEID is read here, inside each task: in the batch script it would be node 0 everywhere.
 case "$LAUNCHER" in
     torchrun)
-        exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" \
+        # witscale/launch.py: torchrun that leaves TERM/USR1 to the ranks (forwarded, never a 30-s SIGKILL
+        # in the middle of a checkpoint; exit 0 once the ranks have checkpointed).
+        exec "$PYTHON" "$WITSCALE_HOME/witscale/launch.py" --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" \
             --node_rank="$SLURM_NODEID" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" "$@"
         ;;
     deepspeed)

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 if __package__ in (None, ""):   # run as a script: make the repository importable
@@ -283,7 +284,7 @@ def train_loop(plan: Plan, topo, module):
 
     from witscale.data.loader import PackedLoader
     from witscale.training import checkpoint, preemption
-    from witscale.training.faults import injected
+    from witscale.training.faults import injected, slow_save_seconds
     from witscale.training.metrics import MetricsLogger
     from witscale.training.trainer import Trainer
 
@@ -311,6 +312,8 @@ def train_loop(plan: Plan, topo, module):
                  else "--resume auto: no checkpoint yet, starting fresh")
 
     def save():
+        if slow_save_seconds():
+            time.sleep(slow_save_seconds())      # test-only (witscale/training/faults.py)
         trainer.save_checkpoint(ckpt_root, cfg.keep_checkpoints, args={k: str(v) for k, v in cfg.as_dict().items()},
                                 **fingerprints)
 

@@ -5,6 +5,8 @@
 Kinds: ``crash_in_save`` and ``kill_after_save`` (witscale/training/checkpoint.py: die with shards written but no
 commit, or right after a complete checkpoint), ``raise_in_step`` (witscale/train.py: an exception on one
 rank before the step, while the others enter its collectives — the fail-fast path).
+
+    WITSCALE_SLOW_SAVE=<seconds>               every checkpoint takes that much longer (a 70B save in a test)
 """
 from __future__ import annotations
 
@@ -17,3 +19,7 @@ def injected(kind: str, step: int) -> bool:
         return False
     import torch.distributed as dist
     return dist.get_rank() == (int(spec[2]) if len(spec) > 2 else 0)
+
+
+def slow_save_seconds() -> float:
+    return float(os.environ.get("WITSCALE_SLOW_SAVE", "0") or 0)
