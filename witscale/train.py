@@ -21,7 +21,7 @@ from dataclasses import dataclass
 if __package__ in (None, ""):   # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from witscale.data.classes import CLASS_NAMES  # noqa: E402
+from witscale.data.classes import CLASS_NAMES, PROMPT_SIDE, RESPONSE_SIDE  # noqa: E402
 from witscale.data.weighting import (NORMALIZATIONS, build_weight_table, describe_weight_table,  # noqa: E402
                                      parse_class_weights)
 from witscale.training.config import RunConfig  # noqa: E402
@@ -31,10 +31,16 @@ log = logging.getLogger("witscale")
 
 NORMALIZATION_HELP = """how the weighted sum of token losses is divided, over the GLOBAL batch
 (all micro-batches of all data-parallel ranks):
-  nonzero     the paper's: count of predicted tokens with non-zero weight (default). Scaling all
-              weights by c changes nothing without clipping: only the ratio λp:λr matters.
-  weight_sum  Σ w: a weighted mean NLL. Also scale-free, but prompt tokens now count by λp in N.
-  tokens      all predicted (non-pad) tokens: the absolute λ scale acts like a learning-rate factor."""
+  nonzero     the paper's: count of predicted tokens with non-zero weight (default).
+  weight_sum  Σ w: a weighted mean NLL; prompt tokens count by λp in N.
+  tokens      all predicted (non-pad) tokens, whatever their weight.
+Scaling all weights by c scales the gradient by c under nonzero and tokens, not under weight_sum; AdamW
+without clipping ignores that scale (up to its eps), so there only the ratio λp:λr and which weights are
+zero matter. With --clip-grad the scale decides how much is clipped (docs/objective.md)."""
+
+
+def _side(classes, sep: str) -> str:
+    return sep.join(c.name.lower() for c in classes)
 
 
 class UsageError(ValueError):
@@ -45,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="witscale/train.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Weighted Instruction Tuning on DeepSpeed: prompt tokens weighted λp, response tokens λr.",
-        epilog="Token classes: " + ", ".join(CLASS_NAMES) + ". --prompt-weight sets template, system and "
-               "prompt; --response-weight sets response and eot; pad is always 0.")
+        epilog="Token classes: " + ", ".join(CLASS_NAMES) + f". --prompt-weight sets {_side(PROMPT_SIDE, ', ')}; "
+               f"--response-weight sets {_side(RESPONSE_SIDE, ', ')}; pad is always 0.")
     g = p.add_argument_group("data and model")
     g.add_argument("--data", required=True, help="packed dataset directory (tools/pack_dataset.py)")
     src = g.add_mutually_exclusive_group(required=True)
@@ -55,9 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-dir", required=True, help="metrics.jsonl, the effective config and the log go here")
 
     g = p.add_argument_group("loss weights")
-    g.add_argument("--prompt-weight", type=float, default=0.0, help="λp for template/system/prompt tokens (default 0)")
-    g.add_argument("--response-weight", type=float, default=1.0, help="λr for response/eot tokens (default 1)")
-    g.add_argument("--class-weights", default="", help="per-class overrides, e.g. 'template=0,system=0.1'")
+    g.add_argument("--prompt-weight", type=float, default=0.0, help=f"λp for {_side(PROMPT_SIDE, '/')} tokens (default 0)")
+    g.add_argument("--response-weight", type=float, default=1.0, help=f"λr for {_side(RESPONSE_SIDE, '/')} tokens (default 1)")
+    g.add_argument("--class-weights", default="", help="per-class overrides, e.g. 'template=0,reasoning=0.3,tool=0'")
     g.add_argument("--normalization", choices=NORMALIZATIONS, default="nonzero",
                    help=NORMALIZATION_HELP)
 

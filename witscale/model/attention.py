@@ -18,8 +18,8 @@ Backends, chosen once by ``select_backend`` and logged:
   sliding window can bite (max_seqlen > window) goes to ``flash_varlen`` if installed, else ``dense``.
 - ``flash_varlen``: flash-attn's ``flash_attn_varlen_func`` (CUDA, when the package is installed): the
   same kernels; the CUDA default when torch has no usable ``varlen_attn``.
-- ``dense``: one SDPA per row with a block-diagonal causal (+window) mask built on the device from
-  cu_seqlens: O(S²) whatever the documents, but no host sync (no ``.tolist()``, ``.item()``, boolean
+- ``dense``: one SDPA over the batch with a [B, 1, S, S] block-diagonal causal (+window) mask built on the
+  device from cu_seqlens: O(S²) whatever the documents, but no host sync (no ``.tolist()``, ``.item()``, boolean
   indexing or ``.nonzero()``), so it is the GPU fallback (fp32, older GPUs) and the reference the
   others are tested against. cu_seqlens is checked only when it lies on the CPU, where that is free.
 - ``sdpa_grouped``: segments sorted by length and batched into groups of similar length (each at least

@@ -30,7 +30,8 @@ micro-batches of all data-parallel ranks; docs/objective.md#global-denominator),
 - ``nonzero`` (default, the paper: Chatterjee et al. 2025): the number of predicted tokens with w > 0.
   (λp, λr) and (cλp, cλr) then give the same AdamW update without clipping;
 - ``weight_sum``: Σ w over predicted tokens (a weighted mean; the absolute scale of λ cancels);
-- ``tokens``: the number of predicted tokens whatever their weight (the weights' scale matters).
+- ``tokens``: the number of predicted tokens whatever their weight (the weights' scale scales the gradient,
+  which matters with clipping).
 """
 from __future__ import annotations
 
