@@ -2,9 +2,9 @@
 
 ``iter_dense_tensors(module, topo, dtype)`` walks the model parameter by parameter, pipeline stage by
 pipeline stage (the canonical order: stage 0's parameters in module order, then stage 1's …). For each
-parameter the ranks of the stage that holds it gather its ZeRO-3 partitions (over the data-parallel
-group, one parameter at a time), cast it to the export dtype, gather its tensor-parallel shards to the
-stage's tp-rank 0 (``dist.gather``: the other TP ranks never hold the dense tensor), trim the vocabulary
+parameter the ranks of the stage that holds it cast their piece to the export dtype, gather its ZeRO-3
+partitions to data-parallel rank 0 (one parameter at a time), then its tensor-parallel shards to the
+stage's tp-rank 0 (point-to-point into one buffer: the other TP ranks never hold the dense tensor), trim the vocabulary
 padding and name it by HF's name (witscale/model/hf_names.py). That rank — the stage's owner, (pp=s,
 dp=0, tp=0) — sends it to global rank 0 point-to-point (or, with ``everywhere=True``, broadcasts it to
 every rank). Rank 0 yields ``(hf_name, tensor)`` on the host; the other ranks take part in the
@@ -17,7 +17,6 @@ safetensors writer on rank 0.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 from typing import Iterator, Optional
 
@@ -27,11 +26,43 @@ import torch.distributed as dist
 from witscale.model.hf_names import hf_name_fn
 
 
-def _zero3_gathered(p: torch.Tensor):
-    if not hasattr(p, "ds_id"):
-        return contextlib.nullcontext()
-    import deepspeed
-    return deepspeed.zero.GatheredParameters([p], modifier_rank=None)
+def _comm_device(p: torch.Tensor) -> torch.device:
+    # NCCL moves device tensors only; a ZeRO-3 partition offloaded to the CPU goes through the GPU.
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu") if p.device.type == "meta" else p.device
+
+
+def _gather_flat(src: torch.Tensor, dtype: torch.dtype, ranks: list[int], index: int) -> Optional[torch.Tensor]:
+    """Concatenate the flat pieces ``src`` (equal sizes) of the ranks ``ranks`` (global ranks, this one at
+    ``index``) in the export dtype at ``ranks[0]``: one buffer there, each piece received straight into its
+    place (point-to-point, so no backend-side staging copy); the root casts its own piece into the buffer
+    without an intermediate copy. Returns the flat buffer at the root, None elsewhere."""
+    src = src.detach().reshape(-1)
+    if index != 0:
+        dist.send(_as_bytes(src.to(dtype)), dst=ranks[0])
+        return None
+    n = src.numel()
+    buf = torch.empty(len(ranks) * n, dtype=dtype, device=src.device)
+    buf[:n].copy_(src)
+    raw = buf.view(torch.uint8)
+    step = raw.numel() // len(ranks)
+    for i in range(1, len(ranks)):
+        dist.recv(raw[i * step:(i + 1) * step], src=ranks[i])
+    return buf
+
+
+def _zero3_gather_partitions(p: torch.Tensor, dtype: torch.dtype, topo) -> Optional[torch.Tensor]:
+    """A ZeRO-3 parameter's (tp-local) tensor at data-parallel rank 0, None elsewhere: the partitions
+    (``ds_tensor``: elements [r·n, (r+1)·n) of the flattened parameter, zero-padded at the end), each cast
+    to the export dtype, gathered to dp-rank 0 — unlike ``GatheredParameters``, no rank ever holds the
+    whole parameter in the training dtype, and only dp-rank 0 holds it at all."""
+    part = p.ds_tensor.detach().reshape(-1).to(_comm_device(p))
+    ranks = [topo.dims.rank_of(topo.pp_rank, d, topo.tp_rank) for d in range(topo.dp)]
+    buf = _gather_flat(part, dtype, ranks, topo.dp_rank)
+    if buf is None:
+        return None
+    return buf[:p.ds_numel].reshape(tuple(p.ds_shape))
 
 
 def _local_shape(p: torch.Tensor) -> tuple[int, ...]:
@@ -93,19 +124,17 @@ def _send_meta(meta: list, owner: int, everywhere: bool, device) -> list:
     return json.loads(bytes(buf.cpu().numpy()).decode())
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def iter_dense_tensors(module: torch.nn.Module, topo, dtype: Optional[torch.dtype] = None, *,
                        everywhere: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Collective over all ranks: yields ``(hf_name, dense host tensor)`` for every parameter of the whole
     model, on rank 0 only (every rank with ``everywhere``), in the canonical order; ``dtype`` defaults to
-    fp32. Every rank must exhaust the iterator."""
+    fp32. Every rank must exhaust the iterator. A yielded tensor may share storage with the live parameter
+    (rank 0 only, tp = 1, dtype = the training dtype): consume it before the next optimizer step."""
     dtype = dtype or torch.float32
     cfg = module.config
     tp, pp = topo.tp, topo.pp
     rank = dist.get_rank()
-    tp_group = topo.get_tensor_model_parallel_group() if tp > 1 else None
     mine = _stage_params(module, topo)
     try:
         device = next(module.parameters()).device
@@ -121,7 +150,7 @@ def iter_dense_tensors(module: torch.nn.Module, topo, dtype: Optional[torch.dtyp
             name, shape = entry[0], tuple(entry[1])
             full = None
             if in_stage:
-                full = _gather_to_owner(mine[i][1], dtype, tp_group, tp, cfg.vocab_size, topo)
+                full = _gather_to_owner(mine[i][1], dtype, tp, cfg.vocab_size, topo, copy=everywhere)
             if rank == owner:
                 if tuple(full.shape) != shape:
                     raise RuntimeError(f"{name}: gathered shape {tuple(full.shape)}, expected {shape}")
@@ -149,33 +178,43 @@ def _nbytes(shape, dtype: torch.dtype) -> int:
     return n * torch.empty((), dtype=dtype).element_size()
 
 
-def _gather_to_owner(p: torch.Tensor, dtype: torch.dtype, tp_group, tp: int, vocab: int, topo):
+def _gather_to_owner(p: torch.Tensor, dtype: torch.dtype, tp: int, vocab: int, topo, copy: bool):
     """On the ranks of the parameter's stage: the dense tensor at the stage's (dp 0, tp 0) rank, None
     elsewhere. ZeRO-3 partitions are gathered over the data-parallel group (all of its ranks take part);
-    TP shards only within data-parallel replica 0."""
-    with _zero3_gathered(p):
-        if topo.dp_rank != 0:
+    TP shards only within data-parallel replica 0, into one buffer at tp-rank 0 (a row-split parameter is
+    then already the dense tensor; a column-split one is reordered with one copy). ``copy``: never return
+    the live parameter's own storage."""
+    dim = getattr(p, "tp_split_dim", None)
+    split = dim is not None and tp > 1
+    if hasattr(p, "ds_tensor"):
+        local = _zero3_gather_partitions(p, dtype, topo)
+        live = p.ds_tensor
+    else:
+        local = p.detach() if split else p.detach().to(dtype)    # a TP shard is cast inside the gather
+        live = p
+    if topo.dp_rank != 0:
+        return None
+    if split:
+        ranks = [topo.dims.rank_of(topo.pp_rank, topo.dp_rank, t) for t in range(tp)]
+        buf = _gather_flat(local, dtype, ranks, topo.tp_rank)
+        shape = _local_shape(p)
+        del local
+        if buf is None:
             return None
-        local = p.detach().to(dtype)
-        dim = getattr(p, "tp_split_dim", None)
-        if dim is not None and tp > 1:
-            root = topo.dims.rank_of(topo.pp_rank, topo.dp_rank, 0)
-            raw = _as_bytes(local)
-            parts = [torch.empty_like(raw) for _ in range(tp)] if topo.tp_rank == 0 else None
-            dist.gather(raw, parts, dst=root, group=tp_group)
-            del raw, local
-            if topo.tp_rank != 0:
-                return None
-            shape = _local_shape(p)
-            full = torch.cat([_from_bytes(b, shape, dtype) for b in parts], dim=dim)
-            del parts
+        stacked = buf.reshape((tp,) + shape)            # [tp, *local shape]
+        if dim == 0:
+            full = stacked.reshape((tp * shape[0],) + shape[1:])
         else:
-            if topo.tp_rank != 0:
-                return None
-            full = local.clone() if local.data_ptr() == p.data_ptr() else local
-        if getattr(p, "padded_dense_rows", None) is not None and dim == 0 and full.shape[0] != vocab:
-            full = full[:vocab].clone()
-        return full
+            full = stacked.movedim(0, dim).reshape(shape[:dim] + (tp * shape[dim],) + shape[dim + 1:])
+        del buf, stacked
+    else:
+        if topo.tp_rank != 0:
+            return None
+        shares = local.untyped_storage().data_ptr() == live.untyped_storage().data_ptr()
+        full = local.clone() if copy and shares else local
+    if getattr(p, "padded_dense_rows", None) is not None and dim == 0 and full.shape[0] != vocab:
+        full = full[:vocab]       # a prefix of the rows: still contiguous, no copy
+    return full
 
 
 def dense_state_dict(module: torch.nn.Module, topo) -> dict[str, torch.Tensor]:

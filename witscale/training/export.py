@@ -22,7 +22,8 @@ copied, so the whole checkpoint is never loaded. Which file holds what:
   dtype (fp32 on the CPU; bf16 on a bf16 GPU run, whose fp32 master copy sits in the ZeRO-1/2 optimizer
   partitions and is not read — an fp32 export of a bf16 run is the bf16 weights, exactly);
 - ZeRO-3 (``zero_pp_rank_D_mp_rank_TT_optim_states.pt``): the fp32 master partitions, merged per parameter
-  with DeepSpeed's own ``zero_to_fp32.GatheredTensor`` in the order of the model states' ``param_shapes``.
+  in the order of the model states' ``param_shapes`` (DeepSpeed's ``zero_to_fp32`` layout: the same
+  partition sizes from its ``zero3_partitioned_param_info``).
 Tensor-parallel shards are concatenated along the dimension witscale's layers split them
 (``tp_split_dim``, read off a model built on the meta device) and the vocabulary padding is trimmed.
 """
@@ -147,8 +148,8 @@ class CheckpointReader:
     time: ``for name, tensor in CheckpointReader(dir, cfg)``. Only the files a tensor lives in are mapped;
     each tensor is assembled (ZeRO-3 partitions, then TP shards) when it is asked for."""
 
-    def __init__(self, ckpt_dir: str, model_config):
-        self.dir, self.cfg = ckpt_dir, model_config
+    def __init__(self, ckpt_dir: str, model_config, dtype: torch.dtype = torch.float32):
+        self.dir, self.cfg, self.dtype = ckpt_dir, model_config, dtype
         files = os.listdir(ckpt_dir)
         self.layer_files = {(int(m.group(1)), int(m.group(2))): os.path.join(ckpt_dir, f)
                             for f in files if (m := _LAYER_FILE.match(f))}
@@ -189,15 +190,33 @@ class CheckpointReader:
         for name, parts in shards[self.layout]():
             if name not in shapes or (name == "lm_head.weight" and self.cfg.tie_word_embeddings):
                 continue
-            dim = self.split.get(name)
-            full = parts[0] if len(parts) == 1 or dim is None else torch.cat(parts, dim=dim)
-            if name in ("model.embed_tokens.weight", "lm_head.weight"):
-                full = full[:self.cfg.vocab_size]
-            if tuple(full.shape) != tuple(shapes[name]):
-                raise ValueError(f"{self.dir}: {name} assembles to {tuple(full.shape)}, the config says "
-                                 f"{tuple(shapes[name])}")
-            yield name, full
-            del full, parts
+            yield name, self._assemble(name, parts, tuple(shapes[name]))
+            del parts
+
+    def _assemble(self, name: str, parts: list, shape: tuple[int, ...]) -> torch.Tensor:
+        """The dense tensor in the export dtype from its TP shards (memory-mapped, or ZeRO-3 pieces): one
+        output buffer, each shard cast straight into its place (vocabulary padding rows skipped)."""
+        dim = self.split.get(name) if len(parts) > 1 else None
+        if len(parts) == 1 and self.layout == "zero3" and tuple(parts[0].shape) == shape:
+            return parts[0]                     # already assembled in the export dtype
+        out = torch.empty(shape, dtype=self.dtype)
+        if dim is None:
+            src = parts[0]
+            if tuple(src.shape) != shape and (src.dim() != len(shape) or src.shape[0] < shape[0]
+                                              or tuple(src.shape[1:]) != shape[1:]):
+                raise ValueError(f"{self.dir}: {name} has shape {tuple(src.shape)}, the config says {shape}")
+            out.copy_(src[:shape[0]] if tuple(src.shape) != shape else src)
+            return out
+        offset = 0
+        for part in parts:
+            take = min(part.shape[dim], shape[dim] - offset)
+            if take > 0:
+                out.narrow(dim, offset, take).copy_(part.narrow(dim, 0, take))
+            offset += part.shape[dim]
+        if offset < shape[dim] or (offset > shape[dim] and dim != 0):
+            raise ValueError(f"{self.dir}: {name}'s {len(parts)} shards hold {offset} along dimension {dim}, "
+                             f"the config says {shape}")
+        return out
 
     def _module_shards(self):
         states = [_safe_load(self.mp_files[t])["module"] for t in range(self.tp)]
@@ -223,7 +242,7 @@ class CheckpointReader:
             del states
 
     def _zero3_shards(self):
-        from deepspeed.utils.zero_to_fp32 import GatheredTensor, zero3_partitioned_param_info
+        from deepspeed.utils.zero_to_fp32 import zero3_partitioned_param_info
 
         per_tp = []
         for t in range(self.tp):
@@ -252,15 +271,35 @@ class CheckpointReader:
             parts = []
             for flat, offsets, where in per_tp:
                 offset, numel, shape = where[key]
-                parts.append(GatheredTensor(flat, offsets, offset, numel, shape).contiguous())
+                parts.append(_merge_zero3(flat, offsets, offset, numel, shape, self.dtype))
             name = key[len("module."):] if key.startswith("module.") else key
             yield name, parts
+
+
+def _merge_zero3(flat_groups, group_offsets, offset, partitioned_numel, shape, dtype) -> torch.Tensor:
+    """One ZeRO-3 parameter from every dp rank's fp32 flat groups (DeepSpeed's layout, as its
+    ``zero_to_fp32.GatheredTensor`` reads it: rank r holds elements [r·n, (r+1)·n) of the flattened
+    parameter at ``offset`` of its groups' concatenation), cast piece by piece into one buffer."""
+    numel = shape.numel()
+    out = torch.empty(numel, dtype=dtype)
+    for r, groups in enumerate(flat_groups):
+        start = r * partitioned_numel
+        want = min(partitioned_numel, numel - start)
+        pos = offset
+        while want > 0:
+            g = max(i for i in range(len(groups)) if group_offsets[i] <= pos)
+            local = pos - group_offsets[g]
+            take = min(want, groups[g].numel() - local)
+            out[start:start + take].copy_(groups[g][local:local + take])
+            start, pos, want = start + take, pos + take, want - take
+    return out.view(shape)
 
 
 def export_checkpoint(checkpoint_path: str, out_dir: str, tokenizer_src: Optional[str] = None, dtype="bf16",
                       max_shard_size="5GB") -> None:
     """Offline: a witscale checkpoint of any layout (ZeRO-0..3 × tp × pp) → an HF directory, streamed."""
     from witscale.model import ModelConfig
+    from witscale.model.hf_io import export_dtype
     from witscale.training.checkpoint import resolve_resume
 
     root, tag = resolve_resume(checkpoint_path, checkpoint_path)
@@ -269,7 +308,7 @@ def export_checkpoint(checkpoint_path: str, out_dir: str, tokenizer_src: Optiona
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{config_path}: the run's model config is missing (written at start of training)")
     model_config = ModelConfig.from_json_file(config_path)
-    reader = CheckpointReader(os.path.join(root, tag), model_config)
+    reader = CheckpointReader(os.path.join(root, tag), model_config, export_dtype(dtype))
     log.info(f"exporting {os.path.join(root, tag)} ({reader.describe()})")
     writer, torch_dtype = _writer(model_config, out_dir, dtype, max_shard_size)
     n = 0
