@@ -1,0 +1,293 @@
+"""The cells of a (λp, λr) sweep (slurm/sweep_weights.sh) and every metric of each, for tools/collect_sweep.py.
+
+A cell ``<sweep>/lp<λp>_lr<λr>`` holds (each optional):
+  cell.json          its weights (written when its training job starts)
+  train_status.json  how its training job ended: completed | failed (exit code) | requeued
+  metrics.jsonl      the trainer's records: the last eval record gives eval_loss, eval_response_nll,
+                     eval_prompt_nll (no eval record: the last training record's loss/response_nll/prompt_nll,
+                     marked source "train")
+  eval_status.json   how its evaluation job ended: completed | failed
+  eval_results.json  tools/evaluate.py's results: POSIX (overall and per variant kind) and benchmark scores,
+                     with the parts that failed under "errors"
+
+Every metric of every cell is one of: a value, **failed** (its training or the part of its evaluation that
+produces it failed — never a zero), or **missing** (not run yet, or not run at all). The cells are those in
+``cells.txt`` (the sweep's own list: a cell that never started is missing, not absent) and every cell
+directory found.
+
+The paper's summary: ``average`` = the mean of a cell's benchmark scores (every metric of eval_results.json
+except POSIX), defined only where all of them are present; ``gain`` = the relative change over conventional
+instruction tuning, the cell (λp, λr) = (0, 1), in percent and signed so that positive is better (lower
+POSIX or NLL, higher score).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+CELL_RE = re.compile(r"^lp([0-9.]+)_lr([0-9.]+)$")
+NLL_METRICS = ("eval_response_nll", "eval_loss", "eval_prompt_nll")
+TRAIN_FALLBACK = {"eval_loss": "loss", "eval_response_nll": "response_nll", "eval_prompt_nll": "prompt_nll"}
+IT_CELL = (0.0, 1.0)
+AVERAGE = "average"
+
+
+def fmt_weight(x) -> str:
+    """The sweep's spelling of a weight in directory names (as slurm/sweep_weights.sh): 1 → 1.0, 0.20 → 0.2."""
+    s = f"{float(x):.6f}".rstrip("0")
+    return s + "0" if s.endswith(".") else s
+
+
+def cell_dir_name(prompt_weight, response_weight) -> str:
+    return f"lp{fmt_weight(prompt_weight)}_lr{fmt_weight(response_weight)}"
+
+
+@dataclass
+class Value:
+    state: str                        # "ok" | "failed" | "missing"
+    value: Optional[float] = None
+    note: str = ""                    # e.g. "train" (from a training record), the failure's reason
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "ok"
+
+
+@dataclass
+class Cell:
+    name: str
+    prompt_weight: float
+    response_weight: float
+    status: str = "missing"           # ok | failed | running | missing
+    detail: str = ""
+    step: Optional[int] = None
+    source: Optional[str] = None      # "eval" | "train": where the NLL metrics come from
+    values: dict = field(default_factory=dict)      # metric → Value (the ones that have a value)
+    failed_parts: dict = field(default_factory=dict)  # evaluation part ("posix", "tasks/mmlu") → reason
+    train_failed: str = ""            # why training failed ('' if it did not)
+    eval_failed: str = ""             # why the whole evaluation job failed ('' if it did not)
+
+    @property
+    def weights(self) -> tuple[float, float]:
+        return (self.prompt_weight, self.response_weight)
+
+
+def _read_json(path: str) -> Optional[dict]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _last_records(path: str) -> tuple[Optional[dict], Optional[dict]]:
+    last_train = last_eval = None
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError:
+        return None, None
+    with f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:      # a line cut by a kill
+                continue
+            if any(k.startswith("eval_") for k in rec):
+                last_eval = rec
+            elif "loss" in rec:
+                last_train = rec
+    return last_train, last_eval
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def read_cell(path: str, weights: Optional[tuple[float, float]] = None) -> Optional[Cell]:
+    """One cell directory (None if it is not one)."""
+    name = os.path.basename(os.path.normpath(path))
+    meta = _read_json(os.path.join(path, "cell.json"))
+    if meta is not None:
+        weights = (float(meta["prompt_weight"]), float(meta["response_weight"]))
+    elif weights is None and CELL_RE.match(name):
+        m = CELL_RE.match(name)
+        weights = (float(m.group(1)), float(m.group(2)))
+    if weights is None:
+        return None
+    cell = Cell(name, weights[0], weights[1])
+    if not os.path.isdir(path):
+        cell.detail = "not started"
+        return cell
+
+    train = _read_json(os.path.join(path, "train_status.json")) or {}
+    evals = _read_json(os.path.join(path, "eval_status.json")) or {}
+    results = _read_json(os.path.join(path, "eval_results.json"))
+    last_train, last_eval = _last_records(os.path.join(path, "metrics.jsonl"))
+
+    for metric in NLL_METRICS:
+        v = (last_eval or {}).get(metric)
+        if _finite(v):
+            cell.values[metric] = Value("ok", float(v))
+            continue
+        v = (last_train or {}).get(TRAIN_FALLBACK[metric])
+        if _finite(v):
+            cell.values[metric] = Value("ok", float(v), "train")
+    cell.step = (last_eval or last_train or {}).get("step")
+    cell.source = "eval" if last_eval else ("train" if last_train else None)
+    for metric, m in ((results or {}).get("metrics") or {}).items():
+        if isinstance(m, dict) and _finite(m.get("value")):
+            cell.values[metric] = Value("ok", float(m["value"]))
+    cell.failed_parts = {part: str(msg)[:300] for part, msg in ((results or {}).get("errors") or {}).items()}
+
+    if train.get("state") == "failed":
+        cell.train_failed = f"training failed (exit {train.get('exit_code', '?')})"
+    if evals.get("state") == "failed" and not cell.failed_parts:
+        cell.eval_failed = f"evaluation failed (exit {evals.get('exit_code', '?')})"
+
+    trained = train.get("state") == "completed" or (not train and (last_train or last_eval) is not None)
+    if cell.train_failed or cell.eval_failed or cell.failed_parts:
+        cell.status = "failed"
+        cell.detail = cell.train_failed or cell.eval_failed or \
+            "evaluation failed: " + ", ".join(sorted(cell.failed_parts))
+    elif trained:
+        cell.status = "ok"
+        if results is None and evals.get("state") != "completed" and train:
+            cell.status, cell.detail = "running", "evaluation pending"
+    elif last_train or last_eval:
+        cell.status, cell.detail = "running", train.get("state") or "training"
+    else:
+        cell.detail = train.get("state") or "no metrics yet"
+    return cell
+
+
+def collect(sweep_dir: str) -> list[Cell]:
+    """Every cell of the sweep: those in cells.txt (in its order), then any other cell directory."""
+    cells, seen = [], set()
+    listed = os.path.join(sweep_dir, "cells.txt")
+    if os.path.exists(listed):
+        with open(listed, encoding="utf-8") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 2:
+                    p, r = float(parts[0]), float(parts[1])
+                    name = cell_dir_name(p, r)
+                    cell = read_cell(os.path.join(sweep_dir, name), (p, r))
+                    if cell is not None and name not in seen:
+                        cells.append(cell)
+                        seen.add(name)
+    for name in sorted(os.listdir(sweep_dir)):
+        path = os.path.join(sweep_dir, name)
+        if name not in seen and os.path.isdir(path):
+            cell = read_cell(path)
+            if cell is not None:
+                cells.append(cell)
+                seen.add(name)
+    return cells
+
+
+@dataclass
+class Metric:
+    name: str
+    higher_is_better: bool
+    kind: str                     # "nll" | "posix" | "benchmark" | "average"
+
+
+def metrics_of(sweep_dir: str, cells: list[Cell]) -> list[Metric]:
+    """The metrics present in any cell, in report order: benchmarks, average, POSIX, held-out NLL."""
+    directions: dict[str, bool] = {}
+    for c in cells:
+        res = _read_json(os.path.join(sweep_dir, c.name, "eval_results.json")) or {}
+        for name, m in (res.get("metrics") or {}).items():
+            directions.setdefault(name, bool(m.get("higher_is_better", True)))
+        for part in (res.get("errors") or {}):
+            if part.startswith("tasks/"):
+                directions.setdefault(part.split("/", 1)[1], True)
+            elif part == "posix":
+                directions.setdefault("posix", False)
+    names = {m for c in cells for m in c.values if not m.startswith("_")}
+    bench = sorted(n for n in names | set(directions) if n not in NLL_METRICS and not n.startswith("posix"))
+    posix = sorted((n for n in names | set(directions) if n.startswith("posix")), key=lambda n: (n != "posix", n))
+    out = [Metric(n, directions.get(n, True), "benchmark") for n in bench]
+    if bench:
+        out.append(Metric(AVERAGE, True, "average"))
+    out += [Metric(n, False, "posix") for n in posix]
+    out += [Metric(n, False, "nll") for n in NLL_METRICS if n in names]
+    return out
+
+
+def value_of(cell: Cell, metric: Metric, bench: list[str]) -> Value:
+    """A cell's value of a metric: its number, failed (why), or missing."""
+    if metric.kind == "average":
+        vals = [value_of(cell, Metric(b, True, "benchmark"), bench) for b in bench]
+        if any(v.state == "failed" for v in vals):
+            return Value("failed", None, "a benchmark failed")
+        if not vals or any(v.state == "missing" for v in vals):
+            return Value("missing")
+        return Value("ok", sum(v.value for v in vals) / len(vals))
+    if cell.train_failed:                     # partial numbers of a failed run are not results
+        return Value("failed", None, cell.train_failed)
+    if metric.name in cell.values:
+        return cell.values[metric.name]
+    if metric.kind != "nll":
+        part = "posix" if metric.kind == "posix" else f"tasks/{metric.name}"
+        if part in cell.failed_parts:
+            return Value("failed", None, cell.failed_parts[part])
+        if cell.eval_failed:
+            return Value("failed", None, cell.eval_failed)
+    return Value("missing")
+
+
+def gain(v: Value, it: Value, higher_is_better: bool) -> Optional[float]:
+    """Relative change over the IT cell in %, positive = better; None without both values."""
+    if not (v.ok and it.ok) or it.value == 0:
+        return None
+    change = (v.value - it.value) / abs(it.value) * 100.0
+    return change if higher_is_better else -change
+
+
+@dataclass
+class Table:
+    """Everything the report shows: cells, metrics, values, gains over IT and the best cell per metric."""
+    cells: list[Cell]
+    metrics: list[Metric]
+    values: dict                        # (cell name, metric name) → Value
+    gains: dict                         # (cell name, metric name) → float | None
+    best: dict                          # metric name → cell name | None
+    it: Optional[str]                   # the IT cell's name, if in the grid
+
+    @property
+    def prompt_weights(self) -> list[float]:
+        return sorted({c.prompt_weight for c in self.cells})
+
+    @property
+    def response_weights(self) -> list[float]:
+        return sorted({c.response_weight for c in self.cells})
+
+    def cell_at(self, p: float, r: float) -> Optional[Cell]:
+        return next((c for c in self.cells if math.isclose(c.prompt_weight, p) and math.isclose(c.response_weight, r)),
+                    None)
+
+
+def build_table(sweep_dir: str, cells: Optional[list[Cell]] = None) -> Table:
+    cells = collect(sweep_dir) if cells is None else cells
+    metrics = metrics_of(sweep_dir, cells)
+    bench = [m.name for m in metrics if m.kind == "benchmark"]
+    values = {(c.name, m.name): value_of(c, m, bench) for c in cells for m in metrics}
+    it = next((c.name for c in cells if math.isclose(c.prompt_weight, IT_CELL[0])
+               and math.isclose(c.response_weight, IT_CELL[1])), None)
+    gains, best = {}, {}
+    for m in metrics:
+        it_value = values[(it, m.name)] if it else Value("missing")
+        for c in cells:
+            gains[(c.name, m.name)] = gain(values[(c.name, m.name)], it_value, m.higher_is_better)
+        ok = [(values[(c.name, m.name)].value, c.name) for c in cells if values[(c.name, m.name)].ok]
+        best[m.name] = (max(ok) if m.higher_is_better else min(ok))[1] if ok else None
+    return Table(cells, metrics, values, gains, best, it)
