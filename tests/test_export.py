@@ -100,12 +100,13 @@ def test_export_loads_in_transformers_with_witscale_logits(exported):
                                        rtol=1e-4, atol=2e-5, msg=f"{name} {dtype}")
 
 
-def test_offline_export_equals_live_export(exported):
+def test_offline_export_equals_live_export(exported, monkeypatch):
     """tools/export_hf.py reads the checkpoint of the same layout (no pickle executed) and writes the same
-    tensors as the live export, in both dtypes."""
-    from witscale.training.export import export_checkpoint
+    tensors as the live export, in both dtypes (in-process: with the files mapped afresh every few KB)."""
+    from witscale.training.export import CheckpointReader, export_checkpoint
 
     name, out, _ = exported
+    monkeypatch.setattr(CheckpointReader, "REMAP_BYTES", 4000)
     export_checkpoint(str(out / "checkpoints"), str(out / "offline_bf16"))
     if name == "tp2xpp2":       # the command line, once: flags and exit code
         res = subprocess.run([sys.executable, "tools/export_hf.py", str(out / "checkpoints"), str(out / "offline_fp32"),

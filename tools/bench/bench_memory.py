@@ -14,7 +14,8 @@ tensors); right before the measured phase the process's peak-RSS counter is rese
 ← 5) and ``VmRSS`` read as the baseline; after it, ``VmHWM − baseline`` is the phase's peak above the
 baseline — exact, no sampling. A 2 ms sampler of ``RssAnon`` runs too (anonymous memory only): for the
 offline export, which reads DeepSpeed's files memory-mapped, ``VmHWM`` also counts the clean file pages it
-touched (page cache mapped into the process, dropped by the kernel under pressure), ``RssAnon`` does not.
+touched (page cache mapped into the process, dropped by the kernel under pressure; the reader maps a file
+afresh after every 256 MiB read from it, which bounds them), ``RssAnon`` does not.
 
 (a) construction + load of this rank's module from an HF directory (bf16 safetensors, written first by a
     tp1 export), in the training dtype (fp32 on the CPU). Ratio to the rank's own share (the model's fp32

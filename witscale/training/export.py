@@ -218,11 +218,23 @@ class CheckpointReader:
                              f"the config says {shape}")
         return out
 
+    # The files are memory-mapped: pages a tensor was read from stay mapped into the process (file-backed,
+    # reclaimable, but counted in its resident set) until the mapping goes. So a file whose tensors are
+    # read one by one is mapped afresh after every REMAP_BYTES read from it.
+    REMAP_BYTES = 256 << 20
+
     def _module_shards(self):
-        states = [_safe_load(self.mp_files[t])["module"] for t in range(self.tp)]
-        for key in states[0]:
+        load = lambda: [_safe_load(self.mp_files[t])["module"] for t in range(self.tp)]  # noqa: E731
+        states, read = load(), 0
+        for key in list(states[0]):
             name = key[len("module."):] if key.startswith("module.") else key
-            yield name, [s[key] for s in states]
+            parts = [s[key] for s in states]
+            read += sum(t.numel() * t.element_size() for t in parts)
+            yield name, parts
+            del parts
+            if read > self.REMAP_BYTES:
+                states, read = None, 0
+                states = load()
 
     def _pipeline_shards(self):
         from witscale.model.hf_names import pipe_to_hf_name
@@ -250,11 +262,10 @@ class CheckpointReader:
             if not models:
                 raise FileNotFoundError(f"{self.dir}: no ZeRO-3 model states of tp rank {t}")
             shapes = {k: v for d in _safe_load(models[0])["param_shapes"] for k, v in d.items()}
-            flat = []
             for d in range(self.dp):
                 if (d, t) not in self.zero_files:
                     raise FileNotFoundError(f"{self.dir}: optimizer states of dp rank {d}, tp rank {t} missing")
-                flat.append(_safe_load(self.zero_files[(d, t)])["optimizer_state_dict"]["fp32_flat_groups"])
+            flat = self._zero3_flat(t)
             offsets = [0]
             for g in flat[0]:
                 offsets.append(offsets[-1] + g.numel())
@@ -267,13 +278,26 @@ class CheckpointReader:
                 raise ValueError(f"{self.dir}: ZeRO-3 partitions of tp rank {t} hold {offsets[-1]} elements per "
                                  f"rank, the parameters need {offset}")
             per_tp.append((flat, offsets, where))
+        read = 0
         for key in per_tp[0][2]:
             parts = []
             for flat, offsets, where in per_tp:
                 offset, numel, shape = where[key]
                 parts.append(_merge_zero3(flat, offsets, offset, numel, shape, self.dtype))
+                read += 4 * shape.numel()
             name = key[len("module."):] if key.startswith("module.") else key
             yield name, parts
+            del parts
+            if read > self.REMAP_BYTES:       # map the partitions afresh (see REMAP_BYTES)
+                for t, entry in enumerate(per_tp):
+                    entry[0].clear()
+                    entry[0].extend(self._zero3_flat(t))
+                read = 0
+
+    def _zero3_flat(self, t: int) -> list:
+        """Every dp rank's fp32 flat groups of tp rank ``t`` (memory-mapped)."""
+        return [_safe_load(self.zero_files[(d, t)])["optimizer_state_dict"]["fp32_flat_groups"]
+                for d in range(self.dp)]
 
 
 def _merge_zero3(flat_groups, group_offsets, offset, partitioned_numel, shape, dtype) -> torch.Tensor:
