@@ -14,13 +14,14 @@ Reading DeepSpeed's files. DeepSpeed writes its model and optimizer states with 
 They are read here only with ``torch.load(weights_only=True, mmap=True)``: torch's restricted unpickler,
 which builds tensors and plain containers and refuses every other global (no code runs from the file),
 with exactly the DeepSpeed types a ZeRO-3 optimizer file holds allow-listed (``ZeroStageEnum``, an
-``IntEnum``, and the loss scalers, plain attribute holders: reconstructed from their ``__dict__``, no
-``__reduce__`` call). ``mmap`` maps the tensors' storage: a parameter's bytes are read when it is
+``IntEnum``, and the loss scalers, plain attribute holders: rebuilt with ``__new__`` and their saved
+``__dict__``; nothing else from DeepSpeed is trusted). ``mmap`` maps the tensors' storage: a parameter's bytes are read when it is
 copied, so the whole checkpoint is never loaded. Which file holds what:
 - ZeRO-0/1/2 (tp ranks ``mp_rank_XX_model_states.pt``'s ``module``) and pipelines (one
   ``layer_LL-model_TT-model_states.pt`` per block and tp rank): the module's weights in the training
   dtype (fp32 on the CPU; bf16 on a bf16 GPU run, whose fp32 master copy sits in the ZeRO-1/2 optimizer
-  partitions and is not read — an fp32 export of a bf16 run is the bf16 weights, exactly);
+  partitions and is not read — an fp32 export of a bf16 run is the bf16 weights, exactly, as the live
+  export's is, and both log a warning saying so);
 - ZeRO-3 (``zero_pp_rank_D_mp_rank_TT_optim_states.pt``): the fp32 master partitions, merged per parameter
   in the order of the model states' ``param_shapes`` (DeepSpeed's ``zero_to_fp32`` layout: the same
   partition sizes from its ``zero3_partitioned_param_info``).
@@ -104,6 +105,7 @@ def export_module(module, topo, model_config, out_dir: str, tokenizer_src: Optio
     from witscale.model.state import iter_dense_tensors
 
     torch_dtype = export_dtype(dtype)
+    _warn_upcast({getattr(p, "ds_tensor", p).dtype for p in module.parameters()}, torch_dtype)
     writer = _writer(model_config, out_dir, dtype, max_shard_size)[0] if dist.get_rank() == 0 else None
     n = 0
     try:
@@ -117,6 +119,13 @@ def export_module(module, topo, model_config, out_dir: str, tokenizer_src: Optio
             writer.abort()
         raise
     dist.barrier()
+
+
+def _warn_upcast(weight_dtypes: set, dtype: torch.dtype) -> None:
+    low = sorted(str(d).replace("torch.", "") for d in weight_dtypes if d in (torch.bfloat16, torch.float16))
+    if dtype == torch.float32 and low and (not dist.is_initialized() or dist.get_rank() == 0):
+        log.warning(f"exporting fp32 from {'/'.join(low)} weights: the files hold those weights exactly, upcast "
+                    "(the optimizer's fp32 master copy is not what is exported)")
 
 
 def export_from_engine(trainer, model_config, out_dir: str, tokenizer_src: Optional[str] = None,
@@ -150,6 +159,7 @@ class CheckpointReader:
 
     def __init__(self, ckpt_dir: str, model_config, dtype: torch.dtype = torch.float32):
         self.dir, self.cfg, self.dtype = ckpt_dir, model_config, dtype
+        self._warned = False
         files = os.listdir(ckpt_dir)
         self.layer_files = {(int(m.group(1)), int(m.group(2))): os.path.join(ckpt_dir, f)
                             for f in files if (m := _LAYER_FILE.match(f))}
@@ -194,6 +204,9 @@ class CheckpointReader:
             del parts
 
     def _assemble(self, name: str, parts: list, shape: tuple[int, ...]) -> torch.Tensor:
+        if not self._warned:
+            _warn_upcast({p.dtype for p in parts}, self.dtype)
+            self._warned = True
         """The dense tensor in the export dtype from its TP shards (memory-mapped, or ZeRO-3 pieces): one
         output buffer, each shard cast straight into its place (vocabulary padding rows skipped)."""
         dim = self.split.get(name) if len(parts) > 1 else None
