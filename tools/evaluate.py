@@ -79,7 +79,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--num-fewshot", type=int, help="override the preset's number of shots")
     g.add_argument("--backend", default="auto", choices=["auto", "hf", "vllm"],
                    help="auto: vLLM on a GPU when installed (one process), else lm-eval's HF backend")
-    g.add_argument("--lm-eval-batch-size", default="auto")
+    g.add_argument("--lm-eval-batch-size", help="lm-eval's batch size (default: auto on a GPU, 8 on the CPU)")
     g.add_argument("--task-metric", type=_kv, default={}, help="TASK=METRIC[,FILTER] for a task's score")
     g.add_argument("--lm-eval-args", type=_kv, default={}, help="more model_args for lm-eval, KEY=VALUE,…")
 

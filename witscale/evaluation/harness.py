@@ -94,67 +94,82 @@ def model_args_for(backend: str, model_dir: str, *, tokenizer: Optional[str], dt
     return args
 
 
-def run_tasks(model_dir: str, tasks: Sequence[str], *, preset: str = "paper", include_path: Optional[str] = None,
-              tokenizer: Optional[str] = None, num_fewshot: Optional[int] = None, limit: Optional[int] = None,
-              batch_size="auto", device: str = "cpu", dtype: str = "float32", backend: str = "hf",
-              add_bos: bool = True, task_metrics: Optional[dict] = None, model_args: Optional[dict] = None,
-              device_count: int = 1) -> Optional[dict]:
-    """Run lm-eval: ``{"tasks": {name: result}, "config": …}`` (None on ranks other than 0 of a distributed
-    HF run)."""
+def task_manager(tasks: Sequence[str], preset: str = "paper", include_path: Optional[str] = None):
+    """lm-eval's TaskManager that knows every task (after the preset's aliases); a ValueError names the first
+    unknown one. Only the local tasks are indexed when they are all that is asked for (lm-eval's own index
+    of ~15k tasks takes seconds)."""
     if available() is None:
         raise HarnessUnavailable("lm-eval is not installed: pip install 'witscale[eval]' (or lm-eval)")
-    import lm_eval
     from lm_eval.tasks import TaskManager
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
-    aliases = PRESETS[preset]["aliases"]
-    if num_fewshot is None:
-        num_fewshot = PRESETS[preset]["num_fewshot"]
-    resolved = {t: aliases.get(t, t) for t in tasks}
+    names = [PRESETS[preset]["aliases"].get(t, t) for t in tasks]
     manager = None
     if include_path:
-        local = TaskManager(include_path=include_path, include_defaults=False)
-        needs_defaults = any(name not in local.all_tasks for name in resolved.values())
-        manager = TaskManager(include_path=include_path) if needs_defaults else local
+        manager = TaskManager(include_path=include_path, include_defaults=False)
+        if any(n not in manager.all_tasks for n in names):
+            manager = TaskManager(include_path=include_path)
     else:
         manager = TaskManager()
-    unknown = [t for t, name in resolved.items() if name not in manager.all_tasks]
+    unknown = [t for t, n in zip(tasks, names) if n not in manager.all_tasks]
     if unknown:
-        raise ValueError(f"lm-eval knows no task {unknown[0]!r}"
-                         + (" (is --include-path right?)" if include_path else ""))
-    args = model_args_for(backend, model_dir, tokenizer=tokenizer, dtype=dtype, add_bos=add_bos,
-                          device_count=device_count, extra=model_args)
-    kwargs = dict(model=backend, model_args=args, tasks=list(resolved.values()), num_fewshot=num_fewshot,
-                  limit=limit, task_manager=manager, log_samples=False, bootstrap_iters=0,
-                  apply_chat_template=False)
-    if backend == "hf":
-        kwargs.update(batch_size=batch_size, device=device)
-    out = lm_eval.simple_evaluate(**kwargs)
-    if out is None:                             # a rank other than 0 under torchrun/accelerate
-        return None
+        raise ValueError(f"lm-eval knows no task {unknown[0]!r}" + (f" (nor {include_path})" if include_path else ""))
+    return manager
+
+
+def _task_result(out: dict, name: str, num_fewshot, preferred: Optional[str]) -> dict:
     results = dict(out.get("results", {}))
     results.update({k: v for k, v in (out.get("groups") or {}).items() if k not in results})
-    hib = out.get("higher_is_better", {})
-    section = {}
-    for task, name in resolved.items():
-        metrics = results.get(name)
-        if metrics is None:
-            section[task] = {"error": f"lm-eval returned no result for {name}"}
-            continue
-        key = primary_metric(metrics, (task_metrics or {}).get(task))
-        clean = {k: v for k, v in metrics.items() if "," in k and isinstance(v, (int, float))}
-        metric = _metric_parts(key)[0] if key else None
-        higher = hib.get(name, {}).get(metric, True) if metric else True
-        subtasks = (out.get("group_subtasks") or {}).get(name) or []
-        section[task] = {
-            "score": float(metrics[key]) if key else None, "metric": key, "higher_is_better": bool(higher),
-            "lm_eval_task": name, "metrics": clean,
+    metrics = results.get(name)
+    if metrics is None:
+        return {"error": f"lm-eval returned no result for {name}"}
+    key = primary_metric(metrics, preferred)
+    metric = _metric_parts(key)[0] if key else None
+    higher = (out.get("higher_is_better") or {}).get(name, {}).get(metric, True) if metric else True
+    subtasks = (out.get("group_subtasks") or {}).get(name) or []
+    numeric = lambda d: {k: v for k, v in d.items() if "," in k and isinstance(v, (int, float))}  # noqa: E731
+    return {"score": float(metrics[key]) if key else None, "metric": key, "higher_is_better": bool(higher),
+            "lm_eval_task": name, "metrics": numeric(metrics),
             "num_samples": (out.get("n-samples") or {}).get(name, {}).get("effective"),
             "num_fewshot": (out.get("n-shot") or {}).get(name, num_fewshot),
-            "subtasks": {s: {k: v for k, v in results.get(s, {}).items() if "," in k and isinstance(v, (int, float))}
-                         for s in subtasks}}
-    config = {"lm_eval_version": available(), "backend": backend, "preset": preset,
-                          "num_fewshot": num_fewshot, "limit": limit, "model_args": {k: str(v) for k, v in args.items()},
-                          "include_path": os.path.abspath(include_path) if include_path else None}
+            "subtasks": {t: numeric(results.get(t, {})) for t in subtasks}}
+
+
+def run_tasks(model_dir: str, tasks: Sequence[str], *, preset: str = "paper", include_path: Optional[str] = None,
+              manager=None, tokenizer: Optional[str] = None, num_fewshot: Optional[int] = None,
+              limit: Optional[int] = None, batch_size="auto", device: str = "cpu", dtype: str = "float32",
+              backend: str = "hf", add_bos: bool = True, task_metrics: Optional[dict] = None,
+              model_args: Optional[dict] = None, device_count: int = 1) -> Optional[dict]:
+    """Run lm-eval, the model loaded once and each task on its own (a task that fails is recorded under its
+    name with ``error``; the others run): ``{"tasks": {name: result}, "config": …}``, or None on ranks other
+    than 0 of a distributed HF run."""
+    import lm_eval
+    from lm_eval.api.registry import get_model
+
+    manager = manager or task_manager(tasks, preset, include_path)
+    if num_fewshot is None:
+        num_fewshot = PRESETS[preset]["num_fewshot"]
+    resolved = {t: PRESETS[preset]["aliases"].get(t, t) for t in tasks}
+    args = model_args_for(backend, model_dir, tokenizer=tokenizer, dtype=dtype, add_bos=add_bos,
+                          device_count=device_count, extra=model_args)
+    lm = get_model(backend).create_from_arg_obj(
+        args, {"batch_size": batch_size, "max_batch_size": 64, "device": device} if backend == "hf"
+        else {"batch_size": batch_size})
+    section = {}
+    for task, name in resolved.items():
+        try:
+            out = lm_eval.simple_evaluate(model=lm, tasks=[name], num_fewshot=num_fewshot, limit=limit,
+                                          task_manager=manager, log_samples=False, bootstrap_iters=0,
+                                          apply_chat_template=False)
+        except Exception as e:              # noqa: BLE001 - one task's failure must not cost the others
+            section[task] = {"error": f"{type(e).__name__}: {e}", "lm_eval_task": name}
+            continue
+        if out is not None:
+            section[task] = _task_result(out, name, num_fewshot, (task_metrics or {}).get(task))
+    if getattr(lm, "rank", 0) != 0:
+        return None
+    config = {"lm_eval_version": available(), "backend": backend, "preset": preset, "num_fewshot": num_fewshot,
+              "limit": limit, "model_args": {k: str(v) for k, v in args.items()}, "batch_size": str(batch_size),
+              "include_path": os.path.abspath(include_path) if include_path else None}
     return {"tasks": section, "config": config}

@@ -40,7 +40,7 @@ class EvalOptions:
     preset: str = "paper"
     num_fewshot: Optional[int] = None
     backend: str = "auto"
-    lm_eval_batch_size: str = "auto"
+    lm_eval_batch_size: Optional[str] = None        # None: auto on a GPU, 8 on the CPU
     task_metrics: dict = field(default_factory=dict)
     lm_eval_model_args: dict = field(default_factory=dict)
     # judge-based benchmarks
@@ -121,6 +121,10 @@ def check_inputs(opts: EvalOptions) -> dict:
             raise InputError(f"--include-path {opts.include_path}: no such directory")
         if opts.preset not in harness.PRESETS:
             raise InputError(f"--preset {opts.preset}: choose from {', '.join(harness.PRESETS)}")
+        try:
+            inputs["task_manager"] = harness.task_manager(list(opts.tasks), opts.preset, opts.include_path)
+        except ValueError as e:
+            raise InputError(f"--tasks: {e}") from None
     return inputs
 
 
@@ -269,8 +273,10 @@ def evaluate(opts: EvalOptions, dp: Optional[DataParallel] = None) -> dict:
             if run_here:
                 out = harness.run_tasks(
                     opts.model_dir, list(opts.tasks), preset=opts.preset, include_path=opts.include_path,
+                    manager=inputs["task_manager"],
                     tokenizer=opts.tokenizer if opts.tokenizer and os.path.isdir(opts.tokenizer) else None,
-                    num_fewshot=opts.num_fewshot, limit=opts.limit, batch_size=opts.lm_eval_batch_size,
+                    num_fewshot=opts.num_fewshot, limit=opts.limit,
+                    batch_size=opts.lm_eval_batch_size or ("auto" if device.type == "cuda" else 8),
                     device=str(device), dtype=str(dtype).replace("torch.", ""), backend=backend,
                     add_bos=starts_with_bos(formatter), task_metrics=opts.task_metrics,
                     model_args=opts.lm_eval_model_args,
