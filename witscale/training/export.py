@@ -255,6 +255,9 @@ class CheckpointReader:
         n = self.cfg.num_hidden_layers
         tied = self.cfg.tie_word_embeddings
         for idx in sorted({i for i, _ in self.layer_files}):
+            lost = [t for t in range(self.tp) if (idx, t) not in self.layer_files]
+            if lost:
+                raise FileNotFoundError(f"{self.dir}: layer_{idx:02d}-model_{lost[0]:02d}-model_states.pt is missing")
             states = [_safe_load(self.layer_files[(idx, t)]) for t in range(self.tp)]
             for key in states[0]:
                 if tied and idx in (0, n + 2):
