@@ -325,8 +325,10 @@ class Trainer:
 
     # --- checkpoints ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """What a checkpoint needs besides DeepSpeed's own state: the step and the data position."""
-        return {"step": self.step, "loader": self.loader.state_dict()}
+        """What a checkpoint needs besides DeepSpeed's own state: the step, the data position and the layout
+        that wrote DeepSpeed's files."""
+        return {"step": self.step, "loader": self.loader.state_dict(),
+                "layout": {"dp": self.topo.dp, "tp": self.topo.tp, "pp": self.topo.pp}}
 
     def load_state_dict(self, state: dict, *, data_position: bool = True) -> None:
         self.step = int(state["step"])
@@ -341,15 +343,24 @@ class Trainer:
     def resume(self, spec: str, root: str, *, data_fingerprint: str, model_fingerprint: str,
                allow_data_change: bool = False) -> Optional[str]:
         """Collective: continue from ``spec`` ('auto' → ``root``/latest, or a checkpoint path). Returns the
-        checkpoint's path, or None when 'auto' finds none. A checkpoint of another model is refused, one of
-        other data too unless ``allow_data_change`` (then the data position starts afresh)."""
-        found = checkpoint.resolve_resume(spec, root)
+        checkpoint's path, or None when 'auto' finds none. Every rank checks the checkpoint's files first and
+        the ranks agree (``checkpoint.choose``): 'auto' falls back past a damaged checkpoint to the newest one
+        that loads. A checkpoint of another model is refused, one of other data too unless
+        ``allow_data_change`` (then the data position starts afresh), one of another tp or pp too; one of another
+        dp loads through DeepSpeed's universal checkpoint, made on the way (``checkpoint.universal_tag``)."""
+        found = checkpoint.choose(spec, root, self.device)
         if found is None:
             return None
         where = os.path.join(*found)
-        state = checkpoint.load(self.engine, *found)
+        state = checkpoint.read_state(*found)
         checkpoint.check_fingerprints(state, data_fp=data_fingerprint, model_fp=model_fingerprint,
                                       allow_data_change=allow_data_change, where=where)
+        other_dp = checkpoint.layout_change(state, self.state_dict()["layout"], where=where)
+        if other_dp:
+            log.warning(f"{where} was written at dp={state['layout']['dp']}, this run has dp={self.topo.dp}: "
+                        f"loading it through DeepSpeed's universal checkpoint")
+        state = checkpoint.load(self.engine, *found,
+                                universal=other_dp and self.engine.zero_optimization_stage() > 0)
         self.load_state_dict(state, data_position=state.get("data_fingerprint") == data_fingerprint)
         return where
 
