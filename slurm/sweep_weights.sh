@@ -1,17 +1,30 @@
 #!/usr/bin/env bash
-# witscale: the (λp, λr) sweep of the paper as a Slurm job array — one packed dataset, one run per cell,
-# each cell in $SWEEP_DIR/lp<λp>_lr<λr>. Then: python tools/collect_sweep.py $SWEEP_DIR
+# witscale: the (λp, λr) sweep of the paper as Slurm job arrays, end to end — one packed dataset, one training
+# run per cell (each cell in $SWEEP_DIR/lp<λp>_lr<λr>, its model exported to <cell>/hf), then one evaluation
+# per cell that starts as soon as that cell's training has finished (slurm/evaluate_cell.sh, an array with
+# --dependency=aftercorr on the training array), then the report (tools/collect_sweep.py: every metric of
+# every cell, heatmaps, average and gains over (0, 1)) once every evaluation has ended.
 #
 #   mkdir -p logs
+#   WEIGHTS="0:1 0.2:1 1:1" DATA=… MODEL=… SWEEP_DIR=runs/sweep EVAL_POSIX=prompts.jsonl EVAL_TASKS=mmlu,bbh \
+#       bash slurm/sweep_weights.sh [sbatch flags]
+#       run with bash (not sbatch): computes the cells, submits the training array of the right size, the
+#       evaluation array and the report job, and prints their ids
 #   DATA=packed/alpaca MODEL=/models/llama-2-7b SWEEP_DIR=runs/sweep sbatch slurm/sweep_weights.sh
-#       the paper's grid {0, 0.2, …, 1}² without (0, 0): 35 cells, array 0-34
-#   WEIGHTS="0:1 0.2:1 1:1" DATA=… MODEL=… SWEEP_DIR=… bash slurm/sweep_weights.sh [sbatch flags]
-#       run with bash (not sbatch) it computes the cells and submits the array of the right size itself
+#       the paper's grid {0, 0.2, …, 1}² without (0, 0): 35 cells, array 0-34; the first task to start submits
+#       the evaluation array and the report job (once)
 #
 # WEIGHTS: cells as "λp:λr" separated by spaces (default: the paper's grid). MAX_PARALLEL (bash mode):
 # at most this many cells at once (default 8). Every other variable as in slurm/train_7b.sh; OUTPUT,
-# PROMPT_WEIGHT and RESPONSE_WEIGHT are set per cell. A preempted cell requeues itself alone
-# (scontrol requeue ARRAYJOB_TASK) and resumes from its own checkpoint.
+# PROMPT_WEIGHT, RESPONSE_WEIGHT and EXPORT_HF (<cell>/hf) are set per cell. A preempted cell requeues itself
+# alone (scontrol requeue ARRAYJOB_TASK) and resumes from its own checkpoint; its evaluation waits for it.
+# Each training task writes <cell>/train_status.json (completed | failed | requeued, exit code) as it ends.
+#
+# Evaluation (slurm/evaluate_cell.sh; submitted when any of these is set): EVAL_POSIX, EVAL_TASKS,
+# EVAL_ALPACA_EVAL, EVAL_MT_BENCH, with EVAL_INCLUDE_PATH, EVAL_TEMPLATE, EVAL_LIMIT, EVAL_NPROC, EVAL_ARGS …
+# (see that script). EVAL_SBATCH_ARGS / REPORT_SBATCH_ARGS: sbatch flags for those jobs only, after the
+# shared ones (given flags override earlier ones). The report lands in $SWEEP_DIR/sweep_report.md and
+# sweep_figure.png.
 #
 #SBATCH --job-name=wit-sweep
 #SBATCH --array=0-34%8
@@ -61,25 +74,105 @@ sweep_cells() {
 mapfile -t CELLS < <(sweep_cells)
 [ "${#CELLS[@]}" -gt 0 ] || { echo "sweep_weights.sh: no cells" >&2; exit 2; }
 
+# Evaluation requested? (any input for slurm/evaluate_cell.sh)
+wants_eval() { [ -n "${EVAL_POSIX:-}${EVAL_TASKS:-}${EVAL_ALPACA_EVAL:-}${EVAL_MT_BENCH:-}" ]; }
+
+# Submit the evaluation array (each task after its own cell's training: aftercorr) and the report job (after
+# everything: afterany) for the training array $1; further arguments are sbatch flags. Prints the job ids.
+submit_followups() {
+    local train=$1 home py eval_id="" report_dep
+    shift
+    home=${WITSCALE_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}
+    py=${PYTHON:-}
+    [ -n "$py" ] || { if [ -x "$home/.venv/bin/python" ]; then py=$home/.venv/bin/python; else py=python3; fi; }
+    local -a eval_args report_args
+    read -r -a eval_args <<<"${EVAL_SBATCH_ARGS:-}"
+    read -r -a report_args <<<"${REPORT_SBATCH_ARGS:-}"
+    report_dep=afterany:$train
+    if wants_eval; then
+        eval_id=$(sbatch --parsable --array="0-$((${#CELLS[@]} - 1))%${MAX_PARALLEL:-8}" \
+            --dependency="aftercorr:$train" --kill-on-invalid-dep=yes "$@" "${eval_args[@]}" \
+            "$home/slurm/evaluate_cell.sh") || { echo "sweep_weights.sh: submitting the evaluation failed" >&2; return 1; }
+        eval_id=${eval_id%%;*}
+        report_dep=$report_dep:$eval_id
+    fi
+    local report_id
+    report_id=$(sbatch --parsable --job-name=wit-report --dependency="$report_dep" --nodes=1 --ntasks=1 \
+        --time=0:30:00 "$@" "${report_args[@]}" \
+        --wrap "cd '$home' && '$py' tools/collect_sweep.py '$SWEEP_DIR'") ||
+        { echo "sweep_weights.sh: submitting the report job failed" >&2; return 1; }
+    report_id=${report_id%%;*}
+    echo "${eval_id:--} ${report_id}"
+}
+
 if [ -z "${SLURM_ARRAY_TASK_ID:-}" ]; then
-    # Submit mode: an array exactly as large as the cell list (sbatch flags given here take precedence).
+    # Submit mode: an array exactly as large as the cell list (sbatch flags given here take precedence),
+    # then the evaluation array and the report job.
     [ -n "${SLURM_JOB_ID:-}" ] && { echo "sweep_weights.sh: submit it as an array (sbatch) or run it with bash" >&2; exit 2; }
     mkdir -p "$SWEEP_DIR" logs
     printf '%s\n' "${CELLS[@]}" >"$SWEEP_DIR/cells.txt"
-    exec sbatch --array="0-$((${#CELLS[@]} - 1))%${MAX_PARALLEL:-8}" "$@" "$0"
+    SHARED=()
+    for flag in "$@"; do [ "$flag" = --parsable ] || SHARED+=("$flag"); done
+    # Held until its evaluation and report jobs are queued: no cell can finish before its dependent exists.
+    train_id=$(sbatch --parsable --hold --array="0-$((${#CELLS[@]} - 1))%${MAX_PARALLEL:-8}" "${SHARED[@]}" "$0")
+    train_id=${train_id%%;*}
+    touch "$SWEEP_DIR/.followups-$train_id"            # the training tasks must not submit them again
+    followups=$(submit_followups "$train_id" "${SHARED[@]}") || followups=""
+    scontrol release "$train_id"
+    if [ -z "$followups" ]; then
+        echo "sweep_weights.sh: training array $train_id submitted, but not its evaluation/report jobs: submit" \
+             "slurm/evaluate_cell.sh by hand (see its header)" >&2
+        exit 1
+    fi
+    read -r eval_id report_id <<<"$followups"
+    if [[ " $* " == *" --parsable "* ]]; then
+        printf '%s\n%s\n%s\n' "$train_id" "$eval_id" "$report_id"
+    else
+        echo "Submitted training array $train_id (${#CELLS[@]} cells, $SWEEP_DIR/lp<λp>_lr<λr>)"
+        [ "$eval_id" = - ] || echo "Submitted evaluation array $eval_id (each cell after its training: aftercorr)"
+        echo "Submitted report job $report_id (after all of them): $SWEEP_DIR/sweep_report.md, sweep_figure.png"
+    fi
+    exit 0
 fi
 
 if [ "$SLURM_ARRAY_TASK_ID" -ge "${#CELLS[@]}" ]; then
     echo "sweep_weights.sh: array task $SLURM_ARRAY_TASK_ID but only ${#CELLS[@]} cells (WEIGHTS='${WEIGHTS:-}'); nothing to do" >&2
     exit 2
 fi
+# sbatch mode: the first task to start submits the evaluation array and the report job for this array
+# (bash mode did it already and left the marker; mkdir is atomic: one task does it, once, across requeues).
+mkdir -p "$SWEEP_DIR"
+if [ -n "${SLURM_ARRAY_JOB_ID:-}" ] && [ ! -e "$SWEEP_DIR/.followups-$SLURM_ARRAY_JOB_ID" ] &&
+    mkdir "$SWEEP_DIR/.followups-$SLURM_ARRAY_JOB_ID.lock" 2>/dev/null; then
+    printf '%s\n' "${CELLS[@]}" >"$SWEEP_DIR/cells.txt"
+    if followups=$(submit_followups "$SLURM_ARRAY_JOB_ID"); then
+        echo "[witscale-slurm] submitted evaluation array and report job: $followups"
+    else
+        echo "[witscale-slurm] warning: could not submit the evaluation/report jobs" >&2
+    fi
+fi
+
 read -r PROMPT_WEIGHT RESPONSE_WEIGHT <<<"${CELLS[$SLURM_ARRAY_TASK_ID]}"
 OUTPUT=$SWEEP_DIR/lp${PROMPT_WEIGHT}_lr${RESPONSE_WEIGHT}
 mkdir -p "$OUTPUT"
 printf '{"prompt_weight": %s, "response_weight": %s}\n' "$PROMPT_WEIGHT" "$RESPONSE_WEIGHT" >"$OUTPUT/cell.json"
 : "${DS_CONFIG:=ds_configs/zero3.json}"
 [ -n "${MAX_STEPS:-}${EPOCHS:-}" ] || EPOCHS=3
-export PROMPT_WEIGHT RESPONSE_WEIGHT OUTPUT DS_CONFIG EPOCHS
+EXPORT_HF=$OUTPUT/hf                  # per cell (a shared EXPORT_HF would be overwritten by every cell)
+export PROMPT_WEIGHT RESPONSE_WEIGHT OUTPUT DS_CONFIG EPOCHS EXPORT_HF
+
+# How this task ended, for tools/collect_sweep.py: completed (the run reached its last step), requeued
+# (preempted: checkpointed, exit 0, back in the queue) or failed (exit code). wit_main exits the script.
+# shellcheck disable=SC2317  # invoked by the EXIT trap
+write_train_status() {
+    local rc=$? state=failed
+    if [ "$rc" -eq 0 ]; then
+        if wit_run_finished; then state=completed; else state=requeued; fi
+    fi
+    printf '{"state": "%s", "exit_code": %d, "job": "%s", "restart": %s}\n' "$state" "$rc" \
+        "${SLURM_ARRAY_JOB_ID:-?}_${SLURM_ARRAY_TASK_ID:-?}" "${SLURM_RESTART_COUNT:-0}" >"$OUTPUT/train_status.json"
+}
+trap write_train_status EXIT
 
 # shellcheck source=slurm/common.sh
 source "${WITSCALE_HOME:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"

@@ -23,7 +23,7 @@ SLURM_CONF = os.path.join(SLURM_DIR, "slurm.conf")
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                 "DEADLINE", "PREEMPTED"}
 SCRIPTS = [f"slurm/{n}" for n in ("common.sh", "launch_task.sh", "site_env.sh", "train_7b.sh", "train_70b.sh",
-                                   "sweep_weights.sh")] + [f"slurm/local/{n}" for n in ("install.sh", "start.sh",
+                                   "sweep_weights.sh", "evaluate_cell.sh")] + [f"slurm/local/{n}" for n in ("install.sh", "start.sh",
                                                                                         "stop.sh")]
 
 
@@ -193,42 +193,77 @@ def test_preemption_checkpoints_requeues_and_resumes_to_the_same_loss(slurm_clus
 
 
 # ------------------------------------------------------------------------------------------------- sweep
-def test_sweep_array_requeues_one_cell_and_collects_the_grid(slurm_cluster, tiny, tmp_path):
+def test_sweep_trains_evaluates_and_reports_every_cell_with_one_requeued(slurm_cluster, tiny, sp_model_path,
+                                                                         tmp_path):
+    """bash slurm/sweep_weights.sh: the training array (3 cells, one preempted and requeued), the evaluation
+    array (each task after its own cell: aftercorr; POSIX + a local lm-eval task) and the report job; the
+    report has every metric for every cell."""
+    import json
+
+    from tests.eval_helpers import capitals_task
+    from witscale.evaluation import harness
     sweep = tmp_path / "sweep"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"instruction": "What is the capital of Zorvia?"}) + "\n")
+    evals = dict(EVAL_POSIX=prompts, EVAL_MAX_NEW_TOKENS=4, EVAL_NPROC=1, EVAL_ARGS="--batch-size 5")
+    if harness.available() is not None:
+        evals.update(EVAL_TASKS="witscale_capitals", EVAL_INCLUDE_PATH=capitals_task(tmp_path / "tasks"))
     env = job_env(slurm_cluster, tiny, None, SWEEP_DIR=sweep, WEIGHTS="0:1 0.5:1 1:0.5", MAX_STEPS=12,
-                  EVAL_DATA=tiny["eval"], EVAL_STEPS=6)
+                  EVAL_DATA=tiny["eval"], EVAL_STEPS=6, EXTRA_ARGS=f"--no-tensorboard --tokenizer {sp_model_path}",
+                  **evals)
     env.pop("OUTPUT", None)
     env.pop("PROMPT_WEIGHT", None)
     logs = tmp_path / "logs"
     os.makedirs(logs)
-    # bash mode: the script sizes the array to the 3 cells and submits itself
+    # bash mode: the script sizes the array to the 3 cells and submits it, the evaluation and the report
     res = subprocess.run(["bash", "slurm/sweep_weights.sh", "--parsable", f"--output={logs}/%x-%A_%a.out"],
                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
-    array = res.stdout.strip().split(";")[0]
+    array, eval_array, report_job = res.stdout.split()
+    deps = [r.get("Dependency", "") for r in job_records(eval_array, env)]
+    assert deps and all(f"aftercorr:{array}_*" in d for d in deps), deps        # training is held: unfulfilled
     # preempt the first cell mid-run: only that task must requeue (as ARRAYJOB_TASK) and resume
     wait_for_step(sweep / "lp0.0_lr1.0", 2, f"{array}_0", env)
     subprocess.run(["scancel", "--batch", "--signal=USR1", f"{array}_0"], env=env, check=True)
-    recs = wait_job(array, env)
+    recs = wait_job(array, env, timeout=300)
+    eval_recs = wait_job(eval_array, env, timeout=300)
+    (report_rec,) = wait_job(report_job, env, timeout=120)
     log = read_log(logs)
     assert len(recs) == 3, recs
     assert all(r["JobState"] == "COMPLETED" and r["ExitCode"] == "0:0" for r in recs), log
     restarts = {r["ArrayTaskId"]: r["Restarts"] for r in recs}
     assert restarts == {"0": "1", "1": "0", "2": "0"}, (restarts, log)
     assert f"requeueing {array}_0" in log
-    for cell in ("lp0.0_lr1.0", "lp0.5_lr1.0", "lp1.0_lr0.5"):
+    assert len(eval_recs) == 3 and all(r["JobState"] == "COMPLETED" for r in eval_recs), log
+    assert report_rec["JobState"] == "COMPLETED", log
+    cells = ("lp0.0_lr1.0", "lp0.5_lr1.0", "lp1.0_lr0.5")
+    for cell in cells:
         rows = read_metrics(sweep / cell)
         assert any("eval_loss" in r for r in rows), cell
         assert max(train_losses(sweep / cell)) == 12, cell
+        assert json.loads((sweep / cell / "train_status.json").read_text())["state"] == "completed"
+        assert json.loads((sweep / cell / "eval_status.json").read_text())["state"] == "completed"
+        # the evaluation started only after its own cell's training had ended (aftercorr)
+        assert os.path.getmtime(sweep / cell / "eval_results.json") > os.path.getmtime(sweep / cell / "hf" / "config.json")
+        results = json.loads((sweep / cell / "eval_results.json").read_text())
+        assert results["errors"] == {} and results["posix"]["num_sets"] == 2, cell
     assert (sweep / "cells.txt").read_text().split("\n")[:3] == ["0.0 1.0", "0.5 1.0", "1.0 0.5"]
 
-    res = subprocess.run([PY, "tools/collect_sweep.py", str(sweep)], cwd=REPO_ROOT, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    # the report job's output: every metric for every cell, each a number
     with open(sweep / "sweep_cells.csv", newline="") as f:
-        cells = list(csv.DictReader(f))
-    assert {(c["prompt_weight"], c["response_weight"]) for c in cells} == {("0.0", "1.0"), ("0.5", "1.0"),
+        table = list(csv.DictReader(f))
+    metrics = ["posix", "posix_spelling", "posix_template", "eval_response_nll", "eval_loss", "eval_prompt_nll"]
+    if "EVAL_TASKS" in evals:
+        metrics = ["witscale_capitals", "average"] + metrics
+    assert {(c["prompt_weight"], c["response_weight"]) for c in table} == {("0.0", "1.0"), ("0.5", "1.0"),
                                                                            ("1.0", "0.5")}
-    assert all(c["source"] == "eval" and float(c["eval_response_nll"]) > 0 for c in cells)
+    for c in table:
+        assert c["state"] == "ok" and c["source"] == "eval", c
+        for m in metrics:
+            float(c[m])                                         # a number, never FAILED or empty
+    assert float(next(c for c in table if c["dir"] == "lp0.0_lr1.0")["gain_posix"]) == 0.0     # the IT cell
+    report = (sweep / "sweep_report.md").read_text()
+    assert all(f"### {m} " in report for m in metrics)
     # the grid's cell equals the last eval record of that run
     last_eval = [r for r in read_metrics(sweep / "lp0.5_lr1.0") if "eval_response_nll" in r][-1]
     with open(sweep / "sweep_grid.csv", newline="") as f:
@@ -236,7 +271,6 @@ def test_sweep_array_requeues_one_cell_and_collects_the_grid(slurm_cluster, tiny
     assert grid[0][1:] == ["0.5", "1.0"] and [row[0] for row in grid[1:]] == ["0.0", "0.5", "1.0"]
     assert float(grid[2][2]) == pytest.approx(last_eval["eval_response_nll"])
     assert grid[1][1] == "" and grid[3][1] != ""        # (0, 0.5) was not run; (1, 0.5) was
-    md = (sweep / "sweep_grid.md").read_text()
-    assert f"{last_eval['eval_response_nll']:.4f}" in md
-    assert (sweep / "sweep_grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
+    assert f"{last_eval['eval_response_nll']:.4f}" in (sweep / "sweep_grid.md").read_text()
+    for png in ("sweep_grid.png", "sweep_figure.png"):
+        assert (sweep / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

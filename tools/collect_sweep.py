@@ -1,148 +1,150 @@
 #!/usr/bin/env python3
-"""Gather the final metrics of a (λp, λr) sweep (slurm/sweep_weights.sh) into a grid.
+"""Gather every metric of every cell of a (λp, λr) sweep (slurm/sweep_weights.sh) into the paper's report.
 
     python tools/collect_sweep.py runs/sweep [--metric eval_response_nll] [--out DIR]
 
-Each cell directory (``lp<λp>_lr<λr>``, weights also in its ``cell.json``) holds the trainer's
-``metrics.jsonl``. A cell's value is its LAST eval record's metric; a cell without eval records falls back
-to its last training record (the metric without the ``eval_`` prefix, else the training loss), marked
-"(train)". Writes, into --out (default: the sweep directory):
+Metrics per cell (witscale/evaluation/sweep.py): held-out NLL from the trainer's last eval record
+(eval_response_nll, eval_loss, eval_prompt_nll; without an eval record the last training value, marked
+"(train)"), and from tools/evaluate.py's eval_results.json: POSIX (overall and per variant kind; lower is
+more robust) and each benchmark's score. Plus the paper's summary: the **average** of the benchmark scores
+and each cell's **relative gain over conventional instruction tuning**, the cell (λp, λr) = (0, 1), in %,
+positive = better. A cell that failed (training or evaluation) or has not run is shown as such — FAILED or
+missing, never a number; (0, 0) is the base model ("base").
 
-    sweep_cells.csv   one line per cell: weights, step, source and every final metric
-    sweep_grid.csv    the metric as a λp × λr matrix (rows λp, columns λr)
-    sweep_grid.md     the same as a markdown table (also printed)
-    sweep_grid.png    a heatmap like the paper's figures: matplotlib when installed, else a plain PNG
-                      written with zlib (colours only; the numbers are in the markdown)
+Writes into --out (default: the sweep directory):
 
-Lower is better for every NLL/loss metric. (0, 0) is the untrained base model and has no cell.
+    sweep_report.md    the report: cell states, one table per metric (value and gain; IT cell and best
+                       cell marked), a summary of the best cell per metric (also printed)
+    sweep_figure.png   one heatmap per metric and the average, in one figure like the paper's (rows λp,
+                       columns λr; IT cell boxed in black, best cell in red; failed cells hatched)
+    sweep_cells.csv    one line per cell: weights, state, every metric, the average and every gain
+    sweep_grid.csv     --metric as a λp × λr matrix ("" missing, FAILED failed)
+    sweep_grid.md      --metric as a markdown table
+    sweep_grid.png     --metric alone as a heatmap
+
+The figures use matplotlib when installed, else plain PNGs written with zlib (colours only; the numbers
+are in the markdown).
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import os
-import re
 import struct
 import sys
 import zlib
 
-CELL_RE = re.compile(r"^lp([0-9.]+)_lr([0-9.]+)$")
-FIELDS = ("eval_loss", "eval_response_nll", "eval_prompt_nll", "loss", "response_nll", "prompt_nll")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
-
-def read_cell(path: str) -> dict | None:
-    """The weights and final metrics of one run directory; None if it is not a cell."""
-    name = os.path.basename(os.path.normpath(path))
-    weights = None
-    if os.path.exists(os.path.join(path, "cell.json")):
-        with open(os.path.join(path, "cell.json"), encoding="utf-8") as f:
-            c = json.load(f)
-        weights = (float(c["prompt_weight"]), float(c["response_weight"]))
-    elif CELL_RE.match(name):
-        m = CELL_RE.match(name)
-        weights = (float(m.group(1)), float(m.group(2)))
-    if weights is None:
-        return None
-    last_train = last_eval = None
-    metrics = os.path.join(path, "metrics.jsonl")
-    if os.path.exists(metrics):
-        with open(metrics, encoding="utf-8") as f:
-            for line in f:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    rec = json.loads(line)
-                except ValueError:      # a line cut by a kill: ignore it
-                    continue
-                if any(k.startswith("eval_") for k in rec):
-                    last_eval = rec
-                elif "loss" in rec:
-                    last_train = rec
-    cell = {"dir": name, "prompt_weight": weights[0], "response_weight": weights[1],
-            "step": None, "source": None}
-    for k in FIELDS:
-        cell[k] = None
-    if last_train:
-        cell["step"] = last_train.get("step")
-        for k in ("loss", "response_nll", "prompt_nll"):
-            cell[k] = last_train.get(k)
-        cell["source"] = "train"
-    if last_eval:
-        for k in ("eval_loss", "eval_response_nll", "eval_prompt_nll"):
-            cell[k] = last_eval.get(k)
-        cell["step"] = last_eval.get("step", cell["step"])
-        cell["source"] = "eval"
-    return cell
-
-
-def cell_value(cell: dict, metric: str):
-    """(value, from_train): the eval metric, else its training counterpart, else the training loss."""
-    if cell["source"] == "eval" and cell.get(metric) is not None:
-        return cell[metric], False
-    train_key = metric[len("eval_"):] if metric.startswith("eval_") else metric
-    for key in (train_key, "loss"):
-        if cell.get(key) is not None:
-            return cell[key], True
-    return None, False
-
-
-def collect(sweep_dir: str) -> list[dict]:
-    cells = []
-    for name in sorted(os.listdir(sweep_dir)):
-        path = os.path.join(sweep_dir, name)
-        if os.path.isdir(path):
-            cell = read_cell(path)
-            if cell is not None:
-                cells.append(cell)
-    return cells
+from witscale.evaluation.sweep import IT_CELL, Table, Value, build_table, collect  # noqa: E402
 
 
 def _fmt(w: float) -> str:
     return f"{w:g}" if w != int(w) else f"{w:.1f}"
 
 
-def build_grid(cells: list[dict], metric: str):
-    ps = sorted({c["prompt_weight"] for c in cells})
-    rs = sorted({c["response_weight"] for c in cells})
-    grid = {(c["prompt_weight"], c["response_weight"]): cell_value(c, metric) for c in cells}
-    return ps, rs, grid
+def _num(v: float) -> str:
+    return f"{v:.4f}" if abs(v) < 1000 else f"{v:.1f}"
 
 
-def write_csvs(cells, ps, rs, grid, metric, out_dir):
-    with open(os.path.join(out_dir, "sweep_cells.csv"), "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["prompt_weight", "response_weight", "dir", "step", "source", metric, *FIELDS])
-        for c in sorted(cells, key=lambda c: (c["prompt_weight"], c["response_weight"])):
-            v, _ = cell_value(c, metric)
-            w.writerow([c["prompt_weight"], c["response_weight"], c["dir"], c["step"], c["source"], v,
-                        *[c[k] for k in FIELDS]])
-    with open(os.path.join(out_dir, "sweep_grid.csv"), "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow([f"{metric}: lp \\ lr", *[_fmt(r) for r in rs]])
-        for p in ps:
-            w.writerow([_fmt(p), *["" if grid.get((p, r), (None,))[0] is None else grid[(p, r)][0] for r in rs]])
+def _arrow(metric) -> str:
+    return "higher is better" if metric.higher_is_better else "lower is better"
 
 
-def markdown(ps, rs, grid, metric) -> str:
-    lines = [f"**{metric}** (rows λp, columns λr; lower is better; (train): no eval record, last training value)",
-             "", "| λp \\ λr | " + " | ".join(_fmt(r) for r in rs) + " |",
-             "|---" * (len(rs) + 1) + "|"]
+def cell_text(table: Table, p: float, r: float, metric, markdown: bool = True) -> str:
+    cell = table.cell_at(p, r)
+    if cell is None:
+        return "base" if p == 0 and r == 0 else ""
+    v = table.values[(cell.name, metric.name)]
+    if v.state == "failed":
+        return "FAILED"
+    if v.state == "missing":
+        return "missing"
+    text = _num(v.value) + (" (train)" if v.note == "train" else "")
+    g = table.gains.get((cell.name, metric.name))
+    if cell.name == table.it:
+        text += " [IT]"
+    elif g is not None:
+        text += f" ({g:+.1f}%)"
+    if table.best.get(metric.name) == cell.name and markdown:
+        text = f"**{text}** ★"
+    return text
+
+
+def metric_markdown(table: Table, metric) -> str:
+    ps, rs = table.prompt_weights, table.response_weights
+    lines = [f"### {metric.name} ({_arrow(metric)})", "",
+             "| λp \\ λr | " + " | ".join(_fmt(r) for r in rs) + " |", "|---" * (len(rs) + 1) + "|"]
     for p in ps:
-        row = []
-        for r in rs:
-            v, from_train = grid.get((p, r), (None, False))
-            if v is None:
-                row.append("base" if p == 0 and r == 0 else "—")
-            else:
-                row.append(f"{v:.4f}" + (" (train)" if from_train else ""))
-        lines.append(f"| {_fmt(p)} | " + " | ".join(row) + " |")
+        lines.append(f"| {_fmt(p)} | " + " | ".join(cell_text(table, p, r, metric) for r in rs) + " |")
     return "\n".join(lines) + "\n"
 
 
-# ------------------------------------------------------------------------------------------------ heatmap
+def report_markdown(table: Table, sweep_dir: str) -> str:
+    states = {}
+    for c in table.cells:
+        states[c.status] = states.get(c.status, 0) + 1
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+    it = table.it
+    out = [f"# Sweep report: {os.path.abspath(sweep_dir)}", "",
+           f"{len(table.cells)} cells ({counts}). Conventional instruction tuning (IT) is the cell "
+           f"(λp, λr) = ({_fmt(IT_CELL[0])}, {_fmt(IT_CELL[1])})" + ("" if it else " — not in this sweep: no gains") + ".",
+           "Each value is followed by its relative gain over IT in % (positive = better); **bold ★** is the "
+           "best cell of the metric, [IT] the IT cell. FAILED: the cell's training or this part of its "
+           "evaluation failed; missing: not run (yet). *average* is the mean of the benchmark scores.", ""]
+    out += ["## Best cell per metric", "", "| metric | best cell (λp, λr) | value | IT value | gain over IT |",
+            "|---|---|---|---|---|"]
+    for m in table.metrics:
+        b = table.best.get(m.name)
+        itv = table.values.get((it, m.name)) if it else None
+        if b is None:
+            out.append(f"| {m.name} | — | — | {_num(itv.value) if itv and itv.ok else '—'} | — |")
+            continue
+        bc = next(c for c in table.cells if c.name == b)
+        g = table.gains.get((b, m.name))
+        out.append(f"| {m.name} ({'↑' if m.higher_is_better else '↓'}) | ({_fmt(bc.prompt_weight)}, "
+                   f"{_fmt(bc.response_weight)}) | {_num(table.values[(b, m.name)].value)} | "
+                   f"{_num(itv.value) if itv and itv.ok else '—'} | {'—' if g is None else f'{g:+.1f}%'} |")
+    out += ["", "## Metrics (rows λp, columns λr)", ""]
+    for m in table.metrics:
+        out += [metric_markdown(table, m)]
+    out += ["## Cells", "", "| λp | λr | directory | state | detail |", "|---|---|---|---|---|"]
+    for c in sorted(table.cells, key=lambda c: c.weights):
+        out.append(f"| {_fmt(c.prompt_weight)} | {_fmt(c.response_weight)} | {c.name} | {c.status} | "
+                   f"{c.detail or ''} |")
+    return "\n".join(out) + "\n"
+
+
+def write_csvs(table: Table, metric, out_dir: str) -> None:
+    names = [m.name for m in table.metrics]
+    with open(os.path.join(out_dir, "sweep_cells.csv"), "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt_weight", "response_weight", "dir", "state", "detail", "step", "source", *names,
+                    *[f"gain_{n}" for n in names]])
+        for c in sorted(table.cells, key=lambda c: c.weights):
+            vals = []
+            for n in names:
+                v = table.values[(c.name, n)]
+                vals.append(v.value if v.ok else ("FAILED" if v.state == "failed" else ""))
+            gains = [("" if table.gains[(c.name, n)] is None else table.gains[(c.name, n)]) for n in names]
+            w.writerow([c.prompt_weight, c.response_weight, c.name, c.status, c.detail, c.step, c.source, *vals, *gains])
+    if metric is None:
+        return
+    with open(os.path.join(out_dir, "sweep_grid.csv"), "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow([f"{metric.name}: lp \\ lr", *[_fmt(r) for r in table.response_weights]])
+        for p in table.prompt_weights:
+            row = []
+            for r in table.response_weights:
+                cell = table.cell_at(p, r)
+                v = table.values[(cell.name, metric.name)] if cell else Value("missing")
+                row.append(v.value if v.ok else ("FAILED" if v.state == "failed" else ""))
+            w.writerow([_fmt(p), *row])
+
+
+# ------------------------------------------------------------------------------------------------ figures
 _VIRIDIS = [(68, 1, 84), (72, 40, 120), (62, 74, 137), (49, 104, 142), (38, 130, 142), (31, 158, 137),
             (53, 183, 121), (110, 206, 88), (181, 222, 43), (253, 231, 37)]
 
@@ -166,85 +168,163 @@ def _write_png(path: str, pixels: list[list[tuple]]) -> None:
                 + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
 
 
-def heatmap(ps, rs, grid, metric, path) -> str:
-    """Returns which renderer wrote the file."""
-    values = [v for v, _ in grid.values() if v is not None and math.isfinite(v)]
-    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
-    span = (hi - lo) or 1.0
+def _matrix(table: Table, metric):
+    """[len(ps)][len(rs)] of Value (None where the grid has no cell)."""
+    out = []
+    for p in table.prompt_weights:
+        row = []
+        for r in table.response_weights:
+            cell = table.cell_at(p, r)
+            row.append(table.values[(cell.name, metric.name)] if cell else None)
+        out.append(row)
+    return out
+
+
+def _plain_png(table: Table, metrics, path: str) -> None:
+    """Panels side by side, one 32-px square per cell, λp rows bottom-up; brighter = better; light grey:
+    missing; dark grey and white stripes: failed."""
+    size, gap = 32, 16
+    ps, rs = table.prompt_weights, table.response_weights
+    height = size * len(ps)
+    rows = [[(255, 255, 255)] * 0 for _ in range(height)]
+    for k, m in enumerate(metrics):
+        mat = _matrix(table, m)
+        vals = [v.value for row in mat for v in row if v is not None and v.ok]
+        lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
+        span = (hi - lo) or 1.0
+        for i, p in enumerate(reversed(range(len(ps)))):
+            for y in range(size):
+                line = rows[i * size + y]
+                if k:
+                    line += [(255, 255, 255)] * gap
+                for j in range(len(rs)):
+                    v = mat[p][j]
+                    for x in range(size):
+                        if v is None or v.state == "missing":
+                            c = (215, 215, 215)
+                        elif v.state == "failed":
+                            c = (90, 90, 90) if (x + y) % 8 < 4 else (240, 240, 240)
+                        else:
+                            t = (v.value - lo) / span
+                            c = _colour(t if m.higher_is_better else 1.0 - t)
+                        line.append(c)
+    _write_png(path, rows)
+
+
+def heatmaps(table: Table, metrics, path: str, title: str = "") -> str:
+    """One heatmap per metric in one figure; returns which renderer wrote it."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Rectangle
     except ImportError:
-        plt = None
-    if plt is not None:
-        import numpy as np
-        m = np.full((len(ps), len(rs)), np.nan)
+        _plain_png(table, metrics, path)
+        return "zlib"
+    import numpy as np
+
+    ps, rs = table.prompt_weights, table.response_weights
+    n = len(metrics)
+    cols = min(n, 4)
+    rows_n = math.ceil(n / cols)
+    w, h = 1.2 + 0.85 * len(rs), 1.2 + 0.7 * len(ps)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(w * cols, h * rows_n), squeeze=False)
+    for k, m in enumerate(metrics):
+        ax = axes[k // cols][k % cols]
+        mat = _matrix(table, m)
+        data = np.array([[v.value if (v is not None and v.ok) else np.nan for v in row] for row in mat], dtype=float)
+        cmap = plt.get_cmap("viridis" if m.higher_is_better else "viridis_r").copy()
+        cmap.set_bad((0.88, 0.88, 0.88))
+        im = ax.imshow(data, origin="lower", cmap=cmap, aspect="auto")
+        ax.set_xticks(range(len(rs)), [_fmt(r) for r in rs], fontsize=7)
+        ax.set_yticks(range(len(ps)), [_fmt(p) for p in ps], fontsize=7)
+        ax.set_xlabel("λr (response weight)", fontsize=8)
+        ax.set_ylabel("λp (prompt weight)", fontsize=8)
+        ax.set_title(f"{m.name} ({'↑' if m.higher_is_better else '↓'})", fontsize=9)
+        finite = data[np.isfinite(data)]
+        lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
+        span = (hi - lo) or 1.0
         for i, p in enumerate(ps):
             for j, r in enumerate(rs):
-                v = grid.get((p, r), (None,))[0]
-                if v is not None:
-                    m[i, j] = v
-        fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(rs), 0.8 + 0.8 * len(ps)))
-        im = ax.imshow(m, origin="lower", cmap="viridis_r")
-        ax.set_xticks(range(len(rs)), [_fmt(r) for r in rs])
-        ax.set_yticks(range(len(ps)), [_fmt(p) for p in ps])
-        ax.set_xlabel("response weight λr")
-        ax.set_ylabel("prompt weight λp")
-        for i in range(len(ps)):
-            for j in range(len(rs)):
-                if not np.isnan(m[i, j]):
-                    ax.text(j, i, f"{m[i, j]:.3f}", ha="center", va="center", fontsize=7,
-                            color="white" if (m[i, j] - lo) / span > 0.5 else "black")
-        fig.colorbar(im, ax=ax, label=metric)
-        ax.set_title(metric)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return "matplotlib"
-    # Fallback: one 40-px square per cell, λp rows bottom-up like the figure, grey for missing cells.
-    # Low (good) values are bright, as with viridis_r above.
-    size = 40
-    pixels = []
-    for p in reversed(ps):
-        row = []
-        for r in rs:
-            v = grid.get((p, r), (None,))[0]
-            c = (200, 200, 200) if v is None else _colour(1.0 - (v - lo) / span)
-            row += [c] * size
-        pixels += [list(row) for _ in range(size)]
-    _write_png(path, pixels)
-    return "zlib"
+                v = mat[i][j]
+                cell = table.cell_at(p, r)
+                if v is None:
+                    if p == 0 and r == 0:
+                        ax.text(j, i, "base", ha="center", va="center", fontsize=6, color="0.4")
+                    continue
+                if v.state == "failed":
+                    ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor=(0.75, 0.75, 0.75), hatch="xx",
+                                           edgecolor="0.45", linewidth=0))
+                    ax.text(j, i, "failed", ha="center", va="center", fontsize=6, color="black")
+                    continue
+                if v.state == "missing":
+                    ax.text(j, i, "missing", ha="center", va="center", fontsize=6, color="0.4")
+                    continue
+                t = (v.value - lo) / span
+                bright = (t if m.higher_is_better else 1 - t) > 0.6
+                g = table.gains.get((cell.name, m.name))
+                label = _num(v.value) if abs(v.value) >= 0.001 else f"{v.value:.1e}"
+                if cell.name == table.it:
+                    label += "\nIT"
+                elif g is not None:
+                    label += f"\n{g:+.1f}%"
+                ax.text(j, i, label, ha="center", va="center", fontsize=6, color="black" if bright else "white")
+                if cell.name == table.it:
+                    ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2))
+                if table.best.get(m.name) == cell.name:
+                    ax.add_patch(Rectangle((j - 0.45, i - 0.45), 0.9, 0.9, fill=False, edgecolor="red", linewidth=2))
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=6)
+    for k in range(n, rows_n * cols):
+        axes[k // cols][k % cols].axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return "matplotlib"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sweep_dir")
     ap.add_argument("--metric", default="eval_response_nll",
-                    help="eval_response_nll (default), eval_loss, eval_prompt_nll, loss, response_nll, prompt_nll")
+                    help="the metric of sweep_grid.{csv,md,png} (default eval_response_nll; any metric of the "
+                         "report, e.g. posix, average, mmlu)")
     ap.add_argument("--out", default=None, help="output directory (default: the sweep directory)")
     args = ap.parse_args(argv)
-    if args.metric not in FIELDS:
-        ap.error(f"--metric {args.metric}: choose from {', '.join(FIELDS)}")
     if not os.path.isdir(args.sweep_dir):
         print(f"error: {args.sweep_dir}: no such directory", file=sys.stderr)
         return 2
     cells = collect(args.sweep_dir)
     if not cells:
-        print(f"error: {args.sweep_dir} holds no cell directories (lp<λp>_lr<λr>)", file=sys.stderr)
+        print(f"error: {args.sweep_dir} holds no cell directories (lp<λp>_lr<λr>) and no cells.txt", file=sys.stderr)
+        return 2
+    table = build_table(args.sweep_dir, cells)
+    names = [m.name for m in table.metrics]
+    metric = next((m for m in table.metrics if m.name == args.metric), None)
+    if metric is None and table.metrics and args.metric != "eval_response_nll":
+        print(f"error: --metric {args.metric}: the sweep has {', '.join(names)}", file=sys.stderr)
         return 2
     out = args.out or args.sweep_dir
     os.makedirs(out, exist_ok=True)
-    ps, rs, grid = build_grid(cells, args.metric)
-    write_csvs(cells, ps, rs, grid, args.metric, out)
-    md = markdown(ps, rs, grid, args.metric)
-    with open(os.path.join(out, "sweep_grid.md"), "w", encoding="utf-8") as f:
-        f.write(md)
-    renderer = heatmap(ps, rs, grid, args.metric, os.path.join(out, "sweep_grid.png"))
-    missing = [c["dir"] for c in cells if cell_value(c, args.metric)[0] is None]
-    print(md)
-    print(f"{len(cells)} cells; wrote sweep_cells.csv, sweep_grid.csv, sweep_grid.md, sweep_grid.png ({renderer}) "
-          f"to {out}" + (f"; no metrics yet: {', '.join(missing)}" if missing else ""))
+    report = report_markdown(table, args.sweep_dir)
+    with open(os.path.join(out, "sweep_report.md"), "w", encoding="utf-8") as f:
+        f.write(report)
+    write_csvs(table, metric, out)
+    written = ["sweep_report.md", "sweep_cells.csv"]
+    if table.metrics:
+        renderer = heatmaps(table, table.metrics, os.path.join(out, "sweep_figure.png"),
+                            f"(λp, λr) sweep: {os.path.basename(os.path.abspath(args.sweep_dir))}")
+        written.append(f"sweep_figure.png ({renderer})")
+    if metric is not None:
+        with open(os.path.join(out, "sweep_grid.md"), "w", encoding="utf-8") as f:
+            f.write(metric_markdown(table, metric))
+        heatmaps(table, [metric], os.path.join(out, "sweep_grid.png"))
+        written += ["sweep_grid.csv", "sweep_grid.md", "sweep_grid.png"]
+    print(report)
+    not_ok = [f"{c.name} ({c.status}{': ' + c.detail if c.detail else ''})" for c in table.cells if c.status != "ok"]
+    print(f"{len(cells)} cells, {len(table.metrics)} metrics; wrote {', '.join(written)} to {out}"
+          + (f"; not ok: {'; '.join(not_ok)}" if not_ok else ""))
     return 0
 
 

@@ -1,0 +1,131 @@
+"""tools/collect_sweep.py on a hand-made grid with a failed training, a failed benchmark and a cell that never
+ran: every metric of every cell, the average, gains over IT (0, 1), the best cell — and failures shown as
+such, never as numbers."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+
+def _cell(root, p, r, *, nll=None, train="completed", exit_code=0, results=None):
+    d = root / f"lp{p}_lr{r}"
+    d.mkdir()
+    (d / "cell.json").write_text(json.dumps({"prompt_weight": float(p), "response_weight": float(r)}))
+    (d / "train_status.json").write_text(json.dumps({"state": train, "exit_code": exit_code}))
+    if nll is not None:
+        (d / "metrics.jsonl").write_text(
+            json.dumps({"step": 10, "loss": 3.0, "response_nll": 3.1, "prompt_nll": 3.2}) + "\n"
+            + json.dumps({"step": 10, "eval_loss": nll, "eval_response_nll": nll + 0.1, "eval_prompt_nll": nll + 0.2})
+            + "\n")
+    if results is not None:
+        from witscale.evaluation.results import write_results
+        write_results(str(d), results)
+    return d
+
+
+def _results(posix, scores, errors=None):
+    return {"posix": {"posix": posix, "posix_by_kind": {"spelling": posix / 2, "template": posix * 1.5}},
+            "tasks": {t: {"score": v, "higher_is_better": True} for t, v in scores.items()},
+            "errors": errors or {}, "attempted": ["posix"] + [f"tasks/{t}" for t in ("mmlu", "bbh")]}
+
+
+@pytest.fixture()
+def grid(tmp_path):
+    root = tmp_path / "sweep"
+    root.mkdir()
+    (root / "cells.txt").write_text("0.0 1.0\n0.2 1.0\n1.0 1.0\n0.2 0.6\n0.4 1.0\n")
+    _cell(root, "0.0", "1.0", nll=2.0, results=_results(0.5, {"mmlu": 0.40, "bbh": 0.30}))        # IT
+    _cell(root, "0.2", "1.0", nll=1.9, results=_results(0.4, {"mmlu": 0.44, "bbh": 0.33}))        # best
+    _cell(root, "1.0", "1.0", nll=1.5, train="failed", exit_code=137)                               # died
+    _cell(root, "0.2", "0.6", nll=2.1, results=_results(0.6, {"mmlu": 0.38}, {"tasks/bbh": "RuntimeError: x"}))
+    return root                                                                                     # 0.4/1.0: never ran
+
+
+def collect(root, *args):
+    res = subprocess.run([sys.executable, "tools/collect_sweep.py", str(root), *args], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+def rows(path):
+    with open(path, newline="") as f:
+        return {(r["prompt_weight"], r["response_weight"]): r for r in csv.DictReader(f)}
+
+
+def test_report_has_every_metric_for_every_cell_and_failures_as_such(grid):
+    res = collect(grid)
+    cells = rows(grid / "sweep_cells.csv")
+    assert set(cells) == {("0.0", "1.0"), ("0.2", "1.0"), ("1.0", "1.0"), ("0.2", "0.6"), ("0.4", "1.0")}
+    metrics = ["bbh", "mmlu", "average", "posix", "posix_spelling", "posix_template", "eval_response_nll",
+               "eval_loss", "eval_prompt_nll"]
+    header = list(next(csv.reader(open(grid / "sweep_cells.csv"))))
+    assert header[7:7 + len(metrics)] == metrics               # benchmarks, average, POSIX, NLL: the report order
+    it, best, dead, partial, never = (cells[k] for k in (("0.0", "1.0"), ("0.2", "1.0"), ("1.0", "1.0"),
+                                                          ("0.2", "0.6"), ("0.4", "1.0")))
+    assert it["state"] == best["state"] == "ok"
+    assert float(best["mmlu"]) == 0.44 and float(best["average"]) == pytest.approx(0.385)
+    assert float(best["gain_mmlu"]) == pytest.approx(10.0)                  # (0.44 − 0.40) / 0.40
+    assert float(best["gain_posix"]) == pytest.approx(20.0)                 # lower is better: (0.5 − 0.4) / 0.5
+    assert float(best["gain_eval_response_nll"]) == pytest.approx(100 * 0.1 / 2.1)
+    assert float(best["gain_average"]) == pytest.approx(100 * (0.385 - 0.35) / 0.35)
+    assert float(it["gain_mmlu"]) == 0.0
+    # a failed training: every metric FAILED, even the eval NLL it had logged before dying
+    assert dead["state"] == "failed" and "exit 137" in dead["detail"]
+    assert all(dead[m] == "FAILED" for m in metrics) and all(dead[f"gain_{m}"] == "" for m in metrics)
+    # a failed benchmark: that metric and the average FAILED; the rest are numbers
+    assert partial["state"] == "failed" and partial["bbh"] == "FAILED" and partial["average"] == "FAILED"
+    assert float(partial["mmlu"]) == 0.38 and float(partial["posix"]) == 0.6
+    # a cell that never ran: missing, never a number
+    assert never["state"] == "missing" and all(never[m] == "" for m in metrics)
+
+    report = (grid / "sweep_report.md").read_text()
+    assert "| mmlu (↑) | (0.2, 1.0) | 0.4400 | 0.4000 | +10.0% |" in report
+    assert "| posix (↓) | (0.2, 1.0) | 0.4000 | 0.5000 | +20.0% |" in report
+    mmlu = report.split("### mmlu")[1].split("###")[0]
+    assert "0.4000 [IT]" in mmlu and "**0.4400 (+10.0%)** ★" in mmlu
+    assert "FAILED" in mmlu and "missing" in mmlu and "0.0000" not in mmlu
+    assert "| 1.0 | 1.0 | lp1.0_lr1.0 | failed | training failed (exit 137) |" in report
+    assert report in res.stdout
+    for name in ("sweep_figure.png", "sweep_grid.png"):
+        assert (grid / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the --metric grid (default eval_response_nll), rows λp, columns λr
+    grid_rows = list(csv.reader(open(grid / "sweep_grid.csv")))
+    assert grid_rows[0] == ["eval_response_nll: lp \\ lr", "0.6", "1.0"]
+    assert [r[0] for r in grid_rows[1:]] == ["0.0", "0.2", "0.4", "1.0"]
+    assert grid_rows[2][2] == "2.0" and grid_rows[4][2] == "FAILED" and grid_rows[3][2] == ""
+
+
+def test_metric_option_and_a_grid_without_evaluation(grid, tmp_path):
+    collect(grid, "--metric", "posix", "--out", str(tmp_path / "rep"))
+    assert "posix" in (tmp_path / "rep" / "sweep_grid.md").read_text()
+    # NLL only (no eval_results anywhere): no benchmark, no average; the NLL metrics still reported
+    root = tmp_path / "nll_only"
+    root.mkdir()
+    _cell(root, "0.0", "1.0", nll=2.0)
+    _cell(root, "0.5", "1.0", nll=1.8)
+    collect(root)
+    header = next(csv.reader(open(root / "sweep_cells.csv")))
+    assert [h for h in header[7:] if not h.startswith("gain_")] == ["eval_response_nll", "eval_loss", "eval_prompt_nll"]
+    res = subprocess.run([sys.executable, "tools/collect_sweep.py", str(root), "--metric", "mmlu"], cwd=REPO_ROOT,
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "mmlu" in res.stderr
+
+
+def test_plain_png_without_matplotlib(grid, tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("collect_sweep", os.path.join(REPO_ROOT, "tools", "collect_sweep.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    table = mod.build_table(str(grid))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)        # import matplotlib → ImportError
+    assert mod.heatmaps(table, table.metrics, str(tmp_path / "f.png")) == "zlib"
+    data = (tmp_path / "f.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
