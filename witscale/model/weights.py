@@ -66,7 +66,7 @@ def materialize_parameters(model: torch.nn.Module, value_fn: ValueFn) -> None:
 def _copy_checked(name: str, p: torch.Tensor, value: torch.Tensor) -> None:
     if tuple(p.shape) != tuple(value.shape):
         raise ValueError(f"parameter {name}: expected shape {tuple(p.shape)}, the source has {tuple(value.shape)}")
-    p.data.copy_(value.to(dtype=p.dtype))
+    p.data.copy_(value)      # converts to the parameter's dtype on the fly: no full-size temporary
 
 
 def init_weights(module: torch.nn.Module, seed: int, tp_rank: int = 0, tp: int = 1) -> None:
