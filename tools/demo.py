@@ -3,8 +3,10 @@
 
 From nothing: generate a small instruction dataset (templated tasks with varied prompt wordings), train a
 SentencePiece tokenizer on it, pack train and eval splits, train a tiny Llama with 2 ranks under ZeRO-3
-(torchrun, gloo) with the paper's weighted loss, evaluate, export an HF directory, and print where the
-TensorBoard logs and the exported model are. A few minutes on a 2-core machine.
+(torchrun, gloo) with the paper's weighted loss, evaluate, export an HF directory, then evaluate the
+exported model as the paper does (tools/evaluate.py): POSIX prompt sensitivity on held-out prompts and, with
+lm-eval installed, a local multiple-choice task (the made-up capitals of the data), and print where the
+TensorBoard logs, the exported model and the evaluation report are. A few minutes on a 2-core machine.
 """
 from __future__ import annotations
 
@@ -36,6 +38,9 @@ def main(argv=None) -> int:
     p.add_argument("--response-weight", type=float, default=1.0)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--eval-prompts", type=int, default=8,
+                   help="held-out prompts for POSIX (each gives a spelling and a template set); 0: no evaluation")
+    p.add_argument("--eval-max-new-tokens", type=int, default=32)
     args = p.parse_args(argv)
 
     from witscale.data.synthetic import generate_instruction_records, train_sentencepiece
@@ -105,10 +110,79 @@ def main(argv=None) -> int:
     print(f"[demo] checkpoints: {os.path.join(run_dir, 'checkpoints')} (resume with --resume auto)")
     print(f"[demo] exported HF model: {export_dir} "
           f"(transformers.AutoModelForCausalLM.from_pretrained('{export_dir}'))")
-    print(f"[demo] done in {time.time() - t0:.0f} s")
     if not last < first:
         print("[demo] error: the loss did not fall", file=sys.stderr)
         return 1
+
+    # 5. Evaluate the exported model like the paper: POSIX and a benchmark (a local lm-eval task).
+    if args.eval_prompts > 0:
+        rc = evaluate_exported(out, export_dir, records[:n_eval], records[n_eval:], args, env)
+        if rc:
+            return rc
+    print(f"[demo] done in {time.time() - t0:.0f} s")
+    return 0
+
+
+def capital_docs(records) -> list[dict]:
+    """A multiple-choice task from the data's own capital questions: every capital seen is a choice, the
+    answer is the response the model was trained to give (one document per country)."""
+    import re
+
+    capitals = {}
+    for r in records:
+        m = re.fullmatch(r"The capital of (\w+) is (\w+)\.", r.get("output", ""))
+        if m:
+            capitals[m.group(1)] = m.group(2)
+    names = sorted(capitals)
+    return [{"question": f"What is the capital of {c}?",
+             "choices": [f"The capital of {c} is {capitals[x]}." for x in names], "answer": names.index(c)}
+            for c in names]
+
+
+def evaluate_exported(out, export_dir, eval_records, train_records, args, env) -> int:
+    from witscale.evaluation import harness
+    from witscale.evaluation.local_task import write_multiple_choice_task
+    from witscale.evaluation.results import read_results
+
+    t0 = time.time()
+    seen, prompts = set(), []
+    for r in eval_records:                      # held-out prompts, one per distinct instruction
+        key = (r["instruction"], r.get("input", ""))
+        if key not in seen:
+            seen.add(key)
+            prompts.append({"instruction": r["instruction"], "input": r.get("input", "")})
+        if len(prompts) == args.eval_prompts:
+            break
+    prompts_path = os.path.join(out, "posix_prompts.jsonl")
+    with open(prompts_path, "w", encoding="utf-8") as f:
+        for p in prompts:
+            f.write(json.dumps(p) + "\n")
+    eval_dir = os.path.join(out, "eval")
+    cmd = [sys.executable, "tools/evaluate.py", "--model", export_dir, "--output", eval_dir, "--posix", prompts_path,
+           "--max-new-tokens", str(args.eval_max_new_tokens), "--no-progress"]
+    if harness.available() is not None:
+        tasks = write_multiple_choice_task(os.path.join(out, "eval_tasks"), "witscale_capitals",
+                                           capital_docs(train_records))
+        cmd += ["--tasks", "witscale_capitals", "--include-path", tasks]
+    else:
+        print("[demo] lm-eval is not installed (pip install 'witscale[eval]'): POSIX only, no benchmark")
+    sh(cmd, env=env)
+    res = read_results(eval_dir) or {}
+    p = res.get("posix", {})
+    kinds = ", ".join(f"{k} {v:.3f}" for k, v in sorted(p.get("posix_by_kind", {}).items()))
+    print(f"\n[demo] POSIX (prompt sensitivity, lower = more robust; paper's ψ normalized by response length): "
+          f"{p['posix']:.3f} over {p['num_sets']} prompt sets ({kinds}); "
+          f"normalized by max_new_tokens as the reference implementation: {p['posix_max_new_tokens']:.3f}")
+    example = p["sets"][0]
+    print(f"[demo]   e.g. {example['variants'][0]!r} → {example['responses'][0]!r}; "
+          f"{example['variants'][-1]!r} → {example['responses'][-1]!r}")
+    task = (res.get("tasks") or {}).get("witscale_capitals")
+    if task:
+        n = len(capital_docs(train_records))
+        print(f"[demo] benchmark witscale_capitals (lm-eval, zero-shot, {n}-way multiple choice): "
+              f"{task['metric'].split(',')[0]} {task['score']:.3f} (chance {1 / max(1, n):.3f})")
+    print(f"[demo] evaluation report: {os.path.join(eval_dir, 'eval_results.json')} "
+          f"({time.time() - t0:.0f} s; a sweep's report: tools/collect_sweep.py)")
     return 0
 
 
