@@ -27,6 +27,8 @@ $(STAMP): constraints.txt setup.cfg
 	$(PIP_INSTALL) transformers datasets tensorboard mpi4py sentencepiece safetensors protobuf psutil \
 	    pyarrow pytest hypothesis matplotlib
 	$(PIP_INSTALL) --no-build-isolation --no-deps -e .
+# the evaluation extra (witscale[eval]): lm-eval for tools/evaluate.py --tasks, accelerate for its HF backend
+	$(PIP_INSTALL) lm-eval accelerate
 	touch $@
 
 ## The README's main command: the end-to-end CPU demo on its embedded default.

@@ -164,3 +164,20 @@ def test_results_merge_replaces_the_parts_a_run_attempted_and_keeps_the_rest():
                               "attempted": ["tasks/bbh"]})
     assert new["errors"] == {} and new["metrics"]["bbh"]["value"] == 0.1 and new["metrics"]["mmlu"]["value"] == 0.4
     assert new["posix"]["posix"] == 0.3
+
+
+def test_sweep_mode_evaluates_each_cell_with_a_model_once(inputs, tmp_path):
+    import shutil
+    sweep = tmp_path / "sweep"
+    (sweep / "lp0.0_lr1.0").mkdir(parents=True)
+    shutil.copytree(inputs["model"], sweep / "lp0.0_lr1.0" / "hf")
+    (sweep / "lp1.0_lr1.0").mkdir()                            # training did not export: skipped, said so
+    (sweep / "cells.txt").write_text("0.0 1.0\n1.0 1.0\n")
+    args = ("--sweep", sweep, "--posix", inputs["prompts"], "--limit", 1, "--max-new-tokens", 3)
+    res = evaluate(*args)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "lp1.0_lr1.0: no exported model (hf/): skipped" in res.stdout
+    r = json.loads((sweep / "lp0.0_lr1.0" / "eval_results.json").read_text())
+    assert r["posix"]["num_sets"] == 1 and not (sweep / "lp1.0_lr1.0" / "eval_results.json").exists()
+    again = evaluate(*args)
+    assert again.returncode == 0 and "has eval_results.json: skipped" in again.stdout
