@@ -66,7 +66,7 @@ def test_report_has_every_metric_for_every_cell_and_failures_as_such(grid):
     cells = rows(grid / "sweep_cells.csv")
     assert set(cells) == {("0.0", "1.0"), ("0.2", "1.0"), ("1.0", "1.0"), ("0.2", "0.6"), ("0.4", "1.0")}
     metrics = ["bbh", "mmlu", "average", "posix", "posix_spelling", "posix_template", "eval_response_nll",
-               "eval_loss", "eval_prompt_nll"]
+               "eval_prompt_nll"]
     header = list(next(csv.reader(open(grid / "sweep_cells.csv"))))
     assert header[7:7 + len(metrics)] == metrics               # benchmarks, average, POSIX, NLL: the report order
     it, best, dead, partial, never = (cells[k] for k in (("0.0", "1.0"), ("0.2", "1.0"), ("1.0", "1.0"),
@@ -114,7 +114,7 @@ def test_metric_option_and_a_grid_without_evaluation(grid, tmp_path):
     _cell(root, "0.5", "1.0", nll=1.8)
     collect(root)
     header = next(csv.reader(open(root / "sweep_cells.csv")))
-    assert [h for h in header[7:] if not h.startswith("gain_")] == ["eval_response_nll", "eval_loss", "eval_prompt_nll"]
+    assert [h for h in header[7:] if not h.startswith("gain_")] == ["eval_response_nll", "eval_prompt_nll"]
     res = subprocess.run([sys.executable, "tools/collect_sweep.py", str(root), "--metric", "mmlu"], cwd=REPO_ROOT,
                          capture_output=True, text=True)
     assert res.returncode == 2 and "mmlu" in res.stderr

@@ -4,11 +4,12 @@
     python tools/collect_sweep.py runs/sweep [--metric eval_response_nll] [--out DIR]
 
 Metrics per cell (witscale/evaluation/sweep.py): held-out NLL from the trainer's last eval record
-(eval_response_nll, eval_loss, eval_prompt_nll; without an eval record the last training value, marked
-"(train)"), and from tools/evaluate.py's eval_results.json: POSIX (overall and per variant kind; lower is
-more robust) and each benchmark's score. Plus the paper's summary: the **average** of the benchmark scores
-and each cell's **relative gain over conventional instruction tuning**, the cell (λp, λr) = (0, 1), in %,
-positive = better. A cell that failed (training or evaluation) or has not run is shown as such — FAILED or
+(eval_response_nll, eval_prompt_nll; without an eval record the last training value, marked "(train)"; not
+eval_loss, each cell's own weighted objective, which does not compare across cells), and from
+tools/evaluate.py's eval_results.json: POSIX (overall and per variant kind; lower is more robust) and each
+benchmark's score. Plus the paper's summary: the **average** of the benchmark scores (with two benchmarks or
+more) and each cell's **relative gain over conventional instruction tuning**, the cell (λp, λr) = (0, 1), in
+%, positive = better. A cell that failed (training or evaluation) or has not run is shown as such — FAILED or
 missing, never a number; (0, 0) is the base model ("base").
 
 Writes into --out (default: the sweep directory):

@@ -65,9 +65,11 @@ def load_generator(model_dir: str, device: torch.device, dtype: torch.dtype):
     return model.to(device).eval()
 
 
-def release(model) -> None:
-    """Free a model's memory before the next one is loaded."""
-    del model
+def free_memory() -> None:
+    """Return the memory of models the caller has dropped (``del model`` first) before the next one loads."""
+    import gc
+
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

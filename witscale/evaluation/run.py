@@ -200,7 +200,9 @@ def evaluate(opts: EvalOptions, dp: Optional[DataParallel] = None) -> dict:
             try:
                 records = inputs[name]
                 idx = dp.shard(len(records))
-                bar = _Progress(show, len(idx), f"{name}: generating")
+                part = [records[i] for i in idx]
+                turns = sum(len(r["turns"]) for r in part) if name == "mt_bench" else len(part)
+                bar = _Progress(show, turns, f"{name}: generating")
 
                 def generate(convs, _bar=bar):
                     from witscale.evaluation.prompting import decode, strip_stop
@@ -209,7 +211,6 @@ def evaluate(opts: EvalOptions, dp: Optional[DataParallel] = None) -> dict:
                                                  opts.batch_size)
                     _bar(len(convs))
                     return [decode(formatter.tokenizer, strip_stop(y, formatter.stop_ids)) for y in ids]
-                part = [records[i] for i in idx]
                 outs = (judge.alpaca_eval_outputs(part, generate, model_id) if name == "alpaca_eval"
                         else judge.mt_bench_answers(part, generate, model_id))
                 judge_out[name] = list(zip(idx, outs))
@@ -217,8 +218,8 @@ def evaluate(opts: EvalOptions, dp: Optional[DataParallel] = None) -> dict:
             except Exception as e:          # noqa: BLE001
                 errors[f"generations/{name}"] = _error(e)
         if generator is not None:
-            models.release(generator)
-            generator = None
+            del generator
+            models.free_memory()
         timing["generation"] = round(time.time() - t0, 2)
 
     # ---- 2. POSIX scoring with witscale's model, on packed rows
@@ -232,7 +233,8 @@ def evaluate(opts: EvalOptions, dp: Optional[DataParallel] = None) -> dict:
                 bar = _Progress(show, sum(len(p) ** 2 for p in prefixes), "POSIX: scoring")
                 mats = posix.score_matrices(scorer, prefixes, responses, opts.max_tokens, bar)
                 bar.close()
-                models.release(scorer)
+                del scorer
+                models.free_memory()
                 set_out = posix.set_results([sets[i] for i in mine], prefixes, responses, mats, formatter,
                                             opts.max_new_tokens)
             except Exception as e:          # noqa: BLE001

@@ -3,9 +3,10 @@
 A cell ``<sweep>/lp<λp>_lr<λr>`` holds (each optional):
   cell.json          its weights (written when its training job starts)
   train_status.json  how its training job ended: completed | failed (exit code) | requeued
-  metrics.jsonl      the trainer's records: the last eval record gives eval_loss, eval_response_nll,
-                     eval_prompt_nll (no eval record: the last training record's loss/response_nll/prompt_nll,
-                     marked source "train")
+  metrics.jsonl      the trainer's records: the last eval record gives eval_response_nll and
+                     eval_prompt_nll (no eval record: the last training record's response_nll/prompt_nll,
+                     marked source "train"); eval_loss, each cell's own weighted objective, is not comparable
+                     across cells and is left out
   eval_status.json   how its evaluation job ended: completed | failed
   eval_results.json  tools/evaluate.py's results: POSIX (overall and per variant kind) and benchmark scores,
                      with the parts that failed under "errors"
@@ -16,7 +17,7 @@ produces it failed — never a zero), or **missing** (not run yet, or not run at
 directory found.
 
 The paper's summary: ``average`` = the mean of a cell's benchmark scores (every metric of eval_results.json
-except POSIX), defined only where all of them are present; ``gain`` = the relative change over conventional
+except POSIX), defined only where all of them are present (and shown only with two benchmarks or more); ``gain`` = the relative change over conventional
 instruction tuning, the cell (λp, λr) = (0, 1), in percent and signed so that positive is better (lower
 POSIX or NLL, higher score).
 """
@@ -30,8 +31,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 CELL_RE = re.compile(r"^lp([0-9.]+)_lr([0-9.]+)$")
-NLL_METRICS = ("eval_response_nll", "eval_loss", "eval_prompt_nll")
-TRAIN_FALLBACK = {"eval_loss": "loss", "eval_response_nll": "response_nll", "eval_prompt_nll": "prompt_nll"}
+# Held-out NLL per class: comparable across cells. (eval_loss is each cell's own weighted objective — its λ
+# weights differ from cell to cell — so it is not compared here.)
+NLL_METRICS = ("eval_response_nll", "eval_prompt_nll")
+TRAIN_FALLBACK = {"eval_response_nll": "response_nll", "eval_prompt_nll": "prompt_nll"}
 IT_CELL = (0.0, 1.0)
 AVERAGE = "average"
 
@@ -216,7 +219,7 @@ def metrics_of(sweep_dir: str, cells: list[Cell]) -> list[Metric]:
     bench = sorted(n for n in names | set(directions) if n not in NLL_METRICS and not n.startswith("posix"))
     posix = sorted((n for n in names | set(directions) if n.startswith("posix")), key=lambda n: (n != "posix", n))
     out = [Metric(n, directions.get(n, True), "benchmark") for n in bench]
-    if bench:
+    if len(bench) > 1:
         out.append(Metric(AVERAGE, True, "average"))
     out += [Metric(n, False, "posix") for n in posix]
     out += [Metric(n, False, "nll") for n in NLL_METRICS if n in names]
@@ -250,7 +253,7 @@ def gain(v: Value, it: Value, higher_is_better: bool) -> Optional[float]:
     if not (v.ok and it.ok) or it.value == 0:
         return None
     change = (v.value - it.value) / abs(it.value) * 100.0
-    return change if higher_is_better else -change
+    return (change if higher_is_better else -change) + 0.0      # + 0.0: no "-0.0%" for the IT cell
 
 
 @dataclass
