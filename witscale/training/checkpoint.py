@@ -99,6 +99,8 @@ def save(engine, root: str, step: int, client_state: dict, keep: int) -> str:
     rank = dist.get_rank()
     if rank == 0:       # a stale commit of this step (after a fall-back past it) must not make it look complete
         _unlink(os.path.join(root, tag, STATE_FILE))
+    if not hasattr(engine.module, "universal_checkpoint_info"):    # DeepSpeed saves it in the model states
+        engine.module.universal_checkpoint_info = universal_info(engine.module)
     engine.save_checkpoint(root, tag=tag, save_latest=False)
     torch.save(_rng_state(), os.path.join(root, tag, f"rng_rank{rank:05d}.pt"))
     dist.barrier()                      # every rank's shards are on disk before the commit
@@ -295,9 +297,9 @@ def read_state(root: str, tag: str) -> dict:
         return json.load(f)
 
 
-def load(engine, root: str, tag: str, *, universal: bool = False) -> dict:
+def load(engine, root: str, tag: str, *, universal: bool = False, topo=None) -> dict:
     """Collective: restore the engine (model, optimizer, schedule) and this rank's RNG; return client state.
-    ``universal``: through the tag's universal checkpoint (another data-parallel size). A file that torch
+    ``universal``: through the tag's universal checkpoint (another dp or tp; ``topo`` the new layout). A file that torch
     cannot read is named in a one-line ``CheckpointError``."""
     client_state = read_state(root, tag)
     ce = engine.checkpoint_engine
@@ -310,7 +312,14 @@ def load(engine, root: str, tag: str, *, universal: bool = False) -> dict:
             raise CheckpointError(f"{path}: cannot be loaded ({_one_line(e)})") from e
 
     ce.load = named_load
-    ds_tag = universal_tag(root, tag) if universal else tag
+    ds_tag, marked, groups, was_group = tag, [], None, None
+    if universal:
+        from deepspeed.utils import groups
+        ds_tag = universal_tag(root, tag)
+        if topo is not None and topo.tp > 1:
+            marked = _tp_restore_meta(engine.module, topo.tp)
+            was_group = groups._TENSOR_MODEL_PARALLEL_GROUP       # DeepSpeed asks it for the rank's tp slice
+            groups._TENSOR_MODEL_PARALLEL_GROUP = topo.tp_group
     was_universal = engine._config.load_universal_checkpoint
     engine._config.load_universal_checkpoint = universal
     try:
@@ -318,9 +327,14 @@ def load(engine, root: str, tag: str, *, universal: bool = False) -> dict:
     finally:
         ce.__dict__.pop("load", None)
         engine._config.load_universal_checkpoint = was_universal
+        if marked:
+            from deepspeed.checkpoint.constants import DS_AUTOTP_UC_META
+            for p in marked:
+                delattr(p, DS_AUTOTP_UC_META)
+            groups._TENSOR_MODEL_PARALLEL_GROUP = was_group
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {os.path.join(root, ds_tag)}")
-    if universal:
+    if universal and engine.zero_optimization_stage() == 3:
         _restore_group_hyperparameters(engine, os.path.join(root, ds_tag))
     rng_file = os.path.join(root, tag, f"rng_rank{dist.get_rank():05d}.pt")
     if os.path.exists(rng_file):
@@ -361,18 +375,74 @@ def check_fingerprints(client_state: dict, *, data_fp: str, model_fp: str, allow
                               f"≠ {data_fp}); pass --allow-data-change to continue on new data")
 
 
-def layout_change(client_state: dict, layout: dict, *, where: str) -> bool:
-    """True when the checkpoint was written at another data-parallel size only (resumable through DeepSpeed's
-    universal checkpoint, ``universal_tag``); False when the layout is the same or was not recorded (older
-    checkpoints; DeepSpeed then checks what it can). Another tp or pp is refused in one line."""
+def layout_change(client_state: dict, layout: dict, *, where: str, zero_stage: int) -> bool:
+    """True when the checkpoint was written at another dp or tp (resumable through DeepSpeed's universal
+    checkpoint, ``universal_tag``); False when the layout is the same or was not recorded (older checkpoints;
+    DeepSpeed then checks what it can). Another pp, any change under pp > 1 and another tp under ZeRO-0 (no
+    optimizer partitions to convert) are refused in one line."""
     saved = client_state.get("layout")
     if not saved or all(int(saved[k]) == int(layout[k]) for k in ("dp", "tp", "pp")):
         return False
-    if any(int(saved[k]) != int(layout[k]) for k in ("tp", "pp")):
-        fmt = lambda d: " ".join(f"{k}={d[k]}" for k in ("dp", "tp", "pp"))  # noqa: E731
-        raise CheckpointError(f"{where} was written at {fmt(saved)}; this run is {fmt(layout)}: resuming at "
-                              f"another tp or pp is not supported yet — run at tp={saved['tp']} pp={saved['pp']}")
+    fmt = lambda d: " ".join(f"{k}={d[k]}" for k in ("dp", "tp", "pp"))  # noqa: E731
+    if int(saved["pp"]) != int(layout["pp"]) or int(layout["pp"]) > 1:
+        raise CheckpointError(f"{where} was written at {fmt(saved)}; this run is {fmt(layout)}: resuming on another "
+                              f"layout under pipeline parallelism is not supported yet — run at {fmt(saved)}")
+    if zero_stage == 0 and int(saved["tp"]) != int(layout["tp"]):
+        raise CheckpointError(f"{where} was written at {fmt(saved)}; this run is {fmt(layout)}: another tp needs "
+                              f"DeepSpeed's universal checkpoint, which needs ZeRO ≥ 1 — run at tp={saved['tp']}")
     return True
+
+
+def universal_info(module) -> dict:
+    """DeepSpeed's UNIVERSAL_CHECKPOINT_INFO for witscale's layers (the module attribute DeepSpeed saves in every
+    checkpoint's model states):
+    how ``ds_to_universal`` merges tensor-parallel slices back into dense tensors — replicated (no
+    ``tp_split_dim``), row-parallel (cut along dim 1: o, down), vocabulary-padded (trimmed to the real
+    vocabulary); everything else is column-parallel (cut along dim 0, DeepSpeed's default)."""
+    import re
+    rep, row, vocab, vocab_size = [], [], [], None
+    for name, p in module.named_parameters():
+        dim = getattr(p, "tp_split_dim", None)
+        pattern = f"^{re.escape(name)}$"
+        if dim is None:
+            rep.append(pattern)
+        elif dim == 1:
+            row.append(pattern)
+        elif getattr(p, "padded_dense_rows", None) is not None:
+            vocab.append(pattern)
+    for m in module.modules():
+        if hasattr(m, "padded_vocab_size") and hasattr(m, "vocab_size"):
+            vocab_size = int(m.vocab_size)
+    info = {"tp_replicated_parameter_patterns": rep, "parameter_with_row_parallelism_patterns": row,
+            "vocabulary_parameter_patterns": vocab}
+    if vocab_size is not None:
+        info["original_vocab_size"] = vocab_size
+    return info
+
+
+def _tp_restore_meta(module, tp: int) -> list:
+    """Per-parameter tp restore metadata for DeepSpeed's ZeRO-3 universal load (``_resolve_autotp_partition``):
+    which dim this rank's slice is cut along and the dense shape. Returns the parameters marked."""
+    from deepspeed.checkpoint.constants import DS_AUTOTP_UC_META
+    marked = []
+    if tp == 1:
+        return marked
+    for name, p in module.named_parameters():
+        dim = getattr(p, "tp_split_dim", None)
+        shape = list(getattr(p, "ds_shape", p.shape))
+        if dim is None:
+            meta = {"replicated": True, "partition_dim": None}
+        else:
+            shape[dim] *= tp
+            rows = getattr(p, "padded_dense_rows", None)
+            vocab = next((int(m.vocab_size) for m in module.modules() if hasattr(m, "padded_vocab_size")), None)
+            if rows is not None and vocab is not None and rows != vocab:
+                raise CheckpointError(f"resuming at tp={tp} pads the vocabulary of {name} from {vocab} to {rows} rows: "
+                                      f"another tp with vocabulary padding is not supported yet")
+            meta = {"partition_dim": dim, "logical_shape": shape}
+        setattr(p, DS_AUTOTP_UC_META, meta)
+        marked.append(p)
+    return marked
 
 
 def universal_tag(root: str, tag: str) -> str:
@@ -391,9 +461,26 @@ def universal_tag(root: str, tag: str) -> str:
         ds_to_universal.main(argparse.Namespace(input_folder=os.path.join(root, tag), output_folder=tmp,
                                                 num_extract_workers=workers, num_merge_workers=max(1, workers // 2),
                                                 keep_temp_folder=False, strict=True, inject_missing_state=False))
+        _wrap_bare_tensors(tmp)
         os.replace(tmp, out)
     dist.barrier()
     return f"{tag}/{UNIVERSAL}"
+
+
+def _wrap_bare_tensors(universal_dir: str) -> None:
+    """ds_to_universal writes a tp=1 ZeRO-3 checkpoint's states as bare tensors, and DeepSpeed's ZeRO-3
+    universal load slices a tensor-parallel shard only out of the ``{"param": tensor}`` form the tp>1
+    merge writes: give every state that form (a no-op for the others)."""
+    from deepspeed.checkpoint.constants import PARAM
+    zero = os.path.join(universal_dir, "zero")
+    for name in os.listdir(zero):
+        for state in ("fp32", "exp_avg", "exp_avg_sq"):
+            path = os.path.join(zero, name, f"{state}.pt")
+            if os.path.exists(path):
+                t = torch.load(path, map_location="cpu", weights_only=False)
+                if torch.is_tensor(t):
+                    torch.save({PARAM: t}, path)
+
 
 
 def _rng_state() -> dict:

@@ -355,14 +355,34 @@ class Trainer:
         state = checkpoint.read_state(*found)
         checkpoint.check_fingerprints(state, data_fp=data_fingerprint, model_fp=model_fingerprint,
                                       allow_data_change=allow_data_change, where=where)
-        other_dp = checkpoint.layout_change(state, self.state_dict()["layout"], where=where)
-        if other_dp:
-            log.warning(f"{where} was written at dp={state['layout']['dp']}, this run has dp={self.topo.dp}: "
-                        f"loading it through DeepSpeed's universal checkpoint")
-        state = checkpoint.load(self.engine, *found,
-                                universal=other_dp and self.engine.zero_optimization_stage() > 0)
+        if state.get("data_fingerprint") == data_fingerprint:
+            self._check_global_batch(state, where)
+        zero_stage = self.engine.zero_optimization_stage()
+        other = checkpoint.layout_change(state, self.state_dict()["layout"], where=where, zero_stage=zero_stage)
+        universal = other and zero_stage > 0          # ZeRO-0: the whole optimizer state is in the mp files
+        if other:
+            saved = state["layout"]
+            log.warning(f"{where} was written at dp={saved['dp']} tp={saved['tp']}, this run has dp={self.topo.dp} "
+                        f"tp={self.topo.tp}" + (": loading it through DeepSpeed's universal checkpoint" if universal
+                                                else " (ZeRO-0: DeepSpeed's files hold the whole optimizer state)"))
+        state = checkpoint.load(self.engine, *found, universal=universal, topo=self.topo)
         self.load_state_dict(state, data_position=state.get("data_fingerprint") == data_fingerprint)
         return where
+
+    def _check_global_batch(self, state: dict, where: str) -> None:
+        """The data position is kept in global rows per step (micro × accum × dp), which must not change: a job
+        requeued on fewer ranks keeps its global batch (and so its optimization) by a larger --grad-accum.
+        Refused before anything loads, in one line that says which --grad-accum keeps it."""
+        saved = (state.get("loader") or {}).get("global_rows")
+        ld = self.loader
+        if saved is None or int(saved) == ld.global_rows:
+            return
+        per = ld.micro_batch_size * ld.dp_size
+        hint = (f"pass --grad-accum {int(saved) // per} to keep it" if int(saved) % per == 0 else
+                f"no --grad-accum keeps it at micro-batch {ld.micro_batch_size} × dp {ld.dp_size}")
+        raise checkpoint.CheckpointError(
+            f"{where} was trained with {saved} rows per step; this run takes {ld.global_rows} (micro-batch "
+            f"{ld.micro_batch_size} × grad-accum {ld.grad_accum} × dp {ld.dp_size}): {hint}")
 
     # --- inspection (tests, export) ----------------------------------------------------------------
     def full_dense_state_dict(self) -> dict[str, torch.Tensor]:
