@@ -4,7 +4,8 @@ Layout under ``<output-dir>/checkpoints``:
 
     step_00000100/            one DeepSpeed checkpoint (tag), model/optimizer shards of every rank
         rng_rank00003.pt      torch RNG state of each rank (DeepSpeed saves client state from one rank only)
-        witscale_state.json   step, loader position, fingerprints — written LAST, after every rank finished
+        witscale_state.json   step, loader position, fingerprints, layout — written LAST, after every rank finished
+        universal/            DeepSpeed universal checkpoint of the tag, made when a run at another dp/tp resumes
     latest                    the tag of the newest *complete* checkpoint (replaced atomically)
 
 A crash in the middle of a save leaves a tag directory without ``witscale_state.json`` and ``latest``
@@ -14,7 +15,8 @@ thread of rank 0, outside every collective.
 
 Before loading, every rank checks the tag's files (``damaged_files``: each ``.pt`` is a complete zip
 archive, the state JSON parses) and the ranks agree with one all-reduce; ``--resume auto`` then falls back
-to the newest older complete checkpoint that passes (``choose``).
+to the newest older complete checkpoint that passes (``choose``). A checkpoint of another dp or tp is loaded
+through DeepSpeed's universal checkpoint (``layout_change``, ``universal_tag``, ``load(universal=True)``).
 """
 from __future__ import annotations
 
