@@ -64,6 +64,10 @@ class Tokenizer:
     def vocabulary(self) -> list[str]:
         raise NotImplementedError
 
+    def decode(self, ids) -> str:
+        """Text of token ids, special tokens spelled out."""
+        raise NotImplementedError
+
     def fingerprint(self) -> dict:
         digest = hashlib.sha256(json.dumps(self.vocabulary(), ensure_ascii=False).encode("utf-8")).hexdigest()
         return {"kind": self.kind, "vocab_size": int(self.vocab_size), "bos_id": self.bos_id,
@@ -129,6 +133,9 @@ class SentencePieceTokenizer(Tokenizer):
     def vocabulary(self) -> list[str]:
         return [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
 
+    def decode(self, ids) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
 
 class HFTokenizer(Tokenizer):
     kind = "hf"
@@ -172,6 +179,9 @@ class HFTokenizer(Tokenizer):
         vocab = self.hf.get_vocab()
         tid = vocab.get(piece)
         return int(tid) if tid is not None else None
+
+    def decode(self, ids) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def vocabulary(self) -> list[str]:
         items = sorted(self.hf.get_vocab().items(), key=lambda kv: kv[1])

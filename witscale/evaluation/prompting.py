@@ -77,16 +77,7 @@ class PromptFormatter:
 
 def decode(tokenizer: Tokenizer, ids: Sequence[int]) -> str:
     """Text of token ids (specials spelled out), with the joining whitespace at the start removed."""
-    ids = [int(i) for i in ids]
-    if hasattr(tokenizer, "decode"):
-        text = tokenizer.decode(ids)
-    elif hasattr(tokenizer, "_sp"):             # witscale's SentencePieceTokenizer (no public decode yet)
-        text = tokenizer._sp.decode(ids)
-    elif hasattr(tokenizer, "hf"):
-        text = tokenizer.hf.decode(ids, skip_special_tokens=False)
-    else:
-        raise TypeError(f"cannot decode with {type(tokenizer).__name__}")
-    return text.lstrip()
+    return tokenizer.decode([int(i) for i in ids]).lstrip()
 
 
 def strip_stop(ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
