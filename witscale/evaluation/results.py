@@ -24,16 +24,21 @@ RESULTS_FILE = "eval_results.json"
 SCHEMA = 1
 
 
-def read_results(path: str) -> Optional[dict]:
-    """The results in a file or directory; None when there are none (or the file is unreadable)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, RESULTS_FILE)
+def read_json_dict(path: str) -> Optional[dict]:
+    """A JSON object from ``path``; None when the file is missing, unreadable or not an object."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def read_results(path: str) -> Optional[dict]:
+    """The results in a file or directory; None when there are none (or the file is unreadable)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, RESULTS_FILE)
+    return read_json_dict(path)
 
 
 def flat_metrics(results: dict) -> dict:

@@ -30,6 +30,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
+from witscale.evaluation.results import read_json_dict
+
 CELL_RE = re.compile(r"^lp([0-9.]+)_lr([0-9.]+)$")
 # Held-out NLL per class: comparable across cells. (eval_loss is each cell's own weighted objective — its λ
 # weights differ from cell to cell — so it is not compared here.)
@@ -79,15 +81,6 @@ class Cell:
         return (self.prompt_weight, self.response_weight)
 
 
-def _read_json(path: str) -> Optional[dict]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _last_records(path: str) -> tuple[Optional[dict], Optional[dict]]:
     last_train = last_eval = None
     try:
@@ -117,7 +110,7 @@ def _finite(v) -> bool:
 def read_cell(path: str, weights: Optional[tuple[float, float]] = None) -> Optional[Cell]:
     """One cell directory (None if it is not one)."""
     name = os.path.basename(os.path.normpath(path))
-    meta = _read_json(os.path.join(path, "cell.json"))
+    meta = read_json_dict(os.path.join(path, "cell.json"))
     if meta is not None:
         weights = (float(meta["prompt_weight"]), float(meta["response_weight"]))
     elif weights is None and CELL_RE.match(name):
@@ -130,9 +123,9 @@ def read_cell(path: str, weights: Optional[tuple[float, float]] = None) -> Optio
         cell.detail = "not started"
         return cell
 
-    train = _read_json(os.path.join(path, "train_status.json")) or {}
-    evals = _read_json(os.path.join(path, "eval_status.json")) or {}
-    results = _read_json(os.path.join(path, "eval_results.json"))
+    train = read_json_dict(os.path.join(path, "train_status.json")) or {}
+    evals = read_json_dict(os.path.join(path, "eval_status.json")) or {}
+    results = read_json_dict(os.path.join(path, "eval_results.json"))
     last_train, last_eval = _last_records(os.path.join(path, "metrics.jsonl"))
 
     for metric in NLL_METRICS:
@@ -207,7 +200,7 @@ def metrics_of(sweep_dir: str, cells: list[Cell]) -> list[Metric]:
     """The metrics present in any cell, in report order: benchmarks, average, POSIX, held-out NLL."""
     directions: dict[str, bool] = {}
     for c in cells:
-        res = _read_json(os.path.join(sweep_dir, c.name, "eval_results.json")) or {}
+        res = read_json_dict(os.path.join(sweep_dir, c.name, "eval_results.json")) or {}
         for name, m in (res.get("metrics") or {}).items():
             directions.setdefault(name, bool(m.get("higher_is_better", True)))
         for part in (res.get("errors") or {}):
