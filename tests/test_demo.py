@@ -27,7 +27,7 @@ def test_demo_runs_end_to_end_and_the_loss_falls(tmp_path):
     results = json.loads(report.read_text())
     assert results["errors"] == {}
     assert results["posix"]["num_sets"] == 6 and results["posix"]["posix"] >= 0
-    assert f"[demo] POSIX (prompt sensitivity" in res.stdout and f"{results['posix']['posix']:.3f}" in res.stdout
+    assert "[demo] POSIX (prompt sensitivity" in res.stdout and f"{results['posix']['posix']:.3f}" in res.stdout
     if harness.available() is not None:
         score = results["tasks"]["witscale_capitals"]["score"]
         assert 0 <= score <= 1 and f"acc {score:.3f}" in res.stdout
