@@ -129,16 +129,18 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int, labels: Optional[torch.Tensor] = None,
-                weights: Optional[torch.Tensor] = None, target_classes: Optional[torch.Tensor] = None):
+                weights: Optional[torch.Tensor] = None, target_classes: Optional[torch.Tensor] = None,
+                objective=None):
         """input_ids/position_ids [B, S] int64, cu_seqlens int32 [segments + 1] over the B*S flattened
-        tokens → final-norm hidden states [B, S, H]; with ``labels``, the fused head's loss statistics."""
+        tokens → final-norm hidden states [B, S, H]; with ``labels``, the fused head's loss statistics
+        (or ``objective``'s, e.g. DPO: see ``VocabParallelLMHead.forward``)."""
         if input_ids.shape != position_ids.shape or input_ids.dim() != 2:
             raise ValueError(f"input_ids {tuple(input_ids.shape)} and position_ids {tuple(position_ids.shape)} "
                              "must both be [batch, seq]")
         hidden = self.model(input_ids, position_ids, cu_seqlens, int(max_seqlen))
         if labels is None:
             return hidden
-        return self.lm_head(hidden, labels, weights, target_classes)
+        return self.lm_head(hidden, labels, weights, target_classes, objective=objective)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full (gathered, unpadded) logits [..., vocab]: for tests and evaluation, not for training."""

@@ -52,6 +52,9 @@ class LossStats(NamedTuple):
     weighted_sum: torch.Tensor    # scalar, differentiable: Σ_t w_t · nll_t over this micro-batch
     class_nll_sum: torch.Tensor   # [num_classes] float64, detached: Σ nll of predicted tokens of each class
     class_count: torch.Tensor     # [num_classes] float64, detached: predicted tokens of each class
+    # [T] fp32, detached: each position's NLL (0 where nothing is predicted); the DPO objective sums it per
+    # completion (witscale/training/dpo.py). Already computed by the kernel: returning it costs nothing.
+    token_nll: Optional[torch.Tensor] = None
 
 
 def normalization_counts(targets: torch.Tensor, weights: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -203,7 +206,7 @@ def fused_weighted_cross_entropy(hidden: torch.Tensor, lm_weight: torch.Tensor, 
     class_nll.index_add_(0, cls, nll.double())
     class_count = torch.zeros(num_classes, dtype=torch.float64, device=hidden.device)
     class_count.index_add_(0, cls, predicted.double())
-    return LossStats(weighted_sum, class_nll, class_count)
+    return LossStats(weighted_sum, class_nll, class_count, nll)
 
 
 def check_targets(targets: torch.Tensor, classes: torch.Tensor, vocab_size: int, num_classes: int) -> None:

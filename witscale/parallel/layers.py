@@ -219,16 +219,27 @@ class VocabParallelLMHead(_VocabShard):
         self.chunk_size = chunk_size
 
     def forward(self, hidden: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                weights: Optional[torch.Tensor] = None, target_classes: Optional[torch.Tensor] = None):
-        """Logits [..., vocab] (gathered, unpadded) without labels; the weighted-loss stats with them."""
+                weights: Optional[torch.Tensor] = None, target_classes: Optional[torch.Tensor] = None,
+                objective=None):
+        """Logits [..., vocab] (gathered, unpadded) without labels; the weighted-loss stats with them.
+        ``objective`` (e.g. witscale/training/dpo.py's ``DPOLoss``): a callable given ``self.fused_loss`` and
+        the flattened inputs, run here so that ZeRO-3 gathers ``weight`` once for all its passes."""
         if labels is None:
             logits = gather_from_tp_last_dim(F.linear(copy_to_tp(hidden, self.tp_group), self.weight),
                                              self.tp_group)
             return logits[..., :self.vocab_size]
         h = hidden.reshape(-1, hidden.shape[-1])
+        classes = None if target_classes is None else target_classes.reshape(-1)
+        if objective is not None:
+            return objective(self.fused_loss, h, labels.reshape(-1), weights.reshape(-1), classes)
+        return self.fused_loss(h, labels.reshape(-1), weights.reshape(-1), classes)
+
+    def fused_loss(self, h: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                   target_classes: Optional[torch.Tensor] = None) -> LossStats:
+        """The fused weighted loss of flattened hidden states [T, H] under this head; call only inside
+        ``forward`` (under ZeRO-3 ``weight`` is gathered only there)."""
         return fused_weighted_cross_entropy(
-            h, self.weight, labels.reshape(-1), weights.reshape(-1),
-            None if target_classes is None else target_classes.reshape(-1),
+            h, self.weight, labels, weights, target_classes,
             tp_group=self.tp_group, vocab_start=self.vocab_start, true_vocab_size=self.vocab_size,
             chunk_size=self.chunk_size)
 
