@@ -16,7 +16,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test bench clean gpu-wheels gpu-check-dry
+.PHONY: setup demo test bench clean gpu-wheels gpu-check-dry bench-dpo-env
 
 setup: $(STAMP)
 
@@ -70,3 +70,14 @@ gpu-wheels: $(STAMP)
 ## The GPU check's CPU part (what tests/test_gpu_check.py runs): no CUDA needed.
 gpu-check-dry: $(STAMP)
 	$(PY) tools/gpu_check.py --dry-run --output gpu_check_dry.json
+
+## TRL for tools/bench/bench_dpo.py only, in a directory of its own that the benchmark puts on PYTHONPATH of its
+## TRL subprocess: TRL is not a witscale dependency and never enters $(VENV). --no-deps: its dependencies
+## (accelerate, datasets, transformers, pandas, pyarrow …) are $(VENV)'s pinned ones, so pip cannot swap torch
+## for a CUDA build; the import check below fails if one is missing.
+TRL_VERSION   ?= 1.16.0
+BENCH_DPO_TRL := build/bench-dpo-trl
+
+bench-dpo-env: $(STAMP)
+	$(PY) -m pip --disable-pip-version-check install -q --no-deps --upgrade --target $(BENCH_DPO_TRL) trl==$(TRL_VERSION)
+	PYTHONPATH=$(BENCH_DPO_TRL) $(PY) -c "import trl; from trl import DPOConfig, DPOTrainer; print('TRL', trl.__version__, 'in $(BENCH_DPO_TRL)')"
