@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 if __package__ in (None, ""):   # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -47,8 +47,30 @@ class UsageError(ValueError):
     """A flag or input file that cannot work; reported as one line before anything starts."""
 
 
+# Documented presets: a preset fills defaults, every flag given explicitly still wins.
+PRESETS = {
+    # The paper's DPO stage (Chatterjee et al. 2025, §4.2: DPO on UltraFeedback after each SFT cell): lr 5e-7,
+    # weight decay 0, 10% warm-up, 2 epochs, global batch 32 pairs (β 0.1, sigmoid loss: TRL's defaults).
+    # Packing puts a variable number of pairs in a row, so "32 pairs" picks --grad-accum from the manifest's
+    # mean pairs_per_row (--pairs-per-step); the loss is divided by each step's exact global pair count.
+    "dpo-paper": dict(objective="dpo", lr=5e-7, weight_decay=0.0, warmup_ratio=0.1, epochs=2.0, beta=0.1,
+                      dpo_loss="sigmoid", pairs_per_step=32),
+}
+
+
+class _PresetParser(argparse.ArgumentParser):
+    """``--preset NAME`` sets the defaults of PRESETS[NAME]; flags given on the command line override them
+    whatever their order."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        first, _ = super().parse_known_args(args, argparse.Namespace())
+        if getattr(first, "preset", None):
+            self.set_defaults(**PRESETS[first.preset])
+        return super().parse_known_args(args, namespace)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _PresetParser(
         prog="witscale/train.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Weighted Instruction Tuning on DeepSpeed: prompt tokens weighted λp, response tokens λr.",
         epilog="Token classes: " + ", ".join(CLASS_NAMES) + f". --prompt-weight sets {_side(PROMPT_SIDE, ', ')}; "
@@ -67,9 +89,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--normalization", choices=NORMALIZATIONS, default="nonzero",
                    help=NORMALIZATION_HELP)
 
+    g = p.add_argument_group("objective (docs/objective.md)")
+    g.add_argument("--objective", choices=("sft", "dpo"), default="sft",
+                   help="sft: the weighted token loss (default); dpo: Direct Preference Optimization on a "
+                        "preference dataset (pack_dataset.py --task preference) whose reference log-probs "
+                        "tools/precompute_reference.py has written")
+    g.add_argument("--beta", type=float, default=0.1, help="DPO: β, the strength of the KL penalty (default 0.1)")
+    g.add_argument("--dpo-loss", choices=("sigmoid", "ipo"), default="sigmoid",
+                   help="DPO: sigmoid (−log σ(β·margin), the DPO paper's) or ipo ((margin − 1/(2β))², on "
+                        "summed log-probs)")
+    g.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="DPO sigmoid: ε in [0, 0.5), the assumed rate of flipped preference labels (cDPO)")
+    g.add_argument("--reference-model", default=None, metavar="DIR",
+                   help="DPO: the reference (SFT) HF directory; refused if the data's reference log-probs "
+                        "were computed with another model")
+    g.add_argument("--pairs-per-step", type=int, default=None, metavar="N",
+                   help="DPO: choose --grad-accum so that a step holds about N pairs (from the data's mean "
+                        "pairs per row); the loss is divided by the exact pair count of each step")
+    g.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="documented defaults; explicit flags override them. dpo-paper: --objective dpo "
+                        "--lr 5e-7 --weight-decay 0 --warmup-ratio 0.1 --epochs 2 --beta 0.1 --pairs-per-step 32")
+
     g = p.add_argument_group("optimization")
     g.add_argument("--micro-batch-size", type=int, default=1, help="packed rows per micro-batch per rank")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step per rank")
+    g.add_argument("--grad-accum", type=int, default=None,
+                   help="micro-batches per optimizer step per rank (default 1, or from --pairs-per-step)")
     g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (paper: 2e-5; 5e-6 for Mistral-7B)")
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.999))
@@ -158,7 +202,8 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
     except ValueError as e:
         raise UsageError(str(e)) from None
     for flag, value, ok in (("--micro-batch-size", cfg.micro_batch_size, cfg.micro_batch_size >= 1),
-                            ("--grad-accum", cfg.grad_accum, cfg.grad_accum >= 1),
+                            ("--grad-accum", cfg.grad_accum, cfg.grad_accum is None or cfg.grad_accum >= 1),
+                            ("--pairs-per-step", cfg.pairs_per_step, cfg.pairs_per_step is None or cfg.pairs_per_step >= 1),
                             ("--lr", cfg.lr, cfg.lr > 0 and math.isfinite(cfg.lr)),
                             ("--warmup-ratio", cfg.warmup_ratio, 0 <= cfg.warmup_ratio <= 1),
                             ("--weight-decay", cfg.weight_decay, cfg.weight_decay >= 0),
@@ -191,6 +236,7 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
         check_model_compat(dataset.manifest, model_config, cfg.data)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    _check_objective(cfg, dataset, table)
 
     _require_file(cfg.ds_config, "--ds_config")
     try:
@@ -198,6 +244,8 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
         dims = ParallelDims(world_size, cfg.tp, cfg.pp, zero_stage(raw_ds), model_config)
     except (DSConfigError, LayoutError) as e:
         raise UsageError(str(e)) from None
+    if cfg.grad_accum is None:
+        cfg = replace(cfg, grad_accum=grad_accum_for_pairs(cfg, dataset.manifest, dims.dp))
     import torch
     try:
         ds_config = fill_ds_config(
@@ -223,6 +271,7 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
                 raise ValueError("the eval set has no rows")
         except (OSError, ValueError) as e:
             raise UsageError(f"--eval-data {cfg.eval_data}: {e}") from None
+        _check_objective(cfg, eval_dataset, table, flag="--eval-data")
     for flag in ("save_steps", "eval_steps", "keep_checkpoints", "log_every"):
         if getattr(cfg, flag) < 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 0")
@@ -239,6 +288,49 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
     checkpointing = _activation_checkpointing(cfg, model_config, dims, ds_config, dataset.seq_len)
     return Plan(cfg, model_config, dataset, eval_dataset, table, ds_config, world_size, dims, total,
                 steps_per_epoch, checkpointing)
+
+
+def dpo_settings(cfg: RunConfig):
+    """The run's DPOSettings, or None for SFT."""
+    if cfg.objective != "dpo":
+        return None
+    from witscale.training.dpo import DPOSettings
+    return DPOSettings(beta=cfg.beta, loss=cfg.dpo_loss, label_smoothing=cfg.label_smoothing)
+
+
+def _check_objective(cfg: RunConfig, dataset, table, flag: str = "--data") -> None:
+    """SFT refuses preference data (it would imitate the rejected completions); DPO refuses SFT data, data
+    without reference log-probs, reference log-probs of another --reference-model or other class weights."""
+    task = dataset.manifest.get("task", "sft")
+    path = getattr(dataset, "path", cfg.data)
+    if cfg.objective == "sft":
+        if task == "preference":
+            raise UsageError(f"{flag} {path} is a preference dataset: train it with --objective dpo")
+        if cfg.pairs_per_step is not None:
+            raise UsageError("--pairs-per-step applies to --objective dpo only")
+        return
+    from witscale.training.dpo import check_reference
+    try:
+        dpo_settings(cfg).check()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    try:
+        check_reference(dataset.manifest, path, table, cfg.reference_model)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{flag} {e}") from None
+
+
+def grad_accum_for_pairs(cfg: RunConfig, manifest: dict, dp: int) -> int:
+    """--pairs-per-step N: the --grad-accum whose global batch holds about N pairs, from the data's mean pairs
+    per row (rows hold a variable number of pairs; each step divides by its exact pair count)."""
+    per_row = float(manifest.get("pairs_per_row") or 0)
+    if per_row <= 0:
+        raise UsageError(f"--pairs-per-step: --data {cfg.data} records no pairs_per_row (not a preference dataset?)")
+    accum = max(1, round(cfg.pairs_per_step / (per_row * cfg.micro_batch_size * dp)))
+    log.info(f"--pairs-per-step {cfg.pairs_per_step}: --grad-accum {accum} (mean {per_row:.2f} pairs per row × "
+             f"micro-batch {cfg.micro_batch_size} × dp {dp} × {accum} ≈ "
+             f"{per_row * cfg.micro_batch_size * dp * accum:.1f} pairs per step)")
+    return accum
 
 
 def _activation_checkpointing(cfg: RunConfig, model_config, dims, ds_config: dict, seq_len: int) -> bool:
@@ -308,7 +400,8 @@ def train_loop(plan: Plan, topo, module):
     trainer = Trainer(module=module, ds_config=plan.ds_config, loader=loader, topo=topo,
                       normalization=cfg.normalization, lr=cfg.lr, weight_decay=cfg.weight_decay,
                       betas=cfg.adam_betas, eps=cfg.adam_eps, total_steps=plan.total_steps,
-                      warmup_ratio=cfg.warmup_ratio, activation_checkpointing=plan.activation_checkpointing)
+                      warmup_ratio=cfg.warmup_ratio, activation_checkpointing=plan.activation_checkpointing,
+                      dpo=dpo_settings(cfg))
     ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
     fingerprints = {"data_fingerprint": checkpoint.data_fingerprint(plan.dataset.manifest),
                     "model_fingerprint": checkpoint.model_fingerprint(plan.model_config)}
@@ -367,8 +460,13 @@ def _announce(plan: Plan, topo) -> None:
     os.makedirs(cfg.output_dir, exist_ok=True)
     _add_file_log(os.path.join(cfg.output_dir, "train.log"))
     log.info(topo.describe())
-    log.info(f"loss weights per class: {describe_weight_table(plan.weight_table)}; "
-             f"normalization: {cfg.normalization}")
+    if cfg.objective == "dpo":
+        from witscale.training.dpo import describe
+        log.info(f"objective: {describe(dpo_settings(cfg))}, divided by the pairs of each global batch; "
+                 f"completion log-probs under class weights {describe_weight_table(plan.weight_table)}")
+    else:
+        log.info(f"loss weights per class: {describe_weight_table(plan.weight_table)}; "
+                 f"normalization: {cfg.normalization}")
     log.info(f"{len(plan.dataset)} packed rows of {plan.dataset.seq_len} tokens; {plan.steps_per_epoch} "
              f"steps per epoch; training {plan.total_steps} steps")
     with open(os.path.join(cfg.output_dir, "model_config.json"), "w", encoding="utf-8") as f:

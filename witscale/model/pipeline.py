@@ -103,18 +103,23 @@ class LMHeadPipe(nn.Module):
 
 
 class PipelineLoss:
-    """``loss_fn(hidden, (labels, weights, target_classes, scale))`` on the last stage.
+    """``loss_fn(hidden, (labels, weights, target_classes, scale, *objective_inputs))`` on the last stage.
 
     Returns ``weighted_sum × scale`` (scale = dp × gas / N, see the module docstring) and records each
-    micro-batch's ``LossStats`` for the trainer's logging (``pop_stats``)."""
+    micro-batch's ``LossStats`` for the trainer's logging (``pop_stats``). Under DPO the labels tuple also
+    carries the micro-batch's preference tensors, and ``make_objective(*objective_inputs)`` (set by the
+    trainer: witscale/training/dpo.py) builds the head's objective; its ``weighted_sum`` is then the surrogate
+    whose gradient is DPO's, scaled by dp × gas / (global pairs)."""
 
     def __init__(self):
         self.head: Optional[VocabParallelLMHead] = None
         self.records: list = []
+        self.make_objective = None
 
     def __call__(self, hidden, labels_tuple):
-        labels, weights, target_classes, scale = labels_tuple
-        stats = self.head(hidden, labels, weights, target_classes)
+        labels, weights, target_classes, scale, *objective_inputs = labels_tuple
+        objective = self.make_objective(*objective_inputs) if objective_inputs else None
+        stats = self.head(hidden, labels, weights, target_classes, objective=objective)
         self.records.append(stats)
         return stats.weighted_sum * scale.to(stats.weighted_sum.dtype)
 

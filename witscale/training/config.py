@@ -24,9 +24,17 @@ class RunConfig:
     response_weight: float = 1.0
     class_weights: str = ""
     normalization: str = "nonzero"
+    # objective (docs/objective.md#dpo): 'sft' (the weighted token loss) or 'dpo' on preference pairs
+    objective: str = "sft"
+    beta: float = 0.1
+    dpo_loss: str = "sigmoid"              # sigmoid | ipo
+    label_smoothing: float = 0.0
+    reference_model: Optional[str] = None  # checked against the data's reference fingerprint
+    pairs_per_step: Optional[int] = None   # DPO: choose --grad-accum for about this many pairs per step
+    preset: Optional[str] = None           # recorded only: its values are already in the fields above
     # optimization
     micro_batch_size: int = 1
-    grad_accum: int = 1
+    grad_accum: Optional[int] = 1          # None only until plan_run resolves --pairs-per-step
     lr: float = 2e-5
     weight_decay: float = 0.1
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -63,6 +71,8 @@ class RunConfig:
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in vars(args).items() if k in names}
         values["adam_betas"] = tuple(values.get("adam_betas", cls.adam_betas))
+        if values.get("grad_accum") is None and not values.get("pairs_per_step"):
+            values["grad_accum"] = 1       # --grad-accum's default; left None for --pairs-per-step to decide
         return cls(**values)
 
     def as_dict(self) -> dict:

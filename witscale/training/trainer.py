@@ -20,6 +20,11 @@ moved there (pinned memory, non_blocking), every tensor handed to a collective l
 device tensors, gloo host tensors — the engine's device is right for both), and the step's statistics
 stay there until they cross to the host once per optimizer step.
 
+DPO (``objective=DPOSettings``, witscale/training/dpo.py, docs/objective.md#dpo): the same engines; each
+micro-batch's forward gets a ``DPOLoss`` as the LM head's objective (under pp through the labels tuple), the
+denominator is the global batch's pair count (``denominators["pairs"]``), and the step's vector carries the
+pair sums (loss, log-probs, rewards, accuracy) beside the per-class NLL — still one host transfer per step.
+
 Gradient norm and clipping come from DeepSpeed (ZeRO-1/2/3 and its bf16 optimizer, pipeline-aware); in
 fp32 ZeRO-0, where DeepSpeed measures none, from ``witscale.training.optim.GlobalNormClipping``.
 """
@@ -41,6 +46,7 @@ from witscale.data.loader import MicroBatch, PackedLoader, StepBatch
 from witscale.data.weighting import IGNORE_INDEX, NORMALIZATIONS, denominators_of
 from witscale.training import checkpoint
 from witscale.training.ds_config import zero_stage
+from witscale.training.dpo import DPO_SUMS, DPOLoss, DPOSettings, preference_inputs
 from witscale.training.optim import GlobalNormClipping, cosine_with_warmup, param_groups
 from witscale.model.shape import ModelShape
 from witscale.model.state import dense_state_dict
@@ -64,10 +70,12 @@ class StepResult:
     mfu: Optional[float] = None
     peak_memory_gib: Optional[float] = None     # this rank's peak GPU memory so far (CUDA only)
     class_nll: dict = field(default_factory=dict)   # mean NLL per token class present in the batch
+    dpo: dict = field(default_factory=dict)         # DPO: per-pair means (StepSums.dpo_means), else empty
 
     def as_dict(self) -> dict:
-        out = {k: v for k, v in self.__dict__.items() if k != "class_nll"}
+        out = {k: v for k, v in self.__dict__.items() if k not in ("class_nll", "dpo")}
         out.update({f"nll_{name}": v for name, v in self.class_nll.items()})
+        out.update(self.dpo)
         return out
 
 
@@ -83,31 +91,59 @@ def gpu_peak_flops() -> Optional[float]:
 
 
 # --- the step's statistics: one float64 vector, summed on the device -----------------------------------
-# [weighted_sum, class_nll_sum[0..C), class_count[0..C)]; evaluation appends the three denominators.
+# [objective sum, class_nll_sum[0..C), class_count[0..C)] (+ DPO's pair sums after the first); evaluation
+# appends the three denominators. The objective sum is Σ w·nll (SFT) or Σ_pairs L (DPO): loss = it / N.
 STATS_SIZE = 1 + 2 * NUM_CLASSES
+DPO_EXTRA = len(DPO_SUMS) - 1
+
+
+def stats_size(dpo: bool) -> int:
+    return STATS_SIZE + (DPO_EXTRA if dpo else 0)
 
 
 def stats_vector(stats) -> torch.Tensor:
-    """One micro-batch's ``LossStats`` as the float64 vector the step sums (on the stats' device)."""
-    return torch.cat([stats.weighted_sum.detach().double().reshape(1), stats.class_nll_sum.double(),
-                      stats.class_count.double()])
+    """One micro-batch's ``LossStats`` (or ``DPOStats``) as the float64 vector the step sums (on the stats'
+    device). Under DPO the first entry is the pair-loss sum, not the surrogate the engine backpropagates."""
+    dpo = getattr(stats, "dpo_sums", None)
+    first = stats.weighted_sum.detach().double().reshape(1) if dpo is None else dpo[:1].double()
+    parts = [first, stats.class_nll_sum.double(), stats.class_count.double()]
+    if dpo is not None:
+        parts.append(dpo[1:].double())
+    return torch.cat(parts)
 
 
 @dataclass
 class StepSums:
-    """The global batch's sums, on the host: from the vector [weighted_sum, class_nll_sum[C], class_count[C]]
-    (+ the denominators of NORMALIZATIONS, for evaluation) that the engines sum on the device."""
+    """The global batch's sums, on the host: from the vector [objective sum, class_nll_sum[C], class_count[C]]
+    (+ DPO's pair sums, + the denominators of NORMALIZATIONS for evaluation) that the engines sum on the device."""
     weighted_sum: float
     class_nll_sum: np.ndarray
     class_count: np.ndarray
     denominators: Optional[dict] = None
+    dpo_sums: Optional[dict] = None      # DPO_SUMS → global sum
 
     @classmethod
-    def from_vector(cls, totals: torch.Tensor) -> "StepSums":
+    def from_vector(cls, totals: torch.Tensor, dpo: bool = False) -> "StepSums":
         t = totals.double().cpu().numpy()          # the step's one device→host crossing
         extra = t[STATS_SIZE:]
+        dpo_sums = None
+        if dpo:
+            dpo_sums = dict(zip(DPO_SUMS, map(float, [t[0], *extra[:DPO_EXTRA]])))
+            extra = extra[DPO_EXTRA:]
         return cls(float(t[0]), t[1:1 + NUM_CLASSES], t[1 + NUM_CLASSES:STATS_SIZE],
-                   dict(zip(NORMALIZATIONS, map(float, extra))) if len(extra) else None)
+                   dict(zip(NORMALIZATIONS, map(float, extra))) if len(extra) else None, dpo_sums)
+
+    def dpo_means(self, prefix: str = "") -> dict[str, float]:
+        """Per-pair means of the DPO sums (TRL's names, flattened): log-probs, rewards β·(logp − ref), the
+        reward margin and the accuracy (fraction of pairs whose chosen reward is the larger)."""
+        if not self.dpo_sums:
+            return {}
+        pairs = self.dpo_sums["pairs"]
+        mean = {k: (v / pairs if pairs > 0 else float("nan")) for k, v in self.dpo_sums.items()
+                if k not in ("loss", "pairs")}
+        mean["reward_margin"] = mean["rewards_chosen"] - mean["rewards_rejected"]
+        mean["pairs"] = pairs
+        return {prefix + k: v for k, v in mean.items()}
 
     def per_class(self) -> dict[str, float]:
         """Mean NLL of each class that has predicted tokens, by class name."""
@@ -124,18 +160,20 @@ class StepSums:
 class _DenseEngine:
     """ZeRO 0–3 (± TP): DeepSpeed's engine runs forward, backward and step per micro-batch."""
 
-    def __init__(self, engine, topo):
-        self.engine, self.topo = engine, topo
+    def __init__(self, engine, topo, dpo: Optional[DPOSettings] = None):
+        self.engine, self.topo, self.dpo = engine, topo, dpo
+        self.size = stats_size(dpo is not None)
 
     def loss_scale(self, denominator: float, grad_accum: int) -> float:
         return self.topo.dp / denominator if denominator > 0 else 0.0
 
     def _forward(self, mb: MicroBatch):
+        objective = None if self.dpo is None else DPOLoss(self.dpo, *preference_inputs(mb))
         return self.engine(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen,
-                           mb.labels, mb.weights, mb.target_classes)
+                           mb.labels, mb.weights, mb.target_classes, objective=objective)
 
     def train(self, micro_batches: list[MicroBatch], scale: float, device) -> torch.Tensor:
-        totals = torch.zeros(STATS_SIZE, dtype=torch.float64, device=device)
+        totals = torch.zeros(self.size, dtype=torch.float64, device=device)
         for mb in micro_batches:
             stats = self._forward(mb)
             self.engine.backward(stats.weighted_sum * scale, scale_wrt_gas=False)
@@ -144,7 +182,7 @@ class _DenseEngine:
         return self._sum_over_dp(totals)
 
     def score(self, micro_batches: list[MicroBatch], extra: torch.Tensor) -> torch.Tensor:
-        totals = torch.zeros(STATS_SIZE, dtype=torch.float64, device=extra.device)
+        totals = torch.zeros(self.size, dtype=torch.float64, device=extra.device)
         for mb in micro_batches:
             totals += stats_vector(self._forward(mb))
         return self._sum_over_dp(torch.cat([totals, extra]))
@@ -158,17 +196,22 @@ class _DenseEngine:
 class _PipelineEngine:
     """DeepSpeed's PipelineEngine: one ``train_batch`` (1F1B) per optimizer step."""
 
-    def __init__(self, engine, topo, loss_fn):
+    def __init__(self, engine, topo, loss_fn, dpo: Optional[DPOSettings] = None):
         self.engine, self.topo, self.loss_fn = engine, topo, loss_fn
+        self.size = stats_size(dpo is not None)
+        self.dpo = dpo
+        if dpo is not None:
+            loss_fn.make_objective = lambda *inputs: DPOLoss(dpo, *inputs)
 
     def loss_scale(self, denominator: float, grad_accum: int) -> float:
         return self.topo.dp * grad_accum / denominator if denominator > 0 else 0.0
 
-    @staticmethod
-    def _item(mb: MicroBatch, scale: float):
+    def _item(self, mb: MicroBatch, scale: float):
         from witscale.model.pipeline import pipe_inputs
         labels = (mb.labels, mb.weights, mb.target_classes,
                   torch.tensor(scale, dtype=torch.float64, device=mb.labels.device))
+        if self.dpo is not None:        # straight to the last stage with the labels (DeepSpeed's labels tuple)
+            labels += tuple(preference_inputs(mb))
         return pipe_inputs(mb), labels
 
     def train(self, micro_batches: list[MicroBatch], scale: float, device) -> torch.Tensor:
@@ -187,7 +230,7 @@ class _PipelineEngine:
     def _stage_totals(self, records, extra: torch.Tensor) -> torch.Tensor:
         """The global batch's sums on every rank: the last stage sums its micro-batches and its dp
         replicas; the other stages receive that by a broadcast over the pipeline group."""
-        totals = torch.zeros(STATS_SIZE, dtype=torch.float64, device=extra.device)
+        totals = torch.zeros(self.size, dtype=torch.float64, device=extra.device)
         for stats in records:
             totals += stats_vector(stats)
         totals = torch.cat([totals, extra])
@@ -198,11 +241,19 @@ class _PipelineEngine:
         return totals
 
 
+def _without_documents(mb: MicroBatch) -> MicroBatch:
+    """A preference micro-batch with no completion (evaluation's filler on a rank out of rows)."""
+    from dataclasses import replace
+    return replace(mb, doc_index=torch.full_like(mb.doc_index, -1), doc_role=mb.doc_role[:0],
+                   doc_pair=mb.doc_pair[:0], reference_logps=mb.reference_logps[:0])
+
+
 # --- the trainer ---------------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, *, module: torch.nn.Module, ds_config: dict, loader: PackedLoader, topo,
                  normalization: str, lr: float, weight_decay: float, betas, eps: float,
-                 total_steps: int, warmup_ratio: float, activation_checkpointing: bool = False):
+                 total_steps: int, warmup_ratio: float, activation_checkpointing: bool = False,
+                 dpo: Optional[DPOSettings] = None):
         import deepspeed
 
         if normalization not in NORMALIZATIONS:
@@ -210,6 +261,9 @@ class Trainer:
         self.topo = topo
         self.loader = loader
         self.normalization = normalization
+        self.dpo = dpo            # None: SFT (the weighted token loss)
+        if dpo is not None:
+            dpo.check()
         self.total_steps = total_steps
         pipelined = topo.pp > 1
         config = dict(ds_config)
@@ -241,8 +295,8 @@ class Trainer:
             model_parameters=None if optimizer is not None else groups,
             lr_scheduler=lambda opt: cosine_with_warmup(opt, total_steps, warmup_ratio))
         self.device = torch.device(self.engine.device)
-        self.runner = (_PipelineEngine(self.engine, topo, module.loss_fn) if pipelined
-                       else _DenseEngine(self.engine, topo))
+        self.runner = (_PipelineEngine(self.engine, topo, module.loss_fn, dpo) if pipelined
+                       else _DenseEngine(self.engine, topo, dpo))
         self.step = 0
         self.peak_flops = gpu_peak_flops()
         # MFU counts model FLOPs: 6 × matmul weights per token plus causal attention's per-document
@@ -255,13 +309,14 @@ class Trainer:
         if len(batch.micro_batches) != self.grad_accum:
             raise ValueError(f"the step has {len(batch.micro_batches)} micro-batches, the engine expects "
                              f"{self.grad_accum}")
-        denominator = batch.denominators[self.normalization]
+        # SFT: N of the run's normalization; DPO: the global batch's pair count.
+        denominator = batch.denominators["pairs" if self.dpo is not None else self.normalization]
         # A global batch with nothing to learn from (e.g. all weights 0) gives a zero gradient, not NaN.
         scale = self.runner.loss_scale(denominator, self.grad_accum)
         lr = self.scheduler.get_last_lr()[0]
         micro_batches = [mb.to(self.device) for mb in batch.micro_batches]
         totals = self.runner.train(micro_batches, scale, self.device)
-        sums = StepSums.from_vector(totals)
+        sums = StepSums.from_vector(totals, dpo=self.dpo is not None)
         grad_norm = self.engine.get_global_grad_norm()
         self.step += 1
         elapsed = time.perf_counter() - t0
@@ -284,6 +339,7 @@ class Trainer:
             peak_memory_gib=(torch.cuda.max_memory_allocated(self.device) / 2 ** 30
                              if self.device.type == "cuda" else None),
             class_nll=sums.per_class(),
+            dpo=sums.dpo_means(),
         )
 
     # --- evaluation ---------------------------------------------------------------------------------
@@ -306,6 +362,8 @@ class Trainer:
             if not len(chunk):
                 mb.weights.zero_()
                 mb.labels.fill_(IGNORE_INDEX)
+                if self.dpo is not None:        # and no completions: it adds no pair
+                    mb = _without_documents(mb)
             counts = denominators_of(mb.labels.numpy(), mb.weights.numpy())
             denominators += [counts[k] for k in NORMALIZATIONS]
             micro_batches.append(mb.to(self.device))
@@ -315,13 +373,14 @@ class Trainer:
                                                                    device=self.device))
         finally:
             self.engine.train()
-        sums = StepSums.from_vector(totals)
-        denominator = sums.denominators[self.normalization]
+        sums = StepSums.from_vector(totals, dpo=self.dpo is not None)
+        denominator = (sums.dpo_sums["pairs"] if self.dpo is not None else sums.denominators[self.normalization])
         return {"step": self.step,
                 "eval_loss": sums.weighted_sum / denominator if denominator > 0 else float("nan"),
                 "eval_prompt_nll": sums.mean_nll(PROMPT_SIDE),
                 "eval_response_nll": sums.mean_nll(RESPONSE_SIDE),
-                **{f"eval_nll_{name}": v for name, v in sums.per_class().items()}}
+                **{f"eval_nll_{name}": v for name, v in sums.per_class().items()},
+                **sums.dpo_means(prefix="eval_")}
 
     # --- checkpoints ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -1,0 +1,166 @@
+"""--objective dpo: the loss and its gradient through the fused kernel, every layout, the precomputed reference.
+
+The DPO formula is written out here in fp64 against `transformers` forwards one sequence at a time; the
+layouts (tp=2, pp=2, ZeRO-3 dp=2) are held to one rank with real DeepSpeed engines on real gloo ranks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tests.distributed import run_distributed
+from tests.train_helpers import TINY, ds_config
+
+P, R = 3, 4   # TokenClass.PROMPT, TokenClass.RESPONSE (the test's documents: prompt…, response…, eot)
+EOT = 5
+
+
+# --- preference micro-batches made by hand (the contract of witscale/data/loader.py) -----------------------
+def make_pairs(rng, n_pairs, vocab, prompt_len=(2, 6), completion_len=(2, 7)):
+    """Pairs of documents [prompt…, completion…, eot]: the same prompt, two different completions."""
+    pairs = []
+    for _ in range(n_pairs):
+        prompt = rng.integers(3, vocab, size=int(rng.integers(*prompt_len)))
+        docs = []
+        for _role in (0, 1):
+            completion = rng.integers(3, vocab, size=int(rng.integers(*completion_len)))
+            tokens = np.concatenate([prompt, completion, rng.integers(3, vocab, size=1)])
+            classes = np.array([P] * len(prompt) + [R] * len(completion) + [EOT], dtype=np.uint8)
+            docs.append((tokens.astype(np.int32), classes))
+        pairs.append(docs)
+    return pairs
+
+
+def micro_batch(rows, seq_len, table, reference=None):
+    """rows: per row a list of pairs (each [chosen (tokens, classes), rejected (…)]) → a preference MicroBatch
+    (doc_index, doc_role, doc_pair, reference_logps as the loader's contract says)."""
+    from witscale.data.loader import MicroBatch, row_targets, segment_lengths
+
+    ids, labs, wts, tcs, poss, segs, doc_index = [], [], [], [], [], [], []
+    roles, pair_of = [], []
+    d = 0
+    for r, pairs in enumerate(rows):
+        tokens = np.zeros(seq_len, np.int32)
+        classes = np.zeros(seq_len, np.uint8)
+        lengths, pos = [], 0
+        index = np.full(seq_len, -1, np.int64)
+        for p_local, pair in enumerate(pairs):
+            for role, (t, c) in enumerate(pair):
+                tokens[pos:pos + len(t)] = t
+                classes[pos:pos + len(t)] = c
+                index[pos:pos + len(t) - 1] = d     # targets of this document (its last token predicts nothing)
+                lengths.append(len(t))
+                roles.append(role)
+                pair_of.append(len(pair_of) // 2)
+                pos += len(t)
+                d += 1
+        labels, weights, tclasses, positions, _ = row_targets(tokens, classes, None, np.array(lengths), table)
+        index[labels == -100] = -1
+        ids.append(tokens.astype(np.int64))
+        labs.append(labels)
+        wts.append(weights)
+        tcs.append(tclasses)
+        poss.append(positions)
+        segs.extend(segment_lengths(np.array(lengths), seq_len))
+        doc_index.append(index)
+    cu = np.zeros(len(segs) + 1, np.int32)
+    np.cumsum(segs, out=cu[1:])
+    mb = MicroBatch(torch.from_numpy(np.stack(ids)), torch.from_numpy(np.stack(labs)),
+                    torch.from_numpy(np.stack(wts)), torch.from_numpy(np.stack(tcs)),
+                    torch.from_numpy(np.stack(poss)), torch.from_numpy(cu), int(max(segs)))
+    ref = (torch.full((d,), float("nan"), dtype=torch.float64) if reference is None
+           else torch.as_tensor(reference, dtype=torch.float64))
+    extra = dict(doc_index=torch.from_numpy(np.stack(doc_index)), doc_role=torch.tensor(roles, dtype=torch.int64),
+                 doc_pair=torch.tensor(pair_of, dtype=torch.int64), reference_logps=ref)
+    return _with_preference(mb, extra)
+
+
+def _with_preference(mb, extra):
+    if all(hasattr(mb, k) for k in extra):       # the loader's MicroBatch carries them
+        return dataclasses.replace(mb, **extra)
+    for k, v in extra.items():                   # before it does: plain attributes
+        setattr(mb, k, v)
+    return mb
+
+
+def dpo_table():
+    from witscale.data.weighting import build_weight_table
+    return build_weight_table(0.0, 1.0)
+
+
+# --- the independent implementation: transformers, one sequence at a time, fp64 --------------------------
+def hf_model(seed, dtype=torch.float64):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(**{k: v for k, v in TINY.items() if k != "model_type"})
+    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def hf_sequence_logp(model, tokens, classes, table):
+    """Σ_t w(class of token t)·log p(token t | tokens < t), t ≥ 1, from a full-logits forward."""
+    ids = torch.as_tensor(np.asarray(tokens, np.int64))[None]
+    logprobs = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+    w = torch.as_tensor(np.asarray(table, np.float64)[np.asarray(classes[1:], np.int64)])
+    return (w * logprobs[:-1].gather(1, ids[0, 1:, None]).squeeze(1)).sum()
+
+
+def dpo_formula(pol_c, pol_r, ref_c, ref_r, beta, loss="sigmoid", eps=0.0):
+    """The DPO (or IPO) loss of one pair, as in the papers (Rafailov et al. 2023; Azar et al. 2023)."""
+    margin = (pol_c - ref_c) - (pol_r - ref_r)
+    if loss == "ipo":
+        return (margin - 1 / (2 * beta)) ** 2
+    z = beta * margin
+    return -(1 - eps) * torch.nn.functional.logsigmoid(z) - eps * torch.nn.functional.logsigmoid(-z)
+
+
+@pytest.mark.parametrize("loss,eps", [("sigmoid", 0.0), ("sigmoid", 0.1), ("ipo", 0.0)])
+def test_loss_and_gradients_equal_transformers_fp64(loss, eps):
+    """witscale's DPO through the fused kernel (one micro-batch, two packed rows, three pairs) against the
+    formula on per-sequence transformers forwards in fp64, the reference model different from the policy."""
+    from witscale.model import CausalLM, ModelConfig
+    from witscale.training.dpo import DPO_SUMS, DPOLoss, DPOSettings
+
+    beta = 0.5 if loss == "sigmoid" else 2.0
+    table = dpo_table()
+    rng = np.random.default_rng(3)
+    pairs = make_pairs(rng, 3, TINY["vocab_size"])
+    policy, reference = hf_model(0), hf_model(1)
+    with torch.no_grad():
+        ref_logps = [float(hf_sequence_logp(reference, t, c, table)) for pair in pairs for t, c in pair]
+    # Policy side of the formula, with autograd in fp64.
+    logp = [hf_sequence_logp(policy, t, c, table) for pair in pairs for t, c in pair]
+    per_pair = [dpo_formula(logp[2 * i], logp[2 * i + 1], ref_logps[2 * i], ref_logps[2 * i + 1], beta, loss, eps)
+                for i in range(len(pairs))]
+    want_loss = torch.stack(per_pair).sum() / len(pairs)
+    want_loss.backward()
+    want_grads = {n: p.grad.double() for n, p in policy.named_parameters()}
+
+    ours = CausalLM(ModelConfig.from_dict(TINY))
+    ours.load_state_dict({k: v.float() for k, v in policy.state_dict().items()}, strict=True)
+    mb = micro_batch([pairs[:2], pairs[2:]], seq_len=40, table=table, reference=ref_logps)
+    settings = DPOSettings(beta=beta, loss=loss, label_smoothing=eps)
+    stats = ours(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen, mb.labels, mb.weights,
+                 mb.target_classes, objective=DPOLoss(settings, mb.doc_index, mb.doc_role, mb.doc_pair,
+                                                      mb.reference_logps))
+    (stats.weighted_sum / len(pairs)).backward()
+    sums = dict(zip(DPO_SUMS, stats.dpo_sums.tolist()))
+    assert sums["pairs"] == 3
+    assert sums["loss"] / 3 == pytest.approx(float(want_loss), rel=2e-5, abs=1e-6)
+    with torch.no_grad():
+        lc = sum(float(logp[i]) for i in (0, 2, 4))
+        lr = sum(float(logp[i]) for i in (1, 3, 5))
+        rc = sum(beta * (float(logp[i]) - ref_logps[i]) for i in (0, 2, 4))
+        rr = sum(beta * (float(logp[i]) - ref_logps[i]) for i in (1, 3, 5))
+        acc = sum(float(logp[i]) - ref_logps[i] > float(logp[i + 1]) - ref_logps[i + 1] for i in (0, 2, 4))
+    np.testing.assert_allclose([sums["logps_chosen"], sums["logps_rejected"], sums["rewards_chosen"],
+                                sums["rewards_rejected"]], [lc, lr, rc, rr], rtol=2e-5, atol=1e-5)
+    assert sums["reward_accuracy"] == acc
+    scale = max(g.abs().max() for g in want_grads.values())
+    assert scale > 1e-3, "the gradient must not vanish (else the test proves little)"
+    for name, p in ours.named_parameters():
+        np.testing.assert_allclose(p.grad.double().numpy(), want_grads[name].numpy(), rtol=0,
+                                   atol=2e-5 * float(scale), err_msg=name)
