@@ -1,7 +1,9 @@
 """Per-GPU memory estimates for a model, a sequence length and a parallel layout.
 
 Counts are exact for parameters, gradients and optimizer state (they are checked against partitions
-measured in ZeRO runs by tests/test_planner.py); activations are an estimate under stated assumptions.
+measured in ZeRO runs by tests/test_planner.py); activations are counted tensor by tensor from what
+witscale's decoder keeps for backward (``activation_memory``; checked against the measured peak of live
+tensors of forward + backward on the CPU by tests/test_planner_activations.py, within 15%).
 
 Assumptions (bf16 training on GPU, the paper's recipe):
 - parameters and gradients in bf16 (2 bytes); AdamW state in fp32: master weights + m + v (12 bytes);
@@ -9,11 +11,19 @@ Assumptions (bf16 training on GPU, the paper's recipe):
   about ``live_layers`` decoder layers gathered at a time (prefetch) on top of its partition;
 - TP shards every matrix and the vocabulary by tp (norms are replicated); PP splits the layers evenly,
   embedding on the first stage and LM head on the last (the larger of the two is counted);
-- activations: activation checkpointing on (the block input, 2·h bytes per token per layer, is kept)
-  plus one layer's working set recomputed in backward, ~34·h bytes per token / tp (Korthikanti et al.
-  2022, without the s² attention term thanks to flash/varlen attention); under 1F1B the first pipeline
-  stage holds ``pp`` micro-batches in flight;
-- the fused loss keeps one chunk of [chunk × vocab/tp] fp32 logits (and its gradient);
+- activations, per token, with e bytes per element of the training dtype (``element_size``: 2 for bf16):
+  one decoder layer saves for backward its two RMSNorms' fp32 upcast, normalized and scaled outputs
+  (2·(4 + 2e)·h, replicated over tp), attention's rotated q and k, v and the output (e·(2·q + 2·kv)/tp,
+  q = heads·head_dim, kv = kv_heads·head_dim: what flash/varlen attention keeps, no s² term) plus its fp32
+  logsumexp (4·heads/tp), and SwiGLU's gate, silu(gate), up and their product (4·e·I/tp). That is ≈48·h
+  bytes at 70B (Korthikanti et al. 2022's 34·h is for a GPT layer with a 4h GELU MLP and sharded norms).
+  With activation checkpointing each layer keeps only its input (e·h) and one layer is recomputed at a
+  time, its backward adding ~two [tokens × I/tp] gradients and one [tokens × h] gradient. The peak is the
+  larger of the end of forward (what every layer keeps, plus the fused loss) and the backward of one
+  layer. Under 1F1B the first pipeline stage holds ``pp`` micro-batches in flight;
+- the fused loss (witscale/parallel/cross_entropy.py) computes its gradients in forward and keeps them
+  until backward: dL/dh in fp32 (4·h per token) and the LM head's gradient in fp32 (4·h·vocab/tp bytes,
+  3.9 GiB at 70B tp1), plus one chunk of [chunk × vocab/tp] fp32 logits (and its bf16 copy) alive at a time;
 - ``overhead_gib`` covers the CUDA context, NCCL buffers and allocator fragmentation.
 """
 from __future__ import annotations
@@ -69,17 +79,74 @@ class Estimate:
         return self.param_gib + self.grad_gib + self.optim_gib + self.activation_gib + self.overhead_gib
 
 
+def layer_params_at(shape: ModelShape, tp: int) -> tuple[int, int]:
+    """(parameters sharded by tp, replicated parameters) of one decoder layer at ``tp``: with fewer key/value
+    heads than tp, the k/v projections are replicated on every TP rank (parallel/layers.py
+    ``ReplicatedKVHeadLinear``), not sharded."""
+    sharded, replicated = shape.layer_params()
+    if shape.num_key_value_heads < tp:
+        kv = 2 * shape.num_key_value_heads * shape.hd * (shape.hidden_size + int(shape.attention_bias))
+        sharded, replicated = sharded - kv, replicated + kv
+    return sharded, replicated
+
+
 def model_parallel_params(shape: ModelShape, tp: int, pp: int) -> float:
     """Parameter elements on the most loaded model-parallel rank (before any ZeRO partitioning)."""
-    sharded, replicated = shape.layer_params()
+    sharded, replicated = layer_params_at(shape, tp)
     layers = math.ceil(shape.num_hidden_layers / pp)
     vocab = math.ceil(shape.vocab_size / tp) * shape.hidden_size
     ends = vocab if (pp > 1 or shape.tie_word_embeddings) else 2 * vocab
     return layers * (sharded / tp + replicated) + ends + shape.hidden_size
 
 
+@dataclass(frozen=True)
+class ActivationMemory:
+    """Activation bytes of one micro-batch on one GPU (see the module docstring for what each term counts)."""
+    layer_saved: float       # what one decoder layer saves for backward
+    kept: float              # what every layer of this GPU keeps between forward and backward (× micro-batches in flight)
+    loss: float              # the fused loss: fp32 dL/dh and LM-head gradient kept to backward, one logits chunk
+    forward_peak: float      # at the end of forward: kept + final norm + rotary tables + loss
+    backward_peak: float     # during the backward of one (recomputed) layer
+
+    @property
+    def peak(self) -> float:
+        return max(self.forward_peak, self.backward_peak)
+
+
+def activation_memory(shape: ModelShape, *, tokens: int, tp: int = 1, layers: int | None = None,
+                      in_flight: int = 1, element_size: int = 2, activation_checkpointing: bool = True,
+                      loss_chunk: int = 4096) -> ActivationMemory:
+    """Peak activation bytes of forward + backward over ``tokens`` tokens (one micro-batch) on one GPU of a
+    tensor-parallel group of ``tp``, holding ``layers`` decoder layers (default: all), ``in_flight``
+    micro-batches kept at once (1F1B: pp on the first stage), in a training dtype of ``element_size`` bytes
+    (2: bf16 on the GPU; 4: fp32, the CPU tests). Counted from what witscale's CausalLM saves for backward."""
+    from witscale.parallel.cross_entropy import chunk_rows      # the fused loss's own chunk choice
+
+    e, h, hd = element_size, shape.hidden_size, shape.hd
+    q, kv = shape.num_attention_heads * hd, shape.num_key_value_heads * hd
+    inter = shape.intermediate_size
+    layers = shape.num_hidden_layers if layers is None else layers
+    norm = (4 + 2 * e) * h                  # RMSNorm: fp32 upcast of its input, normalized, scaled (replicated)
+    attention = (e * (2 * q + 2 * kv) + 4 * shape.num_attention_heads) / tp
+    mlp = 4 * e * inter / tp
+    layer = 2 * norm + attention + mlp
+    rope = 2 * hd * e                       # cos and sin, shared by every layer
+    per_token_kept = layers * (e * h if activation_checkpointing else layer)
+    kept = in_flight * tokens * (per_token_kept + rope)
+    v_local = math.ceil(shape.vocab_size / tp)
+    chunk = chunk_rows(tokens, h, v_local, loss_chunk)
+    logits_chunk = chunk * v_local * (4 + (e if e < 4 else 0))    # fp32 logits, and their copy in the training dtype
+    loss = tokens * 4 * h + v_local * h * 4 + logits_chunk
+    forward_peak = kept + tokens * (4 + 2 * e) * h + loss          # + the final norm's saved tensors
+    backward_transient = 2 * e * inter / tp + e * h                # the gradients alive in one layer's backward
+    backward_peak = kept + tokens * ((layer if activation_checkpointing else 0) + backward_transient)
+    return ActivationMemory(layer_saved=tokens * layer, kept=kept, loss=loss, forward_peak=forward_peak,
+                            backward_peak=backward_peak)
+
+
 def estimate(shape: ModelShape, layout: Layout, *, seq_len: int, micro_batch: int, live_layers: int = 2,
-             loss_chunk: int = 4096, overhead_gib: float = 3.0, activation_checkpointing: bool = True) -> Estimate:
+             loss_chunk: int = 4096, overhead_gib: float = 3.0, activation_checkpointing: bool = True,
+             element_size: int = 2) -> Estimate:
     tp, pp, dp, zero = layout.tp, layout.pp, layout.dp, layout.zero
     mp = model_parallel_params(shape, tp, pp)
     sharded, replicated = shape.layer_params()
@@ -88,20 +155,13 @@ def estimate(shape: ModelShape, layout: Layout, *, seq_len: int, micro_batch: in
     live = live_layers * per_layer + math.ceil(shape.vocab_size / tp) * shape.hidden_size if zero >= 3 else 0
     grad_elems = mp / dp if zero >= 2 else mp
     optim_elems = mp / dp if zero >= 1 else mp
-    tokens = seq_len * micro_batch
-    h = shape.hidden_size
-    layers_here = math.ceil(shape.num_hidden_layers / pp)
-    in_flight = pp if pp > 1 else 1
-    if activation_checkpointing:    # each block's input kept, one block's working set recomputed at a time
-        act_bytes = in_flight * tokens * layers_here * 2 * h + tokens * 34 * h / tp
-    else:                           # every block's working set kept until its backward
-        act_bytes = in_flight * tokens * layers_here * 34 * h / tp
-    from witscale.parallel.cross_entropy import chunk_rows      # the fused loss's own chunk choice
-    chunk = chunk_rows(tokens, h, math.ceil(shape.vocab_size / tp), loss_chunk)
-    loss_bytes = 2 * chunk * math.ceil(shape.vocab_size / tp) * 4
+    act = activation_memory(shape, tokens=seq_len * micro_batch, tp=tp,
+                            layers=math.ceil(shape.num_hidden_layers / pp), in_flight=pp if pp > 1 else 1,
+                            element_size=element_size, activation_checkpointing=activation_checkpointing,
+                            loss_chunk=loss_chunk)
     return Estimate(layout=layout, params_per_gpu=param_elems, param_gib=(param_elems + live) * 2 / GIB,
                     grad_gib=grad_elems * 2 / GIB, optim_gib=optim_elems * 12 / GIB,
-                    activation_gib=(act_bytes + loss_bytes) / GIB, overhead_gib=overhead_gib)
+                    activation_gib=act.peak / GIB, overhead_gib=overhead_gib)
 
 
 def valid_layouts(shape: ModelShape, gpus: int, gpus_per_node: int = 8) -> list[Layout]:

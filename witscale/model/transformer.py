@@ -3,8 +3,8 @@
 Parameter names equal HF's (``model.layers.0.self_attn.q_proj.weight`` …, ``lm_head.weight``), so a
 tp=1 state dict is an HF state dict. At tp > 1 each projection holds its shard: q/k/v and gate/up are
 column-parallel, o and down row-parallel, embedding and LM head vocab-parallel; attention heads and
-key/value heads are split across ranks (kv heads must be divisible by tp: no replication of kv heads,
-which keeps the layout and checkpoints simple; the layout check rejects the rest up front).
+key/value heads are split across ranks — or, with fewer KV heads than ranks (tp a multiple of them), k/v
+replicated and each rank using its query heads' KV head (``ReplicatedKVHeadLinear``, parallel/layers.py).
 
 ``forward`` takes packed rows: input ids, per-document position ids and ``cu_seqlens`` segment
 boundaries over the flattened tokens (see attention.py). With labels it returns the weighted-loss
@@ -22,8 +22,9 @@ from torch.utils.checkpoint import checkpoint
 from witscale.model.attention import BACKENDS, packed_attention, select_backend
 from witscale.model.config import ModelConfig
 from witscale.model.rope import apply_rope, inverse_frequencies, rope_cos_sin
-from witscale.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                      VocabParallelLMHead, divide, tp_size_rank)
+from witscale.parallel.layers import (ColumnParallelLinear, ReplicatedKVHeadLinear, RowParallelLinear,
+                                      VocabParallelEmbedding, VocabParallelLMHead, divide, kv_heads_replicated,
+                                      tp_size_rank)
 
 
 class RMSNorm(nn.Module):
@@ -45,11 +46,19 @@ class Attention(nn.Module):
         tp, _ = tp_size_rank(tp_group)
         self.head_dim = cfg.head_dim
         self.local_heads = divide(cfg.num_attention_heads, tp, "attention heads")
-        self.local_kv_heads = divide(cfg.num_key_value_heads, tp, "key/value heads")
         q_out, kv_out = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
         self.q_proj = ColumnParallelLinear(cfg.hidden_size, q_out, cfg.attention_bias, tp_group)
-        self.k_proj = ColumnParallelLinear(cfg.hidden_size, kv_out, cfg.attention_bias, tp_group)
-        self.v_proj = ColumnParallelLinear(cfg.hidden_size, kv_out, cfg.attention_bias, tp_group)
+        if kv_heads_replicated(cfg.num_key_value_heads, tp):
+            # Fewer KV heads than TP ranks: k/v replicated, each rank computing the one head its query heads use.
+            self.local_kv_heads = 1
+            self.k_proj = ReplicatedKVHeadLinear(cfg.hidden_size, cfg.num_key_value_heads, cfg.head_dim,
+                                                 cfg.attention_bias, tp_group)
+            self.v_proj = ReplicatedKVHeadLinear(cfg.hidden_size, cfg.num_key_value_heads, cfg.head_dim,
+                                                 cfg.attention_bias, tp_group)
+        else:
+            self.local_kv_heads = divide(cfg.num_key_value_heads, tp, "key/value heads")
+            self.k_proj = ColumnParallelLinear(cfg.hidden_size, kv_out, cfg.attention_bias, tp_group)
+            self.v_proj = ColumnParallelLinear(cfg.hidden_size, kv_out, cfg.attention_bias, tp_group)
         self.o_proj = RowParallelLinear(q_out, cfg.hidden_size, cfg.o_bias, tp_group)
         self.sliding_window = cfg.sliding_window
         self.backend = attention_backend

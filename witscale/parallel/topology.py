@@ -55,12 +55,16 @@ class ParallelDims:
         tp, pp = self.tp, self.pp
         checks = [
             ("attention heads", cfg.num_attention_heads, tp, "tp"),
-            ("key/value heads", cfg.num_key_value_heads, tp, "tp"),
             ("intermediate size", cfg.intermediate_size, tp, "tp"),
         ]
         for what, n, k, flag in checks:
             if n % k:
                 raise LayoutError(f"--{flag} {k} does not divide the model's {what} ({n})")
+        kv = cfg.num_key_value_heads
+        if kv % tp and tp % kv:
+            # Split (tp divides them) or replicated (tp a multiple: parallel/layers.py ReplicatedKVHeadLinear).
+            raise LayoutError(f"--tp {tp} neither divides the model's key/value heads ({kv}) nor is a multiple of "
+                              "them (with fewer KV heads than TP ranks, each is replicated on tp / kv_heads ranks)")
         if cfg.num_hidden_layers < pp:
             raise LayoutError(f"--pp {pp} exceeds the model's {cfg.num_hidden_layers} layers")
 

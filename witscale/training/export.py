@@ -182,12 +182,21 @@ class CheckpointReader:
         self.split = self._split_dims()
 
     def _split_dims(self) -> dict[str, Optional[int]]:
-        """HF name → the dimension witscale's TP layers cut it along (a model built on the meta device)."""
+        """HF name → the dimension witscale's TP layers cut it along at the checkpoint's tp (a model built on
+        the meta device, at tp 1: with fewer KV heads than that tp, k/v were replicated, not cut)."""
         from witscale.model.transformer import CausalLM
+        from witscale.parallel.layers import kv_heads_replicated
 
         with torch.device("meta"):
             model = CausalLM(self.cfg)
-        return {name: getattr(p, "tp_split_dim", None) for name, p in model.named_parameters()}
+        split = {name: getattr(p, "tp_split_dim", None) for name, p in model.named_parameters()}
+        if kv_heads_replicated(self.cfg.num_key_value_heads, self.tp):
+            names = {id(p): name for name, p in model.named_parameters()}
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    for p in proj.parameters():
+                        split[names[id(p)]] = None
+        return split
 
     def describe(self) -> str:
         return f"{self.layout} checkpoint, tp {self.tp}" + (f", dp {self.dp}" if self.layout == "zero3" else "")
