@@ -9,7 +9,8 @@ Assumptions (bf16 training on GPU, the paper's recipe):
 - parameters and gradients in bf16 (2 bytes); AdamW state in fp32: master weights + m + v (12 bytes);
 - ZeRO-1 partitions optimizer state over dp; ZeRO-2 also gradients; ZeRO-3 also parameters, and keeps
   about ``live_layers`` decoder layers gathered at a time (prefetch) on top of its partition;
-- TP shards every matrix and the vocabulary by tp (norms are replicated); PP splits the layers evenly,
+- TP shards every matrix and the vocabulary by tp (norms are replicated, and k/v when the model has fewer
+  key/value heads than tp); PP splits the layers evenly,
   embedding on the first stage and LM head on the last (the larger of the two is counted);
 - activations, per token, with e bytes per element of the training dtype (``element_size``: 2 for bf16):
   one decoder layer saves for backward its two RMSNorms' fp32 upcast, normalized and scaled outputs
@@ -149,7 +150,7 @@ def estimate(shape: ModelShape, layout: Layout, *, seq_len: int, micro_batch: in
              element_size: int = 2) -> Estimate:
     tp, pp, dp, zero = layout.tp, layout.pp, layout.dp, layout.zero
     mp = model_parallel_params(shape, tp, pp)
-    sharded, replicated = shape.layer_params()
+    sharded, replicated = layer_params_at(shape, tp)
     per_layer = sharded / tp + replicated
     param_elems = mp / dp if zero >= 3 else mp
     live = live_layers * per_layer + math.ceil(shape.vocab_size / tp) * shape.hidden_size if zero >= 3 else 0
