@@ -24,20 +24,26 @@ from witscale.model.config import ModelConfig
 from witscale.model.rope import apply_rope, inverse_frequencies, rope_cos_sin
 from witscale.parallel.layers import (ColumnParallelLinear, ReplicatedKVHeadLinear, RowParallelLinear,
                                       VocabParallelEmbedding, VocabParallelLMHead, divide, kv_heads_replicated,
-                                      tp_size_rank)
+                                      sum_grad_over_tp, tp_size_rank)
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """``sharded_input_group``: the TP group when the norm runs on this rank's shard of the heads (Qwen3 and
+    Gemma-3's per-head q_norm/k_norm): its replicated weight's gradient is then partial per rank and summed
+    over the group (the TP gradient rule, parallel/layers.py ``sum_grad_over_tp``). None (the default) for
+    norms of replicated activations (input, post-attention, final), whose gradient is already complete."""
+
+    def __init__(self, dim: int, eps: float, sharded_input_group=None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.sharded_input_group = sharded_input_group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return sum_grad_over_tp(self.weight, self.sharded_input_group) * x.to(dtype)
 
 
 class Attention(nn.Module):
