@@ -129,3 +129,56 @@ def test_plain_png_without_matplotlib(grid, tmp_path, monkeypatch):
     assert mod.heatmaps(table, table.metrics, str(tmp_path / "f.png")) == "zlib"
     data = (tmp_path / "f.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _dpo_cell(dpo_root, p, r, *, results=None, train="completed", exit_code=0, accuracy=None):
+    d = _cell(dpo_root, p, r, train=train, exit_code=exit_code, results=results)
+    if accuracy is not None:                     # the DPO trainer's records (witscale/training/metrics.py names)
+        (d / "metrics.jsonl").write_text(
+            json.dumps({"step": 4, "loss": 0.69, "reward_accuracy": 0.5, "reward_margin": 0.01, "pairs": 32}) + "\n"
+            + json.dumps({"step": 4, "eval_loss": 0.6, "eval_reward_accuracy": accuracy,
+                          "eval_reward_margin": accuracy / 10, "eval_response_nll": 3.0}) + "\n")
+    return d
+
+
+def test_dpo_on_top_of_each_cell_beside_the_sft_grid(grid):
+    """<sweep>/dpo (slurm/sweep_dpo.sh): each DPO run beside its SFT start — value, gain over the SFT model,
+    gain over DPO on the IT cell — its reward metrics, a failed DPO run as FAILED, a DPO run of a cell whose
+    SFT model is missing; and the SFT columns of sweep_cells.csv unchanged."""
+    dpo = grid / "dpo"
+    dpo.mkdir()
+    (dpo / "cells.txt").write_text("0.0 1.0\n0.2 1.0\n0.2 0.6\n")
+    _dpo_cell(dpo, "0.0", "1.0", accuracy=0.6, results=_results(0.45, {"mmlu": 0.42, "bbh": 0.30}))    # IT → DPO
+    _dpo_cell(dpo, "0.2", "1.0", accuracy=0.7, results=_results(0.30, {"mmlu": 0.462, "bbh": 0.33}))   # best
+    _dpo_cell(dpo, "0.2", "0.6", train="failed", exit_code=1)
+    res = collect(grid)
+    cells = rows(grid / "sweep_cells.csv")
+    header = next(csv.reader(open(grid / "sweep_cells.csv")))
+    sft_metrics = ["bbh", "mmlu", "average", "posix", "posix_spelling", "posix_template", "eval_response_nll",
+                   "eval_prompt_nll"]
+    assert header[7:7 + len(sft_metrics)] == sft_metrics                    # the SFT columns as without DPO
+    best, it, dead, never = cells[("0.2", "1.0")], cells[("0.0", "1.0")], cells[("0.2", "0.6")], cells[("0.4", "1.0")]
+    assert best["dpo_state"] == "ok" and float(best["dpo_mmlu"]) == pytest.approx(0.462)
+    assert float(best["dpo_gain_mmlu"]) == pytest.approx(5.0)               # (0.462 − 0.44) / 0.44: over its SFT start
+    assert float(best["dpo_gain_posix"]) == pytest.approx(25.0)             # (0.4 − 0.3) / 0.4, lower is better
+    assert float(best["dpo_gain_it_mmlu"]) == pytest.approx(10.0)           # (0.462 − 0.42) / 0.42: over IT → DPO
+    assert float(best["dpo_reward_accuracy"]) == 0.7 and float(it["dpo_gain_it_reward_accuracy"]) == 0.0
+    assert float(it["dpo_gain_mmlu"]) == pytest.approx(5.0)                 # (0.42 − 0.40) / 0.40
+    assert "dpo_gain_reward_accuracy" not in header and "dpo_gain_eval_response_nll" not in header
+    assert dead["dpo_state"] == "failed" and dead["dpo_mmlu"] == "FAILED" and dead["dpo_gain_mmlu"] == ""
+    assert never["dpo_state"] == "" and never["dpo_mmlu"] == ""              # no DPO run for that cell
+    report = (grid / "sweep_report.md").read_text()
+    section = report.split("## WIT → DPO")[1]
+    assert "| mmlu (↑) | (0.2, 1.0) | 0.4620 | 0.4200 | +10.0% |" in section      # best DPO model vs IT → DPO
+    mmlu = section.split("### DPO mmlu")[1].split("###")[0]
+    assert "| 0.2 | 1.0 | 0.4400 | **0.4620** ★ | +5.0% | +10.0% |" in mmlu
+    assert "| 0.0 | 1.0 | 0.4000 | 0.4200 | +5.0% | [IT] |" in mmlu
+    assert "| 0.2 | 0.6 | 0.3800 | FAILED | — | — |" in mmlu
+    training = section.split("### DPO training metrics")[1].split("###")[0]
+    assert "| 0.2 | 1.0 | 0.7000 | 0.0700 |" in training
+    assert "dpo/lp0.2_lr0.6 | failed | training failed (exit 1)" in section
+    assert (grid / "sweep_dpo_figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "sweep_dpo_figure.png" in res.stdout
+    # the DPO grid alone is a sweep of its own
+    collect(dpo)
+    assert "reward_accuracy" in (dpo / "sweep_report.md").read_text()

@@ -23,6 +23,12 @@ Writes into --out (default: the sweep directory):
     sweep_grid.md      --metric as a markdown table
     sweep_grid.png     --metric alone as a heatmap
 
+With DPO on top of the cells (slurm/sweep_dpo.sh: ``<sweep>/dpo/lp<λp>_lr<λr>``, the paper's WIT → DPO),
+the report adds a section "WIT → DPO": per cell and evaluation metric the SFT value, the DPO value, DPO's gain
+over its own SFT start and over DPO on the IT cell, and the DPO training metrics (reward accuracy and margin);
+sweep_cells.csv gains dpo_* columns, and sweep_dpo_figure.png shows the DPO grid. ``collect_sweep.py
+<sweep>/dpo`` reports the DPO cells alone, like any sweep.
+
 The figures use matplotlib when installed, else plain PNGs written with zlib (colours only; the numbers
 are in the markdown).
 """
@@ -39,7 +45,8 @@ import zlib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from witscale.evaluation.sweep import IT_CELL, Table, Value, build_table, collect  # noqa: E402
+from witscale.evaluation.sweep import (IT_CELL, DPOComparison, Table, Value, build_table, collect,  # noqa: E402
+                                       compare_dpo)
 
 
 def _fmt(w: float) -> str:
@@ -83,7 +90,73 @@ def metric_markdown(table: Table, metric) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report_markdown(table: Table, sweep_dir: str) -> str:
+def _value_text(v: Value) -> str:
+    if v.state == "failed":
+        return "FAILED"
+    if v.state == "missing":
+        return "missing"
+    return _num(v.value) + (" (train)" if v.note == "train" else "")
+
+
+def _gain_text(g) -> str:
+    return "—" if g is None else f"{g:+.1f}%"
+
+
+def dpo_markdown(cmp: DPOComparison) -> list[str]:
+    """The WIT → DPO section: each cell's DPO model beside its SFT start."""
+    t = cmp.table
+    states = {}
+    for c in t.cells:
+        states[c.status] = states.get(c.status, 0) + 1
+    out = ["## WIT → DPO: DPO on top of each cell", "",
+           f"{len(t.cells)} DPO runs ({', '.join(f'{n} {s}' for s, n in sorted(states.items()))}), each started "
+           f"from its cell's exported SFT model, which is also its reference (`{os.path.join('dpo', 'lp…_lr…')}`). "
+           "*vs SFT*: the DPO model's gain over its own SFT start; *vs IT→DPO*: over DPO on the IT cell "
+           "(positive = better; **bold ★**: the best DPO model of the metric).", ""]
+    order = sorted(t.cells, key=lambda c: c.weights)
+    if cmp.metrics:     # the paper's question: do the best final (DPO) models start from WIT cells?
+        out += ["| metric | best DPO model: cell (λp, λr) | value | IT→DPO | gain over IT→DPO |", "|---|---|---|---|---|"]
+        for m in cmp.metrics:
+            b = t.best.get(m.name)
+            itv = t.values.get((t.it, m.name)) if t.it else None
+            it_text = _value_text(itv) if itv else "—"
+            if b is None:
+                out.append(f"| {m.name} | — | — | {it_text} | — |")
+                continue
+            bc = next(c for c in t.cells if c.name == b)
+            out.append(f"| {m.name} ({'↑' if m.higher_is_better else '↓'}) | ({_fmt(bc.prompt_weight)}, "
+                       f"{_fmt(bc.response_weight)}) | {_value_text(t.values[(b, m.name)])} | {it_text} | "
+                       f"{_gain_text(t.gains.get((b, m.name)))} |")
+        out.append("")
+    for m in cmp.metrics:
+        out += [f"### DPO {m.name} ({_arrow(m)})", "", "| λp | λr | SFT | DPO | vs SFT | vs IT→DPO |",
+                "|---|---|---|---|---|---|"]
+        for c in order:
+            d = cmp.dpo[(c.name, m.name)]
+            dpo_text = _value_text(d)
+            if t.best.get(m.name) == c.name:
+                dpo_text = f"**{dpo_text}** ★"
+            vs_it = "[IT]" if c.name == t.it else _gain_text(t.gains.get((c.name, m.name)))
+            out.append(f"| {_fmt(c.prompt_weight)} | {_fmt(c.response_weight)} | {_value_text(cmp.sft[(c.name, m.name)])} "
+                       f"| {dpo_text} | {_gain_text(cmp.gain_over_sft[(c.name, m.name)])} | {vs_it} |")
+        out.append("")
+    if not cmp.metrics:
+        out += ["No evaluation metric that both the SFT and the DPO models have (yet).", ""]
+    train = cmp.training_metrics
+    if train:
+        out += ["### DPO training metrics (on the preference data; higher is better)", "",
+                "| λp | λr | " + " | ".join(m.name for m in train) + " |", "|---|---|" + "---|" * len(train)]
+        for c in order:
+            out.append(f"| {_fmt(c.prompt_weight)} | {_fmt(c.response_weight)} | "
+                       + " | ".join(_value_text(t.values[(c.name, m.name)]) for m in train) + " |")
+        out.append("")
+    out += ["### DPO runs", "", "| λp | λr | directory | state | detail |", "|---|---|---|---|---|"]
+    for c in order:
+        out.append(f"| {_fmt(c.prompt_weight)} | {_fmt(c.response_weight)} | dpo/{c.name} | {c.status} | {c.detail or ''} |")
+    return out + [""]
+
+
+def report_markdown(table: Table, sweep_dir: str, dpo: DPOComparison | None = None) -> str:
     states = {}
     for c in table.cells:
         states[c.status] = states.get(c.status, 0) + 1
@@ -115,22 +188,46 @@ def report_markdown(table: Table, sweep_dir: str) -> str:
     for c in sorted(table.cells, key=lambda c: c.weights):
         out.append(f"| {_fmt(c.prompt_weight)} | {_fmt(c.response_weight)} | {c.name} | {c.status} | "
                    f"{c.detail or ''} |")
+    if dpo is not None:
+        out += [""] + dpo_markdown(dpo)
     return "\n".join(out) + "\n"
 
 
-def write_csvs(table: Table, metric, out_dir: str) -> None:
+def _csv_value(v: Value):
+    return v.value if v.ok else ("FAILED" if v.state == "failed" else "")
+
+
+def _csv_gain(g):
+    return "" if g is None else g
+
+
+def write_csvs(table: Table, metric, out_dir: str, dpo: DPOComparison | None = None) -> None:
     names = [m.name for m in table.metrics]
+    # With DPO runs: their state, every metric of the DPO grid, DPO's gain over its SFT start (dpo_gain_*) and
+    # over DPO on the IT cell (dpo_gain_it_*), after the SFT columns (whose order stays as without DPO).
+    dpo_names = [m.name for m in dpo.table.metrics] if dpo else []
+    compared = {m.name for m in dpo.metrics} if dpo else set()
+    dpo_header = (["dpo_state", "dpo_detail", *[f"dpo_{n}" for n in dpo_names],
+                   *[f"dpo_gain_{n}" for n in dpo_names if n in compared], *[f"dpo_gain_it_{n}" for n in dpo_names]]
+                  if dpo else [])
     with open(os.path.join(out_dir, "sweep_cells.csv"), "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["prompt_weight", "response_weight", "dir", "state", "detail", "step", "source", *names,
-                    *[f"gain_{n}" for n in names]])
+                    *[f"gain_{n}" for n in names], *dpo_header])
         for c in sorted(table.cells, key=lambda c: c.weights):
-            vals = []
-            for n in names:
-                v = table.values[(c.name, n)]
-                vals.append(v.value if v.ok else ("FAILED" if v.state == "failed" else ""))
-            gains = [("" if table.gains[(c.name, n)] is None else table.gains[(c.name, n)]) for n in names]
-            w.writerow([c.prompt_weight, c.response_weight, c.name, c.status, c.detail, c.step, c.source, *vals, *gains])
+            vals = [_csv_value(table.values[(c.name, n)]) for n in names]
+            gains = [_csv_gain(table.gains[(c.name, n)]) for n in names]
+            extra = []
+            if dpo:
+                d = dpo.table.cell_at(c.prompt_weight, c.response_weight)
+                if d is None:
+                    extra = ["", ""] + [""] * (len(dpo_header) - 2)
+                else:
+                    extra = [d.status, d.detail, *[_csv_value(dpo.table.values[(d.name, n)]) for n in dpo_names],
+                             *[_csv_gain(dpo.gain_over_sft[(d.name, n)]) for n in dpo_names if n in compared],
+                             *[_csv_gain(dpo.table.gains[(d.name, n)]) for n in dpo_names]]
+            w.writerow([c.prompt_weight, c.response_weight, c.name, c.status, c.detail, c.step, c.source, *vals, *gains,
+                        *extra])
     if metric is None:
         return
     with open(os.path.join(out_dir, "sweep_grid.csv"), "w", newline="", encoding="utf-8") as f:
@@ -308,15 +405,20 @@ def main(argv=None) -> int:
         return 2
     out = args.out or args.sweep_dir
     os.makedirs(out, exist_ok=True)
-    report = report_markdown(table, args.sweep_dir)
+    dpo = compare_dpo(args.sweep_dir, table)
+    report = report_markdown(table, args.sweep_dir, dpo)
     with open(os.path.join(out, "sweep_report.md"), "w", encoding="utf-8") as f:
         f.write(report)
-    write_csvs(table, metric, out)
+    write_csvs(table, metric, out, dpo)
     written = ["sweep_report.md", "sweep_cells.csv"]
     if table.metrics:
         renderer = heatmaps(table, table.metrics, os.path.join(out, "sweep_figure.png"),
                             f"(λp, λr) sweep: {os.path.basename(os.path.abspath(args.sweep_dir))}")
         written.append(f"sweep_figure.png ({renderer})")
+    if dpo is not None and dpo.table.metrics:
+        heatmaps(dpo.table, dpo.table.metrics, os.path.join(out, "sweep_dpo_figure.png"),
+                 "DPO on top of each (λp, λr) cell (gains over DPO on IT)")
+        written.append("sweep_dpo_figure.png")
     if metric is not None:
         with open(os.path.join(out, "sweep_grid.md"), "w", encoding="utf-8") as f:
             f.write(metric_markdown(table, metric))

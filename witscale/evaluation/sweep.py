@@ -20,6 +20,15 @@ The paper's summary: ``average`` = the mean of a cell's benchmark scores (every 
 except POSIX), defined only where all of them are present (and shown only with two benchmarks or more); ``gain`` = the relative change over conventional
 instruction tuning, the cell (λp, λr) = (0, 1), in percent and signed so that positive is better (lower
 POSIX or NLL, higher score).
+
+**WIT → DPO** (the paper's §4.2; slurm/sweep_dpo.sh): ``<sweep>/dpo`` is a sweep directory of its own, one cell
+per SFT cell (same ``lp<λp>_lr<λr>`` name), each a DPO run started from — and referenced to — that cell's
+exported model, evaluated like the SFT cells. Its cells also carry the DPO training metrics (``reward_accuracy``:
+the fraction of pairs whose chosen completion gets the larger implicit reward; ``reward_margin``: the mean
+reward of the chosen minus the rejected, β·(logp − ref); from the last eval record, else the last training
+record, marked "train"). ``compare_dpo`` sets each cell's DPO result beside its SFT result: the evaluation
+metrics both have (benchmarks, average, POSIX), the gain of DPO over its own SFT start, and the gain over DPO
+on the IT cell — the paper's question is whether the best final models start from WIT cells.
 """
 from __future__ import annotations
 
@@ -39,6 +48,10 @@ NLL_METRICS = ("eval_response_nll", "eval_prompt_nll")
 TRAIN_FALLBACK = {"eval_response_nll": "response_nll", "eval_prompt_nll": "prompt_nll"}
 IT_CELL = (0.0, 1.0)
 AVERAGE = "average"
+# DPO training metrics (witscale/training/metrics.py names; eval records prefix them with eval_): both higher
+# is better. Measured on the preference data, they compare DPO cells with each other, never with SFT.
+DPO_METRICS = ("reward_accuracy", "reward_margin")
+DPO_SUBDIR = "dpo"
 
 
 def fmt_weight(x) -> str:
@@ -136,6 +149,14 @@ def read_cell(path: str, weights: Optional[tuple[float, float]] = None) -> Optio
         v = (last_train or {}).get(TRAIN_FALLBACK[metric])
         if _finite(v):
             cell.values[metric] = Value("ok", float(v), "train")
+    for metric in DPO_METRICS:
+        v = (last_eval or {}).get(f"eval_{metric}")
+        if _finite(v):
+            cell.values[metric] = Value("ok", float(v))
+            continue
+        v = (last_train or {}).get(metric)
+        if _finite(v):
+            cell.values[metric] = Value("ok", float(v), "train")
     cell.step = (last_eval or last_train or {}).get("step")
     cell.source = "eval" if last_eval else ("train" if last_train else None)
     for metric, m in ((results or {}).get("metrics") or {}).items():
@@ -193,11 +214,11 @@ def collect(sweep_dir: str) -> list[Cell]:
 class Metric:
     name: str
     higher_is_better: bool
-    kind: str                     # "nll" | "posix" | "benchmark" | "average"
+    kind: str                     # "nll" | "posix" | "benchmark" | "average" | "dpo"
 
 
 def metrics_of(sweep_dir: str, cells: list[Cell]) -> list[Metric]:
-    """The metrics present in any cell, in report order: benchmarks, average, POSIX, held-out NLL."""
+    """The metrics present in any cell, in report order: benchmarks, average, POSIX, held-out NLL, DPO's."""
     directions: dict[str, bool] = {}
     for c in cells:
         res = read_json_dict(os.path.join(sweep_dir, c.name, "eval_results.json")) or {}
@@ -209,13 +230,15 @@ def metrics_of(sweep_dir: str, cells: list[Cell]) -> list[Metric]:
             elif part == "posix":
                 directions.setdefault("posix", False)
     names = {m for c in cells for m in c.values if not m.startswith("_")}
-    bench = sorted(n for n in names | set(directions) if n not in NLL_METRICS and not n.startswith("posix"))
+    bench = sorted(n for n in names | set(directions)
+                   if n not in NLL_METRICS and n not in DPO_METRICS and not n.startswith("posix"))
     posix = sorted((n for n in names | set(directions) if n.startswith("posix")), key=lambda n: (n != "posix", n))
     out = [Metric(n, directions.get(n, True), "benchmark") for n in bench]
     if len(bench) > 1:
         out.append(Metric(AVERAGE, True, "average"))
     out += [Metric(n, False, "posix") for n in posix]
     out += [Metric(n, False, "nll") for n in NLL_METRICS if n in names]
+    out += [Metric(n, True, "dpo") for n in DPO_METRICS if n in names]
     return out
 
 
@@ -232,7 +255,7 @@ def value_of(cell: Cell, metric: Metric, bench: list[str]) -> Value:
         return Value("failed", None, cell.train_failed)
     if metric.name in cell.values:
         return cell.values[metric.name]
-    if metric.kind != "nll":
+    if metric.kind not in ("nll", "dpo"):        # training metrics: no evaluation part produces them
         part = "posix" if metric.kind == "posix" else f"tasks/{metric.name}"
         if part in cell.failed_parts:
             return Value("failed", None, cell.failed_parts[part])
@@ -287,3 +310,48 @@ def build_table(sweep_dir: str, cells: Optional[list[Cell]] = None) -> Table:
         ok = [(values[(c.name, m.name)].value, c.name) for c in cells if values[(c.name, m.name)].ok]
         best[m.name] = (max(ok) if m.higher_is_better else min(ok))[1] if ok else None
     return Table(cells, metrics, values, gains, best, it)
+
+
+# --------------------------------------------------------------------------------------------- WIT → DPO
+@dataclass
+class DPOComparison:
+    """Each SFT cell's DPO run beside it (``<sweep>/dpo``, see the module docstring)."""
+    table: Table                        # the DPO cells' own table: gains there are over DPO on the IT cell
+    metrics: list[Metric]               # evaluation metrics both grids have (benchmarks, average, POSIX)
+    sft: dict                           # (cell name, metric name) → Value of the SFT model
+    dpo: dict                           # (cell name, metric name) → Value of the DPO model started from it
+    gain_over_sft: dict                 # (cell name, metric name) → % (positive = DPO better) | None
+
+    @property
+    def cells(self) -> list[Cell]:
+        return self.table.cells
+
+    @property
+    def training_metrics(self) -> list[Metric]:
+        return [m for m in self.table.metrics if m.kind == "dpo"]
+
+
+def dpo_dir(sweep_dir: str) -> str:
+    return os.path.join(sweep_dir, DPO_SUBDIR)
+
+
+def compare_dpo(sweep_dir: str, sft: Table) -> Optional[DPOComparison]:
+    """The WIT → DPO comparison, or None when the sweep has no DPO cells."""
+    path = dpo_dir(sweep_dir)
+    if not os.path.isdir(path):
+        return None
+    cells = collect(path)
+    if not cells:
+        return None
+    table = build_table(path, cells)
+    sft_metrics = {m.name: m for m in sft.metrics}
+    shared = [m for m in table.metrics if m.kind in ("benchmark", "average", "posix") and m.name in sft_metrics]
+    sft_values, dpo_values, gains = {}, {}, {}
+    for c in cells:
+        base = sft.cell_at(c.prompt_weight, c.response_weight)
+        for m in shared:
+            s = sft.values[(base.name, m.name)] if base else Value("missing")
+            d = table.values[(c.name, m.name)]
+            sft_values[(c.name, m.name)], dpo_values[(c.name, m.name)] = s, d
+            gains[(c.name, m.name)] = gain(d, s, m.higher_is_better)
+    return DPOComparison(table, shared, sft_values, dpo_values, gains)
