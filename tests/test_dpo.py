@@ -164,3 +164,88 @@ def test_loss_and_gradients_equal_transformers_fp64(loss, eps):
     for name, p in ours.named_parameters():
         np.testing.assert_allclose(p.grad.double().numpy(), want_grads[name].numpy(), rtol=0,
                                    atol=2e-5 * float(scale), err_msg=name)
+
+
+# --- every layout against one rank ---------------------------------------------------------------------
+GLOBAL_ROWS = 4          # rows per optimizer step, whatever the layout (micro 1 × accum × dp)
+SEQ = 64
+
+
+def layout_data(steps, seed=5):
+    """Rows of 1-3 whole pairs, GLOBAL_ROWS per step, and reference log-probs near the policy's."""
+    rng = np.random.default_rng(seed)
+    rows = [make_pairs(rng, int(rng.integers(1, 4)), TINY["vocab_size"], completion_len=(2, 5))
+            for _ in range(steps * GLOBAL_ROWS)]
+    refs = [[-4.2 * (np.count_nonzero(c == R) + 1) + rng.normal(0, 0.5) for pair in row for t, c in pair]
+            for row in rows]
+    return rows, refs
+
+
+def dpo_worker(rank, world, *, tp=1, pp=1, stage=0, steps=3, lr=1e-3, beta=0.5, loss="sigmoid"):
+    """``steps`` DPO steps of GLOBAL_ROWS rows on a tp × pp × dp layout (hand-made micro-batches, the real
+    Trainer and DeepSpeed engine); returns the step results and the dense parameters."""
+    from witscale.data.loader import StepBatch
+    from witscale.model import ModelConfig
+    from witscale.parallel.topology import ParallelDims, Topology
+    from witscale.training.build import build_module
+    from witscale.training.distributed import init_distributed
+    from witscale.training.dpo import DPOSettings
+    from witscale.training.trainer import Trainer
+
+    init_distributed()
+    cfg = ModelConfig.from_dict(TINY)
+    topo = Topology(ParallelDims(world, tp, pp, stage, cfg))
+    accum = GLOBAL_ROWS // topo.dp
+    config = ds_config(stage, 1, accum, topo.dp)
+    torch.manual_seed(0)
+    module = build_module(cfg, topo, config, model_dir=None, seed=0)
+    trainer = Trainer(module=module, ds_config=config, loader=None, topo=topo, normalization="nonzero", lr=lr,
+                      weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, total_steps=steps, warmup_ratio=0.0,
+                      dpo=DPOSettings(beta=beta, loss=loss))
+    rows, refs = layout_data(steps)
+    table = dpo_table()
+    results = []
+    for step in range(steps):
+        batch = list(range(step * GLOBAL_ROWS, (step + 1) * GLOBAL_ROWS))
+        mine = [batch[m * topo.dp + topo.dp_rank] for m in range(accum)]      # the loader's rank_micro_rows
+        mbs = [micro_batch([rows[r]], SEQ, table, reference=refs[r]) for r in mine]
+        pairs = float(sum(len(rows[r]) for r in batch))
+        results.append(trainer.train_step(StepBatch(mbs, {"pairs": pairs}, 1, GLOBAL_ROWS * SEQ, 0, step)).as_dict())
+    params = trainer.full_dense_state_dict()
+    return {"results": results, "params": {k: v.numpy() for k, v in params.items()}}
+
+
+def _layouts(rank, world, runs):
+    return [dpo_worker(rank, world, **kw) for kw in runs]
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    return run_distributed(_layouts, 1, [dict(), dict(loss="ipo")])[0]
+
+
+DPO_KEYS = ("loss", "logps_chosen", "logps_rejected", "rewards_chosen", "rewards_rejected", "reward_margin",
+            "reward_accuracy", "pairs", "grad_norm")
+
+
+def _same_run(got, want, what, atol=1e-5):
+    for a, b in zip(got["results"], want["results"]):
+        for key in DPO_KEYS:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), f"{what}: {key}"
+    for name in want["params"]:
+        np.testing.assert_allclose(got["params"][name], want["params"][name], rtol=0, atol=atol,
+                                   err_msg=f"{what}: {name}")
+
+
+def test_tp2_pp2_and_zero3_dp2_equal_one_rank(one_rank):
+    """Three DPO steps (losses, rewards, accuracy, parameters) at tp=2, pp=2 and ZeRO-3 dp=2 (grad-accum 2:
+    the same global batch) equal one rank; the pairs are divided over the GLOBAL batch (a per-rank or
+    per-micro-batch pair count would change the dp=2 run)."""
+    ref = one_rank[0]
+    assert ref["results"][0]["pairs"] == sum(len(r) for r in layout_data(3)[0][:GLOBAL_ROWS])
+    tp2, pp2, zero3, pp2_ipo = run_distributed(
+        _layouts, 2, [dict(tp=2), dict(pp=2), dict(stage=3), dict(pp=2, loss="ipo")], timeout=400)[0]
+    _same_run(tp2, ref, "tp=2")
+    _same_run(pp2, ref, "pp=2")
+    _same_run(zero3, ref, "ZeRO-3 dp=2")
+    _same_run(pp2_ipo, one_rank[1], "pp=2 ipo")
