@@ -6,7 +6,11 @@ values in every test: they would dominate the softmax if they were not masked.
 
 Tolerances: fp32 inputs 2e-5 relative (to the largest reference value); bf16 inputs (logits rounded to bf16
 by the matmul, softmax in fp32): loss within 1e-4 relative of the same-rounding reference, and within 2e-2
-of the exact float64 one; gradients within 2e-2 relative."""
+of the exact float64 one; gradients within 2e-2 relative.
+
+Final-logit soft-capping (``logit_softcap=c``) against the same reference on c·tanh(z / c) logits computed
+here in float64 (CAP = 2 on logits of std ~2 and beyond: the cap bites, tanh' ranges over (0, 1]); its
+per-token NLL is read through one class per token."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -36,14 +40,20 @@ def make_problem(seed=0, tokens=TOKENS, vocab=VOCAB, hid=HID, scale=1.0, shards=
     return h, w, targets, weights, classes
 
 
-def reference(h, w, targets, weights, classes, grad_scale=1.0):
+CAP = 2.0
+
+
+def reference(h, w, targets, weights, classes, grad_scale=1.0, softcap=None, ncls=NCLS):
     h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    nll = F.cross_entropy(h64 @ w64.t(), targets, reduction="none", ignore_index=IGNORE_INDEX)
+    logits = h64 @ w64.t()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    nll = F.cross_entropy(logits, targets, reduction="none", ignore_index=IGNORE_INDEX)
     loss = (nll * weights.double()).sum()
     (loss * grad_scale).backward()
     valid = targets != IGNORE_INDEX
-    class_nll = torch.zeros(NCLS, dtype=torch.float64).index_add_(0, classes[valid], nll.detach()[valid])
-    class_count = torch.bincount(classes[valid], minlength=NCLS).double()
+    class_nll = torch.zeros(ncls, dtype=torch.float64).index_add_(0, classes[valid], nll.detach()[valid])
+    class_count = torch.bincount(classes[valid], minlength=ncls).double()
     return dict(loss=loss.detach(), dh=h64.grad, dw=w64.grad, class_nll=class_nll, class_count=class_count)
 
 
@@ -56,13 +66,13 @@ def shard(w, rank, tp, dtype):
 
 
 def run_fused(h, w, targets, weights, classes, *, rank=0, tp=1, group=None, dtype=torch.float32, chunk=8,
-              grad_scale=1.0):
+              grad_scale=1.0, softcap=None, ncls=NCLS):
     local_w, start = shard(w, rank, tp, dtype)
     hh = h.to(dtype).clone().requires_grad_()
     ww = local_w.requires_grad_()
-    stats = fused_weighted_cross_entropy(hh, ww, targets, weights.float(), classes, num_classes=NCLS,
+    stats = fused_weighted_cross_entropy(hh, ww, targets, weights.float(), classes, num_classes=ncls,
                                          tp_group=group, vocab_start=start, true_vocab_size=w.shape[0],
-                                         chunk_size=chunk)
+                                         chunk_size=chunk, logit_softcap=softcap)
     (stats.weighted_sum * grad_scale).backward()
     return stats, hh.grad, ww.grad, start
 
@@ -248,6 +258,93 @@ def test_normalization_counts():
     assert float(n["nonzero"]) == 3 and float(n["weight_sum"]) == 1.75 and float(n["tokens"]) == 4
 
 
+# ------------------------------------------------------------------------------- soft-capped, tp = 1
+def capped_problem(seed=2, scale=1.5, extreme=True):
+    """make_problem with one class per token (class_nll_sum is then the per-token NLL) and logits up to ~12,
+    far beyond CAP (tanh saturates: its derivative → 0); ``extreme``: one token's hidden state 20× larger
+    (logits ~200). Not in bf16: there a logit of ~5 is rounded by ~0.03, which moves the cap's derivative
+    (1 − tanh²(z/c)) by ~3% and, times that token's large hidden state, dW by as much — bf16's limit, not
+    the kernel's; bf16 runs on logits up to ~23 instead."""
+    h, w, t, wt, _ = make_problem(seed=seed, scale=scale)
+    if extreme:
+        h[11] *= 20.0
+    return h, w, t, wt, torch.arange(TOKENS)
+
+
+def check_capped(stats, dh, dw, start, ref, tol):
+    diffs = compare(stats, dh, dw, start, ref)
+    assert all(v < tol for v in diffs.values()), diffs
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 36, 4096])
+def test_softcap_tp1_matches_fp64_reference(chunk):
+    h, w, t, wt, c = capped_problem()
+    ref = reference(h, w, t, wt, c, grad_scale=0.7, softcap=CAP, ncls=TOKENS)
+    uncapped = reference(h, w, t, wt, c, ncls=TOKENS)
+    stats, dh, dw, start = run_fused(h, w, t, wt, c, chunk=chunk, grad_scale=0.7, softcap=CAP, ncls=TOKENS)
+    check_capped(stats, dh, dw, start, ref, 2e-5)      # class_nll here: the per-token NLL
+    # the cap changes the answer (so the comparison can fail) and bounds every logit: nll ≤ log V + 2c
+    assert float((ref["loss"] - uncapped["loss"]).abs()) > 0.1 * float(ref["loss"])
+    assert float(stats.class_nll_sum.max()) <= torch.log(torch.tensor(float(VOCAB))) + 2 * CAP
+
+
+def test_softcap_tp1_bf16_and_no_grad():
+    h, w, t, wt, c = capped_problem(scale=3.0, extreme=False)
+    exact = reference(h, w, t, wt, c, softcap=CAP, ncls=TOKENS)
+    stats, dh, dw, start = run_fused(h, w, t, wt, c, dtype=torch.bfloat16, chunk=5, softcap=CAP, ncls=TOKENS)
+    assert dh.dtype == torch.bfloat16 and dw.dtype == torch.bfloat16
+    check_capped(stats, dh, dw, start, exact, 2e-2)
+    h, w, t, wt, c = capped_problem()
+    # without gradients: one block per chunk, the same loss bit for bit as the gradient path
+    hh, ww = h.float().requires_grad_(), w.float().requires_grad_()
+    with_grad = fused_weighted_cross_entropy(hh, ww, t, wt.float(), c, num_classes=TOKENS, chunk_size=5,
+                                             logit_softcap=CAP)
+    with torch.no_grad():
+        no_grad = fused_weighted_cross_entropy(hh, ww, t, wt.float(), c, num_classes=TOKENS, chunk_size=5,
+                                               logit_softcap=CAP)
+    assert torch.equal(no_grad.weighted_sum, with_grad.weighted_sum.detach())
+    assert torch.equal(no_grad.class_nll_sum, with_grad.class_nll_sum)
+
+
+def test_softcap_zero_weights_padding_and_arguments():
+    h, w, t, wt, c = capped_problem()
+    _, dh, dw, start = run_fused(h, w, t, wt, c, chunk=4, softcap=CAP, ncls=TOKENS)
+    assert dh[(wt == 0) | (t == IGNORE_INDEX)].abs().max() == 0
+    # tp=1 with padding rows (large values, capped to ≈ c if the cap came after the mask): still ignored
+    padded = torch.cat([w, torch.full((13, HID), PAD_VALUE, dtype=w.dtype)]).float().requires_grad_()
+    stats = fused_weighted_cross_entropy(h.float(), padded, t, wt.float(), c, num_classes=TOKENS,
+                                         true_vocab_size=VOCAB, chunk_size=6, logit_softcap=CAP)
+    stats.weighted_sum.backward()
+    ref = reference(h, w, t, wt, c, softcap=CAP, ncls=TOKENS)
+    assert float(stats.weighted_sum.detach()) == pytest.approx(float(ref["loss"]), rel=2e-6)
+    assert float(padded.grad[VOCAB:].abs().max()) == 0.0
+    # 0 and None mean "no cap" (HF configs write either); a negative cap is an error
+    plain = fused_weighted_cross_entropy(h.float(), w.float(), t, wt.float(), c, num_classes=TOKENS)
+    zero = fused_weighted_cross_entropy(h.float(), w.float(), t, wt.float(), c, num_classes=TOKENS, logit_softcap=0)
+    assert torch.equal(plain.weighted_sum, zero.weighted_sum)
+    with pytest.raises(ValueError, match="logit_softcap must be a positive number"):
+        fused_weighted_cross_entropy(h.float(), w.float(), t, wt.float(), c, num_classes=TOKENS, logit_softcap=-3.0)
+
+
+def test_softcap_halves_the_automatic_chunk():
+    assert chunk_rows(8192, 4096, 32000, 4096, blocks=2) == 512          # 1024 uncapped
+    assert chunk_rows(16384, 4096, 16000, 4096, blocks=2) == 2048        # 4096 uncapped
+    assert chunk_rows(37, 16, 51, 8, blocks=2) == 8
+
+
+def test_softcap_head_logits_path():
+    h, w, t, wt, c = capped_problem()
+    head = VocabParallelLMHead(VOCAB, HID, chunk_size=8, logit_softcap=CAP)
+    with torch.no_grad():
+        head.weight.copy_(w.float())
+    logits = head(h.float()[None])[0]
+    want = CAP * torch.tanh((h @ w.t()) / CAP)
+    torch.testing.assert_close(logits.double(), want, atol=1e-5, rtol=0)
+    stats = head(h.float()[None], t[None], wt.float()[None])
+    assert float(stats.weighted_sum.detach()) == pytest.approx(float(reference(h, w, t, wt, c, softcap=CAP, ncls=TOKENS)["loss"]),
+                                                      rel=2e-6)
+
+
 # --------------------------------------------------------------------------------------------- tp > 1
 def _tp_worker(rank, world):
     import torch.distributed as dist
@@ -279,6 +376,25 @@ def _tp_worker(rank, world):
         head.weight.copy_(local_w)
     stats = head(h.float().view(1, TOKENS, HID), t.view(1, -1), wt.float().view(1, -1), c.view(1, -1))
     out["head_loss"] = abs(float(stats.weighted_sum) - float(reference(h, w, t, wt, c)["loss"]))
+    # soft-capped: fp32 over several chunks and in one, bf16, and the capped head (loss and logits)
+    hc, wc, tc, wtc, cc = capped_problem()
+    tc[:world] = make_problem(shards=world)[2][:world]                      # targets in every shard
+    ref_c = reference(hc, wc, tc, wtc, cc, grad_scale=1.5, softcap=CAP, ncls=TOKENS)
+    for chunk in (5, 64):
+        out[f"capped/chunk{chunk}"] = compare(*run_fused(hc, wc, tc, wtc, cc, rank=rank, tp=world, group=group,
+                                                         chunk=chunk, grad_scale=1.5, softcap=CAP, ncls=TOKENS), ref_c)
+    hb = capped_problem(scale=3.0, extreme=False)[0]
+    out["capped_bf16"] = compare(*run_fused(hb, wc, tc, wtc, cc, rank=rank, tp=world, group=group, chunk=5,
+                                            dtype=torch.bfloat16, softcap=CAP, ncls=TOKENS),
+                                 reference(hb, wc, tc, wtc, cc, softcap=CAP, ncls=TOKENS))
+    capped_head = VocabParallelLMHead(VOCAB, HID, group, chunk_size=8, logit_softcap=CAP)
+    with torch.no_grad():
+        capped_head.weight.copy_(shard(wc, rank, world, torch.float32)[0])
+        logits = capped_head(hc.float()[None])[0]
+    out["capped_head_logits"] = float((logits.double() - CAP * torch.tanh((hc @ wc.t()) / CAP)).abs().max())
+    out["capped_head_logits_shape"] = list(logits.shape)
+    stats = capped_head(hc.float()[None], tc[None], wtc.float()[None])
+    out["capped_head_loss"] = abs(float(stats.weighted_sum) / float(ref_c["loss"]) - 1)
     return out
 
 
@@ -291,5 +407,10 @@ def test_vocab_parallel_matches_reference(tp):
         assert all(v < 2e-2 for v in out["bf16"].values()), (rank, out["bf16"])
         assert out["zero_w_dh"] == 0.0
         assert out["no_grad_loss"] < 1e-3 and out["head_loss"] < 1e-3, out
+        for case in ("capped/chunk5", "capped/chunk64"):
+            assert all(v < 2e-5 for v in out[case].values()), (rank, case, out[case])
+        assert all(v < 2e-2 for v in out["capped_bf16"].values()), (rank, out["capped_bf16"])
+        assert out["capped_head_logits"] < 1e-5 and out["capped_head_logits_shape"] == [TOKENS, VOCAB], out
+        assert out["capped_head_loss"] < 2e-6, out
     # every rank reports the same (all-reduced) loss
     assert len({round(o["no_grad_loss"], 9) for o in results}) == 1

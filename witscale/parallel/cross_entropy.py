@@ -12,6 +12,14 @@ weight are accumulated over chunks in fp32). Work is chunked over tokens: at mos
 [chunk × V_local] block of logits is alive at any time, in forward and in backward — the full [T × V]
 logits are never materialized.
 
+Final-logit soft-capping (Gemma-2: ``final_logit_softcapping``; ``logit_softcap=c``): the softmax runs on
+z' = c·tanh(z / c) instead of z, so nll_t = logsumexp(z'_t) − z'_t[y_t], and the chain rule adds one
+factor per logit: dz = dz' · (1 − tanh²(z / c)). Per chunk, ``tanh(z / c)`` is computed in place in the
+logits block and kept beside a second block holding z' (then its softmax gradient), so a capped chunk
+holds two [chunk × V_local] fp32 blocks while gradients are computed (``chunk_rows`` halves the automatic
+chunk for it: the same memory bound); without gradients it stays one block. Padded vocabulary rows are
+set to −inf AFTER the cap (tanh would otherwise map them to −c, a real probability).
+
 Why gradients are computed during the forward pass: the output is linear in its (scalar) upstream
 gradient g, so dL/dh = g · d(Σ w·nll)/dh and likewise for the weight. Computing d/dh and d/dW while the
 logits block is at hand and only scaling them by g in backward costs the same three matmuls per chunk as
@@ -64,11 +72,12 @@ def normalization_counts(targets: torch.Tensor, weights: torch.Tensor) -> dict[s
     return {"nonzero": (w > 0).sum().double(), "weight_sum": w.sum(), "tokens": predicted.sum().double()}
 
 
-def chunk_rows(tokens: int, hidden: int, v_local: int, chunk_size: int) -> int:
-    """Tokens per chunk: at most ``chunk_size``, and fewer when the [chunk × V_local] fp32 logits block would
-    be larger than the hidden states [T × H] themselves (Liger's rule: the loss then never needs more than
-    about one more copy of the activations it consumes), but not below MIN_AUTO_CHUNK."""
-    budget = max(MIN_AUTO_CHUNK, (tokens * hidden) // max(1, v_local))
+def chunk_rows(tokens: int, hidden: int, v_local: int, chunk_size: int, blocks: int = 1) -> int:
+    """Tokens per chunk: at most ``chunk_size``, and fewer when the ``blocks`` [chunk × V_local] fp32 blocks
+    alive per chunk (2 for a soft-capped loss with gradients, else 1) would be larger than the hidden states
+    [T × H] themselves (Liger's rule: the loss then never needs more than about one more copy of the
+    activations it consumes), but not below MIN_AUTO_CHUNK."""
+    budget = max(MIN_AUTO_CHUNK, (tokens * hidden) // max(1, v_local * blocks))
     budget = 1 << (budget.bit_length() - 1)             # a power of two (≥ MIN_AUTO_CHUNK): steady matmul shapes
     return max(1, min(int(chunk_size), budget, tokens))
 
@@ -81,7 +90,8 @@ def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
 
 class _FusedLinearWeightedCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, weights, group, vocab_start, true_vocab_size, rows, need_h, need_w):
+    def forward(ctx, hidden, weight, targets, weights, group, vocab_start, true_vocab_size, rows, need_h, need_w,
+                softcap):
         tokens = hidden.shape[0]
         v_local = weight.shape[0]
         dev = hidden.device
@@ -105,6 +115,13 @@ class _FusedLinearWeightedCE(torch.autograd.Function):
             logits = h @ weight.t()                                         # [c, V_local]: the only big block
             if not same_dtype:
                 logits = logits.float()
+            tanh_z = None
+            if softcap is not None:
+                logits.div_(softcap).tanh_()                                 # tanh(z / c), in place
+                if need_h or need_w:
+                    tanh_z, logits = logits, logits * softcap                # keep tanh for the chain rule
+                else:
+                    logits.mul_(softcap)
             if first_pad < v_local:
                 logits[:, first_pad:] = float("-inf")
             row_max = _all_reduce(logits.amax(dim=1), dist.ReduceOp.MAX, group)
@@ -122,6 +139,9 @@ class _FusedLinearWeightedCE(torch.autograd.Function):
                 # − w at the target column of rows whose target lies in this shard; a scatter, not a
                 # nonzero() gather, so that no chunk waits for the host (rows elsewhere add 0 at column 0).
                 logits.scatter_add_(1, lt[:, None], torch.where(shard_mask, -w, zero)[:, None])
+                if tanh_z is not None:
+                    logits.mul_(tanh_z.square_().neg_().add_(1.0))           # dz = dz' · (1 − tanh²(z/c))
+                    del tanh_z
                 g = logits if same_dtype else logits.to(weight.dtype)
                 if need_h:
                     if same_dtype:
@@ -159,13 +179,14 @@ class _FusedLinearWeightedCE(torch.autograd.Function):
             grad_h = grad_h.mul_(grad_sum).to(h_dtype)
         if grad_w is not None:
             grad_w = grad_w.mul_(grad_sum).to(w_dtype)
-        return grad_h, grad_w, None, None, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None, None, None
 
 
 def fused_weighted_cross_entropy(hidden: torch.Tensor, lm_weight: torch.Tensor, targets: torch.Tensor,
                                  weights: torch.Tensor, target_classes: Optional[torch.Tensor] = None, *,
                                  num_classes: int = NUM_CLASSES, tp_group=None, vocab_start: int = 0,
-                                 true_vocab_size: Optional[int] = None, chunk_size: int = 4096) -> LossStats:
+                                 true_vocab_size: Optional[int] = None, chunk_size: int = 4096,
+                                 logit_softcap: Optional[float] = None) -> LossStats:
     """Weighted NLL of ``targets`` under logits ``hidden @ lm_weightᵀ`` without materializing the logits.
 
     hidden [T, H] (or [..., H]), replicated over the TP group and NOT passed through ``copy_to_tp`` (the
@@ -175,6 +196,8 @@ def fused_weighted_cross_entropy(hidden: torch.Tensor, lm_weight: torch.Tensor, 
     (per-class NLL for logging; None = all class 0). ``true_vocab_size``: rows of global id ≥ it are
     padding and get probability 0 (default: no padding, V_local × tp). ``chunk_size``: the most tokens per
     chunk (see ``chunk_rows``: fewer when the logits block would outgrow the hidden states).
+    ``logit_softcap``: c > 0 to take the softmax of c·tanh(logits / c) (Gemma-2's final-logit soft-capping);
+    None (or 0, as HF configs write "off") for plain logits.
     """
     h_dim = hidden.shape[-1]
     hidden = hidden.reshape(-1, h_dim)
@@ -194,11 +217,13 @@ def fused_weighted_cross_entropy(hidden: torch.Tensor, lm_weight: torch.Tensor, 
         # Checking ids costs a device→host sync on a GPU, so there the loader checks them (numpy, per row,
         # witscale/data/loader.py); on the CPU there is nothing to wait for and direct callers get the error.
         check_targets(targets, classes, true_vocab_size, num_classes)
+    softcap = _checked_softcap(logit_softcap)
     grad_on = torch.is_grad_enabled()
     need_h, need_w = grad_on and hidden.requires_grad, grad_on and lm_weight.requires_grad
-    rows = chunk_rows(hidden.shape[0], h_dim, lm_weight.shape[0], chunk_size)
+    blocks = 2 if softcap is not None and (need_h or need_w) else 1
+    rows = chunk_rows(hidden.shape[0], h_dim, lm_weight.shape[0], chunk_size, blocks)
     weighted_sum, nll = _FusedLinearWeightedCE.apply(hidden, lm_weight, targets, weights, group, vocab_start,
-                                                     true_vocab_size, rows, need_h, need_w)
+                                                     true_vocab_size, rows, need_h, need_w, softcap)
     # Per-class sums without boolean indexing (its output size is data-dependent: a host sync on a GPU):
     # tokens that predict nothing go to class 0 with nll 0 and count 0.
     cls = torch.where(predicted, classes, torch.zeros_like(classes))
@@ -207,6 +232,22 @@ def fused_weighted_cross_entropy(hidden: torch.Tensor, lm_weight: torch.Tensor, 
     class_count = torch.zeros(num_classes, dtype=torch.float64, device=hidden.device)
     class_count.index_add_(0, cls, predicted.double())
     return LossStats(weighted_sum, class_nll, class_count, nll)
+
+
+def _checked_softcap(logit_softcap: Optional[float]) -> Optional[float]:
+    """A positive float, or None for no cap (HF configs write None or 0 for "off")."""
+    if logit_softcap is None or logit_softcap == 0:
+        return None
+    if not logit_softcap > 0:       # also rejects NaN
+        raise ValueError(f"logit_softcap must be a positive number (or None/0 for no cap), got {logit_softcap!r}")
+    return float(logit_softcap)
+
+
+def soft_cap(logits: torch.Tensor, logit_softcap: Optional[float]) -> torch.Tensor:
+    """c·tanh(logits / c), or the logits unchanged without a cap: the logits-returning paths' version of
+    what the fused loss computes per chunk."""
+    softcap = _checked_softcap(logit_softcap)
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
 
 
 def check_targets(targets: torch.Tensor, classes: torch.Tensor, vocab_size: int, num_classes: int) -> None:
@@ -224,4 +265,4 @@ def check_targets(targets: torch.Tensor, classes: torch.Tensor, vocab_size: int,
 
 
 __all__ = ["IGNORE_INDEX", "NORMALIZATIONS", "LossStats", "fused_weighted_cross_entropy",
-           "normalization_counts", "chunk_rows", "check_targets"]
+           "normalization_counts", "chunk_rows", "check_targets", "soft_cap"]

@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from witscale.parallel.cross_entropy import LossStats, fused_weighted_cross_entropy
+from witscale.parallel.cross_entropy import LossStats, fused_weighted_cross_entropy, soft_cap
 from witscale.parallel.comm import copy_to_tp, gather_from_tp_last_dim, reduce_from_tp, scatter_to_tp_last_dim
 
 
@@ -290,9 +290,11 @@ class VocabParallelLMHead(_VocabShard):
     """The output projection, fused with the weighted loss; ``forward`` runs inside the module so that
     ZeRO-3 gathers ``weight`` for it (a parameter read outside its module's forward is not gathered)."""
 
-    def __init__(self, vocab_size: int, dim: int, tp_group=None, chunk_size: int = 4096):
+    def __init__(self, vocab_size: int, dim: int, tp_group=None, chunk_size: int = 4096,
+                 logit_softcap: Optional[float] = None):
         super().__init__(vocab_size, dim, tp_group)
         self.chunk_size = chunk_size
+        self.logit_softcap = logit_softcap      # Gemma-2's final_logit_softcapping: both paths apply it
 
     def forward(self, hidden: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 weights: Optional[torch.Tensor] = None, target_classes: Optional[torch.Tensor] = None,
@@ -301,8 +303,8 @@ class VocabParallelLMHead(_VocabShard):
         ``objective`` (e.g. witscale/training/dpo.py's ``DPOLoss``): a callable given ``self.fused_loss`` and
         the flattened inputs, run here so that ZeRO-3 gathers ``weight`` once for all its passes."""
         if labels is None:
-            logits = gather_from_tp_last_dim(F.linear(copy_to_tp(hidden, self.tp_group), self.weight),
-                                             self.tp_group)
+            local = soft_cap(F.linear(copy_to_tp(hidden, self.tp_group), self.weight), self.logit_softcap)
+            logits = gather_from_tp_last_dim(local, self.tp_group)
             return logits[..., :self.vocab_size]
         h = hidden.reshape(-1, hidden.shape[-1])
         classes = None if target_classes is None else target_classes.reshape(-1)
@@ -317,7 +319,7 @@ class VocabParallelLMHead(_VocabShard):
         return fused_weighted_cross_entropy(
             h, self.weight, labels, weights, target_classes,
             tp_group=self.tp_group, vocab_start=self.vocab_start, true_vocab_size=self.vocab_size,
-            chunk_size=self.chunk_size)
+            chunk_size=self.chunk_size, logit_softcap=self.logit_softcap)
 
 
 LMHead = VocabParallelLMHead
