@@ -1,0 +1,186 @@
+"""Every model family on the parallel layouts: real DeepSpeed engines on real gloo ranks against tp=1, from
+checkpoints built by ``transformers``, exported back and read by ``transformers`` again.
+
+- KV-head replication (fewer KV heads than TP ranks, parallel/layers.py ``ReplicatedKVHeadLinear``): a Llama
+  with 2 KV heads at tp=4 (ZeRO-1) and one with 1 KV head at tp=2 × pp=2, loaded from an HF checkpoint,
+  trained, exported live and offline (tools/export_hf.py's path) — against tp=1 on the same checkpoint.
+
+Three launches (world 1, 2, 4) run every configuration; the module-scoped fixtures share them.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from tests.distributed import run_distributed
+from tests.train_helpers import ds_config, random_packed
+
+LLAMA = dict(model_type="llama", vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+             num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6,
+             tie_word_embeddings=False, head_dim=8)
+LLAMA_ONE_KV = dict(LLAMA, num_key_value_heads=1, tie_word_embeddings=True)
+
+# name → the HF config dict transformers builds the checkpoint from
+FAMILIES = {"llama-kv2": LLAMA, "llama-kv1": LLAMA_ONE_KV}
+# Each configuration: (family, world, tp, pp, ZeRO stage). Every one is compared with (family, 1, 1, 1, 0).
+LAYOUTS = [("llama-kv2", 4, 4, 1, 1), ("llama-kv1", 4, 2, 2, 1)]
+STEPS = 3
+
+
+def _hf_checkpoint(config: dict, out: str) -> None:
+    """A tiny random model saved by transformers (safetensors), with weights drawn at std 0.1 so that 3
+    steps move the loss measurably."""
+    import transformers
+
+    cfg = transformers.AutoConfig.for_model(**config)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.1)
+    model.save_pretrained(out, safe_serialization=True)
+
+
+def family_worker(rank, world, *, model_dir, tp=1, pp=1, stage=0, steps=STEPS, out=None, probe=False):
+    """Load ``model_dir``, train ``steps`` steps of grad-accum 4 (over dp) at tp × pp; return the losses,
+    the dense parameters, with ``probe`` (pp=1, no ZeRO-3) one micro-batch's loss and this rank's own
+    gradients, and with ``out`` a checkpoint, the run's model config and a live fp32 export under ``out``."""
+    from witscale.data.loader import PackedLoader
+    from witscale.data.weighting import build_weight_table
+    from witscale.model import ModelConfig
+    from witscale.parallel.topology import ParallelDims, Topology
+    from witscale.training import checkpoint
+    from witscale.training.build import build_module
+    from witscale.training.distributed import init_distributed
+    from witscale.training.export import export_from_engine
+    from witscale.training.trainer import Trainer
+
+    init_distributed()
+    cfg = ModelConfig.from_hf_dir(model_dir)
+    topo = Topology(ParallelDims(world, tp, pp, stage, cfg))
+    accum = 4 // topo.dp
+    conf = ds_config(stage, 1, accum, topo.dp)
+    torch.manual_seed(0)
+    module = build_module(cfg, topo, conf, model_dir=model_dir, seed=0)
+    loader = PackedLoader(random_packed(8, 32, cfg.vocab_size, 1), build_weight_table(0.3, 1.0),
+                          micro_batch_size=1, grad_accum=accum, dp_size=topo.dp, dp_rank=topo.dp_rank, seed=0)
+    probed = _probe(module, loader) if probe else None
+    # eps=1e-6: Adam turns a ~0 gradient into a ±lr step whose sign is summation-order noise (see
+    # tests/test_model_tensor_parallel.py); a larger eps keeps the comparison about the layout.
+    trainer = Trainer(module=module, ds_config=conf, loader=loader, topo=topo, normalization="nonzero", lr=1e-3,
+                      weight_decay=0.0, betas=(0.9, 0.999), eps=1e-6, total_steps=steps, warmup_ratio=0.0)
+    losses = [trainer.train_step(loader.next_step()).loss for _ in range(steps)]
+    params = {k: v.numpy() for k, v in trainer.full_dense_state_dict().items()}
+    if out:
+        checkpoint.save(trainer.engine, os.path.join(out, "checkpoints"), steps, {"step": steps}, keep=1)
+        if rank == 0:
+            with open(os.path.join(out, "model_config.json"), "w") as f:
+                json.dump(cfg.to_hf_dict(), f)
+        export_from_engine(trainer, cfg, os.path.join(out, "live"), dtype="fp32")
+    return {"losses": losses, "params": params, "probe": probed, "tp_rank": topo.tp_rank, "pp_rank": topo.pp_rank}
+
+
+def _probe(module, loader):
+    """The weighted loss of one micro-batch and this rank's own gradient of every replicated parameter."""
+    mb = loader.make_micro_batch(loader.global_batch_rows(0, 0)[:1])
+    stats = module(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen, mb.labels, mb.weights,
+                   mb.target_classes)
+    module.zero_grad()
+    stats.weighted_sum.backward()
+    grads = {n: p.grad.clone().numpy() for n, p in module.named_parameters()
+             if getattr(p, "tp_split_dim", None) is None}
+    module.zero_grad()
+    return {"loss_sum": float(stats.weighted_sum), "grads": grads}
+
+
+def _many(rank, world, runs):
+    # Several configurations per launch: process and DeepSpeed start-up dominate these tiny runs.
+    return [family_worker(rank, world, **kw) for kw in runs]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    for name, config in FAMILIES.items():
+        _hf_checkpoint(config, str(root / name))
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(checkpoints, tmp_path_factory):
+    """{(family, world, tp, pp, stage): [rank results]} for the tp=1 references and every layout."""
+    out_root = tmp_path_factory.mktemp("runs")
+    by_world: dict[int, list] = {}
+    keys = [(f, 1, 1, 1, 0) for f in FAMILIES] + LAYOUTS
+    for key in keys:
+        family, world, tp, pp, stage = key
+        out = str(out_root / "-".join(map(str, key)))
+        by_world.setdefault(world, []).append((key, dict(model_dir=str(checkpoints / family), tp=tp, pp=pp,
+                                                         stage=stage, out=out if world > 1 else None)))
+    results = {}
+    for world, entries in sorted(by_world.items()):
+        ranks = run_distributed(_many, world, [kw for _, kw in entries], timeout=600)
+        for i, (key, kw) in enumerate(entries):
+            results[key] = {"ranks": [r[i] for r in ranks], "out": kw["out"]}
+    return results
+
+
+def _close(a, b, atol, what):
+    assert a.keys() == b.keys(), f"{what}: {sorted(set(a) ^ set(b))}"
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=0, atol=atol, err_msg=f"{what}: {name}")
+
+
+def _tensors(hf_dir):
+    from safetensors.torch import load_file
+    files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
+    return {k: v for f in files for k, v in load_file(os.path.join(hf_dir, f)).items()}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda k: f"{k[0]}-tp{k[2]}-pp{k[3]}-zero{k[4]}")
+def test_layout_trains_like_tp1(runs, checkpoints, layout):
+    """Losses and parameters after 3 steps against tp=1 from the same HF checkpoint; every rank agrees."""
+    ref = runs[(layout[0], 1, 1, 1, 0)]["ranks"][0]
+    got = runs[layout]["ranks"]
+    start = _tensors(str(checkpoints / layout[0]))
+    moved = min(np.abs(ref["params"][k] - start[k].numpy()).max() for k in start)
+    assert moved > 5e-4, "every tensor must have trained (3 Adam steps of lr 1e-3)"
+    last = [r for r in got if r["pp_rank"] == layout[3] - 1][0]
+    np.testing.assert_allclose(last["losses"], ref["losses"], rtol=1e-5)
+    for r in got:
+        _close(r["params"], ref["params"], 2e-5, f"{layout} rank tp {r['tp_rank']} pp {r['pp_rank']}")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda k: f"{k[0]}-tp{k[2]}-pp{k[3]}-zero{k[4]}")
+def test_export_live_and_offline_give_the_hf_layout(runs, layout, tmp_path):
+    """The live export and the offline one (tools/export_hf.py's path, from the checkpoint) hold the HF
+    tensors of the trained model — replicated k/v once, at the HF shape — and transformers reads them with
+    the logits of witscale's tp=1 model on the same files."""
+    import transformers
+
+    from witscale.model import CausalLM, ModelConfig, load_hf_weights
+    from witscale.training.export import export_checkpoint
+
+    ref = runs[(layout[0], 1, 1, 1, 0)]["ranks"][0]["params"]
+    out = runs[layout]["out"]
+    live = _tensors(os.path.join(out, "live"))
+    cfg = ModelConfig.from_json_file(os.path.join(out, "model_config.json"))
+    expected = {k: v for k, v in ref.items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    _close({k: v.numpy() for k, v in live.items()}, expected, 2e-5, f"{layout} live export")
+    export_checkpoint(os.path.join(out, "checkpoints"), str(tmp_path / "offline"), dtype="fp32")
+    offline = _tensors(str(tmp_path / "offline"))
+    _close({k: v.numpy() for k, v in offline.items()}, {k: v.numpy() for k, v in live.items()}, 0,
+           f"{layout} offline vs live export")
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, "live"), dtype=torch.float32).eval()
+    ours = CausalLM(cfg).eval()
+    load_hf_weights(ours, os.path.join(out, "live"))
+    ids = torch.randint(3, cfg.vocab_size, (1, 20))
+    with torch.no_grad():
+        want = hf(ids).logits
+        pos, cu = torch.arange(20)[None], torch.tensor([0, 20], dtype=torch.int32)
+        got = ours.compute_logits(ours(ids, pos, cu, 20))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
