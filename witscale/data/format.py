@@ -9,11 +9,19 @@ A directory with ``manifest.json`` and raw little-endian arrays:
   doc_lengths.bin  int32   [num_documents]       every document's length, row by row, in order
   row_offsets.bin  int64   [num_rows + 1]        CSR: row r holds doc_lengths[row_offsets[r]:row_offsets[r+1]],
                                                  laid out from position 0; the rest of the row is padding
+Preference datasets (manifest ``"task": "preference"``; SFT manifests have no ``task``) add, per document:
+  doc_pair.bin     int64   [num_documents]       the pair's index (input order, after skips)
+  doc_role.bin     uint8   [num_documents]       0 chosen, 1 rejected; a pair's two documents are adjacent in
+                                                 one row, chosen first (pairs are packed whole, never split)
+  reference_logps.bin float64 [num_documents]   optional, added later by :func:`write_reference_logps`: each
+                                                 completion's summed log-prob under the reference model; the
+                                                 manifest's ``reference`` records what made it
 Written into a temporary directory next to the output and renamed into place: a half-written dataset never
 sits at the output path.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -24,10 +32,13 @@ import numpy as np
 
 from witscale.data.classes import CLASS_NAMES, NUM_CLASSES, TokenClass, check_class_table, class_table
 from witscale.data.errors import DataError
-from witscale.data.bestfit import apply_long_policy, gather_index, layout_rows
+from witscale.data.bestfit import Pieces, apply_long_policy, gather_index, layout_rows
 
 FORMAT_VERSION = 1
 _ARRAYS = {"tokens": "<i4", "classes": "u1", "weights": "<f4"}
+TASKS = ("sft", "preference")
+CHOSEN, REJECTED = 0, 1            # doc_role values
+REFERENCE_FILE = "reference_logps.bin"
 
 
 class TokenizedCorpus(NamedTuple):
@@ -54,15 +65,26 @@ class TokenizedCorpus(NamedTuple):
 
 def write_packed(output: str, corpus: TokenizedCorpus, *, seq_len: int, pad_id: int, long_policy: str = "truncate",
                  tokenizer: dict | None = None, template: str = "", sources: list | None = None,
-                 counts: dict | None = None, skipped: list | None = None, overwrite: bool = False) -> dict:
-    """Pack `corpus` into rows of `seq_len` and write the dataset at `output`; returns the manifest."""
+                 counts: dict | None = None, skipped: list | None = None, overwrite: bool = False,
+                 task: str = "sft") -> dict:
+    """Pack `corpus` into rows of `seq_len` and write the dataset at `output`; returns the manifest.
+
+    ``task="preference"``: the corpus holds pairs, documents 2i (chosen) and 2i+1 (rejected) of pair i. Each
+    pair is packed as ONE item of its total length (best-fit, like any document), so its two documents land
+    adjacent in one row, chosen first; a pair longer than a row is an error (no long policy applies)."""
     if seq_len < 2:
         raise DataError(f"--seq-len must be at least 2, got {seq_len}")
+    if task not in TASKS:
+        raise DataError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     if os.path.exists(output) and not overwrite:
         raise DataError("output already exists; pass --overwrite to replace it", output)
     lengths = np.diff(corpus.offsets)
     keep = lengths > 0
-    pieces = apply_long_policy(lengths, seq_len, long_policy)
+    if task == "preference":
+        # the pieces are whole pairs: documents 2i and 2i+1 are contiguous in the corpus
+        pieces, doc_lengths, doc_pair, pair_order = _pair_pieces(corpus.offsets, seq_len)
+    else:
+        pieces = apply_long_policy(lengths, seq_len, long_policy)
     nonempty = pieces.length > 0
     p_doc, p_start, p_len = pieces.doc[nonempty], pieces.start[nonempty], pieces.length[nonempty]
     layout = layout_rows(p_len, seq_len)
@@ -86,15 +108,25 @@ def write_packed(output: str, corpus: TokenizedCorpus, *, seq_len: int, pad_id: 
         classes = fill("classes", corpus.classes, TokenClass.PAD)
         if corpus.weights is not None:
             fill("weights", corpus.weights, 0.0)
-        p_len[layout.order].astype("<i4").tofile(os.path.join(tmp, "doc_lengths.bin"))
-        layout.row_offsets.astype("<i8").tofile(os.path.join(tmp, "row_offsets.bin"))
+        if task == "preference":
+            pairs = layout.order                      # pair indices in row order
+            docs = pair_order(pairs)                  # their documents, chosen then rejected
+            doc_lengths[docs].astype("<i4").tofile(os.path.join(tmp, "doc_lengths.bin"))
+            doc_pair[docs].astype("<i8").tofile(os.path.join(tmp, "doc_pair.bin"))
+            (docs % 2).astype("u1").tofile(os.path.join(tmp, "doc_role.bin"))
+            (layout.row_offsets * 2).astype("<i8").tofile(os.path.join(tmp, "row_offsets.bin"))
+            num_documents = len(docs)
+        else:
+            p_len[layout.order].astype("<i4").tofile(os.path.join(tmp, "doc_lengths.bin"))
+            layout.row_offsets.astype("<i8").tofile(os.path.join(tmp, "row_offsets.bin"))
+            num_documents = len(p_len)
         per_class = np.bincount(classes, minlength=NUM_CLASSES)
         num_tokens = int(p_len.sum())
         c = dict(counts or {})
         c.update(truncated=pieces.truncated, dropped=pieces.dropped, split=pieces.split)
         c["empty_documents"] = int((~keep).sum())
         manifest = {
-            "format_version": FORMAT_VERSION, "seq_len": int(seq_len), "num_documents": int(len(p_len)),
+            "format_version": FORMAT_VERSION, "seq_len": int(seq_len), "num_documents": int(num_documents),
             "num_rows": int(num_rows), "num_tokens": num_tokens,
             "packing_efficiency": num_tokens / total if total else 0.0,
             "tokens_per_class": {name: int(per_class[i]) for i, name in enumerate(CLASS_NAMES)},
@@ -103,13 +135,100 @@ def write_packed(output: str, corpus: TokenizedCorpus, *, seq_len: int, pad_id: 
             "pad_id": int(pad_id), "long_policy": long_policy, "sources": sources or [], "counts": c,
             "skipped": skipped or [],
         }
-        with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1, ensure_ascii=False)
-            f.write("\n")
+        if task == "preference":
+            # SFT manifests stay as they were (no 'task' key: an SFT dataset is byte-identical to before)
+            manifest.update(task="preference", long_policy="none", num_pairs=int(num_documents // 2),
+                            pairs_per_row=num_documents / 2 / num_rows if num_rows else 0.0)
+        _write_manifest(tmp, manifest)
         _move_into_place(tmp, output, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return manifest
+
+
+def _pair_pieces(offsets: np.ndarray, seq_len: int):
+    """(pieces = the pairs as whole items, document lengths, each document's pair, pairs → their documents)."""
+    if (len(offsets) - 1) % 2:
+        raise DataError("a preference corpus holds pairs: an even number of documents (chosen, rejected, ...)")
+    doc_lengths = np.diff(offsets)
+    num_pairs = len(doc_lengths) // 2
+    pair_len = doc_lengths[0::2] + doc_lengths[1::2]
+    if num_pairs and (int(doc_lengths.min()) < 2 or int(pair_len.max()) > seq_len):
+        bad = int(np.argmax((pair_len > seq_len) | (doc_lengths.reshape(-1, 2).min(axis=1) < 2)))
+        raise DataError(f"pair {bad} has documents of {doc_lengths[2 * bad]} + {doc_lengths[2 * bad + 1]} tokens: "
+                        f"each needs at least 2 and both together at most a row (--seq-len {seq_len})")
+    first_doc = np.arange(num_pairs, dtype=np.int64) * 2
+    pieces = Pieces(first_doc, np.zeros(num_pairs, np.int64), pair_len.astype(np.int64), 0, 0, 0)
+    doc_pair = np.repeat(np.arange(num_pairs, dtype=np.int64), 2)
+
+    def pair_order(pairs: np.ndarray) -> np.ndarray:
+        return (np.asarray(pairs, np.int64)[:, None] * 2 + np.arange(2)).reshape(-1)
+    return pieces, doc_lengths, doc_pair, pair_order
+
+
+def _write_manifest(directory: str, manifest: dict, name: str = "manifest.json") -> None:
+    with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+
+
+def _replace_manifest(dataset_dir: str, manifest: dict) -> None:
+    """Rewrite manifest.json atomically: a temp file in the same directory, flushed, then renamed over it."""
+    fd, tmp = tempfile.mkstemp(prefix=".manifest.json.tmp-", dir=dataset_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1, ensure_ascii=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(dataset_dir, "manifest.json"))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_reference_logps(dataset_dir: str, values, meta: dict) -> dict:
+    """Store each completion's reference log-prob (float64 [num_documents]) in a preference dataset.
+
+    Never leaves a half-written channel, nor values under another run's meta: (1) the manifest is rewritten
+    without ``reference`` (any old values become unused), (2) the values go to a temp file renamed over
+    reference_logps.bin, (3) the manifest is rewritten with ``reference`` = ``meta`` plus the values'
+    sha256. A crash leaves the old channel, or none, or the new one — each with its own meta.
+    Returns the new manifest."""
+    ds = PackedDataset(dataset_dir)
+    if not ds.is_preference:
+        raise DataError("reference log-probs belong to a preference dataset (pack_dataset.py --task preference)",
+                        dataset_dir)
+    values = np.asarray(values, dtype="<f8")
+    expected = (int(ds.manifest["num_documents"]),)
+    if values.shape != expected:
+        raise DataError(f"reference log-probs: got shape {list(values.shape)}, the dataset has {expected[0]} "
+                        f"documents", dataset_dir)
+    if not np.isfinite(values).all():
+        bad = int(np.argmin(np.isfinite(values)))
+        raise DataError(f"reference log-probs: document {bad} has {values[bad]} (not finite)", dataset_dir)
+    if not isinstance(meta, dict):
+        raise DataError(f"reference meta must be a dict, got {type(meta).__name__}", dataset_dir)
+    manifest = dict(ds.manifest)
+    del ds
+    if "reference" in manifest:
+        manifest.pop("reference")
+        _replace_manifest(dataset_dir, manifest)
+    fd, tmp = tempfile.mkstemp(prefix=f".{REFERENCE_FILE}.tmp-", dir=dataset_dir)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(values.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(dataset_dir, REFERENCE_FILE))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    manifest["reference"] = dict(meta, sha256=hashlib.sha256(values.tobytes()).hexdigest())
+    _replace_manifest(dataset_dir, manifest)
     return manifest
 
 
@@ -170,6 +289,15 @@ class PackedDataset:
         self.weights = self._map("weights.bin", "<f4", shape) if self.has_weights else None
         self._doc_lengths = self._map("doc_lengths.bin", "<i4", (ndocs,))
         self._row_offsets = np.asarray(self._map("row_offsets.bin", "<i8", (rows + 1,)))
+        self.task = self.manifest.get("task", "sft")
+        if self.task not in TASKS:
+            raise DataError(f"manifest.json: unknown task {self.task!r} (known: {', '.join(TASKS)})", path)
+        self.is_preference = self.task == "preference"
+        self.doc_pair = self.doc_role = self.reference_logps = None
+        if self.is_preference:
+            self.doc_pair = self._map("doc_pair.bin", "<i8", (ndocs,))
+            self.doc_role = self._map("doc_role.bin", "u1", (ndocs,))
+            self.reference_logps = self._reference(ndocs)
 
     def _map(self, name: str, dtype: str, shape: tuple):
         fpath = os.path.join(self.path, name)
@@ -183,8 +311,29 @@ class PackedDataset:
             return np.zeros(shape, dtype=dtype)
         return np.memmap(fpath, dtype=dtype, mode="r", shape=shape)
 
+    def _reference(self, ndocs: int):
+        """The reference log-probs (float64 memmap), or None when the manifest records none. Values without
+        a manifest entry are an interrupted write_reference_logps: not used."""
+        meta = self.manifest.get("reference")
+        if not meta:
+            return None
+        values = self._map(REFERENCE_FILE, "<f8", (ndocs,))
+        digest = meta.get("sha256") if isinstance(meta, dict) else None
+        if digest is not None and hashlib.sha256(np.asarray(values).tobytes()).hexdigest() != digest:
+            raise DataError(f"{REFERENCE_FILE} does not match the sha256 the manifest records for it (changed "
+                            f"after tools/precompute_reference.py wrote it): recompute it", self.path)
+        return values
+
     def __len__(self) -> int:
         return self.tokens.shape[0]
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.manifest.get("num_pairs", 0)) if self.is_preference else 0
+
+    def doc_range(self, i: int) -> tuple[int, int]:
+        """Row i's documents are [start, end) of the per-document arrays (doc_lengths, doc_pair, ...)."""
+        return int(self._row_offsets[i]), int(self._row_offsets[i + 1])
 
     @property
     def tokenizer_fingerprint(self) -> dict:

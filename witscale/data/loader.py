@@ -35,8 +35,14 @@ class MicroBatch:
     max_seqlen: int
     rows: list[int] = field(default_factory=list)
     real_tokens: int = 0          # non-pad input tokens
+    # preference data only (None for SFT); D completions, P = D/2 pairs in this micro-batch:
+    doc_index: torch.Tensor | None = None        # [B, S] int64, local completion of each target, -1: none
+    doc_role: torch.Tensor | None = None         # [D] int64, 0 chosen / 1 rejected
+    doc_pair: torch.Tensor | None = None         # [D] int64, local pair 0..P-1 (chosen and rejected share it)
+    reference_logps: torch.Tensor | None = None  # [D] float64, the reference model's; NaN when the data has none
 
-    TENSORS = ("input_ids", "labels", "weights", "target_classes", "position_ids", "cu_seqlens")
+    TENSORS = ("input_ids", "labels", "weights", "target_classes", "position_ids", "cu_seqlens",
+               "doc_index", "doc_role", "doc_pair", "reference_logps")
 
     def to(self, device: torch.device) -> "MicroBatch":
         """This micro-batch on ``device`` (the engine's). To a GPU the host tensors go through pinned memory
@@ -47,6 +53,8 @@ class MicroBatch:
         moved = {}
         for name in self.TENSORS:
             t = getattr(self, name)
+            if t is None:
+                continue
             if device.type == "cuda" and t.device.type == "cpu":
                 t = t.pin_memory()
             moved[name] = t.to(device, non_blocking=True)
@@ -57,7 +65,8 @@ class MicroBatch:
 class StepBatch:
     """What one optimizer step needs on this rank."""
     micro_batches: list[MicroBatch]
-    denominators: dict[str, float]   # over the GLOBAL batch: 'nonzero', 'weight_sum', 'tokens'
+    denominators: dict[str, float]   # over the GLOBAL batch: 'nonzero', 'weight_sum', 'tokens' (+ 'pairs'
+                                     # for preference data)
     global_real_tokens: int          # non-pad tokens in the global batch (throughput)
     global_capacity: int             # rows × seq_len of the global batch (packing efficiency)
     epoch: int
@@ -128,6 +137,7 @@ class PackedLoader:
                 f"the dataset has {len(dataset)} packed rows but one global batch needs {self.global_rows} "
                 f"(micro-batch {micro_batch_size} × grad-accum {grad_accum} × data-parallel {dp_size})")
         self.steps_per_epoch = len(dataset) // self.global_rows
+        self.preference = bool(getattr(dataset, "is_preference", False))
         self.epoch = 0
         self.step_in_epoch = 0
         self._order_epoch = None
@@ -160,7 +170,27 @@ class PackedLoader:
         explicit = ds.weights[index] if ds.weights is not None else None
         tokens, doc_lengths, classes = ds.tokens[index], ds.doc_lengths(index), ds.classes[index]
         self._check_row(index, tokens, classes)
+        if self.preference:
+            self._check_pairs(index)
         return (tokens, doc_lengths) + row_targets(tokens, classes, explicit, doc_lengths, self.table)
+
+    def _check_pairs(self, index: int) -> None:
+        """A row of preference data must hold whole pairs, chosen then rejected of the same pair: a split or
+        mixed pair would compare completions of different prompts (or lose one) without any error."""
+        ds = self.dataset
+        start, end = ds.doc_range(index)
+        roles = np.asarray(ds.doc_role[start:end])
+        pairs = np.asarray(ds.doc_pair[start:end])
+        problem = None
+        if (end - start) % 2:
+            problem = f"an odd number of documents ({end - start})"
+        elif not (np.array_equal(roles[0::2], np.zeros(len(roles) // 2)) and roles[1::2].all()):
+            problem = f"roles {roles.tolist()} are not (chosen, rejected) pairs"
+        elif not np.array_equal(pairs[0::2], pairs[1::2]):
+            problem = f"documents of different pairs side by side (pairs {pairs.tolist()})"
+        if problem:
+            raise ValueError(f"{getattr(ds, 'path', 'packed data')}: row {index}: not whole preference pairs: "
+                             f"{problem}; repack with tools/pack_dataset.py --task preference")
 
     def _check_row(self, index: int, tokens: np.ndarray, classes: np.ndarray) -> None:
         """Token ids and classes are checked here, on the host, once per row: in the loss the same check
@@ -193,6 +223,7 @@ class PackedLoader:
             real += used
         cu = np.zeros(len(segs) + 1, dtype=np.int32)
         np.cumsum(segs, out=cu[1:])
+        preference = self._preference_tensors(rows, labs) if self.preference else {}
         return MicroBatch(
             input_ids=torch.from_numpy(np.stack(ids)),
             labels=torch.from_numpy(np.stack(labs)),
@@ -203,7 +234,34 @@ class PackedLoader:
             max_seqlen=int(max_seqlen),
             rows=[int(r) for r in rows],
             real_tokens=real,
+            **preference,
         )
+
+    def _preference_tensors(self, rows, labels: list) -> dict:
+        """doc_index / doc_role / doc_pair / reference_logps of the micro-batch of `rows` (their labels)."""
+        ds = self.dataset
+        seq_len = ds.seq_len
+        index_rows, roles, refs = [], [], []
+        first = 0                                  # local index of the row's first completion
+        for r, row_labels in zip(rows, labels):
+            start, end = ds.doc_range(int(r))
+            lengths = np.asarray(ds.doc_lengths(int(r)), dtype=np.int64)
+            index = np.full(seq_len, -1, dtype=np.int64)
+            used = int(lengths.sum())
+            index[:used] = np.repeat(np.arange(first, first + end - start, dtype=np.int64), lengths)
+            index[row_labels == IGNORE_INDEX] = -1   # a document's last token and padding predict nothing
+            index_rows.append(index)
+            roles.append(np.asarray(ds.doc_role[start:end], dtype=np.int64))
+            if ds.reference_logps is not None:
+                refs.append(np.asarray(ds.reference_logps[start:end], dtype=np.float64))
+            else:
+                refs.append(np.full(end - start, np.nan))
+            first += end - start
+        # rows hold whole pairs, chosen first (_check_pairs): the local pair of completion d is d // 2
+        return {"doc_index": torch.from_numpy(np.stack(index_rows)),
+                "doc_role": torch.from_numpy(np.concatenate(roles)),
+                "doc_pair": torch.arange(first, dtype=torch.int64) // 2,
+                "reference_logps": torch.from_numpy(np.concatenate(refs))}
 
     def batch_for(self, epoch: int, step_in_epoch: int) -> StepBatch:
         rows = self.global_batch_rows(epoch, step_in_epoch)
@@ -214,6 +272,9 @@ class PackedLoader:
         for _, _, labels, weights, _, _, _ in cache.values():
             for k, v in denominators_of(labels, weights).items():
                 denominators[k] += v
+        if self.preference:
+            # every row holds whole pairs: the global batch's pairs are half its documents
+            denominators["pairs"] = float(sum(len(entry[1]) for entry in cache.values()) // 2)
         real = sum(entry[-1] for entry in cache.values())
         sum_sq = float(sum(np.square(entry[1], dtype=np.float64).sum() for entry in cache.values()))
         micro = [self.make_micro_batch(self.rank_micro_rows(rows, m, self.dp_rank), cache)

@@ -1,6 +1,7 @@
 """Records → tokenized documents → packed dataset. The CLI (tools/pack_dataset.py) is a thin shell over
 :func:`pack_files` (files, globs, dataset directories and Hub datasets: witscale/data/inputs.py);
-:func:`pack_records` does the same for records already in memory."""
+:func:`pack_records` does the same for records already in memory. ``PackOptions.task="preference"`` reads
+preference pairs instead (witscale/data/preference.py) and packs each pair whole, chosen then rejected."""
 from __future__ import annotations
 
 import hashlib
@@ -13,7 +14,10 @@ from typing import Callable, Iterable, NamedTuple
 from witscale.data.errors import DataError, RecordError
 from witscale.data.format import TokenizedCorpus, write_packed
 from witscale.data.inputs import dataset_digest, iter_dataset, load_dataset_source, resolve_inputs
-from witscale.data.readers import SourceRecord, describe_format, normalize_record, read_records, records_with_format
+from witscale.data.preference import (PREFERENCE_FORMATS, PairDocuments, detect_preference_format, normalize_pair,
+                                      render_pair)
+from witscale.data.readers import (FORMATS, SourceRecord, describe_format, detect_format, normalize_record,
+                                   read_records, records_with_format)
 from witscale.data.render import Renderer
 from witscale.data.templates import Document
 from witscale.data.tokenizer import load_tokenizer
@@ -29,6 +33,7 @@ class PackOptions(NamedTuple):
     system: str | None = None
     skip_invalid: bool = False
     workers: int = 1
+    task: str = "sft"            # 'sft' | 'preference'
 
 
 class _Task(NamedTuple):
@@ -47,11 +52,14 @@ def _init_worker(tokenizer_path: str, opts: PackOptions) -> None:
 
 
 def _tokenize(task: _Task):
-    """A Document, or the RecordError (located) that the record raised."""
+    """A Document (a PairDocuments for preference data), or the RecordError (located) that the record raised."""
     src = task.src
     if isinstance(src.record, RecordError):
         return src.record
     try:
+        if task.fmt in PREFERENCE_FORMATS:
+            chosen, rejected = normalize_pair(src.record, task.fmt, system=_OPTS.system)
+            return render_pair(_RENDERER, chosen, rejected, _OPTS.seq_len)
         conv = normalize_record(src.record, task.fmt, last_turn_only=_OPTS.last_turn_only, system=_OPTS.system)
         return _RENDERER(conv)
     except RecordError as e:
@@ -120,17 +128,18 @@ def pack_files(inputs: list[str], tokenizer_path: str, output: str, opts: PackOp
     Returns the manifest plus a 'timing' entry (seconds; not written to disk, so that the output stays
     byte-identical across runs). `on_format(source, 'format (features)')` reports each detected format."""
     _check_output(output, overwrite)
+    formats, detect = _task_formats(opts)
     sources_in = resolve_inputs(inputs, split, subset)
     tokenizer = load_tokenizer(tokenizer_path)
     Renderer(opts.template, tokenizer)          # a missing special token fails before any reading
     sources, streams = [], []
     for src in sources_in:
         if src.kind == "file":
-            detected, records = read_records(src.path, fmt)
+            detected, records = read_records(src.path, fmt, formats=formats, detect=detect)
             source = {"path": src.path, "sha256": sha256_file(src.path)}
         else:
             ds = load_dataset_source(src)
-            detected, records = records_with_format(src.name, iter_dataset(ds), fmt)
+            detected, records = records_with_format(src.name, iter_dataset(ds), fmt, formats=formats, detect=detect)
             source = {"path": src.path, "sha256": dataset_digest(ds), "split": src.split, "subset": src.subset}
         first, records = _peek(records)
         if on_format and fmt == "auto":
@@ -155,12 +164,29 @@ def pack_records(records: list, tokenizer_path: str, output: str, opts: PackOpti
     Renderer(opts.template, tokenizer)
     if not records:
         raise DataError("no records", name)
+    formats, detect = _task_formats(opts)
     if fmt == "auto":
-        from witscale.data.readers import detect_format
-        fmt = detect_format(records[0])
+        fmt = detect(records[0])
+    elif fmt not in formats:
+        raise DataError(f"unknown format {fmt!r} for --task {opts.task}; known formats: {', '.join(formats)}")
     tasks = (_Task(fmt, SourceRecord(name, f"record {i}", r)) for i, r in enumerate(records, 1))
     sources = [{"path": name, "sha256": None, "format": fmt, "records": len(records)}]
     return _run(tasks, tokenizer, tokenizer_path, output, opts, sources, overwrite, None)
+
+
+def _task_formats(opts: PackOptions):
+    """(formats, detector) of the task; options that do not apply to it are refused."""
+    if opts.task == "sft":
+        return FORMATS, detect_format
+    if opts.task != "preference":
+        raise DataError(f"unknown task {opts.task!r}; known tasks: sft, preference")
+    if opts.long_policy != "truncate":
+        raise DataError(f"--long {opts.long_policy} does not apply to --task preference: a pair longer than a row "
+                        f"is an error (or skipped with --skip-invalid), never cut")
+    if opts.last_turn_only:
+        raise DataError("--last-turn-only does not apply to --task preference: the prompt's assistant turns are "
+                        "always prompt-side, the completion's response-side")
+    return PREFERENCE_FORMATS, detect_preference_format
 
 
 def _check_output(output: str, overwrite: bool) -> None:
@@ -175,6 +201,8 @@ def _run(tasks, tokenizer, tokenizer_path, output, opts, sources, overwrite, pro
         n_read += 1
         if isinstance(out, Document):
             docs.append(out)
+        elif isinstance(out, PairDocuments):
+            docs.extend(out)                     # chosen, rejected: documents 2i and 2i+1 of pair i
         elif opts.skip_invalid and isinstance(out, RecordError):
             n_skipped += 1
             if len(reasons) < MAX_SKIP_REASONS:
@@ -189,7 +217,7 @@ def _run(tasks, tokenizer, tokenizer_path, output, opts, sources, overwrite, pro
     manifest = write_packed(output, corpus, seq_len=opts.seq_len, pad_id=tokenizer.pad_id,
                             long_policy=opts.long_policy, tokenizer=tokenizer.fingerprint(), template=opts.template,
                             sources=sources, counts={"records_read": n_read, "skipped": n_skipped},
-                            skipped=reasons, overwrite=overwrite)
+                            skipped=reasons, overwrite=overwrite, task=opts.task)
     t2 = time.perf_counter()
     manifest = dict(manifest)
     manifest["timing"] = {"tokenize_s": t1 - t0, "pack_write_s": t2 - t1, "total_s": t2 - t0,

@@ -9,6 +9,7 @@ from witscale.data.classes import CLASS_NAMES, LEGACY_CLASS_NAMES
 from witscale.data.errors import DataError
 from witscale.data.bestfit import LONG_POLICIES
 from witscale.data.pack import PackOptions, pack_files
+from witscale.data.preference import PREFERENCE_FORMATS
 from witscale.data.readers import FORMATS
 from witscale.data.templates import TEMPLATE_NAMES
 
@@ -25,7 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="SentencePiece .model file or local HF tokenizer directory")
     p.add_argument("--seq-len", type=int, required=True, help="row length in tokens")
     p.add_argument("--output", required=True, help="output directory (created atomically)")
-    p.add_argument("--format", default="auto", choices=("auto",) + FORMATS)
+    p.add_argument("--task", default="sft", choices=("sft", "preference"),
+                   help="sft: instruction records (default); preference: pairs {prompt|messages|conversations, "
+                        "chosen, rejected}, each pair's two documents packed whole into one row, chosen first")
+    p.add_argument("--format", default="auto", choices=("auto",) + FORMATS + PREFERENCE_FORMATS)
     p.add_argument("--template", default="plain", choices=TEMPLATE_NAMES,
                    help="plain (the paper's), alpaca, chatml (Qwen; tools, <think>), llama3 (Llama 3.1 tools), tulu, "
                         "hf (the tokenizer's chat_template). Records with tools need chatml, llama3 or hf")
@@ -73,6 +77,8 @@ def stats_table(m: dict) -> str:
             ("documents split", c["split"]), ("documents packed", m["num_documents"]),
             ("rows", f"{m['num_rows']} × {m['seq_len']}"), ("tokens (non-pad)", m["num_tokens"])]
     rows += [(f"  {name}", n) for name, n in m["tokens_per_class"].items() if n or name in LEGACY_CLASS_NAMES]
+    if m.get("task") == "preference":
+        rows.insert(5, ("pairs packed", f"{m['num_pairs']} ({m['pairs_per_row']:.2f} per row)"))
     rows.append(("packing efficiency", f"{100 * m['packing_efficiency']:.2f}%"))
     if t:
         rows.append(("throughput", f"{t['input_tokens'] / max(t['total_s'], 1e-9):,.0f} tokens/s "
@@ -94,7 +100,7 @@ def main(argv=None) -> int:
         return 2
     opts = PackOptions(seq_len=args.seq_len, template=args.template, long_policy=args.long_policy,
                        last_turn_only=args.last_turn_only, system=args.system, skip_invalid=args.skip_invalid,
-                       workers=args.workers)
+                       workers=args.workers, task=args.task)
     progress = _Progress()
     try:
         manifest = pack_files(args.input, args.tokenizer, args.output, opts, fmt=args.format,

@@ -212,6 +212,9 @@ def detect_format(record: Any) -> str:
             return "alpaca"
         if "prompt" in record and "response" in record:
             return "prompt_response"
+        if "chosen" in record and "rejected" in record:
+            raise DataError("the first record has 'chosen' and 'rejected': preference data; pack it with --task "
+                            "preference")
         keys = ", ".join(sorted(record)[:8])
     else:
         keys = type(record).__name__
@@ -501,12 +504,15 @@ class SourceRecord(NamedTuple):
     record: Any          # the raw dict, or a RecordError for an unparseable line
 
 
-def records_with_format(name: str, raw: Iterator[tuple[str, Any]], fmt: str = "auto"):
+def records_with_format(name: str, raw: Iterator[tuple[str, Any]], fmt: str = "auto", *,
+                        formats: tuple = FORMATS, detect=None):
     """(format, iterator of SourceRecord) over (where, record) pairs of one source named `name`.
 
-    Detection (fmt='auto') reads the first record that parses; the iterator still yields every record."""
-    if fmt != "auto" and fmt not in FORMATS:
-        raise DataError(f"unknown format {fmt!r}; known formats: auto, {', '.join(FORMATS)}")
+    Detection (fmt='auto') reads the first record that parses; the iterator still yields every record.
+    `formats`/`detect`: another task's formats and detector (preference data: witscale/data/preference.py)."""
+    detect = detect or detect_format
+    if fmt != "auto" and fmt not in formats:
+        raise DataError(f"unknown format {fmt!r}; known formats: auto, {', '.join(formats)}")
     it = iter(raw)
     head: list[tuple[str, Any]] = []
     if fmt == "auto":
@@ -514,7 +520,7 @@ def records_with_format(name: str, raw: Iterator[tuple[str, Any]], fmt: str = "a
             head.append((where, rec))
             if not isinstance(rec, RecordError):
                 try:
-                    fmt = detect_format(rec)
+                    fmt = detect(rec)
                 except DataError as e:
                     raise e.located(name, where) from None
                 break
@@ -529,8 +535,9 @@ def records_with_format(name: str, raw: Iterator[tuple[str, Any]], fmt: str = "a
     return fmt, gen()
 
 
-def read_records(path: str, fmt: str = "auto") -> tuple[str, Iterator[SourceRecord]]:
+def read_records(path: str, fmt: str = "auto", *, formats: tuple = FORMATS,
+                 detect=None) -> tuple[str, Iterator[SourceRecord]]:
     """Detect (fmt='auto') or check the format of a file; return (format, iterator of SourceRecord)."""
-    if fmt != "auto" and fmt not in FORMATS:
-        raise DataError(f"unknown format {fmt!r}; known formats: auto, {', '.join(FORMATS)}")
-    return records_with_format(path, iter_raw_records(path), fmt)
+    if fmt != "auto" and fmt not in formats:
+        raise DataError(f"unknown format {fmt!r}; known formats: auto, {', '.join(formats)}")
+    return records_with_format(path, iter_raw_records(path), fmt, formats=formats, detect=detect)

@@ -69,6 +69,53 @@ def generate_instruction_records(n: int, seed: int = 0, multi_turn_fraction: flo
     return out
 
 
+def _wrong_answer(rng, output: str) -> str:
+    """A plausible but wrong answer: the right one's words shuffled, or a number off by a little."""
+    if output.isdigit():
+        return str(int(output) + rng.choice([-11, -1, 1, 10]))
+    words = output.split()
+    for _ in range(8):
+        rng.shuffle(words)
+        if " ".join(words) != output:
+            return " ".join(words)
+    return output + " " + rng.choice(_WORDS)
+
+
+PREFERENCE_LAYOUTS = ("prompt", "conversational", "sharegpt")
+
+
+def generate_preference_records(n: int, seed: int = 0, layout: str = "prompt") -> list[dict]:
+    """`n` preference pairs from the templated tasks (chosen: the right answer; rejected: a wrong one), as
+    'prompt' ({prompt, chosen, rejected} strings), 'conversational' (TRL: message lists, chosen/rejected the
+    assistant turn) or 'sharegpt' ({conversations, chosen, rejected} with from/value dicts)."""
+    if layout not in PREFERENCE_LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; known: {', '.join(PREFERENCE_LAYOUTS)}")
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        instruction, inp, output = rng.choice(_TASKS)(rng)
+        prompt, wrong = instruction + ("\n\n" + inp if inp else ""), _wrong_answer(rng, output)
+        if layout == "prompt":
+            out.append({"prompt": prompt, "chosen": output, "rejected": wrong})
+        elif layout == "conversational":
+            out.append({"prompt": [{"role": "user", "content": prompt}],
+                        "chosen": [{"role": "assistant", "content": output}],
+                        "rejected": [{"role": "assistant", "content": wrong}]})
+        else:
+            out.append({"conversations": [{"from": "human", "value": prompt}],
+                        "chosen": {"from": "gpt", "value": output}, "rejected": {"from": "gpt", "value": wrong}})
+    return out
+
+
+def make_preference_dataset(output: str, tokenizer_path: str, n: int = 32, *, seq_len: int = 128,
+                            template: str = "plain", seed: int = 0, overwrite: bool = False) -> dict:
+    """A small packed preference dataset (pack_dataset.py --task preference on generated pairs), for tests
+    and demos; returns the manifest."""
+    from witscale.data.pack import PackOptions, pack_records
+    return pack_records(generate_preference_records(n, seed), tokenizer_path, output,
+                        PackOptions(seq_len=seq_len, template=template, task="preference"), overwrite=overwrite)
+
+
 def train_sentencepiece(texts, out_dir: str, vocab_size: int = 1024) -> str:
     """Train a small BPE SentencePiece model (byte fallback, newlines kept, the chat specials as user-defined
     symbols; unk=0, bos=1, eos=2, pad=3) and return the path of the .model file."""
