@@ -76,7 +76,7 @@ def test_plan_cli_lists_layouts_and_fits():
 
 def test_activation_checkpointing_is_needed_where_the_planner_says():
     """The trainer's --activation-checkpointing auto asks this: 70B ZeRO-3 over 64 × 80 GB needs recomputed
-    blocks at seq-len 4096 (≈110 GiB per GPU without, ≈31 with); 7B over 8 × 80 GB does not (≈34 GiB)."""
+    blocks at seq-len 4096 (≈151 GiB per GPU without, ≈34 with); 7B over 8 × 80 GB does not (≈40 GiB)."""
     big = planner.ModelShape.from_config(planner.NAMED_SIZES["70B"])
     small = planner.ModelShape.from_config(planner.NAMED_SIZES["7B"])
     z3 = planner.Layout(tp=1, pp=1, dp=64, zero=3)

@@ -24,7 +24,8 @@ Assumptions (bf16 training on GPU, the paper's recipe):
   layer. Under 1F1B the first pipeline stage holds ``pp`` micro-batches in flight;
 - the fused loss (witscale/parallel/cross_entropy.py) computes its gradients in forward and keeps them
   until backward: dL/dh in fp32 (4·h per token) and the LM head's gradient in fp32 (4·h·vocab/tp bytes,
-  3.9 GiB at 70B tp1), plus one chunk of [chunk × vocab/tp] fp32 logits (and its bf16 copy) alive at a time;
+  3.9 GiB at 70B tp1), plus one chunk of [chunk × vocab/tp] fp32 logits (and its bf16 copy) alive at a time
+  and, in bf16, one [8192 × h] block of the head's gradient product;
 - ``overhead_gib`` covers the CUDA context, NCCL buffers and allocator fragmentation.
 """
 from __future__ import annotations
@@ -121,7 +122,7 @@ def activation_memory(shape: ModelShape, *, tokens: int, tp: int = 1, layers: in
     tensor-parallel group of ``tp``, holding ``layers`` decoder layers (default: all), ``in_flight``
     micro-batches kept at once (1F1B: pp on the first stage), in a training dtype of ``element_size`` bytes
     (2: bf16 on the GPU; 4: fp32, the CPU tests). Counted from what witscale's CausalLM saves for backward."""
-    from witscale.parallel.cross_entropy import chunk_rows      # the fused loss's own chunk choice
+    from witscale.parallel.cross_entropy import _GRAD_W_BLOCK, chunk_rows    # the fused loss's own sizes
 
     e, h, hd = element_size, shape.hidden_size, shape.hd
     q, kv = shape.num_attention_heads * hd, shape.num_key_value_heads * hd
@@ -137,6 +138,8 @@ def activation_memory(shape: ModelShape, *, tokens: int, tp: int = 1, layers: in
     v_local = math.ceil(shape.vocab_size / tp)
     chunk = chunk_rows(tokens, h, v_local, loss_chunk)
     logits_chunk = chunk * v_local * (4 + (e if e < 4 else 0))    # fp32 logits, and their copy in the training dtype
+    if e < 4:                               # the head's gradient is multiplied in the training dtype by vocabulary block
+        logits_chunk += min(v_local, _GRAD_W_BLOCK) * h * e
     loss = tokens * 4 * h + v_local * h * 4 + logits_chunk
     forward_peak = kept + tokens * (4 + 2 * e) * h + loss          # + the final norm's saved tensors
     backward_transient = 2 * e * inter / tp + e * h                # the gradients alive in one layer's backward

@@ -1,0 +1,108 @@
+"""Measuring activation memory on the CPU, where torch's allocator keeps no statistics.
+
+``LiveTensorPeak`` is a ``TorchDispatchMode`` that sees every aten op run inside it (autograd's backward
+included) and counts the bytes of each storage an op allocates — an output whose storage is none of the
+op's inputs' (a view or an in-place result shares its input's storage and costs nothing) — until that
+storage is freed (a weak reference on it). ``peak`` is then the largest sum of live bytes allocated inside
+the mode: what ``torch.cuda.max_memory_allocated`` reports on a GPU above what existed before (parameters,
+inputs), exactly, without the caching allocator's rounding and fragmentation.
+
+``measure_activation_peak`` runs one forward + backward of a witscale ``CausalLM`` on a micro-batch under
+it, with each parameter's gradient dropped as soon as it is accumulated (what ZeRO-2/3 do once they have
+reduce-scattered it; the planner counts gradients on their own), so the peak is the activations: what the
+planner's ``activation_memory`` estimates (tests/test_planner_activations.py, tools/bench/bench_activations.py).
+
+``flash_like_attention`` swaps the model's packed attention for torch's CPU flash-attention kernel over
+rows that each hold one document: it saves q, k, v, the output and the logsumexp — what the varlen/flash
+kernels save on a GPU, and what the planner assumes. witscale's CPU backends (``sdpa_grouped`` gathers
+padded copies of q/k/v per group of documents; ``sdpa_segments`` and ``dense`` keep more) would measure a
+CPU-only implementation detail instead.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+class LiveTensorPeak(TorchDispatchMode):
+    """Bytes of storages allocated by ops inside the mode and still alive: ``now`` and its ``peak``."""
+
+    def __init__(self):
+        super().__init__()
+        self.now = 0
+        self.peak = 0
+        self._live: dict[int, int] = {}            # storage address -> bytes
+        self._refs: dict[int, weakref.ref] = {}
+
+    def reset_peak(self) -> None:
+        self.peak = self.now
+
+    def _freed(self, address: int) -> None:
+        self.now -= self._live.pop(address, 0)
+        self._refs.pop(address, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            address, size = storage.data_ptr(), storage.nbytes()
+            if size == 0 or address in inputs or address in self._live:
+                continue
+            self._live[address] = size
+            self.now += size
+            self.peak = max(self.peak, self.now)
+            self._refs[address] = weakref.ref(storage, lambda _ref, a=address: self._freed(a))
+        return out
+
+
+def _one_document_per_row_attention(q, k, v, cu_seqlens, max_seqlen, *, backend, sliding_window=None):
+    b, s = q.shape[:2]
+    if cu_seqlens.tolist() != list(range(0, b * s + 1, s)) or sliding_window:
+        raise ValueError("flash_like_attention: every row must be one document (cu_seqlens at row boundaries), "
+                         "with no sliding window")
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                         enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)      # the CPU kernel writes [B, S, H, D] memory: the reshape after is a view
+
+
+@contextlib.contextmanager
+def flash_like_attention():
+    """Inside, witscale's decoder attends with torch's CPU flash kernel, one document per row."""
+    import witscale.model.transformer as transformer
+
+    original = transformer.packed_attention
+    transformer.packed_attention = _one_document_per_row_attention
+    try:
+        yield
+    finally:
+        transformer.packed_attention = original
+
+
+def measure_activation_peak(module: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                            weights: torch.Tensor) -> dict[str, int]:
+    """Peak bytes allocated by one forward + backward of ``module`` (a ``CausalLM``) on rows that are one
+    document each, gradients dropped as accumulated: {"forward_peak", "peak"} (the latter over both)."""
+    b, s = input_ids.shape
+    position_ids = torch.arange(s).repeat(b, 1)
+    cu_seqlens = torch.arange(0, b * s + 1, s, dtype=torch.int32)
+    handles = [p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+               for p in module.parameters() if p.requires_grad]
+    module.train()
+    try:
+        with flash_like_attention(), LiveTensorPeak() as mode:
+            stats = module(input_ids, position_ids, cu_seqlens, s, labels, weights)
+            forward_peak = mode.peak
+            stats.weighted_sum.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    return {"forward_peak": forward_peak, "peak": mode.peak}
