@@ -67,7 +67,7 @@ def family_worker(rank, world, *, model_dir, tp=1, pp=1, stage=0, steps=STEPS, o
     module = build_module(cfg, topo, conf, model_dir=model_dir, seed=0)
     loader = PackedLoader(random_packed(8, 32, cfg.vocab_size, 1), build_weight_table(0.3, 1.0),
                           micro_batch_size=1, grad_accum=accum, dp_size=topo.dp, dp_rank=topo.dp_rank, seed=0)
-    probed = _probe(module, loader) if probe else None
+    probed = _probe(module, loader, tp) if probe else None
     # eps=1e-6: Adam turns a ~0 gradient into a ±lr step whose sign is summation-order noise (see
     # tests/test_model_tensor_parallel.py); a larger eps keeps the comparison about the layout.
     trainer = Trainer(module=module, ds_config=conf, loader=loader, topo=topo, normalization="nonzero", lr=1e-3,
@@ -83,15 +83,16 @@ def family_worker(rank, world, *, model_dir, tp=1, pp=1, stage=0, steps=STEPS, o
     return {"losses": losses, "params": params, "probe": probed, "tp_rank": topo.tp_rank, "pp_rank": topo.pp_rank}
 
 
-def _probe(module, loader):
-    """The weighted loss of one micro-batch and this rank's own gradient of every replicated parameter."""
+def _probe(module, loader, tp):
+    """The weighted loss of one micro-batch and this rank's own gradient of every parameter it holds whole
+    (the replicated ones; all of them at tp=1)."""
     mb = loader.make_micro_batch(loader.global_batch_rows(0, 0)[:1])
     stats = module(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen, mb.labels, mb.weights,
                    mb.target_classes)
     module.zero_grad()
     stats.weighted_sum.backward()
     grads = {n: p.grad.clone().numpy() for n, p in module.named_parameters()
-             if getattr(p, "tp_split_dim", None) is None}
+             if tp == 1 or getattr(p, "tp_split_dim", None) is None}
     module.zero_grad()
     return {"loss_sum": float(stats.weighted_sum), "grads": grads}
 
@@ -119,7 +120,8 @@ def runs(checkpoints, tmp_path_factory):
         family, world, tp, pp, stage = key
         out = str(out_root / "-".join(map(str, key)))
         by_world.setdefault(world, []).append((key, dict(model_dir=str(checkpoints / family), tp=tp, pp=pp,
-                                                         stage=stage, out=out if world > 1 else None)))
+                                                         stage=stage, out=out if world > 1 else None,
+                                                         probe=pp == 1 and stage < 3)))
     results = {}
     for world, entries in sorted(by_world.items()):
         ranks = run_distributed(_many, world, [kw for _, kw in entries], timeout=600)
@@ -184,3 +186,19 @@ def test_export_live_and_offline_give_the_hf_layout(runs, layout, tmp_path):
         pos, cu = torch.arange(20)[None], torch.tensor([0, 20], dtype=torch.int32)
         got = ours.compute_logits(ours(ids, pos, cu, 20))
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", [k for k in LAYOUTS if k[3] == 1 and k[4] < 3],
+                         ids=lambda k: f"{k[0]}-tp{k[2]}-zero{k[4]}")
+def test_replicated_parameters_get_the_full_gradient_on_every_tp_rank(runs, layout):
+    """The TP gradient rule (parallel/layers.py): every parameter a TP rank holds whole — norms, per-head
+    q/k norms, replicated k/v — has, on every rank, the gradient tp=1 computes for the dense model. The ones
+    that see sharded activations would otherwise hold a partial gradient differing from rank to rank."""
+    ref = runs[(layout[0], 1, 1, 1, 0)]["ranks"][0]["probe"]
+    for r in runs[layout]["ranks"]:
+        got = r["probe"]
+        assert got["loss_sum"] == pytest.approx(ref["loss_sum"], rel=1e-6)
+        assert got["grads"], "no replicated parameter probed"
+        for name, g in got["grads"].items():      # sums in another order: fp32 rounding of values up to ~3
+            np.testing.assert_allclose(g, ref["grads"][name], rtol=1e-5, atol=1e-6,
+                                       err_msg=f"{layout} tp rank {r['tp_rank']}: {name}")
