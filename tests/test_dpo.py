@@ -249,3 +249,177 @@ def test_tp2_pp2_and_zero3_dp2_equal_one_rank(one_rank):
     _same_run(pp2, ref, "pp=2")
     _same_run(zero3, ref, "ZeRO-3 dp=2")
     _same_run(pp2_ipo, one_rank[1], "pp=2 ipo")
+
+
+# --- the precomputed reference and the CLI ---------------------------------------------------------------
+def _load_tool():
+    import importlib.util
+    import os
+
+    from tests.conftest import REPO_ROOT
+    spec = importlib.util.spec_from_file_location("precompute_reference",
+                                                  os.path.join(REPO_ROOT, "tools", "precompute_reference.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _precompute_worker(rank, world, jobs):
+    """Several tools/precompute_reference.py runs (each on its own copy of the data) in one spawn."""
+    tool = _load_tool()
+    for argv in jobs:
+        tool.run(tool.build_parser().parse_args(argv))
+    return True
+
+
+def write_preference_data(path, pairs):
+    """A packed preference dataset through the packer's writer (pairs as make_pairs gives them)."""
+    from witscale.data.format import TokenizedCorpus, write_packed
+
+    docs = [(t, c, None) for pair in pairs for t, c in pair]
+    write_packed(str(path), TokenizedCorpus.from_documents(docs), seq_len=SEQ, pad_id=0,
+                 tokenizer={"vocab_size": TINY["vocab_size"]}, task="preference")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def pref(tmp_path_factory):
+    """A preference dataset (90 pairs), a reference HF model, its log-probs precomputed at tp=2, and the same
+    at ZeRO-3 dp=2 and pp=2 into copies; a policy config; and the reference's log-probs by transformers."""
+    import json
+    import os
+    import shutil
+
+    root = tmp_path_factory.mktemp("dpo")
+    pairs = make_pairs(np.random.default_rng(11), 90, TINY["vocab_size"], completion_len=(2, 6))
+    data = write_preference_data(root / "train", pairs)
+    copies = {name: str(root / name) for name in ("zero3", "pp2")}
+    for c in copies.values():
+        shutil.copytree(data, c)
+    shutil.copytree(data, root / "no_reference")
+    reference = hf_model(1, torch.float32)
+    reference.save_pretrained(str(root / "reference"))
+    other = hf_model(2, torch.float32)
+    other.save_pretrained(str(root / "other"))
+    from tests.conftest import REPO_ROOT
+    ds = os.path.join(REPO_ROOT, "ds_configs", "zero3.json")
+    common = ["--model", str(root / "reference"), "--micro-batch-size", "2"]
+    run_distributed(_precompute_worker, 2, [["--data", data, "--tp", "2", *common],
+                                            ["--data", copies["zero3"], "--ds_config", ds, *common],
+                                            ["--data", copies["pp2"], "--pp", "2", *common]], timeout=300)
+    with open(root / "policy.json", "w") as f:
+        json.dump(TINY, f)
+    from witscale.data.format import PackedDataset
+    ds_train = PackedDataset(data)
+    table = dpo_table()
+    reference64 = reference.double()
+    with torch.no_grad():       # the live reference forward, one sequence at a time, document order
+        live = []
+        for d, length in enumerate(np.asarray(ds_train._doc_lengths)):
+            row = int(np.searchsorted(ds_train._row_offsets, d, side="right") - 1)
+            start = int(sum(ds_train.doc_lengths(row)[:d - ds_train.doc_range(row)[0]]))
+            tokens = ds_train.tokens[row, start:start + length]
+            classes = ds_train.classes[row, start:start + length]
+            live.append(float(hf_sequence_logp(reference64, tokens, classes, table)))
+    return {"root": root, "data": data, "copies": copies, "no_reference": str(root / "no_reference"),
+            "reference": str(root / "reference"), "other": str(root / "other"), "policy": str(root / "policy.json"),
+            "live": np.array(live)}
+
+
+def test_precomputed_reference_equals_a_live_forward(pref):
+    """reference_logps.bin (tp=2; ZeRO-3 dp=2 and pp=2 identical to it) equals transformers' fp64 per-sequence
+    log-probs of each completion's response tokens; the manifest records the model, fingerprint and weights."""
+    from witscale.data.format import PackedDataset
+    from witscale.training.dpo import reference_fingerprint
+
+    ds = PackedDataset(pref["data"])
+    got = np.asarray(ds.reference_logps)
+    assert got.shape == pref["live"].shape and np.all(got < 0)
+    np.testing.assert_allclose(got, pref["live"], rtol=1e-5, atol=1e-4)
+    for name, path in pref["copies"].items():
+        np.testing.assert_allclose(np.asarray(PackedDataset(path).reference_logps), got, rtol=1e-6, atol=1e-5,
+                                   err_msg=name)
+    meta = ds.manifest["reference"]
+    assert meta["fingerprint"] == reference_fingerprint(pref["reference"]) != reference_fingerprint(pref["other"])
+    assert meta["weight_table"] == [float(x) for x in dpo_table()] and meta["layout"]["tp"] == 2
+
+
+def _dpo_args(pref, out, steps, *extra):
+    return ["--ds_config", "ds_configs/zero3.json", "--data", pref["data"], "--model-config", pref["policy"],
+            "--output-dir", str(out), "--objective", "dpo", "--beta", "0.2", "--micro-batch-size", "1",
+            "--grad-accum", "2", "--lr", "3e-3", "--max-steps", str(steps), "--seed", "3", "--warmup-ratio", "0",
+            *extra]
+
+
+def test_cli_dpo_trains_evaluates_and_resumes_bit_exactly(pref, tmp_path):
+    """witscale/train.py --objective dpo under torchrun (2 ranks, ZeRO-3): metrics (loss, rewards, accuracy)
+    in metrics.jsonl and TensorBoard, --eval-data; killed after the step-2 checkpoint (mid-epoch), --resume auto
+    gives bit-identical losses for steps 3-4."""
+    import json
+
+    from tests.test_train_cli_operations import _env, _torchrun
+
+    ref_out, out = tmp_path / "straight", tmp_path / "killed"
+    code, log = _torchrun(_dpo_args(pref, ref_out, 4, "--eval-data", pref["data"], "--save-steps", "2",
+                                    "--reference-model", pref["reference"]))
+    assert code == 0, log
+    assert "objective: DPO (sigmoid, β 0.2)" in log
+    rows = [json.loads(line) for line in open(ref_out / "metrics.jsonl")]
+    train = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    for r in train:
+        assert 0 <= r["reward_accuracy"] <= 1 and r["pairs"] > 0 and math.isfinite(r["loss"])
+        assert r["reward_margin"] == pytest.approx(r["rewards_chosen"] - r["rewards_rejected"])
+    evals = [r for r in rows if "eval_loss" in r]
+    assert evals and all(math.isfinite(r["eval_loss"]) and "eval_reward_accuracy" in r for r in evals)
+    tb = list((ref_out / "tensorboard").glob("events.*"))
+    assert tb and b"train_rewards/margins" in tb[0].read_bytes()
+
+    code, log = _torchrun(_dpo_args(pref, out, 4, "--save-steps", "2"), env=_env(WITSCALE_FAULT="kill_after_save:2:1"))
+    assert code != 0 and (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    code, log = _torchrun(_dpo_args(pref, out, 4, "--save-steps", "2", "--resume", "auto"))
+    assert code == 0, log
+    resumed = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    resumed = [r for r in resumed if "loss" in r][2:]
+    assert [r["step"] for r in resumed] == [3, 4]
+    for r, want in zip(resumed, train[2:]):
+        for key in ("loss", "reward_margin", "reward_accuracy", "logps_chosen"):
+            assert r[key] == want[key], f"step {r['step']} {key}: {r[key]!r} != {want[key]!r}"
+
+
+def test_refusals_are_one_line(pref, tmp_path, capsys):
+    """SFT data with --objective dpo, preference data without reference log-probs, another --reference-model,
+    other class weights than the reference's, preference data with --objective sft, bad β: each one line."""
+    from witscale.data.format import TokenizedCorpus, write_packed
+    from tests.test_train_cli_operations import _cli
+
+    rng = np.random.default_rng(0)
+    sft = str(tmp_path / "sft")
+    write_packed(sft, TokenizedCorpus.from_documents([(rng.integers(3, 60, 9), np.full(9, R, np.uint8), None)
+                                                     for _ in range(8)]), seq_len=SEQ, pad_id=0,
+                 tokenizer={"vocab_size": TINY["vocab_size"]})
+    base = _dpo_args(pref, tmp_path / "out", 2)
+
+    def refused(*changes, drop=()):
+        args = list(base)
+        for flag, value in zip(changes[::2], changes[1::2]):
+            if flag in args:
+                args[args.index(flag) + 1] = value
+            else:
+                args += [flag, value]
+        for flag in drop:
+            i = args.index(flag)
+            del args[i:i + 2]
+        code, lines = _cli(args, capsys)
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+        return lines[0]
+
+    assert "is an SFT dataset, but --objective dpo needs a preference dataset" in refused("--data", sft)
+    assert "has no reference log-probs: run tools/precompute_reference.py" in refused("--data", pref["no_reference"])
+    assert "not --reference-model" in refused("--reference-model", pref["other"])
+    assert "recompute them with the same weights" in refused("--prompt-weight", "0.5")
+    assert "is a preference dataset: train it with --objective dpo" in refused(drop=["--objective"])
+    assert "--beta -1.0 must be a positive number" in refused("--beta", "-1")
+    assert "--label-smoothing applies to --dpo-loss sigmoid only" in refused("--dpo-loss", "ipo",
+                                                                             "--label-smoothing", "0.1")
+    assert "--eval-data" in refused("--eval-data", pref["no_reference"])

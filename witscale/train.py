@@ -203,7 +203,8 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
         raise UsageError(str(e)) from None
     for flag, value, ok in (("--micro-batch-size", cfg.micro_batch_size, cfg.micro_batch_size >= 1),
                             ("--grad-accum", cfg.grad_accum, cfg.grad_accum is None or cfg.grad_accum >= 1),
-                            ("--pairs-per-step", cfg.pairs_per_step, cfg.pairs_per_step is None or cfg.pairs_per_step >= 1),
+                            ("--pairs-per-step", cfg.pairs_per_step,
+                             cfg.pairs_per_step is None or cfg.pairs_per_step >= 1),
                             ("--lr", cfg.lr, cfg.lr > 0 and math.isfinite(cfg.lr)),
                             ("--warmup-ratio", cfg.warmup_ratio, 0 <= cfg.warmup_ratio <= 1),
                             ("--weight-decay", cfg.weight_decay, cfg.weight_decay >= 0),

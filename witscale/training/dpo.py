@@ -136,10 +136,30 @@ class DPOLoss:
                                        num_pairs, self.settings)
             idx = self.doc_index.reshape(-1)
             inside = idx >= 0
-            # w'_t = −dL/dlogp_{d(t)}·w_t, so that ∇Σ w'·nll = Σ_d dL/dlogp_d·∇logp_d (logp_d = −Σ w·nll).
+            # w'_t = −dL/dlogp_{d(t)}·w_t: then ∇Σ w'·nll = Σ_d dL/dlogp_d·∇logp_d (logp_d = −Σ w·nll).
             token_weights = torch.where(inside, -grad[torch.where(inside, idx, 0)] * weights.double(), 0.0)
         second = fused_loss(h, labels, token_weights.to(weights.dtype), target_classes)
         return DPOStats(second.weighted_sum, second.class_nll_sum, second.class_count, sums)
+
+
+class CompletionLogps(NamedTuple):
+    """``ReferenceLogps``'s output: ``weighted_sum`` (a zero, for the pipeline's loss slot) and the log-probs."""
+    weighted_sum: torch.Tensor
+    logps: torch.Tensor            # [D] float64
+
+
+class ReferenceLogps:
+    """The head's ``objective`` for the reference pass (tools/precompute_reference.py): one no-grad pass of the
+    same fused kernel, each completion's Σ w·log p — exactly what ``DPOLoss`` subtracts them from."""
+
+    def __init__(self, doc_index, doc_role, *_ignored):
+        self.doc_index, self.num_docs = doc_index, doc_role.shape[0]
+
+    def __call__(self, fused_loss, h, labels, weights, target_classes) -> CompletionLogps:
+        with torch.no_grad():
+            stats = fused_loss(h, labels, weights, target_classes)
+            logps = completion_logps(stats.token_nll, weights, self.doc_index, self.num_docs)
+        return CompletionLogps(torch.zeros((), dtype=h.dtype, device=h.device), logps)
 
 
 def preference_inputs(mb) -> Optional[tuple]:
@@ -150,10 +170,16 @@ def preference_inputs(mb) -> Optional[tuple]:
 
 
 # --- the reference model's fingerprint -----------------------------------------------------------------
+FINGERPRINT_SAMPLES = 16         # data blocks read per safetensors file
+FINGERPRINT_BLOCK = 4096
+
+
 def reference_fingerprint(model_dir: str) -> str:
-    """sha256 of what identifies an HF directory's weights without reading them: config.json, the
-    safetensors index, and every .safetensors file's name, size and header (names, dtypes, shapes, offsets).
-    Cheap at 70B (headers only); a retrained or re-exported model gets another fingerprint."""
+    """sha256 identifying an HF directory's weights without reading them all: config.json, the safetensors
+    index, and for every .safetensors file its name, size, header (names, dtypes, shapes, offsets) and
+    FINGERPRINT_SAMPLES blocks of its data at evenly spaced offsets. Headers alone would not do: a retrained
+    model of the same shape has the same headers. Cheap at 70B (a few MB read); it tells models apart, it
+    is not a guarantee against a file crafted to collide."""
     digest = hashlib.sha256()
     for name in ("config.json", "model.safetensors.index.json"):
         path = os.path.join(model_dir, name)
@@ -165,11 +191,17 @@ def reference_fingerprint(model_dir: str) -> str:
         raise ValueError(f"{model_dir}: no .safetensors files")
     for name in shards:
         path = os.path.join(model_dir, name)
+        size = os.path.getsize(path)
+        digest.update(f"{name}\0{size}\0".encode())
         with open(path, "rb") as f:
             raw = f.read(8)
             (n,) = struct.unpack("<Q", raw) if len(raw) == 8 else (0,)
-            header = f.read(min(n, 100 * 2 ** 20))
-        digest.update(f"{name}\0{os.path.getsize(path)}\0".encode() + header)
+            digest.update(f.read(min(n, 100 * 2 ** 20)))
+            data_start = 8 + n
+            span = max(0, size - data_start - FINGERPRINT_BLOCK)
+            for k in range(FINGERPRINT_SAMPLES):
+                f.seek(data_start + span * k // max(1, FINGERPRINT_SAMPLES - 1))
+                digest.update(f.read(FINGERPRINT_BLOCK))
     return digest.hexdigest()
 
 
@@ -181,8 +213,9 @@ def weight_table_record(table) -> list[float]:
 def check_reference(manifest: dict, data_path: str, table, reference_model: Optional[str]) -> None:
     """Refuse (ValueError, one line) preference data whose reference log-probs cannot serve this run."""
     if manifest.get("task") != "preference":
-        raise ValueError(f"{data_path} is a{'n SFT' if manifest.get('task', 'sft') == 'sft' else ' ' + repr(manifest.get('task'))} "
-                         f"dataset, but --objective dpo needs a preference dataset (tools/pack_dataset.py --task "
+        task = manifest.get("task", "sft")
+        kind = "an SFT" if task == "sft" else f"a {task!r}"
+        raise ValueError(f"{data_path} is {kind} dataset, but --objective dpo needs a preference dataset (tools/pack_dataset.py --task "
                          f"preference)")
     ref = manifest.get("reference")
     if not ref:
@@ -205,5 +238,6 @@ def describe(settings: DPOSettings) -> str:
     return f"DPO ({settings.loss}, β {settings.beta}{extra})"
 
 
-__all__ = ["DPO_LOSSES", "DPO_SUMS", "DPOSettings", "DPOStats", "DPOLoss", "pair_terms", "completion_logps",
+__all__ = ["DPO_LOSSES", "DPO_SUMS", "DPOSettings", "DPOStats", "DPOLoss", "ReferenceLogps", "CompletionLogps",
+           "pair_terms", "completion_logps",
            "preference_inputs", "reference_fingerprint", "check_reference", "weight_table_record", "describe"]

@@ -46,7 +46,7 @@ from witscale.data.loader import MicroBatch, PackedLoader, StepBatch
 from witscale.data.weighting import IGNORE_INDEX, NORMALIZATIONS, denominators_of
 from witscale.training import checkpoint
 from witscale.training.ds_config import zero_stage
-from witscale.training.dpo import DPO_SUMS, DPOLoss, DPOSettings, preference_inputs
+from witscale.training.dpo import DPO_SUMS, DPOLoss, DPOSettings, ReferenceLogps, preference_inputs
 from witscale.training.optim import GlobalNormClipping, cosine_with_warmup, param_groups
 from witscale.model.shape import ModelShape
 from witscale.model.state import dense_state_dict
@@ -187,6 +187,11 @@ class _DenseEngine:
             totals += stats_vector(self._forward(mb))
         return self._sum_over_dp(torch.cat([totals, extra]))
 
+    def completion_logps(self, micro_batches: list[MicroBatch]) -> list:
+        return [self.engine(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen, mb.labels, mb.weights,
+                            mb.target_classes, objective=ReferenceLogps(*preference_inputs(mb))).logps
+                for mb in micro_batches]
+
     def _sum_over_dp(self, totals: torch.Tensor) -> torch.Tensor:
         # Summed over the data-parallel replicas; TP peers hold identical numbers.
         dist.all_reduce(totals, group=self.topo.get_data_parallel_group())
@@ -206,12 +211,12 @@ class _PipelineEngine:
     def loss_scale(self, denominator: float, grad_accum: int) -> float:
         return self.topo.dp * grad_accum / denominator if denominator > 0 else 0.0
 
-    def _item(self, mb: MicroBatch, scale: float):
+    def _item(self, mb: MicroBatch, scale: float, preference: Optional[bool] = None):
         from witscale.model.pipeline import pipe_inputs
         labels = (mb.labels, mb.weights, mb.target_classes,
                   torch.tensor(scale, dtype=torch.float64, device=mb.labels.device))
-        if self.dpo is not None:        # straight to the last stage with the labels (DeepSpeed's labels tuple)
-            labels += tuple(preference_inputs(mb))
+        if self.dpo is not None if preference is None else preference:
+            labels += tuple(preference_inputs(mb))      # straight to the last stage, with the labels
         return pipe_inputs(mb), labels
 
     def train(self, micro_batches: list[MicroBatch], scale: float, device) -> torch.Tensor:
@@ -226,6 +231,19 @@ class _PipelineEngine:
         records = self.loss_fn.pop_stats() if self.engine.is_last_stage() else []
         # The denominators are known on every stage; only the last stage's count is kept (no double sum).
         return self._stage_totals(records, extra if self.engine.is_last_stage() else torch.zeros_like(extra))
+
+    def completion_logps(self, micro_batches: list[MicroBatch]) -> list:
+        """The last stage's per-micro-batch log-probs (the other stages: None each)."""
+        saved, self.loss_fn.make_objective = self.loss_fn.make_objective, ReferenceLogps
+        try:
+            self.loss_fn.records = []
+            self.engine.eval_batch(iter([self._item(mb, 1.0, preference=True) for mb in micro_batches]),
+                                   compute_loss=True, reduce_output=None, bcast_loss=False,
+                                   num_micro_batches=len(micro_batches))
+            records = self.loss_fn.pop_stats() if self.engine.is_last_stage() else []
+        finally:
+            self.loss_fn.make_objective = saved
+        return [r.logps for r in records] if records else [None] * len(micro_batches)
 
     def _stage_totals(self, records, extra: torch.Tensor) -> torch.Tensor:
         """The global batch's sums on every rank: the last stage sums its micro-batches and its dp
@@ -381,6 +399,17 @@ class Trainer:
                 "eval_response_nll": sums.mean_nll(RESPONSE_SIDE),
                 **{f"eval_nll_{name}": v for name, v in sums.per_class().items()},
                 **sums.dpo_means(prefix="eval_")}
+
+    @torch.no_grad()
+    def completion_logps(self, micro_batches: list[MicroBatch]) -> list:
+        """Each preference micro-batch's completion log-probs Σ w·log p ([D] float64 on the device), no grad:
+        the reference pass (tools/precompute_reference.py). Collective like a forward (ZeRO-3 gathers, the
+        pipeline schedule); under pp only the last stage has them (None on the others)."""
+        self.engine.eval()
+        try:
+            return self.runner.completion_logps([mb.to(self.device) for mb in micro_batches])
+        finally:
+            self.engine.train()
 
     # --- checkpoints ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:

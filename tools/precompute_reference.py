@@ -1,0 +1,214 @@
+#!/usr/bin/env python3
+"""Reference log-probs for DPO, computed once and stored in the packed preference dataset.
+
+    torchrun --nproc_per_node 8 tools/precompute_reference.py --data packed/prefs-4k --model runs/sft/hf \\
+        --ds_config ds_configs/zero3.json [--tp 2] [--pp 2]
+    python tools/precompute_reference.py --data packed/prefs-4k --model runs/sft/hf     (one process)
+
+A no-grad pass of the reference (SFT) model over every packed row — each data-parallel rank its share of
+the rows, every layout training has (ZeRO-0..3, tp, pp; the model built and loaded by the trainer's own
+path, witscale/training/build.py, and run through the same DeepSpeed engine) — gives each completion's
+summed log-prob of its loss tokens, Σ_t w_t·log p(y_t), from the same fused vocab-parallel kernel that DPO
+training uses (witscale/training/dpo.py: ``ReferenceLogps``). Rank 0 gathers them and writes them once,
+atomically, through ``format.write_reference_logps``, with a fingerprint of the reference model (config,
+safetensors index and headers, sizes) and the class-weight table the sums were taken under: training
+refuses a dataset whose table differs from its own, or whose fingerprint differs from --reference-model.
+Training then holds one model in memory. The weights default to DPO's (prompt side 0, response side 1).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+log = logging.getLogger("witscale")
+
+
+class UsageError(ValueError):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="packed preference dataset (pack_dataset.py --task preference)")
+    p.add_argument("--model", required=True, help="the reference model: an HF directory (config.json + safetensors)")
+    p.add_argument("--ds_config", "--ds-config", dest="ds_config", default=None,
+                   help="DeepSpeed JSON of the layout (default ds_configs/zero0.json; zero3.json partitions the model)")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--micro-batch-size", type=int, default=1, help="packed rows per forward per rank")
+    p.add_argument("--prompt-weight", type=float, default=0.0, help="λp of the loss tokens (DPO: 0)")
+    p.add_argument("--response-weight", type=float, default=1.0, help="λr of the loss tokens (DPO: 1)")
+    p.add_argument("--class-weights", default="", help="per-class overrides, as witscale/train.py takes them")
+    p.add_argument("--attention", default="auto")
+    p.add_argument("--dist-timeout", type=float, default=30.0, metavar="MINUTES")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def plan(args, world_size: int):
+    """Everything checked before a process group exists: (dataset, model config, table, ds config, dims)."""
+    from witscale.data.format import PackedDataset
+    from witscale.data.loader import check_model_compat
+    from witscale.data.weighting import build_weight_table, parse_class_weights
+    from witscale.model import ModelConfig
+    from witscale.parallel.topology import LayoutError, ParallelDims
+    from witscale.training.ds_config import DSConfigError, fill_ds_config, load_ds_config, zero_stage
+
+    try:
+        table = build_weight_table(args.prompt_weight, args.response_weight, parse_class_weights(args.class_weights))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.micro_batch_size < 1:
+        raise UsageError(f"--micro-batch-size {args.micro_batch_size} is out of range")
+    if not os.path.exists(args.data):
+        raise UsageError(f"--data {args.data}: no such file or directory")
+    try:
+        dataset = PackedDataset(args.data)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--data {args.data}: {e}") from None
+    if dataset.manifest.get("task") != "preference":
+        raise UsageError(f"--data {args.data} is not a preference dataset (tools/pack_dataset.py --task preference)")
+    config_path = os.path.join(args.model, "config.json")
+    if not os.path.isfile(config_path):
+        raise UsageError(f"--model {args.model}: no config.json (an HF directory with safetensors is needed)")
+    try:
+        model_config = ModelConfig.from_json_file(config_path)
+        check_model_compat(dataset.manifest, model_config, args.data)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--model {args.model}: {e}") from None
+    ds_path = args.ds_config or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                             "ds_configs", "zero0.json")
+    if not os.path.isfile(ds_path):
+        raise UsageError(f"--ds_config {ds_path}: no such file")
+    try:
+        raw = load_ds_config(ds_path)
+        dims = ParallelDims(world_size, args.tp, args.pp, zero_stage(raw), model_config)
+        import torch
+        ds_config = fill_ds_config(raw, micro_batch_size=args.micro_batch_size, grad_accum=1, dp_size=dims.dp,
+                                   clip_grad=None, lr=1e-6, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8,
+                                   hidden_size=model_config.hidden_size, use_cuda=torch.cuda.is_available(),
+                                   path=ds_path)
+    except (DSConfigError, LayoutError) as e:
+        raise UsageError(str(e)) from None
+    return dataset, model_config, table, ds_config, dims
+
+
+def reference_pass(trainer, loader, dataset, topo, micro_batch_size: int):
+    """This rank's (global document ids, log-probs): rows split over the data-parallel ranks in contiguous
+    shares; every rank runs the same number of forwards (ZeRO-3 gathers and pipeline schedules are
+    collective), a rank out of rows running an empty micro-batch. Under pp only the last stage returns values."""
+    import numpy as np
+
+    from witscale.data.weighting import IGNORE_INDEX
+    from witscale.training.trainer import _without_documents
+
+    rows = np.arange(len(dataset))
+    per_rank = int(math.ceil(len(rows) / topo.dp))
+    mine = rows[topo.dp_rank * per_rank:(topo.dp_rank + 1) * per_rank]
+    ids, values = [], []
+    for b in range(int(math.ceil(per_rank / micro_batch_size))):
+        chunk = mine[b * micro_batch_size:(b + 1) * micro_batch_size]
+        mb = loader.make_micro_batch(chunk if len(chunk) else rows[:1])
+        if not len(chunk):
+            mb.weights.zero_()
+            mb.labels.fill_(IGNORE_INDEX)
+            mb = _without_documents(mb)
+        (logps,) = trainer.completion_logps([mb])
+        if logps is not None and len(chunk):
+            # the micro-batch's completions are its rows' documents, row by row (the loader's order)
+            docs = np.concatenate([np.arange(*dataset.doc_range(int(r))) for r in chunk])
+            if len(docs) != logps.shape[0]:
+                raise RuntimeError(f"rows {chunk.tolist()}: {logps.shape[0]} completions scored, the dataset "
+                                   f"has {len(docs)} documents there")
+            ids.append(docs)
+            values.append(logps.double().cpu().numpy())    # once per micro-batch: a tool, not the hot path
+    if not ids:
+        return np.zeros(0, np.int64), np.zeros(0, np.float64)
+    return np.concatenate(ids), np.concatenate(values)
+
+
+def run(args) -> str:
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from witscale.data.format import write_reference_logps
+    from witscale.data.loader import PackedLoader
+    from witscale.parallel.topology import Topology
+    from witscale.training.build import build_module
+    from witscale.training.distributed import init_distributed, world_size_from_env
+    from witscale.training.dpo import reference_fingerprint, weight_table_record
+    from witscale.training.trainer import Trainer
+
+    world = dist.get_world_size() if dist.is_initialized() else world_size_from_env()
+    dataset, model_config, table, ds_config, dims = plan(args, world)
+    try:
+        fingerprint = reference_fingerprint(args.model)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--model {args.model}: {e}") from None
+    t0 = time.perf_counter()
+    init_distributed(timeout_minutes=args.dist_timeout)
+    topo = Topology(dims)
+    torch.manual_seed(0)
+    module = build_module(model_config, topo, ds_config, model_dir=args.model, seed=0,
+                          attention=args.attention)
+    loader = PackedLoader(dataset, table, micro_batch_size=1, grad_accum=1, dp_size=1, dp_rank=0, shuffle=False,
+                          vocab_size=model_config.vocab_size)
+    # The trainer's engine (no step is ever taken): the same layouts, ZeRO-3 gathering and pipeline schedule.
+    trainer = Trainer(module=module, ds_config=ds_config, loader=loader, topo=topo, normalization="nonzero",
+                      lr=1e-6, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, total_steps=1, warmup_ratio=0.0)
+    ids, values = reference_pass(trainer, loader, dataset, topo, args.micro_batch_size)
+    # Only one rank per (dp replica) contributes: the last stage's tp rank 0 (tp peers hold the same numbers).
+    contributes = topo.pp_rank == topo.pp - 1 and topo.tp_rank == 0
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object((ids, values) if contributes else None, gathered, dst=0)
+    where = ""
+    if dist.get_rank() == 0:
+        num_docs = int(dataset.manifest["num_documents"])
+        full = np.full(num_docs, np.nan)
+        for part in gathered:
+            if part is not None:
+                full[part[0]] = part[1]
+        missing = np.flatnonzero(~np.isfinite(full))
+        if len(missing):
+            raise RuntimeError(f"{len(missing)} of {num_docs} completions got no finite reference log-prob "
+                               f"(first: document {int(missing[0])})")
+        meta = {"model": os.path.abspath(args.model), "fingerprint": fingerprint,
+                "weight_table": weight_table_record(table),
+                "layout": {"dp": dims.dp, "tp": dims.tp, "pp": dims.pp},
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        write_reference_logps(args.data, full, meta)
+        where = args.data
+        log.info(f"reference log-probs of {num_docs} completions written to {args.data} "
+                 f"({time.perf_counter() - t0:.1f} s; fingerprint {fingerprint[:12]})")
+    dist.barrier()
+    return where
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="[witscale] %(message)s", stream=sys.stdout)
+    log.setLevel(args.log_level.upper())
+    from witscale.training.distributed import fail_fast, rank_from_env, teardown
+    if rank_from_env() != 0:
+        log.setLevel(logging.WARNING)
+    try:
+        run(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BaseException:       # noqa: BLE001 - see witscale/train.py: never wait in a barrier after an error
+        fail_fast()
+    teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
