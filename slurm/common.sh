@@ -62,8 +62,9 @@ wit_defaults() {
     [ -n "${DATA:-}" ] || wit_die "set DATA to a packed dataset directory (tools/pack_dataset.py)"
     [ -n "${OUTPUT:-}" ] || wit_die "set OUTPUT to the run directory"
     [ -n "${MODEL:-}${MODEL_CONFIG:-}" ] || wit_die "set MODEL (HF directory) or MODEL_CONFIG (config.json, random init)"
-    if [ -z "${GRAD_ACCUM:-}" ]; then
+    if [ -z "${GRAD_ACCUM:-}" ] && [ -z "${PAIRS_PER_STEP:-}" ]; then
         # The paper's effective batch of GLOBAL_BATCH sequences: micro × accum × data-parallel ranks.
+        # (DPO's PAIRS_PER_STEP leaves it to the trainer, which knows the data's pairs per row.)
         local dp=$((NNODES * NPROC_PER_NODE / (TP * PP)))
         [ "$dp" -ge 1 ] || wit_die "TP=$TP × PP=$PP exceeds the $((NNODES * NPROC_PER_NODE)) ranks"
         GRAD_ACCUM=$(( ${GLOBAL_BATCH:-64} / (MICRO_BATCH * dp) ))
@@ -87,9 +88,11 @@ wit_defaults() {
 wit_train_args() {
     WIT_TRAIN_ARGS=("$WITSCALE_HOME/witscale/train.py" --data "$DATA" --output-dir "$OUTPUT"
         --ds_config "$DS_CONFIG" --prompt-weight "$PROMPT_WEIGHT" --response-weight "$RESPONSE_WEIGHT"
-        --normalization "$NORMALIZATION" --micro-batch-size "$MICRO_BATCH" --grad-accum "$GRAD_ACCUM"
+        --normalization "$NORMALIZATION" --micro-batch-size "$MICRO_BATCH"
         --lr "$LR" --seed "$SEED" --save-steps "$SAVE_STEPS" --tp "$TP" --pp "$PP"
         --activation-checkpointing "$ACTIVATION_CHECKPOINTING")
+    if [ -n "${GRAD_ACCUM:-}" ]; then WIT_TRAIN_ARGS+=(--grad-accum "$GRAD_ACCUM"); fi
+    if [ -n "${PAIRS_PER_STEP:-}" ]; then WIT_TRAIN_ARGS+=(--pairs-per-step "$PAIRS_PER_STEP"); fi
     if [ -n "${MODEL:-}" ]; then WIT_TRAIN_ARGS+=(--model "$MODEL"); else WIT_TRAIN_ARGS+=(--model-config "$MODEL_CONFIG"); fi
     if [ -n "${MAX_STEPS:-}" ]; then WIT_TRAIN_ARGS+=(--max-steps "$MAX_STEPS"); fi
     if [ -n "${EPOCHS:-}" ]; then WIT_TRAIN_ARGS+=(--epochs "$EPOCHS"); fi

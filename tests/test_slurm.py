@@ -23,7 +23,8 @@ SLURM_CONF = os.path.join(SLURM_DIR, "slurm.conf")
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                 "DEADLINE", "PREEMPTED"}
 SCRIPTS = [f"slurm/{n}" for n in ("common.sh", "launch_task.sh", "site_env.sh", "train_7b.sh", "train_70b.sh",
-                                   "sweep_weights.sh", "evaluate_cell.sh")] + [f"slurm/local/{n}" for n in ("install.sh", "start.sh",
+                                   "sweep_weights.sh", "evaluate_cell.sh", "dpo_common.sh", "dpo_7b.sh",
+                                   "sweep_dpo.sh")] + [f"slurm/local/{n}" for n in ("install.sh", "start.sh",
                                                                                         "stop.sh")]
 
 
@@ -274,3 +275,145 @@ def test_sweep_trains_evaluates_and_reports_every_cell_with_one_requeued(slurm_c
     assert f"{last_eval['eval_response_nll']:.4f}" in (sweep / "sweep_grid.md").read_text()
     for png in ("sweep_grid.png", "sweep_figure.png"):
         assert (sweep / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------------------- WIT → DPO
+def _finished_sft_cell(sweep, p, r, config_path, sp_model_path, seed, posix):
+    """An SFT cell as sweep_weights.sh + evaluate_cell.sh leave it: its weights, a completed training, the
+    exported model (<cell>/hf: a seeded tiny Llama written by witscale's exporter, with the tokenizer) and its
+    evaluation."""
+    import json
+
+    import torch
+    import transformers
+
+    from witscale.evaluation.results import write_results
+    from witscale.model import ModelConfig
+    from witscale.training.export import write_hf_dir
+
+    cell = sweep / f"lp{p}_lr{r}"
+    cell.mkdir(parents=True)
+    (cell / "cell.json").write_text(json.dumps({"prompt_weight": float(p), "response_weight": float(r)}))
+    (cell / "train_status.json").write_text(json.dumps({"state": "completed", "exit_code": 0}))
+    config = json.loads(open(config_path).read())
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{k: v for k, v in config.items()
+                                                                      if k != "model_type"}))
+    write_hf_dir(model.state_dict(), ModelConfig.from_dict(config), str(cell / "hf"), sp_model_path, dtype="fp32")
+    write_results(str(cell), {"posix": {"posix": posix, "posix_by_kind": {"spelling": posix, "template": posix}},
+                              "errors": {}, "attempted": ["posix"]})
+    return cell
+
+
+def test_dpo_sweep_on_top_of_every_sft_cell(slurm_cluster, tiny, sp_model_path, tmp_path):
+    """bash slurm/sweep_dpo.sh SWEEP PREF: one DPO task per SFT cell — its own reference pass (the cell's model
+    over a linked copy of the preference data), DPO from that model, export — one of them preempted (requeued,
+    resumed, no second reference pass); the evaluation array (aftercorr) and the report job, whose report sets
+    each DPO model beside its SFT cell."""
+    import json
+
+    import numpy as np
+
+    from witscale.data.synthetic import make_preference_dataset
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "cells.txt").write_text("0.0 1.0\n0.5 1.0\n")
+    for k, (p, r) in enumerate((("0.0", "1.0"), ("0.5", "1.0"))):
+        _finished_sft_cell(sweep, p, r, tiny["config"], sp_model_path, seed=k, posix=1.0 + k)
+    pref = tmp_path / "pref"
+    make_preference_dataset(str(pref), sp_model_path, n=48, seq_len=128)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"instruction": "What is the capital of Zorvia?"}) + "\n")
+    env = job_env(slurm_cluster, tiny, None, MAX_STEPS=20, LR="1e-3", PAIRS_PER_STEP=8, EVAL_POSIX=prompts,
+                  EVAL_MAX_NEW_TOKENS=4, EVAL_NPROC=1, EVAL_ARGS="--batch-size 5",
+                  EXTRA_ARGS=f"--no-tensorboard --tokenizer {sp_model_path}")
+    for var in ("OUTPUT", "DATA", "GRAD_ACCUM", "PROMPT_WEIGHT"):
+        env.pop(var, None)
+    logs = tmp_path / "logs"
+    os.makedirs(logs)
+    res = subprocess.run(["bash", "slurm/sweep_dpo.sh", str(sweep), str(pref), "--parsable",
+                          f"--output={logs}/%x-%A_%a.out"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    array, eval_array, report_job = res.stdout.split()
+    deps = [r.get("Dependency", "") for r in job_records(eval_array, env)]
+    assert deps and all(f"aftercorr:{array}_*" in d for d in deps), deps
+    dpo = sweep / "dpo"
+    wait_for_step(dpo / "lp0.0_lr1.0", 2, f"{array}_0", env)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", f"{array}_0"], env=env, check=True)
+    recs = wait_job(array, env, timeout=300)
+    eval_recs = wait_job(eval_array, env, timeout=300)
+    (report_rec,) = wait_job(report_job, env, timeout=120)
+    log = read_log(logs)
+    assert all(r["JobState"] == "COMPLETED" and r["ExitCode"] == "0:0" for r in recs), log
+    assert {r["ArrayTaskId"]: r["Restarts"] for r in recs} == {"0": "1", "1": "0"}, log
+    assert f"requeueing {array}_0" in log and "resumed from" in log, log
+    assert len(eval_recs) == 2 and all(r["JobState"] == "COMPLETED" for r in eval_recs), log
+    assert report_rec["JobState"] == "COMPLETED", log
+    # one reference pass per cell, none again after the requeue
+    assert log.count("reference pass: ") == 2 and log.count("no reference pass") == 1, log
+
+    assert not (pref / "reference_logps.bin").exists()                         # the shared data is untouched
+    assert "reference" not in json.loads((pref / "manifest.json").read_text())
+    refs = {}
+    for name in ("lp0.0_lr1.0", "lp0.5_lr1.0"):
+        run = dpo / name
+        meta = json.loads((run / "pref_data" / "manifest.json").read_text())["reference"]
+        assert os.path.realpath(meta["model"]) == os.path.realpath(sweep / name / "hf")     # its own SFT model
+        refs[name] = np.fromfile(run / "pref_data" / "reference_logps.bin", dtype=np.float64)
+        rows = [r for r in read_metrics(run) if "reward_accuracy" in r and "eval_loss" not in r]
+        assert sorted({r["step"] for r in rows}) == list(range(1, 21)), name
+        # step 1: the policy IS the reference (DPO starts from the SFT cell): rewards 0, loss log 2
+        first = next(r for r in rows if r["step"] == 1)
+        assert abs(first["reward_margin"]) < 1e-6 and first["loss"] == pytest.approx(np.log(2), abs=1e-6)
+        assert json.loads((run / "train_status.json").read_text())["state"] == "completed"
+        assert json.loads((run / "eval_status.json").read_text())["state"] == "completed"
+        assert (run / "hf" / "config.json").exists()
+        results = json.loads((run / "eval_results.json").read_text())
+        assert results["errors"] == {} and results["posix"]["num_sets"] == 2, name
+    assert not np.allclose(refs["lp0.0_lr1.0"], refs["lp0.5_lr1.0"])          # each cell its own reference
+
+    with open(sweep / "sweep_cells.csv", newline="") as f:
+        table = {c["dir"]: c for c in csv.DictReader(f)}
+    for name in ("lp0.0_lr1.0", "lp0.5_lr1.0"):
+        c = table[name]
+        assert c["dpo_state"] == "ok", c
+        for col in ("dpo_posix", "dpo_gain_posix", "dpo_reward_accuracy", "dpo_reward_margin"):
+            float(c[col])                                                      # numbers, never empty
+    assert float(table["lp0.0_lr1.0"]["dpo_gain_posix"]) == pytest.approx(
+        100 * (1.0 - float(table["lp0.0_lr1.0"]["dpo_posix"])) / 1.0)          # over its SFT start (POSIX 1.0)
+    report = (sweep / "sweep_report.md").read_text()
+    assert "## WIT → DPO" in report and "### DPO posix (lower is better)" in report
+    assert (sweep / "sweep_dpo_figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dpo_7b_template_two_nodes_from_a_shared_preference_dataset(slurm_cluster, tiny, sp_model_path, tmp_path):
+    """dpo_7b.sh as written on 2 nodes × 1 rank (ZeRO-3 dp=2): the reference pass under the same launcher into a
+    run-private copy of PREF_DATA, then DPO from the SFT model with the paper's preset, exported."""
+    import json
+
+    import numpy as np
+
+    from witscale.data.synthetic import make_preference_dataset
+    sft = _finished_sft_cell(tmp_path / "sft", "0.0", "1.0", tiny["config"], sp_model_path, seed=3, posix=1.0)
+    pref = tmp_path / "pref"
+    make_preference_dataset(str(pref), sp_model_path, n=32, seq_len=128)
+    out = tmp_path / "out"
+    env = job_env(slurm_cluster, tiny, out, MAX_STEPS=3, PREF_DATA=pref, MODEL=sft / "hf", EXPORT_HF=out / "hf",
+                  PAIRS_PER_STEP=8, EXTRA_ARGS=f"--no-tensorboard --tokenizer {sp_model_path}")
+    for var in ("DATA", "GRAD_ACCUM", "PROMPT_WEIGHT", "MODEL_CONFIG", "LR"):
+        env.pop(var, None)
+    job = sbatch("slurm/dpo_7b.sh", env, tmp_path / "logs", "--nodes=2")
+    (rec,) = wait_job(job, env)
+    log = read_log(tmp_path / "logs")
+    assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", log
+    assert "reference pass: " in log and "2 node(s) × 1 rank(s), launcher torchrun" in log, log
+    assert world_of(out) == 2
+    effective = json.loads((out / "effective_config.json").read_text())
+    assert json.dumps(effective).count("5e-07") >= 1, effective                 # the paper's lr (preset default)
+    meta = json.loads((out / "pref_data" / "manifest.json").read_text())["reference"]
+    assert os.path.realpath(meta["model"]) == os.path.realpath(sft / "hf") and meta["layout"]["dp"] == 2
+    assert np.isfinite(np.fromfile(out / "pref_data" / "reference_logps.bin", dtype=np.float64)).all()
+    rows = [r for r in read_metrics(out) if "reward_accuracy" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3] and abs(rows[0]["reward_margin"]) < 1e-6
+    assert (out / "hf" / "config.json").exists() and not (pref / "reference_logps.bin").exists()
