@@ -169,8 +169,8 @@ def test_backend_selection_is_logged_once(caplog, monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="flash-attn"):
             select_backend("flash_varlen", torch.device("cpu"))
-    with pytest.raises(ValueError, match="unknown attention backend 'flex'"):
-        select_backend("flex")
+    with pytest.raises(ValueError, match="unknown attention backend 'flash3'"):
+        select_backend("flash3")
 
 
 def test_packed_positions():

@@ -29,6 +29,26 @@ Backends, chosen once by ``select_backend`` and logged:
   ``sdpa_segments`` on many short documents. Reads cu_seqlens on the host (a sync on a GPU).
 - ``sdpa_segments``: SDPA per segment with ``is_causal=True``; also O(Σ len²); on a 2048-token row of
   ~200-token documents ~7× faster than ``dense`` on CPU (ENVIRONMENT.md). Reads cu_seqlens on the host.
+- ``flex``: ``torch.nn.attention.flex_attention`` (compiled on CUDA) with a block mask for documents +
+  causal + window built on the device from cu_seqlens (no host sync; built once per ``cu_seqlens`` tensor
+  and reused by every layer) and the soft-cap as its ``score_mod``. The CUDA backend for soft-capped
+  attention when flash-attn is not installed (any dtype). CUDA only: on the CPU, torch 2.13's
+  flex_attention runs forward (tested there against ``dense``) but has no backward.
+- ``eager``: the explicit-scores path (scores = q·kᵀ·scale, capped, masked, softmax in fp32, then ·v;
+  transformers' Gemma-2 "eager" attention), over the same length groups as ``sdpa_grouped``. The CPU
+  backend for soft-capped attention; memory [group × H × L × L] per group, so a CPU/testing path.
+
+Scale: ``scale`` is the softmax scale (default 1/√head_dim; Gemma: ``query_pre_attn_scalar ** -0.5``).
+Every backend honours it: SDPA's and flex's ``scale``, flash-attn's ``softmax_scale``, varlen_attn's
+``scale`` where its signature has it (torch ≥ 2.11) and otherwise q pre-multiplied by scale·√head_dim.
+
+Soft-capping (Gemma-2 ``attn_logit_softcapping``): scores → c·tanh(scores / c) after scaling, before the
+mask and softmax. SDPA and varlen_attn cannot apply it, so the backends that can are ``flash_varlen``
+(flash-attn ≥ 2.6's ``softcap``), ``flex``, ``eager`` and ``dense`` (which then computes its scores
+explicitly). ``select_backend(..., softcap=c)`` picks one automatically — CPU: ``eager``; CUDA:
+``flash_varlen`` when installed (fp16/bf16, Ampere+), else ``flex``, else ``dense`` — and logs why; an
+explicitly requested backend that cannot cap, or ``packed_attention`` handed one with a cap, raises a
+ValueError: a cap is never dropped silently.
 
 Sliding window (Mistral/Qwen2 in transformers): key j is visible from query i when 0 ≤ i − j < W. In the
 FlashAttention convention (left, right) that is ``window_size=(W − 1, 0)``; plain causal is ``(-1, 0)``
@@ -44,6 +64,8 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
+import weakref
 from typing import Optional
 
 import torch
@@ -55,7 +77,9 @@ except ImportError:                                     # torch < 2.10
     _varlen_attn = None
 
 log = logging.getLogger("witscale")
-BACKENDS = ("auto", "varlen", "flash_varlen", "sdpa_grouped", "sdpa_segments", "dense")
+BACKENDS = ("auto", "varlen", "flash_varlen", "flex", "sdpa_grouped", "sdpa_segments", "eager", "dense")
+# The backends that apply attention soft-capping (flash_varlen only with a flash-attn that has ``softcap``).
+SOFTCAP_BACKENDS = ("flash_varlen", "flex", "eager", "dense")
 _HALF = (torch.float16, torch.bfloat16)
 _announced: set[str] = set()
 
@@ -77,6 +101,35 @@ def _flash_installed() -> bool:
 
 def _flash_available() -> bool:
     return torch.cuda.is_available() and _flash_installed()
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_has_softcap() -> bool:
+    """Whether the installed flash-attn's varlen function takes ``softcap`` (flash-attn ≥ 2.6)."""
+    from flash_attn import flash_attn_varlen_func
+    return "softcap" in inspect.signature(flash_attn_varlen_func).parameters
+
+
+def _flex_unusable(device: Optional[torch.device]) -> Optional[str]:
+    """Why the ``flex`` backend cannot train on this device, or None when it can."""
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:
+        return f"torch {torch.__version__} has no torch.nn.attention.flex_attention"
+    if device is None or torch.device(device).type != "cuda":
+        return f"flex_attention has no backward on {device} (CUDA only)"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    return None
+
+
+def checked_softcap(softcap: Optional[float]) -> Optional[float]:
+    """A positive float, or None for no cap (HF configs write None or 0 for "off")."""
+    if softcap is None or softcap == 0:
+        return None
+    if not softcap > 0:                                 # also rejects NaN
+        raise ValueError(f"attention softcap must be a positive number (or None/0 for no cap), got {softcap!r}")
+    return float(softcap)
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,9 +168,14 @@ def _varlen_unusable(device: Optional[torch.device], dtype: Optional[torch.dtype
 
 
 def select_backend(requested: str = "auto", device: Optional[torch.device] = None,
-                   dtype: Optional[torch.dtype] = None) -> str:
+                   dtype: Optional[torch.dtype] = None, softcap: Optional[float] = None) -> str:
+    """The backend to run: ``requested``, or for "auto" the fastest that runs on ``device``/``dtype`` and
+    applies ``softcap`` (see the module docstring); logged once per choice. Raises ValueError for a requested
+    backend that cannot run here or cannot apply the cap."""
     if requested not in BACKENDS:
         raise ValueError(f"unknown attention backend {requested!r} (known: {', '.join(BACKENDS)})")
+    if checked_softcap(softcap) is not None:
+        return _select_capping(requested, device, dtype)
     backend, why = requested, ""
     if requested == "auto":
         if device is None or torch.device(device).type != "cuda":
@@ -126,8 +184,7 @@ def select_backend(requested: str = "auto", device: Optional[torch.device] = Non
             why = _varlen_unusable(device, dtype)
             if why is None:
                 backend = "varlen"
-            elif (_flash_available() and (dtype is None or dtype in _HALF)
-                  and tuple(torch.cuda.get_device_capability(device)) >= (8, 0)):   # FA2 needs Ampere+
+            elif _flash_usable(device, dtype):
                 backend = "flash_varlen"
             else:
                 backend = "dense"
@@ -137,14 +194,48 @@ def select_backend(requested: str = "auto", device: Optional[torch.device] = Non
             raise ValueError(f"attention backend varlen cannot run here: {why}")
     if backend == "flash_varlen" and not _flash_available():
         raise ValueError("attention backend flash_varlen needs CUDA and the flash-attn package")
+    if backend == "flex" and _flex_unusable(device):
+        raise ValueError(f"attention backend flex cannot run here: {_flex_unusable(device)}")
     _announce(backend, f"packed attention backend: {backend}" + (f" (not varlen: {why})" if why else ""))
     return backend
 
 
-def _window_mask(length: int, window: int, device) -> torch.Tensor:
+def _flash_usable(device, dtype) -> bool:
+    return (_flash_available() and (dtype is None or dtype in _HALF)
+            and tuple(torch.cuda.get_device_capability(device)) >= (8, 0))   # FA2 needs Ampere+
+
+
+def _select_capping(requested: str, device, dtype) -> str:
+    """select_backend for soft-capped attention: only SOFTCAP_BACKENDS, never a silently dropped cap."""
+    on_cuda = device is not None and torch.device(device).type == "cuda"
+    if requested == "auto":
+        if not on_cuda:
+            backend, why = "eager", "SDPA cannot soft-cap"
+        elif _flash_usable(device, dtype) and _flash_has_softcap():
+            backend, why = "flash_varlen", "flash-attn's softcap"
+        elif _flex_unusable(device) is None:
+            backend, why = "flex", "varlen_attn cannot soft-cap"
+        else:
+            backend, why = "dense", f"varlen_attn cannot soft-cap, no flash-attn, flex: {_flex_unusable(device)}"
+    else:
+        backend, why = requested, "as requested"
+        if backend not in SOFTCAP_BACKENDS:
+            raise ValueError(f"attention backend {backend} cannot apply attention soft-capping "
+                             f"(attn_logit_softcapping); use one of auto, {', '.join(SOFTCAP_BACKENDS)}")
+        if backend == "flash_varlen" and not (_flash_available() and _flash_has_softcap()):
+            raise ValueError("attention backend flash_varlen with soft-capping needs CUDA and flash-attn ≥ 2.6 "
+                             "(its softcap argument)")
+        if backend == "flex" and _flex_unusable(device):
+            raise ValueError(f"attention backend flex cannot run here: {_flex_unusable(device)}")
+    _announce(f"{backend}+softcap", f"packed attention backend for soft-capped layers: {backend} ({why})")
+    return backend
+
+
+def _window_mask(length: int, window: Optional[int], device) -> torch.Tensor:
+    """[L, L] causal mask, limited to the last ``window`` keys when given (key j visible from i: 0 ≤ i−j < W)."""
     i = torch.arange(length, device=device)
     d = i[:, None] - i[None, :]
-    return (d >= 0) & (d < window)
+    return (d >= 0) & (d < window) if window else d >= 0
 
 
 def _sdpa(q, k, v, **kwargs) -> torch.Tensor:
@@ -159,19 +250,27 @@ def _sdpa(q, k, v, **kwargs) -> torch.Tensor:
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                     max_seqlen: int, *, backend: str, sliding_window: Optional[int] = None) -> torch.Tensor:
-    """q [B, S, Hq, D], k/v [B, S, Hkv, D] → [B, S, Hq, D]; causal within each segment of cu_seqlens."""
+                     max_seqlen: int, *, backend: str, sliding_window: Optional[int] = None,
+                     scale: Optional[float] = None, softcap: Optional[float] = None) -> torch.Tensor:
+    """q [B, S, Hq, D], k/v [B, S, Hkv, D] → [B, S, Hq, D]; causal within each segment of cu_seqlens.
+
+    ``scale``: the softmax scale (None: 1/√D); ``softcap``: scores → c·tanh(scores / c) (None/0: off), which
+    only SOFTCAP_BACKENDS apply: pick the backend with ``select_backend(..., softcap=softcap)``."""
     b, s, hq, d = q.shape
     hkv = k.shape[2]
     if hq % hkv:
         raise ValueError(f"{hq} query heads are not a multiple of {hkv} key/value heads")
+    softcap = checked_softcap(softcap)
+    if softcap is not None and backend not in SOFTCAP_BACKENDS:
+        raise ValueError(f"attention backend {backend} cannot apply attention soft-capping (softcap={softcap}); "
+                         f"choose the backend with select_backend(..., softcap=...)")
     # A window can only bite on a segment longer than it; max_seqlen bounds every segment.
     window_bites = bool(sliding_window) and max_seqlen > sliding_window
     if backend == "varlen":
         if _varlen_attn is None:
             raise ValueError(f"attention backend varlen cannot run here: {_varlen_unusable(q.device, q.dtype)}")
         if not (window_bites and "window_size" not in _varlen_params(_varlen_attn)):
-            return _varlen(q, k, v, cu_seqlens, max_seqlen, sliding_window if window_bites else None)
+            return _varlen(q, k, v, cu_seqlens, max_seqlen, sliding_window if window_bites else None, scale)
         # torch 2.10: varlen_attn cannot do a sliding window; never drop the window silently.
         backend = "flash_varlen" if _flash_available() else "dense"
         _announce("varlen-window", f"packed attention: this torch's varlen_attn has no window_size; "
@@ -180,14 +279,28 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         from flash_attn import flash_attn_varlen_func
 
         window = (sliding_window - 1, 0) if sliding_window else (-1, -1)
+        kwargs = {"softcap": softcap} if softcap is not None else {}     # older flash-attn has no softcap
         out = flash_attn_varlen_func(q.reshape(b * s, hq, d), k.reshape(b * s, hkv, d), v.reshape(b * s, hkv, d),
                                      cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True,
-                                     window_size=window)
+                                     window_size=window, softmax_scale=scale, **kwargs)
         return out.reshape(b, s, hq, d)
+    if backend == "flex":
+        return _flex(q, k, v, cu_seqlens, sliding_window, scale, softcap)
     if backend == "dense":
-        return _dense(q, k, v, cu_seqlens, sliding_window)
+        return _dense(q, k, v, cu_seqlens, sliding_window, scale, softcap)
+    if backend == "eager":
+        bounds = _checked_bounds(cu_seqlens, b * s)
+        masks: dict[int, torch.Tensor] = {}
+
+        def attend(qg, kg, vg):
+            length = qg.shape[-2]
+            if length not in masks:
+                masks[length] = _window_mask(length, sliding_window, q.device)
+            return _explicit(qg, kg, vg, masks[length], scale, softcap)
+        return _grouped(q, k, v, bounds, attend)
     if backend == "sdpa_grouped" and not window_bites:
-        return _grouped(q, k, v, _checked_bounds(cu_seqlens, b * s))
+        return _grouped(q, k, v, _checked_bounds(cu_seqlens, b * s),
+                        lambda qg, kg, vg: _sdpa(qg, kg, vg, is_causal=True, scale=scale))
     qf = q.reshape(b * s, hq, d).transpose(0, 1)                                  # [H, B*S, D]
     kf, vf = (t.reshape(b * s, hkv, d).transpose(0, 1) for t in (k, v))
     out = torch.empty_like(qf)
@@ -198,13 +311,14 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             continue
         qs, ks, vs = qf[:, start:end], kf[:, start:end], vf[:, start:end]
         if sliding_window and length > sliding_window:
-            out[:, start:end] = _sdpa(qs, ks, vs, attn_mask=_window_mask(length, sliding_window, q.device))
+            out[:, start:end] = _sdpa(qs, ks, vs, attn_mask=_window_mask(length, sliding_window, q.device),
+                                      scale=scale)
         else:
-            out[:, start:end] = _sdpa(qs, ks, vs, is_causal=True)
+            out[:, start:end] = _sdpa(qs, ks, vs, is_causal=True, scale=scale)
     return out.transpose(0, 1).reshape(b, s, hq, d)
 
 
-def _varlen(q, k, v, cu_seqlens, max_seqlen: int, window: Optional[int]) -> torch.Tensor:
+def _varlen(q, k, v, cu_seqlens, max_seqlen: int, window: Optional[int], scale: Optional[float]) -> torch.Tensor:
     """torch's varlen_attn on the flattened tokens; ``window`` only when this torch has window_size."""
     b, s, hq, d = q.shape
     hkv = k.shape[2]
@@ -215,6 +329,11 @@ def _varlen(q, k, v, cu_seqlens, max_seqlen: int, window: Optional[int]) -> torc
     qf = q.reshape(b * s, hq, d)
     kf, vf = k.reshape(b * s, hkv, d), v.reshape(b * s, hkv, d)
     kwargs = {}
+    if scale is not None:
+        if "scale" in params:                         # torch ≥ 2.11
+            kwargs["scale"] = scale
+        else:                                         # 2.10: its scale is 1/√D, so q·(scale·√D) gives ours
+            qf = qf * (scale * math.sqrt(d))
     if hkv != hq:
         if "enable_gqa" in params:                    # torch ≥ 2.12
             kwargs["enable_gqa"] = True
@@ -239,7 +358,9 @@ def _checked_bounds(cu_seqlens: torch.Tensor, total: int) -> list[int]:
     return bounds
 
 
-def _grouped(q, k, v, bounds: list[int], min_fraction: float = 0.5) -> torch.Tensor:
+def _grouped(q, k, v, bounds: list[int], attend, min_fraction: float = 0.5) -> torch.Tensor:
+    """Segments sorted by length, batched into groups of similar length and right-padded to the group's
+    longest; ``attend(qg, kg, vg)`` ([G, H, L, D] each) runs causal attention on one group."""
     b, s, hq, d = q.shape
     hkv = k.shape[2]
     n = b * s
@@ -261,7 +382,7 @@ def _grouped(q, k, v, bounds: list[int], min_fraction: float = 0.5) -> torch.Ten
             idx[row, :length] = torch.arange(start, start + length)
         idx = idx.to(q.device)
         qg, kg, vg = (t[idx].transpose(1, 2) for t in (qf, kf, vf))          # [G, H, L, D]
-        out = _sdpa(qg, kg, vg, is_causal=True).transpose(1, 2)              # [G, L, Hq, D]
+        out = attend(qg, kg, vg).transpose(1, 2)                              # [G, L, Hq, D]
         real = idx < n
         positions.append(idx[real])
         values.append(out[real])
@@ -270,8 +391,36 @@ def _grouped(q, k, v, bounds: list[int], min_fraction: float = 0.5) -> torch.Ten
     return merged.reshape(b, s, hq, d)
 
 
-def _dense(q, k, v, cu_seqlens, sliding_window):
-    """Block-diagonal causal (+window) mask from cu_seqlens, built on q's device with no host sync."""
+def _explicit(q, k, v, mask, scale: Optional[float], softcap: Optional[float]) -> torch.Tensor:
+    """Attention with explicit scores, as transformers' Gemma-2 eager attention: q [..., Hq, L, D], k/v
+    [..., Hkv, L, D], ``mask`` (True = visible) broadcastable to [..., L, L]. The matmul runs in the input
+    dtype (as HF's); scale, cap and softmax in fp32 (fp64 for fp64 inputs). GQA by broadcasting K/V over
+    each KV head's group of query heads (no repeated copy)."""
+    *lead, hq, length, d = q.shape
+    hkv = k.shape[-3]
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qg = q.reshape(*lead, hkv, hq // hkv, length, d)
+    scores = torch.matmul(qg, k.unsqueeze(-3).transpose(-1, -2)).to(acc)        # [..., Hkv, rep, L, L]
+    scores = scores * (d ** -0.5 if scale is None else scale)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    mask = mask.reshape(mask.shape[:-2] + (1,) * (scores.dim() - mask.dim()) + mask.shape[-2:]) \
+        if mask.dim() > 2 else mask                                              # [B, 1, L, L] → [B, 1, 1, L, L]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v.unsqueeze(-3)).reshape(*lead, hq, length, d)
+
+
+def _segment_ids(cu_seqlens: torch.Tensor, b: int, s: int, device) -> torch.Tensor:
+    """[B, S] segment id of every token, from cu_seqlens on the device (no host sync)."""
+    cu = cu_seqlens.to(device)
+    token = torch.arange(b * s, device=device, dtype=cu.dtype)
+    return torch.searchsorted(cu, token, right=True).view(b, s)
+
+
+def _dense(q, k, v, cu_seqlens, sliding_window, scale: Optional[float] = None, softcap: Optional[float] = None):
+    """Block-diagonal causal (+window) mask from cu_seqlens, built on q's device with no host sync; with a
+    soft-cap the scores are computed explicitly (``_explicit``), otherwise by SDPA."""
     b, s, _, _ = q.shape
     if cu_seqlens.device.type == "cpu":               # host data: checking it costs no device sync
         bounds = set(_checked_bounds(cu_seqlens, b * s))
@@ -280,12 +429,67 @@ def _dense(q, k, v, cu_seqlens, sliding_window):
             # the packer never produces such segments, so this is a caller's error. (Unchecked on the
             # device: there such a segment is silently cut at the row boundary.)
             raise ValueError("dense attention: every row boundary must also be a cu_seqlens boundary")
-    cu = cu_seqlens.to(q.device)
-    token = torch.arange(b * s, device=q.device, dtype=cu.dtype)
-    seg = torch.searchsorted(cu, token, right=True).view(b, s)          # segment id of every token
-    i = torch.arange(s, device=q.device)
-    dist = i[:, None] - i[None, :]                                       # query − key position
-    allowed = (dist >= 0) & (dist < sliding_window) if sliding_window else dist >= 0
-    mask = (seg[:, :, None] == seg[:, None, :]) & allowed
-    out = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None])
+    seg = _segment_ids(cu_seqlens, b, s, q.device)
+    mask = (seg[:, :, None] == seg[:, None, :]) & _window_mask(s, sliding_window, q.device)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if softcap is not None:
+        out = _explicit(qt, kt, vt, mask[:, None], scale, softcap)
+    else:
+        out = _sdpa(qt, kt, vt, attn_mask=mask[:, None], scale=scale)
+    return out.transpose(1, 2)
+
+
+# ---- flex_attention ------------------------------------------------------------------------------------
+
+_block_mask_cache: dict = {}
+
+
+def _flex_block_mask(cu_seqlens: torch.Tensor, b: int, s: int, window: Optional[int], device):
+    """The documents + causal (+ window) BlockMask, rebuilt only when cu_seqlens changes: every layer of a
+    forward (and its recompute) passes the same tensor, so one build serves them all. Keyed by a weak
+    reference and the tensor's version counter, so a freed or modified tensor never matches."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    key = (b, s, window, str(device))
+    hit = _block_mask_cache.get(key)
+    if hit is not None and hit[0]() is cu_seqlens and hit[1] == cu_seqlens._version:
+        return hit[2]
+    seg = _segment_ids(cu_seqlens, b, s, device)
+
+    def visible(batch, head, q_idx, kv_idx):
+        ok = (seg[batch, q_idx] == seg[batch, kv_idx]) & (q_idx >= kv_idx)
+        return ok & (q_idx - kv_idx < window) if window else ok
+
+    # Compiled on CUDA: the eager build materializes a [B, S, S] mask.
+    mask = create_block_mask(visible, b, None, s, s, device=device, _compile=torch.device(device).type == "cuda")
+    _block_mask_cache.clear()
+    _block_mask_cache[key] = (weakref.ref(cu_seqlens), cu_seqlens._version, mask)
+    return mask
+
+
+@functools.lru_cache(maxsize=None)
+def _softcap_score_mod(softcap: float):
+    """One score_mod function per cap value: a new closure per call would make torch.compile recompile."""
+    def capped(score, batch, head, q_idx, kv_idx):
+        return torch.tanh(score / softcap) * softcap
+    return capped
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention)
+
+
+def _flex(q, k, v, cu_seqlens, sliding_window, scale: Optional[float], softcap: Optional[float]):
+    """flex_attention over [B, H, S, D] with the document block mask; compiled on CUDA (uncompiled it is a
+    slow reference that materializes the scores, and on the CPU forward-only)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    b, s, hq, _ = q.shape
+    block_mask = _flex_block_mask(cu_seqlens, b, s, sliding_window, q.device)
+    fn = _compiled_flex() if q.is_cuda else flex_attention
+    out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+             score_mod=_softcap_score_mod(softcap) if softcap is not None else None,
+             block_mask=block_mask, scale=scale, enable_gqa=k.shape[2] != hq)
     return out.transpose(1, 2)
