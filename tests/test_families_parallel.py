@@ -5,7 +5,9 @@ checkpoints built by ``transformers``, exported back and read by ``transformers`
   with 2 KV heads at tp=4 (ZeRO-1) and one with 1 KV head at tp=2 × pp=2, loaded from an HF checkpoint,
   trained, exported live and offline (tools/export_hf.py's path) — against tp=1 on the same checkpoint.
 
-Three launches (world 1, 2, 4) run every configuration; the module-scoped fixtures share them.
+- Resuming at another tp (DeepSpeed's universal checkpoint): replicated k/v written at tp=4, split at tp=2.
+
+One launch per world size runs every configuration; the module-scoped fixtures share them.
 """
 import json
 import os
@@ -17,7 +19,7 @@ import torch
 from tests.distributed import run_distributed
 from tests.train_helpers import ds_config, random_packed
 
-LLAMA = dict(model_type="llama", vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+LLAMA = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
              num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6,
              tie_word_embeddings=False, head_dim=8)
 LLAMA_ONE_KV = dict(LLAMA, num_key_value_heads=1, tie_word_embeddings=True)
@@ -26,6 +28,9 @@ LLAMA_ONE_KV = dict(LLAMA, num_key_value_heads=1, tie_word_embeddings=True)
 FAMILIES = {"llama-kv2": LLAMA, "llama-kv1": LLAMA_ONE_KV}
 # Each configuration: (family, world, tp, pp, ZeRO stage). Every one is compared with (family, 1, 1, 1, 0).
 LAYOUTS = [("llama-kv2", 4, 4, 1, 1), ("llama-kv1", 4, 2, 2, 1)]
+# A checkpoint of one layout resumed at another tp: (layout that wrote it, world = tp of the resumed run).
+# tp 4 → 2 with 2 KV heads: k/v replicated when written, split when read back.
+RESUMES = [(("llama-kv2", 4, 4, 1, 1), 2)]
 STEPS = 3
 
 
@@ -44,10 +49,13 @@ def _hf_checkpoint(config: dict, out: str) -> None:
     model.save_pretrained(out, safe_serialization=True)
 
 
-def family_worker(rank, world, *, model_dir, tp=1, pp=1, stage=0, steps=STEPS, out=None, probe=False):
+def family_worker(rank, world, *, model_dir, tp=1, pp=1, stage=0, steps=STEPS, out=None, probe=False,
+                  resume=None):
     """Load ``model_dir``, train ``steps`` steps of grad-accum 4 (over dp) at tp × pp; return the losses,
     the dense parameters, with ``probe`` (pp=1, no ZeRO-3) one micro-batch's loss and this rank's own
-    gradients, and with ``out`` a checkpoint, the run's model config and a live fp32 export under ``out``."""
+    gradients, and with ``out`` a checkpoint, the run's model config and a live fp32 export under ``out``.
+    ``resume``: instead, load that checkpoints directory (written at another tp) through DeepSpeed's
+    universal checkpoint and return its dense parameters."""
     from witscale.data.loader import PackedLoader
     from witscale.data.weighting import build_weight_table
     from witscale.model import ModelConfig
@@ -72,6 +80,9 @@ def family_worker(rank, world, *, model_dir, tp=1, pp=1, stage=0, steps=STEPS, o
     # tests/test_model_tensor_parallel.py); a larger eps keeps the comparison about the layout.
     trainer = Trainer(module=module, ds_config=conf, loader=loader, topo=topo, normalization="nonzero", lr=1e-3,
                       weight_decay=0.0, betas=(0.9, 0.999), eps=1e-6, total_steps=steps, warmup_ratio=0.0)
+    if resume:
+        checkpoint.load(trainer.engine, resume, checkpoint.read_latest(resume), universal=True, topo=topo)
+        return {"params": {k: v.numpy() for k, v in trainer.full_dense_state_dict().items()}}
     losses = [trainer.train_step(loader.next_step()).loss for _ in range(steps)]
     params = {k: v.numpy() for k, v in trainer.full_dense_state_dict().items()}
     if out:
@@ -123,10 +134,18 @@ def runs(checkpoints, tmp_path_factory):
                                                          stage=stage, out=out if world > 1 else None,
                                                          probe=pp == 1 and stage < 3)))
     results = {}
-    for world, entries in sorted(by_world.items()):
+
+    def launch(world, entries):
         ranks = run_distributed(_many, world, [kw for _, kw in entries], timeout=600)
         for i, (key, kw) in enumerate(entries):
-            results[key] = {"ranks": [r[i] for r in ranks], "out": kw["out"]}
+            results[key] = {"ranks": [r[i] for r in ranks], "out": kw.get("out")}
+
+    for world, entries in sorted(by_world.items()):
+        launch(world, entries)
+    for written, world in RESUMES:          # after the runs that wrote the checkpoints
+        resumed = ("resume", written, world)
+        launch(world, [(resumed, dict(model_dir=str(checkpoints / written[0]), tp=world, stage=written[4],
+                                      resume=os.path.join(results[written]["out"], "checkpoints")))])
     return results
 
 
@@ -202,3 +221,13 @@ def test_replicated_parameters_get_the_full_gradient_on_every_tp_rank(runs, layo
         for name, g in got["grads"].items():      # sums in another order: fp32 rounding of values up to ~3
             np.testing.assert_allclose(g, ref["grads"][name], rtol=1e-5, atol=1e-6,
                                        err_msg=f"{layout} tp rank {r['tp_rank']}: {name}")
+
+
+@pytest.mark.parametrize("resume", RESUMES, ids=lambda r: f"{r[0][0]}-tp{r[0][2]}-to-tp{r[1]}")
+def test_checkpoint_resumes_at_another_tp(runs, resume):
+    """A checkpoint written with replicated k/v resumes, through DeepSpeed's universal checkpoint, at a tp
+    where k/v are split (or the other way): the dense weights are the ones written."""
+    written, world = resume
+    saved = runs[written]["ranks"][0]["params"]
+    for r in runs[("resume", written, world)]["ranks"]:
+        _close(r["params"], saved, 0, f"{written} resumed at tp={world}")
