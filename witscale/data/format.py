@@ -197,7 +197,7 @@ def write_reference_logps(dataset_dir: str, values, meta: dict) -> dict:
     reference_logps.bin, (3) the manifest is rewritten with ``reference`` = ``meta`` plus the values'
     sha256. A crash leaves the old channel, or none, or the new one — each with its own meta.
     Returns the new manifest."""
-    ds = PackedDataset(dataset_dir)
+    ds = PackedDataset(dataset_dir, load_reference=False)   # old values, even damaged ones, get replaced
     if not ds.is_preference:
         raise DataError("reference log-probs belong to a preference dataset (pack_dataset.py --task preference)",
                         dataset_dir)
@@ -254,7 +254,7 @@ class PackedRow(NamedTuple):
 class PackedDataset:
     """Read-only, memory-mapped view of a packed dataset directory."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, load_reference: bool = True):
         self.path = path
         if not os.path.isdir(path):
             raise DataError("not a packed dataset: no such directory", path)
@@ -297,7 +297,7 @@ class PackedDataset:
         if self.is_preference:
             self.doc_pair = self._map("doc_pair.bin", "<i8", (ndocs,))
             self.doc_role = self._map("doc_role.bin", "u1", (ndocs,))
-            self.reference_logps = self._reference(ndocs)
+            self.reference_logps = self._reference(ndocs) if load_reference else None
 
     def _map(self, name: str, dtype: str, shape: tuple):
         fpath = os.path.join(self.path, name)
