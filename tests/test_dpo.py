@@ -423,3 +423,24 @@ def test_refusals_are_one_line(pref, tmp_path, capsys):
     assert "--label-smoothing applies to --dpo-loss sigmoid only" in refused("--dpo-loss", "ipo",
                                                                              "--label-smoothing", "0.1")
     assert "--eval-data" in refused("--eval-data", pref["no_reference"])
+
+
+def test_preset_dpo_paper_takes_32_pairs_per_step(pref):
+    """--preset dpo-paper: the paper's hyperparameters, explicit flags win, and --grad-accum from the data's
+    mean pairs per row so that a step holds about 32 pairs (no process group: validation only)."""
+    from witscale.data.format import PackedDataset
+    from witscale.train import build_parser, plan_run
+    from witscale.training.config import RunConfig
+
+    def planned(*extra):
+        args = build_parser().parse_args(["--ds_config", "ds_configs/zero3.json", "--data", pref["data"],
+                                          "--model-config", pref["policy"], "--output-dir", "unused",
+                                          "--preset", "dpo-paper", *extra])
+        return plan_run(RunConfig.from_args(args), world_size=2).config
+
+    per_row = PackedDataset(pref["data"]).manifest["pairs_per_row"]
+    cfg = planned("--lr", "1e-6")
+    assert (cfg.objective, cfg.lr, cfg.weight_decay, cfg.warmup_ratio, cfg.epochs, cfg.beta) == (
+        "dpo", 1e-6, 0.0, 0.1, 2.0, 0.1)
+    assert cfg.grad_accum == round(32 / (per_row * 2)) and abs(cfg.grad_accum * 2 * per_row - 32) <= per_row
+    assert planned("--grad-accum", "3").grad_accum == 3

@@ -247,6 +247,8 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
         raise UsageError(str(e)) from None
     if cfg.grad_accum is None:
         cfg = replace(cfg, grad_accum=grad_accum_for_pairs(cfg, dataset.manifest, dims.dp))
+    elif cfg.pairs_per_step:
+        log.info(f"--grad-accum {cfg.grad_accum} given: --pairs-per-step {cfg.pairs_per_step} is not used")
     import torch
     try:
         ds_config = fill_ds_config(

@@ -100,8 +100,9 @@ def pair_terms(logps: torch.Tensor, reference: torch.Tensor, role: torch.Tensor,
     reward_c = beta * zeros.index_add(0, pair, torch.where(chosen, delta, 0.0))
     reward_r = beta * zeros.index_add(0, pair, torch.where(chosen, 0.0, delta))
     sums = torch.stack([loss.sum(), logp_c.sum(), logp_r.sum(), reward_c.sum(), reward_r.sum(),
-                        (reward_c > reward_r).to(f64).sum(), torch.tensor(float(num_pairs), dtype=f64,
-                                                                           device=logps.device)])
+                        (reward_c > reward_r).to(f64).sum(),
+                        # a fill, not torch.tensor(): a host→device copy would wait for the GPU
+                        torch.full((), float(num_pairs), dtype=f64, device=logps.device)])
     return loss, grad, sums
 
 
