@@ -71,9 +71,26 @@ def _prompt_len(doc):
     return int(np.argmax(np.isin(doc.classes, list(RESPONSE_SIDE))))
 
 
-@pytest.mark.parametrize("template", ["plain", "alpaca", "chatml", "llama3", "tulu"])
-def test_every_layout_renders_the_sft_documents_after_one_prompt(sp_tokenizer, template):
-    renderer = Renderer(template, sp_tokenizer)
+def _hf_chatml_tokenizer(path):
+    """A local word-level HF tokenizer with a ChatML chat_template (for --template hf)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from witscale.data.tokenizer import load_tokenizer
+    words = "Add 2 and 3 The sum is 5 6 . user assistant".split()
+    vocab = {w: i for i, w in enumerate(["[UNK]", "<|im_start|>", "<|im_end|>", "\n", " "] + words)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(" |\n|\\."), behavior="isolated")
+    hf = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", eos_token="<|im_end|>",
+                                 additional_special_tokens=["<|im_start|>"])
+    hf.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + "
+                        "'\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    hf.save_pretrained(path)
+    return load_tokenizer(path)
+
+
+@pytest.mark.parametrize("template", ["plain", "alpaca", "chatml", "llama3", "tulu", "hf"])
+def test_every_layout_renders_the_sft_documents_after_one_prompt(sp_tokenizer, template, tmp_path):
+    renderer = Renderer(template, _hf_chatml_tokenizer(str(tmp_path / "hf")) if template == "hf" else sp_tokenizer)
     sft = {key: renderer(normalize_record({"messages": [_user(PROMPT), _assistant(text)]}, "messages"))
            for key, text in (("chosen", GOOD), ("rejected", BAD))}
     n = _prompt_len(sft["chosen"])
