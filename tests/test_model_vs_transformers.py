@@ -80,7 +80,7 @@ def test_logits_match_transformers(family, tmp_path):
         want = hf(ids).logits
     torch.testing.assert_close(_logits(ours, ids), want, rtol=0, atol=1e-5)
     # RoPE frequencies bit-identical (fp32 as transformers computes them, so long positions agree too).
-    assert torch.equal(ours.model._inv_freq, hf.model.rotary_emb.inv_freq)
+    assert torch.equal(ours.model.rotary[0].inv_freq, hf.model.rotary_emb.inv_freq)
     # The names are HF's: the transformers state dict (tied head included) loads strictly as well.
     fresh = CausalLM(cfg).eval()
     fresh.load_state_dict(hf.state_dict(), strict=True)
@@ -102,7 +102,7 @@ def test_long_positions_match_transformers(tmp_path):
 def test_bf16_cast_keeps_rope_frequencies_fp32():
     cfg = ModelConfig.from_dict(dict(BASE, model_type="llama"))
     model = CausalLM(cfg).to(torch.bfloat16)
-    assert model.model._inv_freq.dtype == torch.float32
+    assert model.model.rotary[0].inv_freq.dtype == torch.float32
     ids = torch.randint(0, VOCAB, (1, 6))
     assert model.compute_logits(model(ids, *_one_segment_per_row(1, 6))).dtype == torch.bfloat16
 
@@ -344,7 +344,7 @@ def test_config_reads_hf_defaults_and_formats():
 @pytest.mark.parametrize("change,message", [
     (dict(model_type="gpt2"), "model_type 'gpt2' is not supported"),
     (dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
-    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_type 'yarn' is not supported"),
+    (dict(rope_scaling={"rope_type": "dynamic", "factor": 4.0}), "rope_type 'dynamic' is not supported"),
     (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "needs 'low_freq_factor'"),
     (dict(rope_scaling={"type": "linear"}), "linear needs 'factor'"),
     (dict(num_key_value_heads=3), r"num_attention_heads \(4\) is not a multiple of num_key_value_heads \(3\)"),
@@ -360,8 +360,8 @@ def test_config_errors_name_the_field(change, message):
 
 
 def test_config_file_errors_name_the_file(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(dict(BASE, model_type="qwen2", use_sliding_window=True)))
-    with pytest.raises(ValueError, match=r"config\.json: use_sliding_window=true is not supported for qwen2"):
+    (tmp_path / "config.json").write_text(json.dumps(dict(BASE, model_type="qwen2", hidden_act="gelu")))
+    with pytest.raises(ValueError, match=r"config\.json: hidden_act 'gelu' is not supported"):
         ModelConfig.from_hf_dir(str(tmp_path))
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json: invalid JSON at line 1"):

@@ -4,6 +4,9 @@ Reading: ``SafetensorsSource`` indexes a checkpoint directory (one file, or shar
 ``model.safetensors.index.json``) and reads tensors through memory-mapped ``safe_open``; ``read_shard``
 reads only the slice a tensor-parallel rank needs (``get_slice``), so no rank ever holds the full model.
 No pickle is ever loaded: ``*.bin`` checkpoints are refused (convert them to safetensors first).
+A checkpoint whose tensors are not stored under HF's text-model names (the language model inside a multimodal
+Gemma-3) is read through ``rename`` (witscale/model/hf_names.py ``checkpoint_to_hf_name``): every method then
+takes and gives the HF names, and the tensors of the other parts (vision tower, projector) are left unread.
 
 ``slice_fn(name, slice)`` picks what this rank needs from a lazy safetensors slice; ``tp_slice_fn`` is the
 one for witscale's tensor-parallel layers. Filling a model from a checkpoint: witscale/model/weights.py.
@@ -34,7 +37,7 @@ class CheckpointFormatError(ValueError):
 
 
 class SafetensorsSource:
-    def __init__(self, path: str):
+    def __init__(self, path: str, rename: Optional[Callable[[str], Optional[str]]] = None):
         self.path = path
         if not os.path.isdir(path):
             raise CheckpointFormatError(f"{path}: not a directory")
@@ -72,6 +75,17 @@ class SafetensorsSource:
             if lost:
                 raise CheckpointFormatError(f"{index}: lists {lost[0]} in {weight_map[lost[0]]}, which does not hold it"
                                             + (f" (and {len(lost) - 1} more)" if len(lost) > 1 else ""))
+        self._stored: dict[str, str] = {n: n for n in self._where}     # HF name → name in the file
+        if rename is not None:
+            where, stored = {}, {}
+            for name, fname in self._where.items():
+                hf = rename(name)
+                if hf is None:
+                    continue                    # another part of the checkpoint (e.g. a vision tower)
+                if hf in stored:
+                    raise CheckpointFormatError(f"{path}: tensors {stored[hf]} and {name} are both {hf}")
+                where[hf], stored[hf] = fname, name
+            self._where, self._stored = where, stored
 
     def names(self) -> list[str]:
         return [n for n in self._where if not n.endswith(IGNORED_SUFFIXES)]
@@ -86,7 +100,7 @@ class SafetensorsSource:
         """The lazy safetensors slice of ``name`` (``get_shape()``, ``[a:b]``, ``[:, a:b]``)."""
         if name not in self._where:
             raise CheckpointFormatError(f"{self.path}: tensor {name} is missing")
-        return self._files[self._where[name]].get_slice(name)
+        return self._files[self._where[name]].get_slice(self._stored[name])
 
     _slice = slice
 

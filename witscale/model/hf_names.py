@@ -4,12 +4,19 @@ The dense ``CausalLM`` uses HF's names as they are (``model.layers.0.self_attn.q
 pipeline's ``PipelineModule`` numbers its blocks (0 = embedding, 1…L = decoder layers, L+1 = final norm,
 L+2 = LM head; a tied embedding lives in ``tied_modules.embed``). ``hf_name_fn(module)`` gives the
 mapping for either, so loading (witscale/model/weights.py) and export (witscale/model/state.py) have one
-path for both.
+path for both. Every family's names are HF's own (Qwen3/Gemma-3 ``self_attn.q_norm.weight``, Gemma's
+``pre_feedforward_layernorm.weight`` …): the layer mapping is the same for all.
+
+``checkpoint_to_hf_name(cfg)`` maps the names a checkpoint stores to the text model's HF names when they
+differ: a multimodal Gemma-3 (``Gemma3ForConditionalGeneration``) keeps its language model under
+``language_model.model.`` (as transformers saves it) or ``model.language_model.`` (its module names); the
+vision tower and projector are not part of the text model. An export is always the text model
+(``gemma3_text``, plain names).
 """
 from __future__ import annotations
 
 import re
-from typing import Callable
+from typing import Callable, Optional
 
 from witscale.model.config import ModelConfig
 
@@ -59,6 +66,29 @@ def hf_to_pipe_name(name: str, cfg: ModelConfig) -> str:
     if m and int(m.group(1)) < n:
         return f"{int(m.group(1)) + 1}.{m.group(2)}"
     return _bad(name)
+
+
+_GEMMA3_TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                         ("language_model.lm_head.", "lm_head."))
+_GEMMA3_OTHER_PARTS = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                       "model.multi_modal_projector.")
+
+
+def checkpoint_to_hf_name(cfg: ModelConfig) -> Optional[Callable[[str], Optional[str]]]:
+    """For a checkpoint layout whose names are not the text model's: stored name → HF name, or None for a
+    tensor of another part (skipped). None when the names are HF's already. An unknown name is returned as it
+    is, so that the strict load reports it."""
+    if cfg.checkpoint_layout is None:
+        return None
+    if cfg.checkpoint_layout != "gemma3_multimodal":
+        raise ValueError(f"unknown checkpoint layout {cfg.checkpoint_layout!r}")
+
+    def rename(name: str) -> Optional[str]:
+        for stored, hf in _GEMMA3_TEXT_PREFIXES:
+            if name.startswith(stored):
+                return hf + name[len(stored):]
+        return None if name.startswith(_GEMMA3_OTHER_PARTS) else name
+    return rename
 
 
 def _bad(name: str) -> str:

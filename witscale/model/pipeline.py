@@ -8,7 +8,9 @@ The pipeline is the same blocks as ``CausalLM``, as a flat list DeepSpeed places
     L+2        LMHeadPipe         → hidden (the head's matmul runs inside the loss, fused with the CE)
 
 Only tensors travel between stages: attention takes the row length as its ``max_seqlen`` bound, and
-RoPE's cos/sin are recomputed in each layer from the position ids. Labels, weights, target classes and the loss scale go
+RoPE's cos/sin are recomputed in each layer from the position ids (with the layer's own RoPE: Gemma-3's
+local and global bases). Every family rule (norms, embedding scale, per-layer windows, soft-capping) comes
+from the same ``family_spec`` as the dense ``CausalLM``, through transformer.py's builders. Labels, weights, target classes and the loss scale go
 straight from the data iterator to the last stage (DeepSpeed's labels tuple), where ``PipelineLoss`` runs
 the fused vocab-parallel weighted cross-entropy. With tied embeddings the embedding is a ``TiedLayerSpec``
 at both ends (DeepSpeed all-reduces its gradient between the first and last stage).
@@ -29,8 +31,9 @@ from typing import Optional
 from torch import nn
 
 from witscale.model.config import ModelConfig
-from witscale.model.rope import inverse_frequencies, rope_cos_sin
-from witscale.model.transformer import DecoderLayer, RMSNorm
+from witscale.model.family import family_spec
+from witscale.model.rope import RotaryEmbedding
+from witscale.model.transformer import DecoderLayer, make_lm_head, make_norm, scale_embeddings
 from witscale.parallel.layers import VocabParallelEmbedding, VocabParallelLMHead
 
 PARTITION_METHODS = ("uniform", "parameters")
@@ -46,10 +49,11 @@ class EmbeddingPipe(nn.Module):
     def __init__(self, cfg: ModelConfig, tp_group):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_group)
+        self.spec = family_spec(cfg)
 
     def forward(self, inputs):
         input_ids, position_ids, cu_seqlens = inputs
-        return self.embed_tokens(input_ids), position_ids, cu_seqlens
+        return scale_embeddings(self.embed_tokens(input_ids), self.spec), position_ids, cu_seqlens
 
 
 class TiedEmbeddingPipe(EmbeddingPipe):
@@ -58,7 +62,7 @@ class TiedEmbeddingPipe(EmbeddingPipe):
 
     def __init__(self, cfg: ModelConfig, tp_group, loss_chunk_size: int = 4096):
         super().__init__(cfg, tp_group)
-        self.lm_head = VocabParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp_group, loss_chunk_size)
+        self.lm_head = make_lm_head(cfg, self.spec, tp_group, loss_chunk_size)
         self.lm_head.weight = self.embed_tokens.weight
 
 
@@ -68,16 +72,15 @@ def _tied_head_passthrough(module, hidden):
 
 
 class DecoderLayerPipe(DecoderLayer):
-    def __init__(self, cfg: ModelConfig, tp_group, attention_backend: str):
-        super().__init__(cfg, tp_group, attention_backend)
-        # Not a buffer (see Decoder): a bf16 cast would put RoPE phases off at long positions.
-        self._inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    def __init__(self, cfg: ModelConfig, tp_group, attention_backend: str, layer_index: int):
+        spec = family_spec(cfg)
+        super().__init__(cfg, tp_group, attention_backend, layer_index, spec)
+        rope = spec.ropes[spec.layers[layer_index].rope_index]
+        self.rotary = RotaryEmbedding(cfg.head_dim, rope.theta, rope.scaling)   # this layer's RoPE
 
     def forward(self, inputs):
         x, position_ids, cu_seqlens = inputs
-        if self._inv_freq.device != x.device:
-            self._inv_freq = self._inv_freq.to(x.device)
-        cos, sin = rope_cos_sin(position_ids, self._inv_freq, x.dtype)
+        cos, sin = self.rotary.cos_sin(position_ids.to(x.device), x.dtype)
         # The row length bounds the longest segment (segments never cross rows): the attention kernels
         # take it as max_seqlen, where reading the exact maximum off the device would sync every layer.
         x = super().forward(x, cos, sin, cu_seqlens, x.shape[1])
@@ -87,7 +90,7 @@ class DecoderLayerPipe(DecoderLayer):
 class FinalNormPipe(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = make_norm(cfg, family_spec(cfg))
 
     def forward(self, inputs):
         return self.norm(inputs[0])
@@ -96,7 +99,7 @@ class FinalNormPipe(nn.Module):
 class LMHeadPipe(nn.Module):
     def __init__(self, cfg: ModelConfig, tp_group, loss_chunk_size: int = 4096):
         super().__init__()
-        self.lm_head = VocabParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp_group, loss_chunk_size)
+        self.lm_head = make_lm_head(cfg, family_spec(cfg), tp_group, loss_chunk_size)
 
     def forward(self, hidden):
         return hidden
@@ -140,8 +143,8 @@ def layer_specs(cfg: ModelConfig, tp_group, *, attention_backend: str = "auto", 
     else:
         first = LayerSpec(EmbeddingPipe, cfg, tp_group)
         last = LayerSpec(LMHeadPipe, cfg, tp_group, loss_chunk_size)
-    return ([first] + [LayerSpec(DecoderLayerPipe, cfg, tp_group, attention_backend)
-                       for _ in range(cfg.num_hidden_layers)]
+    return ([first] + [LayerSpec(DecoderLayerPipe, cfg, tp_group, attention_backend, i)
+                       for i in range(cfg.num_hidden_layers)]
             + [LayerSpec(FinalNormPipe, cfg), last])
 
 

@@ -1,11 +1,17 @@
 """The shape of a decoder: parameter counts and training FLOPs, from an HF config (dict or ModelConfig).
 
 Used by the trainer (MFU), the memory planner (witscale/planner.py) and the GPU benchmark; tested against
-transformers' parameter counts and measured ZeRO partitions (tests/test_planner.py).
+transformers' parameter counts and measured ZeRO partitions (tests/test_planner.py) and, for every family,
+against witscale's own model (tests/test_model_families.py). Per family: head_dim independent of
+hidden/heads (Gemma, Qwen3), q/k norms (Qwen3, Gemma-3), four norms per layer (Gemma), an o_proj bias where
+attention_bias covers it (Llama, Qwen3, Gemma). Sliding-window layers are counted as full attention in the
+FLOPs (an upper bound: a window W makes a document's attention cost L·min(L, W), not L²).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from witscale.model.config import GEMMA, HF_DEFAULT_HEAD_DIM
 
 
 @dataclass(frozen=True)
@@ -19,18 +25,27 @@ class ModelShape:
     tie_word_embeddings: bool = False
     head_dim: int = 0
     attention_bias: bool = False
+    o_bias: bool = False            # a bias on o_proj too (attention_bias in Llama, Qwen3, Gemma)
+    qk_norm: bool = False           # per-head q/k norms (Qwen3, Gemma-3): 2·head_dim replicated per layer
+    sandwich_norms: bool = False    # Gemma's pre/post feed-forward norms: 2·hidden more per layer
 
     @classmethod
     def from_config(cls, cfg) -> "ModelShape":
+        if isinstance(cfg, dict) and cfg.get("model_type") == "gemma3" and isinstance(cfg.get("text_config"), dict):
+            cfg = dict(cfg["text_config"], model_type="gemma3_text")     # the language model of a multimodal one
         get = (lambda k, d=None: cfg.get(k, d)) if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
         model_type = get("model_type", "llama")
+        attention_bias = bool(get("attention_bias", model_type == "qwen2"))
         return cls(vocab_size=get("vocab_size"), hidden_size=get("hidden_size"),
                    intermediate_size=get("intermediate_size"), num_hidden_layers=get("num_hidden_layers"),
                    num_attention_heads=get("num_attention_heads"),
                    num_key_value_heads=get("num_key_value_heads") or get("num_attention_heads"),
-                   tie_word_embeddings=bool(get("tie_word_embeddings", False)),
-                   head_dim=get("head_dim") or 0,
-                   attention_bias=bool(get("attention_bias", model_type == "qwen2")))
+                   tie_word_embeddings=bool(get("tie_word_embeddings", model_type in GEMMA)),
+                   head_dim=get("head_dim") or HF_DEFAULT_HEAD_DIM.get(model_type, 0),
+                   attention_bias=attention_bias,
+                   o_bias=bool(get("o_bias", attention_bias and model_type in ("llama", "qwen3") + GEMMA)),
+                   qk_norm=bool(get("qk_norm", model_type in ("qwen3", "gemma3_text"))),
+                   sandwich_norms=bool(get("sandwich_norms", model_type in GEMMA)))
 
     @property
     def hd(self) -> int:
@@ -43,7 +58,8 @@ class ModelShape:
         sharded = h * q + 2 * h * kv + q * h + 3 * h * self.intermediate_size
         if self.attention_bias:
             sharded += q + 2 * kv
-        return sharded, 2 * h
+        replicated = (4 if self.sandwich_norms else 2) * h + (2 * hd if self.qk_norm else 0) + (h if self.o_bias else 0)
+        return sharded, replicated
 
     def embedding_params(self) -> int:
         return self.vocab_size * self.hidden_size

@@ -1,4 +1,7 @@
-"""A LLaMA-family decoder (Llama, Qwen2, Mistral) built from tensor-parallel layers.
+"""The decoder of every supported family (Llama, Qwen2, Mistral, Qwen3, Gemma-2, Gemma-3) built from
+tensor-parallel layers. What a family changes (norm style and count, q/k norms, GeGLU, embedding scale,
+attention scale and soft-capping, per-layer windows and RoPE bases, final soft-capping) comes from
+witscale/model/family.py's ``family_spec``, which the pipeline blocks (pipeline.py) read too.
 
 Parameter names equal HF's (``model.layers.0.self_attn.q_proj.weight`` …, ``lm_head.weight``), so a
 tp=1 state dict is an HF state dict. At tp > 1 each projection holds its shard: q/k/v and gate/up are
@@ -21,34 +24,61 @@ from torch.utils.checkpoint import checkpoint
 
 from witscale.model.attention import BACKENDS, packed_attention, select_backend
 from witscale.model.config import ModelConfig
-from witscale.model.rope import apply_rope, inverse_frequencies, rope_cos_sin
+from witscale.model.family import FamilySpec, family_spec
+from witscale.model.rope import RotaryEmbedding, apply_rope
 from witscale.parallel.layers import (ColumnParallelLinear, ReplicatedKVHeadLinear, RowParallelLinear,
                                       VocabParallelEmbedding, VocabParallelLMHead, divide, kv_heads_replicated,
                                       sum_grad_over_tp, tp_size_rank)
 
 
 class RMSNorm(nn.Module):
-    """``sharded_input_group``: the TP group when the norm runs on this rank's shard of the heads (Qwen3 and
+    """x / rms(x) · w (``offset`` 0: Llama, Qwen) or · (1 + w) in fp32 (``offset`` 1: Gemma, whose weights are
+    stored around 0). ``sharded_input_group``: the TP group when the norm runs on this rank's shard of the heads (Qwen3 and
     Gemma-3's per-head q_norm/k_norm): its replicated weight's gradient is then partial per rank and summed
     over the group (the TP gradient rule, parallel/layers.py ``sum_grad_over_tp``). None (the default) for
     norms of replicated activations (input, post-attention, final), whose gradient is already complete."""
 
-    def __init__(self, dim: int, eps: float, sharded_input_group=None):
+    def __init__(self, dim: int, eps: float, sharded_input_group=None, offset: float = 0.0):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))
         self.eps = eps
         self.sharded_input_group = sharded_input_group
+        self.offset = offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return sum_grad_over_tp(self.weight, self.sharded_input_group) * x.to(dtype)
+        normed = x.float()
+        normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + self.eps)
+        weight = sum_grad_over_tp(self.weight, self.sharded_input_group)
+        if self.offset:
+            # Gemma multiplies in fp32 and casts after ((x̂ · (1 + w)).to(dtype)); Llama casts x̂ first.
+            return (normed * (self.offset + weight.float())).to(dtype)
+        return weight * normed.to(dtype)
+
+
+def make_norm(cfg: ModelConfig, spec: FamilySpec, dim: Optional[int] = None, sharded_input_group=None) -> RMSNorm:
+    """The family's RMSNorm over ``dim`` (default hidden_size)."""
+    return RMSNorm(dim or cfg.hidden_size, cfg.rms_norm_eps, sharded_input_group, offset=spec.norm_offset)
+
+
+def scale_embeddings(x: torch.Tensor, spec: FamilySpec) -> torch.Tensor:
+    """Gemma multiplies the embeddings by √hidden rounded to the model dtype (55.4256 → 55.5 in bf16 for
+    hidden 3072), as transformers does: the checkpoints were trained that way."""
+    if spec.embed_scale is None:
+        return x
+    return x * torch.tensor(spec.embed_scale, dtype=x.dtype, device=x.device)
+
+
+def make_lm_head(cfg: ModelConfig, spec: FamilySpec, tp_group, loss_chunk_size: int) -> VocabParallelLMHead:
+    return VocabParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp_group, loss_chunk_size,
+                               logit_softcap=spec.final_softcap)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp_group, attention_backend: str):
+    def __init__(self, cfg: ModelConfig, tp_group, attention_backend: str, layer_index: int,
+                 spec: Optional[FamilySpec] = None):
         super().__init__()
+        spec = spec or family_spec(cfg)
         tp, _ = tp_size_rank(tp_group)
         self.head_dim = cfg.head_dim
         self.local_heads = divide(cfg.num_attention_heads, tp, "attention heads")
@@ -66,7 +96,14 @@ class Attention(nn.Module):
             self.k_proj = ColumnParallelLinear(cfg.hidden_size, kv_out, cfg.attention_bias, tp_group)
             self.v_proj = ColumnParallelLinear(cfg.hidden_size, kv_out, cfg.attention_bias, tp_group)
         self.o_proj = RowParallelLinear(q_out, cfg.hidden_size, cfg.o_bias, tp_group)
-        self.sliding_window = cfg.sliding_window
+        if spec.qk_norm:
+            # Per head, on this rank's heads only: the weight's gradient is summed over tp (layers.py's rule).
+            self.q_norm = make_norm(cfg, spec, cfg.head_dim, sharded_input_group=tp_group)
+            self.k_norm = make_norm(cfg, spec, cfg.head_dim, sharded_input_group=tp_group)
+        else:
+            self.q_norm = self.k_norm = None
+        self.sliding_window = spec.layers[layer_index].sliding_window
+        self.scale, self.softcap = spec.attn_scale, spec.attn_softcap
         self.backend = attention_backend
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
@@ -74,9 +111,12 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, s, self.local_heads, self.head_dim)
         k = self.k_proj(x).view(b, s, self.local_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, s, self.local_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        backend = select_backend(self.backend, x.device, q.dtype)
-        out = packed_attention(q, k, v, cu_seqlens, max_seqlen, backend=backend, sliding_window=self.sliding_window)
+        backend = select_backend(self.backend, x.device, q.dtype, softcap=self.softcap)
+        out = packed_attention(q, k, v, cu_seqlens, max_seqlen, backend=backend, sliding_window=self.sliding_window,
+                               scale=self.scale, softcap=self.softcap)
         return self.o_proj(out.reshape(b, s, self.local_heads * self.head_dim))
 
 
@@ -86,20 +126,36 @@ class MLP(nn.Module):
         self.gate_proj = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, tp_group)
         self.up_proj = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, tp_group)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, tp_group)
+        self.gelu = cfg.hidden_act == "gelu_pytorch_tanh"       # GeGLU (Gemma) instead of SwiGLU
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = self.gate_proj(x)
+        gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.down_proj(gate * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp_group, attention_backend: str):
+    """Decoder layer ``layer_index`` (its window and RoPE come from the family spec). Llama-style: pre-norms
+    on each branch; Gemma ("sandwich"): each branch also normed on its output, before the residual add."""
+
+    def __init__(self, cfg: ModelConfig, tp_group, attention_backend: str, layer_index: int,
+                 spec: Optional[FamilySpec] = None):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, tp_group, attention_backend)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        spec = spec or family_spec(cfg)
+        self.input_layernorm = make_norm(cfg, spec)
+        self.self_attn = Attention(cfg, tp_group, attention_backend, layer_index, spec)
+        self.post_attention_layernorm = make_norm(cfg, spec)
         self.mlp = MLP(cfg, tp_group)
+        self.sandwich_norms = spec.sandwich_norms
+        if spec.sandwich_norms:
+            self.pre_feedforward_layernorm = make_norm(cfg, spec)
+            self.post_feedforward_layernorm = make_norm(cfg, spec)
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
+        if self.sandwich_norms:
+            x = x + self.post_attention_layernorm(
+                self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -107,24 +163,20 @@ class DecoderLayer(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig, tp_group, attention_backend: str, activation_checkpointing: bool):
         super().__init__()
+        self.spec = spec = family_spec(cfg)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_group)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, tp_group, attention_backend)
-                                    for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        # Not a buffer: ``model.to(torch.bfloat16)`` (and DeepSpeed's bf16 wrapping) would cast a buffer,
-        # and bf16 frequencies put RoPE phases off by whole radians at long positions.
-        self._inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, tp_group, attention_backend, i, spec)
+                                    for i in range(cfg.num_hidden_layers))
+        self.norm = make_norm(cfg, spec)
+        # One table per distinct RoPE (Gemma-3: local and global), cos/sin computed once per forward for each.
+        self.rotary = [RotaryEmbedding(cfg.head_dim, r.theta, r.scaling) for r in spec.ropes]
         self.activation_checkpointing = activation_checkpointing
 
-    def inv_freq(self, device: torch.device) -> torch.Tensor:
-        if self._inv_freq.device != device:
-            self._inv_freq = self._inv_freq.to(device)
-        return self._inv_freq
-
     def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen):
-        x = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(position_ids, self.inv_freq(x.device), x.dtype)
-        for layer in self.layers:
+        x = scale_embeddings(self.embed_tokens(input_ids), self.spec)
+        tables = [rope.cos_sin(position_ids.to(x.device), x.dtype) for rope in self.rotary]
+        for layer, layer_spec in zip(self.layers, self.spec.layers):
+            cos, sin = tables[layer_spec.rope_index]
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False)
             else:
@@ -139,7 +191,7 @@ class CausalLM(nn.Module):
         self.config = cfg
         self.tp_group = tp_group
         self.model = Decoder(cfg, tp_group, attention_backend, activation_checkpointing)
-        self.lm_head = VocabParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp_group, loss_chunk_size)
+        self.lm_head = make_lm_head(cfg, self.model.spec, tp_group, loss_chunk_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -158,7 +210,8 @@ class CausalLM(nn.Module):
         return self.lm_head(hidden, labels, weights, target_classes, objective=objective)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Full (gathered, unpadded) logits [..., vocab]: for tests and evaluation, not for training."""
+        """Full (gathered, unpadded) logits [..., vocab], soft-capped where the family caps them: for tests and
+        evaluation, not for training."""
         return self.lm_head(hidden)
 
     def set_attention_backend(self, backend: str) -> None:
@@ -196,6 +249,7 @@ def packed_positions(doc_lengths_per_row: Sequence[Sequence[int]], seq_len: int
 
 def dense_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """HF (unsharded) shape of every parameter, by name."""
+    spec = family_spec(cfg)
     h, hd = cfg.hidden_size, cfg.head_dim
     q, kv, inter = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd, cfg.intermediate_size
     shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
@@ -209,6 +263,10 @@ def dense_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
             p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
             p + "mlp.down_proj.weight": (h, inter)})
+        if spec.qk_norm:
+            shapes.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
+        if spec.sandwich_norms:
+            shapes.update({p + "pre_feedforward_layernorm.weight": (h,), p + "post_feedforward_layernorm.weight": (h,)})
         if cfg.attention_bias:
             shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
                            p + "self_attn.v_proj.bias": (kv,)})

@@ -18,9 +18,10 @@ from typing import Callable, Optional
 import torch
 
 from witscale.model.config import ModelConfig
+from witscale.model.family import family_spec
 from witscale.model.hf_io import (CheckpointFormatError, SafetensorsSource, SliceFn, tp_slice_fn,
                                   whole_tensor)
-from witscale.model.hf_names import hf_name_fn
+from witscale.model.hf_names import checkpoint_to_hf_name, hf_name_fn
 from witscale.model.transformer import dense_shapes
 from witscale.parallel.layers import shard_dense
 
@@ -31,10 +32,12 @@ def is_zero3_param(p: torch.Tensor) -> bool:
     return hasattr(p, "ds_id")
 
 
-def seeded_dense(name: str, shape, seed: int, std: float) -> torch.Tensor:
-    """The dense init of one parameter: N(0, std) matrices, unit norms, zero biases; seeded by name."""
+def seeded_dense(name: str, shape, seed: int, std: float, norm_init: float = 1.0) -> torch.Tensor:
+    """The dense init of one parameter: N(0, std) matrices, neutral norms, zero biases; seeded by name.
+    ``norm_init``: a norm weight's neutral value, the family's (family.py ``norm_init``: 1 for x·w, 0 for
+    Gemma's x·(1 + w))."""
     if name.endswith("norm.weight"):
-        return torch.ones(shape)
+        return torch.full(tuple(shape), float(norm_init))
     if name.endswith(".bias"):
         return torch.zeros(shape)
     gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63))
@@ -70,14 +73,15 @@ def _copy_checked(name: str, p: torch.Tensor, value: torch.Tensor) -> None:
 
 
 def init_weights(module: torch.nn.Module, seed: int, tp_rank: int = 0, tp: int = 1) -> None:
-    """Seeded random init from the config: N(0, initializer_range) matrices, unit norms, zero biases.
+    """Seeded random init from the config: N(0, initializer_range) matrices, neutral norms, zero biases.
     Drawn per HF parameter name at the dense shape, then sliced: every layout gets the same dense weights."""
     cfg = module.config
     shapes, to_hf = dense_shapes(cfg), hf_name_fn(module)
+    norm_init = family_spec(cfg).norm_init
 
     def value(name, p):
         hf = to_hf(name)
-        return shard_dense(p, seeded_dense(hf, shapes[hf], seed, cfg.initializer_range), tp_rank, tp)
+        return shard_dense(p, seeded_dense(hf, shapes[hf], seed, cfg.initializer_range, norm_init), tp_rank, tp)
     materialize_parameters(module, value)
 
 
@@ -98,7 +102,7 @@ def load_hf_weights(module: torch.nn.Module, path: str, slice_fn: Optional[Slice
     naming the file and tensor. ``slice_fn(name, slice)`` returns this rank's tensor from the lazy slice
     (default: all of it). A tied LM head takes the embedding; a stored copy is ignored."""
     cfg = module.config
-    source = SafetensorsSource(path)
+    source = SafetensorsSource(path, rename=checkpoint_to_hf_name(cfg))
     slice_fn = slice_fn or whole_tensor
     to_hf = hf_name_fn(module)
     needed = {to_hf(n) for n, _ in module.named_parameters()}
