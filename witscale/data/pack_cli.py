@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plain (the paper's), alpaca, chatml (Qwen; tools, <think>), llama3 (Llama 3.1 tools), tulu, "
                         "hf (the tokenizer's chat_template). Records with tools need chatml, llama3 or hf")
     p.add_argument("--long", default="truncate", choices=LONG_POLICIES, dest="long_policy",
-                   help="documents longer than --seq-len (default truncate)")
+                   help="documents longer than --seq-len (default truncate; --task sft only: a preference pair "
+                        "longer than a row is an error, or skipped with --skip-invalid)")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
     p.add_argument("--skip-invalid", action="store_true", help="skip (and count) invalid records instead of failing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")

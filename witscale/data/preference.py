@@ -110,7 +110,8 @@ def normalize_pair(record: Any, fmt: str, *, system: str | None = None) -> tuple
         (k for k in ("prompt", "messages") if record.get(k) is not None), None)
     if prompt_key is None:
         if not all(isinstance(record[k], list) for k in ("chosen", "rejected")):
-            raise RecordError("missing field 'prompt' (or 'messages')")
+            hint = "; a 'conversations' prompt is --format sharegpt_preference" if "conversations" in record else ""
+            raise RecordError(f"missing field 'prompt' (or 'messages'){hint}")
         chosen_full, rejected_full = _message_list(record["chosen"], "chosen"), _message_list(record["rejected"], "rejected")
         prompt = _implicit_prompt(chosen_full, rejected_full)
         chosen, rejected = chosen_full[len(prompt):], rejected_full[len(prompt):]
