@@ -249,7 +249,7 @@ def _optional_positive(d: dict, key: str) -> Optional[float]:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
         raise ValueError(f"{key} must be a positive number or null, got {value!r}")
-    return float(value)
+    return value        # as written: transformers' strict configs type-check it (query_pre_attn_scalar: int)
 
 
 def _windows(model_type: str, d: dict, layers: int) -> tuple[Optional[int], Optional[list]]:

@@ -74,8 +74,9 @@ def _yarn(inv_freq: torch.Tensor, head_dim: int, theta: float, scaling: dict) ->
         high += 0.001                                   # no zero-width ramp
     ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     extrapolate = 1 - ramp
-    # inv_freq / factor written as transformers does (1 / (factor · θ^(2i/d))): bit-identical frequencies.
-    interpolated = 1.0 / (factor * (1.0 / inv_freq))
+    # Written as transformers does (1 / (factor · θ^(2i/d))), so that the frequencies are bit-identical.
+    pos_freqs = theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    interpolated = 1.0 / (factor * pos_freqs)
     return interpolated * (1 - extrapolate) + inv_freq * extrapolate, float(attention)
 
 
