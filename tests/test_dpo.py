@@ -212,7 +212,20 @@ def dpo_worker(rank, world, *, tp=1, pp=1, stage=0, steps=3, lr=1e-3, beta=0.5, 
         pairs = float(sum(len(rows[r]) for r in batch))
         results.append(trainer.train_step(StepBatch(mbs, {"pairs": pairs}, 1, GLOBAL_ROWS * SEQ, 0, step)).as_dict())
     params = trainer.full_dense_state_dict()
-    return {"results": results, "params": {k: v.numpy() for k, v in params.items()}}
+    # Evaluation over 5 rows (dp=2: 3 + 2, the short rank scores a micro-batch without completions).
+    evaluated = trainer.evaluate(_EvalRows([rows[r] for r in range(5)], [refs[r] for r in range(5)], table))
+    return {"results": results, "params": {k: v.numpy() for k, v in params.items()}, "eval": evaluated}
+
+
+class _EvalRows:
+    """What Trainer.evaluate reads of a loader, over hand-made preference rows."""
+
+    def __init__(self, rows, refs, table):
+        self.dataset, self.refs, self.table, self.micro_batch_size = rows, refs, table, 1
+
+    def make_micro_batch(self, chunk):
+        return micro_batch([self.dataset[int(r)] for r in chunk], SEQ, self.table,
+                           reference=[x for r in chunk for x in self.refs[int(r)]])
 
 
 def _layouts(rank, world, runs):
@@ -235,6 +248,9 @@ def _same_run(got, want, what, atol=1e-5):
     for name in want["params"]:
         np.testing.assert_allclose(got["params"][name], want["params"][name], rtol=0, atol=atol,
                                    err_msg=f"{what}: {name}")
+    assert want["eval"]["eval_pairs"] == sum(len(r) for r in layout_data(3)[0][:5])
+    for key in ("eval_loss", "eval_reward_margin", "eval_reward_accuracy", "eval_logps_chosen", "eval_pairs"):
+        assert got["eval"][key] == pytest.approx(want["eval"][key], rel=1e-5, abs=1e-6), f"{what}: {key}"
 
 
 def test_tp2_pp2_and_zero3_dp2_equal_one_rank(one_rank):

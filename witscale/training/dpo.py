@@ -112,8 +112,9 @@ def completion_logps(token_nll: torch.Tensor, weights: torch.Tensor, doc_index: 
     idx = doc_index.reshape(-1)
     inside = idx >= 0
     contrib = torch.where(inside, weights.reshape(-1).double() * token_nll.reshape(-1).double(), 0.0)
-    return torch.zeros(num_docs, dtype=torch.float64, device=token_nll.device).index_add_(
-        0, torch.where(inside, idx, 0), -contrib)
+    # Positions outside any completion go to a spare last slot (also valid when num_docs is 0).
+    sums = torch.zeros(num_docs + 1, dtype=torch.float64, device=token_nll.device)
+    return sums.index_add_(0, torch.where(inside, idx, num_docs), -contrib)[:num_docs]
 
 
 class DPOLoss:
@@ -136,9 +137,13 @@ class DPOLoss:
             _, grad, sums = pair_terms(logps, self.reference_logps.double(), self.doc_role, self.doc_pair,
                                        num_pairs, self.settings)
             idx = self.doc_index.reshape(-1)
-            inside = idx >= 0
             # w'_t = −dL/dlogp_{d(t)}·w_t: then ∇Σ w'·nll = Σ_d dL/dlogp_d·∇logp_d (logp_d = −Σ w·nll).
-            token_weights = torch.where(inside, -grad[torch.where(inside, idx, 0)] * weights.double(), 0.0)
+            # Positions outside any completion read a spare trailing 0 (also valid when there are none).
+            coefficient = torch.cat([-grad, grad.new_zeros(1)])[torch.where(idx >= 0, idx, num_docs)]
+            token_weights = coefficient * weights.double()
+        if not torch.is_grad_enabled():      # evaluation: no gradient, so no second pass
+            return DPOStats(torch.zeros((), dtype=h.dtype, device=h.device), first.class_nll_sum,
+                            first.class_count, sums)
         second = fused_loss(h, labels, token_weights.to(weights.dtype), target_classes)
         return DPOStats(second.weighted_sum, second.class_nll_sum, second.class_count, sums)
 
