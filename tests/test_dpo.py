@@ -213,7 +213,7 @@ def dpo_worker(rank, world, *, tp=1, pp=1, stage=0, steps=3, lr=1e-3, beta=0.5, 
         results.append(trainer.train_step(StepBatch(mbs, {"pairs": pairs}, 1, GLOBAL_ROWS * SEQ, 0, step)).as_dict())
     params = trainer.full_dense_state_dict()
     # Evaluation over 5 rows (dp=2: 3 + 2, the short rank scores a micro-batch without completions).
-    evaluated = trainer.evaluate(_EvalRows([rows[r] for r in range(5)], [refs[r] for r in range(5)], table))
+    evaluated = trainer.evaluate(_EvalRows(rows[:5], refs[:5], table))
     return {"results": results, "params": {k: v.numpy() for k, v in params.items()}, "eval": evaluated}
 
 

@@ -221,8 +221,8 @@ def check_reference(manifest: dict, data_path: str, table, reference_model: Opti
     if manifest.get("task") != "preference":
         task = manifest.get("task", "sft")
         kind = "an SFT" if task == "sft" else f"a {task!r}"
-        raise ValueError(f"{data_path} is {kind} dataset, but --objective dpo needs a preference dataset (tools/pack_dataset.py --task "
-                         f"preference)")
+        raise ValueError(f"{data_path} is {kind} dataset, but --objective dpo needs a preference dataset "
+                         f"(tools/pack_dataset.py --task preference)")
     ref = manifest.get("reference")
     if not ref:
         raise ValueError(f"{data_path} has no reference log-probs: run tools/precompute_reference.py --data "
