@@ -1,6 +1,7 @@
 """Building and loading the model allocates what a rank keeps, not the whole model (measured, not assumed).
 
-Each rank resets its peak resident memory (Linux: ``/proc/self/clear_refs`` ← 5 resets VmHWM to the current
+Each rank (pp=2, tp=2, and ZeRO-3 over dp=2, where parameters are partitioned as their layers are built and
+each rank fills only its partition) resets its peak resident memory (Linux: ``/proc/self/clear_refs`` ← 5 resets VmHWM to the current
 RSS), builds its module through the one build path (witscale/training/build.py: no throw-away random
 init, this rank's shard or stage only) and fills it through the one load path, then reads VmHWM. The
 peak above the starting RSS must stay within what the rank keeps plus the largest single dense tensor
@@ -44,7 +45,8 @@ def _build_worker(rank, world, tp, pp, stage):
     start = _vm_kib("VmRSS")
     module = build_module(cfg, topo, ds_config(stage, 1, 1, topo.dp), model_dir=None, seed=0)
     peak = _vm_kib("VmHWM") - start
-    kept = sum(p.numel() * p.element_size() for p in {id(p): p for p in module.parameters()}.values())
+    kept = sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).numel() * p.element_size()
+               for p in {id(p): p for p in module.parameters()}.values())
     shapes = dense_shapes(cfg)
     full = sum(int(np.prod(s)) for s in shapes.values()) * 4
     largest = max(int(np.prod(s)) for s in shapes.values()) * 4
@@ -52,7 +54,7 @@ def _build_worker(rank, world, tp, pp, stage):
     return {"peak": peak * 1024, "kept": kept, "full": full, "largest": largest}
 
 
-@pytest.mark.parametrize("tp,pp,stage", [(1, 2, 1), (2, 1, 1)], ids=["pp2-zero1", "tp2-zero1"])
+@pytest.mark.parametrize("tp,pp,stage", [(1, 2, 1), (2, 1, 1), (1, 1, 3)], ids=["pp2-zero1", "tp2-zero1", "zero3-dp2"])
 def test_build_and_load_allocate_only_this_ranks_share(tp, pp, stage):
     for r in run_distributed(_build_worker, 2, tp, pp, stage, timeout=240):
         assert r["kept"] < 0.7 * r["full"], r
@@ -60,3 +62,56 @@ def test_build_and_load_allocate_only_this_ranks_share(tp, pp, stage):
             f"peak {r['peak'] / 2 ** 20:.0f} MiB for {r['kept'] / 2 ** 20:.0f} MiB kept "
             f"(largest dense tensor {r['largest'] / 2 ** 20:.0f} MiB, whole model {r['full'] / 2 ** 20:.0f} MiB)")
         assert r["peak"] < 0.8 * r["full"]
+
+
+def _zero3_values_worker(rank, world, tp, model_dir):
+    """Every rank's ZeRO-3 partitions, gathered, against the dense tensors: the seeded init and an HF load."""
+    import deepspeed
+    import torch
+    from safetensors.torch import load_file
+
+    from witscale.model import ModelConfig, dense_shapes
+    from witscale.model.hf_names import hf_name_fn
+    from witscale.model.weights import seeded_dense
+    from witscale.parallel.layers import shard_dense
+    from witscale.parallel.topology import ParallelDims, Topology
+    from witscale.training.build import build_module
+    from witscale.training.distributed import init_distributed
+
+    init_distributed()
+    cfg = ModelConfig.from_dict(SMALL)
+    topo = Topology(ParallelDims(world, tp, 1, 3, cfg))
+    file = load_file(f"{model_dir}/model.safetensors")
+    differ = []
+    for source in (None, model_dir):
+        module = build_module(cfg, topo, ds_config(3, 1, 1, topo.dp), model_dir=source, seed=0)
+        to_hf = hf_name_fn(module)
+        for name, p in module.named_parameters():
+            hf = to_hf(name)
+            dense = (seeded_dense(hf, dense_shapes(cfg)[hf], 0, cfg.initializer_range) if source is None
+                     else file[hf].float())
+            with deepspeed.zero.GatheredParameters([p]):
+                if not torch.equal(p.data, shard_dense(p, dense, topo.tp_rank, tp)):
+                    differ.append(f"{'HF' if source else 'seeded'} {name}")
+    return differ
+
+
+# An odd vocabulary (padded at tp=2) and rows that ZeRO-3's partitions cut in the middle.
+SMALL = dict(TINY, vocab_size=67, intermediate_size=40)
+
+
+def test_zero3_partitions_hold_the_dense_values_without_gathering(tmp_path):
+    """Under ZeRO-3 each rank reads only the rows of its partition (no GatheredParameters): the result is
+    still the dense seeded init and the HF file, bit for bit, at tp=1 × dp=2 and tp=2 × dp=2."""
+    import torch
+
+    from witscale.model import CausalLM, ModelConfig, init_weights
+    from witscale.model.hf_io import save_hf_checkpoint
+
+    cfg = ModelConfig.from_dict(SMALL)
+    model = CausalLM(cfg)
+    init_weights(model, seed=5)
+    save_hf_checkpoint({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, cfg, str(tmp_path))
+    for world, tp in ((2, 1), (4, 2)):
+        for rank, differ in enumerate(run_distributed(_zero3_values_worker, world, tp, str(tmp_path), timeout=240)):
+            assert not differ, f"tp{tp} rank {rank}: {differ[:4]}"

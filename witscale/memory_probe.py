@@ -64,13 +64,15 @@ class LiveTensorPeak(TorchDispatchMode):
         return out
 
 
-def _one_document_per_row_attention(q, k, v, cu_seqlens, max_seqlen, *, backend, sliding_window=None):
+def _one_document_per_row_attention(q, k, v, cu_seqlens, max_seqlen, *, backend, sliding_window=None, scale=None,
+                                    **options):
     b, s = q.shape[:2]
-    if cu_seqlens.tolist() != list(range(0, b * s + 1, s)) or sliding_window:
+    if cu_seqlens.tolist() != list(range(0, b * s + 1, s)) or sliding_window or any(
+            x is not None for x in options.values()):
         raise ValueError("flash_like_attention: every row must be one document (cu_seqlens at row boundaries), "
-                         "with no sliding window")
+                         f"with no sliding window or other option ({options})")
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                         enable_gqa=q.shape[2] != k.shape[2])
+                                         scale=scale, enable_gqa=q.shape[2] != k.shape[2])
     return out.transpose(1, 2)      # the CPU kernel writes [B, S, H, D] memory: the reshape after is a view
 
 

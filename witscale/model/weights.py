@@ -1,18 +1,23 @@
 """Weights in, one path for every layout: a seeded random init or an HF safetensors checkpoint, into a
 dense ``CausalLM`` or a pipeline stage, tensor-parallel or not, ZeRO-3-partitioned or not.
 
-One mechanism: ``materialize_parameters(module, value_fn)`` copies ``value_fn(name, param)`` — this rank's
-tensor for the parameter, i.e. its tensor-parallel shard of the dense HF tensor — into every parameter;
-under ZeRO-3 it is written through ``GatheredParameters`` so that each rank keeps only its partition. The
-HF name of each parameter comes from witscale/model/hf_names.py. Because the random init is keyed by the
-HF *name* and drawn at the dense shape before sharding, every layout (tp=1 or 2, ZeRO-0 or 3, pp=1 or 2)
-starts from bit-identical weights — what the equivalence tests rely on. Loading reads, per rank, only the
-slices it keeps (safetensors ``get_slice``), strictly: missing, unexpected and mis-shaped tensors are
-errors naming the file and tensor.
+One mechanism: ``materialize_parameters(module, value_fn)`` copies ``value_fn(name, param, rows)`` — rows
+``rows`` (a slice of dim 0; None: all) of this rank's tensor for the parameter, i.e. of its tensor-parallel
+shard of the dense HF tensor — into every parameter. Under ZeRO-3 a parameter is never gathered: each rank
+asks for the rows that cover its partition (the range [rank·n, (rank+1)·n) of the flattened parameter,
+``p.ds_tensor``) and writes that range straight into ``p.ds_tensor``, so every slice of a checkpoint is
+read by exactly one rank of the data-parallel group and no rank ever holds a whole parameter of the file.
+The HF name of each parameter comes from witscale/model/hf_names.py. Because the random init is keyed by
+the HF *name* and drawn at the dense shape before sharding, every layout (tp=1 or 2, ZeRO-0 or 3, pp=1 or
+2) starts from bit-identical weights — what the equivalence tests rely on (under ZeRO-3 each rank draws the
+dense tensor of one parameter at a time and keeps its range). Loading reads, per rank, only the slices it
+keeps (safetensors ``get_slice``), strictly: missing, unexpected and mis-shaped tensors are errors naming
+the file and tensor.
 """
 from __future__ import annotations
 
 import zlib
+import math
 from typing import Callable, Optional
 
 import torch
@@ -25,7 +30,7 @@ from witscale.model.hf_names import checkpoint_to_hf_name, hf_name_fn
 from witscale.model.transformer import dense_shapes
 from witscale.parallel.layers import shard_dense
 
-ValueFn = Callable[[str, torch.nn.Parameter], torch.Tensor]
+ValueFn = Callable[[str, torch.nn.Parameter, Optional[slice]], torch.Tensor]
 
 
 def is_zero3_param(p: torch.Tensor) -> bool:
@@ -45,25 +50,44 @@ def seeded_dense(name: str, shape, seed: int, std: float, norm_init: float = 1.0
 
 
 def materialize_parameters(model: torch.nn.Module, value_fn: ValueFn) -> None:
-    """Copy ``value_fn(name, param)`` into every parameter of ``model`` (tied parameters once).
+    """Copy ``value_fn(name, param, rows)`` into every parameter of ``model`` (tied parameters once).
 
-    A ZeRO-3-partitioned parameter is gathered, filled by ONE rank of its data-parallel group — its owner,
-    round-robin over the parameters, so that the group shares the reading — and re-partitioned from that
-    rank's copy on exit (``modifier_rank``): only the owner reads the tensor from the checkpoint."""
+    A plain parameter gets all its rows (``rows=None``). A ZeRO-3-partitioned one gets only the rows that
+    cover this rank's partition, and the partition's range of them is written into ``p.ds_tensor``
+    (DeepSpeed's padding after the last element is zeroed): nothing is gathered or broadcast."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if is_zero3_param(p):
+                _fill_partition(name, p, value_fn)
+            else:
+                _copy_checked(name, p, value_fn(name, p, None))
+
+
+def partition_range(p: torch.Tensor) -> tuple[int, int]:
+    """[start, end) of this rank's ZeRO-3 partition in the flattened parameter (end clipped to its size:
+    the last partitions hold padding, or nothing but padding)."""
     import torch.distributed as dist
 
-    with torch.no_grad():
-        for index, (name, p) in enumerate(model.named_parameters()):
-            if is_zero3_param(p):
-                import deepspeed    # only here: importing it costs seconds, and plain models never need it
+    size = p.ds_tensor.numel()
+    start = min(dist.get_rank(p.ds_process_group) * size, p.ds_numel)
+    return start, min(start + size, p.ds_numel)
 
-                group = p.ds_process_group
-                owner = index % dist.get_world_size(group)
-                with deepspeed.zero.GatheredParameters([p], modifier_rank=owner):
-                    if dist.get_rank(group) == owner:
-                        _copy_checked(name, p, value_fn(name, p))
-            else:
-                _copy_checked(name, p, value_fn(name, p))
+
+def _fill_partition(name: str, p: torch.Tensor, value_fn: ValueFn) -> None:
+    start, end = partition_range(p)
+    shape = tuple(p.ds_shape)
+    row = math.prod(shape[1:])                      # elements per dim-0 row (1 for a vector)
+    part = p.ds_tensor
+    if end > start:
+        first, last = start // row, -(-end // row)
+        value = value_fn(name, p, slice(first, last))
+        expected = (last - first,) + shape[1:]
+        if tuple(value.shape) != expected:
+            raise ValueError(f"parameter {name}: rows {first}:{last} of {shape} should have shape {expected}, "
+                             f"the source gives {tuple(value.shape)}")
+        offset = start - first * row
+        part.narrow(0, 0, end - start).copy_(value.reshape(-1).narrow(0, offset, end - start))
+    part.narrow(0, end - start, part.numel() - (end - start)).zero_()
 
 
 def _copy_checked(name: str, p: torch.Tensor, value: torch.Tensor) -> None:
@@ -79,9 +103,10 @@ def init_weights(module: torch.nn.Module, seed: int, tp_rank: int = 0, tp: int =
     shapes, to_hf = dense_shapes(cfg), hf_name_fn(module)
     norm_init = family_spec(cfg).norm_init
 
-    def value(name, p):
+    def value(name, p, rows):
         hf = to_hf(name)
-        return shard_dense(p, seeded_dense(hf, shapes[hf], seed, cfg.initializer_range, norm_init), tp_rank, tp)
+        shard = shard_dense(p, seeded_dense(hf, shapes[hf], seed, cfg.initializer_range, norm_init), tp_rank, tp)
+        return shard if rows is None else shard[rows]
     materialize_parameters(module, value)
 
 
@@ -95,12 +120,14 @@ def _tied_names(module: torch.nn.Module) -> set[str]:
     return tied
 
 
-def load_hf_weights(module: torch.nn.Module, path: str, slice_fn: Optional[SliceFn] = None) -> None:
+def load_hf_weights(module: torch.nn.Module, path: str, slice_fn: Optional[SliceFn] = None, *,
+                    tp_rank: int = 0, tp: int = 1) -> None:
     """Fill every parameter of ``module`` (a whole model or one pipeline stage) from the HF safetensors
     checkpoint in ``path`` (one file or shards with an index), strictly: a tensor this module needs but the
     files lack, a tensor that is no parameter of the model, or a wrong shape is a CheckpointFormatError
     naming the file and tensor. ``slice_fn(name, slice)`` returns this rank's tensor from the lazy slice
-    (default: all of it). A tied LM head takes the embedding; a stored copy is ignored."""
+    (default: all of it). A tied LM head takes the embedding; a stored copy is ignored. A ZeRO-3 parameter
+    reads only the rows of its (``tp_rank``-of-``tp``) shard that cover this rank's partition."""
     cfg = module.config
     source = SafetensorsSource(path, rename=checkpoint_to_hf_name(cfg))
     slice_fn = slice_fn or whole_tensor
@@ -120,8 +147,19 @@ def load_hf_weights(module: torch.nn.Module, path: str, slice_fn: Optional[Slice
         raise CheckpointFormatError(f"{path}: tensor {missing[0]} is missing from the checkpoint"
                                     + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
 
-    def value(name: str, p: torch.Tensor) -> torch.Tensor:
+    shapes = dense_shapes(cfg)
+
+    def value(name: str, p: torch.Tensor, rows: Optional[slice]) -> torch.Tensor:
         hf = to_hf(name)
+        if rows is not None:        # a ZeRO-3 partition: p.shape is empty, the file's shape is checked here
+            if source.shape(hf) != tuple(shapes[hf]):
+                raise CheckpointFormatError(f"{source.file_of(hf)}: tensor {hf} has shape {source.shape(hf)}, "
+                                            f"the model expects {tuple(shapes[hf])}")
+            try:
+                return shard_rows_of_slice(source.slice(hf), getattr(p, "tp_split_dim", None), tp_rank, tp,
+                                           getattr(p, "padded_dense_rows", None), rows)
+            except ValueError as e:
+                raise CheckpointFormatError(f"{source.file_of(hf)}: {hf}: {e}") from None
         try:
             t = slice_fn(name, source.slice(hf))
         except ValueError as e:
@@ -143,4 +181,33 @@ def load_model_weights(module: torch.nn.Module, config: ModelConfig, *, model_di
     if model_dir is None:
         init_weights(module, seed, tp_rank, tp)
     else:
-        load_hf_weights(module, model_dir, tp_slice_fn(module, tp_rank, tp))
+        load_hf_weights(module, model_dir, tp_slice_fn(module, tp_rank, tp), tp_rank=tp_rank, tp=tp)
+
+
+def shard_rows_of_slice(sl, dim: Optional[int], rank: int, tp: int, padded_rows: Optional[int],
+                        rows: slice) -> torch.Tensor:
+    """Rows ``rows`` of rank ``rank``'s tensor-parallel piece of a lazy safetensors slice — the piece
+    ``hf_io.shard_of_slice`` returns (cut along ``dim``; vocabulary rows past the file's are zeros) —
+    reading only those rows."""
+    shape = tuple(sl.get_shape())
+    first, last = rows.start, rows.stop
+    if dim == 1:
+        if shape[1] % tp:
+            raise ValueError(f"dimension 1 ({shape[1]}) is not divisible by tp {tp}")
+        per = shape[1] // tp
+        return sl[first:last, rank * per:(rank + 1) * per]
+    offset, total = 0, shape[0]
+    if dim == 0:
+        total = padded_rows if padded_rows else shape[0]
+        if total % tp:
+            raise ValueError(f"dimension 0 ({total}) is not divisible by tp {tp}")
+        offset = rank * (total // tp)
+    start, stop = offset + first, min(offset + last, shape[0])
+    if stop - start == last - first:
+        return sl[start:stop]
+    # The rows reach into vocabulary padding: zeros after the file's last row.
+    part = sl[start:stop] if stop > start else None
+    out = torch.zeros((last - first,) + shape[1:], dtype=part.dtype if part is not None else torch.float32)
+    if part is not None:
+        out[:stop - start] = part
+    return out

@@ -25,8 +25,20 @@ def construction_context(ds_config: dict, topo):
     if zero_stage(ds_config) != 3:
         return contextlib.nullcontext()
     import deepspeed
-    return deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=topo,
-                               data_parallel_group=topo.get_data_parallel_group())
+
+    class PartitionWithoutBroadcast(deepspeed.zero.Init):
+        """``zero.Init`` broadcasts each new parameter from rank 0 before partitioning it, so that random
+        inits agree: every other rank then writes the whole parameter (the size of the largest layer, the
+        128k-vocabulary embedding at 70B) and the group sends the model once over the network. witscale
+        writes every partition right after (weights.py), so the broadcast only costs: skipped."""
+
+        def _zero_init_param(self, param):
+            self._convert_to_deepspeed_param(param)
+            param.partition()
+
+    init_class = (PartitionWithoutBroadcast if hasattr(deepspeed.zero.Init, "_zero_init_param")
+                  and hasattr(deepspeed.zero.Init, "_convert_to_deepspeed_param") else deepspeed.zero.Init)
+    return init_class(config_dict_or_path=ds_config, mpu=topo, data_parallel_group=topo.get_data_parallel_group())
 
 
 @contextlib.contextmanager
