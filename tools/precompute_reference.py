@@ -14,6 +14,9 @@ atomically, through ``format.write_reference_logps``, with a fingerprint of the 
 safetensors index and headers, sizes) and the class-weight table the sums were taken under: training
 refuses a dataset whose table differs from its own, or whose fingerprint differs from --reference-model.
 Training then holds one model in memory. The weights default to DPO's (prompt side 0, response side 1).
+
+Memory: the pass runs in the trainer's DeepSpeed engine (no optimizer step is ever taken), so it needs at most
+what training at the same layout needs; activations are those of a no-grad forward.
 """
 from __future__ import annotations
 
@@ -72,7 +75,7 @@ def plan(args, world_size: int):
     try:
         dataset = PackedDataset(args.data)
     except (OSError, ValueError) as e:
-        raise UsageError(f"--data {args.data}: {e}") from None
+        raise UsageError(f"--data {e}") from None
     if dataset.manifest.get("task") != "preference":
         raise UsageError(f"--data {args.data} is not a preference dataset (tools/pack_dataset.py --task preference)")
     config_path = os.path.join(args.model, "config.json")
