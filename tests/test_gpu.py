@@ -3,8 +3,13 @@
 - the fused weighted cross-entropy in bf16 on CUDA against an fp64 reference (loss, per-class NLL and
   both gradients), with tolerances derived from bf16's precision;
 - a few bf16 training steps of a tiny Llama through the real CLI on CUDA (world size 1, NCCL, ZeRO-3 with
-  gradient accumulation): finite losses that fall.
-(The attention backends' GPU tests are in tests/test_model_attention.py.)
+  gradient accumulation): finite losses that fall;
+- Gemma-2 soft-capping on CUDA (head_dim 256, query_pre_attn_scalar 256, attention cap 50, window 32,
+  final-logit cap 30): packed attention on every CUDA backend that can cap (flex, dense, flash_varlen where
+  flash-attn is installed), forward and backward, against the CPU reference (the ``eager`` path in fp64),
+  and the soft-capped fused loss in bf16 against fp64. tools/gpu_check.py reports the same figures
+  (``softcap_figures``) with timings.
+(The attention backends' other GPU tests are in tests/test_model_attention.py.)
 """
 from __future__ import annotations
 
@@ -88,6 +93,114 @@ def test_fused_weighted_loss_bf16_cuda_matches_fp64():
     # rows of weight 0 or an ignored target get exactly zero gradient
     dead = (weights == 0) | ~valid
     assert torch.count_nonzero(hc.grad.cpu()[dead]) == 0
+
+
+# ---- Gemma-2 soft-capping -----------------------------------------------------------------------------------
+
+GEMMA2 = dict(heads=8, kv_heads=4, head_dim=256, scale=256 ** -0.5, attn_softcap=50.0, window=32,
+              final_softcap=30.0)
+SOFTCAP_ROWS, SOFTCAP_SEQ = [[100, 1, 60, 95], [256], [31, 225]], 256   # several documents, a 1-token one
+# bf16: q·kᵀ accumulates in fp32 in every kernel; the probabilities and outputs are rounded to 8 bits
+# (u = 2⁻⁹), so outputs and gradients carry a few u in Frobenius norm: 2e-2 (~10u). fp32: TF32 may be
+# used for the kernels' dots (10 bits), on scores of ~30: 1e-2 still flags a lost cap (≥ 0.1) or mask.
+ATTN_TOL = {torch.bfloat16: 2e-2, torch.float32: 1e-2}
+
+
+def softcap_attention_case(dtype, device="cuda", spread=5.5):
+    """q/k scaled so that scores have std ≈ spread²·√256/16 ≈ 30: the cap of 50 bites on most of them."""
+    from witscale.model.transformer import packed_positions
+
+    g = torch.Generator().manual_seed(5)
+    _, cu, _ = packed_positions(SOFTCAP_ROWS, SOFTCAP_SEQ)
+    b, s, d = len(SOFTCAP_ROWS), SOFTCAP_SEQ, GEMMA2["head_dim"]
+    q = torch.randn(b, s, GEMMA2["heads"], d, generator=g) * spread
+    k = torch.randn(b, s, GEMMA2["kv_heads"], d, generator=g) * spread
+    v = torch.randn(b, s, GEMMA2["kv_heads"], d, generator=g)
+    weight = torch.randn(b, s, GEMMA2["heads"], d, generator=g)
+    return [t.to(device=device, dtype=dtype) for t in (q, k, v, weight)] + [cu.to(device)]
+
+
+def _attention_fwd_bwd(q, k, v, weight, cu, backend):
+    from witscale.model.attention import packed_attention
+
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    out = packed_attention(*leaves, cu, SOFTCAP_SEQ, backend=backend, sliding_window=GEMMA2["window"],
+                           scale=GEMMA2["scale"], softcap=GEMMA2["attn_softcap"])
+    grads = torch.autograd.grad((out * weight).sum(), leaves)
+    return [out.detach()] + list(grads)
+
+
+def softcap_attention_errors(backends=None) -> dict:
+    """Relative Frobenius errors (out, dq, dk, dv) of each CUDA backend and dtype against the CPU ``eager``
+    path in fp64 on the same (rounded) inputs; and what ``auto`` picks for a capped bf16 layer."""
+    from witscale.model import attention
+
+    cuda = torch.device("cuda")
+    out = {"auto_bf16": attention.select_backend("auto", cuda, torch.bfloat16, softcap=GEMMA2["attn_softcap"])}
+    if backends is None:
+        backends = ["flex", "dense"]
+        if attention._flash_available() and attention._flash_has_softcap():
+            backends.append("flash_varlen")
+    for dtype in (torch.bfloat16, torch.float32):
+        q, k, v, weight, cu = softcap_attention_case(dtype)
+        ref = _attention_fwd_bwd(*(t.cpu().double() for t in (q, k, v, weight)), cu.cpu(), "eager")
+        uncapped = attention.packed_attention(q.cpu().double(), k.cpu().double(), v.cpu().double(), cu.cpu(),
+                                              SOFTCAP_SEQ, backend="eager", sliding_window=GEMMA2["window"],
+                                              scale=GEMMA2["scale"])
+        out["cap_effect"] = rel_fro(uncapped, ref[0])          # how far the cap moves the output
+        for backend in backends:
+            if backend == "flash_varlen" and dtype == torch.float32:
+                continue
+            got = _attention_fwd_bwd(q, k, v, weight, cu, backend)
+            out[f"{backend}/{str(dtype).replace('torch.', '')}"] = {
+                name: rel_fro(g.cpu(), r) for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref)}
+    return out
+
+
+def softcap_loss_errors() -> dict:
+    """The fused loss with the final-logit cap 30 in bf16 on CUDA (logits of std ~15: the cap bites) against
+    F.cross_entropy on 30·tanh(z/30) in fp64: loss, per-class NLL, both gradients (relative)."""
+    from witscale.parallel.cross_entropy import IGNORE_INDEX, fused_weighted_cross_entropy
+
+    c = GEMMA2["final_softcap"]
+    h, w, targets, weights, classes = fused_loss_case()
+    h = (h.float() * 15).to(torch.bfloat16)
+    hc, wc = h.cuda().requires_grad_(True), w.cuda().requires_grad_(True)
+    stats = fused_weighted_cross_entropy(hc, wc, targets.cuda(), weights.cuda(), classes.cuda(), chunk_size=512,
+                                         logit_softcap=c)
+    stats.weighted_sum.backward()
+    h64, w64 = h.double().requires_grad_(True), w.double().requires_grad_(True)
+    logits = c * torch.tanh((h64 @ w64.t()) / c)
+    nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none", ignore_index=IGNORE_INDEX)
+    loss = (nll * weights.double()).sum()
+    loss.backward()
+    valid = targets != IGNORE_INDEX
+    class_nll = torch.zeros(len(stats.class_nll_sum), dtype=torch.float64).index_add_(
+        0, classes[valid], nll[valid].detach())
+    seen = class_nll > 0
+    raw = (h64 @ w64.t()).detach()
+    return {"loss": abs(float(stats.weighted_sum.detach()) / float(loss.detach()) - 1),
+            "class_nll": float(((stats.class_nll_sum.cpu() - class_nll).abs()[seen] / class_nll[seen]).max()),
+            "dh": rel_fro(hc.grad.cpu(), h64.grad), "dw": rel_fro(wc.grad.cpu(), w64.grad),
+            "logit_std": float(raw.std()), "capped_fraction": float(((raw.abs() > c / 2).double()).mean())}
+
+
+def test_gemma2_softcapped_attention_cuda_matches_cpu_reference():
+    errors = softcap_attention_errors()
+    assert errors["auto_bf16"] in ("flash_varlen", "flex"), errors
+    assert errors["cap_effect"] > 0.1, errors                  # the cap matters: the comparison can fail
+    for case, errs in errors.items():
+        if isinstance(errs, dict):
+            tol = ATTN_TOL[torch.bfloat16 if case.endswith("bfloat16") else torch.float32]
+            assert all(e < tol for e in errs.values()), (case, errs)
+
+
+def test_gemma2_softcapped_loss_bf16_cuda_matches_fp64():
+    errors = softcap_loss_errors()
+    assert errors["capped_fraction"] > 0.05, errors            # the cap bites on many logits
+    # the tolerances of test_fused_weighted_loss_bf16_cuda_matches_fp64 (see there)
+    assert errors["loss"] < 5e-3 and errors["class_nll"] < 5e-3, errors
+    assert errors["dh"] < 2e-2 and errors["dw"] < 2e-2, errors
 
 
 def _write_learnable_packed(path: str, vocab: int, seq_len: int, rows: int) -> None:

@@ -1,5 +1,10 @@
 """Packed attention backends: the varlen argument arithmetic (through a CPU emulation of torch's
-varlen_attn), the sync-free dense reference, backend selection, and (marked gpu) the real kernels."""
+varlen_attn), the sync-free dense reference, backend selection, and (marked gpu) the real kernels.
+
+The softmax scale and attention soft-capping (Gemma-2) are checked against an independent float64
+reference written here (explicit scores per row, document + causal + window mask from the documents'
+lengths, not from cu_seqlens): every CPU backend with a non-default scale, and the capping backends
+(eager, dense; flex forward-only: torch has no flex backward on the CPU) with a cap that bites."""
 from __future__ import annotations
 
 import logging
@@ -19,7 +24,7 @@ def gpu(test):
 
 # ---- a CPU emulation of torch.nn.attention.varlen.varlen_attn, one signature per torch release ----------
 
-def _emulated_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size, enable_gqa):
+def _emulated_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size, enable_gqa, scale=None):
     """What FlashAttention-2's varlen kernel computes, per segment with SDPA and an explicit mask.
 
     It is strict where the kernel would be silently wrong: max_q must bound every segment, cu_seqlens
@@ -47,7 +52,7 @@ def _emulated_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window
         if left >= 0:
             mask &= dist <= left
         q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))
-        pieces.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(0, 1))
+        pieces.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(0, 1))
     return torch.cat(pieces)
 
 
@@ -64,14 +69,15 @@ def torch_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_au
                window_size=(-1, -1)):
     assert isinstance(window_size, tuple)                  # torch tests window_size == (-1, 0)
     CALLS.append(dict(kv_heads=key.shape[1], window_size=window_size))
-    return _emulated_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size, enable_gqa=False)
+    return _emulated_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size, enable_gqa=False,
+                            scale=scale)
 
 
 def torch_2_13(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
                window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
     assert isinstance(window_size, tuple)
     CALLS.append(dict(kv_heads=key.shape[1], window_size=window_size, enable_gqa=enable_gqa))
-    return _emulated_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size, enable_gqa)
+    return _emulated_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size, enable_gqa, scale)
 
 
 SIGNATURES = {"2.10": torch_2_10, "2.11": torch_2_11, "2.13": torch_2_13}
@@ -91,8 +97,9 @@ def _inputs(rows, seq, hq, hkv, d=8, seed=0, dtype=torch.float32, device="cpu"):
     return q, k, v, cu.to(device), true_max
 
 
-def _run(q, k, v, cu, max_seqlen, backend, window, weight=None):
-    out = packed_attention(q, k, v, cu, max_seqlen, backend=backend, sliding_window=window)
+def _run(q, k, v, cu, max_seqlen, backend, window, weight=None, scale=None, softcap=None):
+    out = packed_attention(q, k, v, cu, max_seqlen, backend=backend, sliding_window=window, scale=scale,
+                           softcap=softcap)
     weight = torch.randn_like(out) if weight is None else weight
     grads = torch.autograd.grad((out * weight).sum(), (q, k, v))
     return out.detach(), grads, weight
@@ -181,8 +188,8 @@ def test_dense_equals_segments_forward_and_backward(sdpa_gqa, heads, window, mon
 
 
 @pytest.mark.parametrize("sdpa_gqa", [True, False])
-@pytest.mark.parametrize("window", [None, 3])
-def test_dense_makes_no_host_sync(sdpa_gqa, window, monkeypatch):
+@pytest.mark.parametrize("window, softcap", [(None, None), (3, None), (3, 2.0)])
+def test_dense_makes_no_host_sync(sdpa_gqa, window, softcap, monkeypatch):
     """On the meta device tensors have shapes but no data: .tolist(), .item(), bool(t), int(t),
     .nonzero() and boolean-mask indexing all raise there, as does any copy to the CPU. So forward and
     backward on meta succeed only if nothing on the dense path reads a device tensor back on the host,
@@ -196,7 +203,7 @@ def test_dense_makes_no_host_sync(sdpa_gqa, window, monkeypatch):
     q = torch.empty(2, 16, 4, 8, device="meta", requires_grad=True)
     k = torch.empty(2, 16, 2, 8, device="meta", requires_grad=True)
     v = torch.empty(2, 16, 2, 8, device="meta", requires_grad=True)
-    out = packed_attention(q, k, v, cu, 16, backend="dense", sliding_window=window)
+    out = packed_attention(q, k, v, cu, 16, backend="dense", sliding_window=window, scale=0.3, softcap=softcap)
     assert out.shape == q.shape and out.device.type == "meta"
     dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
@@ -278,6 +285,182 @@ def test_choice_is_logged_once_with_the_reason(fake_cuda, caplog):
         "≥ 8.0, this GPU has 7.5)"]
 
 
+# ---- scale and soft-capping against an independent float64 reference ------------------------------------
+
+CAP_ROWS, CAP_SEQ = [[3, 9, 1, 3], [16], [7, 2]], 16     # B=3; a 1-token document; a 7-token padding tail
+
+
+def _reference(q, k, v, rows, window, scale, softcap):
+    """Float64 attention with explicit scores: segment ids from the documents' lengths (a row's unfilled
+    tail is one more segment), key j visible from query i iff same segment, j ≤ i and i − j < window."""
+    q, k, v = (t.double() for t in (q, k, v))
+    b, s, hq, d = q.shape
+    rep = hq // k.shape[2]
+    k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+    seg = torch.tensor([[i for i, n in enumerate(lengths + [s - sum(lengths)]) for _ in range(n)]
+                        for lengths in rows])                                     # [B, S]
+    i = torch.arange(s)
+    visible = (seg[:, :, None] == seg[:, None, :]) & (i[:, None] >= i[None, :])
+    if window:
+        visible &= (i[:, None] - i[None, :]) < window
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) * (d ** -0.5 if scale is None else scale)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    probs = torch.softmax(scores.masked_fill(~visible[:, None], float("-inf")), dim=-1)
+    return torch.einsum("bhij,bjhd->bihd", probs, v)
+
+
+def _reference_run(q, k, v, rows, window, scale, softcap, weight):
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out = _reference(*leaves, rows, window, scale, softcap)
+    return out.detach(), torch.autograd.grad((out * weight.double()).sum(), leaves), weight
+
+
+def _cap_inputs(hq, hkv, dtype=torch.float32, d=8, spread=3.0):
+    """Scores of std ~spread²·√d·scale ≈ 6 (scale 0.29): a cap of 2 bites on most of them."""
+    q, k, v, cu, true_max = _inputs(CAP_ROWS, CAP_SEQ, hq, hkv, d=d, seed=3, dtype=dtype)
+    with torch.no_grad():
+        q.mul_(spread)
+        k.mul_(spread)
+    return q, k, v, cu, true_max
+
+
+SCALE, CAP = 0.29, 2.0
+
+
+FLEX_UNCOMPILED = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+
+@FLEX_UNCOMPILED
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)])
+@pytest.mark.parametrize("window", [None, 1, 3, 40])
+def test_softcap_matches_fp64_reference(heads, window, fresh):
+    q, k, v, cu, _ = _cap_inputs(*heads)
+    weight = torch.randn(q.shape)
+    reference = _reference_run(q, k, v, CAP_ROWS, window, SCALE, CAP, weight)
+    uncapped = _reference(q.detach(), k.detach(), v.detach(), CAP_ROWS, window, SCALE, None)
+    if window != 1:                                             # (window 1: each token sees itself only)
+        assert (uncapped - reference[0]).abs().max() > 0.1      # the cap bites: the comparison can fail
+    for backend in ("eager", "dense"):                          # max_seqlen: the row (an upper bound)
+        got = _run(q, k, v, cu, CAP_SEQ, backend, window, weight=weight, scale=SCALE, softcap=CAP)
+        _assert_same((got[0].double(), [g.double() for g in got[1]], None), reference, atol=1e-5)
+    if heads != (4, 2):
+        return
+    with torch.no_grad():                                       # flex: forward only on the CPU
+        flex = packed_attention(q.detach(), k.detach(), v.detach(), cu, CAP_SEQ, backend="flex",
+                                sliding_window=window, scale=SCALE, softcap=CAP)
+    torch.testing.assert_close(flex.double(), reference[0], atol=1e-5, rtol=0)
+
+
+@FLEX_UNCOMPILED
+def test_softcap_bf16_eager_and_flex_block_mask_reuse(fresh):
+    q, k, v, cu, _ = _cap_inputs(8, 2, dtype=torch.bfloat16, d=16, spread=2.0)
+    weight = torch.randn(q.shape, dtype=torch.bfloat16)
+    reference = _reference_run(q, k, v, CAP_ROWS, 5, SCALE, CAP, weight)
+    got = _run(q, k, v, cu, CAP_SEQ, "eager", 5, weight=weight, scale=SCALE, softcap=CAP)
+    assert got[0].dtype == torch.bfloat16
+    # bf16: q·kᵀ and the probabilities rounded to 8 bits (2⁻⁸ relative) on values of order one
+    _assert_same((got[0].double(), [g.double() for g in got[1]], None), reference, atol=3e-2, rtol=3e-2)
+    # flex's block mask is built once per cu_seqlens tensor (every layer of a forward passes the same one),
+    # and rebuilt for a new tensor or one changed in place
+    qf, kf, vf = (t.detach().float() for t in (q, k, v))
+    attention_mod._block_mask_cache.clear()
+    with torch.no_grad():
+        first = packed_attention(qf, kf, vf, cu, CAP_SEQ, backend="flex", scale=SCALE, softcap=CAP)
+        mask = attention_mod._block_mask_cache[(3, CAP_SEQ, None, "cpu")][2]
+        packed_attention(qf, kf, vf, cu, CAP_SEQ, backend="flex", scale=SCALE, softcap=CAP)
+        assert attention_mod._block_mask_cache[(3, CAP_SEQ, None, "cpu")][2] is mask
+        one_doc = torch.tensor([0, 16, 32, 48], dtype=torch.int32)
+        other = packed_attention(qf, kf, vf, one_doc, CAP_SEQ, backend="flex", scale=SCALE, softcap=CAP)
+        assert attention_mod._block_mask_cache[(3, CAP_SEQ, None, "cpu")][2] is not mask
+        torch.testing.assert_close(other.double(), _reference(qf, kf, vf, [[16]] * 3, None, SCALE, CAP),
+                                   atol=1e-5, rtol=0)
+        cu_copy = cu.clone()
+        packed_attention(qf, kf, vf, cu_copy, CAP_SEQ, backend="flex", scale=SCALE, softcap=CAP)
+        cu_copy.copy_(torch.tensor([0, 2, 16, 20, 32, 33, 34, 35, 48]))   # same tensor, new content
+        again = packed_attention(qf, kf, vf, cu_copy, CAP_SEQ, backend="flex", scale=SCALE, softcap=CAP)
+    torch.testing.assert_close(again.double(), _reference(qf, kf, vf, [[2, 14], [4, 12], [1, 1, 1, 13]], None,
+                                                          SCALE, CAP), atol=1e-5, rtol=0)
+    assert not torch.equal(first, other)
+
+
+@FLEX_UNCOMPILED
+@pytest.mark.parametrize("version", sorted(SIGNATURES))
+def test_explicit_scale_on_every_cpu_backend(version, fresh, monkeypatch):
+    """scale ≠ 1/√D reaches every kernel (the varlen emulation through each torch's signature: 2.10 has
+    no scale, so q is pre-scaled), with a window that bites and GQA."""
+    monkeypatch.setattr(attention_mod, "_varlen_attn", SIGNATURES[version])
+    q, k, v, cu, _ = _cap_inputs(4, 2)
+    weight = torch.randn(q.shape)
+    reference = _reference_run(q, k, v, CAP_ROWS, 6, SCALE, None, weight)
+    default = _reference(q.detach(), k.detach(), v.detach(), CAP_ROWS, 6, None, None)
+    assert (default - reference[0]).abs().max() > 0.1
+    for backend in ("varlen", "sdpa_grouped", "sdpa_segments", "dense", "eager", "flex"):
+        if backend == "flex":
+            with torch.no_grad():
+                out = packed_attention(q.detach(), k.detach(), v.detach(), cu, CAP_SEQ, backend="flex",
+                                       sliding_window=6, scale=SCALE)
+            torch.testing.assert_close(out.double(), reference[0], atol=1e-5, rtol=0)
+            continue
+        got = _run(q, k, v, cu, CAP_SEQ, backend, 6, weight=weight, scale=SCALE)
+        _assert_same((got[0].double(), [g.double() for g in got[1]], None), reference, atol=2e-5)
+    # sdpa_grouped without a biting window (its grouped path, not the per-segment fallback)
+    reference = _reference_run(q, k, v, CAP_ROWS, None, SCALE, None, weight)
+    got = _run(q, k, v, cu, CAP_SEQ, "sdpa_grouped", None, weight=weight, scale=SCALE)
+    _assert_same((got[0].double(), [g.double() for g in got[1]], None), reference, atol=2e-5)
+
+
+def test_a_backend_that_cannot_cap_refuses_a_cap(fresh, monkeypatch):
+    monkeypatch.setattr(attention_mod, "_varlen_attn", torch_2_13)
+    q, k, v, cu, _ = _cap_inputs(4, 2)
+    for backend in ("varlen", "sdpa_grouped", "sdpa_segments"):
+        with pytest.raises(ValueError, match=f"attention backend {backend} cannot apply attention soft-capping"):
+            packed_attention(q, k, v, cu, CAP_SEQ, backend=backend, softcap=CAP)
+        with pytest.raises(ValueError, match=f"attention backend {backend} cannot apply attention soft-capping"):
+            select_backend(backend, CPU, torch.float32, softcap=CAP)
+    with pytest.raises(ValueError, match="softcap must be a positive number"):
+        packed_attention(q, k, v, cu, CAP_SEQ, backend="eager", softcap=-1.0)
+    # 0 and None mean "no cap" (HF configs write either)
+    plain = packed_attention(q, k, v, cu, CAP_SEQ, backend="sdpa_grouped", softcap=0)
+    torch.testing.assert_close(plain, packed_attention(q, k, v, cu, CAP_SEQ, backend="eager"), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("setup, flash_softcap, flex_ok, dtype, expected", [
+    (dict(flash=True), True, True, torch.bfloat16, "flash_varlen"),
+    (dict(flash=True), False, True, torch.bfloat16, "flex"),          # flash-attn < 2.6: no softcap
+    (dict(flash=True), True, True, torch.float32, "flex"),            # no fp32 FlashAttention kernels
+    (dict(flash=False), True, True, torch.bfloat16, "flex"),          # varlen_attn cannot cap
+    (dict(flash=False), True, False, torch.bfloat16, "dense"),
+])
+def test_auto_with_softcap_on_cuda(fake_cuda, monkeypatch, setup, flash_softcap, flex_ok, dtype, expected):
+    fake_cuda(**setup)
+    monkeypatch.setattr(attention_mod, "_flash_has_softcap", lambda: flash_softcap)
+    monkeypatch.setattr(attention_mod, "_flex_unusable", lambda device: None if flex_ok else "no flex here")
+    assert select_backend("auto", CUDA, dtype, softcap=50.0) == expected
+    assert select_backend("auto", CUDA, dtype, softcap=0) == select_backend("auto", CUDA, dtype)   # 0: no cap
+    assert select_backend("auto", CUDA, torch.bfloat16, softcap=0) == "varlen"
+
+
+def test_softcap_selection_on_cpu_explicit_requests_and_logging(fake_cuda, caplog, monkeypatch):
+    fake_cuda(flash=False)
+    with caplog.at_level(logging.INFO, logger="witscale"):
+        for _ in range(2):
+            assert select_backend("auto", CPU, torch.float32, softcap=50.0) == "eager"
+            assert select_backend("auto", CPU, torch.float32) == "sdpa_grouped"    # uncapped layers
+    assert [r.getMessage() for r in caplog.records] == [
+        "packed attention backend for soft-capped layers: eager (SDPA cannot soft-cap)",
+        "packed attention backend: sdpa_grouped"]
+    assert select_backend("dense", CPU, torch.float32, softcap=50.0) == "dense"
+    assert select_backend("eager", CPU, torch.float32, softcap=50.0) == "eager"
+    with pytest.raises(ValueError, match="flex cannot run here: flex_attention has no backward on cpu"):
+        select_backend("flex", CPU, torch.float32, softcap=50.0)
+    with pytest.raises(ValueError, match="flash_varlen with soft-capping needs CUDA and flash-attn ≥ 2.6"):
+        select_backend("flash_varlen", CUDA, torch.bfloat16, softcap=50.0)
+    monkeypatch.setattr(attention_mod, "_flex_unusable", lambda device: None)
+    assert select_backend("flex", CUDA, torch.bfloat16, softcap=50.0) == "flex"
+    assert select_backend("flex", CUDA, torch.bfloat16) == "flex"
+
+
 # ---- GPU: the real kernels ---------------------------------------------------------------------------------
 
 GPU_ROWS, GPU_SEQ = [[100, 1, 60, 95], [256], [31, 225]], 256
@@ -328,6 +511,24 @@ def test_gpu_backend_makes_no_host_sync(backend, fresh):
     torch.cuda.set_sync_debug_mode("error")
     try:
         out = packed_attention(q, k, v, cu, GPU_SEQ, backend=backend, sliding_window=32)
+        torch.autograd.grad((out * weight).sum(), (q, k, v))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@gpu
+def test_gpu_flex_makes_no_host_sync_after_warmup(fresh):
+    """flex with a cap and a window: after one warm-up call (compilation may synchronise), neither the
+    block mask build (a new cu_seqlens each step) nor forward/backward reads anything back."""
+    q, k, v, cu = _gpu_case()
+    weight = torch.randn(q.shape, dtype=q.dtype, device="cuda")
+    out = packed_attention(q, k, v, cu, GPU_SEQ, backend="flex", sliding_window=32, softcap=50.0)
+    torch.autograd.grad((out * weight).sum(), (q, k, v))
+    new_cu = cu.clone()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = packed_attention(q, k, v, new_cu, GPU_SEQ, backend="flex", sliding_window=32, softcap=50.0)
         torch.autograd.grad((out * weight).sum(), (q, k, v))
     finally:
         torch.cuda.set_sync_debug_mode("default")

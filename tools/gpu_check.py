@@ -11,8 +11,10 @@ stop the others, and the exit code is 1 if any check failed:
 
   a  environment  torch / CUDA / NCCL / DeepSpeed / transformers versions, GPU name and compute capability,
                   torch's varlen_attn (present? its parameters; on CUDA a smoke call against per-document
-                  SDPA), the attention backend witscale's ``auto`` picks, and whether DeepSpeed's FusedAdam
-                  JIT-compiles and loads (timed; nvcc, ninja and Python.h are reported when it does not).
+                  SDPA), the attention backend witscale's ``auto`` picks (plain and soft-capped), Gemma-2
+                  soft-capped attention and loss on CUDA against the CPU reference with timings
+                  (``softcap_gemma2``), and whether DeepSpeed's FusedAdam JIT-compiles and loads (timed;
+                  nvcc, ninja and Python.h are reported when it does not).
   b  pytest_gpu   ``pytest -m gpu -q tests``: the GPU test subset, its summary line parsed.
   c  training     world-size-1 NCCL runs of a small Llama (hidden 256, 4 layers, 4 heads, 2 kv heads)
                   through the real CLI (``python witscale/train.py --ds_config ds_configs/zero{0,2,3}.json``)
@@ -326,7 +328,78 @@ def env_witscale_attention(on_cuda: bool) -> dict:
     device = torch.device("cuda" if on_cuda else "cpu")
     dtype = torch.bfloat16 if on_cuda else torch.float32
     out["auto_selects"] = attention.select_backend("auto", device, dtype)
+    out["auto_selects_softcapped"] = attention.select_backend("auto", device, dtype, softcap=50.0)
     out["for"] = f"{device.type} {str(dtype).replace('torch.', '')}"
+    return out
+
+
+def _cuda_ms(fn, repeat: int = 5) -> float:
+    """Median wall milliseconds of ``fn()`` on CUDA, after one warm-up call (compilation)."""
+    import torch
+    fn()
+    times = []
+    for _ in range(repeat):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return round(sorted(times)[len(times) // 2], 2)
+
+
+def env_softcap() -> dict:
+    """Gemma-2 soft-capping on CUDA against the CPU reference (tests/test_gpu.py's figures: relative
+    Frobenius errors of attention outputs and gradients per backend and dtype, of the capped fused loss),
+    and timings: capped attention per backend (bf16, one 4096-token row of 512-token documents, Gemma-2-2B's
+    8×256 heads) and the fused loss capped vs uncapped (8192 tokens, hidden 2304, vocabulary 256000)."""
+    import torch
+
+    from tests import test_gpu
+    from witscale.model.attention import packed_attention
+    from witscale.parallel.cross_entropy import fused_weighted_cross_entropy
+
+    out = {"attention": test_gpu.softcap_attention_errors(), "loss": test_gpu.softcap_loss_errors()}
+    bad = [f"{case}: {errs}" for case, errs in out["attention"].items() if isinstance(errs, dict) and any(
+        e >= test_gpu.ATTN_TOL[torch.bfloat16 if case.endswith("bfloat16") else torch.float32]
+        for e in errs.values())]
+    if out["loss"]["dh"] >= 2e-2 or out["loss"]["dw"] >= 2e-2 or out["loss"]["loss"] >= 5e-3:
+        bad.append(f"loss: {out['loss']}")
+    g = test_gpu.GEMMA2
+    dev, bf16 = torch.device("cuda"), torch.bfloat16
+    seq = 4096
+    cu = torch.arange(0, seq + 1, 512, dtype=torch.int32, device=dev)
+    q = torch.randn(1, seq, g["heads"], g["head_dim"], device=dev, dtype=bf16, requires_grad=True)
+    k, v = (torch.randn(1, seq, g["kv_heads"], g["head_dim"], device=dev, dtype=bf16, requires_grad=True)
+            for _ in range(2))
+    timings = {}
+    for backend in out["attention"].keys():
+        name = backend.split("/")[0]
+        if "/" not in backend or name in timings:
+            continue
+
+        def step(name=name):
+            o = packed_attention(q, k, v, cu, seq, backend=name, sliding_window=g["window"] * 128,
+                                 scale=g["scale"], softcap=g["attn_softcap"])
+            torch.autograd.grad(o.sum(), (q, k, v))
+        try:
+            timings[name] = _cuda_ms(step)
+        except Exception as e:      # noqa: BLE001 — a timing that cannot run is reported, not fatal
+            timings[name] = f"{type(e).__name__}: {e}"[:300]
+    out["attention_fwd_bwd_ms_seq4096_window4096"] = timings
+    h = torch.randn(8192, 2304, device=dev, dtype=bf16, requires_grad=True)
+    w = (torch.randn(256000, 2304, device=dev) / 48).to(bf16).requires_grad_(True)
+    t = torch.randint(0, 256000, (8192,), device=dev)
+    wt = torch.ones(8192, device=dev)
+    loss_ms = {}
+    for cap in (None, g["final_softcap"]):
+        def loss_step(cap=cap):
+            fused_weighted_cross_entropy(h, w, t, wt, logit_softcap=cap).weighted_sum.backward()
+            h.grad = w.grad = None
+        loss_ms["capped" if cap else "uncapped"] = _cuda_ms(loss_step, repeat=3)
+    out["loss_fwd_bwd_ms_T8192_H2304_V256000"] = loss_ms
+    if bad:
+        raise CheckFailed("soft-capped attention or loss on CUDA disagrees with the CPU reference: "
+                          + "; ".join(bad)[:1500], out)
     return out
 
 
@@ -390,6 +463,7 @@ def step_environment(report: Report) -> None:
     on_cuda = gpu["status"] == "passed"
     report.check(step, "varlen_attn", lambda: env_varlen(on_cuda))
     report.check(step, "witscale_attention_auto", lambda: env_witscale_attention(on_cuda))
+    report.cuda_check(step, "softcap_gemma2", env_softcap)
     report.cuda_check(step, "fused_adam", lambda: env_fused_adam(report))
 
 
@@ -667,6 +741,10 @@ def summarize(data: dict) -> str:
                 bits.append(f"{g['name']} sm_{''.join(map(str, g.get('compute_capability', [])))}")
             bits.append(f"varlen_attn {'yes' if va.get('exists') else 'no'}")
             bits.append(f"auto attention {checks.get('witscale_attention_auto', {}).get('auto_selects')}")
+            sc = checks.get("softcap_gemma2", {})
+            if sc.get("attention"):
+                worst = max(e for errs in sc["attention"].values() if isinstance(errs, dict) for e in errs.values())
+                bits.append(f"softcap: attention max rel err {worst:.2g}, loss dW {sc['loss']['dw']:.2g}")
             bits.append("FusedAdam " + (f"{fa['load_s']} s" if fa.get("load_s") is not None else fa.get("status", "?")))
         elif name == "pytest_gpu":
             for c in ("run", "collect"):

@@ -393,14 +393,15 @@ def _grouped(q, k, v, bounds: list[int], attend, min_fraction: float = 0.5) -> t
 
 def _explicit(q, k, v, mask, scale: Optional[float], softcap: Optional[float]) -> torch.Tensor:
     """Attention with explicit scores, as transformers' Gemma-2 eager attention: q [..., Hq, L, D], k/v
-    [..., Hkv, L, D], ``mask`` (True = visible) broadcastable to [..., L, L]. The matmul runs in the input
-    dtype (as HF's); scale, cap and softmax in fp32 (fp64 for fp64 inputs). GQA by broadcasting K/V over
-    each KV head's group of query heads (no repeated copy)."""
+    [..., Hkv, L, D], ``mask`` (True = visible) broadcastable to [..., L, L]. Scores, cap and softmax in fp32
+    (fp64 for fp64 inputs) — HF rounds q·kᵀ to bf16 first, which on scores of ~20 moves probabilities by
+    ~5%; the probabilities are rounded to v's dtype for the last matmul, as in every fused kernel. GQA by
+    broadcasting K/V over each KV head's group of query heads (no repeated copy)."""
     *lead, hq, length, d = q.shape
     hkv = k.shape[-3]
     acc = torch.promote_types(q.dtype, torch.float32)
-    qg = q.reshape(*lead, hkv, hq // hkv, length, d)
-    scores = torch.matmul(qg, k.unsqueeze(-3).transpose(-1, -2)).to(acc)        # [..., Hkv, rep, L, L]
+    qg = q.reshape(*lead, hkv, hq // hkv, length, d).to(acc)
+    scores = torch.matmul(qg, k.unsqueeze(-3).transpose(-1, -2).to(acc))        # [..., Hkv, rep, L, L]
     scores = scores * (d ** -0.5 if scale is None else scale)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
