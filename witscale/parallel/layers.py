@@ -25,7 +25,9 @@ that rank computed with it. Two kinds:
   autograd graph, so it holds unchanged under ZeRO-0..3 (the summed gradient reaches the parameter's
   gradient hooks), pipeline stages and activation checkpointing, with no hook of ours; every TP rank then
   holds the same gradient, the optimizer keeps the replicas identical, and DeepSpeed's norm counts the
-  parameter once per model replica like any replicated one.
+  parameter once per model replica like any replicated one. (Its output is a view of the parameter: under
+  ZeRO-3 a view saved for backward keeps the gathered storage alive until then — nothing for a [head_dim]
+  norm weight; ``ReplicatedKVHeadLinear`` saves a copy of its head's rows instead.)
 """
 from __future__ import annotations
 
@@ -181,7 +183,9 @@ class ReplicatedKVHeadLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         start, n = self.head * self.head_dim, self.local_heads * self.head_dim
-        weight = sum_grad_over_tp(self.weight, self.tp_group).narrow(0, start, n)
+        # clone(): autograd then saves only this head's rows for backward, not a view of the whole weight,
+        # whose storage ZeRO-3 could then not free between forward and backward (a view keeps it alive).
+        weight = sum_grad_over_tp(self.weight, self.tp_group).narrow(0, start, n).clone()
         bias = None if self.bias is None else sum_grad_over_tp(self.bias, self.tp_group).narrow(0, start, n)
         return F.linear(copy_to_tp(x, self.tp_group), weight, bias)
 
