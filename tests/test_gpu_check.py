@@ -10,7 +10,7 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-CUDA_ONLY = {"environment": {"gpu", "fused_adam"}, "pytest_gpu": {"run"},
+CUDA_ONLY = {"environment": {"gpu", "fused_adam", "softcap_gemma2"}, "pytest_gpu": {"run"},
              "training": {"gpu_zero0", "gpu_zero2", "gpu_zero3", "compare_zero0", "compare_zero2", "compare_zero3"},
              "bench_gpu": {"gpu"}}
 CPU_CHECKS = {"environment": {"versions", "varlen_attn", "witscale_attention_auto"}, "pytest_gpu": {"collect"},
