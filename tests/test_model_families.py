@@ -9,6 +9,7 @@ HF writer, through ``to_hf_dict``) is read back by transformers with the same lo
 blocks (pipeline.py), chained by hand, equal the dense model. tp/pp/ZeRO layouts of these families:
 tests/test_families_parallel.py.
 """
+import copy
 import json
 
 import pytest
@@ -179,6 +180,20 @@ def test_pipeline_blocks_equal_the_dense_model(family_case):
             x = block(x)
         got = head.lm_head(x)
     torch.testing.assert_close(got, _logits(ours, ids, DOCS), rtol=0, atol=1e-6)
+
+
+def test_gemma_embedding_scale_is_rounded_to_the_model_dtype(family_case):
+    family, hf, _, ours, cfg = family_case
+    if not family.startswith("gemma"):
+        pytest.skip("no embedding scale")
+    from witscale.model.transformer import scale_embeddings
+
+    ids = torch.arange(VOCAB)[None]
+    text = hf.model.language_model if family == MULTIMODAL else hf.model
+    with torch.no_grad():
+        want = copy.deepcopy(text.embed_tokens).to(torch.bfloat16)(ids)     # √32 → 5.65625 in bf16
+        got = scale_embeddings(ours.model.embed_tokens.weight.to(torch.bfloat16)[ids], ours.model.spec)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
 
 
 # ---- the seeded init ---------------------------------------------------------------------------------------

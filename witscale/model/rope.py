@@ -15,10 +15,6 @@ import math
 import torch
 
 
-def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
-    return rope_parameters(head_dim, theta, scaling)[0]
-
-
 def rope_parameters(head_dim: int, theta: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
     """(inverse frequencies [head_dim/2] fp32, attention factor) for a normalized rope_scaling dict
     (witscale/model/config.py) or None."""

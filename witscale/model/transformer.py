@@ -15,6 +15,7 @@ statistics computed by the fused vocab-parallel head; without, the final hidden 
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -66,7 +67,13 @@ def scale_embeddings(x: torch.Tensor, spec: FamilySpec) -> torch.Tensor:
     hidden 3072), as transformers does: the checkpoints were trained that way."""
     if spec.embed_scale is None:
         return x
-    return x * torch.tensor(spec.embed_scale, dtype=x.dtype, device=x.device)
+    # A Python number (already rounded), not a device tensor: no host-to-device copy every step.
+    return x * _rounded_to(spec.embed_scale, x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _rounded_to(value: float, dtype: torch.dtype) -> float:
+    return torch.tensor(value, dtype=dtype).item()
 
 
 def make_lm_head(cfg: ModelConfig, spec: FamilySpec, tp_group, loss_chunk_size: int) -> VocabParallelLMHead:
