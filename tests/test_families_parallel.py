@@ -108,7 +108,8 @@ def family_worker(rank, world, *, model_dir, tp=1, pp=1, stage=0, steps=STEPS, o
     if resume:
         checkpoint.load(trainer.engine, resume, checkpoint.read_latest(resume), universal=True, topo=topo)
         return {"params": {k: v.numpy() for k, v in trainer.full_dense_state_dict().items()}}
-    losses = [trainer.train_step(loader.next_step()).loss for _ in range(steps)]
+    results = [trainer.train_step(loader.next_step()) for _ in range(steps)]
+    losses, grad_norms = [r.loss for r in results], [r.grad_norm for r in results]
     params = {k: v.numpy() for k, v in trainer.full_dense_state_dict().items()}
     if out:
         checkpoint.save(trainer.engine, os.path.join(out, "checkpoints"), steps, {"step": steps}, keep=1)
@@ -116,7 +117,7 @@ def family_worker(rank, world, *, model_dir, tp=1, pp=1, stage=0, steps=STEPS, o
             with open(os.path.join(out, "model_config.json"), "w") as f:
                 json.dump(cfg.to_hf_dict(), f)
         export_from_engine(trainer, cfg, os.path.join(out, "live"), dtype="fp32")
-    return {"losses": losses, "params": params, "probe": probed, "tp_rank": topo.tp_rank, "pp_rank": topo.pp_rank}
+    return {"losses": losses, "grad_norms": grad_norms, "params": params, "probe": probed, "tp_rank": topo.tp_rank, "pp_rank": topo.pp_rank}
 
 
 def _probe(module, loader, tp):
@@ -196,6 +197,9 @@ def test_layout_trains_like_tp1(runs, checkpoints, layout):
     assert moved > 5e-4, "every tensor must have trained (3 Adam steps of lr 1e-3)"
     last = [r for r in got if r["pp_rank"] == layout[3] - 1][0]
     np.testing.assert_allclose(last["losses"], ref["losses"], rtol=1e-5)
+    # The gradient norm counts each replicated parameter (norms, q/k norms, replicated k/v) once per replica.
+    assert None not in last["grad_norms"] + ref["grad_norms"]
+    np.testing.assert_allclose(last["grad_norms"], ref["grad_norms"], rtol=1e-5)
     for r in got:
         _close(r["params"], ref["params"], 2e-5, f"{layout} rank tp {r['tp_rank']} pp {r['pp_rank']}")
 
