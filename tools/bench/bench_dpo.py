@@ -5,17 +5,21 @@ attention, the fused vocab-parallel loss, reference log-probs precomputed into t
 pairs per optimizer step, on the CPU, in one run.
 
     make bench-dpo-env                       # TRL into build/bench-dpo-trl (never into .venv; no CUDA torch)
-    .venv/bin/python tools/bench/bench_dpo.py [--pairs 192] [--steps 6] [--json OUT]
+    .venv/bin/python tools/bench/bench_dpo.py [--pairs 128] [--steps 4] [--repeats 2] [--json OUT]
 
 Both sides run in their own subprocess (one thread each, fp32, AdamW, no clipping, lr 5e-7, β 0.1, sigmoid
 loss) and are measured the same way:
 
-- **pairs/s**: pairs of an optimizer step / that step's time (forward + backward of every micro-batch and the
-  optimizer step; data already collated), summed over the steps after the first ``--warmup`` ones. witscale's
-  step time is its metrics.jsonl record (tokens / tokens_per_s, measured by the trainer around the step);
-  TRL's is a TrainerCallback's on_step_begin → on_step_end.
-- **peak RSS**: the subprocess's VmHWM (its own `getrusage` maximum), and the rise from the RSS just before
-  its first step (what training itself adds: activations, gradients, optimizer state).
+- **pairs/s**: the pairs of the timed steps (all after the first ``--warmup`` ones) / their time: forward +
+  backward of every micro-batch and the optimizer step, data already collated. witscale's window is
+  ``Trainer.train_step`` (wrapped in the child process; the trainer's own timing window), TRL's a
+  TrainerCallback's on_step_begin → on_step_end. Both in wall-clock seconds and in CPU seconds of the process
+  (``time.process_time``): with one thread per side, CPU time is the step's work whatever else loads the
+  machine — the figure to read on a shared machine; on an idle one the two agree.
+- **peak RSS**: the subprocess's maximum resident set (`getrusage` of that child, through wait4).
+
+The sides run alternately ``--repeats`` times (default 2) and each side's best run is reported (all runs are
+in --json): on a shared machine a run slowed by other load is not the side's speed.
 
 TRL is configured for its fastest comparable path: `precompute_ref_log_probs=True` (no reference model held,
 like witscale), `max_length=None` (nothing truncated: witscale truncates nothing either), `bf16=False`,
@@ -109,7 +113,8 @@ def prepare(work: str, args) -> dict:
     env = child_env(args.threads)
     packed = os.path.join(work, "packed")
     run([sys.executable, os.path.join(ROOT, "tools", "pack_dataset.py"), "--task", "preference", "--input", pairs_path,
-         "--tokenizer", sp_model, "--seq-len", str(args.seq_len), "--template", "plain", "--output", packed], env)
+         "--tokenizer", sp_model, "--seq-len", str(args.seq_len), "--template", "plain", "--output", packed,
+         "--overwrite"], env)
     t0 = time.perf_counter()
     run([sys.executable, os.path.join(ROOT, "tools", "precompute_reference.py"), "--data", packed, "--model",
          model_dir], env)
@@ -188,24 +193,45 @@ def run_measured(cmd: list[str], env: dict, log_path: str) -> tuple[int, float, 
     return proc.returncode, time.perf_counter() - t0, usage.ru_maxrss * 1024 / 2 ** 30
 
 
-def rss_gib() -> float:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024 / 2 ** 30
-    return float("nan")
-
-
 # ----------------------------------------------------------------------------------------------- witscale
+def witscale_child(spec: dict) -> None:
+    """witscale/train.py as its own __main__, with Trainer.train_step timed (wall and CPU) into spec["out"]."""
+    import atexit
+    import runpy
+
+    from witscale.training import trainer
+
+    step = trainer.Trainer.train_step
+    times: list[tuple[float, float]] = []
+
+    def timed_step(self, batch):
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = step(self, batch)
+        times.append((time.perf_counter() - wall, time.process_time() - cpu))
+        return result
+
+    def dump():
+        with open(spec["out"], "w", encoding="utf-8") as f:
+            json.dump({"step_seconds": [w for w, _ in times], "step_cpu_seconds": [c for _, c in times]}, f)
+
+    trainer.Trainer.train_step = timed_step
+    atexit.register(dump)
+    sys.argv = spec["argv"]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+
+
 def witscale_side(prep: dict, work: str, args) -> dict:
     """The real entry point, one process (no launcher), ZeRO-0, the paper's DPO hyper-parameters."""
     out = os.path.join(work, "witscale_run")
+    shutil.rmtree(out, ignore_errors=True)
+    timing = os.path.join(work, "witscale_steps.json")
     rows_per_step = max(1, round(args.batch_pairs / prep["manifest"]["pairs_per_row"]))
-    cmd = [sys.executable, os.path.join(ROOT, "witscale", "train.py"), "--objective", "dpo", "--beta", str(BETA),
+    argv = [os.path.join(ROOT, "witscale", "train.py"), "--objective", "dpo", "--beta", str(BETA),
            "--data", prep["packed"], "--model", prep["model"], "--output-dir", out, "--ds_config",
            os.path.join(ROOT, "ds_configs", "zero0.json"), "--micro-batch-size", "1", "--grad-accum", str(rows_per_step),
            "--lr", str(LR), "--weight-decay", "0", "--warmup-ratio", "0.1", "--max-steps", str(args.steps),
-           "--seed", str(args.seed), "--no-tensorboard", "--no-progress", "--save-steps", "0"]
+           "--seed", str(args.seed), "--no-tensorboard", "--save-steps", "0", "--reference-model", prep["model"]]
+    cmd = [sys.executable, os.path.abspath(__file__), "--_witscale-child", json.dumps({"argv": argv, "out": timing})]
     rc, wall, peak = run_measured(cmd, child_env(args.threads), os.path.join(work, "witscale.log"))
     if rc != 0:
         raise SystemExit(f"witscale failed (exit {rc}); log: {os.path.join(work, 'witscale.log')}\n"
@@ -216,10 +242,14 @@ def witscale_side(prep: dict, work: str, args) -> dict:
             r = json.loads(line)
             if "loss" in r and not any(k.startswith("eval_") for k in r):
                 recs.append(r)
-    timed = recs[args.warmup:]
-    seconds = sum(r["tokens"] / r["tokens_per_s"] for r in timed)
-    pairs = sum(r["pairs"] for r in timed)
-    return {"pairs_per_s": pairs / seconds, "pairs_timed": pairs, "steps_timed": len(timed), "step_seconds": seconds,
+    with open(timing, encoding="utf-8") as f:
+        steps = json.load(f)
+    if len(steps["step_seconds"]) != len(recs):
+        raise SystemExit(f"witscale: {len(steps['step_seconds'])} timed steps but {len(recs)} metric records")
+    pairs = sum(r["pairs"] for r in recs[args.warmup:])
+    seconds, cpu = sum(steps["step_seconds"][args.warmup:]), sum(steps["step_cpu_seconds"][args.warmup:])
+    return {"pairs_per_s": pairs / seconds, "pairs_per_cpu_s": pairs / cpu, "pairs_timed": pairs,
+            "steps_timed": len(recs) - args.warmup, "step_seconds": seconds, "step_cpu_seconds": cpu,
             "peak_rss_gib": peak, "wall_s": wall, "rows_per_step": rows_per_step,
             "pairs_per_step": [r["pairs"] for r in recs], "losses": [r["loss"] for r in recs],
             "config": {"micro_batch_rows": 1, "grad_accum": rows_per_step, "seq_len": prep["manifest"]["seq_len"],
@@ -239,9 +269,11 @@ def trl_side(prep: dict, work: str, args) -> dict:
                          + open(os.path.join(work, "trl.log"), encoding="utf-8").read()[-3000:])
     with open(out, encoding="utf-8") as f:
         res = json.load(f)
-    timed = res["step_seconds"][args.warmup:]
-    res.update(pairs_per_s=args.batch_pairs * len(timed) / sum(timed), pairs_timed=args.batch_pairs * len(timed),
-               steps_timed=len(timed), step_seconds=sum(timed), peak_rss_gib=peak, wall_s=wall)
+    timed, cpu = res["step_seconds"][args.warmup:], res["step_cpu_seconds"][args.warmup:]
+    pairs = args.batch_pairs * len(timed)
+    res.update(pairs_per_s=pairs / sum(timed), pairs_per_cpu_s=pairs / sum(cpu), pairs_timed=pairs,
+               steps_timed=len(timed), step_seconds=sum(timed), step_cpu_seconds=sum(cpu), peak_rss_gib=peak,
+               wall_s=wall)
     return res
 
 
@@ -266,15 +298,14 @@ def trl_child(spec: dict) -> None:
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.t0, self.seconds, self.rss_before = None, [], None
+            self.t0, self.c0, self.seconds, self.cpu_seconds = None, None, [], []
 
         def on_step_begin(self, args, state, control, **kw):
-            if self.rss_before is None:
-                self.rss_before = rss_gib()
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
             self.seconds.append(time.perf_counter() - self.t0)
+            self.cpu_seconds.append(time.process_time() - self.c0)
 
     torch.manual_seed(spec["seed"])
     model = transformers.AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
@@ -296,7 +327,7 @@ def trl_child(spec: dict) -> None:
     setup_s = time.perf_counter() - t0            # includes the reference log-prob pass
     trainer.train()
     with open(spec["out"], "w", encoding="utf-8") as f:
-        json.dump({"step_seconds": timer.seconds, "rss_before_gib": timer.rss_before, "setup_s": setup_s,
+        json.dump({"step_seconds": timer.seconds, "step_cpu_seconds": timer.cpu_seconds, "setup_s": setup_s,
                    "trl_version": trl.__version__, "transformers_version": transformers.__version__,
                    "config": {"per_device_train_batch_size": spec["micro_pairs"], "gradient_accumulation_steps": accum,
                               "precompute_ref_log_probs": True, "padding_free": False, "max_length": None,
@@ -308,11 +339,14 @@ def main(argv=None) -> int:
     if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--_trl-child":
         trl_child(json.loads(sys.argv[2]))
         return 0
+    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--_witscale-child":
+        witscale_child(json.loads(sys.argv[2]))
+        return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pairs", type=int, default=192, help="preference pairs generated (default 192)")
+    p.add_argument("--pairs", type=int, default=128, help="preference pairs generated (default 128)")
     p.add_argument("--batch-pairs", type=int, default=32, help="pairs per optimizer step (the paper's 32)")
     p.add_argument("--trl-micro-pairs", type=int, default=8, help="TRL's per-device batch (pairs; accumulated)")
-    p.add_argument("--steps", type=int, default=6, help="optimizer steps per side")
+    p.add_argument("--steps", type=int, default=4, help="optimizer steps per run")
     p.add_argument("--warmup", type=int, default=1, help="first steps left out of the timing")
     p.add_argument("--seq-len", type=int, default=1024, help="witscale's packed row length")
     p.add_argument("--median-tail", type=int, default=40, help="median words of a completion's verbose tail")
@@ -320,6 +354,7 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=2000)
     p.add_argument("--threads", type=int, default=1, help="torch threads per side (default 1)")
+    p.add_argument("--repeats", type=int, default=2, help="runs per side, alternating; the best is reported")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trl-path", default=TRL_DIR, help=f"where TRL is installed (default {TRL_DIR})")
     p.add_argument("--only", choices=("witscale", "trl"), help="run one side only")
@@ -339,20 +374,29 @@ def main(argv=None) -> int:
               f"{args.batch_pairs} pairs per step, {args.steps} steps ({args.warmup} untimed), {args.threads} thread(s)")
         res = {"setup": {k: prep[k] for k in ("pairs", "tokens", "completion_tokens", "witscale_precompute_s")},
                "args": vars(args)}
-        if args.only != "trl":
-            res["witscale"] = witscale_side(prep, work, args)
-        if args.only != "witscale":
-            res["trl"] = trl_side(prep, work, args)
-        for side in ("witscale", "trl"):
-            if side in res:
-                r = res[side]
-                print(f"{side:9s} {r['pairs_per_s']:8.2f} pairs/s ({r['pairs_timed']} pairs in {r['step_seconds']:.2f} s "
-                      f"of steps)   peak RSS {r['peak_rss_gib']:.2f} GiB   wall {r['wall_s']:.0f} s")
+        sides = [s for s in ("witscale", "trl") if args.only in (None, s)]
+        runs: dict[str, list[dict]] = {s: [] for s in sides}
+        for k in range(args.repeats):
+            for side in sides:
+                r = (witscale_side if side == "witscale" else trl_side)(prep, work, args)
+                runs[side].append(r)
+                print(f"  run {k + 1}/{args.repeats} {side:9s} {r['pairs_per_s']:7.2f} pairs/s, {r['pairs_per_cpu_s']:7.2f} "
+                      f"pairs/CPU-s ({r['pairs_timed']:g} pairs in {r['step_seconds']:.1f} s, {r['step_cpu_seconds']:.1f} "
+                      f"CPU-s of steps)   peak RSS {r['peak_rss_gib']:.2f} GiB   wall {r['wall_s']:.0f} s", flush=True)
+        for side in sides:
+            res[side] = max(runs[side], key=lambda r: r["pairs_per_cpu_s"])
+            res[side]["best_pairs_per_s"] = max(r["pairs_per_s"] for r in runs[side])
+            res[side]["runs"] = [{k: r[k] for k in ("pairs_per_s", "pairs_per_cpu_s", "peak_rss_gib")} for r in runs[side]]
+            r = res[side]
+            print(f"{side:9s} {r['pairs_per_cpu_s']:7.2f} pairs/CPU-s, {r['best_pairs_per_s']:7.2f} pairs/s (best of "
+                  f"{args.repeats})   peak RSS {r['peak_rss_gib']:.2f} GiB")
         if "witscale" in res and "trl" in res:
             w, t = res["witscale"], res["trl"]
-            res["speedup"] = w["pairs_per_s"] / t["pairs_per_s"]
+            res["speedup_cpu"] = w["pairs_per_cpu_s"] / t["pairs_per_cpu_s"]
+            res["speedup_wall"] = w["best_pairs_per_s"] / t["best_pairs_per_s"]
             res["rss_ratio"] = w["peak_rss_gib"] / t["peak_rss_gib"]
-            print(f"witscale / TRL: {res['speedup']:.2f}× pairs/s (target ≥ 2×), {res['rss_ratio']:.2f}× peak RSS")
+            print(f"witscale / TRL: {res['speedup_cpu']:.2f}× pairs per CPU-second, {res['speedup_wall']:.2f}× pairs per "
+                  f"wall-second (target ≥ 2×); {res['rss_ratio']:.2f}× peak RSS")
             print(f"TRL {t['trl_version']} (transformers {t['transformers_version']}): {json.dumps(t['config'])}")
         if args.json:
             with open(args.json, "w", encoding="utf-8") as f:
