@@ -248,6 +248,22 @@ def test_config_reads_each_family_as_transformers_does():
         assert ModelConfig.from_dict(cfg.to_hf_dict()) == cfg, family
 
 
+def test_multimodal_gemma3_text_config_defaults_are_transformers():
+    # Hub configs of Gemma-3 4B+ list only the text fields that differ from the defaults.
+    text = dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, sliding_window=1024,
+                rope_scaling={"rope_type": "linear", "factor": 8.0}, model_type="gemma3_text")
+    cfg = ModelConfig.from_dict({"model_type": "gemma3", "text_config": text, "vision_config": {}})
+    hf = transformers.Gemma3Config(text_config=text).text_config
+    for key in ("vocab_size", "num_attention_heads", "num_key_value_heads", "head_dim", "query_pre_attn_scalar",
+                "max_position_embeddings", "sliding_window", "layer_types", "tie_word_embeddings"):
+        assert getattr(cfg, key) == getattr(hf, key), key
+    assert (cfg.rope_theta, cfg.rope_local_base_freq) == (hf.rope_parameters["full_attention"]["rope_theta"],
+                                                         hf.rope_parameters["sliding_attention"]["rope_theta"])
+    assert cfg.rope_scaling == {"rope_type": "linear", "factor": 8.0}
+    shape = ModelShape.from_config({"model_type": "gemma3", "text_config": text})       # tools/plan.py --model DIR
+    assert shape == ModelShape.from_config(cfg) and shape.total_params() == 3_880_263_168   # Gemma-3-4B's text model
+
+
 @pytest.mark.parametrize("change,message", [
     (dict(model_type="gemma3_text", attn_logit_softcapping=50.0), "attn_logit_softcapping is not applied by Gemma-3"),
     (dict(model_type="gemma2", use_bidirectional_attention=True), "use_bidirectional_attention=true is not supported"),

@@ -39,6 +39,12 @@ HF_DEFAULT_HEAD_DIM = {"qwen3": 128, "gemma2": 256, "gemma3_text": 256}   # othe
 _HF_DEFAULT_WINDOW = {"mistral": 4096, "qwen2": 4096, "qwen3": 4096, "gemma2": 4096, "gemma3_text": 4096}
 _HF_DEFAULT_THETA = {"gemma3_text": 1_000_000.0}
 _GEMMA3_LOCAL_THETA = 10_000.0
+# A multimodal gemma3 config.json stores only the text_config fields that differ from Gemma3TextConfig's
+# defaults (transformers writes a diff): these are the defaults it fills in.
+GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                             num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                             max_position_embeddings=131_072, rms_norm_eps=1e-6, query_pre_attn_scalar=256,
+                             sliding_window=4096)
 # Keys consumed here (not copied into ``extra``), besides the dataclass fields.
 _CONSUMED = {"hidden_act", "hidden_activation", "rope_parameters", "use_sliding_window", "dtype", "architectures",
              "partial_rotary_factor", "attention_dropout", "max_window_layers", "transformers_version",
@@ -90,8 +96,10 @@ class ModelConfig:
             if not isinstance(d.get("text_config"), dict):
                 raise ValueError("model_type 'gemma3' needs a text_config (the language model's config)")
             # Only the language model is trained; its weights sit under a prefix (hf_names.py).
-            d = dict(d["text_config"], model_type="gemma3_text",
-                     tie_word_embeddings=d["text_config"].get("tie_word_embeddings", d.get("tie_word_embeddings", True)))
+            text, outer = d["text_config"], d
+            d = dict(GEMMA3_TEXT_DEFAULTS, **text)
+            d.update(model_type="gemma3_text",
+                     tie_word_embeddings=text.get("tie_word_embeddings", outer.get("tie_word_embeddings", True)))
             layout = "gemma3_multimodal"
         model_type = d.get("model_type")
         if model_type not in SUPPORTED:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from witscale.model.config import GEMMA, HF_DEFAULT_HEAD_DIM
+from witscale.model.config import GEMMA, GEMMA3_TEXT_DEFAULTS, HF_DEFAULT_HEAD_DIM
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,8 @@ class ModelShape:
     @classmethod
     def from_config(cls, cfg) -> "ModelShape":
         if isinstance(cfg, dict) and cfg.get("model_type") == "gemma3" and isinstance(cfg.get("text_config"), dict):
-            cfg = dict(cfg["text_config"], model_type="gemma3_text")     # the language model of a multimodal one
+            # The language model of a multimodal one (its config.json lists only the non-default fields).
+            cfg = dict(GEMMA3_TEXT_DEFAULTS, **dict(cfg["text_config"], model_type="gemma3_text"))
         get = (lambda k, d=None: cfg.get(k, d)) if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
         model_type = get("model_type", "llama")
         attention_bias = bool(get("attention_bias", model_type == "qwen2"))
