@@ -65,9 +65,11 @@ def test_build_and_load_allocate_only_this_ranks_share(tp, pp, stage):
 
 
 def _zero3_values_worker(rank, world, tp, model_dir):
-    """Every rank's ZeRO-3 partitions, gathered, against the dense tensors: the seeded init and an HF load."""
+    """Every rank's ZeRO-3 partitions, gathered, against the dense tensors: the seeded init and an HF load;
+    and the gathers and broadcasts that building and loading ran (DeepSpeed calls torch.distributed's)."""
     import deepspeed
     import torch
+    import torch.distributed as dist
     from safetensors.torch import load_file
 
     from witscale.model import ModelConfig, dense_shapes
@@ -82,9 +84,22 @@ def _zero3_values_worker(rank, world, tp, model_dir):
     cfg = ModelConfig.from_dict(SMALL)
     topo = Topology(ParallelDims(world, tp, 1, 3, cfg))
     file = load_file(f"{model_dir}/model.safetensors")
-    differ = []
+    differ, collectives = [], []
+    originals = {n: getattr(dist, n) for n in ("broadcast", "all_gather", "all_gather_into_tensor")}
+
+    def counted(name):
+        def call(*args, **kwargs):
+            collectives.append(name)
+            return originals[name](*args, **kwargs)
+        return call
     for source in (None, model_dir):
-        module = build_module(cfg, topo, ds_config(3, 1, 1, topo.dp), model_dir=source, seed=0)
+        for name in originals:
+            setattr(dist, name, counted(name))
+        try:
+            module = build_module(cfg, topo, ds_config(3, 1, 1, topo.dp), model_dir=source, seed=0)
+        finally:
+            for name, fn in originals.items():
+                setattr(dist, name, fn)
         to_hf = hf_name_fn(module)
         for name, p in module.named_parameters():
             hf = to_hf(name)
@@ -93,7 +108,7 @@ def _zero3_values_worker(rank, world, tp, model_dir):
             with deepspeed.zero.GatheredParameters([p]):
                 if not torch.equal(p.data, shard_dense(p, dense, topo.tp_rank, tp)):
                     differ.append(f"{'HF' if source else 'seeded'} {name}")
-    return differ
+    return differ, collectives
 
 
 # An odd vocabulary (padded at tp=2) and rows that ZeRO-3's partitions cut in the middle.
@@ -101,8 +116,9 @@ SMALL = dict(TINY, vocab_size=67, intermediate_size=40)
 
 
 def test_zero3_partitions_hold_the_dense_values_without_gathering(tmp_path):
-    """Under ZeRO-3 each rank reads only the rows of its partition (no GatheredParameters): the result is
-    still the dense seeded init and the HF file, bit for bit, at tp=1 × dp=2 and tp=2 × dp=2."""
+    """Under ZeRO-3 each rank reads only the rows of its partition: building and loading run no gather and
+    no broadcast (zero.Init's rank-0 broadcast skipped, no GatheredParameters), and the partitions still
+    hold the dense seeded init and the HF file, bit for bit, at tp=1 × dp=2 and tp=2 × dp=2."""
     import torch
 
     from witscale.model import CausalLM, ModelConfig, init_weights
@@ -113,5 +129,7 @@ def test_zero3_partitions_hold_the_dense_values_without_gathering(tmp_path):
     init_weights(model, seed=5)
     save_hf_checkpoint({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, cfg, str(tmp_path))
     for world, tp in ((2, 1), (4, 2)):
-        for rank, differ in enumerate(run_distributed(_zero3_values_worker, world, tp, str(tmp_path), timeout=240)):
+        for rank, (differ, collectives) in enumerate(
+                run_distributed(_zero3_values_worker, world, tp, str(tmp_path), timeout=240)):
             assert not differ, f"tp{tp} rank {rank}: {differ[:4]}"
+            assert not collectives, f"tp{tp} rank {rank}: building and loading ran {sorted(set(collectives))}"
