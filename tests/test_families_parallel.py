@@ -9,7 +9,7 @@ tests/test_model_tensor_parallel.py and the test_train_* files.
 |---------|--------------------------|---------------------------------------------------------------------|
 | Qwen3   | 2 / 8, q/k norms          | tp2 Z0, pp2 Z1, tp4 Z1 (k/v replicated), tp2 × dp2 Z3                |
 | Gemma-2 | 2 / 4, soft-caps, window | tp2 Z1, pp2 Z1, tp2 × dp2 Z3 (tied embeddings)                       |
-| Gemma-3 | 1 / 4, q/k norms, 2 RoPEs | tp2 Z2, tp2 × pp2 Z1 (k/v replicated at every tp > 1)                |
+| Gemma-3 | 1 / 4, q/k norms, 2 RoPEs | tp2 Z2, tp2 × pp2 Z1, tp2 × dp2 Z3 (k/v replicated at every tp > 1)  |
 
 Also: the TP gradient rule (parallel/layers.py) — every parameter a TP rank holds whole (norms, per-head q/k
 norms, replicated k/v) has tp=1's gradient on every rank; the live export and the offline one
@@ -49,7 +49,7 @@ LAYOUTS = [
     ("qwen3", 2, 2, 1, 0), ("qwen3", 2, 1, 2, 1), ("gemma2", 2, 2, 1, 1), ("gemma2", 2, 1, 2, 1),
     ("gemma3", 2, 2, 1, 2),
     ("qwen3", 4, 4, 1, 1), ("qwen3", 4, 2, 1, 3),
-    ("gemma2", 4, 2, 1, 3), ("gemma3", 4, 2, 2, 1),
+    ("gemma2", 4, 2, 1, 3), ("gemma3", 4, 2, 2, 1), ("gemma3", 4, 2, 1, 3),
 ]
 # A checkpoint of one layout resumed at another tp: (layout that wrote it, world = tp of the resumed run).
 # Qwen3 tp 4 → 2: k/v replicated when written, split when read back; q/k norms replicated at both.
@@ -117,7 +117,8 @@ def family_worker(rank, world, *, model_dir, tp=1, pp=1, stage=0, steps=STEPS, o
             with open(os.path.join(out, "model_config.json"), "w") as f:
                 json.dump(cfg.to_hf_dict(), f)
         export_from_engine(trainer, cfg, os.path.join(out, "live"), dtype="fp32")
-    return {"losses": losses, "grad_norms": grad_norms, "params": params, "probe": probed, "tp_rank": topo.tp_rank, "pp_rank": topo.pp_rank}
+    return {"losses": losses, "grad_norms": grad_norms, "params": params, "probe": probed, "tp_rank": topo.tp_rank,
+            "pp_rank": topo.pp_rank}
 
 
 def _probe(module, loader, tp):
