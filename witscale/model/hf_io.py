@@ -150,8 +150,10 @@ def whole_tensor(name: str, sl) -> torch.Tensor:
 
 
 def tp_slice_fn(model: torch.nn.Module, tp_rank: int, tp: int) -> SliceFn:
-    """The slice_fn for witscale's TP layers: each parameter says how it is cut (``tp_split_dim``) and
-    how far the vocabulary is padded (``padded_dense_rows``)."""
+    """The slice_fn for witscale's TP layers: each parameter says how it is cut (``tp_split_dim``; None:
+    replicated and read whole — norms, row-parallel biases, and k/v when the model has fewer KV heads than
+    tp, parallel/layers.py ``ReplicatedKVHeadLinear``) and how far the vocabulary is padded
+    (``padded_dense_rows``)."""
     params = dict(model.named_parameters())
 
     def fn(name: str, sl) -> torch.Tensor:

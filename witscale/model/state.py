@@ -4,7 +4,8 @@
 pipeline stage (the canonical order: stage 0's parameters in module order, then stage 1's …). For each
 parameter the ranks of the stage that holds it cast their piece to the export dtype, gather its ZeRO-3
 partitions to data-parallel rank 0 (one parameter at a time), then its tensor-parallel shards to the
-stage's tp-rank 0 (point-to-point into one buffer: the other TP ranks never hold the dense tensor), trim the vocabulary
+stage's tp-rank 0 (point-to-point into one buffer: the other TP ranks never hold the dense tensor; a replicated
+parameter — norms, k/v with fewer KV heads than tp — is tp-rank 0's copy), trim the vocabulary
 padding and name it by HF's name (witscale/model/hf_names.py). That rank — the stage's owner, (pp=s,
 dp=0, tp=0) — sends it to global rank 0 point-to-point (or, with ``everywhere=True``, broadcasts it to
 every rank). Rank 0 yields ``(hf_name, tensor)`` on the host; the other ranks take part in the
