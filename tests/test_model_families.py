@@ -42,11 +42,17 @@ FAMILIES = {
                   max_window_layers=2),
     "qwen3-yarn-bias": dict(model_type="qwen3", head_dim=8, attention_bias=True, tie_word_embeddings=True,
                             rope_scaling=dict(YARN, beta_fast=16.0)),
-    "qwen2-yarn": dict(model_type="qwen2", rope_scaling=YARN, rope_theta=1e6),
+    # the last layer slides (>= max_window_layers)
+    "qwen2-yarn-window": dict(model_type="qwen2", rope_scaling=YARN, rope_theta=1e6, use_sliding_window=True,
+                              sliding_window=WINDOW, max_window_layers=3),
     "mistral-yarn-mscale": dict(model_type="mistral", sliding_window=WINDOW,
                                 rope_scaling=dict(YARN, mscale=1.0, mscale_all_dim=0.5, truncate=False)),
 }
 MULTIMODAL = "gemma3-multimodal"
+ALTERNATING = [WINDOW, None, WINDOW, None]
+EXPECTED_WINDOWS = {"gemma2": ALTERNATING, "gemma3_text": ALTERNATING, MULTIMODAL: ALTERNATING,
+                    "qwen3": [None, None, WINDOW, WINDOW], "qwen3-yarn-bias": [None] * 4,
+                    "qwen2-yarn-window": [None, None, None, WINDOW], "mistral-yarn-mscale": [WINDOW] * 4}
 DOCS = [9, 3, 12]          # one packed row of three documents (two longer than the window) and a 2-token tail
 ROW = 26
 
@@ -107,9 +113,7 @@ def test_packed_documents_match_transformers_run_alone(family_case):
             start += len(d)
     # The family rules really are in force (a test that can fail for the right reason).
     spec = family_spec(cfg)
-    windows = [layer.sliding_window for layer in spec.layers]
-    if family.startswith(("gemma", "qwen3")) and "yarn" not in family:
-        assert WINDOW in windows and None in windows          # per-layer windows: some slide, some do not
+    assert [layer.sliding_window for layer in spec.layers] == EXPECTED_WINDOWS[family]
     if family.startswith("gemma"):
         assert spec.embed_scale == 32 ** 0.5 and spec.norm_offset == 1.0
     if family in ("gemma3_text", MULTIMODAL):
