@@ -17,7 +17,9 @@ norms, replicated k/v) has tp=1's gradient on every rank; the live export and th
 them with witscale's logits; a tp=4 checkpoint (k/v replicated) resumes at tp=2 (k/v split) through
 DeepSpeed's universal checkpoint with the same weights.
 
-One launch per world size runs every configuration; the module-scoped fixtures share them.
+The 4-rank layouts recompute each decoder block in backward (activation checkpointing: the TP gradient
+rule inside a recomputed block, under ZeRO-3 and the pipeline). One launch per world size runs every
+configuration; the module-scoped fixtures share them.
 """
 import json
 import os
@@ -75,7 +77,7 @@ def _hf_checkpoint(config: dict, out: str) -> None:
 
 
 def family_worker(rank, world, *, model_dir, tp=1, pp=1, stage=0, steps=STEPS, out=None, probe=False,
-                  resume=None):
+                  resume=None, activation_checkpointing=False):
     """Load ``model_dir``, train ``steps`` steps of grad-accum 4 (over dp) at tp × pp; return the losses,
     the dense parameters, with ``probe`` (pp=1, no ZeRO-3) one micro-batch's loss and this rank's own
     gradients, and with ``out`` a checkpoint, the run's model config and a live fp32 export under ``out``.
@@ -97,14 +99,16 @@ def family_worker(rank, world, *, model_dir, tp=1, pp=1, stage=0, steps=STEPS, o
     accum = 4 // topo.dp
     conf = ds_config(stage, 1, accum, topo.dp)
     torch.manual_seed(0)
-    module = build_module(cfg, topo, conf, model_dir=model_dir, seed=0)
+    module = build_module(cfg, topo, conf, model_dir=model_dir, seed=0,
+                          activation_checkpointing=activation_checkpointing)
     loader = PackedLoader(random_packed(8, 32, cfg.vocab_size, 1), build_weight_table(0.3, 1.0),
                           micro_batch_size=1, grad_accum=accum, dp_size=topo.dp, dp_rank=topo.dp_rank, seed=0)
     probed = _probe(module, loader, tp) if probe else None
     # eps=1e-6: Adam turns a ~0 gradient into a ±lr step whose sign is summation-order noise (see
     # tests/test_model_tensor_parallel.py); a larger eps keeps the comparison about the layout.
     trainer = Trainer(module=module, ds_config=conf, loader=loader, topo=topo, normalization="nonzero", lr=1e-3,
-                      weight_decay=0.0, betas=(0.9, 0.999), eps=1e-6, total_steps=steps, warmup_ratio=0.0)
+                      weight_decay=0.0, betas=(0.9, 0.999), eps=1e-6, total_steps=steps, warmup_ratio=0.0,
+                      activation_checkpointing=activation_checkpointing)
     if resume:
         checkpoint.load(trainer.engine, resume, checkpoint.read_latest(resume), universal=True, topo=topo)
         return {"params": {k: v.numpy() for k, v in trainer.full_dense_state_dict().items()}}
@@ -159,7 +163,8 @@ def runs(checkpoints, tmp_path_factory):
         out = str(out_root / "-".join(map(str, key)))
         by_world.setdefault(world, []).append((key, dict(model_dir=str(checkpoints / family), tp=tp, pp=pp,
                                                          stage=stage, out=out if world > 1 else None,
-                                                         probe=pp == 1 and stage < 3)))
+                                                         probe=pp == 1 and stage < 3,
+                                                         activation_checkpointing=world == 4)))
     for written, world in RESUMES:
         by_world.setdefault(world, []).append((("resume", written, world), dict(
             model_dir=str(checkpoints / written[0]), tp=world, stage=written[4],
