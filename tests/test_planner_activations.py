@@ -26,6 +26,13 @@ SHAPES = {
                           num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=6),
 }
 ROWS = {"gqa": (2, 512), "mha-big-vocab": (1, 768)}        # micro-batch, seq-len
+# Families whose layers save more: Qwen3's per-head q/k norms; Gemma-2's four norms applied in fp32 (GeGLU,
+# a scaled embedding). Soft-capping off: the stand-in attention has none, and the planner does not count it.
+FAMILIES = {
+    "qwen3": dict(SHAPES["gqa"], model_type="qwen3", head_dim=64),
+    "gemma2": dict(SHAPES["gqa"], model_type="gemma2", head_dim=64, query_pre_attn_scalar=64,
+                   attn_logit_softcapping=None, final_logit_softcapping=None, sliding_window=None),
+}
 TOLERANCE = 0.15
 
 
@@ -71,6 +78,14 @@ def test_activation_estimate_within_15_percent_of_measured_peak(name, dtype):
         _check(measured[ac], _estimate(SHAPES[name], rows, seq, dtype, ac), f"{name} {dtype} AC {ac}")
     # the measurement sees what checkpointing saves (less where the loss's vocabulary-sized buffers dominate)
     assert measured[True]["peak"] < 0.75 * measured[False]["peak"], measured
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_activation_estimate_within_15_percent_for_other_families(name):
+    rows, seq = ROWS["gqa"]
+    for ac in (False, True):
+        _check(_measure(FAMILIES[name], rows, seq, torch.bfloat16, ac),
+               _estimate(FAMILIES[name], rows, seq, torch.bfloat16, ac), f"{name} bf16 AC {ac}")
 
 
 def _tp_worker(rank, world, cfg_dict, rows, seq):

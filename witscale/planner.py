@@ -14,7 +14,8 @@ Assumptions (bf16 training on GPU, the paper's recipe):
   embedding on the first stage and LM head on the last (the larger of the two is counted);
 - activations, per token, with e bytes per element of the training dtype (``element_size``: 2 for bf16):
   one decoder layer saves for backward its two RMSNorms' fp32 upcast, normalized and scaled outputs
-  (2·(4 + 2e)·h, replicated over tp), attention's rotated q and k, v and the output (e·(2·q + 2·kv)/tp,
+  (2·(4 + 2e)·h, replicated over tp; Gemma: four norms, normalized in fp32; Qwen3/Gemma-3: per-head q/k
+  norms too), attention's rotated q and k, v and the output (e·(2·q + 2·kv)/tp,
   q = heads·head_dim, kv = kv_heads·head_dim: what flash/varlen attention keeps, no s² term) plus its fp32
   logsumexp (4·heads/tp), and SwiGLU's gate, silu(gate), up and their product (4·e·I/tp). That is ≈48·h
   bytes at 70B (Korthikanti et al. 2022's 34·h is for a GPT layer with a 4h GELU MLP and sharded norms).
@@ -153,10 +154,16 @@ def activation_memory(shape: ModelShape, *, tokens: int, tp: int = 1, layers: in
     q, kv = shape.num_attention_heads * hd, shape.num_key_value_heads * hd
     inter = shape.intermediate_size
     layers = shape.num_hidden_layers if layers is None else layers
-    norm = (4 + 2 * e) * h                  # RMSNorm: fp32 upcast of its input, normalized, scaled (replicated)
+    # An RMSNorm saves its input upcast to fp32 and the normalized tensor — in the training dtype, or in fp32
+    # where the weight is applied in fp32 (Gemma's x·(1 + w)); a norm before a projection also has its output
+    # saved by that projection. Norms of the hidden state are replicated over tp.
+    normed = 4 if shape.sandwich_norms else e
+    pre_norm, post_norm = (4 + normed + e) * h, (4 + normed) * h
+    norms = 2 * pre_norm + (2 * post_norm if shape.sandwich_norms else 0)
+    qk_norms = (4 + normed) * (q + kv) / tp if shape.qk_norm else 0
     attention = (e * (2 * q + 2 * kv) + 4 * shape.num_attention_heads) / tp
     mlp = 4 * e * inter / tp
-    layer = 2 * norm + attention + mlp
+    layer = norms + qk_norms + attention + mlp
     rope = 2 * hd * e                       # cos and sin, shared by every layer
     per_token_kept = layers * (e * h if activation_checkpointing else layer)
     kept = in_flight * tokens * (per_token_kept + rope)
@@ -166,7 +173,7 @@ def activation_memory(shape: ModelShape, *, tokens: int, tp: int = 1, layers: in
     if e < 4:                               # the head's gradient is multiplied in the training dtype by vocabulary block
         logits_chunk += min(v_local, _GRAD_W_BLOCK) * h * e
     loss = tokens * 4 * h + v_local * h * 4 + logits_chunk
-    forward_peak = kept + tokens * (4 + 2 * e) * h + loss          # + the final norm's saved tensors
+    forward_peak = kept + tokens * pre_norm + loss                 # + the final norm's saved tensors and output
     backward_transient = 2 * e * inter / tp + e * h                # the gradients alive in one layer's backward
     backward_peak = kept + tokens * ((layer if activation_checkpointing else 0) + backward_transient)
     return ActivationMemory(layer_saved=tokens * layer, kept=kept, loss=loss, forward_peak=forward_peak,
