@@ -417,3 +417,50 @@ def test_dpo_7b_template_two_nodes_from_a_shared_preference_dataset(slurm_cluste
     rows = [r for r in read_metrics(out) if "reward_accuracy" in r]
     assert [r["step"] for r in rows] == [1, 2, 3] and abs(rows[0]["reward_margin"]) < 1e-6
     assert (out / "hf" / "config.json").exists() and not (pref / "reference_logps.bin").exists()
+
+
+def test_dpo_reference_reuse_and_private_copies(tiny, sp_model_path, tmp_path):
+    """slurm/dpo_common.sh without a cluster: a dataset's reference log-probs are reused only for the very
+    model (fingerprint and path, file times, class weights), and PREF_DATA copies link the shared arrays with
+    a manifest of their own, without reference."""
+    import json
+
+    import numpy as np
+
+    from witscale.data.format import PackedDataset, write_reference_logps
+    from witscale.data.synthetic import make_preference_dataset
+    from witscale.data.weighting import build_weight_table
+    from witscale.training.dpo import reference_fingerprint, weight_table_record
+
+    a = _finished_sft_cell(tmp_path, "0.0", "1.0", tiny["config"], sp_model_path, seed=1, posix=1.0) / "hf"
+    b = _finished_sft_cell(tmp_path, "0.5", "1.0", tiny["config"], sp_model_path, seed=2, posix=1.0) / "hf"
+    shared = tmp_path / "pref"
+    manifest = make_preference_dataset(str(shared), sp_model_path, n=16, seq_len=128)
+    copy = tmp_path / "run" / "pref_data"
+
+    def dpo_sh(script: str) -> str:
+        env = cpu_env(PYTHON=PY, PROMPT_WEIGHT=0, RESPONSE_WEIGHT=1)
+        res = subprocess.run(["bash", "-c", f"set -uo pipefail; source slurm/common.sh; source slurm/dpo_common.sh; "
+                                            f"{script}"], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout + res.stderr
+        return res.stdout
+
+    dpo_sh(f"wit_dpo_link_data {shared} {copy}")
+    assert os.path.islink(copy / "tokens.bin") and not os.path.islink(copy / "manifest.json")
+    assert (PackedDataset(str(copy)).tokens[:] == PackedDataset(str(shared)).tokens[:]).all()
+    values = np.linspace(-9.0, -1.0, manifest["num_documents"])
+    write_reference_logps(str(copy), values, {"model": str(a), "fingerprint": reference_fingerprint(str(a)),
+                                              "weight_table": weight_table_record(build_weight_table(0.0, 1.0))})
+    assert "reference" not in json.loads((shared / "manifest.json").read_text())    # the shared data untouched
+    weights = a / "model.safetensors"
+    out = dpo_sh(f"wit_dpo_has_reference {copy} {a}; echo same=$?; "
+                 f"wit_dpo_has_reference {copy} {b}; echo other=$?; "                # another SFT cell, same shape
+                 f"PROMPT_WEIGHT=0.5 wit_dpo_has_reference {copy} {a}; echo weights=$?; "
+                 f"touch -d @$(( $(stat -c %Y {copy}/reference_logps.bin) + 60 )) {weights}; "   # re-exported
+                 f"wit_dpo_has_reference {copy} {a}; echo newer=$?; "
+                 f"wit_dpo_link_data {copy} {tmp_path}/run2/pref_data")
+    assert out.split() == ["same=0", "other=1", "weights=1", "newer=1"], out
+    # a copy of a dataset that has a reference starts without one
+    other = tmp_path / "run2" / "pref_data"
+    assert "reference" not in json.loads((other / "manifest.json").read_text())
+    assert not (other / "reference_logps.bin").exists()
