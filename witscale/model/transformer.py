@@ -27,6 +27,7 @@ from witscale.model.attention import BACKENDS, packed_attention, select_backend
 from witscale.model.config import ModelConfig
 from witscale.model.family import FamilySpec, family_spec
 from witscale.model.rope import RotaryEmbedding, apply_rope
+from witscale.parallel.comm import copy_to_tp
 from witscale.parallel.layers import (ColumnParallelLinear, ReplicatedKVHeadLinear, RowParallelLinear,
                                       VocabParallelEmbedding, VocabParallelLMHead, divide, kv_heads_replicated,
                                       sum_grad_over_tp, tp_size_rank)
@@ -112,12 +113,14 @@ class Attention(nn.Module):
         self.sliding_window = spec.layers[layer_index].sliding_window
         self.scale, self.softcap = spec.attn_scale, spec.attn_softcap
         self.backend = attention_backend
+        self.tp_group = tp_group
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.local_heads, self.head_dim)
-        k = self.k_proj(x).view(b, s, self.local_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, s, self.local_kv_heads, self.head_dim)
+        x = copy_to_tp(x, self.tp_group)        # once for q, k and v: one all-reduce of dL/dx in backward
+        q = self.q_proj(x, input_copied=True).view(b, s, self.local_heads, self.head_dim)
+        k = self.k_proj(x, input_copied=True).view(b, s, self.local_kv_heads, self.head_dim)
+        v = self.v_proj(x, input_copied=True).view(b, s, self.local_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -134,11 +137,13 @@ class MLP(nn.Module):
         self.up_proj = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, tp_group)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, tp_group)
         self.gelu = cfg.hidden_act == "gelu_pytorch_tanh"       # GeGLU (Gemma) instead of SwiGLU
+        self.tp_group = tp_group
 
     def forward(self, x):
-        gate = self.gate_proj(x)
+        x = copy_to_tp(x, self.tp_group)        # once for gate and up: one all-reduce of dL/dx in backward
+        gate = self.gate_proj(x, input_copied=True)
         gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
-        return self.down_proj(gate * self.up_proj(x))
+        return self.down_proj(gate * self.up_proj(x, input_copied=True))
 
 
 class DecoderLayer(nn.Module):

@@ -181,13 +181,14 @@ class ReplicatedKVHeadLinear(nn.Module):
         """Every rank holds the whole dense weight."""
         return slice(None), slice(None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, input_copied: bool = False) -> torch.Tensor:
+        """``input_copied``: the caller already passed ``x`` through ``copy_to_tp`` (ColumnParallelLinear)."""
         start, n = self.head * self.head_dim, self.local_heads * self.head_dim
         # clone(): autograd then saves only this head's rows for backward, not a view of the whole weight,
         # whose storage ZeRO-3 could then not free between forward and backward (a view keeps it alive).
         weight = sum_grad_over_tp(self.weight, self.tp_group).narrow(0, start, n).clone()
         bias = None if self.bias is None else sum_grad_over_tp(self.bias, self.tp_group).narrow(0, start, n)
-        return F.linear(copy_to_tp(x, self.tp_group), weight, bias)
+        return F.linear(x if input_copied else copy_to_tp(x, self.tp_group), weight, bias)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -212,8 +213,11 @@ class ColumnParallelLinear(nn.Module):
         rank, tp = _resolve(self.tp_group, rank, tp)
         return _block(self.out_features, rank, tp, "output size"), slice(None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(copy_to_tp(x, self.tp_group), self.weight, self.bias)
+    def forward(self, x: torch.Tensor, *, input_copied: bool = False) -> torch.Tensor:
+        """``input_copied``: the caller already passed ``x`` through ``copy_to_tp`` — layers that share one
+        input (q/k/v, gate/up) copy it once, so backward sums their input gradients locally and all-reduces
+        once per block instead of once per projection."""
+        y = F.linear(x if input_copied else copy_to_tp(x, self.tp_group), self.weight, self.bias)
         return gather_from_tp_last_dim(y, self.tp_group) if self.gather_output else y
 
 
