@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention", default="auto", metavar="BACKEND",
                    help="packed-attention backend (witscale/model/attention.py lists them); auto: torch's varlen "
                         "(FlashAttention-2) kernels on a bf16 GPU, sdpa_grouped (documents batched by length) "
-                        "on the CPU. All keep attention inside documents.")
+                        "on the CPU; with attention soft-capping (Gemma-2) flash_varlen or flex on a GPU, eager on the "
+                        "CPU. All keep attention inside documents.")
     g.add_argument("--dist-timeout", type=float, default=30.0, metavar="MINUTES",
                    help="collective timeout (NCCL/gloo) in minutes; a rank that fails ends the job at once "
                         "whatever this is (default 30: long enough for a 70B checkpoint write between barriers)")
