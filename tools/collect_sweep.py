@@ -426,7 +426,10 @@ def main(argv=None) -> int:
         written += ["sweep_grid.csv", "sweep_grid.md", "sweep_grid.png"]
     print(report)
     not_ok = [f"{c.name} ({c.status}{': ' + c.detail if c.detail else ''})" for c in table.cells if c.status != "ok"]
-    print(f"{len(cells)} cells, {len(table.metrics)} metrics; wrote {', '.join(written)} to {out}"
+    if dpo is not None:
+        not_ok += [f"dpo/{c.name} ({c.status}{': ' + c.detail if c.detail else ''})" for c in dpo.cells
+                   if c.status != "ok"]
+    print(f"{len(cells)} cells{f' (+ {len(dpo.cells)} DPO runs)' if dpo else ''}, {len(table.metrics)} metrics; wrote {', '.join(written)} to {out}"
           + (f"; not ok: {'; '.join(not_ok)}" if not_ok else ""))
     return 0
 
