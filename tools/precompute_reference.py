@@ -42,13 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the reference model: an HF directory (config.json + safetensors)")
     p.add_argument("--ds_config", "--ds-config", dest="ds_config", default=None,
                    help="DeepSpeed JSON of the layout (default ds_configs/zero0.json; zero3.json partitions the model)")
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree, as witscale/train.py --tp")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages, as witscale/train.py --pp (ZeRO-0/1 only)")
     p.add_argument("--micro-batch-size", type=int, default=1, help="packed rows per forward per rank")
     p.add_argument("--prompt-weight", type=float, default=0.0, help="λp of the loss tokens (DPO: 0)")
     p.add_argument("--response-weight", type=float, default=1.0, help="λr of the loss tokens (DPO: 1)")
     p.add_argument("--class-weights", default="", help="per-class overrides, as witscale/train.py takes them")
-    p.add_argument("--attention", default="auto")
+    p.add_argument("--attention", default="auto", metavar="BACKEND",
+                   help="packed-attention backend, as witscale/train.py --attention (default auto)")
     p.add_argument("--dist-timeout", type=float, default=30.0, metavar="MINUTES")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="INFO")
@@ -61,6 +62,7 @@ def plan(args, world_size: int):
     from witscale.data.loader import check_model_compat
     from witscale.data.weighting import build_weight_table, parse_class_weights
     from witscale.model import ModelConfig
+    from witscale.model.attention import check_backend_request
     from witscale.parallel.topology import LayoutError, ParallelDims
     from witscale.training.ds_config import DSConfigError, fill_ds_config, load_ds_config, zero_stage
 
@@ -86,6 +88,10 @@ def plan(args, world_size: int):
         check_model_compat(dataset.manifest, model_config, args.data)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"--model {args.model}: {e}") from None
+    try:
+        check_backend_request(args.attention, model_config.attn_logit_softcapping)
+    except ValueError as e:
+        raise UsageError(f"--attention {args.attention} with --model {args.model}: {e}") from None
     ds_path = args.ds_config or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                              "ds_configs", "zero0.json")
     if not os.path.isfile(ds_path):

@@ -216,7 +216,7 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
         if not ok:
             raise UsageError(f"{flag} {value} is out of range")
 
-    from witscale.model.attention import BACKENDS
+    from witscale.model.attention import BACKENDS, check_backend_request
     if cfg.attention not in BACKENDS:
         raise UsageError(f"--attention {cfg.attention}: unknown backend (known: {', '.join(BACKENDS)})")
     _require_file(cfg.data, "--data")
@@ -238,6 +238,10 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
         check_model_compat(dataset.manifest, model_config, cfg.data)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    try:
+        check_backend_request(cfg.attention, model_config.attn_logit_softcapping)
+    except ValueError as e:
+        raise UsageError(f"--attention {cfg.attention} with {config_path}: {e}") from None
     _check_objective(cfg, dataset, table)
 
     _require_file(cfg.ds_config, "--ds_config")
@@ -471,8 +475,7 @@ def _announce(plan: Plan, topo) -> None:
     else:
         log.info(f"loss weights per class: {describe_weight_table(plan.weight_table)}; "
                  f"normalization: {cfg.normalization}")
-    log.info(f"{len(plan.dataset)} packed rows of {plan.dataset.seq_len} tokens; {plan.steps_per_epoch} "
-             f"steps per epoch; training {plan.total_steps} steps")
+    log.info(epoch_summary(plan))
     with open(os.path.join(cfg.output_dir, "model_config.json"), "w", encoding="utf-8") as f:
         json.dump(plan.model_config.to_hf_dict(), f, indent=2)     # read by tools/export_hf.py
     with open(os.path.join(cfg.output_dir, "effective_config.json"), "w", encoding="utf-8") as f:
@@ -481,6 +484,18 @@ def _announce(plan: Plan, topo) -> None:
                    "total_steps": plan.total_steps,
                    "layout": {"world": plan.dims.world_size, "tp": plan.dims.tp, "pp": plan.dims.pp,
                               "dp": plan.dims.dp}}, f, indent=2, default=str)
+
+
+def epoch_summary(plan: Plan) -> str:
+    """Rows, steps per epoch and total steps; PackedLoader skips the remainder of each epoch that does not fill
+    a global batch, so that share is said too (it can be large on small data, e.g. DPO's --pairs-per-step)."""
+    cfg = plan.config
+    global_rows = cfg.micro_batch_size * cfg.grad_accum * plan.dims.dp
+    skipped = len(plan.dataset) - plan.steps_per_epoch * global_rows
+    remainder = (f" ({skipped} rows of each epoch skipped: they do not fill a global batch of {global_rows})"
+                 if skipped else "")
+    return (f"{len(plan.dataset)} packed rows of {plan.dataset.seq_len} tokens; {plan.steps_per_epoch} steps per "
+            f"epoch{remainder}; training {plan.total_steps} steps")
 
 
 def _add_file_log(path: str) -> None:

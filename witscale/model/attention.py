@@ -132,6 +132,17 @@ def checked_softcap(softcap: Optional[float]) -> Optional[float]:
     return float(softcap)
 
 
+
+def check_backend_request(requested: str, softcap: Optional[float]) -> None:
+    """The up-front part of select_backend, for the command lines (before any process group or model exists):
+    ValueError (one line) for an unknown backend, or one that cannot apply the model's attention soft-cap.
+    What depends on the device (CUDA, flash-attn, flex) is still checked by select_backend."""
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown attention backend {requested!r} (known: {', '.join(BACKENDS)})")
+    if checked_softcap(softcap) is not None and requested not in ("auto", *SOFTCAP_BACKENDS):
+        raise ValueError(f"attention backend {requested} cannot apply the model's attention soft-capping "
+                         f"(attn_logit_softcapping {softcap:g}); use one of auto, {', '.join(SOFTCAP_BACKENDS)}")
+
 @functools.lru_cache(maxsize=None)
 def _varlen_params(fn) -> frozenset:
     """The parameter names of this torch's varlen_attn (cached per function: inspect is slow)."""

@@ -216,6 +216,11 @@ def weight_table_record(table) -> list[float]:
     return [float(x) for x in table]
 
 
+def _table_text(table) -> str:
+    """A weight table for a message: float32 weights as written (0.1, not 0.10000000149011612)."""
+    return "[" + ", ".join(f"{float(x):.7g}" for x in table) + "]"
+
+
 def check_reference(manifest: dict, data_path: str, table, reference_model: Optional[str]) -> None:
     """Refuse (ValueError, one line) preference data whose reference log-probs cannot serve this run."""
     if manifest.get("task") != "preference":
@@ -229,8 +234,9 @@ def check_reference(manifest: dict, data_path: str, table, reference_model: Opti
                          f"{data_path} --model REFERENCE_HF_DIR first")
     stored = ref.get("weight_table")
     if stored is not None and [round(float(x), 9) for x in stored] != [round(float(x), 9) for x in table]:
-        raise ValueError(f"{data_path}: its reference log-probs were summed under class weights {stored}, this "
-                         f"run's are {weight_table_record(table)}: recompute them with the same weights")
+        raise ValueError(f"{data_path}: its reference log-probs were summed under class weights "
+                         f"{_table_text(stored)}, this run's are {_table_text(table)}: recompute them with the "
+                         f"same weights")
     if reference_model:
         mine = reference_fingerprint(reference_model)
         if ref.get("fingerprint") != mine:

@@ -1,0 +1,92 @@
+"""Command-line checks found by following the README as a user (no process group: validation only).
+
+- a requested --attention that cannot soft-cap a Gemma-2 model is one line before anything starts, in
+  witscale/train.py and tools/precompute_reference.py (it used to be a traceback at the first forward);
+- the reference/class-weight refusal prints float32 weights as given (0.1, not 0.10000000149011612);
+- the epoch summary says how many rows of each epoch are skipped (they do not fill a global batch).
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests import test_train_cli_operations as operations
+
+_args = operations._args
+run_inputs = operations.run_inputs      # the session fixture: packed data, a tiny Llama config, the tokenizer
+
+
+@pytest.fixture(scope="module")
+def gemma2_dir(tmp_path_factory, run_inputs):
+    """A Gemma-2 config.json with attention soft-capping, matching the test tokenizer (no weights needed:
+    validation reads only the config)."""
+    llama = json.load(open(run_inputs["config"]))
+    root = tmp_path_factory.mktemp("gemma2")
+    config = {"model_type": "gemma2", "vocab_size": llama["vocab_size"], "hidden_size": 32,
+              "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "head_dim": 8, "query_pre_attn_scalar": 8, "max_position_embeddings": 256, "sliding_window": 16,
+              "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+              "bos_token_id": llama["bos_token_id"], "eos_token_id": llama["eos_token_id"]}
+    (root / "config.json").write_text(json.dumps(config))
+    return str(root)
+
+
+def test_train_refuses_a_backend_that_cannot_soft_cap_up_front(run_inputs, gemma2_dir, tmp_path):
+    from witscale.train import UsageError, build_parser, plan_run
+    from witscale.training.config import RunConfig
+    args = dict(zip(*[iter(_args(run_inputs, tmp_path, 2))] * 2))
+    args.update({"--model-config": f"{gemma2_dir}/config.json", "--attention": "sdpa_grouped"})
+
+    def planned():
+        return plan_run(RunConfig.from_args(build_parser().parse_args([x for kv in args.items() for x in kv])), 1)
+
+    with pytest.raises(UsageError) as e:
+        planned()
+    assert str(e.value).startswith("--attention sdpa_grouped with ") and "\n" not in str(e.value), e.value
+    assert "cannot apply the model's attention soft-capping (attn_logit_softcapping 50)" in str(e.value), e.value
+    args["--attention"] = "eager"           # a capping backend passes validation
+    assert planned().config.attention == "eager"
+
+
+@pytest.mark.parametrize("backend,message", [
+    ("sdpa_segments", "cannot apply the model's attention soft-capping"),
+    ("nope", "unknown attention backend 'nope'"),
+])
+def test_precompute_reference_checks_the_backend_up_front(run_inputs, gemma2_dir, tmp_path, backend, message):
+    from tools.precompute_reference import UsageError, build_parser, plan
+    from witscale.data.synthetic import make_preference_dataset
+    data = str(tmp_path / "pref")
+    make_preference_dataset(data, run_inputs["tokenizer"], n=6, seq_len=160)
+    args = build_parser().parse_args(["--data", data, "--model", gemma2_dir, "--attention", backend])
+    with pytest.raises(UsageError, match=message):
+        plan(args, world_size=1)
+    args.attention = "auto"
+    assert plan(args, world_size=1)[1].attn_logit_softcapping == 50.0
+
+
+def test_weight_table_refusal_prints_the_weights_as_given():
+    from witscale.data.weighting import build_weight_table
+    from witscale.training.dpo import check_reference, weight_table_record
+    manifest = {"task": "preference", "reference": {"weight_table": weight_table_record(build_weight_table(0, 1))}}
+    with pytest.raises(ValueError) as e:
+        check_reference(manifest, "packed/uf", build_weight_table(0.1, 1.0), None)
+    assert "this run's are [0, 0.1, 0.1, 0.1, 1, 1, 1, 1, 0.1]" in str(e.value), e.value
+    assert "summed under class weights [0, 0, 0, 0, 1, 1, 1, 1, 0]" in str(e.value), e.value
+
+
+def test_epoch_summary_says_how_many_rows_are_skipped(run_inputs, tmp_path):
+    from witscale.train import build_parser, epoch_summary, plan_run
+    from witscale.training.config import RunConfig
+
+    def summary(micro, accum):
+        args = dict(zip(*[iter(_args(run_inputs, tmp_path, 2))] * 2))
+        args.update({"--micro-batch-size": str(micro), "--grad-accum": str(accum)})
+        args.pop("--max-steps")
+        plan = plan_run(RunConfig.from_args(build_parser().parse_args([x for kv in args.items() for x in kv])), 1)
+        return len(plan.dataset), plan.steps_per_epoch, epoch_summary(plan)
+
+    rows, steps, text = summary(1, 1)
+    assert steps == rows and "skipped" not in text, text
+    rows, steps, text = summary(1, rows - 1)            # one step per epoch, one row left over
+    assert steps == 1 and f"1 rows of each epoch skipped: they do not fill a global batch of {rows - 1}" in text
