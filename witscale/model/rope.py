@@ -68,10 +68,12 @@ def _yarn(inv_freq: torch.Tensor, head_dim: int, theta: float, scaling: dict) ->
     low, high = max(low, 0), min(high, head_dim - 1)
     if low == high:
         high += 0.001                                   # no zero-width ramp
-    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    # device="cpu" as in rope_parameters: a model built under torch.device("meta") (the offline export)
+    # still gets real frequencies
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     extrapolate = 1 - ramp
     # Written as transformers does (1 / (factor · θ^(2i/d))), so that the frequencies are bit-identical.
-    pos_freqs = theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    pos_freqs = theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim)
     interpolated = 1.0 / (factor * pos_freqs)
     return interpolated * (1 - extrapolate) + inv_freq * extrapolate, float(attention)
 
