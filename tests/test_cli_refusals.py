@@ -3,7 +3,8 @@
 - a requested --attention that cannot soft-cap a Gemma-2 model is one line before anything starts, in
   witscale/train.py and tools/precompute_reference.py (it used to be a traceback at the first forward);
 - the reference/class-weight refusal prints float32 weights as given (0.1, not 0.10000000149011612);
-- the epoch summary says how many rows of each epoch are skipped (they do not fill a global batch).
+- the epoch summary says how many rows of each epoch are skipped (they do not fill a global batch);
+- the export log does not call generation_config.json a tokenizer file.
 """
 from __future__ import annotations
 
@@ -90,3 +91,31 @@ def test_epoch_summary_says_how_many_rows_are_skipped(run_inputs, tmp_path):
     assert steps == rows and "skipped" not in text, text
     rows, steps, text = summary(1, rows - 1)            # one step per epoch, one row left over
     assert steps == 1 and f"1 rows of each epoch skipped: they do not fill a global batch of {rows - 1}" in text
+
+
+def test_export_log_does_not_call_generation_config_a_tokenizer(tmp_path, caplog):
+    """A model directory with generation_config.json and no tokenizer (a model saved by transformers without
+    one): the export log said 'tokenizer files: generation_config.json'."""
+    import logging
+
+    import torch
+    from witscale.model import ModelConfig
+    from witscale.training.export import write_hf_dir
+    cfg = ModelConfig.from_dict({"model_type": "llama", "vocab_size": 8, "hidden_size": 4, "intermediate_size": 8,
+                                 "num_hidden_layers": 1, "num_attention_heads": 1, "max_position_embeddings": 8,
+                                 "tie_word_embeddings": True})
+    state = {"model.embed_tokens.weight": torch.zeros(8, 4), "model.norm.weight": torch.ones(4),
+             "model.layers.0.input_layernorm.weight": torch.ones(4),
+             "model.layers.0.post_attention_layernorm.weight": torch.ones(4),
+             **{f"model.layers.0.self_attn.{p}_proj.weight": torch.zeros(4, 4) for p in "qkvo"},
+             "model.layers.0.mlp.gate_proj.weight": torch.zeros(8, 4),
+             "model.layers.0.mlp.up_proj.weight": torch.zeros(8, 4),
+             "model.layers.0.mlp.down_proj.weight": torch.zeros(4, 8)}
+    src = tmp_path / "model"
+    src.mkdir()
+    (src / "generation_config.json").write_text("{}")
+    with caplog.at_level(logging.INFO, logger="witscale"):
+        write_hf_dir(state, cfg, str(tmp_path / "out"), str(src))
+    line = [r.getMessage() for r in caplog.records if "exported HF model" in r.getMessage()][-1]
+    assert f"tokenizer files: none in {src} (give --tokenizer), generation_config.json)" in line, line
+    assert (tmp_path / "out" / "generation_config.json").exists()

@@ -81,8 +81,12 @@ def _writer(model_config, out_dir: str, dtype, max_shard_size):
 def _finish(writer, out_dir: str, tokenizer_src: Optional[str], n: int, dtype) -> None:
     copied = copy_tokenizer_files(tokenizer_src, writer.tmp_dir)
     writer.commit()
-    log.info(f"exported HF model to {out_dir} ({n} tensors, {str(dtype).replace('torch.', '')}; "
-             f"tokenizer files: {', '.join(copied) or 'none'})")
+    # generation_config.json travels with the tokenizer files but is none: a directory without any says so
+    tokenizer = [name for name in copied if name != "generation_config.json"]
+    extra = ", generation_config.json" if len(tokenizer) < len(copied) else ""
+    none = (f"none in {tokenizer_src}" if tokenizer_src else "none") + " (give --tokenizer)"
+    log.info(f"exported HF model to {out_dir} ({n} tensors, {str(dtype).replace('torch.', '')}; tokenizer files: "
+             f"{', '.join(tokenizer) or none}{extra})")
 
 
 def write_hf_dir(state: dict[str, torch.Tensor], model_config, out_dir: str, tokenizer_src: Optional[str],
