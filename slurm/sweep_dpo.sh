@@ -53,35 +53,9 @@ PREF_DATA=$(cd "$PREF_DATA" 2>/dev/null && pwd) || die "$PREF_DATA: no such dire
 DPO_DIR=$SWEEP_DIR/dpo
 export SWEEP_DIR PREF_DATA
 
-# Evaluation requested? (any input for slurm/evaluate_cell.sh)
-wants_eval() { [ -n "${EVAL_POSIX:-}${EVAL_TASKS:-}${EVAL_ALPACA_EVAL:-}${EVAL_MT_BENCH:-}" ]; }
-
-# Submit the evaluation array of the DPO cells (each after its own DPO run: aftercorr) and the report job
-# (after everything) for the DPO array $1; further arguments are sbatch flags. Prints the job ids.
-submit_followups() {
-    local dpo=$1 home py eval_id="" report_dep report_id
-    shift
-    home=${WITSCALE_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}
-    py=${PYTHON:-}
-    [ -n "$py" ] || { if [ -x "$home/.venv/bin/python" ]; then py=$home/.venv/bin/python; else py=python3; fi; }
-    local -a eval_args report_args
-    read -r -a eval_args <<<"${EVAL_SBATCH_ARGS:-}"
-    read -r -a report_args <<<"${REPORT_SBATCH_ARGS:-}"
-    report_dep=afterany:$dpo
-    if wants_eval; then
-        # evaluate_cell.sh's cells are those of its SWEEP_DIR: the DPO grid
-        eval_id=$(SWEEP_DIR=$DPO_DIR sbatch --parsable --job-name=wit-dpo-eval --array="0-$((${#CELLS[@]} - 1))%${MAX_PARALLEL:-8}" \
-            --dependency="aftercorr:$dpo" --kill-on-invalid-dep=yes "$@" "${eval_args[@]}" \
-            "$home/slurm/evaluate_cell.sh") || { echo "sweep_dpo.sh: submitting the evaluation failed" >&2; return 1; }
-        eval_id=${eval_id%%;*}
-        report_dep=$report_dep:$eval_id
-    fi
-    report_id=$(sbatch --parsable --job-name=wit-dpo-report --dependency="$report_dep" --nodes=1 --ntasks=1 \
-        --time=0:30:00 "$@" "${report_args[@]}" \
-        --wrap "cd '$home' && '$py' tools/collect_sweep.py '$SWEEP_DIR'") ||
-        { echo "sweep_dpo.sh: submitting the report job failed" >&2; return 1; }
-    echo "${eval_id:--} ${report_id%%;*}"
-}
+# wants_eval, submit_followups: the evaluation array and the report job after the training array
+# shellcheck source=slurm/followups.sh
+source "${WITSCALE_HOME:-${SLURM_SUBMIT_DIR:-.}}/slurm/followups.sh"
 
 if [ -z "${SLURM_ARRAY_TASK_ID:-}" ]; then
     # Submit mode: one DPO task per SFT cell, in the SFT array's order (so that aftercorr pairs task k with k).
@@ -100,7 +74,7 @@ if [ -z "${SLURM_ARRAY_TASK_ID:-}" ]; then
     dpo_id=$(sbatch --parsable --hold --array="0-$((${#CELLS[@]} - 1))%${MAX_PARALLEL:-8}" "${AFTER[@]}" "${SHARED[@]}" "$0")
     dpo_id=${dpo_id%%;*}
     touch "$DPO_DIR/.followups-$dpo_id"            # the DPO tasks must not submit them again
-    followups=$(submit_followups "$dpo_id" "${SHARED[@]}") || followups=""
+    followups=$(submit_followups "$dpo_id" "$DPO_DIR" wit-dpo "${SHARED[@]}") || followups=""
     scontrol release "$dpo_id"
     [ -n "$followups" ] || { echo "sweep_dpo.sh: DPO array $dpo_id submitted, but not its evaluation/report jobs" >&2; exit 1; }
     read -r eval_id report_id <<<"$followups"
@@ -120,7 +94,7 @@ if [ -n "${SLURM_ARRAY_JOB_ID:-}" ] && [ ! -e "$DPO_DIR/.followups-$SLURM_ARRAY_
     mkdir "$DPO_DIR/.followups-$SLURM_ARRAY_JOB_ID.lock" 2>/dev/null; then
     cp "$SWEEP_DIR/cells.txt" "$DPO_DIR/cells.txt"
     mapfile -t CELLS < "$DPO_DIR/cells.txt"
-    if followups=$(submit_followups "$SLURM_ARRAY_JOB_ID"); then
+    if followups=$(submit_followups "$SLURM_ARRAY_JOB_ID" "$DPO_DIR" wit-dpo); then
         echo "[witscale-slurm] submitted evaluation array and report job: $followups"
     else
         echo "[witscale-slurm] warning: could not submit the evaluation/report jobs" >&2

@@ -74,36 +74,9 @@ sweep_cells() {
 mapfile -t CELLS < <(sweep_cells)
 [ "${#CELLS[@]}" -gt 0 ] || { echo "sweep_weights.sh: no cells" >&2; exit 2; }
 
-# Evaluation requested? (any input for slurm/evaluate_cell.sh)
-wants_eval() { [ -n "${EVAL_POSIX:-}${EVAL_TASKS:-}${EVAL_ALPACA_EVAL:-}${EVAL_MT_BENCH:-}" ]; }
-
-# Submit the evaluation array (each task after its own cell's training: aftercorr) and the report job (after
-# everything: afterany) for the training array $1; further arguments are sbatch flags. Prints the job ids.
-submit_followups() {
-    local train=$1 home py eval_id="" report_dep
-    shift
-    home=${WITSCALE_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}
-    py=${PYTHON:-}
-    [ -n "$py" ] || { if [ -x "$home/.venv/bin/python" ]; then py=$home/.venv/bin/python; else py=python3; fi; }
-    local -a eval_args report_args
-    read -r -a eval_args <<<"${EVAL_SBATCH_ARGS:-}"
-    read -r -a report_args <<<"${REPORT_SBATCH_ARGS:-}"
-    report_dep=afterany:$train
-    if wants_eval; then
-        eval_id=$(sbatch --parsable --array="0-$((${#CELLS[@]} - 1))%${MAX_PARALLEL:-8}" \
-            --dependency="aftercorr:$train" --kill-on-invalid-dep=yes "$@" "${eval_args[@]}" \
-            "$home/slurm/evaluate_cell.sh") || { echo "sweep_weights.sh: submitting the evaluation failed" >&2; return 1; }
-        eval_id=${eval_id%%;*}
-        report_dep=$report_dep:$eval_id
-    fi
-    local report_id
-    report_id=$(sbatch --parsable --job-name=wit-report --dependency="$report_dep" --nodes=1 --ntasks=1 \
-        --time=0:30:00 "$@" "${report_args[@]}" \
-        --wrap "cd '$home' && '$py' tools/collect_sweep.py '$SWEEP_DIR'") ||
-        { echo "sweep_weights.sh: submitting the report job failed" >&2; return 1; }
-    report_id=${report_id%%;*}
-    echo "${eval_id:--} ${report_id}"
-}
+# wants_eval, submit_followups: the evaluation array and the report job after the training array
+# shellcheck source=slurm/followups.sh
+source "${WITSCALE_HOME:-${SLURM_SUBMIT_DIR:-.}}/slurm/followups.sh"
 
 if [ -z "${SLURM_ARRAY_TASK_ID:-}" ]; then
     # Submit mode: an array exactly as large as the cell list (sbatch flags given here take precedence),
@@ -117,7 +90,7 @@ if [ -z "${SLURM_ARRAY_TASK_ID:-}" ]; then
     train_id=$(sbatch --parsable --hold --array="0-$((${#CELLS[@]} - 1))%${MAX_PARALLEL:-8}" "${SHARED[@]}" "$0")
     train_id=${train_id%%;*}
     touch "$SWEEP_DIR/.followups-$train_id"            # the training tasks must not submit them again
-    followups=$(submit_followups "$train_id" "${SHARED[@]}") || followups=""
+    followups=$(submit_followups "$train_id" "$SWEEP_DIR" wit "${SHARED[@]}") || followups=""
     scontrol release "$train_id"
     if [ -z "$followups" ]; then
         echo "sweep_weights.sh: training array $train_id submitted, but not its evaluation/report jobs: submit" \
@@ -145,7 +118,7 @@ mkdir -p "$SWEEP_DIR"
 if [ -n "${SLURM_ARRAY_JOB_ID:-}" ] && [ ! -e "$SWEEP_DIR/.followups-$SLURM_ARRAY_JOB_ID" ] &&
     mkdir "$SWEEP_DIR/.followups-$SLURM_ARRAY_JOB_ID.lock" 2>/dev/null; then
     printf '%s\n' "${CELLS[@]}" >"$SWEEP_DIR/cells.txt"
-    if followups=$(submit_followups "$SLURM_ARRAY_JOB_ID"); then
+    if followups=$(submit_followups "$SLURM_ARRAY_JOB_ID" "$SWEEP_DIR" wit); then
         echo "[witscale-slurm] submitted evaluation array and report job: $followups"
     else
         echo "[witscale-slurm] warning: could not submit the evaluation/report jobs" >&2

@@ -1,0 +1,36 @@
+# shellcheck shell=bash
+# The jobs that follow a sweep's training array (sourced by slurm/sweep_weights.sh and slurm/sweep_dpo.sh, in
+# submit mode, before slurm/common.sh): the evaluation array — task k after training task k (aftercorr) — when
+# any evaluation input is set, and the report job (tools/collect_sweep.py) after everything (afterany).
+
+# Evaluation requested? (any input for slurm/evaluate_cell.sh)
+wants_eval() { [ -n "${EVAL_POSIX:-}${EVAL_TASKS:-}${EVAL_ALPACA_EVAL:-}${EVAL_MT_BENCH:-}" ]; }
+
+# submit_followups TRAIN_ARRAY_ID CELLS_DIR JOB_PREFIX [sbatch flags...]
+#   CELLS_DIR: the directory whose cells.txt the evaluation array walks (evaluate_cell.sh's SWEEP_DIR);
+#   the report always covers $SWEEP_DIR (the SFT sweep: it shows a DPO grid under it beside the SFT one).
+#   Uses CELLS (the array's cells) and MAX_PARALLEL. Prints "<eval id or -> <report id>".
+submit_followups() {
+    local train=$1 cells_dir=$2 prefix=$3 home py eval_id="" report_dep report_id
+    shift 3
+    home=${WITSCALE_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}
+    py=${PYTHON:-}
+    [ -n "$py" ] || { if [ -x "$home/.venv/bin/python" ]; then py=$home/.venv/bin/python; else py=python3; fi; }
+    local -a eval_args report_args
+    read -r -a eval_args <<<"${EVAL_SBATCH_ARGS:-}"
+    read -r -a report_args <<<"${REPORT_SBATCH_ARGS:-}"
+    report_dep=afterany:$train
+    if wants_eval; then
+        eval_id=$(SWEEP_DIR=$cells_dir sbatch --parsable --job-name="$prefix-eval" \
+            --array="0-$((${#CELLS[@]} - 1))%${MAX_PARALLEL:-8}" \
+            --dependency="aftercorr:$train" --kill-on-invalid-dep=yes "$@" "${eval_args[@]}" \
+            "$home/slurm/evaluate_cell.sh") || { echo "$prefix: submitting the evaluation failed" >&2; return 1; }
+        eval_id=${eval_id%%;*}
+        report_dep=$report_dep:$eval_id
+    fi
+    report_id=$(sbatch --parsable --job-name="$prefix-report" --dependency="$report_dep" --nodes=1 --ntasks=1 \
+        --time=0:30:00 "$@" "${report_args[@]}" \
+        --wrap "cd '$home' && '$py' tools/collect_sweep.py '$SWEEP_DIR'") ||
+        { echo "$prefix: submitting the report job failed" >&2; return 1; }
+    echo "${eval_id:--} ${report_id%%;*}"
+}
