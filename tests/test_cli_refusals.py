@@ -119,3 +119,19 @@ def test_export_log_does_not_call_generation_config_a_tokenizer(tmp_path, caplog
     line = [r.getMessage() for r in caplog.records if "exported HF model" in r.getMessage()][-1]
     assert f"tokenizer files: none in {src} (give --tokenizer), generation_config.json)" in line, line
     assert (tmp_path / "out" / "generation_config.json").exists()
+
+
+def test_a_refused_model_config_names_its_file_once(run_inputs, gemma2_dir, tmp_path):
+    """ModelConfig.from_json_file already names the file; train.py printed it twice ('F: F: …')."""
+    from witscale.train import UsageError, build_parser, plan_run
+    from witscale.training.config import RunConfig
+    config = json.load(open(f"{gemma2_dir}/config.json"))
+    config.update(model_type="gemma3_text")        # Gemma-3 with an attention soft-cap: refused
+    path = str(tmp_path / "gemma3_capped.json")
+    with open(path, "w") as f:
+        json.dump(config, f)
+    args = dict(zip(*[iter(_args(run_inputs, tmp_path, 2))] * 2))
+    args["--model-config"] = path
+    with pytest.raises(UsageError) as e:
+        plan_run(RunConfig.from_args(build_parser().parse_args([x for kv in args.items() for x in kv])), 1)
+    assert str(e.value).count(path) == 1 and "attn_logit_softcapping" in str(e.value), e.value

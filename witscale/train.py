@@ -233,7 +233,8 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
     try:
         model_config = ModelConfig.from_json_file(config_path)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"{config_path}: {e}") from None
+        message = str(e)                # from_json_file's ValueErrors already name the file
+        raise UsageError(message if message.startswith(config_path) else f"{config_path}: {message}") from None
     try:
         check_model_compat(dataset.manifest, model_config, cfg.data)
     except ValueError as e:
