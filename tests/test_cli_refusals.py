@@ -135,3 +135,12 @@ def test_a_refused_model_config_names_its_file_once(run_inputs, gemma2_dir, tmp_
     with pytest.raises(UsageError) as e:
         plan_run(RunConfig.from_args(build_parser().parse_args([x for kv in args.items() for x in kv])), 1)
     assert str(e.value).count(path) == 1 and "attn_logit_softcapping" in str(e.value), e.value
+
+
+def test_precompute_reference_warns_when_it_replaces_another_models_log_probs():
+    from tools.precompute_reference import replacement_notice
+    stored = {"reference": {"model": "/runs/sft-a/hf", "fingerprint": "a" * 64}}
+    assert replacement_notice({}, "b" * 64) is None                    # none yet
+    assert replacement_notice(stored, "a" * 64) is None                # the same model again (a requeue)
+    notice = replacement_notice(stored, "b" * 64)
+    assert notice.startswith("replacing the reference log-probs of /runs/sft-a/hf (fingerprint aaaaaaaaaaaa)")

@@ -143,6 +143,17 @@ def reference_pass(trainer, loader, dataset, topo, micro_batch_size: int):
     return np.concatenate(ids), np.concatenate(values)
 
 
+def replacement_notice(manifest: dict, fingerprint: str) -> str | None:
+    """A warning when the dataset already holds another model's reference log-probs (a dataset holds one: a
+    DPO run against that model would now be refused or, without --reference-model, use these ones)."""
+    old = manifest.get("reference") or {}
+    if not old or old.get("fingerprint") == fingerprint:
+        return None
+    return (f"replacing the reference log-probs of {old.get('model', 'another model')} (fingerprint "
+            f"{str(old.get('fingerprint'))[:12]}) in this dataset: each reference model needs its own copy of "
+            f"the data")
+
+
 def run(args) -> str:
     import numpy as np
     import torch
@@ -193,6 +204,9 @@ def run(args) -> str:
                 "weight_table": weight_table_record(table),
                 "layout": {"dp": dims.dp, "tp": dims.tp, "pp": dims.pp},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        notice = replacement_notice(dataset.manifest, fingerprint)
+        if notice:
+            log.warning(notice)
         write_reference_logps(args.data, full, meta)
         where = args.data
         log.info(f"reference log-probs of {num_docs} completions written to {args.data} "
