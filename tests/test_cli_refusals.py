@@ -144,3 +144,54 @@ def test_precompute_reference_warns_when_it_replaces_another_models_log_probs():
     assert replacement_notice(stored, "a" * 64) is None                # the same model again (a requeue)
     notice = replacement_notice(stored, "b" * 64)
     assert notice.startswith("replacing the reference log-probs of /runs/sft-a/hf (fingerprint aaaaaaaaaaaa)")
+
+
+def test_dpo_only_flags_are_refused_for_sft_and_the_learning_rate_follows_the_objective(run_inputs, tmp_path):
+    """--beta/--dpo-loss/--label-smoothing/--reference-model on an SFT run were silently ignored, and
+    --objective dpo without the preset kept SFT's 2e-5 (40× the paper's DPO rate)."""
+    from witscale.train import UsageError, build_parser, plan_run
+    from witscale.training.config import RunConfig
+    base = dict(zip(*[iter(_args(run_inputs, tmp_path, 2))] * 2))
+
+    def planned(**extra):
+        args = dict(base, **extra)
+        return plan_run(RunConfig.from_args(build_parser().parse_args([x for kv in args.items() for x in kv])), 1)
+
+    base.pop("--lr", None)            # _args sets one
+    assert planned().config.lr == 2e-5 and planned().config.beta is None
+    for flag, value in (("--beta", "0.2"), ("--dpo-loss", "ipo"), ("--label-smoothing", "0.1"),
+                        ("--reference-model", str(tmp_path))):
+        with pytest.raises(UsageError) as e:
+            planned(**{flag: value})
+        assert str(e.value) == f"{flag} apply to --objective dpo only", e.value
+    cfg = RunConfig(data="d", output_dir="o", ds_config="c", objective="dpo")
+    assert (cfg.lr, cfg.beta, cfg.dpo_loss, cfg.label_smoothing) == (5e-7, 0.1, "sigmoid", 0.0)
+    explicit = RunConfig(data="d", output_dir="o", ds_config="c", objective="dpo", lr=1e-6, beta=0.3)
+    assert (explicit.lr, explicit.beta) == (1e-6, 0.3)
+
+
+def test_dpo_reference_must_come_from_the_starting_model_unless_another_is_named(tmp_path):
+    """Without --reference-model the data's reference log-probs are checked against --model (DPO's usual
+    start: the SFT model is the reference); they were not checked at all."""
+    from safetensors.torch import save_file
+    import torch
+    from witscale.data.weighting import build_weight_table
+    from witscale.training.dpo import check_reference, reference_fingerprint, weight_table_record
+
+    def model(name, value):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text('{"model_type": "llama"}')
+        save_file({"w": torch.full((64, 64), value)}, str(d / "model.safetensors"))
+        return str(d)
+    sft, other = model("sft", 1.0), model("other", 2.0)
+    table = build_weight_table(0, 1)
+    manifest = {"task": "preference", "reference": {"weight_table": weight_table_record(table), "model": sft,
+                                                    "fingerprint": reference_fingerprint(sft)}}
+    check_reference(manifest, "packed/uf", table, None, policy_model=sft)
+    with pytest.raises(ValueError) as e:
+        check_reference(manifest, "packed/uf", table, None, policy_model=other)
+    assert f"not --model {other}" in str(e.value) and "pass --reference-model DIR" in str(e.value), e.value
+    check_reference(manifest, "packed/uf", table, sft, policy_model=other)     # a named reference wins
+    with pytest.raises(ValueError, match="not --reference-model"):
+        check_reference(manifest, "packed/uf", table, other, policy_model=sft)

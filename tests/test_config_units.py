@@ -84,7 +84,7 @@ def _cfg(**kw):
     (8, 1, 2, 3, _cfg(), "ZeRO stage 3 cannot be combined with pipeline"),
     (8, 1, 2, 2, _cfg(), "ZeRO stage 2 cannot be combined with pipeline"),
     (6, 3, 1, 0, _cfg(num_attention_heads=8), "--tp 3 does not divide the model's attention heads"),
-    (8, 8, 1, 0, _cfg(num_attention_heads=16, num_key_value_heads=4), "key/value heads"),
+    (8, 8, 1, 0, _cfg(num_attention_heads=24, num_key_value_heads=3), "key/value heads"),
     (4, 4, 1, 0, _cfg(num_attention_heads=8, num_key_value_heads=8, intermediate_size=130), "intermediate size"),
     (8, 1, 8, 1, _cfg(num_hidden_layers=4), "--pp 8 exceeds the model's 4 layers"),
 ])

@@ -94,27 +94,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sft: the weighted token loss (default); dpo: Direct Preference Optimization on a "
                         "preference dataset (pack_dataset.py --task preference) whose reference log-probs "
                         "tools/precompute_reference.py has written")
-    g.add_argument("--beta", type=float, default=0.1, help="DPO: β, the strength of the KL penalty (default 0.1)")
-    g.add_argument("--dpo-loss", choices=("sigmoid", "ipo"), default="sigmoid",
+    g.add_argument("--beta", type=float, default=None, help="DPO: β, the strength of the KL penalty (default 0.1)")
+    g.add_argument("--dpo-loss", choices=("sigmoid", "ipo"), default=None,
                    help="DPO: sigmoid (−log σ(β·margin), the DPO paper's) or ipo ((margin − 1/(2β))², on "
-                        "summed log-probs)")
-    g.add_argument("--label-smoothing", type=float, default=0.0,
-                   help="DPO sigmoid: ε in [0, 0.5), the assumed rate of flipped preference labels (cDPO)")
+                        "summed log-probs); default sigmoid")
+    g.add_argument("--label-smoothing", type=float, default=None,
+                   help="DPO sigmoid: ε in [0, 0.5), the assumed rate of flipped preference labels (cDPO); default 0")
     g.add_argument("--reference-model", default=None, metavar="DIR",
-                   help="DPO: the reference (SFT) HF directory; refused if the data's reference log-probs "
-                        "were computed with another model")
+                   help="DPO: the reference (SFT) HF directory, when it is not --model; the data's reference "
+                        "log-probs must come from it (default: from --model, the usual DPO start)")
     g.add_argument("--pairs-per-step", type=int, default=None, metavar="N",
                    help="DPO: choose --grad-accum so that a step holds about N pairs (from the data's mean "
                         "pairs per row); the loss is divided by the exact pair count of each step")
     g.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="documented defaults; explicit flags override them. dpo-paper: --objective dpo "
-                        "--lr 5e-7 --weight-decay 0 --warmup-ratio 0.1 --epochs 2 --beta 0.1 --pairs-per-step 32")
+                        "--lr 5e-7 --weight-decay 0 --warmup-ratio 0.1 --epochs 2 --beta 0.1 --dpo-loss sigmoid "
+                        "--pairs-per-step 32")
 
     g = p.add_argument_group("optimization")
     g.add_argument("--micro-batch-size", type=int, default=1, help="packed rows per micro-batch per rank")
     g.add_argument("--grad-accum", type=int, default=None,
                    help="micro-batches per optimizer step per rank (default 1, or from --pairs-per-step)")
-    g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (paper: 2e-5; 5e-6 for Mistral-7B)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: the paper's 2e-5 for sft — 5e-6 for Mistral-7B — and 5e-7 "
+                        "for dpo)")
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.999))
     g.add_argument("--adam-eps", type=float, default=1e-8)
@@ -315,8 +318,11 @@ def _check_objective(cfg: RunConfig, dataset, table, flag: str = "--data") -> No
     if cfg.objective == "sft":
         if task == "preference":
             raise UsageError(f"{flag} {path} is a preference dataset: train it with --objective dpo")
-        if cfg.pairs_per_step is not None:
-            raise UsageError("--pairs-per-step applies to --objective dpo only")
+        given = [flag for flag, value in (("--pairs-per-step", cfg.pairs_per_step), ("--beta", cfg.beta),
+                                          ("--dpo-loss", cfg.dpo_loss), ("--label-smoothing", cfg.label_smoothing),
+                                          ("--reference-model", cfg.reference_model)) if value is not None]
+        if given:       # refused rather than ignored: the user meant something
+            raise UsageError(f"{', '.join(given)} apply to --objective dpo only")
         return
     from witscale.training.dpo import check_reference
     try:
@@ -324,7 +330,7 @@ def _check_objective(cfg: RunConfig, dataset, table, flag: str = "--data") -> No
     except ValueError as e:
         raise UsageError(str(e)) from None
     try:
-        check_reference(dataset.manifest, path, table, cfg.reference_model)
+        check_reference(dataset.manifest, path, table, cfg.reference_model, policy_model=cfg.model)
     except (OSError, ValueError) as e:
         raise UsageError(f"{flag} {e}") from None
 

@@ -11,6 +11,10 @@ from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 
+DEFAULT_LR = {"sft": 2e-5, "dpo": 5e-7}      # the paper's learning rates for SFT and for DPO
+DPO_DEFAULTS = {"beta": 0.1, "dpo_loss": "sigmoid", "label_smoothing": 0.0}
+
+
 @dataclass(frozen=True)
 class RunConfig:
     # data and model
@@ -26,16 +30,18 @@ class RunConfig:
     normalization: str = "nonzero"
     # objective (docs/objective.md#dpo): 'sft' (the weighted token loss) or 'dpo' on preference pairs
     objective: str = "sft"
-    beta: float = 0.1
-    dpo_loss: str = "sigmoid"              # sigmoid | ipo
-    label_smoothing: float = 0.0
+    # DPO-only settings: None = not given; filled with DPO_DEFAULTS for DPO, left None for SFT (where
+    # train.py refuses any that was given rather than ignore it)
+    beta: Optional[float] = None
+    dpo_loss: Optional[str] = None         # sigmoid | ipo
+    label_smoothing: Optional[float] = None
     reference_model: Optional[str] = None  # checked against the data's reference fingerprint
     pairs_per_step: Optional[int] = None   # DPO: choose --grad-accum for about this many pairs per step
     preset: Optional[str] = None           # recorded only: its values are already in the fields above
     # optimization
     micro_batch_size: int = 1
     grad_accum: Optional[int] = 1          # None only until plan_run resolves --pairs-per-step
-    lr: float = 2e-5
+    lr: Optional[float] = None             # None: DEFAULT_LR of the objective
     weight_decay: float = 0.1
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
@@ -65,6 +71,15 @@ class RunConfig:
     attention: str = "auto"
     dist_timeout: float = 30.0
     log_level: str = "INFO"
+
+    def __post_init__(self):
+        # Defaults that depend on the objective (frozen: set through object.__setattr__, once, here).
+        if self.lr is None:
+            object.__setattr__(self, "lr", DEFAULT_LR.get(self.objective, DEFAULT_LR["sft"]))
+        if self.objective == "dpo":
+            for key, default in DPO_DEFAULTS.items():
+                if getattr(self, key) is None:
+                    object.__setattr__(self, key, default)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "RunConfig":

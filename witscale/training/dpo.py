@@ -221,8 +221,11 @@ def _table_text(table) -> str:
     return "[" + ", ".join(f"{float(x):.7g}" for x in table) + "]"
 
 
-def check_reference(manifest: dict, data_path: str, table, reference_model: Optional[str]) -> None:
-    """Refuse (ValueError, one line) preference data whose reference log-probs cannot serve this run."""
+def check_reference(manifest: dict, data_path: str, table, reference_model: Optional[str],
+                    policy_model: Optional[str] = None) -> None:
+    """Refuse (ValueError, one line) preference data whose reference log-probs cannot serve this run: they
+    must come from ``reference_model`` when given, else from ``policy_model`` (DPO's usual start: the SFT
+    model is both the initial policy and the reference), checked by fingerprint."""
     if manifest.get("task") != "preference":
         task = manifest.get("task", "sft")
         kind = "an SFT" if task == "sft" else f"a {task!r}"
@@ -237,12 +240,14 @@ def check_reference(manifest: dict, data_path: str, table, reference_model: Opti
         raise ValueError(f"{data_path}: its reference log-probs were summed under class weights "
                          f"{_table_text(stored)}, this run's are {_table_text(table)}: recompute them with the "
                          f"same weights")
-    if reference_model:
-        mine = reference_fingerprint(reference_model)
+    expected, flag = (reference_model, "--reference-model") if reference_model else (policy_model, "--model")
+    if expected:
+        mine = reference_fingerprint(expected)
         if ref.get("fingerprint") != mine:
+            hint = "" if reference_model else " (a reference other than the starting model: pass --reference-model DIR)"
             raise ValueError(f"{data_path}: its reference log-probs come from {ref.get('model', 'another model')} "
-                             f"(fingerprint {str(ref.get('fingerprint'))[:12]}), not --reference-model "
-                             f"{reference_model} ({mine[:12]})")
+                             f"(fingerprint {str(ref.get('fingerprint'))[:12]}), not {flag} "
+                             f"{expected} ({mine[:12]}){hint}")
 
 
 def describe(settings: DPOSettings) -> str:
