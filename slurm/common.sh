@@ -233,7 +233,7 @@ wit_main() {
     while kill -0 "$WIT_LAUNCH_PID" 2>/dev/null; do wait "$WIT_LAUNCH_PID" || true; done
     local rc=0
     wait "$WIT_LAUNCH_PID" || rc=$?
-    if [ -n "$WIT_FORWARD_PID" ]; then kill "$WIT_FORWARD_PID" 2>/dev/null; wait "$WIT_FORWARD_PID" 2>/dev/null; fi
+    if [ -n "$WIT_FORWARD_PID" ]; then kill "$WIT_FORWARD_PID" 2>/dev/null || true; wait "$WIT_FORWARD_PID" 2>/dev/null || true; fi
 
     local saved=0    # did this run commit a checkpoint? (`latest` moves only once one is complete)
     if [ "$OUTPUT/checkpoints/latest" -nt "$WIT_STAMP" ]; then saved=1; fi

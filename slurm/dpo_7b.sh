@@ -18,13 +18,14 @@
 # The paper's defaults (variables, overridable): LR=5e-7, PAIRS_PER_STEP=32 (the trainer picks --grad-accum
 # from the data's mean pairs per row), WEIGHT_DECAY=0, WARMUP_RATIO=0.1, EPOCHS=2, BETA=0.1, DPO_LOSS=sigmoid
 # (or ipo), LABEL_SMOOTHING=0. PROMPT_WEIGHT=0 RESPONSE_WEIGHT=1: the standard DPO mask (response tokens
-# only). Everything else as in slurm/train_7b.sh: MICRO_BATCH, GRAD_ACCUM (overrides PAIRS_PER_STEP), MAX_STEPS,
+# only); CLASS_WEIGHTS=eot=0.5,… per-class overrides, for the reference pass and training alike. Everything else as in slurm/train_7b.sh: MICRO_BATCH, GRAD_ACCUM (overrides PAIRS_PER_STEP), MAX_STEPS,
 # SAVE_STEPS, EVAL_STEPS, TP, PP, DS_CONFIG, LAUNCHER, NPROC_PER_NODE, PYTHON, EXTRA_ARGS, WITSCALE_SITE_ENV …
 # 70B: sbatch --nodes=8 --signal=B:USR1@600 --time=48:00:00 slurm/dpo_7b.sh with ACTIVATION_CHECKPOINTING=on
 # SAVE_STEPS=100 (README, "Align with DPO").
 #
 # Preemption: as train_7b.sh — USR1 5 minutes before the time limit, the ranks checkpoint, the job requeues
-# and resumes from OUTPUT/checkpoints/latest without a second reference pass.
+# and resumes from OUTPUT/checkpoints/latest without a second reference pass. A USR1 during the reference
+# pass (no checkpoint there) stops it and requeues at once; the pass runs again.
 #
 #SBATCH --job-name=wit-dpo-7b
 #SBATCH --nodes=1

@@ -396,7 +396,7 @@ def test_cli_dpo_trains_evaluates_and_resumes_bit_exactly(pref, tmp_path):
     step2 = ref_out / "checkpoints" / "step_00000002"
     state = json.loads((step2 / "witscale_state.json").read_text())
     assert state["loader"]["epoch"] == 0 and state["loader"]["step_in_epoch"] == 2, "not mid-epoch"
-    code, log = _torchrun(_dpo_args(pref, out, 4, "--resume", str(step2)))
+    code, log = _torchrun(_dpo_args(pref, out, 4, "--resume", str(step2), "--reference-model", pref["reference"]))
     assert code == 0, log
     resumed = [json.loads(line) for line in open(out / "metrics.jsonl")]
     resumed = [r for r in resumed if "loss" in r]
@@ -408,7 +408,8 @@ def test_cli_dpo_trains_evaluates_and_resumes_bit_exactly(pref, tmp_path):
 
 def test_refusals_are_one_line(pref, tmp_path, capsys):
     """SFT data with --objective dpo, preference data without reference log-probs, another --reference-model,
-    other class weights than the reference's, preference data with --objective sft, bad β: each one line."""
+    other class weights than the reference's, preference data with --objective sft, bad β, a random-init
+    policy without --reference-model: each one line."""
     from witscale.data.format import TokenizedCorpus, write_packed
     from tests.test_train_cli_operations import _cli
 
@@ -417,7 +418,7 @@ def test_refusals_are_one_line(pref, tmp_path, capsys):
     write_packed(sft, TokenizedCorpus.from_documents([(rng.integers(3, 60, 9), np.full(9, R, np.uint8), None)
                                                      for _ in range(8)]), seq_len=SEQ, pad_id=0,
                  tokenizer={"vocab_size": TINY["vocab_size"]})
-    base = _dpo_args(pref, tmp_path / "out", 2)
+    base = _dpo_args(pref, tmp_path / "out", 2, "--reference-model", pref["reference"])
 
     def refused(*changes, drop=()):
         args = list(base)
@@ -442,6 +443,8 @@ def test_refusals_are_one_line(pref, tmp_path, capsys):
     assert "--label-smoothing applies to --dpo-loss sigmoid only" in refused("--dpo-loss", "ipo",
                                                                              "--label-smoothing", "0.1")
     assert "--eval-data" in refused("--eval-data", pref["no_reference"])
+    # a random-init policy (--model-config) and no --reference-model: nothing to check the log-probs against
+    assert "pass --model SFT_HF_DIR" in refused(drop=["--reference-model"])
 
 
 def test_preset_dpo_paper_takes_32_pairs_per_step(pref):
@@ -454,7 +457,7 @@ def test_preset_dpo_paper_takes_32_pairs_per_step(pref):
     def planned(*extra):
         args = build_parser().parse_args(["--ds_config", "ds_configs/zero3.json", "--data", pref["data"],
                                           "--model-config", pref["policy"], "--output-dir", "unused",
-                                          "--preset", "dpo-paper", *extra])
+                                          "--reference-model", pref["reference"], "--preset", "dpo-paper", *extra])
         return plan_run(RunConfig.from_args(args), world_size=2).config
 
     per_row = PackedDataset(pref["data"]).manifest["pairs_per_row"]

@@ -277,7 +277,7 @@ def test_write_reference_logps_is_atomic_and_recorded(tmp_path, monkeypatch):
     assert open(ref_file, "rb").read() == before
     assert sorted(os.listdir(ds.path)) == sorted(["manifest.json", "tokens.bin", "classes.bin", "doc_lengths.bin",
                                                   "row_offsets.bin", "doc_pair.bin", "doc_role.bin",
-                                                  "reference_logps.bin"])
+                                                  "reference_logps.bin", ".reference.lock"])
     assert "reference" not in PackedDataset(ds.path).manifest and PackedDataset(ds.path).reference_logps is None
 
     # a crash after the values, before the manifest names them: not used either
@@ -312,6 +312,73 @@ def test_write_reference_logps_is_atomic_and_recorded(tmp_path, monkeypatch):
         write_reference_logps(ds.path, [0, 0, float("nan"), 0, 0, 0], {})
 
 
+def test_reference_logps_are_tied_to_the_data_they_were_computed_on(tmp_path):
+    """The manifest records the data's content digest with the values: tokens (or document lengths) changed
+    under the same path afterwards — a re-pack, a run-private copy whose linked arrays were replaced — make
+    the values refused, in one line naming the dataset; rewriting them makes them valid again."""
+    from witscale.data.format import content_digest
+    ds = _hand_dataset(str(tmp_path / "ds"))
+    values = np.array([-1.0, -2, -3, -4, -5, -6])
+    m = write_reference_logps(ds.path, values, {"model": "ref-a"})
+    assert m["reference"]["data"] == content_digest(ds.path)
+    tokens = os.path.join(ds.path, "tokens.bin")
+    original = open(tokens, "rb").read()
+    changed = bytearray(original)
+    changed[4] ^= 1                                              # one token of the first row
+    with open(tokens, "wb") as f:
+        f.write(bytes(changed))
+    assert content_digest(ds.path) != m["reference"]["data"]
+    with pytest.raises(DataError, match="was computed on other data") as e:
+        PackedDataset(ds.path)
+    assert ds.path in str(e.value)
+    assert PackedDataset(ds.path, load_reference=False).reference_logps is None     # the packer's view still opens
+    write_reference_logps(ds.path, values, {"model": "ref-a"})
+    assert PackedDataset(ds.path).reference_logps.tolist() == values.tolist()
+    with open(tokens, "wb") as f:                                 # back to the old tokens: stale again
+        f.write(original)
+    with pytest.raises(DataError, match="was computed on other data"):
+        PackedDataset(ds.path)
+
+
+def test_content_digest_samples_large_arrays(tmp_path, monkeypatch):
+    """Above DIGEST_SAMPLES blocks a per-token array is sampled, not read whole; a change inside a sampled
+    block still changes the digest (and so does the array's size)."""
+    import witscale.data.format as fmt
+    monkeypatch.setattr(fmt, "DIGEST_SAMPLES", 4)
+    monkeypatch.setattr(fmt, "DIGEST_BLOCK", 8)
+    ds = _hand_dataset(str(tmp_path / "ds"))
+    tokens = os.path.join(ds.path, "tokens.bin")
+    assert os.path.getsize(tokens) > 4 * 8, "the hand dataset is too small to be sampled"
+    before = fmt.content_digest(ds.path)
+    data = bytearray(open(tokens, "rb").read())
+    data[-1] ^= 1                                                # the last block is always sampled
+    open(tokens, "wb").write(bytes(data))
+    assert fmt.content_digest(ds.path) != before
+
+
+def test_concurrent_reference_writers_take_turns(tmp_path):
+    """write_reference_logps holds the dataset's lock file for its whole three-step write: a second writer
+    (another job's reference pass) waits instead of interleaving its values with the first one's manifest."""
+    import fcntl
+    import threading
+    ds = _hand_dataset(str(tmp_path / "ds"))
+    values = np.array([-1.0, -2, -3, -4, -5, -6])
+    write_reference_logps(ds.path, values, {"model": "ref-a"})
+    fd = os.open(os.path.join(ds.path, ".reference.lock"), os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)                              # another writer in the middle of its write
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (write_reference_logps(ds.path, values - 1, {"model": "ref-b"}),
+                                              done.set()))
+    worker.start()
+    try:
+        assert not done.wait(1.0), "the second writer did not wait for the lock"
+        assert PackedDataset(ds.path).manifest["reference"]["model"] == "ref-a"
+    finally:
+        os.close(fd)                                            # released
+    worker.join(10)
+    assert done.is_set() and PackedDataset(ds.path).reference_logps.tolist() == (values - 1).tolist()
+
+
 def test_write_reference_logps_refuses_sft_data(tmp_path):
     out = str(tmp_path / "sft")
     write_packed(out, TokenizedCorpus.from_documents([(np.arange(4, dtype=np.int32), np.full(4, 4, np.uint8), None)]),
@@ -338,6 +405,10 @@ BAD_PAIRS = [
     ({"prompt": [_user(PROMPT), _assistant(GOOD)], "chosen": GOOD, "rejected": BAD},
      "the prompt ends with an assistant turn"),
     ("[1, 2]", "a record must be a JSON object, got list"),
+    ({"prompt": PROMPT, "chosen": GOOD, "rejected": BAD, "weight": 2.0}, "field 'weight': preference pairs take no "
+                                                                          "data weights"),
+    ({"prompt": PROMPT, "chosen": [_assistant(GOOD) | {"weight": 0.5}], "rejected": BAD},
+     "field 'chosen': message 1 has a 'weight'"),
 ]
 
 

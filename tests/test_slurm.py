@@ -389,7 +389,9 @@ def test_dpo_sweep_on_top_of_every_sft_cell(slurm_cluster, tiny, sp_model_path, 
 
 def test_dpo_7b_template_two_nodes_from_a_shared_preference_dataset(slurm_cluster, tiny, sp_model_path, tmp_path):
     """dpo_7b.sh as written on 2 nodes × 1 rank (ZeRO-3 dp=2): the reference pass under the same launcher into a
-    run-private copy of PREF_DATA, then DPO from the SFT model with the paper's preset, exported."""
+    run-private copy of PREF_DATA, then DPO from the SFT model with the paper's preset, exported. A preemption
+    warning (USR1 to the batch shell) during a long reference pass stops it and requeues the job at once; the
+    rerun does the pass and trains. CLASS_WEIGHTS reach the pass and training alike (else training refuses)."""
     import json
 
     import numpy as np
@@ -400,19 +402,31 @@ def test_dpo_7b_template_two_nodes_from_a_shared_preference_dataset(slurm_cluste
     make_preference_dataset(str(pref), sp_model_path, n=32, seq_len=128)
     out = tmp_path / "out"
     env = job_env(slurm_cluster, tiny, out, MAX_STEPS=3, PREF_DATA=pref, MODEL=sft / "hf", EXPORT_HF=out / "hf",
-                  PAIRS_PER_STEP=8, EXTRA_ARGS=f"--no-tensorboard --tokenizer {sp_model_path}")
+                  PAIRS_PER_STEP=8, EXTRA_ARGS=f"--no-tensorboard --tokenizer {sp_model_path}",
+                  CLASS_WEIGHTS="eot=0.5", WITSCALE_SLOW_REFERENCE=600)       # slow on the first attempt only
     for var in ("DATA", "GRAD_ACCUM", "PROMPT_WEIGHT", "MODEL_CONFIG", "LR"):
         env.pop(var, None)
     job = sbatch("slurm/dpo_7b.sh", env, tmp_path / "logs", "--nodes=2")
-    (rec,) = wait_job(job, env)
+    deadline = time.time() + 120
+    while "reference pass: " not in read_log(tmp_path / "logs"):
+        assert time.time() < deadline and job_records(job, env)[0]["JobState"] in ("PENDING", "RUNNING"), \
+            read_log(tmp_path / "logs")
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, check=True)
+    (rec,) = wait_job(job, env, timeout=360)
     log = read_log(tmp_path / "logs")
     assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", log
+    assert rec["Restarts"] == "1", log
+    assert "USR1 during the reference pass" in log and "requeueing" in log and "before training" in log, log
+    assert "reference pass stopped by SIGUSR1: nothing written" in log, log
     assert "reference pass: " in log and "2 node(s) × 1 rank(s), launcher torchrun" in log, log
     assert world_of(out) == 2
     effective = json.loads((out / "effective_config.json").read_text())
     assert json.dumps(effective).count("5e-07") >= 1, effective                 # the paper's lr (preset default)
     meta = json.loads((out / "pref_data" / "manifest.json").read_text())["reference"]
     assert os.path.realpath(meta["model"]) == os.path.realpath(sft / "hf") and meta["layout"]["dp"] == 2
+    from witscale.data.classes import CLASS_NAMES
+    assert meta["weight_table"][CLASS_NAMES.index("eot")] == 0.5            # CLASS_WEIGHTS reached the pass
     assert np.isfinite(np.fromfile(out / "pref_data" / "reference_logps.bin", dtype=np.float64)).all()
     rows = [r for r in read_metrics(out) if "reward_accuracy" in r]
     assert [r["step"] for r in rows] == [1, 2, 3] and abs(rows[0]["reward_margin"]) < 1e-6
@@ -421,8 +435,9 @@ def test_dpo_7b_template_two_nodes_from_a_shared_preference_dataset(slurm_cluste
 
 def test_dpo_reference_reuse_and_private_copies(tiny, sp_model_path, tmp_path):
     """slurm/dpo_common.sh without a cluster: a dataset's reference log-probs are reused only for the very
-    model (fingerprint and path, file times, class weights), and PREF_DATA copies link the shared arrays with
-    a manifest of their own, without reference."""
+    model (fingerprint and path, file times, class weights) and the very data, and PREF_DATA copies link the
+    shared arrays with a manifest of their own, without reference — kept across requeues, made again when the
+    source was re-packed, and never made over a directory that is not such a copy."""
     import json
 
     import numpy as np
@@ -438,12 +453,12 @@ def test_dpo_reference_reuse_and_private_copies(tiny, sp_model_path, tmp_path):
     manifest = make_preference_dataset(str(shared), sp_model_path, n=16, seq_len=128)
     copy = tmp_path / "run" / "pref_data"
 
-    def dpo_sh(script: str) -> str:
+    def dpo_sh(script: str, ok: bool = True) -> str:
         env = cpu_env(PYTHON=PY, PROMPT_WEIGHT=0, RESPONSE_WEIGHT=1)
         res = subprocess.run(["bash", "-c", f"set -uo pipefail; source slurm/common.sh; source slurm/dpo_common.sh; "
                                             f"{script}"], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
-        assert res.returncode == 0, res.stdout + res.stderr
-        return res.stdout
+        assert (res.returncode == 0) == ok, res.stdout + res.stderr
+        return res.stdout if ok else res.stdout + res.stderr
 
     dpo_sh(f"wit_dpo_link_data {shared} {copy}")
     assert os.path.islink(copy / "tokens.bin") and not os.path.islink(copy / "manifest.json")
@@ -456,11 +471,34 @@ def test_dpo_reference_reuse_and_private_copies(tiny, sp_model_path, tmp_path):
     out = dpo_sh(f"wit_dpo_has_reference {copy} {a}; echo same=$?; "
                  f"wit_dpo_has_reference {copy} {b}; echo other=$?; "                # another SFT cell, same shape
                  f"PROMPT_WEIGHT=0.5 wit_dpo_has_reference {copy} {a}; echo weights=$?; "
+                 f"CLASS_WEIGHTS=eot=0.5 wit_dpo_has_reference {copy} {a}; echo class_weights=$?; "
+                 f"wit_dpo_link_data {shared} {copy}; wit_dpo_has_reference {copy} {a}; echo relinked=$?; "  # requeue
                  f"touch -d @$(( $(stat -c %Y {copy}/reference_logps.bin) + 60 )) {weights}; "   # re-exported
                  f"wit_dpo_has_reference {copy} {a}; echo newer=$?; "
                  f"wit_dpo_link_data {copy} {tmp_path}/run2/pref_data")
-    assert out.split() == ["same=0", "other=1", "weights=1", "newer=1"], out
+    assert out.split() == ["same=0", "other=1", "weights=1", "class_weights=1", "relinked=0", "newer=1"], out
     # a copy of a dataset that has a reference starts without one
     other = tmp_path / "run2" / "pref_data"
     assert "reference" not in json.loads((other / "manifest.json").read_text())
     assert not (other / "reference_logps.bin").exists()
+
+    # the shared arrays changed in place under the copy's links: its log-probs are refused
+    tokens = shared / "tokens.bin"
+    original = tokens.read_bytes()
+    tokens.write_bytes(bytes([original[0] ^ 1]) + original[1:])
+    with pytest.raises(ValueError, match="was computed on other data"):
+        PackedDataset(str(copy))
+    tokens.write_bytes(original)
+    assert PackedDataset(str(copy)).reference_logps is not None
+    # the source re-packed (its manifest changed): a requeued run makes a new copy, without the old log-probs
+    source = json.loads((shared / "manifest.json").read_text())
+    (shared / "manifest.json").write_text(json.dumps(dict(source, template="another")))
+    log = dpo_sh(f"wit_dpo_link_data {shared} {copy}")
+    assert "changed since" in log and "reference" not in json.loads((copy / "manifest.json").read_text())
+    assert json.loads((copy / "manifest.json").read_text())["template"] == "another"
+    # a directory that is not a copy made here is never replaced
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "results.txt").write_text("keep")
+    log = dpo_sh(f"wit_dpo_link_data {shared} {foreign}", ok=False)
+    assert "is not a copy made by slurm/dpo_common.sh" in log and (foreign / "results.txt").read_text() == "keep"

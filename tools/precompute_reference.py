@@ -12,7 +12,8 @@ summed log-prob of its loss tokens, Σ_t w_t·log p(y_t), from the same fused vo
 training uses (witscale/training/dpo.py: ``ReferenceLogps``). Rank 0 gathers them and writes them once,
 atomically, through ``format.write_reference_logps``, with a fingerprint of the reference model (config,
 safetensors index and headers, sizes) and the class-weight table the sums were taken under: training
-refuses a dataset whose table differs from its own, or whose fingerprint differs from --reference-model.
+refuses a dataset whose table differs from its own, or whose fingerprint differs from --reference-model, or
+whose arrays changed since (``format.content_digest``). Concurrent passes over one dataset take turns.
 Training then holds one model in memory. The weights default to DPO's (prompt side 0, response side 1).
 
 Memory: the pass runs in the trainer's DeepSpeed engine (no optimizer step is ever taken), so it needs at most
@@ -75,7 +76,7 @@ def plan(args, world_size: int):
     if not os.path.exists(args.data):
         raise UsageError(f"--data {args.data}: no such file or directory")
     try:
-        dataset = PackedDataset(args.data)
+        dataset = PackedDataset(args.data, load_reference=False)   # damaged or stale old values get replaced
     except (OSError, ValueError) as e:
         raise UsageError(f"--data {e}") from None
     if dataset.manifest.get("task") != "preference":
@@ -185,6 +186,8 @@ def run(args) -> str:
     trainer = Trainer(module=module, ds_config=ds_config, loader=loader, topo=topo, normalization="nonzero",
                       lr=1e-6, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, total_steps=1, warmup_ratio=0.0)
     ids, values = reference_pass(trainer, loader, dataset, topo, args.micro_batch_size)
+    from witscale.training.faults import slow_reference_seconds
+    time.sleep(slow_reference_seconds())         # tests: a long pass, for a preemption warning to land in
     # Only one rank per (dp replica) contributes: the last stage's tp rank 0 (tp peers hold the same numbers).
     contributes = topo.pp_rank == topo.pp - 1 and topo.tp_rank == 0
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
@@ -215,7 +218,22 @@ def run(args) -> str:
     return where
 
 
+def stop_on_signals() -> None:
+    """TERM or USR1 (a preemption warning: slurm/dpo_common.sh forwards it) ends the pass at once, exit 128+N:
+    it has no checkpoint, and nothing half-written is left (the write is atomic). Needed because the Slurm
+    launch (slurm/launch_task.sh) starts the ranks with both signals ignored, for train.py to install its own."""
+    import signal
+
+    def stop(signum, frame):
+        print(f"[witscale] reference pass stopped by {signal.Signals(signum).name}: nothing written",
+              file=sys.stderr, flush=True)
+        os._exit(128 + signum)      # no barrier, no teardown: the peers get the same signal
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, stop)
+
+
 def main(argv=None) -> int:
+    stop_on_signals()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="[witscale] %(message)s", stream=sys.stdout)
     log.setLevel(args.log_level.upper())

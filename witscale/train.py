@@ -333,6 +333,11 @@ def _check_objective(cfg: RunConfig, dataset, table, flag: str = "--data") -> No
         check_reference(dataset.manifest, path, table, cfg.reference_model, policy_model=cfg.model)
     except (OSError, ValueError) as e:
         raise UsageError(f"{flag} {e}") from None
+    if not cfg.model and not cfg.reference_model:
+        # nothing to check the dataset's reference log-probs against: they could be any model's
+        raise UsageError("--objective dpo starts from a trained model: pass --model SFT_HF_DIR (the policy's start "
+                         "and, by default, the reference), or --reference-model naming the model whose log-probs "
+                         f"{flag} {path} holds")
 
 
 def grad_accum_for_pairs(cfg: RunConfig, manifest: dict, dp: int) -> int:

@@ -15,12 +15,15 @@ Preference datasets (manifest ``"task": "preference"``; SFT manifests have no ``
                                                  one row, chosen first (pairs are packed whole, never split)
   reference_logps.bin float64 [num_documents]   optional, added later by :func:`write_reference_logps`: each
                                                  completion's summed log-prob under the reference model; the
-                                                 manifest's ``reference`` records what made it
+                                                 manifest's ``reference`` records what made it, and on what
+                                                 data (``data``: :func:`content_digest` of the arrays)
 Written into a temporary directory next to the output and renamed into place: a half-written dataset never
 sits at the output path.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -189,14 +192,64 @@ def _replace_manifest(dataset_dir: str, manifest: dict) -> None:
         raise
 
 
+# content_digest: arrays read whole (bytes per document or row) and arrays sampled (bytes per token)
+_DIGEST_WHOLE = ("doc_lengths.bin", "row_offsets.bin", "doc_pair.bin", "doc_role.bin")
+_DIGEST_SAMPLED = ("tokens.bin", "classes.bin", "weights.bin")
+DIGEST_SAMPLES, DIGEST_BLOCK = 64, 1 << 16
+
+
+def content_digest(dataset_dir: str) -> str:
+    """sha256 of what a packed dataset holds, as the arrays on disk are now (through any symbolic link): the
+    per-document and per-row arrays whole (a few bytes per document), and of each per-token array (GBs) its
+    size and DIGEST_SAMPLES evenly spaced blocks — a few MB read in all. Reference log-probs record it when
+    written and are refused when it changed: a dataset re-packed under the same path, or a run-private copy
+    whose linked arrays were replaced, no longer matches. It tells datasets apart; it does not guard against
+    a file edited at an unsampled offset."""
+    digest = hashlib.sha256()
+    for name in _DIGEST_WHOLE + _DIGEST_SAMPLED:
+        path = os.path.join(dataset_dir, name)
+        if not os.path.isfile(path):
+            digest.update(f"{name}\0absent\0".encode())
+            continue
+        size = os.path.getsize(path)
+        digest.update(f"{name}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            if name in _DIGEST_WHOLE or size <= DIGEST_SAMPLES * DIGEST_BLOCK:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+                continue
+            span = size - DIGEST_BLOCK
+            for k in range(DIGEST_SAMPLES):
+                f.seek(span * k // (DIGEST_SAMPLES - 1))
+                digest.update(f.read(DIGEST_BLOCK))
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _reference_lock(dataset_dir: str):
+    """One reference writer at a time per dataset (two jobs precomputing into the same shared directory would
+    otherwise interleave their values and manifests). flock: local and most cluster filesystems honour it."""
+    fd = os.open(os.path.join(dataset_dir, ".reference.lock"), os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def write_reference_logps(dataset_dir: str, values, meta: dict) -> dict:
     """Store each completion's reference log-prob (float64 [num_documents]) in a preference dataset.
 
     Never leaves a half-written channel, nor values under another run's meta: (1) the manifest is rewritten
     without ``reference`` (any old values become unused), (2) the values go to a temp file renamed over
     reference_logps.bin, (3) the manifest is rewritten with ``reference`` = ``meta`` plus the values'
-    sha256. A crash leaves the old channel, or none, or the new one — each with its own meta.
-    Returns the new manifest."""
+    sha256 and the data's :func:`content_digest`. A crash leaves the old channel, or none, or the new one —
+    each with its own meta; concurrent writers take turns (a lock file). Returns the new manifest."""
+    with _reference_lock(dataset_dir):
+        return _write_reference_logps(dataset_dir, values, meta)
+
+
+def _write_reference_logps(dataset_dir: str, values, meta: dict) -> dict:
     ds = PackedDataset(dataset_dir, load_reference=False)   # old values, even damaged ones, get replaced
     if not ds.is_preference:
         raise DataError("reference log-probs belong to a preference dataset (pack_dataset.py --task preference)",
@@ -227,7 +280,8 @@ def write_reference_logps(dataset_dir: str, values, meta: dict) -> dict:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    manifest["reference"] = dict(meta, sha256=hashlib.sha256(values.tobytes()).hexdigest())
+    manifest["reference"] = dict(meta, sha256=hashlib.sha256(values.tobytes()).hexdigest(),
+                                 data=content_digest(dataset_dir))
     _replace_manifest(dataset_dir, manifest)
     return manifest
 
@@ -322,6 +376,11 @@ class PackedDataset:
         if digest is not None and hashlib.sha256(np.asarray(values).tobytes()).hexdigest() != digest:
             raise DataError(f"{REFERENCE_FILE} does not match the sha256 the manifest records for it (changed "
                             f"after tools/precompute_reference.py wrote it): recompute it", self.path)
+        data = meta.get("data") if isinstance(meta, dict) else None
+        if data is not None and content_digest(self.path) != data:
+            raise DataError(f"{REFERENCE_FILE} was computed on other data: the dataset's arrays changed after "
+                            f"tools/precompute_reference.py wrote it (re-packed, or a copy's linked arrays "
+                            f"replaced): recompute it", self.path)
         return values
 
     def __len__(self) -> int:

@@ -24,7 +24,7 @@ import numpy as np
 
 from witscale.data.classes import RESPONSE_SIDE
 from witscale.data.errors import DataError, RecordError
-from witscale.data.readers import Conversation, Message, _check_turns, _string, _tools, _turns, _weight
+from witscale.data.readers import Conversation, Message, _check_turns, _string, _tools, _turns
 from witscale.data.templates import Document
 
 PREFERENCE_FORMATS = ("preference", "sharegpt_preference")
@@ -146,14 +146,23 @@ def normalize_pair(record: Any, fmt: str, *, system: str | None = None) -> tuple
     # the prompt's own assistant turns are given, not generated: prompt-side
     prompt = [m._replace(as_prompt=True) if m.role == "assistant" else m for m in prompt]
     tools = _tools(record.get("tools"))
-    weight = _weight(record["weight"], "weight") if record.get("weight") is not None else None
+    # A data weight would multiply a completion's summed log-prob, i.e. scale β for that pair (or for one
+    # side only): not a per-pair loss weight. Refused rather than given that meaning silently.
+    if record.get("weight") is not None:
+        raise RecordError("field 'weight': preference pairs take no data weights (a weight would scale the "
+                          "pair's log-prob margin, i.e. its β, not weight its loss); remove it")
+    for key, msgs in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+        weighted = next((i for i, m in enumerate(msgs, 1) if m.weight is not None), None)
+        if weighted is not None:
+            raise RecordError(f"field '{key}': message {weighted} has a 'weight'; preference pairs take no data "
+                              f"weights (it would scale that side's log-prob, i.e. β); remove it")
     out = []
     for key, msgs in (("chosen", chosen), ("rejected", rejected)):
         try:
             _check_turns(prompt + msgs)
         except RecordError as e:
             raise RecordError(f"{key}: {e.problem}") from None
-        out.append(Conversation(prompt + msgs, weight, tools))
+        out.append(Conversation(prompt + msgs, None, tools))
     return out[0], out[1]
 
 

@@ -7,6 +7,8 @@ commit, or right after a complete checkpoint), ``raise_in_step`` (witscale/train
 rank before the step, while the others enter its collectives — the fail-fast path).
 
     WITSCALE_SLOW_SAVE=<seconds>               every checkpoint takes that much longer (a 70B save in a test)
+    WITSCALE_SLOW_REFERENCE=<seconds>          tools/precompute_reference.py waits that long before writing, on a
+                                               Slurm job's first attempt only (a long 70B reference pass, preempted)
 """
 from __future__ import annotations
 
@@ -23,3 +25,9 @@ def injected(kind: str, step: int) -> bool:
 
 def slow_save_seconds() -> float:
     return float(os.environ.get("WITSCALE_SLOW_SAVE", "0") or 0)
+
+
+def slow_reference_seconds() -> float:
+    if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
+        return 0.0
+    return float(os.environ.get("WITSCALE_SLOW_REFERENCE", "0") or 0)
