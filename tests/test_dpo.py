@@ -360,6 +360,25 @@ def test_precomputed_reference_equals_a_live_forward(pref):
     assert meta["weight_table"] == [float(x) for x in dpo_table()] and meta["layout"]["tp"] == 2
 
 
+def test_precompute_replaces_damaged_reference_logps(pref, tmp_path):
+    """A dataset whose reference_logps.bin no longer matches its manifest (a crash between two passes, a copy
+    gone wrong) is refused by training with "recompute it" — and precompute_reference.py, the tool that error
+    names, opens it and plans the pass (it used to refuse to open it)."""
+    import shutil
+
+    from witscale.data.errors import DataError
+    from witscale.data.format import PackedDataset
+    data = tmp_path / "damaged"
+    shutil.copytree(pref["data"], data)
+    values = np.fromfile(data / "reference_logps.bin", dtype="<f8")
+    (values - 1).astype("<f8").tofile(data / "reference_logps.bin")
+    with pytest.raises(DataError, match="recompute it"):
+        PackedDataset(str(data))
+    tool = _load_tool()
+    dataset, *_ = tool.plan(tool.build_parser().parse_args(["--data", str(data), "--model", pref["reference"]]), 1)
+    assert dataset.reference_logps is None and dataset.manifest["reference"]["fingerprint"]
+
+
 def _dpo_args(pref, out, steps, *extra):
     return ["--ds_config", "ds_configs/zero3.json", "--data", pref["data"], "--model-config", pref["policy"],
             "--output-dir", str(out), "--objective", "dpo", "--beta", "0.2", "--micro-batch-size", "1",
