@@ -367,12 +367,12 @@ def test_softcap_bf16_eager_and_flex_block_mask_reuse(fresh):
     attention_mod._block_mask_cache.clear()
     with torch.no_grad():
         first = packed_attention(qf, kf, vf, cu, CAP_SEQ, backend="flex", scale=SCALE, softcap=CAP)
-        mask = attention_mod._block_mask_cache[(3, CAP_SEQ, None, "cpu")][2]
+        mask = attention_mod._block_mask_cache.masks[(3, CAP_SEQ, None, "cpu")]
         packed_attention(qf, kf, vf, cu, CAP_SEQ, backend="flex", scale=SCALE, softcap=CAP)
-        assert attention_mod._block_mask_cache[(3, CAP_SEQ, None, "cpu")][2] is mask
+        assert attention_mod._block_mask_cache.masks[(3, CAP_SEQ, None, "cpu")] is mask
         one_doc = torch.tensor([0, 16, 32, 48], dtype=torch.int32)
         other = packed_attention(qf, kf, vf, one_doc, CAP_SEQ, backend="flex", scale=SCALE, softcap=CAP)
-        assert attention_mod._block_mask_cache[(3, CAP_SEQ, None, "cpu")][2] is not mask
+        assert attention_mod._block_mask_cache.masks[(3, CAP_SEQ, None, "cpu")] is not mask
         torch.testing.assert_close(other.double(), _reference(qf, kf, vf, [[16]] * 3, None, SCALE, CAP),
                                    atol=1e-5, rtol=0)
         cu_copy = cu.clone()
@@ -382,6 +382,53 @@ def test_softcap_bf16_eager_and_flex_block_mask_reuse(fresh):
     torch.testing.assert_close(again.double(), _reference(qf, kf, vf, [[2, 14], [4, 12], [1, 1, 1, 13]], None,
                                                           SCALE, CAP), atol=1e-5, rtol=0)
     assert not torch.equal(first, other)
+
+
+def test_block_mask_cache_keeps_one_mask_per_window_for_one_cu_seqlens():
+    """Gemma-2's layers alternate sliding and full attention: with one cu_seqlens tensor (every layer of a
+    forward, and their checkpointed recomputes) the cache builds one mask per window, not one per layer;
+    another cu_seqlens tensor, or the same one changed in place, drops them all."""
+    builds = []
+
+    def build(cu, b, s, window, device):
+        builds.append((cu, window))
+        return object()
+
+    cache = attention_mod.BlockMaskCache(build)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    layers = [4, None] * 4
+    first = [cache.get(cu, 1, 8, w, "cpu") for w in layers]
+    recompute = [cache.get(cu, 1, 8, w, "cpu") for w in reversed(layers)]     # backward's recompute
+    assert [w for _, w in builds] == [4, None]
+    assert first[0] is first[2] is recompute[-1] and first[1] is first[3] is recompute[0] and first[0] is not first[1]
+    other = torch.tensor([0, 8], dtype=torch.int32)                           # the next micro-batch
+    assert cache.get(other, 1, 8, 4, "cpu") is not first[0] and cache.get(other, 1, 8, None, "cpu") is not first[1]
+    assert len(builds) == 4 and len(cache.masks) == 2
+    other[1] = 7                                                              # changed in place
+    cache.get(other, 1, 8, 4, "cpu")
+    assert len(builds) == 5 and len(cache.masks) == 1
+
+
+@FLEX_UNCOMPILED
+def test_flex_alternating_windows_and_caps_build_two_masks(fresh, monkeypatch):
+    """Through packed_attention: layers alternating window 5 / none and cap / no cap (softcap is flex's
+    score_mod, not part of the mask) build two block masks in all, and each layer is still right."""
+    q, k, v, cu, _ = _cap_inputs(4, 2)
+    qf, kf, vf = (t.detach() for t in (q, k, v))
+    built = []
+
+    def build(*args):
+        built.append(args[3])
+        return attention_mod._build_flex_block_mask(*args)
+
+    monkeypatch.setattr(attention_mod, "_block_mask_cache", attention_mod.BlockMaskCache(build))
+    with torch.no_grad():
+        for window, softcap in [(5, CAP), (None, CAP), (5, None), (None, None)] * 2:
+            got = packed_attention(qf, kf, vf, cu, CAP_SEQ, backend="flex", sliding_window=window, scale=SCALE,
+                                   softcap=softcap)
+            torch.testing.assert_close(got.double(), _reference(qf, kf, vf, CAP_ROWS, window, SCALE, softcap),
+                                       atol=1e-5, rtol=0)
+    assert built == [5, None]
 
 
 @FLEX_UNCOMPILED

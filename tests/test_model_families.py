@@ -237,9 +237,26 @@ def test_yarn_equals_transformers(scaling):
 
 def test_config_reads_each_family_as_transformers_does():
     gemma2 = ModelConfig.from_dict(dict(BASE, model_type="gemma2"))       # HF's defaults for absent keys
-    assert (gemma2.head_dim, gemma2.query_pre_attn_scalar, gemma2.tie_word_embeddings) == (256, 256, True)
-    assert gemma2.layer_types == ["sliding_attention", "full_attention"] * 2 and gemma2.sliding_window == 4096
-    assert gemma2.attn_logit_softcapping is None and gemma2.hidden_act == "gelu_pytorch_tanh"
+    hf = transformers.Gemma2Config.from_dict(dict(BASE, model_type="gemma2"))
+    for key in ("head_dim", "query_pre_attn_scalar", "tie_word_embeddings", "layer_types", "sliding_window",
+                "attn_logit_softcapping", "final_logit_softcapping", "bos_token_id", "eos_token_id", "pad_token_id"):
+        assert getattr(gemma2, key) == getattr(hf, key), key
+    assert (gemma2.attn_logit_softcapping, gemma2.final_logit_softcapping) == (50.0, 30.0)
+    assert gemma2.hidden_act == "gelu_pytorch_tanh"
+    assert family_spec(gemma2).attn_softcap == 50.0 and family_spec(gemma2).final_softcap == 30.0
+    uncapped = dict(BASE, model_type="gemma2", attn_logit_softcapping=None, final_logit_softcapping=None)
+    for cfg in (ModelConfig.from_dict(uncapped), transformers.Gemma2Config.from_dict(uncapped)):
+        assert (cfg.attn_logit_softcapping, cfg.final_logit_softcapping) == (None, None)   # null: no cap
+    gemma3_text = ModelConfig.from_dict(dict(BASE, model_type="gemma3_text"))
+    hf = transformers.Gemma3TextConfig.from_dict(dict(BASE, model_type="gemma3_text"))
+    for key in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+        assert getattr(gemma3_text, key) == getattr(hf, key), key
+    assert gemma3_text.final_logit_softcapping is None
+    for model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"):      # absent token ids
+        ours, hf = ModelConfig.from_dict(dict(BASE, model_type=model_type)), transformers.AutoConfig.for_model(
+            **dict(BASE, model_type=model_type))
+        assert [getattr(ours, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")] == [
+            getattr(hf, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")], model_type
     gemma3 = ModelConfig.from_dict(dict(BASE, model_type="gemma3_text", num_hidden_layers=12, rope_theta=1e6,
                                         rope_local_base_freq=1e4))         # transformers 4.x keys
     assert gemma3.layer_types.count("full_attention") == 2 and gemma3.layer_types[5] == "full_attention"
@@ -266,6 +283,39 @@ def test_multimodal_gemma3_text_config_defaults_are_transformers():
     assert cfg.rope_scaling == {"rope_type": "linear", "factor": 8.0}
     shape = ModelShape.from_config({"model_type": "gemma3", "text_config": text})       # tools/plan.py --model DIR
     assert shape == ModelShape.from_config(cfg) and shape.total_params() == 3_880_263_168   # Gemma-3-4B's text model
+    # The token ids: Gemma3TextConfig's defaults when absent (the hub's text_configs omit them) ...
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        assert getattr(cfg, key) == getattr(hf, key) is not None, key
+        assert cfg.to_hf_dict()[key] == getattr(hf, key), key
+    # ... and the outer config's where it has them (Gemma-3 4B-it: eos [1, 106], end of turn too).
+    cfg = ModelConfig.from_dict({"model_type": "gemma3", "text_config": text, "eos_token_id": [1, 106],
+                                 "pad_token_id": None})
+    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (2, [1, 106], 0)
+    assert cfg.to_hf_dict()["eos_token_id"] == [1, 106]
+    assert ModelConfig.from_dict(cfg.to_hf_dict()).eos_token_id == [1, 106]
+
+
+@pytest.mark.parametrize("source", [
+    # Qwen2.5 style: the window off, a sliding_window and max_window_layers that transformers ignores
+    dict(model_type="qwen2", use_sliding_window=False, sliding_window=131072, max_window_layers=21),
+    dict(model_type="qwen3", use_sliding_window=False, sliding_window=None, max_window_layers=2),
+    dict(model_type="qwen3", max_window_layers=3),                                    # window off, key absent
+    dict(model_type="qwen2", use_sliding_window=True, sliding_window=WINDOW, max_window_layers=3),
+    dict(model_type="qwen3", use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+])
+def test_qwen_export_keeps_max_window_layers_and_sliding_window(source):
+    """transformers < 4.53 reads max_window_layers, not layer_types (a window on layers ≥ it when
+    use_sliding_window): the export carries it, and sliding_window as read."""
+    src = dict(BASE, **source)
+    out = ModelConfig.from_dict(src).to_hf_dict()
+    assert out["max_window_layers"] == source["max_window_layers"]
+    assert out["sliding_window"] == source.get("sliding_window", 4096)
+    assert ModelConfig.from_dict(out) == ModelConfig.from_dict(src)
+    want = transformers.AutoConfig.for_model(**src).layer_types
+    assert transformers.AutoConfig.for_model(**out).layer_types == want           # transformers ≥ 4.53
+    old = ["sliding_attention" if out["use_sliding_window"] and out["sliding_window"] is not None
+           and i >= out["max_window_layers"] else "full_attention" for i in range(BASE["num_hidden_layers"])]
+    assert old == want                                                             # transformers 4.45 – 4.52
 
 
 @pytest.mark.parametrize("change,message", [
@@ -279,6 +329,8 @@ def test_multimodal_gemma3_text_config_defaults_are_transformers():
                                                      "full_attention": {"rope_type": "default"}}),
      "only plain RoPE is supported on Gemma-3's sliding layers"),
     (dict(model_type="gemma3"), "model_type 'gemma3' needs a text_config"),
+    (dict(model_type="gemma2", query_pre_attn_scalar=None), "query_pre_attn_scalar null is not supported"),
+    (dict(model_type="gemma3_text", query_pre_attn_scalar=None), "query_pre_attn_scalar null is not supported"),
     (dict(model_type="qwen3", mlp_bias=True), "mlp_bias=true is not a qwen3 field"),
     (dict(model_type="qwen3", rope_scaling={"rope_type": "longrope", "factor": 2.0}), "'longrope' is not supported"),
     (dict(model_type="qwen3", rope_scaling={"rope_type": "yarn", "factor": 0}), "factor must be positive"),

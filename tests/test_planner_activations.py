@@ -104,3 +104,14 @@ def test_activation_estimate_within_15_percent_at_tp2():
         for ac in (False, True):
             _check(rank_result[ac], _estimate(SHAPES[name], rows, seq, torch.float32, ac, tp=2),
                    f"{name} tp2 fp32 AC {ac}")
+
+
+def test_replicated_kv_heads_count_one_whole_head_per_rank():
+    """tp > kv_heads (ReplicatedKVHeadLinear): every rank computes, saves and q/k-norms one whole KV head,
+    not kv_heads/tp of one — the same per-rank k/v as a model with tp KV heads."""
+    def layer_saved(kv_heads, tp):
+        shape = planner.ModelShape.from_config(dict(FAMILIES["qwen3"], num_key_value_heads=kv_heads))
+        return planner.activation_memory(shape, tokens=1024, tp=tp, activation_checkpointing=False).layer_saved
+
+    assert layer_saved(1, 4) == layer_saved(2, 4) == layer_saved(4, 4)
+    assert layer_saved(1, 2) == layer_saved(2, 2) < layer_saved(4, 2)      # kv ≥ tp: kv/tp heads per rank

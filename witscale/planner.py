@@ -16,7 +16,8 @@ Assumptions (bf16 training on GPU, the paper's recipe):
   one decoder layer saves for backward its two RMSNorms' fp32 upcast, normalized and scaled outputs
   (2·(4 + 2e)·h, replicated over tp; Gemma: four norms, normalized in fp32; Qwen3/Gemma-3: per-head q/k
   norms too), attention's rotated q and k, v and the output (e·(2·q + 2·kv)/tp,
-  q = heads·head_dim, kv = kv_heads·head_dim: what flash/varlen attention keeps, no s² term) plus its fp32
+  q = heads·head_dim, kv = kv_heads·head_dim: what flash/varlen attention keeps, no s² term; with fewer
+  key/value heads than tp each rank holds one whole KV head, so kv/tp is head_dim there) plus its fp32
   logsumexp (4·heads/tp), and SwiGLU's gate, silu(gate), up and their product (4·e·I/tp). That is ≈48·h
   bytes at 70B (Korthikanti et al. 2022's 34·h is for a GPT layer with a 4h GELU MLP and sharded norms).
   With activation checkpointing each layer keeps only its input (e·h) and one layer is recomputed at a
@@ -151,7 +152,10 @@ def activation_memory(shape: ModelShape, *, tokens: int, tp: int = 1, layers: in
     from witscale.parallel.cross_entropy import _GRAD_W_BLOCK, chunk_rows    # the fused loss's own sizes
 
     e, h, hd = element_size, shape.hidden_size, shape.hd
-    q, kv = shape.num_attention_heads * hd, shape.num_key_value_heads * hd
+    q = shape.num_attention_heads * hd
+    # k/v per rank: kv_heads/tp heads, or one whole head when tp > kv_heads (ReplicatedKVHeadLinear: each
+    # rank computes the KV head its query heads use). ``kv_local`` is per rank, ``q`` is divided below.
+    kv_local = max(shape.num_key_value_heads / tp, 1) * hd
     inter = shape.intermediate_size
     layers = shape.num_hidden_layers if layers is None else layers
     # An RMSNorm saves its input upcast to fp32 and the normalized tensor — in the training dtype, or in fp32
@@ -160,8 +164,8 @@ def activation_memory(shape: ModelShape, *, tokens: int, tp: int = 1, layers: in
     normed = 4 if shape.sandwich_norms else e
     pre_norm, post_norm = (4 + normed + e) * h, (4 + normed) * h
     norms = 2 * pre_norm + (2 * post_norm if shape.sandwich_norms else 0)
-    qk_norms = (4 + normed) * (q + kv) / tp if shape.qk_norm else 0
-    attention = (e * (2 * q + 2 * kv) + 4 * shape.num_attention_heads) / tp
+    qk_norms = (4 + normed) * (q / tp + kv_local) if shape.qk_norm else 0
+    attention = e * (2 * q / tp + 2 * kv_local) + 4 * shape.num_attention_heads / tp
     mlp = 4 * e * inter / tp
     layer = norms + qk_norms + attention + mlp
     rope = 2 * hd * e                       # cos and sin, shared by every layer

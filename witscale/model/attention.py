@@ -31,7 +31,8 @@ Backends, chosen once by ``select_backend`` and logged:
   ~200-token documents ~7× faster than ``dense`` on CPU (ENVIRONMENT.md). Reads cu_seqlens on the host.
 - ``flex``: ``torch.nn.attention.flex_attention`` (compiled on CUDA) with a block mask for documents +
   causal + window built on the device from cu_seqlens (no host sync; built once per ``cu_seqlens`` tensor
-  and reused by every layer) and the soft-cap as its ``score_mod``. The CUDA backend for soft-capped
+  and window, and reused by every layer with that window: ``BlockMaskCache``) and the soft-cap as its
+  ``score_mod``. The CUDA backend for soft-capped
   attention when flash-attn is not installed (any dtype). CUDA only: on the CPU, torch 2.13's
   flex_attention runs forward (tested there against ``dense``) but has no backward.
 - ``eager``: the explicit-scores path (scores = q·kᵀ·scale, capped, masked, softmax in fp32, then ·v;
@@ -453,19 +454,40 @@ def _dense(q, k, v, cu_seqlens, sliding_window, scale: Optional[float] = None, s
 
 # ---- flex_attention ------------------------------------------------------------------------------------
 
-_block_mask_cache: dict = {}
+class BlockMaskCache:
+    """flex's BlockMasks for the current ``cu_seqlens`` tensor: one per (rows, row length, window, device),
+    built by ``build(cu_seqlens, b, s, window, device)`` on the first request and reused after. Every layer
+    of a forward (and its checkpointed recompute) passes the same cu_seqlens tensor, so a model whose layers
+    alternate windows (Gemma-2: sliding, full, sliding, …) builds one mask per distinct window, not one per
+    layer. The soft-cap is flex's score_mod, not part of the mask, so it is not part of the key. All entries
+    are dropped when another cu_seqlens tensor comes, or the same one modified in place: the tensor is held
+    by a weak reference and its version counter, so a freed or changed tensor never matches."""
+
+    def __init__(self, build):
+        self.build = build
+        self.masks: dict = {}
+        self._ref = None
+        self._version = None
+
+    def get(self, cu_seqlens: torch.Tensor, b: int, s: int, window: Optional[int], device):
+        if self._ref is None or self._ref() is not cu_seqlens or self._version != cu_seqlens._version:
+            self.clear()
+            self._ref, self._version = weakref.ref(cu_seqlens), cu_seqlens._version
+        key = (b, s, window or None, str(device))
+        mask = self.masks.get(key)
+        if mask is None:
+            mask = self.masks[key] = self.build(cu_seqlens, b, s, window, device)
+        return mask
+
+    def clear(self):
+        self.masks.clear()
+        self._ref = self._version = None
 
 
-def _flex_block_mask(cu_seqlens: torch.Tensor, b: int, s: int, window: Optional[int], device):
-    """The documents + causal (+ window) BlockMask, rebuilt only when cu_seqlens changes: every layer of a
-    forward (and its recompute) passes the same tensor, so one build serves them all. Keyed by a weak
-    reference and the tensor's version counter, so a freed or modified tensor never matches."""
+def _build_flex_block_mask(cu_seqlens: torch.Tensor, b: int, s: int, window: Optional[int], device):
+    """The documents + causal (+ window) BlockMask, built on the device from cu_seqlens (no host sync)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    key = (b, s, window, str(device))
-    hit = _block_mask_cache.get(key)
-    if hit is not None and hit[0]() is cu_seqlens and hit[1] == cu_seqlens._version:
-        return hit[2]
     seg = _segment_ids(cu_seqlens, b, s, device)
 
     def visible(batch, head, q_idx, kv_idx):
@@ -473,10 +495,10 @@ def _flex_block_mask(cu_seqlens: torch.Tensor, b: int, s: int, window: Optional[
         return ok & (q_idx - kv_idx < window) if window else ok
 
     # Compiled on CUDA: the eager build materializes a [B, S, S] mask.
-    mask = create_block_mask(visible, b, None, s, s, device=device, _compile=torch.device(device).type == "cuda")
-    _block_mask_cache.clear()
-    _block_mask_cache[key] = (weakref.ref(cu_seqlens), cu_seqlens._version, mask)
-    return mask
+    return create_block_mask(visible, b, None, s, s, device=device, _compile=torch.device(device).type == "cuda")
+
+
+_block_mask_cache = BlockMaskCache(_build_flex_block_mask)
 
 
 @functools.lru_cache(maxsize=None)
@@ -499,7 +521,7 @@ def _flex(q, k, v, cu_seqlens, sliding_window, scale: Optional[float], softcap: 
     from torch.nn.attention.flex_attention import flex_attention
 
     b, s, hq, _ = q.shape
-    block_mask = _flex_block_mask(cu_seqlens, b, s, sliding_window, q.device)
+    block_mask = _block_mask_cache.get(cu_seqlens, b, s, sliding_window, q.device)
     fn = _compiled_flex() if q.is_cuda else flex_attention
     out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
              score_mod=_softcap_score_mod(softcap) if softcap is not None else None,

@@ -38,6 +38,8 @@ _HF_DEFAULT_KV_HEADS = {"llama": None, "qwen2": 32, "mistral": 8, "qwen3": 32, "
 HF_DEFAULT_HEAD_DIM = {"qwen3": 128, "gemma2": 256, "gemma3_text": 256}   # others: hidden / heads
 _HF_DEFAULT_WINDOW = {"mistral": 4096, "qwen2": 4096, "qwen3": 4096, "gemma2": 4096, "gemma3_text": 4096}
 _HF_DEFAULT_THETA = {"gemma3_text": 1_000_000.0}
+# (attn_logit_softcapping, final_logit_softcapping) when the key is absent; an explicit null means no cap.
+_HF_DEFAULT_SOFTCAPS = {"gemma2": (50.0, 30.0), "gemma3_text": (None, None)}
 _GEMMA3_LOCAL_THETA = 10_000.0
 # A multimodal gemma3 config.json stores only the text_config fields that differ from Gemma3TextConfig's
 # defaults (transformers writes a diff): these are the defaults it fills in.
@@ -45,9 +47,13 @@ GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262_208, hidden_size=2304, intermediate_s
                              num_attention_heads=8, num_key_value_heads=4, head_dim=256,
                              max_position_embeddings=131_072, rms_norm_eps=1e-6, query_pre_attn_scalar=256,
                              sliding_window=4096)
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# transformers' (bos, eos, pad) when the keys are absent (a multimodal gemma3's text_config omits them).
+_HF_DEFAULT_TOKEN_IDS = {"llama": (1, 2, None), "mistral": (1, 2, None), "qwen2": (None, None, None),
+                         "qwen3": (None, None, None), "gemma2": (2, 1, 0), "gemma3_text": (2, 1, 0)}
 # Keys consumed here (not copied into ``extra``), besides the dataclass fields.
 _CONSUMED = {"hidden_act", "hidden_activation", "rope_parameters", "use_sliding_window", "dtype", "architectures",
-             "partial_rotary_factor", "attention_dropout", "max_window_layers", "transformers_version",
+             "partial_rotary_factor", "attention_dropout", "transformers_version",
              "sliding_window_pattern", "_sliding_window_pattern", "use_bidirectional_attention",
              "rope_local_base_freq"}
 
@@ -87,7 +93,9 @@ class ModelConfig:
     # Where the weights live in the checkpoint read: None (HF names as they are) or "gemma3_multimodal" (a
     # Gemma3ForConditionalGeneration's language model; see hf_names.checkpoint_to_hf_name). Never exported.
     checkpoint_layout: Optional[str] = None
-    extra: dict = field(default_factory=dict)   # other HF fields, written back on export
+    # Other HF fields, written back on export — Qwen's max_window_layers (transformers < 4.53 reads it, not
+    # layer_types) and, when its window is off, its sliding_window as read (the field above is then None).
+    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -98,6 +106,8 @@ class ModelConfig:
             # Only the language model is trained; its weights sit under a prefix (hf_names.py).
             text, outer = d["text_config"], d
             d = dict(GEMMA3_TEXT_DEFAULTS, **text)
+            # The hub's text_configs omit the token ids; the outer config's (e.g. eos [1, 106]) win.
+            d.update({k: outer[k] for k in _TOKEN_IDS if outer.get(k) is not None})
             d.update(model_type="gemma3_text",
                      tie_word_embeddings=text.get("tie_word_embeddings", outer.get("tie_word_embeddings", True)))
             layout = "gemma3_multimodal"
@@ -153,14 +163,21 @@ class ModelConfig:
                              "remove them or use model_type llama")
         if d.get("mlp_bias") and model_type != "llama":
             raise ValueError(f"mlp_bias=true is not a {model_type} field (transformers ignores it): remove it")
-        attn_softcap = _optional_positive(d, "attn_logit_softcapping") if gemma else None
+        attn_default, final_default = _HF_DEFAULT_SOFTCAPS.get(model_type, (None, None))
+        attn_softcap = _optional_positive(d, "attn_logit_softcapping", attn_default) if gemma else None
         if model_type == "gemma3_text" and attn_softcap is not None:
             # Gemma-3's attention in transformers never applies it: computing it here would differ from HF.
             raise ValueError("attn_logit_softcapping is not applied by Gemma-3 (transformers ignores it): "
                              "set it to null")
-        final_softcap = _optional_positive(d, "final_logit_softcapping") if gemma else None
-        scalar = _optional_positive({"query_pre_attn_scalar": d.get("query_pre_attn_scalar", 256)},
-                                    "query_pre_attn_scalar") if gemma else None
+        final_softcap = _optional_positive(d, "final_logit_softcapping", final_default) if gemma else None
+        if gemma and "query_pre_attn_scalar" in d and d["query_pre_attn_scalar"] is None:
+            raise ValueError("query_pre_attn_scalar null is not supported (transformers refuses it too): give a "
+                             "number, or leave the key out for transformers' default 256")
+        scalar = _optional_positive(d, "query_pre_attn_scalar", 256) if gemma else None
+        ids = {k: d.get(k, default) for k, default in zip(_TOKEN_IDS, _HF_DEFAULT_TOKEN_IDS[model_type])}
+        extra = {k: v for k, v in d.items() if k not in set(cls.__dataclass_fields__) | _CONSUMED}
+        if model_type in ("qwen2", "qwen3") and sliding is None:
+            extra["sliding_window"] = d.get("sliding_window", _HF_DEFAULT_WINDOW[model_type])   # as read
         return cls(
             model_type=model_type, vocab_size=_positive_int(d, "vocab_size"), hidden_size=hidden,
             intermediate_size=_positive_int(d, "intermediate_size"), num_hidden_layers=layers,
@@ -174,10 +191,9 @@ class ModelConfig:
             query_pre_attn_scalar=scalar, attn_logit_softcapping=attn_softcap,
             final_logit_softcapping=final_softcap, rope_local_base_freq=rope_local,
             max_position_embeddings=max_pos,
-            initializer_range=float(d.get("initializer_range", 0.02)), bos_token_id=d.get("bos_token_id"),
-            eos_token_id=d.get("eos_token_id"), pad_token_id=d.get("pad_token_id"),
+            initializer_range=float(d.get("initializer_range", 0.02)), **ids,
             torch_dtype=d.get("torch_dtype") or d.get("dtype"), checkpoint_layout=layout,
-            extra={k: v for k, v in d.items() if k not in set(cls.__dataclass_fields__) | _CONSUMED})
+            extra=extra)
 
     @classmethod
     def from_json_file(cls, path: str) -> "ModelConfig":
@@ -217,7 +233,8 @@ class ModelConfig:
         if mt in ("qwen2", "qwen3"):
             # transformers nulls sliding_window unless use_sliding_window; layer_types says which layers.
             d["use_sliding_window"] = self.sliding_window is not None
-            d["sliding_window"] = self.sliding_window if self.sliding_window is not None else 4096
+            d["sliding_window"] = (self.sliding_window if self.sliding_window is not None
+                                   else self.extra.get("sliding_window", _HF_DEFAULT_WINDOW[mt]))
             if self.sliding_window is None:
                 d.pop("layer_types")
         if mt in ("llama", "mistral"):
@@ -251,8 +268,8 @@ def _positive_int(d: dict, key: str) -> int:
     return int(value)
 
 
-def _optional_positive(d: dict, key: str) -> Optional[float]:
-    value = d.get(key)
+def _optional_positive(d: dict, key: str, default: Optional[float] = None) -> Optional[float]:
+    value = d.get(key, default)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):

@@ -11,9 +11,11 @@ these rules from ``family_spec(cfg)`` instead of testing ``model_type`` themselv
 | MLP                          | SwiGLU                  | SwiGLU         | GeGLU (tanh)        | GeGLU (tanh)           |
 | embeddings × √hidden         | no                      | no             | yes (model dtype)   | yes (model dtype)      |
 | attention scale              | head_dim^-½             | head_dim^-½    | query_pre_attn_scalar^-½ | the same          |
-| attention / final soft-cap   | no                      | no             | attn 50, final 30   | none by default        |
+| attention / final soft-cap   | no                      | no             | attn 50, final 30 † | none by default        |
 | sliding layers               | Mistral: all            | per layer_types| every 2nd global    | every 6th global       |
 | RoPE base per layer          | one                     | one            | one                 | local (sliding) / global |
+
+† transformers' Gemma2Config defaults when the keys are absent; an explicit null means no cap.
 
 x̂ = x / rms(x), computed in fp32. Gemma stores its norm weights around 0 (the neutral value is 0, not 1).
 """
