@@ -1,7 +1,22 @@
 # shellcheck shell=bash
-# The jobs that follow a sweep's training array (sourced by slurm/sweep_weights.sh and slurm/sweep_dpo.sh, in
-# submit mode, before slurm/common.sh): the evaluation array — task k after training task k (aftercorr) — when
-# any evaluation input is set, and the report job (tools/collect_sweep.py) after everything (afterany).
+# Shared by slurm/sweep_weights.sh and slurm/sweep_dpo.sh (sourced before slurm/common.sh): in submit mode the
+# jobs that follow a sweep's training array — the evaluation array, task k after training task k (aftercorr),
+# when any evaluation input is set, and the report job (tools/collect_sweep.py) after everything (afterany);
+# in task mode the task's status file.
+
+# A sweep task's EXIT trap (task mode; wit_run_finished comes from slurm/common.sh, sourced by then whenever
+# the exit status is 0): $OUTPUT/train_status.json says how the task ended, for tools/collect_sweep.py —
+# completed (the run reached its last step), requeued (preempted: checkpointed, exit 0, back in the queue) or
+# failed (its exit code).
+# shellcheck disable=SC2317  # invoked by the EXIT trap
+write_train_status() {
+    local rc=$? state=failed
+    if [ "$rc" -eq 0 ]; then
+        if wit_run_finished; then state=completed; else state=requeued; fi
+    fi
+    printf '{"state": "%s", "exit_code": %d, "job": "%s", "restart": %s}\n' "$state" "$rc" \
+        "${SLURM_ARRAY_JOB_ID:-?}_${SLURM_ARRAY_TASK_ID:-?}" "${SLURM_RESTART_COUNT:-0}" >"$OUTPUT/train_status.json"
+}
 
 # Evaluation requested? (any input for slurm/evaluate_cell.sh)
 wants_eval() { [ -n "${EVAL_POSIX:-}${EVAL_TASKS:-}${EVAL_ALPACA_EVAL:-}${EVAL_MT_BENCH:-}" ]; }

@@ -119,16 +119,7 @@ unset MODEL_CONFIG DATA EVAL_DATA
 [ -z "${PREF_EVAL_DATA:-}" ] || PREF_EVAL_DATA=$(cd "$PREF_EVAL_DATA" && pwd)
 export OUTPUT MODEL EXPORT_HF PROMPT_WEIGHT RESPONSE_WEIGHT
 
-# How this task ended, for tools/collect_sweep.py (as sweep_weights.sh): completed | requeued | failed.
-# shellcheck disable=SC2317  # invoked by the EXIT trap
-write_train_status() {
-    local rc=$? state=failed
-    if [ "$rc" -eq 0 ]; then
-        if wit_run_finished; then state=completed; else state=requeued; fi
-    fi
-    printf '{"state": "%s", "exit_code": %d, "job": "%s", "restart": %s}\n' "$state" "$rc" \
-        "${SLURM_ARRAY_JOB_ID:-?}_${SLURM_ARRAY_TASK_ID:-?}" "${SLURM_RESTART_COUNT:-0}" >"$OUTPUT/train_status.json"
-}
+# train_status.json on exit: how this task ended, for tools/collect_sweep.py (slurm/followups.sh)
 trap write_train_status EXIT
 
 [ -f "$MODEL/config.json" ] || { echo "sweep_dpo.sh: no exported SFT model in $MODEL (has its training finished?)" >&2; exit 3; }

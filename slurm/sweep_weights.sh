@@ -134,17 +134,7 @@ printf '{"prompt_weight": %s, "response_weight": %s}\n' "$PROMPT_WEIGHT" "$RESPO
 EXPORT_HF=$OUTPUT/hf                  # per cell (a shared EXPORT_HF would be overwritten by every cell)
 export PROMPT_WEIGHT RESPONSE_WEIGHT OUTPUT DS_CONFIG EPOCHS EXPORT_HF
 
-# How this task ended, for tools/collect_sweep.py: completed (the run reached its last step), requeued
-# (preempted: checkpointed, exit 0, back in the queue) or failed (exit code). wit_main exits the script.
-# shellcheck disable=SC2317  # invoked by the EXIT trap
-write_train_status() {
-    local rc=$? state=failed
-    if [ "$rc" -eq 0 ]; then
-        if wit_run_finished; then state=completed; else state=requeued; fi
-    fi
-    printf '{"state": "%s", "exit_code": %d, "job": "%s", "restart": %s}\n' "$state" "$rc" \
-        "${SLURM_ARRAY_JOB_ID:-?}_${SLURM_ARRAY_TASK_ID:-?}" "${SLURM_RESTART_COUNT:-0}" >"$OUTPUT/train_status.json"
-}
+# train_status.json on exit: how this task ended, for tools/collect_sweep.py (slurm/followups.sh)
 trap write_train_status EXIT
 
 # shellcheck source=slurm/common.sh
