@@ -360,6 +360,52 @@ def test_precomputed_reference_equals_a_live_forward(pref):
     assert meta["weight_table"] == [float(x) for x in dpo_table()] and meta["layout"]["tp"] == 2
 
 
+def _forward_only_engine_worker(rank, world, stage):
+    from witscale.data.loader import PackedLoader
+    from witscale.model import ModelConfig
+    from witscale.parallel.topology import ParallelDims, Topology
+    from witscale.training.build import build_module
+    from witscale.training.distributed import init_distributed
+    from witscale.training.trainer import Trainer
+    from tests.train_helpers import random_packed
+
+    init_distributed()
+    cfg = ModelConfig.from_dict(dict(TINY))
+    topo = Topology(ParallelDims(world, 1, 1, stage, cfg))
+    config = ds_config(stage, 1, 1, topo.dp)
+    module = build_module(cfg, topo, config, model_dir=None, seed=0)
+    loader = PackedLoader(random_packed(4, 32, cfg.vocab_size, 1), dpo_table(), micro_batch_size=1, grad_accum=1,
+                          dp_size=topo.dp, dp_rank=topo.dp_rank)
+    out = {}
+    for keep in (True, False):
+        trainer = Trainer(module=module if keep else build_module(cfg, topo, config, model_dir=None, seed=0),
+                          ds_config=config, loader=loader, topo=topo, normalization="nonzero", lr=1e-3,
+                          weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, total_steps=1, warmup_ratio=0.0,
+                          optimizer_state=keep)
+        opt = trainer.optimizer
+        out[keep] = (type(opt).__name__, any(hasattr(opt, a) for a in (
+            "fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "bit16_groups")))
+        if not keep:
+            try:
+                trainer.train_step(None)
+                out["refused"] = False
+            except RuntimeError as e:
+                out["refused"] = "forward passes only" in str(e)
+    return out
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_reference_pass_engine_holds_no_optimizer_state(stage):
+    """precompute_reference's engine (Trainer(optimizer_state=False)): under ZeRO-1 no optimizer at all, under
+    ZeRO-3 only DeepSpeed's parameter coordinator — no fp32 master partitions, gradient partitions or Adam
+    moments, which training at the same layout holds (at 70B on 64 GPUs under ZeRO-3: ≈14 GiB per GPU);
+    train_step refused. Its log-probs equal training's engine's (test_precomputed_reference_equals_a_live_forward)."""
+    got = run_distributed(_forward_only_engine_worker, 2, stage)[0]
+    assert got[True][1], got                                       # training's engine: a ZeRO optimizer with masters
+    assert got[False] == (("NoneType", False) if stage == 1 else ("DeepSpeedZeRoOffload", False)), got
+    assert got["refused"], got
+
+
 def test_precompute_replaces_damaged_reference_logps(pref, tmp_path):
     """A dataset whose reference_logps.bin no longer matches its manifest (a crash between two passes, a copy
     gone wrong) is refused by training with "recompute it" — and precompute_reference.py, the tool that error

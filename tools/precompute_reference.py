@@ -16,8 +16,9 @@ refuses a dataset whose table differs from its own, or whose fingerprint differs
 whose arrays changed since (``format.content_digest``). Concurrent passes over one dataset take turns.
 Training then holds one model in memory. The weights default to DPO's (prompt side 0, response side 1).
 
-Memory: the pass runs in the trainer's DeepSpeed engine (no optimizer step is ever taken), so it needs at most
-what training at the same layout needs; activations are those of a no-grad forward.
+Memory: the pass runs in the trainer's DeepSpeed engine built without an optimizer (Trainer(optimizer_state=
+False)): the model's weights as training lays them out (ZeRO-3 partitioned, gathered layer by layer), but no fp32
+master copy, gradient partitions or Adam moments; activations are those of a no-grad forward.
 """
 from __future__ import annotations
 
@@ -184,7 +185,8 @@ def run(args) -> str:
                           vocab_size=model_config.vocab_size)
     # The trainer's engine (no step is ever taken): the same layouts, ZeRO-3 gathering and pipeline schedule.
     trainer = Trainer(module=module, ds_config=ds_config, loader=loader, topo=topo, normalization="nonzero",
-                      lr=1e-6, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, total_steps=1, warmup_ratio=0.0)
+                      lr=1e-6, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, total_steps=1, warmup_ratio=0.0,
+                      optimizer_state=False)
     ids, values = reference_pass(trainer, loader, dataset, topo, args.micro_batch_size)
     from witscale.training.faults import slow_reference_seconds
     time.sleep(slow_reference_seconds())         # tests: a long pass, for a preemption warning to land in

@@ -271,7 +271,10 @@ class Trainer:
     def __init__(self, *, module: torch.nn.Module, ds_config: dict, loader: PackedLoader, topo,
                  normalization: str, lr: float, weight_decay: float, betas, eps: float,
                  total_steps: int, warmup_ratio: float, activation_checkpointing: bool = False,
-                 dpo: Optional[DPOSettings] = None):
+                 dpo: Optional[DPOSettings] = None, optimizer_state: bool = True):
+        """optimizer_state=False: an engine for forward passes only (tools/precompute_reference.py) — no
+        optimizer, so ZeRO allocates no fp32 master copy, gradient partitions or Adam moments (at 70B under
+        ZeRO-3 on 64 GPUs ≈14 GiB per GPU the pass does not need); ``train_step`` is then refused."""
         import deepspeed
 
         if normalization not in NORMALIZATIONS:
@@ -292,6 +295,18 @@ class Trainer:
         self.zero_stage = zero_stage(config)
         bf16 = bool((config.get("bf16") or {}).get("enabled"))
 
+        self.trains = optimizer_state
+        if not optimizer_state:
+            config = {k: v for k, v in config.items() if k not in ("optimizer", "scheduler", "gradient_clipping")}
+            # ZeRO-1/2 partition only optimizer state and gradients (DeepSpeed refuses them without an
+            # optimizer): the same forward as ZeRO-0. ZeRO-3 without an optimizer: DeepSpeed's parameter
+            # coordinator alone, which gathers each layer for the forward as in training.
+            if self.zero_stage in (1, 2):
+                config["zero_optimization"] = dict(config.get("zero_optimization") or {}, stage=0)
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=module, config=config, mpu=None if pipelined else topo)
+            self._finish_init(module, topo, pipelined, dpo)
+            return
         groups = param_groups(module, weight_decay)
         optimizer = None
         if "optimizer" not in config:
@@ -312,6 +327,9 @@ class Trainer:
             model=module, optimizer=optimizer, config=config, mpu=None if pipelined else topo,
             model_parameters=None if optimizer is not None else groups,
             lr_scheduler=lambda opt: cosine_with_warmup(opt, total_steps, warmup_ratio))
+        self._finish_init(module, topo, pipelined, dpo)
+
+    def _finish_init(self, module, topo, pipelined: bool, dpo: Optional[DPOSettings]) -> None:
         self.device = torch.device(self.engine.device)
         self.runner = (_PipelineEngine(self.engine, topo, module.loss_fn, dpo) if pipelined
                        else _DenseEngine(self.engine, topo, dpo))
@@ -323,6 +341,8 @@ class Trainer:
 
     # --- one optimizer step ------------------------------------------------------------------------
     def train_step(self, batch: StepBatch) -> StepResult:
+        if not self.trains:
+            raise RuntimeError("this Trainer was built with optimizer_state=False (forward passes only)")
         t0 = time.perf_counter()
         if len(batch.micro_batches) != self.grad_accum:
             raise ValueError(f"the step has {len(batch.micro_batches)} micro-batches, the engine expects "
