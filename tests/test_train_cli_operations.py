@@ -120,7 +120,10 @@ def test_preemption_signal_checkpoints_and_exits_zero(run_inputs, reference_run,
     workers = psutil.Process(proc.pid).children(recursive=True)
     assert workers, "no worker processes"
     for w in workers:           # as SLURM does: every process of the step gets the signal
-        w.send_signal(sig)
+        try:
+            w.send_signal(sig)
+        except psutil.NoSuchProcess:        # a short-lived helper (e.g. a compiler probe) gone since listed
+            pass
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert "preemption signal" in out

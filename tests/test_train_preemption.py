@@ -42,7 +42,10 @@ def test_term_with_a_slow_save_checkpoints_and_exits_zero(run_inputs, reference_
         targets += psutil.Process(proc.pid).children(recursive=True)
     signalled = time.time()
     for p in targets:
-        p.send_signal(signal.SIGTERM)
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:        # a short-lived helper (e.g. a compiler probe) gone since listed
+            pass
     try:
         out, _ = proc.communicate(timeout=SLOW_SAVE_S + 120)
     finally:
