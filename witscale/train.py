@@ -219,9 +219,11 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
         if not ok:
             raise UsageError(f"{flag} {value} is out of range")
 
-    from witscale.model.attention import BACKENDS, check_backend_request
-    if cfg.attention not in BACKENDS:
-        raise UsageError(f"--attention {cfg.attention}: unknown backend (known: {', '.join(BACKENDS)})")
+    from witscale.model.attention import check_backend_name, check_backend_request
+    try:
+        check_backend_name(cfg.attention)        # before reading data or config: a typo fails at once
+    except ValueError as e:
+        raise UsageError(f"--attention: {e}") from None
     _require_file(cfg.data, "--data")
     try:
         dataset = PackedDataset(cfg.data)

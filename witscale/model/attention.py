@@ -133,13 +133,17 @@ def checked_softcap(softcap: Optional[float]) -> Optional[float]:
     return float(softcap)
 
 
+def check_backend_name(requested: str) -> None:
+    """ValueError (one line) unless ``requested`` is one of BACKENDS: the one check of a backend's name."""
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown attention backend {requested!r} (known: {', '.join(BACKENDS)})")
+
 
 def check_backend_request(requested: str, softcap: Optional[float]) -> None:
     """The up-front part of select_backend, for the command lines (before any process group or model exists):
     ValueError (one line) for an unknown backend, or one that cannot apply the model's attention soft-cap.
     What depends on the device (CUDA, flash-attn, flex) is still checked by select_backend."""
-    if requested not in BACKENDS:
-        raise ValueError(f"unknown attention backend {requested!r} (known: {', '.join(BACKENDS)})")
+    check_backend_name(requested)
     if checked_softcap(softcap) is not None and requested not in ("auto", *SOFTCAP_BACKENDS):
         raise ValueError(f"attention backend {requested} cannot apply the model's attention soft-capping "
                          f"(attn_logit_softcapping {softcap:g}); use one of auto, {', '.join(SOFTCAP_BACKENDS)}")
@@ -184,8 +188,7 @@ def select_backend(requested: str = "auto", device: Optional[torch.device] = Non
     """The backend to run: ``requested``, or for "auto" the fastest that runs on ``device``/``dtype`` and
     applies ``softcap`` (see the module docstring); logged once per choice. Raises ValueError for a requested
     backend that cannot run here or cannot apply the cap."""
-    if requested not in BACKENDS:
-        raise ValueError(f"unknown attention backend {requested!r} (known: {', '.join(BACKENDS)})")
+    check_backend_name(requested)
     if checked_softcap(softcap) is not None:
         return _select_capping(requested, device, dtype)
     backend, why = requested, ""

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from witscale.model.attention import BACKENDS, packed_attention, select_backend
+from witscale.model.attention import check_backend_name, packed_attention, select_backend
 from witscale.model.config import ModelConfig
 from witscale.model.family import FamilySpec, family_spec
 from witscale.model.rope import RotaryEmbedding, apply_rope
@@ -228,8 +228,7 @@ class CausalLM(nn.Module):
 
     def set_attention_backend(self, backend: str) -> None:
         """Force one attention backend (attention.BACKENDS) in every layer."""
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown attention backend {backend!r} (known: {', '.join(BACKENDS)})")
+        check_backend_name(backend)
         for layer in self.model.layers:
             layer.self_attn.backend = backend
 
