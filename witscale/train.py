@@ -133,7 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("checkpoints, evaluation, export")
     g.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (always at the end)")
-    g.add_argument("--keep-checkpoints", type=int, default=2, help="keep the last K complete checkpoints")
+    g.add_argument("--keep-checkpoints", type=int, default=2,
+                   help="keep the last K complete checkpoints (never pruning the newest one recorded finite)")
+    g.add_argument("--skip-nonfinite", type=int, default=0, metavar="N",
+                   help="a step with a NaN/inf loss or gradient norm stops the run (exit 3, nothing saved after "
+                        "it); with N > 0 up to N such steps are skipped (update not applied, logged) first")
     g.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="'auto': continue from <output-dir>/checkpoints/latest if it exists; or a checkpoint path")
     g.add_argument("--allow-data-change", action="store_true",
@@ -286,7 +290,7 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
         except (OSError, ValueError) as e:
             raise UsageError(f"--eval-data {cfg.eval_data}: {e}") from None
         _check_objective(cfg, eval_dataset, table, flag="--eval-data")
-    for flag in ("save_steps", "eval_steps", "keep_checkpoints", "log_every"):
+    for flag in ("save_steps", "eval_steps", "keep_checkpoints", "log_every", "skip_nonfinite"):
         if getattr(cfg, flag) < 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 0")
     if cfg.resume not in (None, "auto") and not os.path.exists(cfg.resume):
@@ -379,22 +383,29 @@ def run(args: argparse.Namespace | RunConfig):
     from witscale.parallel.topology import Topology
     from witscale.training.build import build_module
     from witscale.training.distributed import PeerFailureWatch, init_distributed, world_size_from_env
+    from witscale.training.run_lock import hold_output_dir
 
     config = args if isinstance(args, RunConfig) else RunConfig.from_args(args)
     world = dist.get_world_size() if dist.is_initialized() else world_size_from_env()
     plan = plan_run(config, world)
     init_distributed(timeout_minutes=config.dist_timeout)
-    watch = PeerFailureWatch() if world > 1 else None
-    topo = Topology(plan.dims)
-    if dist.get_rank() == 0:
-        _announce(plan, topo)
-    torch.manual_seed(config.seed)
-    module = build_module(plan.model_config, topo, plan.ds_config, model_dir=config.model, seed=config.seed,
-                          pp_partition=config.pp_partition, attention=config.attention,
-                          activation_checkpointing=plan.activation_checkpointing)
-    result = train_loop(plan, topo, module)
-    if watch is not None:
-        watch.stop()        # from here on, rank 0 (the store's host) may leave first
+    # One run per output directory: decided by rank 0 before anything heavy starts or any file is written.
+    lock = hold_output_dir(config.output_dir)
+    try:
+        watch = PeerFailureWatch() if world > 1 else None
+        topo = Topology(plan.dims)
+        if dist.get_rank() == 0:
+            _announce(plan, topo)
+        torch.manual_seed(config.seed)
+        module = build_module(plan.model_config, topo, plan.ds_config, model_dir=config.model, seed=config.seed,
+                              pp_partition=config.pp_partition, attention=config.attention,
+                              activation_checkpointing=plan.activation_checkpointing)
+        result = train_loop(plan, topo, module)
+        if watch is not None:
+            watch.stop()        # from here on, rank 0 (the store's host) may leave first
+    finally:
+        if lock is not None:
+            lock.release()
     return result
 
 
@@ -405,6 +416,7 @@ def train_loop(plan: Plan, topo, module):
     from witscale.data.loader import PackedLoader
     from witscale.training import checkpoint, preemption
     from witscale.training.faults import injected, slow_save_seconds
+    from witscale.training.guard import check_step
     from witscale.training.metrics import MetricsLogger
     from witscale.training.trainer import Trainer
 
@@ -449,9 +461,13 @@ def train_loop(plan: Plan, topo, module):
         while trainer.step < plan.total_steps:
             if injected("raise_in_step", trainer.step + 1):
                 raise RuntimeError(f"injected fault before step {trainer.step + 1} (WITSCALE_FAULT)")
-            result = trainer.train_step(loader.next_step())
+            batch = loader.next_step()
+            result = trainer.train_step(batch)
             results.append(result)
             metrics.write(result.as_dict())
+            # a non-finite step stops here (NonFiniteError) before any save or export, or is skipped
+            check_step(result, batch, lambda: loader.global_batch_rows(batch.epoch, batch.step_in_epoch),
+                       trainer.skipped_nonfinite, cfg.skip_nonfinite)
             if evaluate_now(final=False):
                 metrics.write(trainer.evaluate(eval_loader))
             if preemption.agreed(device=trainer.device):
@@ -529,13 +545,17 @@ def main(argv=None) -> int:
     if rank_from_env() != 0:
         log.setLevel(logging.WARNING)
     from witscale.training.checkpoint import CheckpointError
+    from witscale.training.guard import NonFiniteError
+    from witscale.training.run_lock import OutputDirBusy
     try:
         run(args)
     except UsageError as e:     # before any process group exists
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except CheckpointError as e:
-        fail_fast(2, f"error: {e}")
+    except (CheckpointError, OutputDirBusy) as e:
+        fail_fast(2, f"error: {e}" if str(e) else "")       # OutputDirBusy: rank 0 alone says it
+    except NonFiniteError as e:     # every rank sees the same step: rank 0 says it
+        fail_fast(3, f"error: {e}" if rank_from_env() == 0 else "")
     except BaseException:       # noqa: BLE001 - KeyboardInterrupt and SystemExit too
         # Never wait in a barrier for ranks that may be stuck in a collective with this one: print the
         # traceback now and leave; the launcher then ends the other ranks within seconds.

@@ -133,12 +133,18 @@ def _retire(root: str, current: str, keep: int) -> list[str]:
     """Rank 0: rename the complete checkpoints beyond the newest ``keep`` up to ``current`` (which `latest`
     names, never retired) to ``.deleting.<tag>`` — one metadata operation each, so they stop counting at once
     — and return those paths, plus leftovers of a deletion an earlier process did not finish. Tags newer than
-    ``current`` (left by a fall-back past a damaged checkpoint) are not counted and not touched."""
+    ``current`` (left by a fall-back past a damaged checkpoint) are not counted and not touched. Unless
+    ``current`` is recorded finite, the newest older checkpoint that is stays (``recorded_finite``)."""
     trash = [os.path.join(root, t) for t in os.listdir(root) if t.startswith(TRASH_PREFIX)]
     if keep <= 0:
         return trash
     older = [t for t in complete_tags(root) if t < current]
-    for old in older[:max(0, len(older) - (keep - 1))]:
+    retired = older[:max(0, len(older) - (keep - 1))]
+    if retired and not recorded_finite(root, current):
+        finite = [t for t in older if recorded_finite(root, t)]
+        if finite and finite[-1] in retired:
+            retired.remove(finite[-1])
+    for old in retired:
         dst = os.path.join(root, f"{TRASH_PREFIX}{old}")
         try:
             os.replace(os.path.join(root, old), dst)
@@ -152,6 +158,15 @@ def _retire(root: str, current: str, keep: int) -> list[str]:
         if dst not in trash:
             trash.append(dst)
     return trash
+
+
+def recorded_finite(root: str, tag: str) -> bool:
+    """Does the tag's state record that its values were finite at save (``Trainer.save_checkpoint`` checks
+    the weights and writes ``finite: true``)? A state without the field (an older witscale) or unreadable: no."""
+    try:
+        return read_state(root, tag).get("finite") is True
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 _pruners: list[threading.Thread] = []

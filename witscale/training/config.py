@@ -54,6 +54,7 @@ class RunConfig:
     # checkpoints, evaluation, export
     save_steps: int = 0
     keep_checkpoints: int = 2
+    skip_nonfinite: int = 0                # non-finite steps skipped before the run stops (training/guard.py)
     resume: Optional[str] = None
     allow_data_change: bool = False
     eval_data: Optional[str] = None

@@ -138,7 +138,7 @@ def fail_fast(code: int = 1, message: str | None = None) -> None:
     logs flushed, then ``os._exit``. No barrier and no process-group teardown: the other ranks may be
     waiting in a collective with this one, and a barrier would hang until the collective timeout with the
     traceback unprinted. The launcher (torchrun, deepspeed, mpirun, srun --kill-on-bad-exit) sees the
-    non-zero exit and ends the other ranks within seconds."""
+    non-zero exit and ends the other ranks within seconds. ``message=""``: leave quietly (another rank says why)."""
     import logging
     import sys
     import traceback
@@ -155,9 +155,9 @@ def fail_fast(code: int = 1, message: str | None = None) -> None:
                     store.set(_FAILED_KEY, str(rank))      # the other ranks' PeerFailureWatch reads it
                 except Exception:    # noqa: BLE001 - the store may be gone already
                     pass
-        if message is not None:
+        if message:
             print(message, file=sys.stderr)
-        else:
+        elif message is None:
             print(f"[witscale] rank {rank} failed:", file=sys.stderr)
             traceback.print_exc()
         for handler in logging.getLogger("witscale").handlers + logging.getLogger().handlers:

@@ -4,7 +4,10 @@
 
 Kinds: ``crash_in_save`` and ``kill_after_save`` (witscale/training/checkpoint.py: die with shards written but no
 commit, or right after a complete checkpoint), ``raise_in_step`` (witscale/train.py: an exception on one
-rank before the step, while the others enter its collectives — the fail-fast path).
+rank before the step, while the others enter its collectives — the fail-fast path), ``nan_loss`` and ``inf_loss``
+(witscale/training/trainer.py: the non-zero token weights of the step's first micro-batch on that rank become
+NaN / +inf, as one bad value in a dataset's weights channel would make the loss and the gradients — the
+non-finite guard, independent of the data path and its validation).
 
     WITSCALE_SLOW_SAVE=<seconds>               every checkpoint takes that much longer (a 70B save in a test)
     WITSCALE_SLOW_REFERENCE=<seconds>          tools/precompute_reference.py waits that long before writing, on a
@@ -21,6 +24,14 @@ def injected(kind: str, step: int) -> bool:
         return False
     import torch.distributed as dist
     return dist.get_rank() == (int(spec[2]) if len(spec) > 2 else 0)
+
+
+def nonfinite_weight(step: int):
+    """The value (nan or inf) ``nan_loss`` / ``inf_loss`` puts into this rank's weights at ``step``, else None."""
+    for kind, value in (("nan_loss", float("nan")), ("inf_loss", float("inf"))):
+        if injected(kind, step):
+            return value
+    return None
 
 
 def slow_save_seconds() -> float:

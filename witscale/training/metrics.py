@@ -71,14 +71,14 @@ class MetricsLogger:
             return
         step = int(record["step"])
         if self._jsonl is not None:
-            # NaN (e.g. no response token in a batch) is not JSON: write null.
-            clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()}
+            # NaN (e.g. no response token in a batch) and inf (a non-finite step) are not JSON: write null.
+            clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
             self._jsonl.write(json.dumps(clean) + "\n")
             self._jsonl.flush()
         if self._tb is not None:
             for key, value in record.items():
                 tag = tb_tag(key)
-                if tag and isinstance(value, (int, float)) and not math.isnan(value):
+                if tag and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(tag, value, step)
             self._tb.flush()
         if "loss" not in record:        # an eval record

@@ -64,7 +64,13 @@ class GlobalNormClipping(torch.optim.Optimizer):
     replicated parameters on model-parallel rank 0 only — under pp the first stage — so it is switched off
     (gradient_clipping 0) and done here. DeepSpeed's engine reads ``_global_grad_norm`` after ``step``
     (``engine.get_global_grad_norm()``). Clipping scales by min(1, max_norm / (norm + 1e-6)) as torch's
-    ``clip_grad_norm_`` does, on the device, without a host sync."""
+    ``clip_grad_norm_`` does, on the device.
+
+    A non-finite norm (a NaN or inf loss, a bad weight in the data) skips the update as DeepSpeed's ZeRO-1/2/3
+    and bf16 optimizers do (their ``is_invalid_grad_norm``): parameters and Adam state untouched,
+    ``overflow`` set, so the engine counts ``skipped_steps`` and does not advance the schedule — one rule for
+    every layout (docs/checkpoints.md#non-finite-steps). Reading the norm's finiteness is the one host read
+    of the step before the statistics cross (free on the CPU; DeepSpeed's own optimizers read theirs too)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, max_norm: float, topo):
         # Not Optimizer.__init__: the wrapped optimizer owns the parameter groups and the state.
@@ -72,6 +78,7 @@ class GlobalNormClipping(torch.optim.Optimizer):
         self.max_norm = float(max_norm)
         self.topo = topo
         self._global_grad_norm = None
+        self.overflow = False       # read by DeepSpeed's engine after step(): True = the update was skipped
 
     @property
     def param_groups(self):
@@ -96,12 +103,16 @@ class GlobalNormClipping(torch.optim.Optimizer):
     def step(self, closure=None):
         params = self._params()
         norm = global_grad_norm(params, self.topo)
+        self._global_grad_norm = norm
+        # Equal on every rank (gradients all-reduced over dp, the norm over tp × pp): all ranks skip alike.
+        self.overflow = not bool(torch.isfinite(norm))
+        if self.overflow:
+            return None
         if self.max_norm > 0:
             grads = [p.grad for p in params if p.grad is not None]
             if grads:
                 coef = torch.clamp(self.max_norm / (norm + 1e-6), max=1.0)
                 torch._foreach_mul_(grads, coef.to(grads[0].dtype))
-        self._global_grad_norm = norm
         return self.optimizer.step(closure)
 
     def zero_grad(self, set_to_none: bool = True):

@@ -47,6 +47,8 @@ from witscale.data.weighting import IGNORE_INDEX, NORMALIZATIONS, denominators_o
 from witscale.training import checkpoint
 from witscale.training.ds_config import zero_stage
 from witscale.training.dpo import DPO_SUMS, DPOLoss, DPOSettings, ReferenceLogps, preference_inputs
+from witscale.training.faults import nonfinite_weight
+from witscale.training.guard import NonFiniteError
 from witscale.training.optim import GlobalNormClipping, cosine_with_warmup, param_groups
 from witscale.model.shape import ModelShape
 from witscale.model.state import dense_state_dict
@@ -71,9 +73,17 @@ class StepResult:
     peak_memory_gib: Optional[float] = None     # this rank's peak GPU memory so far (CUDA only)
     class_nll: dict = field(default_factory=dict)   # mean NLL per token class present in the batch
     dpo: dict = field(default_factory=dict)         # DPO: per-pair means (StepSums.dpo_means), else empty
+    # The non-finite guard (witscale/training/guard.py): a NaN/inf loss or gradient norm, and whether the
+    # optimizer skipped the update (DeepSpeed's overflow; GlobalNormClipping in fp32 ZeRO-0).
+    nonfinite: bool = False
+    update_skipped: bool = False
+    raw_grad_norm: Optional[float] = None           # as measured (``grad_norm`` hides a NaN)
 
     def as_dict(self) -> dict:
-        out = {k: v for k, v in self.__dict__.items() if k not in ("class_nll", "dpo")}
+        out = {k: v for k, v in self.__dict__.items()
+               if k not in ("class_nll", "dpo", "raw_grad_norm", "nonfinite", "update_skipped")}
+        if self.nonfinite:
+            out.update(nonfinite=True, update_skipped=self.update_skipped)
         out.update({f"nll_{name}": v for name, v in self.class_nll.items()})
         out.update(self.dpo)
         return out
@@ -334,6 +344,7 @@ class Trainer:
         self.runner = (_PipelineEngine(self.engine, topo, module.loss_fn, dpo) if pipelined
                        else _DenseEngine(self.engine, topo, dpo))
         self.step = 0
+        self.skipped_nonfinite: list[int] = []     # steps whose non-finite update was skipped (guard.py)
         self.peak_flops = gpu_peak_flops()
         # MFU counts model FLOPs: 6 × matmul weights per token plus causal attention's per-document
         # term (ModelShape.training_flops), the same count as tools/bench/bench_gpu.py.
@@ -353,13 +364,20 @@ class Trainer:
         scale = self.runner.loss_scale(denominator, self.grad_accum)
         lr = self.scheduler.get_last_lr()[0]
         micro_batches = [mb.to(self.device) for mb in batch.micro_batches]
+        poison = nonfinite_weight(self.step + 1)       # test-only (witscale/training/faults.py)
+        if poison is not None:
+            first = micro_batches[0]
+            first.weights = torch.where(first.weights != 0, torch.full_like(first.weights, poison), first.weights)
+        skipped_before = self.engine.skipped_steps
         totals = self.runner.train(micro_batches, scale, self.device)
         sums = StepSums.from_vector(totals, dpo=self.dpo is not None)
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.engine.get_global_grad_norm()      # computed before the transfer: no new sync
         self.step += 1
         elapsed = time.perf_counter() - t0
         if isinstance(grad_norm, torch.Tensor):
             grad_norm = float(grad_norm)
+        # Equal on every rank (sums over dp, broadcast over pp; a global norm): every rank decides alike.
+        nonfinite = not math.isfinite(sums.weighted_sum) or (grad_norm is not None and not math.isfinite(grad_norm))
         return StepResult(
             step=self.step,
             loss=sums.weighted_sum / denominator if denominator > 0 else 0.0,
@@ -378,6 +396,9 @@ class Trainer:
                              if self.device.type == "cuda" else None),
             class_nll=sums.per_class(),
             dpo=sums.dpo_means(),
+            nonfinite=nonfinite,
+            update_skipped=self.engine.skipped_steps > skipped_before,
+            raw_grad_norm=grad_norm,
         )
 
     # --- evaluation ---------------------------------------------------------------------------------
@@ -436,17 +457,35 @@ class Trainer:
         """What a checkpoint needs besides DeepSpeed's own state: the step, the data position and the layout
         that wrote DeepSpeed's files."""
         return {"step": self.step, "loader": self.loader.state_dict(),
-                "layout": {"dp": self.topo.dp, "tp": self.topo.tp, "pp": self.topo.pp}}
+                "layout": {"dp": self.topo.dp, "tp": self.topo.tp, "pp": self.topo.pp},
+                "skipped_nonfinite_steps": list(self.skipped_nonfinite)}
 
     def load_state_dict(self, state: dict, *, data_position: bool = True) -> None:
         self.step = int(state["step"])
+        self.skipped_nonfinite = [int(s) for s in state.get("skipped_nonfinite_steps") or []]
         if data_position:
             self.loader.load_state_dict(state["loader"])
 
     def save_checkpoint(self, root: str, keep: int, **extra) -> str:
         """Collective: DeepSpeed's state, every rank's RNG, and ``state_dict()`` plus ``extra`` (fingerprints,
-        the run's settings) committed last (witscale/training/checkpoint.py, docs/checkpoints.md)."""
-        return checkpoint.save(self.engine, root, self.step, {**self.state_dict(), **extra}, keep)
+        the run's settings) committed last (witscale/training/checkpoint.py, docs/checkpoints.md). Weights that
+        are not all finite are never saved (``NonFiniteError``); the state records ``finite: true``, which
+        checkpoint retention reads."""
+        if not self.weights_finite():
+            raise NonFiniteError(f"step {self.step}: the weights hold non-finite values; not saving a checkpoint "
+                                 "(the last checkpoint holds finite values)")
+        return checkpoint.save(self.engine, root, self.step, {**self.state_dict(), "finite": True, **extra}, keep)
+
+    @torch.no_grad()
+    def weights_finite(self) -> bool:
+        """Collective: are all of the model's weights finite on every rank? Each rank reads only what it holds
+        (its ZeRO-3 partitions, its tp/pp shards) on its device; one all-reduce and one host read — at a save,
+        not per step."""
+        flags = [torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in self.engine.module.parameters()]
+        ok = (torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=self.device))
+        ok = ok.to(device=self.device, dtype=torch.int32).reshape(1)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item())
 
     def resume(self, spec: str, root: str, *, data_fingerprint: str, model_fingerprint: str,
                allow_data_change: bool = False) -> Optional[str]:
