@@ -43,7 +43,7 @@ def test_guard_skips_at_most_n_steps_then_stops_naming_step_and_rows():
         check_step(_Result(9), _Batch, rows, skipped, 1)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("step 9: non-finite loss or gradient norm (loss nan, gradient norm inf)")
-    assert "data epoch 0, step 4 of the epoch, rows 100, 101" in msg and "(20 rows)" in msg
+    assert "at data epoch 0, step 4 of the epoch, rows 100, 101" in msg and "(20 rows)" in msg
     assert "already used by steps 5" in msg
     with pytest.raises(NonFiniteError, match="the update was applied"):       # cannot be undone: stop
         check_step(_Result(10, update_skipped=False), _Batch, rows, [], 5)
@@ -141,17 +141,17 @@ def _single(args, env=None, wait=True):
 
 
 def test_nan_loss_stops_the_run_keeps_the_last_checkpoint_saves_and_exports_nothing(run_inputs, tmp_path):
-    """ZeRO-3 dp2 under torchrun, --keep-checkpoints 1: step 3 is NaN → exit 3 and one line naming the step;
-    the step-2 checkpoint stays, nothing is saved after it, no export."""
+    """ZeRO-3 dp2 under torchrun, --keep-checkpoints 1: step 3 is NaN → the ranks exit 3 (torchrun: 1) with one
+    line naming the step and its rows; the step-2 checkpoint stays, nothing is saved after it, no export."""
     code, log = _torchrun(_args(run_inputs, tmp_path, 6, "--save-steps", "2", "--keep-checkpoints", "1",
                                 "--export-hf", str(tmp_path / "hf")), env=_env(WITSCALE_FAULT="nan_loss:3"))
-    assert code == 3, log
+    assert code != 0 and "exitcode  : 3" in log, log
     errors = [line for line in log.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: step 3: non-finite loss or gradient norm"), log
-    assert "data epoch 0, step 2 of the epoch, rows " in errors[0]
+    assert "at data epoch 1, step 0 of the epoch, rows " in errors[0] and "(8 rows)" in errors[0]
     ckpts = tmp_path / "checkpoints"
     assert open(ckpts / "latest").read().strip() == "step_00000002"
-    assert sorted(os.listdir(ckpts)) == ["latest", "step_00000002"]
+    assert [t for t in os.listdir(ckpts) if t.startswith(("step_", ".deleting."))] == ["step_00000002"]
     assert json.load(open(ckpts / "step_00000002" / checkpoint.STATE_FILE))["finite"] is True
     assert not (tmp_path / "hf").exists()
     rows = _rows(tmp_path)

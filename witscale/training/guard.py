@@ -40,13 +40,13 @@ def check_step(result, batch, rows, skipped: list[int], max_skips: int) -> None:
     rows = rows()
     norm = "not measured" if result.raw_grad_norm is None else result.raw_grad_norm
     what = f"step {result.step}: non-finite loss or gradient norm (loss {result.loss}, gradient norm {norm})"
-    where = f"data epoch {batch.epoch}, step {batch.step_in_epoch} of the epoch, {describe_rows(rows)}"
+    what += f" at data epoch {batch.epoch}, step {batch.step_in_epoch} of the epoch, {describe_rows(rows)}"
     if not result.update_skipped:
-        raise NonFiniteError(f"{what} ({where}); the update was applied, so the run stops here without saving "
+        raise NonFiniteError(f"{what}; the update was applied, so the run stops here without saving "
                              f"(the last checkpoint holds finite values)")
     if len(skipped) >= max_skips:
         budget = (f"--skip-nonfinite {max_skips} already used by steps {', '.join(map(str, skipped))}" if skipped
                   else "pass --skip-nonfinite N to skip up to N such steps")
-        raise NonFiniteError(f"{what} ({where}); update not applied, run stopped without saving ({budget})")
+        raise NonFiniteError(f"{what}; update not applied, run stopped without saving ({budget})")
     skipped.append(result.step)
-    log.warning(f"{what} ({where}): update skipped ({len(skipped)} of --skip-nonfinite {max_skips})")
+    log.warning(f"{what}: update skipped ({len(skipped)} of --skip-nonfinite {max_skips})")
