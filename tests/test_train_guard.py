@@ -19,7 +19,7 @@ from tests.test_train_cli_operations import _args, _env, _torchrun, run_inputs  
 from tests.train_helpers import TINY, ds_config, random_packed
 from witscale.training import checkpoint
 from witscale.training.guard import NonFiniteError, check_step
-from witscale.training.run_lock import LOCK_NAME, OutputDirBusy, OutputDirLock
+from witscale.training.run_lock import LOCK_NAME, OutputDirRefused, OutputDirLock
 
 
 # --- the guard's policy -------------------------------------------------------------------------------
@@ -186,7 +186,7 @@ def test_skip_nonfinite_skips_the_step_logs_it_and_trains_on(run_inputs, tmp_pat
 def test_a_second_lock_is_refused_naming_the_holder_and_released_on_release(tmp_path):
     first = OutputDirLock(str(tmp_path / "out"))
     first.acquire()
-    with pytest.raises(OutputDirBusy) as e:
+    with pytest.raises(OutputDirRefused) as e:
         OutputDirLock(str(tmp_path / "out")).acquire()
     assert f"pid {os.getpid()}" in str(e.value) and "is in use by another run" in str(e.value)
     first.release()
@@ -207,7 +207,7 @@ def test_without_flock_an_exclusive_file_with_heartbeat_and_staleness(tmp_path, 
     out = tmp_path / "out"
     first = OutputDirLock(str(out))
     first.acquire()
-    with pytest.raises(OutputDirBusy, match=f"pid {os.getpid()}"):
+    with pytest.raises(OutputDirRefused, match=f"pid {os.getpid()}"):
         OutputDirLock(str(out)).acquire()
     first.release()
     assert not (out / run_lock.HELD_NAME).exists()
@@ -219,7 +219,7 @@ def test_without_flock_an_exclusive_file_with_heartbeat_and_staleness(tmp_path, 
     taker.acquire()                   # this host, pid gone: stale
     taker.release()
     held.write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": "x"}))
-    with pytest.raises(OutputDirBusy, match="host elsewhere"):
+    with pytest.raises(OutputDirRefused, match="host elsewhere"):
         OutputDirLock(str(out)).acquire()        # another host, fresh heartbeat: held
     old = time.time() - run_lock.STALE_S - 60
     os.utime(held, (old, old))

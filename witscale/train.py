@@ -546,14 +546,14 @@ def main(argv=None) -> int:
         log.setLevel(logging.WARNING)
     from witscale.training.checkpoint import CheckpointError
     from witscale.training.guard import NonFiniteError
-    from witscale.training.run_lock import OutputDirBusy
+    from witscale.training.run_lock import OutputDirRefused
     try:
         run(args)
     except UsageError as e:     # before any process group exists
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (CheckpointError, OutputDirBusy) as e:
-        fail_fast(2, f"error: {e}" if str(e) else "")       # OutputDirBusy: rank 0 alone says it
+    except (CheckpointError, OutputDirRefused) as e:
+        fail_fast(2, f"error: {e}" if str(e) else "")       # OutputDirRefused: rank 0 alone says it
     except NonFiniteError as e:     # every rank sees the same step: rank 0 says it
         fail_fast(3, f"error: {e}" if rank_from_env() == 0 else "")
     except BaseException:       # noqa: BLE001 - KeyboardInterrupt and SystemExit too

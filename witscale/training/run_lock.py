@@ -39,8 +39,9 @@ _STORE_KEY = "witscale/output_dir_lock"
 _rounds = 0          # runs started in this process group (tests start several): one store key each
 
 
-class OutputDirBusy(RuntimeError):
-    """Another run holds the output directory (the message names it; empty on ranks other than 0)."""
+class OutputDirRefused(RuntimeError):
+    """Another run holds the output directory, or no lock can be made there (the message says which; empty on
+    ranks other than 0)."""
 
 
 def _holder() -> dict:
@@ -58,7 +59,7 @@ def _describe(path: str) -> str:
 
 
 class OutputDirLock:
-    """``acquire()`` or ``OutputDirBusy``; ``release()`` (idempotent; process exit releases the flock too)."""
+    """``acquire()`` or ``OutputDirRefused``; ``release()`` (idempotent; process exit releases the flock too)."""
 
     def __init__(self, output_dir: str):
         self.output_dir = output_dir
@@ -67,13 +68,17 @@ class OutputDirLock:
         self._held_file: Optional[str] = None
         self._stop = threading.Event()
 
-    def _busy(self, path: str) -> OutputDirBusy:
-        return OutputDirBusy(f"--output-dir {self.output_dir} is in use by another run ({_describe(path)}; lock "
+    def _busy(self, path: str) -> OutputDirRefused:
+        return OutputDirRefused(f"--output-dir {self.output_dir} is in use by another run ({_describe(path)}; lock "
                              f"{path}): wait for it to end, or choose another --output-dir")
 
     def acquire(self) -> None:
-        os.makedirs(self.output_dir, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            os.makedirs(self.output_dir, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise OutputDirRefused(f"--output-dir {self.output_dir}: cannot create the run's lock file "
+                                   f"{self.path}: {e.strerror or e}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -159,7 +164,7 @@ class OutputDirLock:
 def hold_output_dir(output_dir: str) -> Optional[OutputDirLock]:
     """Collective, right after the process group exists: rank 0 takes the lock and every rank learns the
     verdict through the rendezvous store (no NCCL collective: a refused run never builds a communicator).
-    Returns rank 0's lock (None elsewhere); raises ``OutputDirBusy`` on every rank of a refused run."""
+    Returns rank 0's lock (None elsewhere); raises ``OutputDirRefused`` on every rank of a refused run."""
     import torch.distributed as dist
 
     from witscale.training.distributed import _default_store
@@ -173,7 +178,7 @@ def hold_output_dir(output_dir: str) -> Optional[OutputDirLock]:
         lock = OutputDirLock(output_dir)
         try:
             lock.acquire()
-        except OutputDirBusy as e:
+        except OutputDirRefused as e:
             lock, refusal = None, str(e)
     if world > 1:
         store = _default_store()
@@ -190,7 +195,7 @@ def hold_output_dir(output_dir: str) -> Optional[OutputDirLock]:
             except Exception:       # noqa: BLE001 - rank 0 refused and left with its store
                 refused = True
         if refused and rank != 0:
-            raise OutputDirBusy("")
+            raise OutputDirRefused("")
     if refusal:
-        raise OutputDirBusy(refusal)
+        raise OutputDirRefused(refusal)
     return lock
