@@ -26,7 +26,10 @@ denominator is the global batch's pair count (``denominators["pairs"]``), and th
 pair sums (loss, log-probs, rewards, accuracy) beside the per-class NLL — still one host transfer per step.
 
 Gradient norm and clipping come from DeepSpeed (ZeRO-1/2/3 and its bf16 optimizer, pipeline-aware); in
-fp32 ZeRO-0, where DeepSpeed measures none, from ``witscale.training.optim.GlobalNormClipping``.
+fp32 ZeRO-0, where DeepSpeed measures none, from ``witscale.training.optim.GlobalNormClipping``. Each of them
+skips an update whose norm is not finite; ``train_step`` reports such a step (``StepResult.nonfinite``,
+``update_skipped``) from the values that cross to the host anyway, and ``witscale/training/guard.py`` decides
+what the run does (docs/checkpoints.md#non-finite-steps). A checkpoint is written only of finite weights.
 """
 from __future__ import annotations
 
