@@ -242,7 +242,7 @@ def test_a_second_run_into_the_same_output_dir_is_refused_in_one_line(run_inputs
     each step in metrics.jsonl once."""
     args = _args(run_inputs, tmp_path, 4, "--ds_config", "ds_configs/zero0.json", "--save-steps", "2",
                  "--resume", "auto")
-    first = _single(args, env=_env(WITSCALE_SLOW_SAVE="15"), wait=False)
+    first = _single(args, env=_env(WITSCALE_SLOW_SAVE="30"), wait=False)
     _wait_for_step(tmp_path, first)
     code, log = _torchrun(args)
     assert first.poll() is None, "the first run was to be still running"
