@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="[witscale-eval] %(message)s")
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "lm_eval", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from witscale.evaluation.run import EvalOptions, InputError, evaluate
+    from witscale.evaluation.run import EvalOptions, InputError
     from witscale.evaluation.variants import KINDS, read_prompt_sets, write_prompt_sets
 
     if args.make_variants:
@@ -177,23 +177,35 @@ def main(argv=None) -> int:
             return 0
 
     from witscale.evaluation.parallel import DataParallel
+    from witscale.training.distributed import fail_fast
     dp = DataParallel()
-    status = 0
     try:
-        for opts in jobs:
-            try:
-                errors = evaluate(opts, dp)
-            except InputError as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 2
-            if dp.is_main:
-                path = os.path.join(opts.output_dir, "eval_results.json")
-                print(summary_line(path))
-                for part, msg in errors.items():
-                    print(f"[witscale-eval] FAILED {part}: {msg}", file=sys.stderr)
-            status = max(status, 1 if errors else 0)
-    finally:
-        dp.close()
+        status = run_jobs(jobs, dp)
+    except InputError as e:     # found alike by every rank (the inputs are checked before any collective)
+        if dp.world == 1:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        fail_fast(2, f"error: {e}" if dp.is_main else "")
+    except BaseException:       # noqa: BLE001 - never wait in the closing barrier for a peer that may not reach it
+        if dp.world == 1:
+            raise
+        fail_fast()
+    dp.close()                  # every rank got here: the barrier, then the groups go (witscale.parallel.topology.teardown)
+    return status
+
+
+def run_jobs(jobs, dp) -> int:
+    """Evaluate each job on every rank; the exit status (1: a part failed; bad input raises ``InputError``)."""
+    from witscale.evaluation.run import evaluate
+    status = 0
+    for opts in jobs:
+        errors = evaluate(opts, dp)
+        if dp.is_main:
+            path = os.path.join(opts.output_dir, "eval_results.json")
+            print(summary_line(path))
+            for part, msg in errors.items():
+                print(f"[witscale-eval] FAILED {part}: {msg}", file=sys.stderr)
+        status = max(status, 1 if errors else 0)
     return status
 
 

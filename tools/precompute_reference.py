@@ -239,7 +239,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="[witscale] %(message)s", stream=sys.stdout)
     log.setLevel(args.log_level.upper())
-    from witscale.training.distributed import fail_fast, rank_from_env, teardown
+    from witscale.parallel.topology import teardown
+    from witscale.training.distributed import fail_fast, rank_from_env
     if rank_from_env() != 0:
         log.setLevel(logging.WARNING)
     try:

@@ -57,7 +57,7 @@ class DataParallel:
             dist.barrier()
 
     def close(self) -> None:
+        """After the work is done on every rank (never after an error: a peer may not reach the barrier)."""
         if self._owns_group:
-            import torch.distributed as dist
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            from witscale.parallel.topology import teardown
+            teardown()

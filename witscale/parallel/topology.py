@@ -185,3 +185,15 @@ class Topology:
     def describe(self) -> str:
         return (f"world={self.dims.world_size} = pp {self.pp} × dp {self.dp} × tp {self.tp}; this rank "
                 f"{self.rank}: pp_rank {self.pp_rank}, dp_rank {self.dp_rank}, tp_rank {self.tp_rank}")
+
+
+def teardown() -> None:
+    """Leave the job's process groups at the end of a process that completed its work: every rank waits for the
+    others in a barrier, then destroys the groups. Without the barrier, a rank that destroys its gloo group while
+    a peer has not finished the last collective's transfers can die at exit of ``std::terminate`` ("terminate
+    called without an active exception", SIGABRT: the job exits non-zero after doing its work). Every
+    multi-process entry point ends here (train.py, tools/precompute_reference.py, tools/evaluate.py); after an
+    error use ``witscale.training.distributed.fail_fast`` instead (no barrier: a peer may never reach it)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

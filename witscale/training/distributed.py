@@ -167,9 +167,3 @@ def fail_fast(code: int = 1, message: str | None = None) -> None:
     finally:
         os._exit(code)
 
-
-def teardown() -> None:
-    """Every rank waits for the others, then leaves; without the barrier gloo can abort at exit."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
