@@ -101,6 +101,14 @@ def test_row_offsets_that_decrease_are_refused(copy):
     assert _refused(copy) == f"{copy}/row_offsets.bin:row 2: row_offsets decrease ({offsets[3] + 1} then {offsets[3]})"
 
 
+def test_a_row_without_documents_is_refused(copy):
+    """An empty row would be a silent zero-loss row (the packer never writes one)."""
+    offsets = np.fromfile(os.path.join(copy, "row_offsets.bin"), "<i8")
+    _poke(copy, "row_offsets.bin", "<i8", 2, offsets[1])
+    assert _refused(copy) == (f"{copy}/row_offsets.bin:row 1: row_offsets leave the row without documents "
+                              f"({offsets[1]} then {offsets[1]})")
+
+
 def test_row_offsets_not_ending_at_the_documents_are_refused(copy):
     n = int(PackedDataset(copy).manifest["num_rows"])
     _poke(copy, "row_offsets.bin", "<i8", n, 1 << 40)

@@ -309,14 +309,13 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
                 steps_per_epoch, checkpointing)
 
 
-_TOKENIZER_WARNINGS: set = set()      # each warning once per process, rank 0 only
-
-
 def _check_tokenizer_identity(cfg: RunConfig, dataset, flag: str) -> None:
     """The data's tokenizer digest against the tokenizer that goes with the model: --model's files and
-    --tokenizer (what --export-hf copies). A mismatch is refused unless --allow-tokenizer-mismatch."""
+    --tokenizer (what --export-hf copies). A mismatch is refused unless --allow-tokenizer-mismatch; warnings
+    are logged once (rank 0)."""
     from witscale.data.loader import check_tokenizer_identity
     from witscale.training.distributed import rank_from_env
+    notes = []
     for source_flag, source in (("--model", cfg.model), ("--tokenizer", cfg.tokenizer)):
         if not source:
             continue
@@ -325,9 +324,10 @@ def _check_tokenizer_identity(cfg: RunConfig, dataset, flag: str) -> None:
                                             allow_mismatch=cfg.allow_tokenizer_mismatch)
         except ValueError as e:
             raise UsageError(str(e)) from None
-        if note and note not in _TOKENIZER_WARNINGS and rank_from_env() == 0:
-            _TOKENIZER_WARNINGS.add(note)
-            log.warning(note)
+        if note and note not in notes:
+            notes.append(note)
+    for note in notes if rank_from_env() == 0 else ():
+        log.warning(note)
 
 
 def dpo_settings(cfg: RunConfig):

@@ -305,7 +305,7 @@ VALIDATE_CHUNK = 1 << 22     # elements per validation chunk: 16 MiB of int32, w
 def _check_ids(block: np.ndarray, limit: int | None, file: str, first_row: int, problem: str) -> None:
     """Ids of a [rows, seq_len] block within [0, limit) (limit None: only >= 0). One reduction: viewed as
     unsigned, a negative id is larger than any limit."""
-    unsigned = block.view(block.dtype.newbyteorder("=").str.replace("i", "u"))
+    unsigned = block.view(block.dtype.str.replace("i", "u"))
     bound = limit if limit is not None else int(np.iinfo(block.dtype).max) + 1
     if block.size and int(unsigned.max()) >= bound:
         bad = (block < 0) | (block >= bound)
@@ -465,11 +465,11 @@ class PackedDataset:
         steps = np.diff(offsets)
         if rows and int(steps.min()) < 1:
             r = int(np.argmax(steps < 1))
-            what = "decrease" if steps[r] < 0 else "hold no document"
+            what = "decrease" if steps[r] < 0 else "leave the row without documents"
             raise DataError(f"row_offsets {what} ({int(offsets[r])} then {int(offsets[r + 1])})", name, f"row {r}")
         if offsets[-1] != ndocs:
             raise DataError(f"row_offsets end at {int(offsets[-1])} but the manifest has num_documents {ndocs}",
-                            name, f"row {rows - 1}")
+                            name, f"row {rows - 1}" if rows else None)
         # each row's token count = the difference of doc_lengths' running sum at its offsets, found chunk by chunk
         name = self._file("doc_lengths.bin")
         ends = np.empty(rows + 1, dtype=np.int64)
