@@ -299,7 +299,31 @@ def _move_into_place(tmp: str, output: str, overwrite: bool) -> None:
         os.rename(tmp, output)
 
 
-VALIDATE_CHUNK = 1 << 22     # elements per validation chunk: 16 MiB of int32, whatever the dataset's size
+VALIDATE_CHUNK = 1 << 20     # elements per validation read: 4 MiB of int32 (cache-sized), whatever the dataset's size
+
+
+def _chunks(path: str, dtype: str, elements: int):
+    """(first element, array) over a raw array file, read into one reused buffer of `elements` elements: memory
+    stays bounded and no page of the file stays mapped in this process (a memory map of the whole dataset
+    would hold every page it touched in the process's resident set). The array is overwritten by the next
+    chunk: use it before asking for the next."""
+    buf = np.empty(max(1, elements), dtype=dtype)
+    view = memoryview(buf).cast("B")
+    first = 0
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            got = 0
+            while got < len(view):
+                n = f.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+            count = got // buf.itemsize
+            if count:
+                yield first, buf[:count]
+                first += count
+            if got < len(view):
+                return
 
 
 def _check_ids(block: np.ndarray, limit: int | None, file: str, first_row: int, problem: str) -> None:
@@ -429,24 +453,26 @@ class PackedDataset:
         bad row: the CSR structure (row_offsets from 0 to num_documents, each row at least one document;
         doc_lengths 1..seq_len, each row's sum within seq_len, the total = num_tokens), token ids in the
         tokenizer's vocabulary, class ids in the data's class table, weights finite and >= 0, preference rows
-        holding whole (chosen, rejected) pairs. Vectorized over the memory maps in chunks of VALIDATE_CHUNK
-        elements (memory stays bounded whatever the size); one max-reduction per per-token array (docs/
-        packed-format.md#validation: the cost). Without it a bad offset is a numpy traceback or a silent
-        zero-loss row, and a bad id or weight trains or fails only when its row is drawn."""
+        holding whole (chosen, rejected) pairs. Vectorized, each file read once in chunks of VALIDATE_CHUNK
+        elements (bounded memory whatever the size, :func:`_chunks`), one max-reduction per chunk of a
+        per-token array (docs/packed-format.md#validation: the cost). Without it a bad offset is a numpy
+        traceback or a silent zero-loss row, and a bad id or weight trains or fails only when its row is drawn."""
         self._validate_structure()
         vocab = self.tokenizer_fingerprint.get("vocab_size")
         vocab = int(vocab) if isinstance(vocab, int) and vocab > 0 else None
+        per_token = [("tokens.bin", "<i4", lambda block, file, row: _check_ids(
+                          block, vocab, file, row, "token id {value} at position {col} is outside the tokenizer's "
+                          "vocabulary " + (f"[0, {vocab})" if vocab else "(negative)"))),
+                     ("classes.bin", "u1", lambda block, file, row: _check_ids(
+                          block, self.num_classes, file, row, "class id {value} at position {col} is not in the "
+                          f"data's class table (0..{self.num_classes - 1}: {', '.join(self.class_names)})"))]
+        if self.has_weights:
+            per_token.append(("weights.bin", "<f4", _check_weights))
         rows_per_chunk = max(1, VALIDATE_CHUNK // self.seq_len)
-        for start in range(0, len(self), rows_per_chunk):
-            stop = min(len(self), start + rows_per_chunk)
-            _check_ids(self.tokens[start:stop], vocab, self._file("tokens.bin"), start,
-                       "token id {value} at position {col} is outside the tokenizer's vocabulary "
-                       + (f"[0, {vocab})" if vocab else "(negative)"))
-            _check_ids(self.classes[start:stop], self.num_classes, self._file("classes.bin"), start,
-                       "class id {value} at position {col} is not in the data's class table (0.."
-                       f"{self.num_classes - 1}: {', '.join(self.class_names)})")
-            if self.weights is not None:
-                _check_weights(self.weights[start:stop], self._file("weights.bin"), start)
+        for name, dtype, check in per_token:
+            file = self._file(name)
+            for first, flat in _chunks(file, dtype, rows_per_chunk * self.seq_len):
+                check(flat.reshape(-1, self.seq_len), file, first // self.seq_len)
         if self.is_preference:
             self._validate_pairs()
 
@@ -474,8 +500,7 @@ class PackedDataset:
         name = self._file("doc_lengths.bin")
         ends = np.empty(rows + 1, dtype=np.int64)
         total = 0
-        for a in range(0, ndocs, VALIDATE_CHUNK):
-            chunk = np.asarray(self._doc_lengths[a:a + VALIDATE_CHUNK])
+        for a, chunk in _chunks(name, "<i4", VALIDATE_CHUNK):
             if int(chunk.min()) < 1 or int(chunk.max()) > seq_len:
                 d = a + int(np.argmax((chunk < 1) | (chunk > seq_len)))
                 raise DataError(f"document {d} has length {int(self._doc_lengths[d])}, outside 1..{seq_len} "
@@ -502,11 +527,9 @@ class PackedDataset:
             r = max(0, int(np.argmax(offsets % 2)) - 1)
             raise DataError("not whole preference pairs: the row holds an odd number of documents",
                             self._file("row_offsets.bin"), f"row {r}")
-        ndocs = len(self._doc_lengths)
-        step = VALIDATE_CHUNK - VALIDATE_CHUNK % 2
-        for a in range(0, ndocs, step):
-            roles = np.asarray(self.doc_role[a:a + step])
-            pairs = np.asarray(self.doc_pair[a:a + step])
+        step = max(2, VALIDATE_CHUNK - VALIDATE_CHUNK % 2)    # even: a chunk holds whole pairs
+        for (a, roles), (_, pairs) in zip(_chunks(self._file("doc_role.bin"), "u1", step),
+                                          _chunks(self._file("doc_pair.bin"), "<i8", step)):
             bad_role = (roles[0::2] != CHOSEN) | (roles[1::2] != REJECTED)
             if bad_role.any():
                 d = a + 2 * int(np.argmax(bad_role))
