@@ -170,6 +170,34 @@ def test_train_reports_damaged_data_in_one_line_before_anything_starts(run_input
                             f"tokenizer's vocabulary [0, 600)")
 
 
+def test_the_cli_prints_damaged_data_as_one_error_line(run_inputs, tmp_path, capsys):
+    """witscale/train.py as a user runs it: exit 2 and one stderr line, for a NaN weight and a bad offset."""
+    data = str(tmp_path / "train")
+    shutil.copytree(run_inputs["train"], data)
+    offsets = np.fromfile(os.path.join(data, "row_offsets.bin"), "<i8")
+    _poke(data, "row_offsets.bin", "<i8", 1, offsets[-1] + 5)
+    code, err = operations._cli(operations._args(dict(run_inputs, train=data), tmp_path / "out", 2), capsys)
+    assert code == 2 and err == [f"error: --data {data}: {data}/row_offsets.bin:row 1: row_offsets decrease "
+                                 f"({offsets[-1] + 5} then {offsets[2]})"], err
+
+
+def test_chunks_cover_the_file_in_bounded_pieces(tmp_path):
+    """format._chunks (the validation's reader): the chunks, in order, are the file; none is longer than asked,
+    and they share one buffer (memory stays bounded)."""
+    from witscale.data.format import _chunks
+    values = np.arange(23, dtype="<i4") * 7 - 40
+    path = str(tmp_path / "a.bin")
+    values.tofile(path)
+    seen, buffers = [], set()
+    for first, chunk in _chunks(path, "<i4", 5):
+        assert first == sum(len(c) for c in seen) and 0 < len(chunk) <= 5
+        seen.append(chunk.copy())
+        buffers.add(chunk.__array_interface__["data"][0])
+    assert np.array_equal(np.concatenate(seen), values) and len(buffers) == 1
+    open(path, "wb").close()
+    assert list(_chunks(path, "<i4", 5)) == []
+
+
 def test_validation_reads_in_bounded_chunks(copy, monkeypatch):
     """Chunks smaller than a row (and than the documents) find the same first bad row as one chunk would."""
     import witscale.data.format as fmt
