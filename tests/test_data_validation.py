@@ -181,6 +181,37 @@ def test_the_cli_prints_damaged_data_as_one_error_line(run_inputs, tmp_path, cap
                                  f"({offsets[-1] + 5} then {offsets[2]})"], err
 
 
+@pytest.mark.parametrize("shards", [2, 3, 5])
+def test_each_rank_validates_its_share_of_the_rows_and_together_all(copy, shards):
+    """shard=(i, k): the per-token arrays of the i-th of k row ranges — a bad weight is found by exactly the
+    one shard holding its row; a bad offset (per-row arrays) by every shard."""
+    rows = len(PackedDataset(copy))
+    bad_row = rows - 1
+    _poke(copy, "weights.bin", "<f4", bad_row * SEQ + 3, float("nan"))
+    refusing = []
+    for i in range(shards):
+        try:
+            PackedDataset(copy, shard=(i, shards))
+        except DataError as e:
+            assert f"weights.bin:row {bad_row}: weight nan at position 3" in str(e)
+            refusing.append(i)
+    assert refusing == [shards - 1]
+    offsets = np.fromfile(os.path.join(copy, "row_offsets.bin"), "<i8")
+    _poke(copy, "row_offsets.bin", "<i8", 1, offsets[-1] + 1)
+    for i in range(shards):
+        with pytest.raises(DataError, match="row_offsets.bin:row 1: row_offsets decrease"):
+            PackedDataset(copy, shard=(i, shards))
+
+
+def test_the_validation_shard_is_the_launchers_rank(monkeypatch):
+    from witscale.training.distributed import validation_shard
+    monkeypatch.setenv("RANK", "3")
+    assert validation_shard(8) == (3, 8)
+    assert validation_shard(2) == (0, 1)        # a rank out of range: everything
+    monkeypatch.delenv("RANK")
+    assert validation_shard(1) == (0, 1)
+
+
 def test_chunks_cover_the_file_in_bounded_pieces(tmp_path):
     """format._chunks (the validation's reader): the chunks, in order, are the file; none is longer than asked,
     and they share one buffer (memory stays bounded)."""
@@ -194,6 +225,10 @@ def test_chunks_cover_the_file_in_bounded_pieces(tmp_path):
         seen.append(chunk.copy())
         buffers.add(chunk.__array_interface__["data"][0])
     assert np.array_equal(np.concatenate(seen), values) and len(buffers) == 1
+    # a range [start, stop) of the file
+    got = [(first, chunk.copy()) for first, chunk in _chunks(path, "<i4", 4, start=3, stop=14)]
+    assert [first for first, _ in got] == [3, 7, 11] and np.array_equal(np.concatenate([c for _, c in got]),
+                                                                        values[3:14])
     open(path, "wb").close()
     assert list(_chunks(path, "<i4", 5)) == []
 

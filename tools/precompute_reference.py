@@ -69,6 +69,7 @@ def plan(args, world_size: int):
     from witscale.model import ModelConfig
     from witscale.model.attention import check_backend_request
     from witscale.parallel.topology import LayoutError, ParallelDims
+    from witscale.training.distributed import validation_shard
     from witscale.training.ds_config import DSConfigError, fill_ds_config, load_ds_config, zero_stage
 
     try:
@@ -80,7 +81,8 @@ def plan(args, world_size: int):
     if not os.path.exists(args.data):
         raise UsageError(f"--data {args.data}: no such file or directory")
     try:
-        dataset = PackedDataset(args.data, load_reference=False)   # damaged or stale old values get replaced
+        # damaged or stale old values get replaced; each rank validates its share of the rows
+        dataset = PackedDataset(args.data, load_reference=False, shard=validation_shard(world_size))
     except (OSError, ValueError) as e:
         raise UsageError(f"--data {e}") from None
     if dataset.manifest.get("task") != "preference":

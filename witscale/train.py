@@ -203,6 +203,7 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
     from witscale.data.format import PackedDataset
     from witscale.model import ModelConfig
     from witscale.parallel.topology import LayoutError, ParallelDims
+    from witscale.training.distributed import validation_shard
 
     try:
         table = build_weight_table(cfg.prompt_weight, cfg.response_weight, parse_class_weights(cfg.class_weights))
@@ -229,7 +230,7 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
         raise UsageError(f"--attention: {e}") from None
     _require_file(cfg.data, "--data")
     try:
-        dataset = PackedDataset(cfg.data)
+        dataset = PackedDataset(cfg.data, shard=validation_shard(world_size))
     except (OSError, ValueError) as e:
         raise UsageError(f"--data {cfg.data}: {e}") from None
     if cfg.model:
@@ -283,7 +284,7 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
     if cfg.eval_data:
         _require_file(cfg.eval_data, "--eval-data")
         try:
-            eval_dataset = PackedDataset(cfg.eval_data)
+            eval_dataset = PackedDataset(cfg.eval_data, shard=validation_shard(world_size))
             check_model_compat(eval_dataset.manifest, model_config, cfg.eval_data)
             if len(eval_dataset) == 0:
                 raise ValueError("the eval set has no rows")

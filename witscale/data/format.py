@@ -302,16 +302,18 @@ def _move_into_place(tmp: str, output: str, overwrite: bool) -> None:
 VALIDATE_CHUNK = 1 << 20     # elements per validation read: 4 MiB of int32 (cache-sized), whatever the dataset's size
 
 
-def _chunks(path: str, dtype: str, elements: int):
-    """(first element, array) over a raw array file, read into one reused buffer of `elements` elements: memory
-    stays bounded and no page of the file stays mapped in this process (a memory map of the whole dataset
-    would hold every page it touched in the process's resident set). The array is overwritten by the next
-    chunk: use it before asking for the next."""
+def _chunks(path: str, dtype: str, elements: int, start: int = 0, stop: int | None = None):
+    """(first element, array) over elements [start, stop) of a raw array file (stop None: to its end), read
+    into one reused buffer of `elements` elements: memory stays bounded and no page of the file stays mapped
+    in this process (a memory map of the whole dataset would hold every page it touched in the process's
+    resident set). The array is overwritten by the next chunk: use it before asking for the next."""
     buf = np.empty(max(1, elements), dtype=dtype)
-    view = memoryview(buf).cast("B")
-    first = 0
+    first = start
     with open(path, "rb", buffering=0) as f:
-        while True:
+        f.seek(start * buf.itemsize)
+        while stop is None or first < stop:
+            want = len(buf) if stop is None else min(len(buf), stop - first)
+            view = memoryview(buf[:want]).cast("B")
             got = 0
             while got < len(view):
                 n = f.readinto(view[got:])
@@ -360,7 +362,8 @@ class PackedDataset:
     sizes and (``validate=True``, the default) every array's values (:meth:`validate`): a damaged dataset is
     refused, naming file and row, before anything trains on it."""
 
-    def __init__(self, path: str, *, load_reference: bool = True, validate: bool = True):
+    def __init__(self, path: str, *, load_reference: bool = True, validate: bool = True,
+                 shard: tuple[int, int] = (0, 1)):
         self.path = path
         if not os.path.isdir(path):
             raise DataError("not a packed dataset: no such directory", path)
@@ -410,7 +413,7 @@ class PackedDataset:
             self.doc_role = self._map("doc_role.bin", "u1", (ndocs,))
             self.reference_logps = self._reference(ndocs) if load_reference else None
         if validate:
-            self.validate()
+            self.validate(shard)
 
     def _map(self, name: str, dtype: str, shape: tuple):
         fpath = os.path.join(self.path, name)
@@ -448,7 +451,7 @@ class PackedDataset:
         return values
 
     # --- validation ----------------------------------------------------------------------------------
-    def validate(self) -> None:
+    def validate(self, shard: tuple[int, int] = (0, 1)) -> None:
         """Check every array's values against the manifest, as one-line DataErrors naming the file and the first
         bad row: the CSR structure (row_offsets from 0 to num_documents, each row at least one document;
         doc_lengths 1..seq_len, each row's sum within seq_len, the total = num_tokens), token ids in the
@@ -456,7 +459,14 @@ class PackedDataset:
         holding whole (chosen, rejected) pairs. Vectorized, each file read once in chunks of VALIDATE_CHUNK
         elements (bounded memory whatever the size, :func:`_chunks`), one max-reduction per chunk of a
         per-token array (docs/packed-format.md#validation: the cost). Without it a bad offset is a numpy
-        traceback or a silent zero-loss row, and a bad id or weight trains or fails only when its row is drawn."""
+        traceback or a silent zero-loss row, and a bad id or weight trains or fails only when its row is drawn.
+
+        ``shard=(i, k)``: the per-token arrays (9 bytes a token) only for the i-th of k contiguous row ranges —
+        each rank of a job its own, so the job reads the data once; the per-row and per-document arrays (a few
+        bytes a document) always whole."""
+        index, count = shard
+        if not (count >= 1 and 0 <= index < count):
+            raise ValueError(f"validation shard {index} of {count}")
         self._validate_structure()
         vocab = self.tokenizer_fingerprint.get("vocab_size")
         vocab = int(vocab) if isinstance(vocab, int) and vocab > 0 else None
@@ -469,9 +479,11 @@ class PackedDataset:
         if self.has_weights:
             per_token.append(("weights.bin", "<f4", _check_weights))
         rows_per_chunk = max(1, VALIDATE_CHUNK // self.seq_len)
+        first_row, stop_row = len(self) * index // count, len(self) * (index + 1) // count
         for name, dtype, check in per_token:
             file = self._file(name)
-            for first, flat in _chunks(file, dtype, rows_per_chunk * self.seq_len):
+            for first, flat in _chunks(file, dtype, rows_per_chunk * self.seq_len, first_row * self.seq_len,
+                                       stop_row * self.seq_len):
                 check(flat.reshape(-1, self.seq_len), file, first // self.seq_len)
         if self.is_preference:
             self._validate_pairs()
