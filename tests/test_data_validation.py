@@ -304,9 +304,12 @@ def test_train_refuses_data_packed_with_another_tokenizer(run_inputs, other_toke
     # the same tokenizer passes; so does a model directory without tokenizer files
     _plan(run_inputs, tmp_path, _model_dir(tmp_path / "model_a", run_inputs, {"tokenizer.model": sp_model_path}))
     _plan(run_inputs, tmp_path, _model_dir(tmp_path / "bare", run_inputs, {}))
-    # --tokenizer (what --export-hf copies) is compared too
+    # --tokenizer (what --export-hf copies) is compared too; a lone .json file cannot be read alone: not compared
     with pytest.raises(UsageError, match="was packed with another tokenizer than --tokenizer's"):
         _plan(run_inputs, tmp_path, _model_dir(tmp_path / "bare", run_inputs, {}), "--tokenizer", other_tokenizer)
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    _plan(run_inputs, tmp_path, _model_dir(tmp_path / "bare", run_inputs, {}),
+          "--tokenizer", str(tmp_path / "tokenizer_config.json"))
 
 
 def _hf_tokenizer_of(sp_path):

@@ -69,7 +69,7 @@ def plan(args, world_size: int):
     from witscale.model import ModelConfig
     from witscale.model.attention import check_backend_request
     from witscale.parallel.topology import LayoutError, ParallelDims
-    from witscale.training.distributed import validation_shard
+    from witscale.training.distributed import rank_from_env, validation_shard
     from witscale.training.ds_config import DSConfigError, fill_ds_config, load_ds_config, zero_stage
 
     try:
@@ -100,7 +100,6 @@ def plan(args, world_size: int):
                                         allow_mismatch=args.allow_tokenizer_mismatch)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    from witscale.training.distributed import rank_from_env
     if note and rank_from_env() == 0:
         log.warning(note)           # once, not once per rank
     try:

@@ -215,9 +215,9 @@ def model_tokenizer(source: str, prefer_kind: str | None = None) -> Tokenizer | 
     """The tokenizer of a model directory (or a SentencePiece .model file), None when it has no tokenizer files.
     A directory may hold a SentencePiece ``tokenizer.model``, an HF ``tokenizer.json`` (or ``vocab.json``), or
     both: ``prefer_kind`` ('sentencepiece' / 'hf', the data's) picks which one is read when both are there."""
-    if os.path.isfile(source):
-        return SentencePieceTokenizer(source)
     found = tokenizer_kinds(source)
+    if os.path.isfile(source):
+        return SentencePieceTokenizer(source) if found else None
     if not found:
         return None
     kind = prefer_kind if prefer_kind in found else found[0]
@@ -226,9 +226,10 @@ def model_tokenizer(source: str, prefer_kind: str | None = None) -> Tokenizer | 
 
 
 def tokenizer_kinds(source: str) -> list[str]:
-    """The tokenizer kinds whose files a model directory holds ([] for none); a file is a SentencePiece model."""
+    """The tokenizer kinds whose files a model directory holds ([] for none). A single file (``--tokenizer``)
+    is a SentencePiece model, unless it is a .json file (not readable alone: not compared)."""
     if os.path.isfile(source):
-        return ["sentencepiece"]
+        return [] if source.endswith(".json") else ["sentencepiece"]
     kinds = []
     if os.path.isfile(os.path.join(source, "tokenizer.model")):
         kinds.append("sentencepiece")
