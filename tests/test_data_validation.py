@@ -157,6 +157,24 @@ def test_manifest_counts_out_of_range_are_refused(copy):
     assert "seq_len 0" in _refused(copy) and "out of range" in _refused(copy)
 
 
+def test_a_non_finite_reference_log_prob_is_refused(run_inputs, tmp_path):
+    """reference_logps.bin (preference data) must be finite, even where the manifest records no sha256 of it."""
+    from witscale.data.format import write_reference_logps
+    from witscale.data.synthetic import make_preference_dataset
+    data = str(tmp_path / "pref")
+    m = make_preference_dataset(data, run_inputs["tokenizer"], n=6, seq_len=160)
+    write_reference_logps(data, -np.arange(1.0, m["num_documents"] + 1), {"model": "ref", "fingerprint": "x"})
+    mpath = os.path.join(data, "manifest.json")
+    manifest = json.load(open(mpath))
+    del manifest["reference"]["sha256"]
+    json.dump(manifest, open(mpath, "w"))
+    _poke(data, "reference_logps.bin", "<f8", 3, float("-inf"))
+    ds = PackedDataset(data, load_reference=False)
+    row = next(r for r in range(len(ds)) if ds.doc_range(r)[0] <= 3 < ds.doc_range(r)[1])
+    assert _refused(data) == (f"{data}/reference_logps.bin:row {row}: reference log-prob -inf of document 3 is "
+                              f"not finite: recompute it")
+
+
 def test_train_reports_damaged_data_in_one_line_before_anything_starts(run_inputs, tmp_path):
     from witscale.train import UsageError, build_parser, plan_run
     from witscale.training.config import RunConfig
