@@ -239,11 +239,16 @@ def test_loader_refuses_a_row_without_whole_pairs(tmp_path, tamper):
     ds = _hand_dataset(str(tmp_path / "ds"))
     if tamper == "roles":
         np.array([0, 1, 1, 0, 0, 1], "u1").tofile(os.path.join(ds.path, "doc_role.bin"))
-        what = "are not (chosen, rejected) pairs"
+        what, at_open = "are not (chosen, rejected) pairs", "doc_role.bin:row 0: not whole preference pairs: documents 2, 3 have roles 1, 0"
     else:
         np.array([1, 1, 2, 0, 0, 2], "<i8").tofile(os.path.join(ds.path, "doc_pair.bin"))
-        what = "documents of different pairs"
-    loader = PackedLoader(PackedDataset(ds.path), DPO_TABLE, micro_batch_size=1, grad_accum=1, shuffle=False)
+        what, at_open = "documents of different pairs", "doc_pair.bin:row 0: not whole preference pairs: documents 2, 3 belong to pairs 2, 0"
+    # refused when the dataset opens, naming the file and row ...
+    with pytest.raises(DataError, match=re.escape(os.path.join(ds.path, at_open))):
+        PackedDataset(ds.path)
+    # ... and by the loader when a row is drawn from a dataset opened without validation
+    loader = PackedLoader(PackedDataset(ds.path, validate=False), DPO_TABLE, micro_batch_size=1, grad_accum=1,
+                          shuffle=False)
     with pytest.raises(ValueError, match=re.escape(f"{ds.path}: row 0: not whole preference pairs: ") + ".*" + re.escape(what)):
         loader.next_step()
 

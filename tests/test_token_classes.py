@@ -104,7 +104,11 @@ def test_data_packed_before_the_new_classes_loads_and_weighs_as_before(tmp_path,
     with open(os.path.join(ds.path, "classes.bin"), "r+b") as f:
         f.seek(3)
         f.write(bytes([C.REASONING]))
-    bad = PackedDataset(ds.path)
+    # ... when the dataset opens (it used to be when the row was drawn)
+    with pytest.raises(DataError, match=r"classes.bin:row 0: class id 6 at position 3 is not in the data's class "
+                                        r"table \(0..5: pad, "):
+        PackedDataset(ds.path)
+    bad = PackedDataset(ds.path, validate=False)        # and still when a row is drawn, for a dataset not validated
     with pytest.raises(ValueError, match="token class 6 is unknown .*0..5"):
         PackedLoader(bad, new_table, micro_batch_size=1, grad_accum=1, shuffle=False).make_micro_batch([0])
 

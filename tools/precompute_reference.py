@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-weights", default="", help="per-class overrides, as witscale/train.py takes them")
     p.add_argument("--attention", default="auto", metavar="BACKEND",
                    help="packed-attention backend, as witscale/train.py --attention (default auto)")
+    p.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                   help="write the log-probs although the data's tokenizer digest differs from --model's "
+                        "tokenizer files (logged); without it that is refused")
     p.add_argument("--dist-timeout", type=float, default=30.0, metavar="MINUTES")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="INFO")
@@ -61,11 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
 def plan(args, world_size: int):
     """Everything checked before a process group exists: (dataset, model config, table, ds config, dims)."""
     from witscale.data.format import PackedDataset
-    from witscale.data.loader import check_model_compat
+    from witscale.data.loader import check_model_compat, check_tokenizer_identity
     from witscale.data.weighting import build_weight_table, parse_class_weights
     from witscale.model import ModelConfig
     from witscale.model.attention import check_backend_request
     from witscale.parallel.topology import LayoutError, ParallelDims
+    from witscale.training.distributed import rank_from_env, validation_shard
     from witscale.training.ds_config import DSConfigError, fill_ds_config, load_ds_config, zero_stage
 
     try:
@@ -77,7 +81,8 @@ def plan(args, world_size: int):
     if not os.path.exists(args.data):
         raise UsageError(f"--data {args.data}: no such file or directory")
     try:
-        dataset = PackedDataset(args.data, load_reference=False)   # damaged or stale old values get replaced
+        # damaged or stale old values get replaced; each rank validates its share of the rows
+        dataset = PackedDataset(args.data, load_reference=False, shard=validation_shard(world_size))
     except (OSError, ValueError) as e:
         raise UsageError(f"--data {e}") from None
     if dataset.manifest.get("task") != "preference":
@@ -90,6 +95,13 @@ def plan(args, world_size: int):
         check_model_compat(dataset.manifest, model_config, args.data)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"--model {args.model}: {e}") from None
+    try:
+        note = check_tokenizer_identity(dataset.manifest, args.model, f"--data {args.data}",
+                                        allow_mismatch=args.allow_tokenizer_mismatch)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if note and rank_from_env() == 0:
+        log.warning(note)           # once, not once per rank
     try:
         check_backend_request(args.attention, model_config.attn_logit_softcapping)
     except ValueError as e:

@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--model", help="HF checkpoint directory: config.json + *.safetensors")
     src.add_argument("--model-config", help="HF-style config.json; the model starts from a seeded random init")
     g.add_argument("--output-dir", required=True, help="metrics.jsonl, the effective config and the log go here")
+    g.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                   help="train although the data's tokenizer digest differs from --model's (or --tokenizer's) "
+                        "tokenizer files (logged); without it that is refused")
 
     g = p.add_argument_group("loss weights")
     g.add_argument("--prompt-weight", type=float, default=0.0, help=f"λp for {_side(PROMPT_SIDE, '/')} tokens (default 0)")
@@ -204,6 +207,7 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
     from witscale.data.format import PackedDataset
     from witscale.model import ModelConfig
     from witscale.parallel.topology import LayoutError, ParallelDims
+    from witscale.training.distributed import validation_shard
 
     try:
         table = build_weight_table(cfg.prompt_weight, cfg.response_weight, parse_class_weights(cfg.class_weights))
@@ -230,7 +234,7 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
         raise UsageError(f"--attention: {e}") from None
     _require_file(cfg.data, "--data")
     try:
-        dataset = PackedDataset(cfg.data)
+        dataset = PackedDataset(cfg.data, shard=validation_shard(world_size))
     except (OSError, ValueError) as e:
         raise UsageError(f"--data {cfg.data}: {e}") from None
     if cfg.model:
@@ -248,6 +252,7 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
         check_model_compat(dataset.manifest, model_config, cfg.data)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    _check_tokenizer_identity(cfg, dataset, "--data")
     try:
         check_backend_request(cfg.attention, model_config.attn_logit_softcapping)
     except ValueError as e:
@@ -283,12 +288,13 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
     if cfg.eval_data:
         _require_file(cfg.eval_data, "--eval-data")
         try:
-            eval_dataset = PackedDataset(cfg.eval_data)
+            eval_dataset = PackedDataset(cfg.eval_data, shard=validation_shard(world_size))
             check_model_compat(eval_dataset.manifest, model_config, cfg.eval_data)
             if len(eval_dataset) == 0:
                 raise ValueError("the eval set has no rows")
         except (OSError, ValueError) as e:
             raise UsageError(f"--eval-data {cfg.eval_data}: {e}") from None
+        _check_tokenizer_identity(cfg, eval_dataset, "--eval-data")
         _check_objective(cfg, eval_dataset, table, flag="--eval-data")
     for flag in ("save_steps", "eval_steps", "keep_checkpoints", "log_every", "skip_nonfinite"):
         if getattr(cfg, flag) < 0:
@@ -306,6 +312,27 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
     checkpointing = _activation_checkpointing(cfg, model_config, dims, ds_config, dataset.seq_len)
     return Plan(cfg, model_config, dataset, eval_dataset, table, ds_config, world_size, dims, total,
                 steps_per_epoch, checkpointing)
+
+
+def _check_tokenizer_identity(cfg: RunConfig, dataset, flag: str) -> None:
+    """The data's tokenizer digest against the tokenizer that goes with the model: --model's files and
+    --tokenizer (what --export-hf copies). A mismatch is refused unless --allow-tokenizer-mismatch; warnings
+    are logged once (rank 0)."""
+    from witscale.data.loader import check_tokenizer_identity
+    from witscale.training.distributed import rank_from_env
+    notes = []
+    for source_flag, source in (("--model", cfg.model), ("--tokenizer", cfg.tokenizer)):
+        if not source:
+            continue
+        try:
+            note = check_tokenizer_identity(dataset.manifest, source, f"{flag} {dataset.path}", flag=source_flag,
+                                            allow_mismatch=cfg.allow_tokenizer_mismatch)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        if note and note not in notes:
+            notes.append(note)
+    for note in notes if rank_from_env() == 0 else ():
+        log.warning(note)
 
 
 def dpo_settings(cfg: RunConfig):

@@ -250,7 +250,8 @@ def write_reference_logps(dataset_dir: str, values, meta: dict) -> dict:
 
 
 def _write_reference_logps(dataset_dir: str, values, meta: dict) -> dict:
-    ds = PackedDataset(dataset_dir, load_reference=False)   # old values, even damaged ones, get replaced
+    # old values, even damaged ones, get replaced; the arrays were validated when the pass opened them
+    ds = PackedDataset(dataset_dir, load_reference=False, validate=False)
     if not ds.is_preference:
         raise DataError("reference log-probs belong to a preference dataset (pack_dataset.py --task preference)",
                         dataset_dir)
@@ -298,6 +299,57 @@ def _move_into_place(tmp: str, output: str, overwrite: bool) -> None:
         os.rename(tmp, output)
 
 
+VALIDATE_CHUNK = 1 << 20     # elements per validation read: 4 MiB of int32 (cache-sized), whatever the dataset's size
+
+
+def _chunks(path: str, dtype: str, elements: int, start: int = 0, stop: int | None = None):
+    """(first element, array) over elements [start, stop) of a raw array file (stop None: to its end), read
+    into one reused buffer of `elements` elements: memory stays bounded and no page of the file stays mapped
+    in this process (a memory map of the whole dataset would hold every page it touched in the process's
+    resident set). The array is overwritten by the next chunk: use it before asking for the next."""
+    buf = np.empty(max(1, elements), dtype=dtype)
+    first = start
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start * buf.itemsize)
+        while stop is None or first < stop:
+            want = len(buf) if stop is None else min(len(buf), stop - first)
+            view = memoryview(buf[:want]).cast("B")
+            got = 0
+            while got < len(view):
+                n = f.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+            count = got // buf.itemsize
+            if count:
+                yield first, buf[:count]
+                first += count
+            if got < len(view):
+                return
+
+
+def _check_ids(block: np.ndarray, limit: int | None, file: str, first_row: int, problem: str) -> None:
+    """Ids of a [rows, seq_len] block within [0, limit) (limit None: only >= 0). One reduction: viewed as
+    unsigned, a negative id is larger than any limit."""
+    unsigned = block.view(block.dtype.str.replace("i", "u"))
+    bound = limit if limit is not None else int(np.iinfo(block.dtype).max) + 1
+    if block.size and int(unsigned.max()) >= bound:
+        bad = (block < 0) | (block >= bound)
+        row, col = np.unravel_index(int(np.argmax(bad)), block.shape)
+        raise DataError(problem.format(value=int(block[row, col]), col=int(col)), file, f"row {first_row + row}")
+
+
+def _check_weights(block: np.ndarray, file: str, first_row: int) -> None:
+    """Weights finite and >= 0. One reduction: as uint32, every finite float >= +0 is at most 0x7F7FFFFF, and
+    +inf, NaN and every negative (-0.0 too) are above it; a flagged block is decided with float semantics."""
+    if block.size and int(block.view("<u4").max()) > 0x7F7FFFFF:
+        bad = ~(np.isfinite(block) & (block >= 0))
+        if bad.any():
+            row, col = np.unravel_index(int(np.argmax(bad)), block.shape)
+            raise DataError(f"weight {block[row, col]} at position {int(col)}: weights must be finite and >= 0",
+                            file, f"row {first_row + row}")
+
+
 class PackedRow(NamedTuple):
     tokens: np.ndarray
     classes: np.ndarray
@@ -306,9 +358,12 @@ class PackedRow(NamedTuple):
 
 
 class PackedDataset:
-    """Read-only, memory-mapped view of a packed dataset directory."""
+    """Read-only, memory-mapped view of a packed dataset directory. Opening it checks the manifest, the arrays'
+    sizes and (``validate=True``, the default) every array's values (:meth:`validate`): a damaged dataset is
+    refused, naming file and row, before anything trains on it."""
 
-    def __init__(self, path: str, *, load_reference: bool = True):
+    def __init__(self, path: str, *, load_reference: bool = True, validate: bool = True,
+                 shard: tuple[int, int] = (0, 1)):
         self.path = path
         if not os.path.isdir(path):
             raise DataError("not a packed dataset: no such directory", path)
@@ -330,6 +385,11 @@ class PackedDataset:
             ndocs = int(self.manifest["num_documents"])
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"manifest.json lacks a valid {e}", path) from None
+        if self.seq_len < 2 or rows < 0 or ndocs < 0:
+            raise DataError(f"manifest.json: seq_len {self.seq_len}, num_rows {rows}, num_documents {ndocs} are "
+                            f"out of range", path)
+        if not isinstance(self.manifest.get("tokenizer", {}), dict):
+            raise DataError("manifest.json: 'tokenizer' is not an object", path)
         try:
             # the classes this data was packed with: ids 0..num_classes-1, a prefix of today's table
             self.class_names = check_class_table(self.manifest.get("class_table"))
@@ -352,6 +412,8 @@ class PackedDataset:
             self.doc_pair = self._map("doc_pair.bin", "<i8", (ndocs,))
             self.doc_role = self._map("doc_role.bin", "u1", (ndocs,))
             self.reference_logps = self._reference(ndocs) if load_reference else None
+        if validate:
+            self.validate(shard)
 
     def _map(self, name: str, dtype: str, shape: tuple):
         fpath = os.path.join(self.path, name)
@@ -376,12 +438,122 @@ class PackedDataset:
         if digest is not None and hashlib.sha256(np.asarray(values).tobytes()).hexdigest() != digest:
             raise DataError(f"{REFERENCE_FILE} does not match the sha256 the manifest records for it (changed "
                             f"after tools/precompute_reference.py wrote it): recompute it", self.path)
+        finite = np.isfinite(values)
+        if not finite.all():
+            bad = int(np.argmin(finite))
+            raise DataError(f"reference log-prob {values[bad]} of document {bad} is not finite: recompute it",
+                            os.path.join(self.path, REFERENCE_FILE), f"row {self._row_of_document(bad)}")
         data = meta.get("data") if isinstance(meta, dict) else None
         if data is not None and content_digest(self.path) != data:
             raise DataError(f"{REFERENCE_FILE} was computed on other data: the dataset's arrays changed after "
                             f"tools/precompute_reference.py wrote it (re-packed, or a copy's linked arrays "
                             f"replaced): recompute it", self.path)
         return values
+
+    # --- validation ----------------------------------------------------------------------------------
+    def validate(self, shard: tuple[int, int] = (0, 1)) -> None:
+        """Check every array's values against the manifest, as one-line DataErrors naming the file and the first
+        bad row: the CSR structure (row_offsets from 0 to num_documents, each row at least one document;
+        doc_lengths 1..seq_len, each row's sum within seq_len, the total = num_tokens), token ids in the
+        tokenizer's vocabulary, class ids in the data's class table, weights finite and >= 0, preference rows
+        holding whole (chosen, rejected) pairs. Vectorized, each file read once in chunks of VALIDATE_CHUNK
+        elements (bounded memory whatever the size, :func:`_chunks`), one max-reduction per chunk of a
+        per-token array (docs/packed-format.md#validation: the cost). Without it a bad offset is a numpy
+        traceback or a silent zero-loss row, and a bad id or weight trains or fails only when its row is drawn.
+
+        ``shard=(i, k)``: the per-token arrays (9 bytes a token) only for the i-th of k contiguous row ranges —
+        each rank of a job its own, so the job reads the data once; the per-row and per-document arrays (a few
+        bytes a document) always whole."""
+        index, count = shard
+        if not (count >= 1 and 0 <= index < count):
+            raise ValueError(f"validation shard {index} of {count}")
+        self._validate_structure()
+        vocab = self.tokenizer_fingerprint.get("vocab_size")
+        vocab = int(vocab) if isinstance(vocab, int) and vocab > 0 else None
+        per_token = [("tokens.bin", "<i4", lambda block, file, row: _check_ids(
+                          block, vocab, file, row, "token id {value} at position {col} is outside the tokenizer's "
+                          "vocabulary " + (f"[0, {vocab})" if vocab else "(negative)"))),
+                     ("classes.bin", "u1", lambda block, file, row: _check_ids(
+                          block, self.num_classes, file, row, "class id {value} at position {col} is not in the "
+                          f"data's class table (0..{self.num_classes - 1}: {', '.join(self.class_names)})"))]
+        if self.has_weights:
+            per_token.append(("weights.bin", "<f4", _check_weights))
+        rows_per_chunk = max(1, VALIDATE_CHUNK // self.seq_len)
+        first_row, stop_row = len(self) * index // count, len(self) * (index + 1) // count
+        for name, dtype, check in per_token:
+            file = self._file(name)
+            for first, flat in _chunks(file, dtype, rows_per_chunk * self.seq_len, first_row * self.seq_len,
+                                       stop_row * self.seq_len):
+                check(flat.reshape(-1, self.seq_len), file, first // self.seq_len)
+        if self.is_preference:
+            self._validate_pairs()
+
+    def _file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def _row_of_document(self, doc: int) -> int:
+        return int(np.searchsorted(self._row_offsets, doc, side="right")) - 1
+
+    def _validate_structure(self) -> None:
+        offsets, rows, seq_len = self._row_offsets, len(self), self.seq_len
+        ndocs = len(self._doc_lengths)
+        name = self._file("row_offsets.bin")
+        if offsets[0] != 0:
+            raise DataError(f"row_offsets start at {int(offsets[0])}, not 0", name, "row 0")
+        steps = np.diff(offsets)
+        if rows and int(steps.min()) < 1:
+            r = int(np.argmax(steps < 1))
+            what = "decrease" if steps[r] < 0 else "leave the row without documents"
+            raise DataError(f"row_offsets {what} ({int(offsets[r])} then {int(offsets[r + 1])})", name, f"row {r}")
+        if offsets[-1] != ndocs:
+            raise DataError(f"row_offsets end at {int(offsets[-1])} but the manifest has num_documents {ndocs}",
+                            name, f"row {rows - 1}" if rows else None)
+        # each row's token count = the difference of doc_lengths' running sum at its offsets, found chunk by chunk
+        name = self._file("doc_lengths.bin")
+        ends = np.empty(rows + 1, dtype=np.int64)
+        total = 0
+        for a, chunk in _chunks(name, "<i4", VALIDATE_CHUNK):
+            if int(chunk.min()) < 1 or int(chunk.max()) > seq_len:
+                d = a + int(np.argmax((chunk < 1) | (chunk > seq_len)))
+                raise DataError(f"document {d} has length {int(self._doc_lengths[d])}, outside 1..{seq_len} "
+                                f"(seq_len)", name, f"row {self._row_of_document(d)}")
+            before = np.cumsum(chunk, dtype=np.int64)
+            before -= chunk                                   # tokens of this chunk before each document
+            lo, hi = np.searchsorted(offsets, [a, a + len(chunk)], side="left")
+            ends[lo:hi] = total + before[offsets[lo:hi] - a]
+            total += int(before[-1]) + int(chunk[-1])
+        ends[np.searchsorted(offsets, ndocs, side="left"):] = total
+        used = np.diff(ends)
+        if rows and int(used.max()) > seq_len:
+            r = int(np.argmax(used > seq_len))
+            raise DataError(f"the row's documents sum to {int(used[r])} tokens, more than seq_len {seq_len}",
+                            name, f"row {r}")
+        expected = self.manifest.get("num_tokens")
+        if isinstance(expected, int) and expected != total:
+            raise DataError(f"doc_lengths sum to {total} tokens but the manifest has num_tokens {expected}", name)
+
+    def _validate_pairs(self) -> None:
+        """Preference rows hold whole pairs, chosen then rejected of one pair (what write_packed lays out)."""
+        offsets = self._row_offsets
+        if (offsets % 2).any():
+            r = max(0, int(np.argmax(offsets % 2)) - 1)
+            raise DataError("not whole preference pairs: the row holds an odd number of documents",
+                            self._file("row_offsets.bin"), f"row {r}")
+        step = max(2, VALIDATE_CHUNK - VALIDATE_CHUNK % 2)    # even: a chunk holds whole pairs
+        for (a, roles), (_, pairs) in zip(_chunks(self._file("doc_role.bin"), "u1", step),
+                                          _chunks(self._file("doc_pair.bin"), "<i8", step)):
+            bad_role = (roles[0::2] != CHOSEN) | (roles[1::2] != REJECTED)
+            if bad_role.any():
+                d = a + 2 * int(np.argmax(bad_role))
+                raise DataError(f"not whole preference pairs: documents {d}, {d + 1} have roles "
+                                f"{int(self.doc_role[d])}, {int(self.doc_role[d + 1])} (expected {CHOSEN}, "
+                                f"{REJECTED})", self._file("doc_role.bin"), f"row {self._row_of_document(d)}")
+            bad_pair = pairs[0::2] != pairs[1::2]
+            if bad_pair.any():
+                d = a + 2 * int(np.argmax(bad_pair))
+                raise DataError(f"not whole preference pairs: documents {d}, {d + 1} belong to pairs "
+                                f"{int(self.doc_pair[d])}, {int(self.doc_pair[d + 1])}", self._file("doc_pair.bin"),
+                                f"row {self._row_of_document(d)}")
 
     def __len__(self) -> int:
         return self.tokens.shape[0]

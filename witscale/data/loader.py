@@ -326,3 +326,40 @@ def check_model_compat(manifest: dict, model_config, data_path: str = "") -> Non
         if not ok:
             raise ValueError(f"{where} has tokenizer {key}={theirs} but the model config says {ours}: "
                              f"wrong tokenizer for this model")
+
+
+def check_tokenizer_identity(manifest: dict, source: str, where: str = "data", *, flag: str = "--model",
+                             allow_mismatch: bool = False) -> str | None:
+    """Refuse data packed with another tokenizer than the model's: the manifest's tokenizer digest against the
+    digest of ``source``'s tokenizer files (a model directory, or a --tokenizer path), by the same function
+    (tokenizer.vocabulary_digest). Vocabulary size and BOS/EOS (check_model_compat) cannot tell two
+    tokenizers of one size apart. Returns a warning to log (a manifest without a digest, packed before it was
+    recorded; a mismatch under ``allow_mismatch``), or None; raises ValueError (one line) on a mismatch.
+    ``where`` names the data in the messages (e.g. '--data packed/train')."""
+    from witscale.data.errors import TokenizerError
+    from witscale.data.tokenizer import model_tokenizer, tokenizer_kinds
+
+    if not tokenizer_kinds(source):
+        return None              # a model directory without tokenizer files: nothing to compare
+    fp = manifest.get("tokenizer") or {}
+    ours = fp.get("digest")
+    if not ours:
+        return (f"{where} records no tokenizer digest (packed by an older witscale, or without a tokenizer): "
+                f"its tokenizer is not compared with the model's; re-pack it to have it checked")
+    skip = "pass --allow-tokenizer-mismatch to skip the check"
+    try:
+        tokenizer = model_tokenizer(source, fp.get("kind"))
+    except TokenizerError as e:
+        if allow_mismatch:
+            return f"{flag} {source}: tokenizer not compared with {where}'s ({e}): --allow-tokenizer-mismatch"
+        raise ValueError(f"{flag} {source}: cannot read its tokenizer to compare it with {where}'s: {e}; "
+                         f"{skip}") from None
+    theirs = tokenizer.fingerprint()["digest"]
+    if theirs == ours:
+        return None
+    message = (f"{where} was packed with another tokenizer than {flag}'s: the data's {fp.get('kind', '?')} "
+               f"tokenizer has digest {ours[:16]}, {tokenizer.path} ({tokenizer.kind}) has {theirs[:16]} "
+               f"(same vocabulary size and BOS/EOS do not make them the same tokenizer)")
+    if allow_mismatch:
+        return f"{message}; training anyway (--allow-tokenizer-mismatch)"
+    raise ValueError(f"{message}: re-pack the data with the model's tokenizer, or {skip}")

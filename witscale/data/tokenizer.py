@@ -69,9 +69,16 @@ class Tokenizer:
         raise NotImplementedError
 
     def fingerprint(self) -> dict:
-        digest = hashlib.sha256(json.dumps(self.vocabulary(), ensure_ascii=False).encode("utf-8")).hexdigest()
         return {"kind": self.kind, "vocab_size": int(self.vocab_size), "bos_id": self.bos_id,
-                "eos_id": self.eos_id, "pad_id": int(self.pad_id), "digest": digest}
+                "eos_id": self.eos_id, "pad_id": int(self.pad_id), "digest": vocabulary_digest(self.vocabulary())}
+
+
+def vocabulary_digest(pieces: list[str]) -> str:
+    """The tokenizer digest of a packed manifest (``tokenizer.digest``): sha256 of every piece, special and
+    added tokens included, in id order, as JSON. Of the content, not of files or paths: a tokenizer's
+    SentencePiece model and its HF tokenizer.json give the same digest when they hold the same pieces at the
+    same ids. It does not see merges or normalization rules (two tokenizers with one vocabulary agree)."""
+    return hashlib.sha256(json.dumps(list(pieces), ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -202,3 +209,30 @@ def load_tokenizer(path: str) -> Tokenizer:
         raise TokenizerError("not a tokenizer: expected a SentencePiece .model file or a directory with "
                              "tokenizer.json / tokenizer_config.json", path)
     return HFTokenizer(path)
+
+
+def model_tokenizer(source: str, prefer_kind: str | None = None) -> Tokenizer | None:
+    """The tokenizer of a model directory (or a SentencePiece .model file), None when it has no tokenizer files.
+    A directory may hold a SentencePiece ``tokenizer.model``, an HF ``tokenizer.json`` (or ``vocab.json``), or
+    both: ``prefer_kind`` ('sentencepiece' / 'hf', the data's) picks which one is read when both are there."""
+    found = tokenizer_kinds(source)
+    if os.path.isfile(source):
+        return SentencePieceTokenizer(source) if found else None
+    if not found:
+        return None
+    kind = prefer_kind if prefer_kind in found else found[0]
+    return SentencePieceTokenizer(os.path.join(source, "tokenizer.model")) if kind == "sentencepiece" \
+        else HFTokenizer(source)
+
+
+def tokenizer_kinds(source: str) -> list[str]:
+    """The tokenizer kinds whose files a model directory holds ([] for none). A single file (``--tokenizer``)
+    is a SentencePiece model, unless it is a .json file (not readable alone: not compared)."""
+    if os.path.isfile(source):
+        return [] if source.endswith(".json") else ["sentencepiece"]
+    kinds = []
+    if os.path.isfile(os.path.join(source, "tokenizer.model")):
+        kinds.append("sentencepiece")
+    if any(os.path.isfile(os.path.join(source, n)) for n in ("tokenizer.json", "vocab.json")):
+        kinds.append("hf")
+    return kinds

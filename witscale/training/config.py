@@ -57,6 +57,7 @@ class RunConfig:
     skip_nonfinite: int = 0                # non-finite steps skipped before the run stops (training/guard.py)
     resume: Optional[str] = None
     allow_data_change: bool = False
+    allow_tokenizer_mismatch: bool = False
     eval_data: Optional[str] = None
     eval_steps: int = 0
     export_hf: Optional[str] = None

@@ -31,6 +31,16 @@ def world_size_from_env() -> int:
     return 1
 
 
+def validation_shard(world_size: int) -> tuple[int, int]:
+    """This process's share (i, k) of a packed dataset's open-time validation (PackedDataset(shard=...),
+    docs/packed-format.md#validation), before any process group: rank r of W checks the per-token arrays of
+    its W-th of the rows, so the job reads them once; a bad row stops that rank with its one line and the
+    launcher ends the job. A process group that already exists (tests) gives the rank; else the launcher's
+    environment; one process, or a rank out of range, checks everything."""
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else rank_from_env()
+    return (rank, world_size) if 0 <= rank < world_size else (0, 1)
+
+
 def rank_from_env() -> int:
     if "RANK" in os.environ:
         return int(os.environ["RANK"])
