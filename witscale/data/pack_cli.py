@@ -8,7 +8,7 @@ import time
 from witscale.data.classes import CLASS_NAMES, LEGACY_CLASS_NAMES
 from witscale.data.errors import DataError
 from witscale.data.bestfit import LONG_POLICIES
-from witscale.data.pack import PackOptions, pack_files
+from witscale.data.pack import PackOptions, content_summary, pack_files
 from witscale.data.preference import PREFERENCE_FORMATS
 from witscale.data.readers import FORMATS
 from witscale.data.templates import TEMPLATE_NAMES
@@ -37,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="documents longer than --seq-len (default truncate; --task sft only: a preference pair "
                         "longer than a row is an error, or skipped with --skip-invalid)")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
-    p.add_argument("--skip-invalid", action="store_true", help="skip (and count) invalid records instead of failing")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="skip (and count, by reason) invalid records instead of failing")
+    p.add_argument("--max-skip-fraction", type=float, default=0.05,
+                   help="with --skip-invalid: fail (nothing written) when more than this fraction of the records "
+                        "is skipped (default 0.05)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--last-turn-only", action="store_true",
                    help="earlier assistant turns of a multi-turn record become prompt-side")
@@ -86,6 +90,9 @@ def stats_table(m: dict) -> str:
                                    f"({t['total_s']:.2f} s)"))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    read = max(c["records_read"], 1)
+    for reason, n in c.get("skipped_by_reason", {}).items():
+        lines.append(f"skipped {n} ({100 * n / read:.1f}%): {reason}")
     for reason in m.get("skipped", [])[:10]:
         lines.append(f"skipped: {reason}")
     return "\n".join(lines)
@@ -96,12 +103,15 @@ def main(argv=None) -> int:
     if args.seq_len < 2:
         print(f"error: --seq-len must be at least 2, got {args.seq_len}", file=sys.stderr)
         return 2
+    if not 0 <= args.max_skip_fraction <= 1:
+        print(f"error: --max-skip-fraction must be between 0 and 1, got {args.max_skip_fraction}", file=sys.stderr)
+        return 2
     if args.workers < 1:
         print(f"error: --workers must be at least 1, got {args.workers}", file=sys.stderr)
         return 2
     opts = PackOptions(seq_len=args.seq_len, template=args.template, long_policy=args.long_policy,
                        last_turn_only=args.last_turn_only, system=args.system, skip_invalid=args.skip_invalid,
-                       workers=args.workers, task=args.task)
+                       workers=args.workers, task=args.task, max_skip_fraction=args.max_skip_fraction)
     progress = _Progress()
     try:
         manifest = pack_files(args.input, args.tokenizer, args.output, opts, fmt=args.format,
@@ -116,6 +126,9 @@ def main(argv=None) -> int:
         print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 2
     progress.close()
+    if args.format == "auto":
+        for source in manifest["sources"]:
+            print(f"{source['path']}: {source['format']}, {content_summary(source)}", file=sys.stderr)
     print(stats_table(manifest))
     print(f"wrote {args.output}")
     return 0
