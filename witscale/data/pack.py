@@ -16,8 +16,8 @@ from typing import Callable, Iterable, NamedTuple
 from witscale.data.errors import DataError, RecordError
 from witscale.data.format import TokenizedCorpus, write_packed
 from witscale.data.inputs import dataset_digest, iter_dataset, load_dataset_source, resolve_inputs
-from witscale.data.preference import (PREFERENCE_FORMATS, PairDocuments, detect_preference_format, normalize_pair,
-                                      render_pair)
+from witscale.data.preference import (PREFERENCE_FORMATS, TRUNCATION_MODES, PairDocuments, Truncation,
+                                      detect_preference_format, normalize_pair, render_pair)
 from witscale.data.readers import (FORMATS, SourceRecord, describe_format, detect_format, normalize_record,
                                    read_records, records_with_format)
 from witscale.data.render import Renderer
@@ -37,6 +37,8 @@ class PackOptions(NamedTuple):
     workers: int = 1
     task: str = "sft"            # 'sft' | 'preference'
     max_skip_fraction: float = 0.05   # --skip-invalid: refuse the run when more records than this are skipped
+    max_prompt_length: int | None = None   # preference: truncate a too-long pair as TRL does (None: refuse it)
+    truncation_mode: str = "keep_end"      # preference: which end of the prompt to keep
 
 
 class _Task(NamedTuple):
@@ -64,7 +66,9 @@ def _tokenize(task: _Task):
     try:
         if task.fmt in PREFERENCE_FORMATS:
             chosen, rejected = normalize_pair(src.record, task.fmt, system=_OPTS.system)
-            return render_pair(_RENDERER, chosen, rejected, _OPTS.seq_len), tuple(chosen.content_kinds())
+            trunc = (Truncation(_OPTS.max_prompt_length, _OPTS.truncation_mode)
+                     if _OPTS.max_prompt_length is not None else None)
+            return render_pair(_RENDERER, chosen, rejected, _OPTS.seq_len, trunc), tuple(chosen.content_kinds())
         conv = normalize_record(src.record, task.fmt, last_turn_only=_OPTS.last_turn_only, system=_OPTS.system)
         kinds = tuple(conv.content_kinds())
         return _RENDERER(conv), kinds
@@ -187,12 +191,18 @@ def pack_records(records: list, tokenizer_path: str, output: str, opts: PackOpti
 def _task_formats(opts: PackOptions):
     """(formats, detector) of the task; options that do not apply to it are refused."""
     if opts.task == "sft":
+        if opts.max_prompt_length is not None:
+            raise DataError("--max-prompt-length applies to --task preference only (SFT documents: --long)")
         return FORMATS, detect_format
     if opts.task != "preference":
         raise DataError(f"unknown task {opts.task!r}; known tasks: sft, preference")
     if opts.long_policy != "truncate":
         raise DataError(f"--long {opts.long_policy} does not apply to --task preference: a pair longer than a row "
                         f"is an error (or skipped with --skip-invalid), never cut")
+    if opts.max_prompt_length is not None and opts.max_prompt_length < 1:
+        raise DataError(f"--max-prompt-length must be at least 1, got {opts.max_prompt_length}")
+    if opts.truncation_mode not in TRUNCATION_MODES:
+        raise DataError(f"unknown --truncation-mode {opts.truncation_mode!r}; known: {', '.join(TRUNCATION_MODES)}")
     if opts.last_turn_only:
         raise DataError("--last-turn-only does not apply to --task preference: the prompt's assistant turns are "
                         "always prompt-side, the completion's response-side")
@@ -233,6 +243,7 @@ CONTENT_KINDS = ("tools", "tool calls", "tool results", "reasoning", "system", "
 def _run(tasks, tokenizer, tokenizer_path, output, opts, sources, overwrite, progress, source_of) -> dict:
     t0 = time.perf_counter()
     docs, reasons, n_read, n_skipped, by_reason = [], [], 0, 0, collections.Counter()
+    pairs_truncated = {"prompt": 0, "completion": 0}
     for source in sources:
         source["content"] = dict.fromkeys(CONTENT_KINDS, 0)
     for out, kinds in tokenize_tasks(tasks, tokenizer_path, opts, progress):
@@ -243,7 +254,9 @@ def _run(tasks, tokenizer, tokenizer_path, output, opts, sources, overwrite, pro
         if isinstance(out, Document):
             docs.append(out)
         elif isinstance(out, PairDocuments):
-            docs.extend(out)                     # chosen, rejected: documents 2i and 2i+1 of pair i
+            docs += [out.chosen, out.rejected]   # documents 2i and 2i+1 of pair i
+            for what in out.truncated:
+                pairs_truncated[what] += 1
         elif opts.skip_invalid and isinstance(out, RecordError):
             n_skipped += 1
             by_reason[skip_reason(out)] += 1
@@ -265,7 +278,10 @@ def _run(tasks, tokenizer, tokenizer_path, output, opts, sources, overwrite, pro
     manifest = write_packed(output, corpus, seq_len=opts.seq_len, pad_id=tokenizer.pad_id,
                             long_policy=opts.long_policy, tokenizer=tokenizer.fingerprint(), template=opts.template,
                             sources=sources, counts={"records_read": n_read, "skipped": n_skipped,
-                                                     "skipped_by_reason": by_reason},
+                                                     "skipped_by_reason": by_reason,
+                                                     **({"pairs_prompt_truncated": pairs_truncated["prompt"],
+                                                         "pairs_completion_truncated": pairs_truncated["completion"]}
+                                                        if opts.task == "preference" else {})},
                             skipped=reasons, overwrite=overwrite, task=opts.task)
     t2 = time.perf_counter()
     manifest = dict(manifest)

@@ -36,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--long", default="truncate", choices=LONG_POLICIES, dest="long_policy",
                    help="documents longer than --seq-len (default truncate; --task sft only: a preference pair "
                         "longer than a row is an error, or skipped with --skip-invalid)")
+    p.add_argument("--max-prompt-length", type=int, default=None, metavar="N",
+                   help="--task preference: a pair longer than a row is truncated as TRL does: its prompt to at most "
+                        "N tokens first (the same in both documents), then the completions from their end; the "
+                        "manifest counts the pairs cut. Without it such a pair is an error")
+    p.add_argument("--truncation-mode", default="keep_end", choices=("keep_end", "keep_start"),
+                   help="which end of a truncated prompt to keep (default keep_end, as TRL)")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
     p.add_argument("--skip-invalid", action="store_true",
                    help="skip (and count, by reason) invalid records instead of failing")
@@ -84,6 +90,8 @@ def stats_table(m: dict) -> str:
     rows += [(f"  {name}", n) for name, n in m["tokens_per_class"].items() if n or name in LEGACY_CLASS_NAMES]
     if m.get("task") == "preference":
         rows.insert(5, ("pairs packed", f"{m['num_pairs']} ({m['pairs_per_row']:.2f} per row)"))
+        rows.insert(6, ("pairs truncated", f"{c.get('pairs_prompt_truncated', 0)} prompts, "
+                                           f"{c.get('pairs_completion_truncated', 0)} completions"))
     rows.append(("packing efficiency", f"{100 * m['packing_efficiency']:.2f}%"))
     if t:
         rows.append(("throughput", f"{t['input_tokens'] / max(t['total_s'], 1e-9):,.0f} tokens/s "
@@ -111,7 +119,8 @@ def main(argv=None) -> int:
         return 2
     opts = PackOptions(seq_len=args.seq_len, template=args.template, long_policy=args.long_policy,
                        last_turn_only=args.last_turn_only, system=args.system, skip_invalid=args.skip_invalid,
-                       workers=args.workers, task=args.task, max_skip_fraction=args.max_skip_fraction)
+                       workers=args.workers, task=args.task, max_skip_fraction=args.max_skip_fraction,
+                       max_prompt_length=args.max_prompt_length, truncation_mode=args.truncation_mode)
     progress = _Progress()
     try:
         manifest = pack_files(args.input, args.tokenizer, args.output, opts, fmt=args.format,
