@@ -435,7 +435,8 @@ def test_cli_preference_end_to_end_skip_invalid_and_refusals(tmp_path, sp_model_
     env = dict(os.environ, PYTHONPATH="")
     r = subprocess.run(base + ["--output", str(out)], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().endswith("empty completion") and f"{path}:line 7:" in r.stderr
-    r = subprocess.run(base + ["--output", str(out), "--skip-invalid", "--max-skip-fraction", "0.5"], capture_output=True, text=True, env=env,
+    skip = ["--skip-invalid", "--max-skip-fraction", "0.5"]
+    r = subprocess.run(base + ["--output", str(out)] + skip, capture_output=True, text=True, env=env,
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert "detected format preference" in r.stderr and "pairs packed" in r.stdout
@@ -445,7 +446,7 @@ def test_cli_preference_end_to_end_skip_invalid_and_refusals(tmp_path, sp_model_
     assert [s.split(": ", 1)[0] for s in m["skipped"]] == [f"{path}:line {n}" for n in (7, 8, 9, 10, 11, 13)]
     assert [problem in s for (_, problem), s in zip(BAD_PAIRS[:5], m["skipped"])] == [True] * 5
     assert "chosen and rejected are identical" in m["skipped"][5]
-    r = subprocess.run(base + ["--output", str(tmp_path / "w2"), "--skip-invalid", "--max-skip-fraction", "0.5", "--workers", "2"],
+    r = subprocess.run(base + ["--output", str(tmp_path / "w2"), "--workers", "2"] + skip,
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     for name in sorted(os.listdir(out)):                       # worker processes change nothing

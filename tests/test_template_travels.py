@@ -32,7 +32,8 @@ ONE_CALL = {"messages": [{"role": "system", "content": "Be brief."},
 TWO_CALLS = {"messages": [{"role": "user", "content": "Paris and Rome?"},
                           {"role": "assistant", "content": "Checking both.", "tool_calls": [
                               {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
-                              {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}]},
+                              {"type": "function",
+                               "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}]},
                           {"role": "tool", "content": "21"}, {"role": "tool", "content": "25"},
                           {"role": "assistant", "content": "21 and 25."}], "tools": [TOOL]}
 
@@ -125,3 +126,29 @@ def test_export_carries_the_template_and_evaluate_defaults_to_it(tmp_path, sp_mo
     r, used = evaluate("explicit", "--template", "plain")
     warnings = [line for line in r.stderr.splitlines() if "warning: --template" in line]
     assert used == "plain" and len(warnings) == 1 and "trained with (chatml" in warnings[0]
+
+
+@pytest.mark.parametrize("template", ["plain", "alpaca", "tulu"])
+def test_chat_template_after_bos_on_a_dummy_prefix_tokenizer(tmp_path, sp_model_path, template):
+    """A Metaspace (SentencePiece / LLaMA-2 style) fast tokenizer gives text after a BOS written as text no
+    word-boundary prefix, while the packer encodes the text after a leading BOS as a fresh string: the export
+    writes a space after the BOS where text follows it (bos_separator), and the ids agree."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from witscale.data.template_jinja import bos_separator, jinja_template
+    from witscale.data.tokenizer import load_tokenizer
+    src = tmp_path / "sp"
+    src.mkdir()
+    shutil.copyfile(sp_model_path, src / "tokenizer.model")
+    (src / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    AutoTokenizer.from_pretrained(str(src), local_files_only=True).save_pretrained(str(tmp_path / "hf"))
+    tok = load_tokenizer(str(tmp_path / "hf"))
+    sep = bos_separator(str(tmp_path / "hf"), template)
+    assert tok.kind == "hf" and sep == (" " if template != "tulu" else "")   # tulu: the markers are tokens here
+    tok.hf.chat_template = jinja_template(template, sep)
+    for rec in (SIMPLE, NO_SYSTEM, ALPACA_INPUT):
+        conv = normalize_record(rec, "alpaca" if "instruction" in rec else "messages")
+        messages, tools = hf_messages(conv)
+        assert _apply(tok.hf, messages, tools) == Renderer(template, tok)(conv).ids.tolist(), (template, rec)

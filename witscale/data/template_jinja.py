@@ -29,7 +29,10 @@ _THINK = ("{%- if m.reasoning_content is defined and m.reasoning_content is not 
           "{{- '<think>\\n' + m.reasoning_content + '\\n</think>\\n\\n' -}}{%- endif -%}")
 _TEXT = "{{- m.content if m.content is string else '' -}}{%- if m.input -%}{{- '\\n\\n' + m.input -}}{%- endif -%}"
 _ARGS = "{%- if fn.arguments is string -%}{{- fn.arguments -}}{%- else -%}{{- fn.arguments | tojson -}}{%- endif -%}"
-_BOS = "{%- if bos_token -%}{{- bos_token -}}{%- endif -%}"
+# BOS, then AFTER_BOS: a space where the tokenizer gives text that follows a special token no word-boundary
+# prefix but the packer encodes the text after a leading BOS as a fresh string, with one (SentencePiece /
+# LLaMA-2's Metaspace: "<s>Hi" → "Hi", the packer's "▁Hi"); the export picks it (bos_separator)
+_BOS = "{%- if bos_token -%}{{- bos_token + AFTER_BOS -}}{%- endif -%}"
 
 PLAIN = (_BOS + "{%- set ns = namespace(prev='') -%}{%- for m in messages -%}"
          "{%- if m.role == 'system' -%}{{- m.content + '\\n\\n' -}}"
@@ -94,7 +97,15 @@ TULU = (_BOS + "{%- for m in messages -%}{{- '<|' + m.role + '|>\\n' -}}"
         "{%- else -%}" + _TEXT + "{{- '\\n' -}}{%- endif -%}{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}")
 
-JINJA_TEMPLATES = {"plain": PLAIN, "alpaca": ALPACA, "chatml": CHATML, "llama3": LLAMA3, "tulu": TULU}
+_SOURCES = {"plain": PLAIN, "alpaca": ALPACA, "chatml": CHATML, "llama3": LLAMA3, "tulu": TULU}
+
+
+def jinja_template(name: str, after_bos: str = "") -> str:
+    """The chat template of a fixed template; `after_bos`: what follows a leading BOS (see bos_separator)."""
+    return _SOURCES[name].replace("AFTER_BOS", _lit(after_bos))
+
+
+JINJA_TEMPLATES = {name: jinja_template(name) for name in _SOURCES}
 
 
 def hf_messages(conv: Conversation) -> tuple[list[dict], list | None]:
@@ -107,6 +118,33 @@ def hf_messages(conv: Conversation) -> tuple[list[dict], list | None]:
             d["content"], d["input"] = m.text, m.input
         out.append(d)
     return out, list(conv.tools) if conv.tools else None
+
+
+def bos_separator(tokenizer_dir: str, template: str) -> str:
+    """What the exported chat template writes after a leading BOS so that the tokenizer of `tokenizer_dir`
+    gives the packer's ids: ' ' for a dummy-prefix tokenizer (SentencePiece, LLaMA-2's Metaspace) where text
+    follows the BOS (the packer encodes it as a fresh string, "▁Hi"; "<s>Hi" as text gives "Hi"), '' otherwise
+    (byte-level BPE; a role marker the vocabulary holds as one token). Chosen by rendering a probe
+    conversation both ways; '' when neither agrees."""
+    from transformers import AutoTokenizer
+
+    from witscale.data.readers import normalize_record
+    from witscale.data.render import Renderer
+    from witscale.data.tokenizer import load_tokenizer
+    hf = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True, trust_remote_code=False)
+    conv = normalize_record({"messages": [{"role": "system", "content": "Be brief."},
+                                          {"role": "user", "content": "Hello world"},
+                                          {"role": "assistant", "content": "Hi there"}]}, "messages")
+    try:
+        want = Renderer(template, load_tokenizer(tokenizer_dir))(conv).ids.tolist()
+    except Exception:                    # a tokenizer this template cannot use: nothing to match
+        return ""
+    messages, tools = hf_messages(conv)
+    for sep in ("", " "):
+        ids = hf.apply_chat_template(messages, tools=tools, tokenize=True, chat_template=jinja_template(template, sep))
+        if list(ids["input_ids"] if hasattr(ids, "keys") else ids) == want:
+            return sep
+    return ""
 
 
 # ---------------------------------------------------------------------------------------------- the export
@@ -123,11 +161,12 @@ def add_chat_template(tokenizer_dir: str, template: str) -> bool:
         return False
     with open(config, encoding="utf-8") as f:
         cfg = json.load(f)
-    cfg["chat_template"] = JINJA_TEMPLATES[template]
+    text = jinja_template(template, bos_separator(tokenizer_dir, template))
+    cfg["chat_template"] = text
     with open(config, "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=1, ensure_ascii=False)
     with open(os.path.join(tokenizer_dir, "chat_template.jinja"), "w", encoding="utf-8") as f:
-        f.write(JINJA_TEMPLATES[template])
+        f.write(text)
     return True
 
 
