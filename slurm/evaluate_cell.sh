@@ -16,7 +16,8 @@
 #   EVAL_TASKS            lm-eval task names (comma-separated); EVAL_INCLUDE_PATH: local task YAMLs
 #   EVAL_ALPACA_EVAL      AlpacaEval's evaluation set → <cell>/alpaca_eval/model_outputs.json
 #   EVAL_MT_BENCH         MT-Bench's question.jsonl → <cell>/mt_bench/model_answer/<cell>.jsonl
-#   EVAL_TEMPLATE         the packer's template of the training data (default plain)
+#   EVAL_TEMPLATE         the packer's template of the training data (default: the one the export recorded
+#                         in hf/witscale.json, else plain; a different one is used with a warning)
 #   EVAL_LIMIT            only the first N prompt sets / documents (quick looks)
 #   EVAL_NPROC            data-parallel ranks (default: the GPUs Slurm gave the job, else 1)
 #   EVAL_ARGS             more tools/evaluate.py flags, e.g. "--backend vllm --dtype bf16"
@@ -71,7 +72,8 @@ trap write_status EXIT
 
 [ -f "$CELL/hf/config.json" ] || { log "no exported model in $CELL/hf (did training export it?)"; exit 3; }
 
-ARGS=(tools/evaluate.py --model "$CELL/hf" --output "$CELL" --template "${EVAL_TEMPLATE:-plain}" --no-progress)
+ARGS=(tools/evaluate.py --model "$CELL/hf" --output "$CELL" --no-progress)
+[ -z "${EVAL_TEMPLATE:-}" ] || ARGS+=(--template "$EVAL_TEMPLATE")
 [ -z "${EVAL_POSIX:-}" ] || ARGS+=(--posix "$EVAL_POSIX" --posix-kinds "${EVAL_POSIX_KINDS:-spelling,template}"
                                   --max-new-tokens "${EVAL_MAX_NEW_TOKENS:-64}")
 [ -z "${EVAL_TASKS:-}" ] || ARGS+=(--tasks "$EVAL_TASKS")

@@ -102,7 +102,8 @@ def test_bad_records_fail_cleanly_or_are_skipped(tmp_path, sp_model_path, case):
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith("error: ") and message in line and "Traceback" not in r.stderr
     assert not out.exists() and not [n for n in os.listdir(tmp_path) if n.startswith(".out")]
-    r = run_cli("--input", path, "--tokenizer", sp_model_path, "--seq-len", 64, "--output", out, "--skip-invalid")
+    r = run_cli("--input", path, "--tokenizer", sp_model_path, "--seq-len", 64, "--output", out, "--skip-invalid",
+                "--max-skip-fraction", 1)
     assert r.returncode == 0, r.stderr
     m = PackedDataset(str(out)).manifest
     assert m["counts"]["skipped"] == 1 and message.split(": ", 1)[1] in m["skipped"][0]
@@ -210,3 +211,40 @@ def test_dataset_directories_and_globs_as_inputs(tmp_path, sp_model_path):
     r = run_cli("--input", bad, "--tokenizer", sp_model_path, "--seq-len", 64, "--output", tmp_path / "o4", env=env)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == f"error: {bad}[train]:record 2: message 2: empty response"
+
+
+def test_auto_summarizes_the_whole_input_and_skips_are_counted_by_reason(tmp_path, sp_model_path):
+    """--format auto reports what the whole input holds (not just its first record); --skip-invalid counts the
+    skipped records by reason and fails, writing nothing, above --max-skip-fraction (default 0.05). A lone
+    surrogate is one such record error, not a crash."""
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    v1_call = {"messages": [
+        {"role": "system", "content": [{"type": "text", "value": "Be brief."}]},
+        {"role": "user", "content": [{"type": "text", "value": "Weather in Paris?"}]},
+        {"role": "assistant", "content": [{"type": "reasoning", "value": "Call it."},
+                                          {"type": "tool_call", "value": '{"name": "w", "arguments": {"c": "P"}}'}]},
+        {"role": "tool", "content": [{"type": "text", "value": "21"}]},
+        {"role": "assistant", "content": [{"type": "text", "value": "21 degrees."}]}]}
+    multi = {"messages": chat["messages"] * 2}
+    robot = {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}
+    lines = [json.dumps(r) for r in [chat] * 30 + [v1_call] * 5 + [multi] * 3]
+    lines += [json.dumps(robot)] * 2 + ['{"instruction": "x", "output": "bad \\ud800"}']
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    base = ["--input", path, "--tokenizer", sp_model_path, "--seq-len", 128, "--template", "chatml", "--skip-invalid"]
+    r = run_cli(*base, "--output", tmp_path / "refused")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and not (tmp_path / "refused").exists()
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: --skip-invalid skipped 3 of 41 records (7.3%), more than --max-skip-fraction "
+                           "0.05 allows; by reason: 2 unknown role '…'; known roles: ") and "1 output: a lone" in line
+    out = tmp_path / "ok"
+    r = run_cli(*base, "--output", out, "--max-skip-fraction", 0.1)
+    assert r.returncode == 0, r.stderr
+    assert (f"{path}: messages, 41 records: 5 with tool calls, 5 with tool results, 5 with reasoning, "
+            f"5 with system, 3 multi-turn") in r.stderr
+    assert "skipped 2 (4.9%): unknown role '…'" in r.stdout
+    m = PackedDataset(str(out)).manifest
+    assert m["counts"]["skipped"] == 3 and sum(m["counts"]["skipped_by_reason"].values()) == 3
+    assert m["sources"][0]["content"]["tool calls"] == 5 and m["num_documents"] == 38
+    assert any(s.startswith(f"{path}:line 41: output: a lone surrogate \\ud800") for s in m["skipped"])
+    assert m["tokens_per_class"]["tool_call"] > 0 and m["tokens_per_class"]["reasoning"] > 0

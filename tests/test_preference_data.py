@@ -440,7 +440,8 @@ def test_cli_preference_end_to_end_skip_invalid_and_refusals(tmp_path, sp_model_
     env = dict(os.environ, PYTHONPATH="")
     r = subprocess.run(base + ["--output", str(out)], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().endswith("empty completion") and f"{path}:line 7:" in r.stderr
-    r = subprocess.run(base + ["--output", str(out), "--skip-invalid"], capture_output=True, text=True, env=env,
+    skip = ["--skip-invalid", "--max-skip-fraction", "0.5"]
+    r = subprocess.run(base + ["--output", str(out)] + skip, capture_output=True, text=True, env=env,
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert "detected format preference" in r.stderr and "pairs packed" in r.stdout
@@ -450,7 +451,7 @@ def test_cli_preference_end_to_end_skip_invalid_and_refusals(tmp_path, sp_model_
     assert [s.split(": ", 1)[0] for s in m["skipped"]] == [f"{path}:line {n}" for n in (7, 8, 9, 10, 11, 13)]
     assert [problem in s for (_, problem), s in zip(BAD_PAIRS[:5], m["skipped"])] == [True] * 5
     assert "chosen and rejected are identical" in m["skipped"][5]
-    r = subprocess.run(base + ["--output", str(tmp_path / "w2"), "--skip-invalid", "--workers", "2"],
+    r = subprocess.run(base + ["--output", str(tmp_path / "w2"), "--workers", "2"] + skip,
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     for name in sorted(os.listdir(out)):                       # worker processes change nothing
@@ -462,3 +463,57 @@ def test_cli_preference_end_to_end_skip_invalid_and_refusals(tmp_path, sp_model_
     with pytest.raises(DataError, match="preference data; pack it with --task preference"):
         pack_files([path], sp_model_path, str(tmp_path / "y"), PackOptions(seq_len=160))
     assert len(PackedDataset(str(out))) == m["num_rows"]
+
+
+@pytest.mark.parametrize("mode", ["keep_end", "keep_start"])
+def test_dpo_truncation_trl_way(tmp_path, sp_model_path, sp_tokenizer, mode):
+    """--max-prompt-length / --truncation-mode (TRL's): a pair longer than the row is cut — the prompt first, to
+    the same tokens in both documents (its last tokens with keep_end, its first with keep_start), then the
+    completions from their end — and fits; pairs that fit are untouched; the manifest counts the cuts."""
+    long_prompt = " ".join(f"Step {i}: add {i} to the total." for i in range(30)) + " " + PROMPT
+    long_answer = GOOD + " Because " + "two and three make five, " * 12
+    pairs = [{"prompt": PROMPT, "chosen": GOOD, "rejected": BAD},                          # fits: untouched
+             {"prompt": long_prompt, "chosen": GOOD, "rejected": BAD},                     # prompt cut only
+             {"prompt": long_prompt, "chosen": long_answer, "rejected": BAD + " No."}]     # both cut
+    seq_len, max_prompt = 96, 24
+    out = tmp_path / "trunc"
+    m = pack_records(pairs, sp_model_path, str(out), PackOptions(seq_len=seq_len, task="preference", template="plain",
+                                                                 max_prompt_length=max_prompt, truncation_mode=mode))
+    assert m["num_pairs"] == 3
+    assert m["counts"]["pairs_prompt_truncated"] == 2 and m["counts"]["pairs_completion_truncated"] == 1
+    renderer = Renderer("plain", sp_tokenizer)
+    full = [render_pair(renderer, *normalize_pair(p, "preference"), seq_len=10_000) for p in pairs]
+    packed_tokens = 0
+    for i, (pair, whole) in enumerate(zip(pairs, full)):
+        got = render_pair(renderer, *normalize_pair(pair, "preference"), seq_len=seq_len,
+                          truncation=_truncation(max_prompt, mode))
+        n = int(np.argmax(np.isin(whole.chosen.classes, list(RESPONSE_SIDE))))
+        packed_tokens += len(got.chosen.ids) + len(got.rejected.ids)
+        if i == 0:
+            assert got.truncated == () and all(np.array_equal(getattr(got, k).ids, getattr(whole, k).ids)
+                                               for k in ("chosen", "rejected"))
+            continue
+        assert len(got.chosen.ids) + len(got.rejected.ids) <= seq_len
+        p_keep = min(n, max_prompt)
+        want_prompt = whole.chosen.ids[n - p_keep:n] if mode == "keep_end" else whole.chosen.ids[:p_keep]
+        for key in ("chosen", "rejected"):
+            doc, src = getattr(got, key), getattr(whole, key)
+            assert np.array_equal(doc.ids[:p_keep], want_prompt), key          # the identical prompt
+            assert np.array_equal(doc.ids[p_keep:], src.ids[n:n + len(doc.ids) - p_keep]), key  # a completion prefix
+            assert np.isin(doc.classes[p_keep:], list(RESPONSE_SIDE)).all() and len(doc.ids) > p_keep
+        assert got.truncated == (("prompt",) if i == 1 else ("prompt", "completion"))
+    assert m["num_tokens"] == packed_tokens                  # the packed data holds exactly these documents
+
+
+def _truncation(n, mode):
+    from witscale.data.preference import Truncation
+    return Truncation(n, mode)
+
+
+def test_dpo_over_long_pair_without_flags_names_the_fix(tmp_path, sp_model_path):
+    pair = {"prompt": PROMPT + " and more" * 40, "chosen": GOOD, "rejected": BAD}
+    with pytest.raises(DataError, match=r"record 1: the pair is .* longer than a row \(--seq-len 64\); pass "
+                                        r"--max-prompt-length N"):
+        pack_records([pair], sp_model_path, str(tmp_path / "x"), PackOptions(seq_len=64, task="preference"))
+    with pytest.raises(DataError, match="--max-prompt-length applies to --task preference only"):
+        pack_records([pair], sp_model_path, str(tmp_path / "y"), PackOptions(seq_len=64, max_prompt_length=8))

@@ -213,10 +213,14 @@ def test_content_parts_and_think_blocks():
      "the reasoning is given twice"),
     ({"messages": [{"role": "user", "content": "x"},
                    {"role": "assistant", "content": [{"type": "text", "text": "b"}, {"type": "reasoning", "text": "a"}]}]},
-     "a reasoning part after a text part"),
+     "a reasoning part after a text or tool_call part"),
     ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": [
-        {"type": "tool_call", "name": "f", "arguments": {}}, {"type": "text", "text": "b"}]}]},
-     "a text part after a tool_call part"),
+        {"type": "tool_call", "value": "{\"arguments\": {}}"}]}]},
+     "messages[2]: tool call without a 'name'"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": [
+        {"type": "tool_call", "value": "{oops"}]}]},
+     "messages[2]: the value of a 'tool_call' part is not valid JSON"),
+
     ({"messages": [{"role": "user", "content": [{"type": "reasoning", "text": "a"}]}, {"role": "assistant", "content": "b"}]},
      "messages[1]: a 'reasoning' part is only allowed in an assistant message"),
     ({"messages": [{"role": "user", "content": [{"type": "image", "url": "x"}]}, {"role": "assistant", "content": "b"}]},
@@ -339,3 +343,61 @@ def test_local_datasets_directories(tmp_path):
         load_dataset_source(Source("dataset", both, "dev"))
     with pytest.raises(DataError, match="--subset does not apply"):
         load_dataset_source(Source("dataset", both, None, "en"))
+
+
+# ------------------------------------------------------------------------------------ LLaMA-Factory v1 parts
+def _v1(role, *parts, **extra):
+    return {"role": role, "content": [dict(zip(("type", "value"), p)) for p in parts], **extra}
+
+
+def test_llama_factory_v1_content_parts():
+    """LLaMA-Factory v1's {type, value} parts: value in every part type; a tool call as an object or a JSON
+    string (arguments or parameters); several calls in one turn, text between them; reasoning first."""
+    rec = {"messages": [
+        _v1("system", ("text", "Be brief.")),
+        _v1("user", ("text", "Weather in Paris and Rome?"), loss_weight=0.0),
+        _v1("assistant", ("reasoning", "Two cities: two calls."),
+            ("tool_call", '{"name": "get_weather", "arguments": {"city": "Paris"}}'),
+            ("text", "Now Rome."),
+            ("tool_call", {"name": "get_weather", "parameters": {"city": "Rome"}}), loss_weight=1.0),
+        _v1("tool", ("text", "21")), _v1("tool", ("text", "25")),
+        _v1("assistant", ("text", "Paris 21, "), ("text", "Rome 25."))]}
+    conv = normalize_record(rec, detect_format(rec))
+    a = conv.messages[2]
+    assert a.reasoning == "Two cities: two calls." and a.text == "Now Rome."
+    assert a.tool_calls == (ToolCall("get_weather", {"city": "Paris"}), ToolCall("get_weather", {"city": "Rome"}))
+    assert conv.messages[1].weight == 0.0 and conv.messages[0].text == "Be brief."
+    assert [m.text for m in conv.messages[3:]] == ["21", "25", "Paris 21, Rome 25."]
+    # text on both sides of a call: the texts joined in order, a blank line where the call stood
+    both = {"messages": [_v1("user", ("text", "x")),
+                         _v1("assistant", ("text", "First."), ("tool_call", {"name": "f", "arguments": "{}"}),
+                             ("text", "Then.")), _v1("tool", ("text", "ok")), _v1("assistant", ("text", "done"))]}
+    m = normalize_record(both, "messages").messages[1]
+    assert m.text == "First.\n\nThen." and m.tool_calls == (ToolCall("f", {}),)
+    assert sorted(conv.content_kinds()) == ["reasoning", "system", "tool calls", "tool results"]
+
+
+def test_preference_record_under_sft_says_to_add_task_preference():
+    pair = {"messages": [{"role": "user", "content": "x"}], "chosen": "a", "rejected": "b"}
+    with pytest.raises(DataError, match="preference data; pack it with --task preference"):
+        detect_format(pair)                                  # first record: detection says so
+    with pytest.raises(RecordError, match="preference data; pack it with --task preference"):
+        normalize_record(pair, "messages")                   # any later record (or --format messages) too
+
+
+def test_lone_surrogate_is_a_record_error(tmp_path):
+    """A lone surrogate ("\\ud800" in the JSON) is a record error naming the record and the field, not a crash
+    when it reaches the tokenizer; a well-formed pair (an emoji spelled as two escapes) is fine."""
+    good = '{"instruction": "smile \\ud83d\\ude00", "output": "ok"}'
+    bad = '{"instruction": "x", "output": "broken \\ud800 here"}'
+    path = tmp_path / "s.jsonl"
+    path.write_text(good + "\n" + bad + "\n", encoding="utf-8")
+    recs = list(read_records(str(path))[1])
+    assert recs[0].record["instruction"] == "smile \U0001F600"
+    assert isinstance(recs[1].record, RecordError)
+    assert str(recs[1].record).startswith(f"{path}:line 2: output: a lone surrogate \\ud800 at character 8")
+    arr = tmp_path / "s.json"
+    arr.write_text("[" + good + ", " + bad.replace('"x"', '["\\udfff"]') + "]", encoding="utf-8")
+    recs = list(read_records(str(arr))[1])
+    assert not isinstance(recs[0].record, RecordError)
+    assert str(recs[1].record).startswith(f"{arr}:record 2: instruction[0]: a lone surrogate \\udfff")

@@ -541,3 +541,17 @@ def test_hf_refuses_what_the_template_drops(hf_tool_tokenizers, tmp_path):
             Renderer("hf", tok)(normalize_record(rec, "messages"))
     finally:
         tok.hf.chat_template = QWEN_LIKE
+
+
+def test_hf_special_token_ids_resolved_once(hf_tool_tokenizers, monkeypatch):
+    """Packing with a fixed template through an HF tokenizer looks each special token up once, not per record:
+    get_vocab() builds the whole vocabulary dict (151k entries for Qwen) and made chatml 10-50x slower than plain."""
+    from witscale.data.tokenizer import load_tokenizer as load
+    tok = load(hf_tool_tokenizers["qwen"].path)
+    calls = []
+    real = tok.hf.get_vocab
+    monkeypatch.setattr(tok.hf, "get_vocab", lambda: calls.append(1) or real())
+    renderer = Renderer("chatml", tok)
+    docs = [renderer(normalize_record(TOOL_CHAT, "messages")) for _ in range(20)]
+    assert all(np.array_equal(d.ids, docs[0].ids) for d in docs)
+    assert len(calls) <= 2            # one per distinct special (<|im_start|>, <|im_end|>), then cached

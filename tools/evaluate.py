@@ -59,8 +59,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="--sweep: evaluate cells that already have results")
     p.add_argument("--tokenizer", help="tokenizer (default: the model's: tokenizer.model when it has no "
                                        "tokenizer.json, else the directory)")
-    p.add_argument("--template", default="plain", help="the packer's template the model was trained with "
-                                                       "(plain, alpaca, chatml, llama3, tulu, hf); default plain")
+    p.add_argument("--template", default=None,
+                   help="the packer's template the model was trained with (plain, alpaca, chatml, llama3, tulu, "
+                        "hf); default: the one its export recorded (witscale.json), else plain. A different one "
+                        "is used with a warning")
     p.add_argument("--system", help="a system message before every prompt")
 
     g = p.add_argument_group("POSIX (prompt sensitivity)")
@@ -175,6 +177,12 @@ def main(argv=None) -> int:
         if not jobs:
             print("[witscale-eval] nothing to evaluate")
             return 0
+
+    from witscale.data.template_jinja import resolve_eval_template
+    for opts in jobs:               # each model with the template it was trained with, unless told otherwise
+        opts.template, warning = resolve_eval_template(opts.model_dir, args.template)
+        if warning and os.environ.get("RANK", "0") == "0":
+            print(warning, file=sys.stderr)
 
     from witscale.evaluation.parallel import DataParallel
     from witscale.training.distributed import fail_fast

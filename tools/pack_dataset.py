@@ -4,10 +4,8 @@ witscale/data/format.py for the format."""
 import os
 import sys
 
-try:
-    import witscale  # noqa: F401
-except ImportError:  # run as a script from a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# this checkout's witscale, as the other tools do (not another one an editable install points at)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from witscale.data.pack_cli import main
 

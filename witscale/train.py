@@ -513,8 +513,11 @@ def train_loop(plan: Plan, topo, module):
                 save()
             if cfg.export_hf:
                 from witscale.training.export import export_from_engine
+                from witscale.data.template_jinja import training_meta
+                meta = training_meta(cfg.data, {CLASS_NAMES[i]: float(w) for i, w in enumerate(plan.weight_table)},
+                                     cfg.normalization, cfg.objective)
                 export_from_engine(trainer, plan.model_config, cfg.export_hf, tokenizer_src=cfg.tokenizer or cfg.model,
-                                   dtype=cfg.export_dtype)
+                                   dtype=cfg.export_dtype, meta=meta)
     finally:
         metrics.close()
     return trainer, results

@@ -3,9 +3,16 @@
 against pad-to-seq-len and pad-to-longest-in-batch baselines, plus a scale run (100k document lengths
 resampled from the file's distribution) against the ceil(tokens / seq_len) lower bound.
 
+``--compare-templates plain,chatml`` packs the same input with each template through one Hugging Face fast
+tokenizer directory (``--tokenizer`` itself if it is one, else one converted from the SentencePiece model with
+the ChatML special tokens added) and prints tokens/s per template, plus the baseline of tokenizing the same
+records' text with ``datasets.map`` and that fast tokenizer (``--workers`` processes).
+
     python tools/bench/bench_pack.py                                   # generated corpus + tokenizer
     python tools/bench/bench_pack.py --input ../shared/data/alpaca_en_demo.json \
         --tokenizer ../shared/data/llama2_tokenizer.model
+    python tools/bench/bench_pack.py --input ../shared/data/alpaca_en_demo.json \
+        --tokenizer ../shared/data/llama2_tokenizer.model --compare-templates plain,chatml --workers 2
 """
 import argparse
 import json
@@ -33,6 +40,78 @@ def generated_corpus(tmp: str, n: int):
     return path, train_sentencepiece(texts, os.path.join(tmp, "tok"), vocab_size=1024)
 
 
+CHATML_SPECIALS = ["<|im_start|>", "<|im_end|>"]
+
+
+def hf_tokenizer_dir(tokenizer: str, tmp: str) -> str:
+    """A fast HF tokenizer directory holding the ChatML specials: `tokenizer` if it already is one, else one
+    converted from the SentencePiece model (as a LLaMA tokenizer) with the specials added."""
+    import shutil
+    from transformers import AutoTokenizer
+    if os.path.isdir(tokenizer):
+        tok = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+    else:
+        src = os.path.join(tmp, "sp")
+        os.makedirs(src)
+        shutil.copy(tokenizer, os.path.join(src, "tokenizer.model"))
+        with open(os.path.join(src, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "LlamaTokenizer"}, f)
+        tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
+    vocab = tok.get_vocab()
+    if any(t not in vocab for t in CHATML_SPECIALS) or not os.path.isdir(tokenizer):
+        tok.add_special_tokens({"additional_special_tokens": [t for t in CHATML_SPECIALS if t not in vocab]})
+        tokenizer = os.path.join(tmp, "hf-tokenizer")
+        tok.save_pretrained(tokenizer)
+    return tokenizer
+
+
+def _strings(x) -> list:
+    """Every string value of a record, depth first (the text a plain tokenization pass would see)."""
+    if isinstance(x, str):
+        return [x]
+    if isinstance(x, dict):
+        return [s for v in x.values() for s in _strings(v)]
+    if isinstance(x, list):
+        return [s for v in x for s in _strings(v)]
+    return []
+
+
+def datasets_map_baseline(path: str, tokenizer_dir: str, workers: int) -> tuple[int, float]:
+    """(tokens, seconds) of tokenizing each record's text with datasets.map and the fast tokenizer."""
+    import datasets
+    from transformers import AutoTokenizer
+    datasets.disable_caching()
+    datasets.disable_progress_bars()
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    ds = datasets.load_dataset("json", data_files=path, split="train")
+
+    def tokenize(batch):
+        rows = [dict(zip(batch, vals)) for vals in zip(*batch.values())]
+        return {"input_ids": tok(["\n".join(_strings(r)) for r in rows])["input_ids"]}
+    out = ds.map(tokenize, batched=True, num_proc=workers if workers > 1 else None, remove_columns=ds.column_names)
+    tokens = sum(len(ids) for ids in out["input_ids"])
+    return tokens, time.perf_counter() - t0
+
+
+def compare_templates(args, tmp: str) -> None:
+    tok_dir = hf_tokenizer_dir(args.tokenizer, tmp)
+    print(f"input {args.input}  HF tokenizer {tok_dir}  workers {args.workers}")
+    base = None
+    for k, name in enumerate(args.compare_templates.split(",")):
+        out = os.path.join(tmp, f"packed-{k}-{name}")
+        m = pack_files([args.input], tok_dir, out,
+                       PackOptions(seq_len=args.seq_len, template=name, workers=args.workers))
+        t = m["timing"]
+        rate = t["input_tokens"] / t["total_s"]
+        base = base or t["total_s"]
+        print(f"  pack --template {name:<8} {t['input_tokens']:>11,} tokens  {t['total_s']:7.2f} s  "
+              f"{rate:>12,.0f} tokens/s  ({t['total_s'] / base:.2f}x the first template's time)")
+    tokens, dt = datasets_map_baseline(args.input, tok_dir, args.workers)
+    print(f"  datasets.map + fast tokenizer {tokens:>11,} tokens  {dt:7.2f} s  {tokens / dt:>12,.0f} tokens/s  "
+          f"(text only: no template, classes, packing or writing)")
+
+
 def pad_to_longest(lengths: np.ndarray, batch: int) -> int:
     """Padded capacity when batches of `batch` documents (in input order) are padded to their longest."""
     n = len(lengths)
@@ -51,6 +130,8 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--scale-docs", type=int, default=100_000)
     p.add_argument("--scale-seq-len", type=int, default=4096)
+    p.add_argument("--compare-templates", default=None, metavar="T1,T2",
+                   help="pack with each template through one HF tokenizer directory, plus a datasets.map baseline")
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,6 +140,8 @@ def main(argv=None):
             args.tokenizer = args.tokenizer or generated_tok
         if args.tokenizer is None:
             p.error("--tokenizer is required with --input")
+        if args.compare_templates:
+            return compare_templates(args, tmp)
         out = os.path.join(tmp, "packed")
         m = pack_files([args.input], args.tokenizer, out,
                        PackOptions(seq_len=args.seq_len, template=args.template, workers=args.workers))

@@ -4,18 +4,20 @@
 preference pairs instead (witscale/data/preference.py) and packs each pair whole, chosen then rejected."""
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import multiprocessing as mp
 import os
+import re
 import time
 from typing import Callable, Iterable, NamedTuple
 
 from witscale.data.errors import DataError, RecordError
 from witscale.data.format import TokenizedCorpus, write_packed
 from witscale.data.inputs import dataset_digest, iter_dataset, load_dataset_source, resolve_inputs
-from witscale.data.preference import (PREFERENCE_FORMATS, PairDocuments, detect_preference_format, normalize_pair,
-                                      render_pair)
+from witscale.data.preference import (PREFERENCE_FORMATS, TRUNCATION_MODES, PairDocuments, Truncation,
+                                      detect_preference_format, normalize_pair, render_pair)
 from witscale.data.readers import (FORMATS, SourceRecord, describe_format, detect_format, normalize_record,
                                    read_records, records_with_format)
 from witscale.data.render import Renderer
@@ -34,6 +36,9 @@ class PackOptions(NamedTuple):
     skip_invalid: bool = False
     workers: int = 1
     task: str = "sft"            # 'sft' | 'preference'
+    max_skip_fraction: float = 0.05   # --skip-invalid: refuse the run when more records than this are skipped
+    max_prompt_length: int | None = None   # preference: truncate a too-long pair as TRL does (None: refuse it)
+    truncation_mode: str = "keep_end"      # preference: which end of the prompt to keep
 
 
 class _Task(NamedTuple):
@@ -52,18 +57,23 @@ def _init_worker(tokenizer_path: str, opts: PackOptions) -> None:
 
 
 def _tokenize(task: _Task):
-    """A Document (a PairDocuments for preference data), or the RecordError (located) that the record raised."""
+    """(a Document — a PairDocuments for preference data — or the RecordError (located) that the record raised,
+    the record's content kinds for the input summary: Conversation.content_kinds(), () when it did not parse)."""
     src = task.src
     if isinstance(src.record, RecordError):
-        return src.record
+        return src.record, ()
+    kinds = ()
     try:
         if task.fmt in PREFERENCE_FORMATS:
             chosen, rejected = normalize_pair(src.record, task.fmt, system=_OPTS.system)
-            return render_pair(_RENDERER, chosen, rejected, _OPTS.seq_len)
+            trunc = (Truncation(_OPTS.max_prompt_length, _OPTS.truncation_mode)
+                     if _OPTS.max_prompt_length is not None else None)
+            return render_pair(_RENDERER, chosen, rejected, _OPTS.seq_len, trunc), tuple(chosen.content_kinds())
         conv = normalize_record(src.record, task.fmt, last_turn_only=_OPTS.last_turn_only, system=_OPTS.system)
-        return _RENDERER(conv)
+        kinds = tuple(conv.content_kinds())
+        return _RENDERER(conv), kinds
     except RecordError as e:
-        return e.located(src.file, src.where)
+        return e.located(src.file, src.where), kinds
 
 
 def _tokenize_chunk(tasks: list) -> list:
@@ -92,7 +102,7 @@ def _chunks(it: Iterable, size: int):
 
 def tokenize_tasks(tasks: Iterable[_Task], tokenizer_path: str, opts: PackOptions,
                    progress: Callable[[int], None] | None = None):
-    """Yield (task index order) Document or RecordError; ordered results whatever the worker count."""
+    """Yield (task index order) (Document or RecordError, content kinds); ordered whatever the worker count."""
     if opts.workers <= 1:
         _init_worker(tokenizer_path, opts)
         for task in tasks:
@@ -148,12 +158,16 @@ def pack_files(inputs: list[str], tokenizer_path: str, output: str, opts: PackOp
         sources.append(source)
         streams.append((detected, records, source))
 
+    task_sources = collections.deque()     # the source of each task handed out, in order: results come in order
+
     def tasks():
         for detected, records, source in streams:
             for rec in records:
                 source["records"] += 1
+                task_sources.append(source)
                 yield _Task(detected, rec)
-    return _run(tasks(), tokenizer, tokenizer_path, output, opts, sources, overwrite, progress)
+    return _run(tasks(), tokenizer, tokenizer_path, output, opts, sources, overwrite, progress,
+                task_sources.popleft)
 
 
 def pack_records(records: list, tokenizer_path: str, output: str, opts: PackOptions, fmt: str = "auto",
@@ -171,18 +185,24 @@ def pack_records(records: list, tokenizer_path: str, output: str, opts: PackOpti
         raise DataError(f"unknown format {fmt!r} for --task {opts.task}; known formats: {', '.join(formats)}")
     tasks = (_Task(fmt, SourceRecord(name, f"record {i}", r)) for i, r in enumerate(records, 1))
     sources = [{"path": name, "sha256": None, "format": fmt, "records": len(records)}]
-    return _run(tasks, tokenizer, tokenizer_path, output, opts, sources, overwrite, None)
+    return _run(tasks, tokenizer, tokenizer_path, output, opts, sources, overwrite, None, lambda: sources[0])
 
 
 def _task_formats(opts: PackOptions):
     """(formats, detector) of the task; options that do not apply to it are refused."""
     if opts.task == "sft":
+        if opts.max_prompt_length is not None:
+            raise DataError("--max-prompt-length applies to --task preference only (SFT documents: --long)")
         return FORMATS, detect_format
     if opts.task != "preference":
         raise DataError(f"unknown task {opts.task!r}; known tasks: sft, preference")
     if opts.long_policy != "truncate":
         raise DataError(f"--long {opts.long_policy} does not apply to --task preference: a pair longer than a row "
                         f"is an error (or skipped with --skip-invalid), never cut")
+    if opts.max_prompt_length is not None and opts.max_prompt_length < 1:
+        raise DataError(f"--max-prompt-length must be at least 1, got {opts.max_prompt_length}")
+    if opts.truncation_mode not in TRUNCATION_MODES:
+        raise DataError(f"unknown --truncation-mode {opts.truncation_mode!r}; known: {', '.join(TRUNCATION_MODES)}")
     if opts.last_turn_only:
         raise DataError("--last-turn-only does not apply to --task preference: the prompt's assistant turns are "
                         "always prompt-side, the completion's response-side")
@@ -194,21 +214,62 @@ def _check_output(output: str, overwrite: bool) -> None:
         raise DataError("output already exists; pass --overwrite to replace it", output)
 
 
-def _run(tasks, tokenizer, tokenizer_path, output, opts, sources, overwrite, progress) -> dict:
+def skip_reason(e: RecordError) -> str:
+    """The kind of a record's problem, for counting skips by reason: its message without the message index
+    and with quoted values and numbers blanked ("messages[3]: unknown role 'robot'" → "unknown role '…'")."""
+    problem = e.problem
+    while True:
+        head = _WHERE_IN_RECORD.match(problem)
+        if not head:
+            break
+        problem = problem[head.end():]
+    return re.sub(r"\d+", "N", re.sub(r"'[^']*'", "'…'", problem))
+
+
+_WHERE_IN_RECORD = re.compile(r"(?:(?:messages|conversations|tools|chosen|rejected)\[\d+\](?:\.\w+(?:\[\d+\])?)*"
+                              r"|message \d+)(?::\s*|\s+)")
+
+
+def content_summary(source: dict) -> str:
+    """'50 records: 31 with tool calls, 12 with reasoning, …' for one source (its 'content' counts)."""
+    c = source.get("content", {})
+    parts = [f"{n} {'' if k == 'multi-turn' else 'with '}{k}" for k, n in c.items() if n]
+    return f"{source['records']} records" + (": " + ", ".join(parts) if parts else "")
+
+
+CONTENT_KINDS = ("tools", "tool calls", "tool results", "reasoning", "system", "multi-turn")
+
+
+def _run(tasks, tokenizer, tokenizer_path, output, opts, sources, overwrite, progress, source_of) -> dict:
     t0 = time.perf_counter()
-    docs, reasons, n_read, n_skipped = [], [], 0, 0
-    for out in tokenize_tasks(tasks, tokenizer_path, opts, progress):
+    docs, reasons, n_read, n_skipped, by_reason = [], [], 0, 0, collections.Counter()
+    pairs_truncated = {"prompt": 0, "completion": 0}
+    for source in sources:
+        source["content"] = dict.fromkeys(CONTENT_KINDS, 0)
+    for out, kinds in tokenize_tasks(tasks, tokenizer_path, opts, progress):
         n_read += 1
+        content = source_of()["content"]
+        for k in kinds:
+            content[k] += 1
         if isinstance(out, Document):
             docs.append(out)
         elif isinstance(out, PairDocuments):
-            docs.extend(out)                     # chosen, rejected: documents 2i and 2i+1 of pair i
+            docs += [out.chosen, out.rejected]   # documents 2i and 2i+1 of pair i
+            for what in out.truncated:
+                pairs_truncated[what] += 1
         elif opts.skip_invalid and isinstance(out, RecordError):
             n_skipped += 1
+            by_reason[skip_reason(out)] += 1
             if len(reasons) < MAX_SKIP_REASONS:
                 reasons.append(str(out))
         else:
             raise out
+    by_reason = dict(sorted(by_reason.items(), key=lambda kv: (-kv[1], kv[0])))
+    if n_skipped and n_skipped > opts.max_skip_fraction * n_read:
+        worst = "; ".join(f"{n} {r}" for r, n in list(by_reason.items())[:3])
+        raise DataError(f"--skip-invalid skipped {n_skipped} of {n_read} records ({100 * n_skipped / n_read:.1f}%), "
+                        f"more than --max-skip-fraction {opts.max_skip_fraction:g} allows; by reason: {worst}; "
+                        f"first: {reasons[0]}")
     if not docs:
         raise DataError(f"no usable records ({n_read} read, {n_skipped} skipped)")
     t1 = time.perf_counter()
@@ -216,7 +277,11 @@ def _run(tasks, tokenizer, tokenizer_path, output, opts, sources, overwrite, pro
     del docs
     manifest = write_packed(output, corpus, seq_len=opts.seq_len, pad_id=tokenizer.pad_id,
                             long_policy=opts.long_policy, tokenizer=tokenizer.fingerprint(), template=opts.template,
-                            sources=sources, counts={"records_read": n_read, "skipped": n_skipped},
+                            sources=sources, counts={"records_read": n_read, "skipped": n_skipped,
+                                                     "skipped_by_reason": by_reason,
+                                                     **({"pairs_prompt_truncated": pairs_truncated["prompt"],
+                                                         "pairs_completion_truncated": pairs_truncated["completion"]}
+                                                        if opts.task == "preference" else {})},
                             skipped=reasons, overwrite=overwrite, task=opts.task)
     t2 = time.perf_counter()
     manifest = dict(manifest)

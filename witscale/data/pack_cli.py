@@ -8,7 +8,7 @@ import time
 from witscale.data.classes import CLASS_NAMES, LEGACY_CLASS_NAMES
 from witscale.data.errors import DataError
 from witscale.data.bestfit import LONG_POLICIES
-from witscale.data.pack import PackOptions, pack_files
+from witscale.data.pack import PackOptions, content_summary, pack_files
 from witscale.data.preference import PREFERENCE_FORMATS
 from witscale.data.readers import FORMATS
 from witscale.data.templates import TEMPLATE_NAMES
@@ -36,8 +36,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--long", default="truncate", choices=LONG_POLICIES, dest="long_policy",
                    help="documents longer than --seq-len (default truncate; --task sft only: a preference pair "
                         "longer than a row is an error, or skipped with --skip-invalid)")
+    p.add_argument("--max-prompt-length", type=int, default=None, metavar="N",
+                   help="--task preference: a pair longer than a row is truncated as TRL does: its prompt to at most "
+                        "N tokens first (the same in both documents), then the completions from their end; the "
+                        "manifest counts the pairs cut. Without it such a pair is an error")
+    p.add_argument("--truncation-mode", default="keep_end", choices=("keep_end", "keep_start"),
+                   help="which end of a truncated prompt to keep (default keep_end, as TRL)")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
-    p.add_argument("--skip-invalid", action="store_true", help="skip (and count) invalid records instead of failing")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="skip (and count, by reason) invalid records instead of failing")
+    p.add_argument("--max-skip-fraction", type=float, default=0.05,
+                   help="with --skip-invalid: fail (nothing written) when more than this fraction of the records "
+                        "is skipped (default 0.05)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--last-turn-only", action="store_true",
                    help="earlier assistant turns of a multi-turn record become prompt-side")
@@ -80,12 +90,17 @@ def stats_table(m: dict) -> str:
     rows += [(f"  {name}", n) for name, n in m["tokens_per_class"].items() if n or name in LEGACY_CLASS_NAMES]
     if m.get("task") == "preference":
         rows.insert(5, ("pairs packed", f"{m['num_pairs']} ({m['pairs_per_row']:.2f} per row)"))
+        rows.insert(6, ("pairs truncated", f"{c.get('pairs_prompt_truncated', 0)} prompts, "
+                                           f"{c.get('pairs_completion_truncated', 0)} completions"))
     rows.append(("packing efficiency", f"{100 * m['packing_efficiency']:.2f}%"))
     if t:
         rows.append(("throughput", f"{t['input_tokens'] / max(t['total_s'], 1e-9):,.0f} tokens/s "
                                    f"({t['total_s']:.2f} s)"))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    read = max(c["records_read"], 1)
+    for reason, n in c.get("skipped_by_reason", {}).items():
+        lines.append(f"skipped {n} ({100 * n / read:.1f}%): {reason}")
     for reason in m.get("skipped", [])[:10]:
         lines.append(f"skipped: {reason}")
     return "\n".join(lines)
@@ -96,12 +111,16 @@ def main(argv=None) -> int:
     if args.seq_len < 2:
         print(f"error: --seq-len must be at least 2, got {args.seq_len}", file=sys.stderr)
         return 2
+    if not 0 <= args.max_skip_fraction <= 1:
+        print(f"error: --max-skip-fraction must be between 0 and 1, got {args.max_skip_fraction}", file=sys.stderr)
+        return 2
     if args.workers < 1:
         print(f"error: --workers must be at least 1, got {args.workers}", file=sys.stderr)
         return 2
     opts = PackOptions(seq_len=args.seq_len, template=args.template, long_policy=args.long_policy,
                        last_turn_only=args.last_turn_only, system=args.system, skip_invalid=args.skip_invalid,
-                       workers=args.workers, task=args.task)
+                       workers=args.workers, task=args.task, max_skip_fraction=args.max_skip_fraction,
+                       max_prompt_length=args.max_prompt_length, truncation_mode=args.truncation_mode)
     progress = _Progress()
     try:
         manifest = pack_files(args.input, args.tokenizer, args.output, opts, fmt=args.format,
@@ -116,6 +135,9 @@ def main(argv=None) -> int:
         print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 2
     progress.close()
+    if args.format == "auto":
+        for source in manifest["sources"]:
+            print(f"{source['path']}: {source['format']}, {content_summary(source)}", file=sys.stderr)
     print(stats_table(manifest))
     print(f"wrote {args.output}")
     return 0

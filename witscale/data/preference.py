@@ -15,6 +15,9 @@ longest shared prefix, up to the last non-assistant turn, as the prompt.
 Both completions are rendered with the SFT templates and token classes, after the same prompt: every
 assistant turn of the prompt is prompt-side (as ``--last-turn-only`` makes it), the completion's turns
 response-side — so a DPO weight table (prompt side 0, response side 1) selects exactly the completion.
+
+A pair longer than a row is an error, unless ``--max-prompt-length`` asks for TRL's truncation (Truncation):
+the prompt is cut first, identically in both documents, then the completions from their end.
 """
 from __future__ import annotations
 
@@ -31,10 +34,22 @@ PREFERENCE_FORMATS = ("preference", "sharegpt_preference")
 _RESPONSE_SIDE = np.array(sorted(int(c) for c in RESPONSE_SIDE))
 
 
+TRUNCATION_MODES = ("keep_end", "keep_start")
+
+
 class PairDocuments(NamedTuple):
     """One pair, rendered: the prompt then the chosen completion; the same prompt then the rejected one."""
     chosen: Document
     rejected: Document
+    truncated: tuple = ()     # what was cut to fit the row: () or some of ('prompt', 'completion')
+
+
+class Truncation(NamedTuple):
+    """TRL's DPO truncation (``max_prompt_length``, ``truncation_mode``) for a pair longer than a row: the
+    prompt is cut to `max_prompt_length` tokens first (keep_end: its last ones, keep_start: its first), then
+    the completions from their end until both documents fit the row."""
+    max_prompt_length: int
+    mode: str = "keep_end"
 
 
 def detect_preference_format(record: Any) -> str:
@@ -172,9 +187,40 @@ def _prompt_length(doc: Document) -> int:
     return int(np.argmax(response)) if response.any() else len(doc.classes)
 
 
-def render_pair(renderer, chosen: Conversation, rejected: Conversation, seq_len: int) -> PairDocuments:
+def _cut(doc: Document, keep: np.ndarray) -> Document:
+    return Document(doc.ids[keep], doc.classes[keep], None if doc.weights is None else doc.weights[keep])
+
+
+def truncate_pair(docs: PairDocuments, n_prompt: int, seq_len: int, trunc: Truncation) -> PairDocuments:
+    """Fit a too-long pair into `seq_len` (both documents, each with its copy of the prompt), TRL's way: the
+    prompt to at most `max_prompt_length` tokens, the same ones in both documents; then, if still too long,
+    the completions from their end, the longer one first (each keeps at least one token)."""
+    p_keep = min(n_prompt, trunc.max_prompt_length)
+    c_len, r_len = len(docs.chosen.ids) - n_prompt, len(docs.rejected.ids) - n_prompt
+    budget = seq_len - 2 * p_keep               # room for the two completions
+    if budget < 2:
+        raise RecordError(f"--max-prompt-length {trunc.max_prompt_length} leaves no room for the completions in "
+                          f"a row of {seq_len} (two copies of the prompt); lower it")
+    if c_len + r_len > budget:                  # share the room: neither gets less than half unless it is short
+        c_keep = min(c_len, max(budget // 2, budget - r_len))
+        r_keep = min(r_len, budget - c_keep)
+    else:
+        c_keep, r_keep = c_len, r_len
+    prompt = np.arange(n_prompt - p_keep, n_prompt) if trunc.mode == "keep_end" else np.arange(p_keep)
+    out = PairDocuments(_cut(docs.chosen, np.concatenate([prompt, n_prompt + np.arange(c_keep)])),
+                        _cut(docs.rejected, np.concatenate([prompt, n_prompt + np.arange(r_keep)])),
+                        tuple(k for k, cut in (("prompt", p_keep < n_prompt),
+                                               ("completion", (c_keep, r_keep) != (c_len, r_len))) if cut))
+    if np.array_equal(out.chosen.ids, out.rejected.ids):
+        raise RecordError(f"chosen and rejected are identical once truncated to the row (--seq-len {seq_len}, "
+                          f"--max-prompt-length {trunc.max_prompt_length})")
+    return out
+
+
+def render_pair(renderer, chosen: Conversation, rejected: Conversation, seq_len: int,
+                truncation: Truncation | None = None) -> PairDocuments:
     """Both documents of a pair, checked: the same prompt tokens and classes, different completions, and
-    room for both in one row (a pair is never truncated or split)."""
+    room for both in one row — a longer pair is an error, or with `truncation` cut to fit (truncate_pair)."""
     docs = PairDocuments(renderer(chosen), renderer(rejected))
     for key, doc in zip(("chosen", "rejected"), docs):
         if _prompt_length(doc) == len(doc.classes):
@@ -188,6 +234,9 @@ def render_pair(renderer, chosen: Conversation, rejected: Conversation, seq_len:
         raise RecordError("chosen and rejected are identical (the same tokens)")
     total = len(docs.chosen.ids) + len(docs.rejected.ids)
     if total > seq_len:
+        if truncation is not None:
+            return truncate_pair(docs, n_chosen, seq_len, truncation)
         raise RecordError(f"the pair is {len(docs.chosen.ids)} + {len(docs.rejected.ids)} = {total} tokens, longer "
-                          f"than a row (--seq-len {seq_len}); pairs are never truncated")
+                          f"than a row (--seq-len {seq_len}); pass --max-prompt-length N (and --truncation-mode) "
+                          f"to truncate it as TRL does")
     return docs

@@ -15,8 +15,10 @@ Tool-calling and reasoning data:
     JSON object or a JSON string) or legacy ``function_call`` ({name, arguments});
   * a top-level ``tools`` list (OpenAI ``{type: function, function: {...}}`` or bare ``{name, ...}`` schemas,
     normalized to the former), given as a list or as a JSON string;
-  * content-part lists: ``text``; ``reasoning`` / ``thinking`` parts; ``tool_call`` / ``function_call`` /
-    ``tool_use`` parts — in that order within a message (templates render reasoning, then text, then calls);
+  * content-part lists (OpenAI's, Anthropic's, LLaMA-Factory v1's ``{type, value}``): ``text``; ``reasoning`` /
+    ``thinking`` parts; ``tool_call`` / ``function_call`` / ``tool_use`` parts (the call on the part, or in its
+    ``value`` as an object or a JSON string) — reasoning first, then text and calls in any order (several
+    calls, text between them; templates render reasoning, then the text, then the calls);
   * the assistant's reasoning as a ``reasoning_content`` (or ``reasoning`` / ``thinking``) field, or as a
     ``<think>…</think>`` block at the start of its content.
 A record becomes a :class:`Conversation`; errors are :class:`RecordError` naming the record.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from typing import Any, Iterator, NamedTuple
 
 from witscale.data.errors import DataError, RecordError
@@ -89,6 +92,15 @@ class Conversation(NamedTuple):
             out.append("tools")
         return out
 
+    def content_kinds(self) -> list[str]:
+        """What `--format auto` counts over a whole input: features() plus 'system' and 'multi-turn'."""
+        out = self.features()
+        if self.messages[0].role == "system":
+            out.append("system")
+        if sum(m.role == "user" for m in self.messages) > 1:
+            out.append("multi-turn")
+        return out
+
     @property
     def uses_tools(self) -> bool:
         return bool(self.tools) or any(m.tool_calls or m.role == "tool" for m in self.messages)
@@ -138,6 +150,41 @@ def iter_raw_records(path: str) -> Iterator[tuple[str, Any]]:
         raise DataError("input file has no records", path)
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")     # a \uD800-\uDFFF escape in the raw JSON
+
+
+def _lone_surrogate(value: Any, where: str = "") -> str | None:
+    """Where (a field path) a string of a parsed record holds a lone UTF-16 surrogate, or None. JSON lets a
+    file spell one ("\\ud800"); it is no Unicode character and no tokenizer can encode it."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return f"{where or 'the record'}: a lone surrogate \\u{ord(value[e.start]):04x} at character {e.start + 1}"
+        return None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = ((f"[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for k, v in items:
+        found = _lone_surrogate(v, f"{where}{k}" if k.startswith("[") else f"{where}.{k}" if where else k)
+        if found:
+            return found
+    return None
+
+
+def _checked(rec: Any, raw: bytes, path: str, where: str) -> Any:
+    """The record, or a RecordError when it holds a lone surrogate (only looked for where the raw text has a
+    surrogate escape: the common record costs one regex scan)."""
+    if _SURROGATE_ESCAPE.search(raw):
+        found = _lone_surrogate(rec, "")
+        if found:
+            return RecordError(f"{found} (not valid Unicode: a \\uD800-\\uDFFF escape without its pair)", path, where)
+    return rec
+
+
 def _iter_jsonl(path: str):
     """One record per line. A UTF-8 byte-order mark (at the start of the file, or of a line where files were
     concatenated), CRLF/CR line ends and blank lines are accepted; line numbers count every line."""
@@ -155,9 +202,11 @@ def _iter_jsonl(path: str):
             if not line.strip():
                 continue
             try:
-                yield where, json.loads(line)
+                rec = json.loads(line)
             except json.JSONDecodeError as e:
                 yield where, RecordError(f"invalid JSON: {e.msg} (column {e.colno})", path, where)
+                continue
+            yield where, _checked(rec, raw, path, where)
 
 
 def _iter_json_array(path: str):
@@ -174,8 +223,9 @@ def _iter_json_array(path: str):
         raise DataError(f"invalid JSON: {e.msg} (column {e.colno})", path, f"line {e.lineno}") from None
     if not isinstance(data, list):
         raise DataError(f"a .json input must hold an array of records, got {type(data).__name__}", path)
+    escapes = raw if _SURROGATE_ESCAPE.search(raw) else b""
     for i, rec in enumerate(data, 1):
-        yield f"record {i}", rec
+        yield f"record {i}", _checked(rec, escapes, path, f"record {i}")
 
 
 def _iter_parquet(path: str):
@@ -202,8 +252,13 @@ def drop_nulls(value: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- records
+PREFERENCE_HINT = "'chosen' and 'rejected': preference data; pack it with --task preference"
+
+
 def detect_format(record: Any) -> str:
     if isinstance(record, dict):
+        if "chosen" in record and "rejected" in record:
+            raise DataError(f"the first record has {PREFERENCE_HINT}")
         if "messages" in record:
             return "messages"
         if "conversations" in record:
@@ -212,9 +267,6 @@ def detect_format(record: Any) -> str:
             return "alpaca"
         if "prompt" in record and "response" in record:
             return "prompt_response"
-        if "chosen" in record and "rejected" in record:
-            raise DataError("the first record has 'chosen' and 'rejected': preference data; pack it with --task "
-                            "preference")
         keys = ", ".join(sorted(record)[:8])
     else:
         keys = type(record).__name__
@@ -306,12 +358,33 @@ def _tools(value: Any) -> tuple | None:
     return tuple(out) or None
 
 
+def _part_value(part: dict, keys: tuple) -> Any:
+    """The payload of a content part: the first of `keys` present, else LLaMA-Factory v1's 'value'."""
+    for k in keys + ("value",):
+        if part.get(k) is not None:
+            return part[k]
+    return None
+
+
+def _call_part(part: dict, what: str) -> ToolCall:
+    """A tool-call part: the call's fields on the part itself ({type, name, arguments|parameters|input}, OpenAI's
+    {type, function: {...}}) or, as LLaMA-Factory v1 writes it, in 'value' (an object or a JSON string)."""
+    if "name" not in part and "function" not in part and part.get("value") is not None:
+        value = _json_value(part["value"], f"{what}: the value of a {part.get('type')!r} part")
+        return _tool_call(value, what)
+    return _tool_call(part, what)
+
+
 def _content(value: Any, what: str, role: str = "user") -> tuple[str, str | None, list]:
     """Message content → (text, reasoning or None, tool calls).
 
-    A string, or a list of parts: text ({type: text, text|value}), reasoning ({type: reasoning|thinking, ...})
-    and tool calls ({type: tool_call|function_call|tool_use, ...}), in that order. Reasoning and calls only
-    in assistant messages; a tool result may also be a JSON object (kept as its JSON text)."""
+    A string, or a list of parts: text ({type: text, text|value}), reasoning ({type: reasoning|thinking,
+    text|thinking|reasoning|value}) and tool calls ({type: tool_call|function_call|tool_use, name + arguments|
+    parameters|input, or value: that object or its JSON string}). Reasoning parts come first; text and calls
+    may alternate (several calls, text between them): the texts are joined in order — a blank line where a call
+    stood between them — and the templates render reasoning, then the text, then the calls (the layout of
+    OpenAI-style messages and of Qwen's template). Reasoning and calls only in assistant messages; a tool result
+    may also be a JSON object (kept as its JSON text)."""
     if value is None:
         return "", None, []
     if isinstance(value, str):
@@ -321,40 +394,36 @@ def _content(value: Any, what: str, role: str = "user") -> tuple[str, str | None
     if not isinstance(value, list):
         raise RecordError(f"{what}: content must be a string or a list of parts, got {type(value).__name__}")
     texts, reasoning, calls = [], [], []
-    stage = 0                                   # 0 reasoning, 1 text, 2 tool calls: parts must not go back
+    seen_answer = False                         # a text or call part seen: reasoning must come before
+    call_since_text = False                     # a call between the previous text part and this one
     for part in value:
         kind = part.get("type", "text") if isinstance(part, dict) else None
         if isinstance(part, str) or kind == "text":
-            if isinstance(part, str):
-                text = part
-            else:
-                text = part.get("text", part.get("value"))
-                if not isinstance(text, str):
-                    raise RecordError(f"{what}: text part without a string 'text'/'value'")
-            order = 1
+            text = part if isinstance(part, str) else _part_value(part, ("text",))
+            if not isinstance(text, str):
+                raise RecordError(f"{what}: text part without a string 'text'/'value'")
+            if call_since_text and texts:
+                texts.append("\n\n")
+            texts.append(text)
+            seen_answer, call_since_text = True, False
         elif kind in _REASONING_PARTS or kind in _CALL_PARTS:
             if role != "assistant":
                 raise RecordError(f"{what}: a {kind!r} part is only allowed in an assistant message")
-            order = 0 if kind in _REASONING_PARTS else 2
+            if kind in _CALL_PARTS:
+                calls.append(_call_part(part, what))
+                seen_answer, call_since_text = True, True
+                continue
+            if seen_answer:
+                raise RecordError(f"{what}: a reasoning part after a text or tool_call part; the templates render "
+                                  f"the reasoning first")
+            text = _part_value(part, ("text", "thinking", "reasoning", "content"))
+            if not isinstance(text, str):
+                raise RecordError(f"{what}: {kind} part without a string 'text'/'thinking'/'reasoning'/'value'")
+            reasoning.append(text)
         else:
             shown = kind if isinstance(part, dict) else type(part).__name__
             raise RecordError(f"{what}: unsupported content part {shown!r} (text, reasoning/thinking and "
                               f"tool_call parts only)")
-        if order < stage:
-            later = {0: "a reasoning part", 1: "a text part"}[order]
-            raise RecordError(f"{what}: {later} after a {('reasoning', 'text', 'tool_call')[stage]} part; the "
-                              f"templates render reasoning, then text, then tool calls")
-        stage = order
-        if order == 1:
-            texts.append(text)
-        elif order == 0:
-            text = next((part[k] for k in ("text", "thinking", "reasoning", "value", "content")
-                         if isinstance(part.get(k), str)), None)
-            if text is None:
-                raise RecordError(f"{what}: {kind} part without a string 'text'/'thinking'/'reasoning'")
-            reasoning.append(text)
-        else:
-            calls.append(_tool_call(part, what))
     return "".join(texts), ("".join(reasoning) if reasoning else None), calls
 
 
@@ -449,6 +518,8 @@ def normalize_record(record: Any, fmt: str, *, last_turn_only: bool = False,
         raise DataError(f"unknown format {fmt!r}; known formats: {', '.join(FORMATS)}")
     if not isinstance(record, dict):
         raise RecordError(f"a record must be a JSON object, got {type(record).__name__}")
+    if "chosen" in record and "rejected" in record:
+        raise RecordError(f"the record has {PREFERENCE_HINT}")
     tools = None
     if fmt == "alpaca":
         instruction = _string(record, "instruction")

@@ -165,6 +165,10 @@ class HFTokenizer(Tokenizer):
         # any added special token works as an anchor that ends the "fresh string" state
         specials = [t for t in tok.all_special_tokens if tok.convert_tokens_to_ids(t) is not None]
         self._anchor = specials[0] if specials else None
+        self._anchor_id = tok.convert_tokens_to_ids(self._anchor) if self._anchor is not None else None
+        # special-token ids, resolved once per piece: get_vocab() builds the whole vocabulary dict (151k
+        # entries for Qwen) and templates look their specials up for every record
+        self._token_ids: dict[str, int | None] = {}
 
     def encode_with_offsets(self, text: str, continuation: bool = False):
         shift = 0
@@ -176,16 +180,16 @@ class HFTokenizer(Tokenizer):
         ids = np.asarray(enc["input_ids"], dtype=np.int32)
         offs = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
         if shift:
-            anchor_id = self.hf.convert_tokens_to_ids(self._anchor)
-            if len(ids) == 0 or ids[0] != anchor_id:
+            if len(ids) == 0 or ids[0] != self._anchor_id:
                 raise TokenizerError(f"special token {self._anchor!r} is not kept whole by the tokenizer", self.path)
             ids, offs = ids[1:], offs[1:] - shift
         return ids, np.maximum(offs[:, 0], 0), np.maximum(offs[:, 1], 0)
 
     def token_id(self, piece: str) -> int | None:
-        vocab = self.hf.get_vocab()
-        tid = vocab.get(piece)
-        return int(tid) if tid is not None else None
+        if piece not in self._token_ids:
+            tid = self.hf.get_vocab().get(piece)
+            self._token_ids[piece] = int(tid) if tid is not None else None
+        return self._token_ids[piece]
 
     def decode(self, ids) -> str:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)

@@ -78,8 +78,21 @@ def _writer(model_config, out_dir: str, dtype, max_shard_size):
     return HFShardWriter(out_dir, model_plan(model_config, dtype), model_config.to_hf_dict(), max_shard_size), dtype
 
 
-def _finish(writer, out_dir: str, tokenizer_src: Optional[str], n: int, dtype) -> None:
+def _write_meta(tmp_dir: str, meta: Optional[dict]) -> None:
+    """witscale.json (template, class table, weights, normalization) and the packer's template as the
+    tokenizer's chat_template, so that the model is prompted as it was trained (witscale/data/template_jinja.py)."""
+    if not meta:
+        return
+    from witscale.data.template_jinja import EXPORT_META, add_chat_template
+    with open(os.path.join(tmp_dir, EXPORT_META), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1)
+    if meta.get("template"):
+        add_chat_template(tmp_dir, meta["template"])
+
+
+def _finish(writer, out_dir: str, tokenizer_src: Optional[str], n: int, dtype, meta: Optional[dict] = None) -> None:
     copied = copy_tokenizer_files(tokenizer_src, writer.tmp_dir)
+    _write_meta(writer.tmp_dir, meta)
     writer.commit()
     # generation_config.json travels with the tokenizer files but is none: a directory without any says so
     tokenizer = [name for name in copied if name != "generation_config.json"]
@@ -90,7 +103,7 @@ def _finish(writer, out_dir: str, tokenizer_src: Optional[str], n: int, dtype) -
 
 
 def write_hf_dir(state: dict[str, torch.Tensor], model_config, out_dir: str, tokenizer_src: Optional[str],
-                 dtype="fp32", max_shard_size="5GB") -> None:
+                 dtype="fp32", max_shard_size="5GB", meta: Optional[dict] = None) -> None:
     """An in-memory dense state dict (tests, small models) → an HF directory, through the same writer."""
     state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
     with_names = [(k, v) for k, v in state.items()
@@ -99,11 +112,11 @@ def write_hf_dir(state: dict[str, torch.Tensor], model_config, out_dir: str, tok
     with writer:
         for name, t in with_names:
             writer.write(name, t)
-        _finish(writer, out_dir, tokenizer_src, len(with_names), dtype)
+        _finish(writer, out_dir, tokenizer_src, len(with_names), dtype, meta)
 
 
 def export_module(module, topo, model_config, out_dir: str, tokenizer_src: Optional[str] = None, dtype="bf16",
-                  max_shard_size="5GB") -> None:
+                  max_shard_size="5GB", meta: Optional[dict] = None) -> None:
     """Collective over all ranks: stream the live module's dense tensors to rank 0, which writes them."""
     from witscale.model.hf_io import export_dtype
     from witscale.model.state import iter_dense_tensors
@@ -117,7 +130,7 @@ def export_module(module, topo, model_config, out_dir: str, tokenizer_src: Optio
             writer.write(name, t)
             n += 1
         if writer is not None:
-            _finish(writer, out_dir, tokenizer_src, n, torch_dtype)
+            _finish(writer, out_dir, tokenizer_src, n, torch_dtype, meta)
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -133,9 +146,9 @@ def _warn_upcast(weight_dtypes: set, dtype: torch.dtype) -> None:
 
 
 def export_from_engine(trainer, model_config, out_dir: str, tokenizer_src: Optional[str] = None,
-                       dtype="bf16") -> None:
+                       dtype="bf16", meta: Optional[dict] = None) -> None:
     """Collective: ``--export-hf`` at the end of training; rank 0 writes the directory."""
-    export_module(trainer.engine.module, trainer.topo, model_config, out_dir, tokenizer_src, dtype)
+    export_module(trainer.engine.module, trainer.topo, model_config, out_dir, tokenizer_src, dtype, meta=meta)
 
 
 # --- offline ------------------------------------------------------------------------------------------
@@ -348,6 +361,19 @@ def _merge_zero3(flat_groups, group_offsets, offset, partitioned_numel, shape, d
     return out.view(shape)
 
 
+def _run_meta(run_dir: str) -> Optional[dict]:
+    """witscale.json's content from the run's effective_config.json (None for a run without one)."""
+    from witscale.data.template_jinja import training_meta
+    path = os.path.join(run_dir, "effective_config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        eff = json.load(f)
+    args = eff.get("args", {})
+    return training_meta(args.get("data"), eff.get("weight_table"), args.get("normalization"),
+                         args.get("objective", "sft"))
+
+
 def export_checkpoint(checkpoint_path: str, out_dir: str, tokenizer_src: Optional[str] = None, dtype="bf16",
                       max_shard_size="5GB") -> None:
     """Offline: a witscale checkpoint of any layout (ZeRO-0..3 × tp × pp) → an HF directory, streamed."""
@@ -369,4 +395,4 @@ def export_checkpoint(checkpoint_path: str, out_dir: str, tokenizer_src: Optiona
         for name, t in reader:
             writer.write(name, t)
             n += 1
-        _finish(writer, out_dir, tokenizer_src, n, torch_dtype)
+        _finish(writer, out_dir, tokenizer_src, n, torch_dtype, _run_meta(run_dir))
