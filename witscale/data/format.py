@@ -128,7 +128,7 @@ def write_packed(output: str, corpus: TokenizedCorpus, *, seq_len: int, pad_id: 
         def fill(name, source, pad):
             arr = np.full(total, pad, dtype=_ARRAYS[name])
             arr[dst] = source[src]
-            arr.tofile(os.path.join(tmp, f"{name}.bin"))
+            _write_array(os.path.join(tmp, f"{name}.bin"), arr)
             return arr
 
         fill("tokens", corpus.tokens, pad_id)
@@ -138,14 +138,14 @@ def write_packed(output: str, corpus: TokenizedCorpus, *, seq_len: int, pad_id: 
         if task == "preference":
             pairs = layout.order                      # pair indices in row order
             docs = pair_order(pairs)                  # their documents, chosen then rejected
-            doc_lengths[docs].astype("<i4").tofile(os.path.join(tmp, "doc_lengths.bin"))
-            doc_pair[docs].astype("<i8").tofile(os.path.join(tmp, "doc_pair.bin"))
-            (docs % 2).astype("u1").tofile(os.path.join(tmp, "doc_role.bin"))
-            (layout.row_offsets * 2).astype("<i8").tofile(os.path.join(tmp, "row_offsets.bin"))
+            _write_array(os.path.join(tmp, "doc_lengths.bin"), doc_lengths[docs].astype("<i4"))
+            _write_array(os.path.join(tmp, "doc_pair.bin"), doc_pair[docs].astype("<i8"))
+            _write_array(os.path.join(tmp, "doc_role.bin"), (docs % 2).astype("u1"))
+            _write_array(os.path.join(tmp, "row_offsets.bin"), (layout.row_offsets * 2).astype("<i8"))
             num_documents = len(docs)
         else:
-            p_len[layout.order].astype("<i4").tofile(os.path.join(tmp, "doc_lengths.bin"))
-            layout.row_offsets.astype("<i8").tofile(os.path.join(tmp, "row_offsets.bin"))
+            _write_array(os.path.join(tmp, "doc_lengths.bin"), p_len[layout.order].astype("<i4"))
+            _write_array(os.path.join(tmp, "row_offsets.bin"), layout.row_offsets.astype("<i8"))
             num_documents = len(p_len)
         per_class = np.bincount(classes, minlength=NUM_CLASSES)
         num_tokens = int(p_len.sum())
@@ -169,6 +169,18 @@ def write_packed(output: str, corpus: TokenizedCorpus, *, seq_len: int, pad_id: 
         _write_manifest(tmp, manifest)
         writer.commit()
     return manifest
+
+
+def _write_array(path: str, arr: np.ndarray) -> None:
+    """arr's bytes to path (what ndarray.tofile writes), but a full disk is an OSError with its errno and file
+    name (tofile reports 'N requested and M written')."""
+    try:
+        with open(path, "wb") as f:
+            f.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
+    except OSError as e:
+        if e.filename is None:
+            e.filename = path
+        raise
 
 
 def _pair_pieces(offsets: np.ndarray, seq_len: int):
