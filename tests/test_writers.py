@@ -322,3 +322,24 @@ def test_outputs_follow_the_umask(tmp_path, sp_model_path, mask, dir_mode, file_
     for f in ("hf/model.safetensors", "hf/config.json", "ds/tokens.bin", "ds/manifest.json",
               f"pref/{REFERENCE_FILE}", "pref/manifest.json"):
         assert stat.S_IMODE(os.stat(tmp_path / f).st_mode) == file_mode, f
+
+
+def test_full_disk_under_train_export_keeps_the_previous_export_and_the_checkpoint(run_inputs, tmp_path):
+    """train.py --export-hf onto a full disk: exit 2 with one line naming the export and the errno; the
+    earlier export there and the run's final checkpoint are intact."""
+    from tests.test_train_cli_operations import _args, _env
+
+    with small_tmpfs(tmp_path / "disk", "2m") as disk:
+        export = os.path.join(disk, "hf")
+        _export(export, config=json.load(open(run_inputs["config"])))
+        before = snapshot(export)
+        fill_up(disk, leave=4096)
+        res = subprocess.run([sys.executable, "witscale/train.py",
+                              *_args(run_inputs, tmp_path / "run", 2, "--export-hf", export, "--no-tensorboard")],
+                             cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+        assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+        last = res.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: {export}: [Errno 28] No space left on device"), res.stderr[-2000:]
+        assert "Traceback" not in res.stderr
+        assert snapshot(export) == before and sorted(os.listdir(disk)) == ["filler.bin", "hf"]
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000002"
