@@ -343,3 +343,26 @@ def test_full_disk_under_train_export_keeps_the_previous_export_and_the_checkpoi
         assert "Traceback" not in res.stderr
         assert snapshot(export) == before and sorted(os.listdir(disk)) == ["filler.bin", "hf"]
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+
+
+def test_full_disk_under_the_reference_pass_exits_with_one_line(run_inputs, tmp_path, sp_model_path):
+    """tools/precompute_reference.py into a dataset on a full disk: exit 2, one line naming the file and the
+    errno; the dataset as it was, no temp file left."""
+    from tests.test_train_cli_operations import _env
+    from witscale.data.synthetic import make_preference_dataset
+
+    model = tmp_path / "ref"
+    _export(model, config=json.load(open(run_inputs["config"])))
+    with small_tmpfs(tmp_path / "disk", "2m") as disk:
+        data = os.path.join(disk, "pref")
+        make_preference_dataset(data, sp_model_path, n=8, seq_len=128)
+        before = snapshot(data)
+        fill_up(disk)
+        res = subprocess.run([sys.executable, "tools/precompute_reference.py", "--data", data, "--model", str(model)],
+                             cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stdout[-2000:] + res.stderr[-2000:]
+        assert res.stderr.strip().splitlines()[-1].startswith(
+            f"error: {data}/reference_logps.bin: [Errno 28] No space left on device"), res.stderr[-2000:]
+        after = snapshot(data)
+        after.pop(".reference.lock", None)
+        assert after == before
