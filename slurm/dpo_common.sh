@@ -77,11 +77,13 @@ wit_dpo_defaults() {
     [ -n "${MODEL:-}" ] || wit_die "set MODEL to the SFT model's HF directory (the policy's start and the DPO reference)"
     [ -z "${MODEL_CONFIG:-}" ] || wit_die "DPO starts from a trained model: set MODEL, not MODEL_CONFIG"
     : "${REFERENCE_MODEL:=$MODEL}"
-    # Trainer flags that common.sh does not pass itself (EXTRA_ARGS is split on whitespace).
-    EXTRA_ARGS="--preset dpo-paper --objective dpo --beta $BETA --dpo-loss $DPO_LOSS --label-smoothing $LABEL_SMOOTHING \
---weight-decay $WEIGHT_DECAY --warmup-ratio $WARMUP_RATIO --reference-model $REFERENCE_MODEL\
-${CLASS_WEIGHTS:+ --class-weights $CLASS_WEIGHTS} ${EXTRA_ARGS:-}"
-    export LR PAIRS_PER_STEP EPOCHS PROMPT_WEIGHT RESPONSE_WEIGHT CLASS_WEIGHTS REFERENCE_MODEL EXTRA_ARGS
+    # Trainer flags that common.sh does not pass itself: an array (a path with spaces or quotes stays one
+    # argument), before the user's EXTRA_ARGS, which may override them.
+    WIT_OBJECTIVE_ARGS=(--preset dpo-paper --objective dpo --beta "$BETA" --dpo-loss "$DPO_LOSS"
+        --label-smoothing "$LABEL_SMOOTHING" --weight-decay "$WEIGHT_DECAY" --warmup-ratio "$WARMUP_RATIO"
+        --reference-model "$REFERENCE_MODEL")
+    [ -z "$CLASS_WEIGHTS" ] || WIT_OBJECTIVE_ARGS+=(--class-weights "$CLASS_WEIGHTS")
+    export LR PAIRS_PER_STEP EPOCHS PROMPT_WEIGHT RESPONSE_WEIGHT CLASS_WEIGHTS REFERENCE_MODEL
 }
 
 # Does the packed dataset $1 hold reference log-probs of the model $2, summed under this run's weights, valid

@@ -52,9 +52,10 @@ fmt_weight() {
 
 # The cells, one "λp λr" per line, in array-index order.
 sweep_cells() {
-    local cell p r
+    local cell p r cells
     if [ -n "${WEIGHTS:-}" ]; then
-        for cell in $WEIGHTS; do
+        read -r -a cells <<<"$WEIGHTS"          # split on whitespace, never globbed
+        for cell in "${cells[@]}"; do
             case "$cell" in *:*) ;; *) echo "sweep_weights.sh: WEIGHTS cell '$cell' is not λp:λr" >&2; exit 2 ;; esac
             p=$(fmt_weight "${cell%%:*}") || exit 2
             r=$(fmt_weight "${cell#*:}") || exit 2
