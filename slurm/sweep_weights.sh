@@ -72,8 +72,10 @@ sweep_cells() {
 }
 
 : "${SWEEP_DIR:?set SWEEP_DIR to the sweep directory}"
-mapfile -t CELLS < <(sweep_cells)
-[ "${#CELLS[@]}" -gt 0 ] || { echo "sweep_weights.sh: no cells" >&2; exit 2; }
+# (not `< <(sweep_cells)`: a bad cell must stop the script, not just the process substitution)
+cell_lines=$(sweep_cells) || exit 2
+mapfile -t CELLS <<<"$cell_lines"
+[ -n "$cell_lines" ] || { echo "sweep_weights.sh: no cells" >&2; exit 2; }
 
 # wants_eval, submit_followups: the evaluation array and the report job after the training array
 # shellcheck source=slurm/followups.sh
