@@ -366,3 +366,23 @@ def test_full_disk_under_the_reference_pass_exits_with_one_line(run_inputs, tmp_
         after = snapshot(data)
         after.pop(".reference.lock", None)
         assert after == before
+
+
+@pytest.mark.parametrize("where", ["run", "checkpoints", "inside_checkpoints", "parent"])
+def test_export_cli_refuses_the_run_it_reads_from(tmp_path, where):
+    """tools/export_hf.py CKPT OUT with OUT the run directory, its checkpoints (or inside them) or a directory
+    containing the run: one line, exit 2, nothing touched."""
+    run = tmp_path / "runs" / "a"
+    (run / "checkpoints" / "step_00000001").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000001" / "witscale_state.json").write_text("{}")
+    (run / "checkpoints" / "latest").write_text("step_00000001")
+    (run / "model_config.json").write_text(json.dumps(TINY))
+    out = {"run": run, "checkpoints": run / "checkpoints", "inside_checkpoints": run / "checkpoints" / "hf",
+           "parent": tmp_path / "runs"}[where]
+    before = snapshot(tmp_path)
+    res = subprocess.run([sys.executable, "tools/export_hf.py", str(run / "checkpoints"), str(out)], cwd=REPO_ROOT,
+                         capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip().splitlines()[-1] == (f"error: {out}: would replace the run {run} or its checkpoints: "
+                                                   f"choose another directory"), res.stderr
+    assert snapshot(tmp_path) == before
