@@ -386,3 +386,14 @@ def test_export_cli_refuses_the_run_it_reads_from(tmp_path, where):
     assert res.stderr.strip().splitlines()[-1] == (f"error: {out}: would replace the run {run} or its checkpoints: "
                                                    f"choose another directory"), res.stderr
     assert snapshot(tmp_path) == before
+
+
+def test_demo_refuses_a_foreign_out_directory(tmp_path):
+    """tools/demo.py --out deleted whatever directory it was given; now only an earlier demo's."""
+    foreign = tmp_path / "runs"
+    before = _foreign(foreign)
+    res = subprocess.run([sys.executable, "tools/demo.py", "--out", str(foreign)], cwd=REPO_ROOT, capture_output=True,
+                         text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"), timeout=120)
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith(
+        f"error: --out {foreign}: a non-empty directory that is not a witscale demo directory"), res.stderr
+    assert snapshot(foreign) == before
