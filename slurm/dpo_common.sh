@@ -19,7 +19,7 @@
 # at $2 that is not such a copy is never replaced.
 wit_dpo_link_data() {
     "$PYTHON" - "$1" "$2" <<'PYEOF' || wit_die "cannot make a copy of $1 at $2"
-import hashlib, json, os, shutil, sys
+import hashlib, json, os, sys
 src, dst = (os.path.abspath(p) for p in sys.argv[1:3])
 if not os.path.isfile(os.path.join(src, "manifest.json")):
     sys.exit(f"{src}: not a packed dataset (no manifest.json)")
@@ -39,19 +39,22 @@ if os.path.exists(dst):
     if old == source:
         sys.exit(0)                             # this source's copy, from an earlier attempt: keep its log-probs
     print(f"[witscale] {src} changed since {dst} was made from {old.get('source')}: making a new copy", flush=True)
-tmp = dst + ".tmp"
-shutil.rmtree(tmp, ignore_errors=True)
-os.makedirs(tmp)
-for name in os.listdir(src):
-    if name not in ("manifest.json", "reference_logps.bin") and not name.startswith("."):
-        os.symlink(os.path.realpath(os.path.join(src, name)), os.path.join(tmp, name))
-with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
-    json.dump(manifest, f, indent=1)
-with open(os.path.join(tmp, ".linked_from"), "w", encoding="utf-8") as f:
-    json.dump(source, f)
-if os.path.exists(dst):
-    shutil.rmtree(dst)                          # an earlier copy (marked as such above) of another source
-os.rename(tmp, dst)
+# written aside and swapped in; it replaces only an earlier copy (its .linked_from) — witscale/data/output_dir.py
+from witscale.data.output_dir import DirectoryWriter, OutputError, OutputKind
+kind = OutputKind("run-private copy of a packed dataset", "witscale-link", ".linked_from",
+                  lambda d: os.path.isfile(os.path.join(d, ".linked_from")))
+try:
+    with DirectoryWriter(dst, kind) as writer:
+        for name in os.listdir(src):
+            if name not in ("manifest.json", "reference_logps.bin") and not name.startswith("."):
+                os.symlink(os.path.realpath(os.path.join(src, name)), os.path.join(writer.tmp, name))
+        with open(os.path.join(writer.tmp, "manifest.json"), "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1)
+        with open(os.path.join(writer.tmp, ".linked_from"), "w", encoding="utf-8") as f:
+            json.dump(source, f)
+        writer.commit()
+except OutputError as e:
+    sys.exit(str(e))
 PYEOF
 }
 

@@ -196,11 +196,12 @@ def test_pack_cli_overwrite_onto_a_file_is_refused_without_a_hidden_old(tmp_path
 
 # ------------------------------------------------------------------------------------------------ crashes
 def test_a_crash_between_renames_leaves_a_complete_output_and_the_next_run_cleans_up(tmp_path, monkeypatch):
-    """Where RENAME_EXCHANGE is missing (NFS), the old output is renamed aside first: a crash right then
-    leaves it complete under a clearly named leftover, which the next run of the packer puts back before
-    writing; a crashed run's temporary directory is removed; names of any other pattern are left alone."""
+    """Where RENAME_EXCHANGE is missing (NFS), the old output is renamed aside first. A failure of the second
+    rename puts it back at once; a crash right there (kill -9: no handler runs) leaves it complete under a
+    clearly named leftover, which the next run of the packer puts back before writing; a crashed run's
+    temporary directory is removed; names of any other pattern are left alone."""
     from witscale.data import output_dir
-    from witscale.data.format import PackedDataset, write_packed
+    from witscale.data.format import PACKED_KIND, PackedDataset, write_packed
 
     out = tmp_path / "ds"
     write_packed(str(out), _corpus([5, 7]), seq_len=16, pad_id=0)
@@ -208,33 +209,27 @@ def test_a_crash_between_renames_leaves_a_complete_output_and_the_next_run_clean
     real_rename = os.rename
     calls = []
 
-    def crash_on_second(src, dst):
+    def fail_second(src, dst):
         calls.append((src, dst))
         if len(calls) == 2:
-            raise KeyboardInterrupt("killed between the renames")
+            raise OSError(5, "Input/output error", src)
         real_rename(src, dst)
-    monkeypatch.setattr(output_dir.os, "rename", crash_on_second)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(output_dir.os, "rename", fail_second)
+    with pytest.raises(output_dir.OutputError, match=r"\[Errno 5\] Input/output error"):
         write_packed(str(out), _corpus([9, 9]), seq_len=32, pad_id=0, overwrite=True)
     monkeypatch.setattr(output_dir.os, "rename", real_rename)
-    assert not out.exists()
-    (aside,) = _hidden(tmp_path)
-    assert aside.startswith(".ds.witscale-pack-old-") and PackedDataset(str(tmp_path / aside)).seq_len == 16
+    assert PackedDataset(str(out)).seq_len == 16 and _hidden(tmp_path) == []
 
-    # a crashed run's partial temp dir, and a user's look-alike that is not ours
+    # the state a kill -9 between the two renames leaves: the old output aside, the new one in its temp dir
+    real_rename(out, tmp_path / ".ds.witscale-pack-old-dead01")
     (tmp_path / ".ds.witscale-pack-tmp-dead00").mkdir()
     (tmp_path / ".ds.witscale-pack-tmp-dead00" / "tokens.bin").write_bytes(b"\0" * 8)
-    (tmp_path / ".ds.tmp-mine").mkdir()
-    output_dir.clean_leftovers(str(out), output_dir_kind())
-    assert PackedDataset(str(out)).seq_len == 16                     # the old output back at its path
+    (tmp_path / ".ds.tmp-mine").mkdir()                                 # a look-alike that is not ours
+    output_dir.clean_leftovers(str(out), PACKED_KIND)
+    assert PackedDataset(str(out)).seq_len == 16                        # the old output back at its path
     assert _hidden(tmp_path) == [".ds.tmp-mine"]
     write_packed(str(out), _corpus([9, 9]), seq_len=32, pad_id=0, overwrite=True)
     assert PackedDataset(str(out)).seq_len == 32 and _hidden(tmp_path) == [".ds.tmp-mine"]
-
-
-def output_dir_kind():
-    from witscale.data.format import PACKED_KIND
-    return PACKED_KIND
 
 
 def test_a_live_writers_temporary_directory_is_not_cleaned(tmp_path):

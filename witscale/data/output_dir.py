@@ -214,28 +214,31 @@ class DirectoryWriter:
 
     def commit(self) -> None:
         """Swap the filled temporary directory in; the old output (if any) is removed afterwards."""
+        aside = None
         try:
             check_target(self.path, self.kind, self.overwrite, self.flag)   # appeared while we wrote?
             _fsync_dir(self.tmp)
             if os.path.lexists(self.out):
                 if not _exchange(self.tmp, self.out):
-                    aside = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out)}.{self.kind.tag}-old-",
-                                             dir=os.path.dirname(self.out))
-                    os.rmdir(aside)
-                    os.rename(self.out, aside)
+                    name = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out)}.{self.kind.tag}-old-",
+                                            dir=os.path.dirname(self.out))
+                    os.rmdir(name)
+                    os.rename(self.out, name)
+                    aside = name
                     os.rename(self.tmp, self.out)
-                    self.tmp = aside
+                    self.tmp, aside = aside, None
                 old = self.tmp          # the old output, now at the temporary (or aside) name
             else:
                 os.rename(self.tmp, self.out)
                 old = None
             _fsync_dir(os.path.dirname(self.out))
-        except OSError as e:
-            err = self.error(e)
+        except BaseException as e:
+            err = self.error(e) if isinstance(e, OSError) else None
+            if aside and not os.path.lexists(self.out):
+                os.rename(aside, self.out)      # the second rename failed: the old output back at once
             self.abort()
-            raise err from None
-        except BaseException:
-            self.abort()
+            if err is not None:
+                raise err from None
             raise
         self._unlock()
         if old:
