@@ -26,6 +26,17 @@ wit_job_ref() {
     fi
 }
 
+# Die unless each named variable holds a whole number. Bash evaluates a variable used in $(( )) as an
+# arithmetic expression, and `a[$(cmd)]` there runs cmd: every value that reaches arithmetic is checked first.
+wit_require_int() {
+    local name
+    for name in "$@"; do
+        case "${!name:-}" in
+            '' | *[!0-9]*) wit_die "$name='${!name:-}': expected a whole number" ;;
+        esac
+    done
+}
+
 wit_defaults() {
     : "${WITSCALE_HOME:=${SLURM_SUBMIT_DIR:-$PWD}}"
     [ -f "$WITSCALE_HOME/witscale/train.py" ] ||
@@ -62,12 +73,17 @@ wit_defaults() {
     [ -n "${DATA:-}" ] || wit_die "set DATA to a packed dataset directory (tools/pack_dataset.py)"
     [ -n "${OUTPUT:-}" ] || wit_die "set OUTPUT to the run directory"
     [ -n "${MODEL:-}${MODEL_CONFIG:-}" ] || wit_die "set MODEL (HF directory) or MODEL_CONFIG (config.json, random init)"
+    : "${GLOBAL_BATCH:=64}"
+    wit_require_int NNODES NPROC_PER_NODE TP PP MICRO_BATCH GLOBAL_BATCH
     if [ -z "${GRAD_ACCUM:-}" ] && [ -z "${PAIRS_PER_STEP:-}" ]; then
         # The paper's effective batch of GLOBAL_BATCH sequences: micro × accum × data-parallel ranks.
         # (DPO's PAIRS_PER_STEP leaves it to the trainer, which knows the data's pairs per row.)
+        if [ "$TP" -lt 1 ] || [ "$PP" -lt 1 ] || [ "$MICRO_BATCH" -lt 1 ]; then
+            wit_die "TP, PP and MICRO_BATCH must be >= 1"
+        fi
         local dp=$((NNODES * NPROC_PER_NODE / (TP * PP)))
         [ "$dp" -ge 1 ] || wit_die "TP=$TP × PP=$PP exceeds the $((NNODES * NPROC_PER_NODE)) ranks"
-        GRAD_ACCUM=$(( ${GLOBAL_BATCH:-64} / (MICRO_BATCH * dp) ))
+        GRAD_ACCUM=$((GLOBAL_BATCH / (MICRO_BATCH * dp)))
         [ "$GRAD_ACCUM" -ge 1 ] || GRAD_ACCUM=1
     fi
 
@@ -80,7 +96,9 @@ wit_defaults() {
         : "${MASTER_ADDR:=$head}"
     fi
     # A port per job, so that jobs sharing a node do not collide (an array's tasks have distinct ids).
-    : "${MASTER_PORT:=$((20000 + ${SLURM_JOB_ID:-0} % 20000))}"
+    local job_id=${SLURM_JOB_ID:-0}
+    case "$job_id" in '' | *[!0-9]*) job_id=0 ;; esac
+    : "${MASTER_PORT:=$((20000 + job_id % 20000))}"
     export WITSCALE_HOME PYTHON LAUNCHER NNODES NPROC_PER_NODE MASTER_ADDR MASTER_PORT
 }
 
@@ -100,7 +118,9 @@ wit_train_args() {
     if [ -n "${EVAL_STEPS:-}" ]; then WIT_TRAIN_ARGS+=(--eval-steps "$EVAL_STEPS"); fi
     if [ -n "${EXPORT_HF:-}" ]; then WIT_TRAIN_ARGS+=(--export-hf "$EXPORT_HF"); fi
     if [ -n "$RESUME" ]; then WIT_TRAIN_ARGS+=(--resume "$RESUME"); fi
-    # EXTRA_ARGS: further trainer flags, split on whitespace (no quoting inside).
+    # WIT_OBJECTIVE_ARGS: flags a template adds (slurm/dpo_common.sh), an array: each value one argument.
+    WIT_TRAIN_ARGS+=("${WIT_OBJECTIVE_ARGS[@]}")
+    # EXTRA_ARGS: further trainer flags, split on whitespace (no quoting inside; never run through a shell).
     local extra
     read -r -a extra <<<"$EXTRA_ARGS"
     WIT_TRAIN_ARGS+=("${extra[@]}")
@@ -115,7 +135,8 @@ wit_launch_cmd() {
                 # --no_ssh: every node runs its own launcher (this srun), which reads its rank from
                 # --node_rank; the hostfile only fixes the world (slots = ranks per node).
                 WIT_HOSTFILE=${OUTPUT}/hostfile.${SLURM_JOB_ID:-local}
-                scontrol show hostnames "${SLURM_JOB_NODELIST}" | sed "s/\$/ slots=$NPROC_PER_NODE/" >"$WIT_HOSTFILE"
+                scontrol show hostnames "${SLURM_JOB_NODELIST}" |
+                    while read -r host; do printf '%s slots=%s\n' "$host" "$NPROC_PER_NODE"; done >"$WIT_HOSTFILE"
                 export WIT_HOSTFILE
             fi
             # --ntasks is needed too: --ntasks-per-node alone is ignored inside a --ntasks-per-node=8
@@ -146,6 +167,7 @@ wit_launch_cmd() {
 # Batch-shell signal handling. USR1 (#SBATCH --signal=B:USR1@…, or `scancel --batch -s USR1`) means
 # "checkpoint and come back": forward it to the ranks and remember to requeue. TERM (scancel, time limit,
 # Slurm's own preemption) reaches every process of the job anyway: no requeue from here.
+WIT_OBJECTIVE_ARGS=()
 WIT_PREEMPTED=0
 WIT_TERMINATED=0
 WIT_LAUNCH_PID=

@@ -19,7 +19,7 @@
 # at $2 that is not such a copy is never replaced.
 wit_dpo_link_data() {
     "$PYTHON" - "$1" "$2" <<'PYEOF' || wit_die "cannot make a copy of $1 at $2"
-import hashlib, json, os, shutil, sys
+import hashlib, json, os, sys
 src, dst = (os.path.abspath(p) for p in sys.argv[1:3])
 if not os.path.isfile(os.path.join(src, "manifest.json")):
     sys.exit(f"{src}: not a packed dataset (no manifest.json)")
@@ -39,19 +39,22 @@ if os.path.exists(dst):
     if old == source:
         sys.exit(0)                             # this source's copy, from an earlier attempt: keep its log-probs
     print(f"[witscale] {src} changed since {dst} was made from {old.get('source')}: making a new copy", flush=True)
-tmp = dst + ".tmp"
-shutil.rmtree(tmp, ignore_errors=True)
-os.makedirs(tmp)
-for name in os.listdir(src):
-    if name not in ("manifest.json", "reference_logps.bin") and not name.startswith("."):
-        os.symlink(os.path.realpath(os.path.join(src, name)), os.path.join(tmp, name))
-with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
-    json.dump(manifest, f, indent=1)
-with open(os.path.join(tmp, ".linked_from"), "w", encoding="utf-8") as f:
-    json.dump(source, f)
-if os.path.exists(dst):
-    shutil.rmtree(dst)                          # an earlier copy (marked as such above) of another source
-os.rename(tmp, dst)
+# written aside and swapped in; it replaces only an earlier copy (its .linked_from) — witscale/data/output_dir.py
+from witscale.data.output_dir import DirectoryWriter, OutputError, OutputKind
+kind = OutputKind("run-private copy of a packed dataset", "witscale-link", ".linked_from",
+                  lambda d: os.path.isfile(os.path.join(d, ".linked_from")))
+try:
+    with DirectoryWriter(dst, kind) as writer:
+        for name in os.listdir(src):
+            if name not in ("manifest.json", "reference_logps.bin") and not name.startswith("."):
+                os.symlink(os.path.realpath(os.path.join(src, name)), os.path.join(writer.tmp, name))
+        with open(os.path.join(writer.tmp, "manifest.json"), "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1)
+        with open(os.path.join(writer.tmp, ".linked_from"), "w", encoding="utf-8") as f:
+            json.dump(source, f)
+        writer.commit()
+except OutputError as e:
+    sys.exit(str(e))
 PYEOF
 }
 
@@ -77,11 +80,13 @@ wit_dpo_defaults() {
     [ -n "${MODEL:-}" ] || wit_die "set MODEL to the SFT model's HF directory (the policy's start and the DPO reference)"
     [ -z "${MODEL_CONFIG:-}" ] || wit_die "DPO starts from a trained model: set MODEL, not MODEL_CONFIG"
     : "${REFERENCE_MODEL:=$MODEL}"
-    # Trainer flags that common.sh does not pass itself (EXTRA_ARGS is split on whitespace).
-    EXTRA_ARGS="--preset dpo-paper --objective dpo --beta $BETA --dpo-loss $DPO_LOSS --label-smoothing $LABEL_SMOOTHING \
---weight-decay $WEIGHT_DECAY --warmup-ratio $WARMUP_RATIO --reference-model $REFERENCE_MODEL\
-${CLASS_WEIGHTS:+ --class-weights $CLASS_WEIGHTS} ${EXTRA_ARGS:-}"
-    export LR PAIRS_PER_STEP EPOCHS PROMPT_WEIGHT RESPONSE_WEIGHT CLASS_WEIGHTS REFERENCE_MODEL EXTRA_ARGS
+    # Trainer flags that common.sh does not pass itself: an array (a path with spaces or quotes stays one
+    # argument), before the user's EXTRA_ARGS, which may override them.
+    WIT_OBJECTIVE_ARGS=(--preset dpo-paper --objective dpo --beta "$BETA" --dpo-loss "$DPO_LOSS"
+        --label-smoothing "$LABEL_SMOOTHING" --weight-decay "$WEIGHT_DECAY" --warmup-ratio "$WARMUP_RATIO"
+        --reference-model "$REFERENCE_MODEL")
+    [ -z "$CLASS_WEIGHTS" ] || WIT_OBJECTIVE_ARGS+=(--class-weights "$CLASS_WEIGHTS")
+    export LR PAIRS_PER_STEP EPOCHS PROMPT_WEIGHT RESPONSE_WEIGHT CLASS_WEIGHTS REFERENCE_MODEL
 }
 
 # Does the packed dataset $1 hold reference log-probs of the model $2, summed under this run's weights, valid

@@ -18,13 +18,25 @@ write_train_status() {
         "${SLURM_ARRAY_JOB_ID:-?}_${SLURM_ARRAY_TASK_ID:-?}" "${SLURM_RESTART_COUNT:-0}" >"$OUTPUT/train_status.json"
 }
 
+# A JSON string of $1 (for the small JSON files the templates write: a path may hold quotes or backslashes).
+wit_json_string() {
+    local s=$1
+    s=${s//\\/\\\\}
+    s=${s//\"/\\\"}
+    s=${s//$'\n'/\\n}
+    s=${s//$'\r'/\\r}
+    s=${s//$'\t'/\\t}
+    printf '"%s"' "$s"
+}
+
 # Evaluation requested? (any input for slurm/evaluate_cell.sh)
 wants_eval() { [ -n "${EVAL_POSIX:-}${EVAL_TASKS:-}${EVAL_ALPACA_EVAL:-}${EVAL_MT_BENCH:-}" ]; }
 
 # submit_followups TRAIN_ARRAY_ID CELLS_DIR JOB_PREFIX [sbatch flags...]
 #   CELLS_DIR: the directory whose cells.txt the evaluation array walks (evaluate_cell.sh's SWEEP_DIR);
 #   the report always covers $SWEEP_DIR (the SFT sweep: it shows a DPO grid under it beside the SFT one).
-#   Uses CELLS (the array's cells) and MAX_PARALLEL. Prints "<eval id or -> <report id>".
+#   Uses CELLS (the array's cells) and MAX_PARALLEL. Prints "<eval id or -> <report id>". The report job is
+#   slurm/sweep_report.sh with the checkout, the Python and the sweep directory as its arguments.
 submit_followups() {
     local train=$1 cells_dir=$2 prefix=$3 home py eval_id="" report_dep report_id
     shift 3
@@ -43,9 +55,9 @@ submit_followups() {
         eval_id=${eval_id%%;*}
         report_dep=$report_dep:$eval_id
     fi
+    # the values travel as the script's arguments, never inside a string a shell parses again (--wrap "…")
     report_id=$(sbatch --parsable --job-name="$prefix-report" --dependency="$report_dep" --nodes=1 --ntasks=1 \
-        --time=0:30:00 "$@" "${report_args[@]}" \
-        --wrap "cd '$home' && '$py' tools/collect_sweep.py '$SWEEP_DIR'") ||
+        --time=0:30:00 "$@" "${report_args[@]}" "$home/slurm/sweep_report.sh" "$home" "$py" "$SWEEP_DIR") ||
         { echo "$prefix: submitting the report job failed" >&2; return 1; }
     echo "${eval_id:--} ${report_id%%;*}"
 }

@@ -111,8 +111,8 @@ OUTPUT=$DPO_DIR/$NAME
 MODEL=$SWEEP_DIR/$NAME/hf                   # the SFT cell's export: the policy's start and the reference
 EXPORT_HF=$OUTPUT/hf
 mkdir -p "$OUTPUT"
-printf '{"prompt_weight": %s, "response_weight": %s, "objective": "dpo", "sft_model": "%s"}\n' "$PW" "$RW" "$MODEL" \
-    >"$OUTPUT/cell.json"
+printf '{"prompt_weight": %s, "response_weight": %s, "objective": "dpo", "sft_model": %s}\n' "$PW" "$RW" \
+    "$(wit_json_string "$MODEL")" >"$OUTPUT/cell.json"
 # The SFT cell's λ name the cell; DPO itself uses the standard mask (DPO_PROMPT_WEIGHT/DPO_RESPONSE_WEIGHT).
 PROMPT_WEIGHT=${DPO_PROMPT_WEIGHT:-0} RESPONSE_WEIGHT=${DPO_RESPONSE_WEIGHT:-1}
 unset MODEL_CONFIG DATA EVAL_DATA

@@ -52,9 +52,10 @@ fmt_weight() {
 
 # The cells, one "λp λr" per line, in array-index order.
 sweep_cells() {
-    local cell p r
+    local cell p r cells
     if [ -n "${WEIGHTS:-}" ]; then
-        for cell in $WEIGHTS; do
+        read -r -a cells <<<"$WEIGHTS"          # split on whitespace, never globbed
+        for cell in "${cells[@]}"; do
             case "$cell" in *:*) ;; *) echo "sweep_weights.sh: WEIGHTS cell '$cell' is not λp:λr" >&2; exit 2 ;; esac
             p=$(fmt_weight "${cell%%:*}") || exit 2
             r=$(fmt_weight "${cell#*:}") || exit 2
@@ -71,8 +72,10 @@ sweep_cells() {
 }
 
 : "${SWEEP_DIR:?set SWEEP_DIR to the sweep directory}"
-mapfile -t CELLS < <(sweep_cells)
-[ "${#CELLS[@]}" -gt 0 ] || { echo "sweep_weights.sh: no cells" >&2; exit 2; }
+# (not `< <(sweep_cells)`: a bad cell must stop the script, not just the process substitution)
+cell_lines=$(sweep_cells) || exit 2
+mapfile -t CELLS <<<"$cell_lines"
+[ -n "$cell_lines" ] || { echo "sweep_weights.sh: no cells" >&2; exit 2; }
 
 # wants_eval, submit_followups: the evaluation array and the report job after the training array
 # shellcheck source=slurm/followups.sh

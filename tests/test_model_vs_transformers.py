@@ -230,8 +230,8 @@ def test_save_hf_checkpoint_loads_in_transformers(family, shard, tmp_path):
     ours, cfg = _ours_from(hf, tmp_path / "src")
     state = ours.state_dict()           # tied: holds lm_head.weight too, sharing the embedding's storage
     out = tmp_path / "out"
-    os.makedirs(out)
-    (out / "stale.txt").write_text("an older export")
+    save_hf_checkpoint(state, cfg, str(out), max_shard_size="5GB")     # an earlier export (its marker) …
+    (out / "stale.txt").write_text("an older export")                   # … is replaced whole
     save_hf_checkpoint(state, cfg, str(out), max_shard_size=shard)
     assert not (out / "stale.txt").exists()
     assert (out / "model.safetensors.index.json").exists() == (shard == 20_000)

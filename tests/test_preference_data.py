@@ -276,7 +276,8 @@ def test_write_reference_logps_is_atomic_and_recorded(tmp_path, monkeypatch):
             raise OSError("disk full")
         real_fsync(fd)
     monkeypatch.setattr(os, "fsync", crash)
-    with pytest.raises(OSError, match="disk full"):
+    from witscale.data.output_dir import OutputError       # an OSError as one line naming the file
+    with pytest.raises(OutputError, match="reference_logps.bin: disk full"):
         write_reference_logps(ds.path, first - 1, {"model": "ref-b"})
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert open(ref_file, "rb").read() == before
@@ -298,7 +299,7 @@ def test_write_reference_logps_is_atomic_and_recorded(tmp_path, monkeypatch):
         return real_replace(src, dst)
     write_reference_logps(ds.path, first, {"model": "ref-a"})
     monkeypatch.setattr(os, "replace", fail_manifest)
-    with pytest.raises(OSError, match="killed"):
+    with pytest.raises(OutputError, match="manifest.json: killed"):
         write_reference_logps(ds.path, first - 2, {"model": "ref-c"})
     monkeypatch.setattr(os, "replace", real_replace)
     assert np.fromfile(ref_file, "<f8").tolist() == (first - 2).tolist()

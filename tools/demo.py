@@ -27,6 +27,9 @@ def sh(cmd: list[str], env=None) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT, env=env)
 
 
+DEMO_MARKER = "witscale_demo.json"     # says --out is a demo's own directory (and may be replaced by the next demo)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(ROOT, "demo_out"), help="everything is written here")
@@ -47,9 +50,21 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     out = os.path.abspath(args.out)
+    # An earlier demo's directory (its marker) or an empty one is replaced; anything else is refused, never
+    # deleted (witscale/data/output_dir.py).
+    from witscale.data.output_dir import OutputError, OutputKind, check_target
+    demo_kind = OutputKind("witscale demo directory", "witscale-demo", DEMO_MARKER,
+                           lambda d: os.path.isfile(os.path.join(d, DEMO_MARKER)))
+    try:
+        out = check_target(args.out, demo_kind)
+    except OutputError as e:
+        print(f"error: --out {e}", file=sys.stderr)
+        return 2
     if os.path.exists(out):
         shutil.rmtree(out)
     os.makedirs(out)
+    with open(os.path.join(out, DEMO_MARKER), "w", encoding="utf-8") as f:
+        f.write("{}\n")
     py = sys.executable
 
     # 1. Data: train and eval splits of templated instruction tasks.

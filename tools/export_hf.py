@@ -20,12 +20,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a checkpoints directory (uses 'latest') or one step_* directory")
-    p.add_argument("out", help="the HF directory to write (replaced if it exists)")
+    p.add_argument("out", help="the HF directory to write; an earlier witscale export (or an empty directory) there is "
+                               "replaced, anything else is refused")
     p.add_argument("--tokenizer", help="tokenizer directory or SentencePiece .model to copy")
     p.add_argument("--export-dtype", default="bf16", choices=("bf16", "fp32"),
                    help="dtype of the exported weights (recorded in config.json as torch_dtype; default bf16)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     args = p.parse_args(argv)
+    from witscale.data.output_dir import OutputError, os_error_line, path_relation
     from witscale.training.checkpoint import CheckpointError, resolve_resume
     from witscale.training.export import export_checkpoint
 
@@ -35,14 +37,21 @@ def main(argv=None) -> int:
     tokenizer = args.tokenizer
     try:
         root, _ = resolve_resume(args.checkpoint, args.checkpoint)
+        run_dir = os.path.dirname(os.path.abspath(root))
+        if path_relation(args.out, root) or path_relation(args.out, run_dir) in ("equal", "contains"):
+            raise OutputError(f"{args.out}: would replace the run {run_dir} or its checkpoints: choose another "
+                              f"directory")
         if tokenizer is None:
             eff = os.path.join(os.path.dirname(os.path.abspath(root)), "effective_config.json")
             if os.path.exists(eff):
                 run_args = json.load(open(eff, encoding="utf-8")).get("args", {})
                 tokenizer = run_args.get("tokenizer") or run_args.get("model")
         export_checkpoint(args.checkpoint, args.out, tokenizer, args.export_dtype, args.max_shard_size)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, FileNotFoundError, ValueError) as e:     # OutputError is a ValueError
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
         return 2
     print(f"exported {args.checkpoint} → {args.out}")
     return 0

@@ -251,6 +251,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="[witscale] %(message)s", stream=sys.stdout)
     log.setLevel(args.log_level.upper())
+    from witscale.data.output_dir import OutputError
     from witscale.parallel.topology import teardown
     from witscale.training.distributed import fail_fast, rank_from_env
     if rank_from_env() != 0:
@@ -260,6 +261,8 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OutputError as e:    # writing the log-probs (a full disk …): one line, the dataset left as it was
+        fail_fast(2, f"error: {e}")
     except BaseException:       # noqa: BLE001 - see witscale/train.py: never wait in a barrier after an error
         fail_fast()
     teardown()

@@ -148,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-data", default=None, help="packed eval set, scored every --eval-steps and at the end")
     g.add_argument("--eval-steps", type=int, default=0, help="evaluate every N steps (0: only at the end)")
     g.add_argument("--export-hf", default=None, metavar="DIR",
-                   help="at the end, write an HF directory (safetensors + config + tokenizer files)")
+                   help="at the end, write an HF directory (safetensors + config + tokenizer files); it replaces "
+                        "only an earlier witscale export there (or an empty directory), and never --output-dir "
+                        "or a directory containing it")
     g.add_argument("--export-dtype", default="bf16", choices=("bf16", "fp32"),
                    help="dtype of the --export-hf weights (recorded in config.json as torch_dtype; default bf16)")
     g.add_argument("--tokenizer", default=None,
@@ -307,6 +309,13 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
                          "continue that run, or choose a new --output-dir")
     if cfg.tokenizer:
         _require_file(cfg.tokenizer, "--tokenizer")
+    if cfg.export_hf:     # never discovered after days of training: a path the export may not replace
+        from witscale.data.output_dir import OutputError
+        from witscale.training.export import check_export_path
+        try:
+            check_export_path(cfg.export_hf, cfg.output_dir)
+        except OutputError as e:
+            raise UsageError(str(e)) from None
     steps_per_epoch = len(dataset) // global_rows
     total = cfg.max_steps if cfg.max_steps else max(1, int(steps_per_epoch * (cfg.epochs or 1.0)))
     checkpointing = _activation_checkpointing(cfg, model_config, dims, ds_config, dataset.seq_len)
@@ -575,6 +584,7 @@ def main(argv=None) -> int:
     from witscale.training.distributed import fail_fast, rank_from_env
     if rank_from_env() != 0:
         log.setLevel(logging.WARNING)
+    from witscale.data.output_dir import OutputError
     from witscale.training.checkpoint import CheckpointError
     from witscale.training.guard import NonFiniteError
     from witscale.training.run_lock import OutputDirRefused
@@ -587,6 +597,8 @@ def main(argv=None) -> int:
         fail_fast(2, f"error: {e}" if str(e) else "")       # OutputDirRefused: rank 0 alone says it
     except NonFiniteError as e:     # every rank sees the same step: rank 0 says it
         fail_fast(3, f"error: {e}" if rank_from_env() == 0 else "")
+    except OutputError as e:    # the export at the end: refused, or an OSError (path and errno named)
+        fail_fast(2, f"error: {e}")
     except BaseException:       # noqa: BLE001 - KeyboardInterrupt and SystemExit too
         # Never wait in a barrier for ranks that may be stuck in a collective with this one: print the
         # traceback now and leave; the launcher then ends the other ranks within seconds.

@@ -17,6 +17,10 @@ NODE_GPUS=${WITSCALE_SLURM_NODE_GPUS:-8}
 CTLD_PORT=${WITSCALE_SLURM_CTLD_PORT:-16817}
 NODE_PORT0=${WITSCALE_SLURM_NODE_PORT:-17001}   # node1 listens here, node2 on the next port
 NODES=(node1 node2)
+# whole numbers only: they reach $(( )), where bash would evaluate an expression (and a command in it)
+for value in "$NODE_CPUS" "$NODE_GPUS" "$CTLD_PORT" "$NODE_PORT0" "${WITSCALE_SLURM_START_TIMEOUT:-60}"; do
+    case "$value" in '' | *[!0-9]*) echo "start.sh: '$value' is not a whole number" >&2; exit 2 ;; esac
+done
 CONF=$DIR/slurm.conf
 export SLURM_CONF=$CONF
 
@@ -33,7 +37,8 @@ alive() {   # alive PIDFILE: the process named in the pid file is running
 }
 
 wait_idle() {
-    local deadline=$((SECONDS + ${WITSCALE_SLURM_START_TIMEOUT:-60})) states
+    local timeout=${WITSCALE_SLURM_START_TIMEOUT:-60} states
+    local deadline=$((SECONDS + timeout))
     while :; do
         states=$(sinfo -h -N -o "%N %T" 2>/dev/null | sort -u | tr '\n' ' ' || true)
         # every node up: "idle" (or "mixed"/"allocated" when jobs already run on a reused cluster)

@@ -17,8 +17,9 @@ Preference datasets (manifest ``"task": "preference"``; SFT manifests have no ``
                                                  completion's summed log-prob under the reference model; the
                                                  manifest's ``reference`` records what made it, and on what
                                                  data (``data``: :func:`content_digest` of the arrays)
-Written into a temporary directory next to the output and renamed into place: a half-written dataset never
-sits at the output path.
+Written into a temporary directory next to the output and swapped into place (witscale/data/output_dir.py):
+a half-written dataset never sits at the output path, and only an earlier packed dataset (its manifest.json
+has ``format_version``) or an empty directory is ever replaced, and only with ``overwrite``.
 """
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from typing import NamedTuple
 
@@ -35,6 +35,8 @@ import numpy as np
 
 from witscale.data.classes import CLASS_NAMES, NUM_CLASSES, TokenClass, check_class_table, class_table
 from witscale.data.errors import DataError
+from witscale.data.output_dir import (DirectoryWriter, OutputError, OutputKind, check_target, chmod_like_umask,
+                                      os_error_line)
 from witscale.data.bestfit import Pieces, apply_long_policy, gather_index, layout_rows
 
 FORMAT_VERSION = 1
@@ -42,6 +44,27 @@ _ARRAYS = {"tokens": "<i4", "classes": "u1", "weights": "<f4"}
 TASKS = ("sft", "preference")
 CHOSEN, REJECTED = 0, 1            # doc_role values
 REFERENCE_FILE = "reference_logps.bin"
+
+
+def is_packed_dataset(path: str) -> bool:
+    """Is ``path`` a witscale packed dataset (its manifest.json a JSON object with ``format_version``)?"""
+    try:
+        with open(os.path.join(path, "manifest.json"), encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "format_version" in manifest
+
+
+PACKED_KIND = OutputKind("packed dataset", "witscale-pack", "manifest.json with format_version", is_packed_dataset)
+
+
+def check_output(output: str, overwrite: bool) -> None:
+    """Refuse (DataError, one line) an --output the packer must not replace: see output_dir.check_target."""
+    try:
+        check_target(output, PACKED_KIND, overwrite)
+    except OutputError as e:
+        raise DataError(str(e)) from None
 
 
 class TokenizedCorpus(NamedTuple):
@@ -79,8 +102,7 @@ def write_packed(output: str, corpus: TokenizedCorpus, *, seq_len: int, pad_id: 
         raise DataError(f"--seq-len must be at least 2, got {seq_len}")
     if task not in TASKS:
         raise DataError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
-    if os.path.exists(output) and not overwrite:
-        raise DataError("output already exists; pass --overwrite to replace it", output)
+    check_output(output, overwrite)
     lengths = np.diff(corpus.offsets)
     keep = lengths > 0
     if task == "preference":
@@ -95,16 +117,18 @@ def write_packed(output: str, corpus: TokenizedCorpus, *, seq_len: int, pad_id: 
     src = gather_index(corpus.offsets[p_doc[layout.order]] + p_start[layout.order], p_len[layout.order])
     dst = gather_index(layout.dest, p_len[layout.order])
 
-    parent = os.path.dirname(os.path.abspath(output)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output))}.tmp-", dir=parent)
     try:
+        writer = DirectoryWriter(output, PACKED_KIND, overwrite)
+    except OutputError as e:
+        raise DataError(str(e)) from None
+    tmp = writer.tmp
+    with writer:
         total = num_rows * seq_len
 
         def fill(name, source, pad):
             arr = np.full(total, pad, dtype=_ARRAYS[name])
             arr[dst] = source[src]
-            arr.tofile(os.path.join(tmp, f"{name}.bin"))
+            _write_array(os.path.join(tmp, f"{name}.bin"), arr)
             return arr
 
         fill("tokens", corpus.tokens, pad_id)
@@ -114,14 +138,14 @@ def write_packed(output: str, corpus: TokenizedCorpus, *, seq_len: int, pad_id: 
         if task == "preference":
             pairs = layout.order                      # pair indices in row order
             docs = pair_order(pairs)                  # their documents, chosen then rejected
-            doc_lengths[docs].astype("<i4").tofile(os.path.join(tmp, "doc_lengths.bin"))
-            doc_pair[docs].astype("<i8").tofile(os.path.join(tmp, "doc_pair.bin"))
-            (docs % 2).astype("u1").tofile(os.path.join(tmp, "doc_role.bin"))
-            (layout.row_offsets * 2).astype("<i8").tofile(os.path.join(tmp, "row_offsets.bin"))
+            _write_array(os.path.join(tmp, "doc_lengths.bin"), doc_lengths[docs].astype("<i4"))
+            _write_array(os.path.join(tmp, "doc_pair.bin"), doc_pair[docs].astype("<i8"))
+            _write_array(os.path.join(tmp, "doc_role.bin"), (docs % 2).astype("u1"))
+            _write_array(os.path.join(tmp, "row_offsets.bin"), (layout.row_offsets * 2).astype("<i8"))
             num_documents = len(docs)
         else:
-            p_len[layout.order].astype("<i4").tofile(os.path.join(tmp, "doc_lengths.bin"))
-            layout.row_offsets.astype("<i8").tofile(os.path.join(tmp, "row_offsets.bin"))
+            _write_array(os.path.join(tmp, "doc_lengths.bin"), p_len[layout.order].astype("<i4"))
+            _write_array(os.path.join(tmp, "row_offsets.bin"), layout.row_offsets.astype("<i8"))
             num_documents = len(p_len)
         per_class = np.bincount(classes, minlength=NUM_CLASSES)
         num_tokens = int(p_len.sum())
@@ -143,11 +167,20 @@ def write_packed(output: str, corpus: TokenizedCorpus, *, seq_len: int, pad_id: 
             manifest.update(task="preference", long_policy="none", num_pairs=int(num_documents // 2),
                             pairs_per_row=num_documents / 2 / num_rows if num_rows else 0.0)
         _write_manifest(tmp, manifest)
-        _move_into_place(tmp, output, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        writer.commit()
     return manifest
+
+
+def _write_array(path: str, arr: np.ndarray) -> None:
+    """arr's bytes to path (what ndarray.tofile writes), but a full disk is an OSError with its errno and file
+    name (tofile reports 'N requested and M written')."""
+    try:
+        with open(path, "wb") as f:
+            f.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
+    except OSError as e:
+        if e.filename is None:
+            e.filename = path
+        raise
 
 
 def _pair_pieces(offsets: np.ndarray, seq_len: int):
@@ -176,20 +209,43 @@ def _write_manifest(directory: str, manifest: dict, name: str = "manifest.json")
         f.write("\n")
 
 
-def _replace_manifest(dataset_dir: str, manifest: dict) -> None:
-    """Rewrite manifest.json atomically: a temp file in the same directory, flushed, then renamed over it."""
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.json.tmp-", dir=dataset_dir)
+def _replace_file(dataset_dir: str, name: str, data: bytes) -> None:
+    """Replace ``name`` in the dataset atomically: a temp file ``.<name>.tmp-*`` in the same directory (mode as
+    the umask gives), flushed, renamed over it. An OSError (a full disk …) becomes one line naming the file;
+    the old file stays and the temp file goes."""
+    final = os.path.join(dataset_dir, name)
+    tmp = None
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1, ensure_ascii=False)
-            f.write("\n")
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=dataset_dir)
+        with os.fdopen(fd, "wb") as f:
+            chmod_like_umask(tmp, directory=False)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(dataset_dir, "manifest.json"))
-    except BaseException:
-        if os.path.exists(tmp):
+        os.replace(tmp, final)
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise OutputError(f"{final}: [Errno {e.errno}] {e.strerror} (the previous {name} is untouched)") \
+                if e.errno else OutputError(f"{final}: {e}") from None
         raise
+
+
+def _replace_manifest(dataset_dir: str, manifest: dict) -> None:
+    """Rewrite manifest.json atomically (``_replace_file``)."""
+    _replace_file(dataset_dir, "manifest.json", (json.dumps(manifest, indent=1, ensure_ascii=False) + "\n").encode())
+
+
+def _clean_temp_files(dataset_dir: str) -> None:
+    """The temp files a crashed reference writer left (``.manifest.json.tmp-*``, ``.reference_logps.bin.tmp-*``);
+    called under the reference lock, so no live writer owns them."""
+    for name in os.listdir(dataset_dir):
+        if name.startswith((".manifest.json.tmp-", f".{REFERENCE_FILE}.tmp-")):
+            try:
+                os.unlink(os.path.join(dataset_dir, name))
+            except OSError:
+                pass
 
 
 # content_digest: arrays read whole (bytes per document or row) and arrays sampled (bytes per token)
@@ -229,7 +285,7 @@ def content_digest(dataset_dir: str) -> str:
 def _reference_lock(dataset_dir: str):
     """One reference writer at a time per dataset (two jobs precomputing into the same shared directory would
     otherwise interleave their values and manifests). flock: local and most cluster filesystems honour it."""
-    fd = os.open(os.path.join(dataset_dir, ".reference.lock"), os.O_CREAT | os.O_RDWR, 0o644)
+    fd = os.open(os.path.join(dataset_dir, ".reference.lock"), os.O_CREAT | os.O_RDWR, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -245,13 +301,17 @@ def write_reference_logps(dataset_dir: str, values, meta: dict) -> dict:
     reference_logps.bin, (3) the manifest is rewritten with ``reference`` = ``meta`` plus the values'
     sha256 and the data's :func:`content_digest`. A crash leaves the old channel, or none, or the new one —
     each with its own meta; concurrent writers take turns (a lock file). Returns the new manifest."""
-    with _reference_lock(dataset_dir):
-        return _write_reference_logps(dataset_dir, values, meta)
+    try:
+        with _reference_lock(dataset_dir):
+            return _write_reference_logps(dataset_dir, values, meta)
+    except OSError as e:            # the lock file, reading the dataset: one line naming the file
+        raise OutputError(os_error_line(e, dataset_dir)) from None
 
 
 def _write_reference_logps(dataset_dir: str, values, meta: dict) -> dict:
     # old values, even damaged ones, get replaced; the arrays were validated when the pass opened them
     ds = PackedDataset(dataset_dir, load_reference=False, validate=False)
+    _clean_temp_files(dataset_dir)
     if not ds.is_preference:
         raise DataError("reference log-probs belong to a preference dataset (pack_dataset.py --task preference)",
                         dataset_dir)
@@ -270,33 +330,11 @@ def _write_reference_logps(dataset_dir: str, values, meta: dict) -> dict:
     if "reference" in manifest:
         manifest.pop("reference")
         _replace_manifest(dataset_dir, manifest)
-    fd, tmp = tempfile.mkstemp(prefix=f".{REFERENCE_FILE}.tmp-", dir=dataset_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(values.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(dataset_dir, REFERENCE_FILE))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    _replace_file(dataset_dir, REFERENCE_FILE, values.tobytes())
     manifest["reference"] = dict(meta, sha256=hashlib.sha256(values.tobytes()).hexdigest(),
                                  data=content_digest(dataset_dir))
     _replace_manifest(dataset_dir, manifest)
     return manifest
-
-
-def _move_into_place(tmp: str, output: str, overwrite: bool) -> None:
-    if os.path.exists(output):
-        if not overwrite:
-            raise DataError("output already exists; pass --overwrite to replace it", output)
-        old = tmp + ".old"
-        os.rename(output, old)
-        os.rename(tmp, output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, output)
 
 
 VALIDATE_CHUNK = 1 << 20     # elements per validation read: 4 MiB of int32 (cache-sized), whatever the dataset's size

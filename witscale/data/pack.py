@@ -14,7 +14,7 @@ import time
 from typing import Callable, Iterable, NamedTuple
 
 from witscale.data.errors import DataError, RecordError
-from witscale.data.format import TokenizedCorpus, write_packed
+from witscale.data.format import TokenizedCorpus, check_output, write_packed
 from witscale.data.inputs import dataset_digest, iter_dataset, load_dataset_source, resolve_inputs
 from witscale.data.preference import (PREFERENCE_FORMATS, TRUNCATION_MODES, PairDocuments, Truncation,
                                       detect_preference_format, normalize_pair, render_pair)
@@ -210,8 +210,8 @@ def _task_formats(opts: PackOptions):
 
 
 def _check_output(output: str, overwrite: bool) -> None:
-    if os.path.exists(output) and not overwrite:
-        raise DataError("output already exists; pass --overwrite to replace it", output)
+    """Before any reading: refuse an output the packer must not replace (format.check_output)."""
+    check_output(output, overwrite)
 
 
 def skip_reason(e: RecordError) -> str:

@@ -7,6 +7,7 @@ import time
 
 from witscale.data.classes import CLASS_NAMES, LEGACY_CLASS_NAMES
 from witscale.data.errors import DataError
+from witscale.data.output_dir import OutputError, os_error_line
 from witscale.data.bestfit import LONG_POLICIES
 from witscale.data.pack import PackOptions, content_summary, pack_files
 from witscale.data.preference import PREFERENCE_FORMATS
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset", default=None, help="configuration (subset) of a dataset input")
     p.add_argument("--tokenizer", required=True, help="SentencePiece .model file or local HF tokenizer directory")
     p.add_argument("--seq-len", type=int, required=True, help="row length in tokens")
-    p.add_argument("--output", required=True, help="output directory (created atomically)")
+    p.add_argument("--output", required=True, help="output directory (written aside, then swapped into place)")
     p.add_argument("--task", default="sft", choices=("sft", "preference"),
                    help="sft: instruction records (default); preference: pairs {prompt|messages|conversations, "
                         "chosen, rejected}, each pair's two documents packed whole into one row, chosen first")
@@ -48,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-skip-fraction", type=float, default=0.05,
                    help="with --skip-invalid: fail (nothing written) when more than this fraction of the records "
                         "is skipped (default 0.05)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output: only an earlier packed dataset (or an empty directory); "
+                        "anything else is refused, never deleted")
     p.add_argument("--last-turn-only", action="store_true",
                    help="earlier assistant turns of a multi-turn record become prompt-side")
     p.add_argument("--system", default=None, help="system prompt for records that have none")
@@ -126,13 +129,13 @@ def main(argv=None) -> int:
         manifest = pack_files(args.input, args.tokenizer, args.output, opts, fmt=args.format,
                               overwrite=args.overwrite, progress=progress, split=args.split, subset=args.subset,
                               on_format=lambda path, fmt: print(f"{path}: detected format {fmt}", file=sys.stderr))
-    except DataError as e:
+    except (DataError, OutputError) as e:
         progress.close()
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
+    except OSError as e:        # reading an input: the file and the errno
         progress.close()
-        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        print(f"error: {os_error_line(e, args.output)}", file=sys.stderr)
         return 2
     progress.close()
     if args.format == "auto":

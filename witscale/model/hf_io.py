@@ -13,23 +13,40 @@ one for witscale's tensor-parallel layers. Filling a model from a checkpoint: wi
 
 Writing: ``HFShardWriter`` streams an HF directory tensor by tensor (shards planned from the config, each
 tensor's bytes written straight to its place in its shard: nothing but the tensor at hand is held in
-memory) into a temporary directory renamed into place, so an interrupted export never looks complete.
-``save_hf_checkpoint`` writes an in-memory state dict through it.
+memory) into a temporary directory swapped into place (witscale/data/output_dir.py), so an interrupted export
+never looks complete; it replaces only an earlier witscale export (its ``witscale_export.json`` marker) or an
+empty directory — anything else at the path is refused, never deleted — and an OSError (a full disk) becomes
+one line naming the path (``OutputError``). ``save_hf_checkpoint`` writes an in-memory state dict through it.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-import shutil
-import tempfile
 from typing import Callable, Optional
 
 import torch
 from safetensors import safe_open
 
+from witscale.data.output_dir import DirectoryWriter, OutputError, OutputKind
+
 INDEX = "model.safetensors.index.json"
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)   # old checkpoints store RoPE buffers; we recompute them
+EXPORT_MARKER = "witscale_export.json"      # says a directory is a witscale export (and may be replaced by one)
+EXPORT_FORMAT = "witscale-hf-export"
+
+
+def is_export_dir(path: str) -> bool:
+    """Was ``path`` written by witscale's HF writer (its witscale_export.json)?"""
+    try:
+        with open(os.path.join(path, EXPORT_MARKER), encoding="utf-8") as f:
+            marker = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("format") == EXPORT_FORMAT
+
+
+EXPORT_KIND = OutputKind("witscale HF export", "witscale-export", EXPORT_MARKER, is_export_dir)
 
 
 class CheckpointFormatError(ValueError):
@@ -232,8 +249,9 @@ class HFShardWriter:
     the next tensor would take the current one past ``max_shard_size`` — and each shard file is created
     with its final safetensors header. ``write(name, tensor)`` then copies the tensor's bytes straight to
     their place in the file: nothing but the tensor being written is ever held in memory (no shard buffer,
-    no pickle). ``commit()`` checks that every planned tensor was written, adds the index and config.json
-    and renames the temporary directory into place (an existing ``out_dir`` is replaced only then);
+    no pickle). ``commit()`` checks that every planned tensor was written, adds the index, config.json and
+    the witscale_export.json marker and swaps the temporary directory into place (an existing ``out_dir``,
+    which must be an earlier export or empty, is replaced only then);
     ``abort()`` (or leaving a ``with`` block by an exception) removes everything.
     """
 
@@ -260,9 +278,10 @@ class HFShardWriter:
         self._where: dict[str, tuple[int, int, tuple[int, ...], torch.dtype]] = {}   # name → (shard, offset, …)
         self._files: list[str] = []
         self.total_size = 0
-        parent = os.path.dirname(self.out_dir)
-        os.makedirs(parent, exist_ok=True)
-        self._tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out_dir)}.tmp-", dir=parent)
+        self._handle: Optional[tuple[int, object]] = None
+        # replaces only an earlier export (its witscale_export.json) or an empty directory: output_dir.py
+        self._dir = DirectoryWriter(out_dir, EXPORT_KIND)
+        self._tmp = self._dir.tmp
         try:
             for i, group in enumerate(groups):
                 fname = "model.safetensors" if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
@@ -283,11 +302,19 @@ class HFShardWriter:
                     self._where[name] = (i, start + header[name]["data_offsets"][0], shape, dtype)
                 self._files.append(fname)
                 self.total_size += offset
+        except OSError as e:
+            raise self._failed(e) from None
         except BaseException:
             self.abort()
             raise
         self._written: set[str] = set()
-        self._handle: Optional[tuple[int, object]] = None
+
+    def _failed(self, e: OSError) -> OutputError:
+        """An OSError while writing (a full disk …): everything written so far removed, one line naming the
+        output and the errno."""
+        err = self._dir.error(e)
+        self.abort()
+        return err
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
@@ -302,13 +329,18 @@ class HFShardWriter:
             raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, the config implies {shape} "
                              "(a tensor-parallel shard, or padded vocabulary rows?)")
         t = tensor.detach().to("cpu", dtype).contiguous()
-        if self._handle is None or self._handle[0] != shard:
-            self._close_handle()
-            self._handle = (shard, open(os.path.join(self._tmp, self._files[shard]), "r+b"))
-        f = self._handle[1]
-        f.seek(offset)
-        if t.numel():
-            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        try:
+            if self._handle is None or self._handle[0] != shard:
+                self._close_handle()
+                self._handle = (shard, open(os.path.join(self._tmp, self._files[shard]), "r+b"))
+            f = self._handle[1]
+            f.seek(offset)
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        except OSError as e:
+            if e.filename is None:
+                e.filename = os.path.join(self._tmp, self._files[shard])
+            raise self._failed(e) from None
         self._written.add(name)
 
     def _close_handle(self) -> None:
@@ -338,18 +370,15 @@ class HFShardWriter:
                     json.dump({"metadata": {"total_size": self.total_size}, "weight_map": weight_map}, f, indent=1)
             with open(os.path.join(self._tmp, "config.json"), "w", encoding="utf-8") as f:
                 json.dump(self.config, f, indent=2)
-            parent = os.path.dirname(self.out_dir)
-            old = None
-            if os.path.exists(self.out_dir):
-                old = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out_dir)}.old-", dir=parent)
-                os.rmdir(old)
-                os.replace(self.out_dir, old)
-            os.replace(self._tmp, self.out_dir)
+            with open(os.path.join(self._tmp, EXPORT_MARKER), "w", encoding="utf-8") as f:
+                json.dump({"format": EXPORT_FORMAT, "version": 1, "files": sorted(os.listdir(self._tmp))}, f,
+                          indent=1)
+        except OSError as e:
+            raise self._failed(e) from None
         except BaseException:
             self.abort()
             raise
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        self._dir.commit()          # swapped into place; an OSError there is an OutputError already
 
     def abort(self) -> None:
         try:
@@ -358,13 +387,19 @@ class HFShardWriter:
                 self._handle = None
         except Exception:
             pass
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._dir.abort()
+
+    def os_error(self, e: OSError) -> OutputError:
+        """The one line for an OSError met while filling ``tmp_dir`` (tokenizer files …); aborts."""
+        return self._failed(e)
 
     def __enter__(self):
         return self
 
-    def __exit__(self, exc_type, *_):
+    def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
+            if isinstance(exc, OSError):
+                raise self._failed(exc) from None
             self.abort()
 
 

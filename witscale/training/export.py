@@ -131,6 +131,10 @@ def export_module(module, topo, model_config, out_dir: str, tokenizer_src: Optio
             n += 1
         if writer is not None:
             _finish(writer, out_dir, tokenizer_src, n, torch_dtype, meta)
+    except OSError as e:            # a full disk …: one line naming the path (witscale/data/output_dir.py)
+        if writer is None:
+            raise
+        raise writer.os_error(e) from None
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -143,6 +147,36 @@ def _warn_upcast(weight_dtypes: set, dtype: torch.dtype) -> None:
     if dtype == torch.float32 and low and (not dist.is_initialized() or dist.get_rank() == 0):
         log.warning(f"exporting fp32 from {'/'.join(low)} weights: the files hold those weights exactly, upcast "
                     "(the optimizer's fp32 master copy is not what is exported)")
+
+
+# Paths of a run directory that training writes: an export there would replace them (witscale/train.py).
+RUN_ENTRIES = ("checkpoints", "metrics.jsonl", "train.log", "model_config.json", "effective_config.json",
+               "tensorboard")
+
+
+def check_export_path(export_dir: str, output_dir: str) -> None:
+    """Refuse (OutputError, one line) before training an --export-hf that would replace the run's own files:
+    the run's --output-dir itself, a directory containing it, or one of the entries training writes in it
+    (checkpoints/ …), symbolic links resolved; and anything at the path that an export may not replace (a file,
+    a non-empty directory that is not a witscale export). A fresh subdirectory of the run (``OUT/hf``, what the
+    sweep templates use) is fine: the export replaces only that directory, and only an earlier export there."""
+    from witscale.data.output_dir import OutputError, check_target, path_relation
+    from witscale.model.hf_io import EXPORT_KIND
+
+    relation = path_relation(export_dir, output_dir)
+    if relation in ("equal", "contains"):
+        what = "is" if relation == "equal" else "contains"
+        raise OutputError(f"--export-hf {export_dir} {what} the run's --output-dir {output_dir}: the export would "
+                          f"replace the run's checkpoints and metrics; choose another directory")
+    if relation == "inside":
+        first = os.path.relpath(os.path.realpath(export_dir), os.path.realpath(output_dir)).split(os.sep)[0]
+        if first in RUN_ENTRIES:
+            raise OutputError(f"--export-hf {export_dir} is the run's own {first} (inside --output-dir "
+                              f"{output_dir}): choose another directory, e.g. {os.path.join(output_dir, 'hf')}")
+    try:
+        check_target(export_dir, EXPORT_KIND)
+    except OutputError as e:
+        raise OutputError(f"--export-hf {e}") from None
 
 
 def export_from_engine(trainer, model_config, out_dir: str, tokenizer_src: Optional[str] = None,
