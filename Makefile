@@ -25,7 +25,7 @@ $(STAMP): constraints.txt setup.cfg
 	$(PIP_INSTALL) torch==2.13.0
 	$(PIP_INSTALL) --no-build-isolation deepspeed
 	$(PIP_INSTALL) transformers datasets tensorboard mpi4py sentencepiece safetensors protobuf psutil \
-	    pyarrow pytest hypothesis matplotlib
+	    pyarrow pytest hypothesis matplotlib pyyaml
 	$(PIP_INSTALL) --no-build-isolation --no-deps -e .
 # the evaluation extra (witscale[eval]): lm-eval for tools/evaluate.py --tasks, accelerate for its HF backend
 	$(PIP_INSTALL) lm-eval accelerate

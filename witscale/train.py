@@ -59,14 +59,40 @@ PRESETS = {
 
 
 class _PresetParser(argparse.ArgumentParser):
-    """``--preset NAME`` sets the defaults of PRESETS[NAME]; flags given on the command line override them
-    whatever their order."""
+    """``--preset NAME`` sets the defaults of PRESETS[NAME] and ``--config FILE`` sets those of the file, over
+    the preset's; flags given on the command line override both whatever their order. Precedence: explicit
+    flag > config file > preset > built-in default (witscale/training/config_file.py)."""
 
     def parse_known_args(self, args=None, namespace=None):
-        first, _ = super().parse_known_args(args, argparse.Namespace())
-        if getattr(first, "preset", None):
-            self.set_defaults(**PRESETS[first.preset])
-        return super().parse_known_args(args, namespace)
+        from witscale.training.config_file import apply_config_file, settings_from_file
+        args = list(sys.argv[1:] if args is None else args)
+        first = argparse.ArgumentParser(add_help=False)
+        first.add_argument("--preset", choices=sorted(PRESETS), default=None)
+        first.add_argument("--config", default=None)
+        early, _ = first.parse_known_args(args)
+        settings = settings_from_file(early.config, self) if early.config else {}
+        preset = early.preset or settings.get("preset")
+        if preset:
+            self.set_defaults(**PRESETS[preset])
+        if settings:
+            apply_config_file(self, early.config, settings)
+        parsed, rest = super().parse_known_args(args, namespace)
+        if settings:
+            _flags_beat_file_in_groups(self, args, settings, parsed)
+        return parsed, rest
+
+
+def _flags_beat_file_in_groups(parser: argparse.ArgumentParser, argv: list, settings: dict, parsed) -> None:
+    """A flag given beside --config replaces the file's member of its one-of group (--model beats the file's
+    model_config, --epochs its max_steps) instead of colliding with it."""
+    given = {a.dest for a in parser._actions
+             if any(arg == s or arg.startswith(s + "=") for s in a.option_strings for arg in argv)}
+    for group in parser._mutually_exclusive_groups:
+        dests = {a.dest for a in group._group_actions}
+        if dests & given:
+            for dest in dests - given:
+                if dest in settings:
+                    setattr(parsed, dest, None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pairs-per-step", type=int, default=None, metavar="N",
                    help="DPO: choose --grad-accum so that a step holds about N pairs (from the data's mean "
                         "pairs per row); the loss is divided by the exact pair count of each step")
+    g.add_argument("--config", default=None, metavar="FILE",
+                   help="settings from a YAML or JSON file (keys: these flags' names, e.g. max_steps; a run's "
+                        "effective_config.json is accepted); flags given beside it win (configs/ has examples)")
     g.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="documented defaults; explicit flags override them. dpo-paper: --objective dpo "
                         "--lr 5e-7 --weight-decay 0 --warmup-ratio 0.1 --epochs 2 --beta 0.1 --dpo-loss sigmoid "
@@ -521,7 +550,12 @@ def _add_file_log(path: str) -> None:
 def main(argv=None) -> int:
     from witscale.training import preemption
     preemption.install()        # first: SLURM's signal can come before start-up is over
-    args = build_parser().parse_args(argv)
+    from witscale.training.config_file import ConfigFileError
+    try:
+        args = build_parser().parse_args(argv)
+    except ConfigFileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     # DeepSpeed logs through the root logger: keep it at WARNING, witscale's own at --log-level.
     logging.basicConfig(level=logging.WARNING, format="[witscale] %(message)s", stream=sys.stdout)
     log.setLevel(args.log_level.upper())
