@@ -167,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'auto': continue from <output-dir>/checkpoints/latest if it exists; or a checkpoint path")
     g.add_argument("--allow-data-change", action="store_true",
                    help="resume even though the packed data differs from the checkpoint's")
+    g.add_argument("--reschedule", action="store_true",
+                   help="resume although --max-steps/--epochs/the global batch/--warmup-ratio change the schedule: "
+                        "continue at the checkpoint's step on the warm-up + cosine schedule of this run's length "
+                        "(refused without it)")
     g.add_argument("--eval-data", default=None, help="packed eval set, scored every --eval-steps and at the end")
     g.add_argument("--eval-steps", type=int, default=0, help="evaluate every N steps (0: only at the end)")
     g.add_argument("--export-hf", default=None, metavar="DIR",
@@ -460,12 +464,14 @@ def train_loop(plan: Plan, topo, module):
         where = trainer.resume(cfg.resume, ckpt_root, allow_data_change=cfg.allow_data_change, **fingerprints)
         log.info(f"resumed from {where} at step {trainer.step}" if where
                  else "--resume auto: no checkpoint yet, starting fresh")
+        if where:
+            check_schedule_on_resume(plan, trainer, where)
 
     def save():
         if slow_save_seconds():
             time.sleep(slow_save_seconds())      # test-only (witscale/training/faults.py)
         trainer.save_checkpoint(ckpt_root, cfg.keep_checkpoints, args={k: str(v) for k, v in cfg.as_dict().items()},
-                                **fingerprints)
+                                schedule=schedule_record(plan), **fingerprints)
 
     def evaluate_now(final: bool) -> bool:
         every = cfg.eval_steps and trainer.step % cfg.eval_steps == 0
@@ -504,6 +510,53 @@ def train_loop(plan: Plan, topo, module):
     finally:
         metrics.close()
     return trainer, results
+
+
+def schedule_record(plan: Plan) -> dict:
+    """What the learning-rate schedule was built from, saved in each checkpoint's state file."""
+    cfg = plan.config
+    from witscale.training.optim import warmup_steps_for
+    return {"total_steps": plan.total_steps, "warmup_steps": warmup_steps_for(plan.total_steps, cfg.warmup_ratio),
+            "warmup_ratio": cfg.warmup_ratio, "max_steps": cfg.max_steps, "epochs": cfg.epochs,
+            "global_rows": cfg.micro_batch_size * cfg.grad_accum * plan.dims.dp,
+            "steps_per_epoch": plan.steps_per_epoch}
+
+
+def check_schedule_on_resume(plan: Plan, trainer, where: str) -> None:
+    """A resume continues the checkpoint's schedule. One whose flags build another (a longer --max-steps
+    would otherwise train a step at the 0 the ended cosine left, then jump onto a curve of another length) is
+    refused in one line naming the flag; with --reschedule it continues at the checkpoint's step on the
+    schedule of this run's length, and says so."""
+    from witscale.training.checkpoint import CheckpointError, read_state
+    from witscale.training.optim import restate_schedule
+    cfg = plan.config
+    saved = read_state(os.path.dirname(where), os.path.basename(where)).get("schedule")
+    now = schedule_record(plan)
+    if saved is None:
+        log.warning(f"{where} records no schedule (written before witscale saved one): resuming without checking "
+                    "that --max-steps/--epochs/the global batch are the same")
+        if cfg.reschedule:
+            restate_schedule(trainer.scheduler)
+        return
+    same = (saved["total_steps"], saved["warmup_steps"]) == (now["total_steps"], now["warmup_steps"])
+    if same:
+        return
+    for key, flag in (("max_steps", "--max-steps"), ("epochs", "--epochs"), ("warmup_ratio", "--warmup-ratio"),
+                      ("global_rows", "the global batch (--micro-batch-size × --grad-accum × ranks)")):
+        if saved.get(key) != now[key]:
+            cause = f"{flag} {now[key]} (the checkpoint's: {saved.get(key)})"
+            break
+    else:
+        cause = f"--data ({now['steps_per_epoch']} steps per epoch, the checkpoint's: {saved.get('steps_per_epoch')})"
+    old = f"{saved['total_steps']} steps with {saved['warmup_steps']} of warm-up"
+    new = f"{now['total_steps']} steps with {now['warmup_steps']} of warm-up"
+    if not cfg.reschedule:
+        raise CheckpointError(f"{where} was trained on a schedule of {old}; {cause} makes it {new}: give the "
+                              f"checkpoint's value to continue its schedule, or --reschedule to continue at step "
+                              f"{trainer.step} on the schedule of a {now['total_steps']}-step run")
+    lr = restate_schedule(trainer.scheduler)
+    log.info(f"--reschedule: {where} was on a schedule of {old}; continuing at step {trainer.step} on the warm-up + "
+             f"cosine schedule of {new} ({cause}): lr {lr:.3g} at step {trainer.step + 1}")
 
 
 def _announce(plan: Plan, topo) -> None:

@@ -56,6 +56,7 @@ class RunConfig:
     keep_checkpoints: int = 2
     resume: Optional[str] = None
     allow_data_change: bool = False
+    reschedule: bool = False               # resume on a schedule rebuilt for this run's length (train.py)
     eval_data: Optional[str] = None
     eval_steps: int = 0
     export_hf: Optional[str] = None
