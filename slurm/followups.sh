@@ -44,7 +44,7 @@ submit_followups() {
         report_dep=$report_dep:$eval_id
     fi
     report_id=$(sbatch --parsable --job-name="$prefix-report" --dependency="$report_dep" --nodes=1 --ntasks=1 \
-        --time=0:30:00 "$@" "${report_args[@]}" \
+        --time=0:30:00 --output=logs/%x-%j.out "$@" "${report_args[@]}" \
         --wrap "cd '$home' && '$py' tools/collect_sweep.py '$SWEEP_DIR'") ||
         { echo "$prefix: submitting the report job failed" >&2; return 1; }
     echo "${eval_id:--} ${report_id%%;*}"
