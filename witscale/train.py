@@ -488,7 +488,7 @@ def train_loop(plan: Plan, topo, module):
             results.append(result)
             metrics.write(result.as_dict())
             if evaluate_now(final=False):
-                metrics.write(trainer.evaluate(eval_loader))
+                metrics.write(trainer.evaluate(eval_loader, progress=metrics.eval_progress()))
             if preemption.agreed(device=trainer.device):
                 log.warning(f"preemption signal ({preemption.signal_names() or 'on another rank'}): "
                             f"checkpointing at step {trainer.step} and exiting")
@@ -500,7 +500,7 @@ def train_loop(plan: Plan, topo, module):
                 last_saved = trainer.step
         if not preempted:
             if evaluate_now(final=True):
-                metrics.write(trainer.evaluate(eval_loader))
+                metrics.write(trainer.evaluate(eval_loader, progress=metrics.eval_progress()))
             if last_saved != trainer.step:
                 save()
             if cfg.export_hf:

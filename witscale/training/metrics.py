@@ -1,6 +1,8 @@
 """Rank-0 metrics sinks: metrics.jsonl (one object per step), TensorBoard scalars, and the console.
 
-On a TTY the console gets a progress bar with ETA and the current loss (tqdm); otherwise (SLURM logs)
+On a TTY the console gets a progress bar with ETA, the current loss and tokens/s (tqdm), and a second bar
+while an evaluation runs; every console log line (witscale's, DeepSpeed's: the root logger's stream
+handlers) is written through tqdm's writer meanwhile, so no line lands inside a bar. Otherwise (SLURM logs)
 plain lines every ``log_every`` steps.
 """
 from __future__ import annotations
@@ -53,6 +55,8 @@ class MetricsLogger:
         self._jsonl = None
         self._tb = None
         self._bar = None
+        self._eval_bar = None
+        self._redirect = None
         if not enabled:
             return
         if output_dir:
@@ -63,7 +67,27 @@ class MetricsLogger:
                 self._tb = SummaryWriter(log_dir=os.path.join(output_dir, "tensorboard"))
         if sys.stderr.isatty():
             from tqdm import tqdm
-            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+            from tqdm.contrib.logging import logging_redirect_tqdm
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+            # The console handlers of the root logger (where witscale's and DeepSpeed's records go) write
+            # through tqdm.write while the bar lives: the bar is cleared, the line printed, the bar redrawn.
+            self._redirect = logging_redirect_tqdm()
+            self._redirect.__enter__()
+
+    def eval_progress(self):
+        """A ``progress(done, total)`` callback for Trainer.evaluate drawing an evaluation bar (None off a TTY)."""
+        if self._bar is None:
+            return None
+
+        def progress(done: int, total: int) -> None:
+            from tqdm import tqdm
+            if self._eval_bar is None:
+                self._eval_bar = tqdm(total=total, desc="eval", unit="batch", leave=False, dynamic_ncols=True)
+            self._eval_bar.update(done - self._eval_bar.n)
+            if done >= total:
+                self._eval_bar.close()
+                self._eval_bar = None
+        return progress
 
     def write(self, record: dict) -> None:
         """Record one step (or eval) result: jsonl, TensorBoard, console."""
@@ -87,7 +111,8 @@ class MetricsLogger:
             return
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
-            self._bar.set_postfix(loss=f"{record['loss']:.4f}", resp_nll=f"{record['response_nll']:.3f}")
+            self._bar.set_postfix(loss=f"{record['loss']:.4f}", resp_nll=f"{record['response_nll']:.3f}",
+                                  tok_s=f"{record['tokens_per_s']:.0f}")
         elif step % self.log_every == 0 or step == self.total_steps:
             gn = record.get("grad_norm")
             middle = (f"margin {record['reward_margin']:.4f} accuracy {record['reward_accuracy']:.3f} "
@@ -98,7 +123,9 @@ class MetricsLogger:
                      f"tok/s {record['tokens_per_s']:.0f}")
 
     def close(self) -> None:
-        for sink in (self._jsonl, self._tb, self._bar):
+        for sink in (self._jsonl, self._tb, self._eval_bar, self._bar):
             if sink is not None:
                 sink.close()
-        self._jsonl = self._tb = self._bar = None
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+        self._jsonl = self._tb = self._bar = self._eval_bar = self._redirect = None
