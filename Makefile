@@ -29,6 +29,8 @@ $(STAMP): constraints.txt setup.cfg
 	$(PIP_INSTALL) --no-build-isolation --no-deps -e .
 # the evaluation extra (witscale[eval]): lm-eval for tools/evaluate.py --tasks, accelerate for its HF backend
 	$(PIP_INSTALL) lm-eval accelerate
+# the W&B extra (witscale[wandb]): train.py --report-to wandb, tested offline
+	$(PIP_INSTALL) wandb
 	touch $@
 
 ## The README's main command: the end-to-end CPU demo on its embedded default.

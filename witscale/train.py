@@ -180,7 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", default=None,
                    help="tokenizer files to copy into --export-hf (default: those in --model, if any)")
     g.add_argument("--log-every", type=int, default=1, help="console line every N steps (non-TTY)")
-    g.add_argument("--no-tensorboard", action="store_true")
+    g.add_argument("--no-tensorboard", action="store_true", help="the same as leaving tensorboard out of --report-to")
+    g.add_argument("--report-to", default="tensorboard", metavar="SINKS",
+                   help="where metrics go besides metrics.jsonl: a comma list of tensorboard, wandb (Weights & "
+                        "Biases, rank 0: the resolved config and every metric; pip install 'witscale[wandb]'; "
+                        "WANDB_MODE=offline works without a network), none (default tensorboard)")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--ds_config", "--ds-config", dest="ds_config", required=True,
@@ -319,6 +323,7 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
         except (OSError, ValueError) as e:
             raise UsageError(f"--eval-data {cfg.eval_data}: {e}") from None
         _check_objective(cfg, eval_dataset, table, flag="--eval-data")
+    report_sinks(cfg)
     for flag in ("save_steps", "eval_steps", "keep_checkpoints", "log_every"):
         if getattr(cfg, flag) < 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 0")
@@ -477,8 +482,10 @@ def train_loop(plan: Plan, topo, module):
         every = cfg.eval_steps and trainer.step % cfg.eval_steps == 0
         return eval_loader is not None and (every if not final else not every)
 
+    sinks = report_sinks(cfg)
     metrics = MetricsLogger(cfg.output_dir, plan.total_steps, enabled=dist.get_rank() == 0,
-                            log_every=cfg.log_every, tensorboard=not cfg.no_tensorboard, start_step=trainer.step)
+                            log_every=cfg.log_every, tensorboard="tensorboard" in sinks, start_step=trainer.step,
+                            wandb_config=resolved_config(plan) if "wandb" in sinks else None)
     results, preempted, last_saved = [], False, None
     try:
         while trainer.step < plan.total_steps:
@@ -510,6 +517,31 @@ def train_loop(plan: Plan, topo, module):
     finally:
         metrics.close()
     return trainer, results
+
+
+def report_sinks(cfg: RunConfig) -> list[str]:
+    """--report-to checked (before start-up): the metric sinks besides metrics.jsonl."""
+    from witscale.training.metrics import parse_report_to
+    try:
+        sinks = parse_report_to(cfg.report_to, no_tensorboard=cfg.no_tensorboard)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if "wandb" in sinks:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UsageError("--report-to wandb: wandb is not installed (pip install 'witscale[wandb]')") from None
+    return sinks
+
+
+def resolved_config(plan: Plan) -> dict:
+    """What effective_config.json holds: every setting, the weight table (the λ of each class), the total steps,
+    the layout and the filled DeepSpeed config; also the run's W&B config."""
+    cfg = plan.config
+    return {"args": cfg.as_dict(), "ds_config": plan.ds_config,
+            "weight_table": {CLASS_NAMES[i]: float(w) for i, w in enumerate(plan.weight_table)},
+            "total_steps": plan.total_steps,
+            "layout": {"world": plan.dims.world_size, "tp": plan.dims.tp, "pp": plan.dims.pp, "dp": plan.dims.dp}}
 
 
 def schedule_record(plan: Plan) -> dict:
@@ -575,11 +607,7 @@ def _announce(plan: Plan, topo) -> None:
     with open(os.path.join(cfg.output_dir, "model_config.json"), "w", encoding="utf-8") as f:
         json.dump(plan.model_config.to_hf_dict(), f, indent=2)     # read by tools/export_hf.py
     with open(os.path.join(cfg.output_dir, "effective_config.json"), "w", encoding="utf-8") as f:
-        json.dump({"args": cfg.as_dict(), "ds_config": plan.ds_config,
-                   "weight_table": {CLASS_NAMES[i]: float(w) for i, w in enumerate(plan.weight_table)},
-                   "total_steps": plan.total_steps,
-                   "layout": {"world": plan.dims.world_size, "tp": plan.dims.tp, "pp": plan.dims.pp,
-                              "dp": plan.dims.dp}}, f, indent=2, default=str)
+        json.dump(resolved_config(plan), f, indent=2, default=str)
 
 
 def epoch_summary(plan: Plan) -> str:

@@ -64,6 +64,7 @@ class RunConfig:
     tokenizer: Optional[str] = None
     log_every: int = 1
     no_tensorboard: bool = False
+    report_to: str = "tensorboard"         # comma list of tensorboard, wandb, none (metrics.jsonl always)
     # parallelism and runtime
     tp: int = 1
     pp: int = 1

@@ -1,4 +1,5 @@
-"""Rank-0 metrics sinks: metrics.jsonl (one object per step), TensorBoard scalars, and the console.
+"""Rank-0 metrics sinks: metrics.jsonl (one object per step), TensorBoard scalars, Weights & Biases
+(--report-to wandb), and the console.
 
 On a TTY the console gets a progress bar with ETA, the current loss and tokens/s (tqdm), and a second bar
 while an evaluation runs; every console log line (witscale's, DeepSpeed's: the root logger's stream
@@ -11,6 +12,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import sys
 from typing import Optional
 
@@ -46,10 +48,56 @@ def tb_tag(key: str):
     return None
 
 
+REPORT_SINKS = ("tensorboard", "wandb", "none")
+
+
+def parse_report_to(spec: str, no_tensorboard: bool = False) -> list[str]:
+    """--report-to 'tensorboard,wandb' → the sinks besides metrics.jsonl (always written); 'none': none."""
+    sinks = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [s for s in sinks if s not in REPORT_SINKS]
+    if unknown:
+        raise ValueError(f"--report-to: unknown '{unknown[0]}' (known: {', '.join(REPORT_SINKS)})")
+    if "none" in sinks and len(sinks) > 1:
+        raise ValueError("--report-to: 'none' cannot be combined with other sinks")
+    return [s for s in sinks if s != "none" and not (no_tensorboard and s == "tensorboard")]
+
+
+class WandbSink:
+    """Weights & Biases (``witscale[wandb]``), rank 0 only: the run's resolved config (every setting, the
+    weight table — the λ values per class — the layout, the filled DeepSpeed config) and every metric under
+    its TensorBoard tag (train/loss, train_class_nll/<class>, eval_class_nll/<class>, …). WANDB_PROJECT,
+    WANDB_MODE (offline), WANDB_DIR as wandb reads them; the run id is kept in <output-dir>/wandb_run_id so a
+    resumed run continues the same W&B run."""
+
+    def __init__(self, output_dir: str, config: dict):
+        import wandb
+        id_file = os.path.join(output_dir, "wandb_run_id")
+        run_id = open(id_file, encoding="utf-8").read().strip() if os.path.exists(id_file) else secrets.token_hex(4)
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "witscale"), id=run_id, resume="allow",
+                              name=os.path.basename(os.path.abspath(output_dir)), config=config,
+                              dir=os.environ.get("WANDB_DIR") or output_dir)
+        if not os.path.exists(id_file):
+            tmp = f"{id_file}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(run_id)
+            os.replace(tmp, id_file)
+
+    def write(self, record: dict, step: int) -> None:
+        values = {tb_tag(k): v for k, v in record.items()
+                  if tb_tag(k) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        if values:
+            self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class MetricsLogger:
     def __init__(self, output_dir: Optional[str], total_steps: int, *, enabled: bool, log_every: int = 1,
-                 tensorboard: bool = True, start_step: int = 0):
+                 tensorboard: bool = True, start_step: int = 0, wandb_config: Optional[dict] = None):
+        """wandb_config: report to W&B (rank 0) with this resolved config; None: no W&B."""
         self.enabled = enabled
+        self._wandb = None
         self.total_steps = total_steps
         self.log_every = max(1, log_every)
         self._jsonl = None
@@ -65,6 +113,8 @@ class MetricsLogger:
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
                 self._tb = SummaryWriter(log_dir=os.path.join(output_dir, "tensorboard"))
+            if wandb_config is not None:
+                self._wandb = WandbSink(output_dir, wandb_config)
         if sys.stderr.isatty():
             from tqdm import tqdm
             from tqdm.contrib.logging import logging_redirect_tqdm
@@ -105,6 +155,8 @@ class MetricsLogger:
                 if tag and isinstance(value, (int, float)) and not math.isnan(value):
                     self._tb.add_scalar(tag, value, step)
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.write(record, step)
         if "loss" not in record:        # an eval record
             log.info(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
                               if not k.startswith(("nll_", "eval_nll_"))))
@@ -123,9 +175,9 @@ class MetricsLogger:
                      f"tok/s {record['tokens_per_s']:.0f}")
 
     def close(self) -> None:
-        for sink in (self._jsonl, self._tb, self._eval_bar, self._bar):
+        for sink in (self._jsonl, self._tb, self._wandb, self._eval_bar, self._bar):
             if sink is not None:
                 sink.close()
         if self._redirect is not None:
             self._redirect.__exit__(None, None, None)
-        self._jsonl = self._tb = self._bar = self._eval_bar = self._redirect = None
+        self._jsonl = self._tb = self._wandb = self._bar = self._eval_bar = self._redirect = None
