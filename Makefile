@@ -25,10 +25,12 @@ $(STAMP): constraints.txt setup.cfg
 	$(PIP_INSTALL) torch==2.13.0
 	$(PIP_INSTALL) --no-build-isolation deepspeed
 	$(PIP_INSTALL) transformers datasets tensorboard mpi4py sentencepiece safetensors protobuf psutil \
-	    pyarrow pytest hypothesis matplotlib
+	    pyarrow pytest hypothesis matplotlib pyyaml
 	$(PIP_INSTALL) --no-build-isolation --no-deps -e .
 # the evaluation extra (witscale[eval]): lm-eval for tools/evaluate.py --tasks, accelerate for its HF backend
 	$(PIP_INSTALL) lm-eval accelerate
+# the W&B extra (witscale[wandb]): train.py --report-to wandb, tested offline
+	$(PIP_INSTALL) wandb
 	touch $@
 
 ## The README's main command: the end-to-end CPU demo on its embedded default.

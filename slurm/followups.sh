@@ -57,7 +57,7 @@ submit_followups() {
     fi
     # the values travel as the script's arguments, never inside a string a shell parses again (--wrap "…")
     report_id=$(sbatch --parsable --job-name="$prefix-report" --dependency="$report_dep" --nodes=1 --ntasks=1 \
-        --time=0:30:00 "$@" "${report_args[@]}" "$home/slurm/sweep_report.sh" "$home" "$py" "$SWEEP_DIR") ||
+        --time=0:30:00 --output=logs/%x-%j.out "$@" "${report_args[@]}" "$home/slurm/sweep_report.sh" "$home" "$py" "$SWEEP_DIR") ||
         { echo "$prefix: submitting the report job failed" >&2; return 1; }
     echo "${eval_id:--} ${report_id%%;*}"
 }

@@ -182,3 +182,65 @@ def test_dpo_on_top_of_each_cell_beside_the_sft_grid(grid):
     # the DPO grid alone is a sweep of its own
     collect(dpo)
     assert "reward_accuracy" in (dpo / "sweep_report.md").read_text()
+
+
+def _class_cell(root, p, r, nll, *, posix=0.5, clip=None):
+    """A cell with per-class held-out NLL, one POSIX variant kind and the run's effective_config.json."""
+    d = root / f"lp{p}_lr{r}"
+    d.mkdir()
+    (d / "cell.json").write_text(json.dumps({"prompt_weight": float(p), "response_weight": float(r)}))
+    (d / "train_status.json").write_text(json.dumps({"state": "completed", "exit_code": 0}))
+    (d / "effective_config.json").write_text(json.dumps({"args": {
+        "prompt_weight": float(p), "response_weight": float(r), "normalization": "nonzero", "clip_grad": clip,
+        "class_weights": "", "seed": 0, "lr": 2e-5, "max_steps": 10, "epochs": None}}))
+    (d / "metrics.jsonl").write_text(
+        json.dumps({"step": 10, "loss": 3.0, "response_nll": 3.1, "prompt_nll": 3.2, "nll_tool_call": 9.0}) + "\n"
+        + json.dumps({"step": 10, "eval_loss": nll, "eval_response_nll": nll, "eval_prompt_nll": nll + 1,
+                      "eval_nll_tool_call": nll + 0.5, "eval_nll_reasoning": nll + 0.25}) + "\n")
+    from witscale.evaluation.results import write_results
+    write_results(str(d), {"posix": {"posix": posix, "posix_by_kind": {"given": posix}}, "errors": {},
+                           "attempted": ["posix"]})
+
+
+def test_two_by_two_sweep_with_per_class_metrics(tmp_path):
+    root = tmp_path / "sweep"
+    root.mkdir()
+    _class_cell(root, "0.0", "1.0", 2.0)                  # IT
+    _class_cell(root, "0.0", "0.5", 2.0008)               # = IT by construction (λp 0: only the ratio matters)
+    _class_cell(root, "0.5", "1.0", 1.9, posix=0.45)
+    _class_cell(root, "0.5", "0.5", 2.1, posix=0.55, clip=1.0)   # clipped: not scale-invariant, not grouped
+    res = collect(root, "--metric", "eval_nll_tool_call")
+    grid_md = (root / "sweep_grid.md").read_text()
+    assert "eval_nll_tool_call" in grid_md and "2.4000" in grid_md and "2.5000 [IT]" in grid_md
+    report = (root / "sweep_report.md").read_text()
+    for metric in ("eval_nll_tool_call", "eval_nll_reasoning"):
+        assert f"### {metric} (lower is better)" in report
+    # posix_given equals posix in every cell: one panel/table, said once
+    assert "### posix (" in report and "### posix_given" not in report
+    assert "`posix_given` = `posix` (one variant kind)" in report
+    # the gain of 2.0008 over 2.0 is -0.04%: printed without a sign, never "-0.0%"
+    assert "-0.0%" not in report + res.stdout and "2.0008 (0.0%)" in report
+    # identical by construction: the λp = 0 cells; not the clipped one
+    assert "Cells identical by construction" in report
+    assert "- (0.0, 0.5) = (0.0, 1.0) [IT]" in report and "(0.5, 0.5) =" not in report
+    header = next(csv.reader(open(root / "sweep_cells.csv")))
+    assert "eval_nll_tool_call" in header and "gain_eval_nll_reasoning" in header
+
+
+def test_colour_scales_are_centred_on_it_and_not_stretched(tmp_path):
+    spec = importlib.util.spec_from_file_location("collect_sweep", os.path.join(REPO_ROOT, "tools", "collect_sweep.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    root = tmp_path / "sweep"
+    root.mkdir()
+    _class_cell(root, "0.0", "1.0", 2.0)
+    _class_cell(root, "0.5", "1.0", 1.998)                # 0.1% better than IT
+    table = mod.build_table(str(root))
+    metric = next(m for m in table.metrics if m.name == "eval_response_nll")
+    scale = mod._scale(table, metric, [2.0, 1.998])
+    assert scale == ("gain", mod.GAIN_FLOOR)              # ±1% at least: 0.1% stays pale
+    pale = mod._scale_colour(scale, 1.998, table.gains[("lp0.5_lr1.0", "eval_response_nll")], metric)
+    assert mod._scale_colour(scale, 2.0, 0.0, metric) == (247, 247, 247)      # IT: the centre, white
+    assert all(abs(a - b) < 30 for a, b in zip(pale, (247, 247, 247)))
+    assert mod._scale_colour(scale, 0, 5.0, metric) == (33, 102, 172)         # a real gain: full blue
+    assert "matplotlib" == mod.heatmaps(table, table.metrics, str(tmp_path / "f.png"))

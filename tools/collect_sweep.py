@@ -4,7 +4,7 @@
     python tools/collect_sweep.py runs/sweep [--metric eval_response_nll] [--out DIR]
 
 Metrics per cell (witscale/evaluation/sweep.py): held-out NLL from the trainer's last eval record
-(eval_response_nll, eval_prompt_nll; without an eval record the last training value, marked "(train)"; not
+(eval_response_nll, eval_prompt_nll, per class eval_nll_<class>; without an eval record the last training value, marked "(train)"; not
 eval_loss, each cell's own weighted objective, which does not compare across cells), and from
 tools/evaluate.py's eval_results.json: POSIX (overall and per variant kind; lower is more robust) and each
 benchmark's score. Plus the paper's summary: the **average** of the benchmark scores (with two benchmarks or
@@ -17,7 +17,10 @@ Writes into --out (default: the sweep directory):
     sweep_report.md    the report: cell states, one table per metric (value and gain; IT cell and best
                        cell marked), a summary of the best cell per metric (also printed)
     sweep_figure.png   one heatmap per metric and the average, in one figure like the paper's (rows λp,
-                       columns λr; IT cell boxed in black, best cell in red; failed cells hatched)
+                       columns λr; IT cell boxed in black, best cell in red; failed cells hatched; each cell's
+                       value and gain printed; colour: the gain over IT, diverging around the IT cell, at least
+                       ±1% wide); a metric equal to another in every cell (posix_given with one variant kind)
+                       is shown once; cells identical by construction (only λp:λr matters) are noted
     sweep_cells.csv    one line per cell: weights, state, every metric, the average and every gain
     sweep_grid.csv     --metric as a λp × λr matrix ("" missing, FAILED failed)
     sweep_grid.md      --metric as a markdown table
@@ -46,7 +49,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from witscale.evaluation.sweep import (IT_CELL, DPOComparison, Table, Value, build_table, collect,  # noqa: E402
-                                       compare_dpo)
+                                       compare_dpo, duplicate_metrics, equivalent_cells, gain_text)
+
+# Colour scales: with the IT cell in the grid a panel is coloured by the gain over IT on a diverging scale
+# centred on IT (0%), symmetric, at least ±GAIN_FLOOR % wide so that a 0.1% difference stays pale instead of
+# reading as full contrast; without it, by value, on a scale at least GAIN_FLOOR % of the mean wide.
+GAIN_FLOOR = 1.0
 
 
 def _fmt(w: float) -> str:
@@ -75,7 +83,7 @@ def cell_text(table: Table, p: float, r: float, metric, markdown: bool = True) -
     if cell.name == table.it:
         text += " [IT]"
     elif g is not None:
-        text += f" ({g:+.1f}%)"
+        text += f" ({gain_text(g)})"
     if table.best.get(metric.name) == cell.name and markdown:
         text = f"**{text}** ★"
     return text
@@ -99,7 +107,7 @@ def _value_text(v: Value) -> str:
 
 
 def _gain_text(g) -> str:
-    return "—" if g is None else f"{g:+.1f}%"
+    return gain_text(g)
 
 
 def dpo_markdown(cmp: DPOComparison) -> list[str]:
@@ -170,7 +178,10 @@ def report_markdown(table: Table, sweep_dir: str, dpo: DPOComparison | None = No
            "evaluation failed; missing: not run (yet). *average* is the mean of the benchmark scores.", ""]
     out += ["## Best cell per metric", "", "| metric | best cell (λp, λr) | value | IT value | gain over IT |",
             "|---|---|---|---|---|"]
+    duplicates = duplicate_metrics(table)
     for m in table.metrics:
+        if m.name in duplicates:
+            continue
         b = table.best.get(m.name)
         itv = table.values.get((it, m.name)) if it else None
         if b is None:
@@ -180,10 +191,26 @@ def report_markdown(table: Table, sweep_dir: str, dpo: DPOComparison | None = No
         g = table.gains.get((b, m.name))
         out.append(f"| {m.name} ({'↑' if m.higher_is_better else '↓'}) | ({_fmt(bc.prompt_weight)}, "
                    f"{_fmt(bc.response_weight)}) | {_num(table.values[(b, m.name)].value)} | "
-                   f"{_num(itv.value) if itv and itv.ok else '—'} | {'—' if g is None else f'{g:+.1f}%'} |")
+                   f"{_num(itv.value) if itv and itv.ok else '—'} | {gain_text(g)} |")
     out += ["", "## Metrics (rows λp, columns λr)", ""]
+    if duplicates:
+        out += ["Not shown twice (equal in every cell): " + "; ".join(
+            f"`{a}` = `{b}`" + (" (one variant kind)" if a.startswith("posix_") and b == "posix" else "")
+            for a, b in duplicates.items()) + ".", ""]
+    groups = equivalent_cells(sweep_dir, table.cells)
+    if groups:
+        out += ["**Cells identical by construction.** Scaling (λp, λr) by c trains the same model under the "
+                "`weight_sum` normalization, and under `nonzero` (the default) or `tokens` without gradient "
+                "clipping — AdamW ignores a constant gradient factor, up to its ε (docs/objective.md, \"Scale "
+                "and clipping\") — so only the ratio λp:λr matters, and every (0, λr) cell is the IT cell "
+                "(0, 1). What differs between these cells comes from AdamW's ε and floating-point rounding, not from "
+                "the weights:", ""]
+        out += ["- " + " = ".join(f"({_fmt(c.prompt_weight)}, {_fmt(c.response_weight)})"
+                                  + (" [IT]" if c.name == table.it else "") for c in g) for g in groups]
+        out.append("")
     for m in table.metrics:
-        out += [metric_markdown(table, m)]
+        if m.name not in duplicates:
+            out += [metric_markdown(table, m)]
     out += ["## Cells", "", "| λp | λr | directory | state | detail |", "|---|---|---|---|---|"]
     for c in sorted(table.cells, key=lambda c: c.weights):
         out.append(f"| {_fmt(c.prompt_weight)} | {_fmt(c.response_weight)} | {c.name} | {c.status} | "
@@ -288,8 +315,7 @@ def _plain_png(table: Table, metrics, path: str) -> None:
     for k, m in enumerate(metrics):
         mat = _matrix(table, m)
         vals = [v.value for row in mat for v in row if v is not None and v.ok]
-        lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
-        span = (hi - lo) or 1.0
+        scale = _scale(table, m, vals)
         for i, p in enumerate(reversed(range(len(ps)))):
             for y in range(size):
                 line = rows[i * size + y]
@@ -303,10 +329,39 @@ def _plain_png(table: Table, metrics, path: str) -> None:
                         elif v.state == "failed":
                             c = (90, 90, 90) if (x + y) % 8 < 4 else (240, 240, 240)
                         else:
-                            t = (v.value - lo) / span
-                            c = _colour(t if m.higher_is_better else 1.0 - t)
+                            cell = table.cell_at(ps[p], rs[j])
+                            c = _scale_colour(scale, v.value, table.gains.get((cell.name, m.name)), m)
                         line.append(c)
     _write_png(path, rows)
+
+
+def _scale(table: Table, metric, values) -> tuple:
+    """("gain", half-width in %) — a diverging scale centred on the IT cell — or ("value", lo, hi)."""
+    it = table.values.get((table.it, metric.name)) if table.it else None
+    if it is not None and it.ok and it.value != 0:
+        gains = [g for (cell, name), g in table.gains.items() if name == metric.name and g is not None]
+        return ("gain", max([GAIN_FLOOR] + [abs(g) for g in gains]))
+    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+    floor = abs((lo + hi) / 2) * GAIN_FLOOR / 100 or 1.0
+    if hi - lo < floor:
+        mid = (lo + hi) / 2
+        lo, hi = mid - floor / 2, mid + floor / 2
+    return ("value", lo, hi)
+
+
+def _diverging(t: float):
+    """t in [-1, 1]: red (worse) — white (as IT) — blue (better)."""
+    red, white, blue = (178, 24, 43), (247, 247, 247), (33, 102, 172)
+    t = min(max(t, -1.0), 1.0)
+    a, b, f = (white, blue, t) if t >= 0 else (white, red, -t)
+    return tuple(round(a[k] + (b[k] - a[k]) * f) for k in range(3))
+
+
+def _scale_colour(scale, value, g, metric):
+    if scale[0] == "gain":
+        return _diverging((g or 0.0) / scale[1])
+    t = (value - scale[1]) / (scale[2] - scale[1])
+    return _colour(t if metric.higher_is_better else 1.0 - t)
 
 
 def heatmaps(table: Table, metrics, path: str, title: str = "") -> str:
@@ -331,17 +386,24 @@ def heatmaps(table: Table, metrics, path: str, title: str = "") -> str:
         ax = axes[k // cols][k % cols]
         mat = _matrix(table, m)
         data = np.array([[v.value if (v is not None and v.ok) else np.nan for v in row] for row in mat], dtype=float)
-        cmap = plt.get_cmap("viridis" if m.higher_is_better else "viridis_r").copy()
+        scale = _scale(table, m, [x for x in data.flat if np.isfinite(x)])
+        if scale[0] == "gain":      # colour = gain over IT, centred on IT; the values are printed in the cells
+            shown = np.array([[table.gains.get((table.cell_at(p, r).name, m.name)) if np.isfinite(data[i][j])
+                               and table.cell_at(p, r) else None for j, r in enumerate(rs)] for i, p in enumerate(ps)],
+                             dtype=float)
+            cmap = plt.get_cmap("RdBu").copy()
+            vmin, vmax = -scale[1], scale[1]
+        else:
+            shown = data
+            cmap = plt.get_cmap("viridis" if m.higher_is_better else "viridis_r").copy()
+            vmin, vmax = scale[1], scale[2]
         cmap.set_bad((0.88, 0.88, 0.88))
-        im = ax.imshow(data, origin="lower", cmap=cmap, aspect="auto")
+        im = ax.imshow(shown, origin="lower", cmap=cmap, aspect="auto", vmin=vmin, vmax=vmax)
         ax.set_xticks(range(len(rs)), [_fmt(r) for r in rs], fontsize=7)
         ax.set_yticks(range(len(ps)), [_fmt(p) for p in ps], fontsize=7)
         ax.set_xlabel("λr (response weight)", fontsize=8)
         ax.set_ylabel("λp (prompt weight)", fontsize=8)
         ax.set_title(f"{m.name} ({'↑' if m.higher_is_better else '↓'})", fontsize=9)
-        finite = data[np.isfinite(data)]
-        lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
-        span = (hi - lo) or 1.0
         for i, p in enumerate(ps):
             for j, r in enumerate(rs):
                 v = mat[i][j]
@@ -358,20 +420,25 @@ def heatmaps(table: Table, metrics, path: str, title: str = "") -> str:
                 if v.state == "missing":
                     ax.text(j, i, "missing", ha="center", va="center", fontsize=6, color="0.4")
                     continue
-                t = (v.value - lo) / span
-                bright = (t if m.higher_is_better else 1 - t) > 0.6
                 g = table.gains.get((cell.name, m.name))
+                if scale[0] == "gain":
+                    dark = abs((g or 0.0) / scale[1]) > 0.6
+                else:
+                    t = (v.value - scale[1]) / (scale[2] - scale[1])
+                    dark = (t if m.higher_is_better else 1 - t) <= 0.6
                 label = _num(v.value) if abs(v.value) >= 0.001 else f"{v.value:.1e}"
                 if cell.name == table.it:
                     label += "\nIT"
                 elif g is not None:
-                    label += f"\n{g:+.1f}%"
-                ax.text(j, i, label, ha="center", va="center", fontsize=6, color="black" if bright else "white")
+                    label += f"\n{gain_text(g)}"
+                ax.text(j, i, label, ha="center", va="center", fontsize=6, color="white" if dark else "black")
                 if cell.name == table.it:
                     ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2))
                 if table.best.get(m.name) == cell.name:
                     ax.add_patch(Rectangle((j - 0.45, i - 0.45), 0.9, 0.9, fill=False, edgecolor="red", linewidth=2))
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=6)
+        bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        bar.ax.tick_params(labelsize=6)
+        bar.set_label("gain over IT (%)" if scale[0] == "gain" else m.name, fontsize=6)
     for k in range(n, rows_n * cols):
         axes[k // cols][k % cols].axis("off")
     if title:
@@ -387,7 +454,7 @@ def main(argv=None) -> int:
     ap.add_argument("sweep_dir")
     ap.add_argument("--metric", default="eval_response_nll",
                     help="the metric of sweep_grid.{csv,md,png} (default eval_response_nll; any metric of the "
-                         "report, e.g. posix, average, mmlu)")
+                         "report, e.g. posix, average, mmlu, eval_nll_tool_call)")
     ap.add_argument("--out", default=None, help="output directory (default: the sweep directory)")
     args = ap.parse_args(argv)
     if not os.path.isdir(args.sweep_dir):
@@ -411,8 +478,10 @@ def main(argv=None) -> int:
         f.write(report)
     write_csvs(table, metric, out, dpo)
     written = ["sweep_report.md", "sweep_cells.csv"]
+    duplicates = duplicate_metrics(table)
     if table.metrics:
-        renderer = heatmaps(table, table.metrics, os.path.join(out, "sweep_figure.png"),
+        renderer = heatmaps(table, [m for m in table.metrics if m.name not in duplicates],
+                            os.path.join(out, "sweep_figure.png"),
                             f"(λp, λr) sweep: {os.path.basename(os.path.abspath(args.sweep_dir))}")
         written.append(f"sweep_figure.png ({renderer})")
     if dpo is not None and dpo.table.metrics:

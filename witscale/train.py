@@ -59,14 +59,40 @@ PRESETS = {
 
 
 class _PresetParser(argparse.ArgumentParser):
-    """``--preset NAME`` sets the defaults of PRESETS[NAME]; flags given on the command line override them
-    whatever their order."""
+    """``--preset NAME`` sets the defaults of PRESETS[NAME] and ``--config FILE`` sets those of the file, over
+    the preset's; flags given on the command line override both whatever their order. Precedence: explicit
+    flag > config file > preset > built-in default (witscale/training/config_file.py)."""
 
     def parse_known_args(self, args=None, namespace=None):
-        first, _ = super().parse_known_args(args, argparse.Namespace())
-        if getattr(first, "preset", None):
-            self.set_defaults(**PRESETS[first.preset])
-        return super().parse_known_args(args, namespace)
+        from witscale.training.config_file import apply_config_file, settings_from_file
+        args = list(sys.argv[1:] if args is None else args)
+        first = argparse.ArgumentParser(add_help=False)
+        first.add_argument("--preset", choices=sorted(PRESETS), default=None)
+        first.add_argument("--config", default=None)
+        early, _ = first.parse_known_args(args)
+        settings = settings_from_file(early.config, self) if early.config else {}
+        preset = early.preset or settings.get("preset")
+        if preset:
+            self.set_defaults(**PRESETS[preset])
+        if settings:
+            apply_config_file(self, early.config, settings)
+        parsed, rest = super().parse_known_args(args, namespace)
+        if settings:
+            _flags_beat_file_in_groups(self, args, settings, parsed)
+        return parsed, rest
+
+
+def _flags_beat_file_in_groups(parser: argparse.ArgumentParser, argv: list, settings: dict, parsed) -> None:
+    """A flag given beside --config replaces the file's member of its one-of group (--model beats the file's
+    model_config, --epochs its max_steps) instead of colliding with it."""
+    given = {a.dest for a in parser._actions
+             if any(arg == s or arg.startswith(s + "=") for s in a.option_strings for arg in argv)}
+    for group in parser._mutually_exclusive_groups:
+        dests = {a.dest for a in group._group_actions}
+        if dests & given:
+            for dest in dests - given:
+                if dest in settings:
+                    setattr(parsed, dest, None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pairs-per-step", type=int, default=None, metavar="N",
                    help="DPO: choose --grad-accum so that a step holds about N pairs (from the data's mean "
                         "pairs per row); the loss is divided by the exact pair count of each step")
+    g.add_argument("--config", default=None, metavar="FILE",
+                   help="settings from a YAML or JSON file (keys: these flags' names, e.g. max_steps; a run's "
+                        "effective_config.json is accepted); flags given beside it win (configs/ has examples)")
     g.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="documented defaults; explicit flags override them. dpo-paper: --objective dpo "
                         "--lr 5e-7 --weight-decay 0 --warmup-ratio 0.1 --epochs 2 --beta 0.1 --dpo-loss sigmoid "
@@ -145,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'auto': continue from <output-dir>/checkpoints/latest if it exists; or a checkpoint path")
     g.add_argument("--allow-data-change", action="store_true",
                    help="resume even though the packed data differs from the checkpoint's")
+    g.add_argument("--reschedule", action="store_true",
+                   help="resume although --max-steps/--epochs/the global batch/--warmup-ratio change the schedule: "
+                        "continue at the checkpoint's step on the warm-up + cosine schedule of this run's length "
+                        "(refused without it)")
     g.add_argument("--eval-data", default=None, help="packed eval set, scored every --eval-steps and at the end")
     g.add_argument("--eval-steps", type=int, default=0, help="evaluate every N steps (0: only at the end)")
     g.add_argument("--export-hf", default=None, metavar="DIR",
@@ -156,7 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", default=None,
                    help="tokenizer files to copy into --export-hf (default: those in --model, if any)")
     g.add_argument("--log-every", type=int, default=1, help="console line every N steps (non-TTY)")
-    g.add_argument("--no-tensorboard", action="store_true")
+    g.add_argument("--no-tensorboard", action="store_true", help="the same as leaving tensorboard out of --report-to")
+    g.add_argument("--report-to", default="tensorboard", metavar="SINKS",
+                   help="where metrics go besides metrics.jsonl: a comma list of tensorboard, wandb (Weights & "
+                        "Biases, rank 0: the resolved config and every metric; pip install 'witscale[wandb]'; "
+                        "WANDB_MODE=offline works without a network), none (default tensorboard)")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--ds_config", "--ds-config", dest="ds_config", required=True,
@@ -298,6 +335,7 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
             raise UsageError(f"--eval-data {cfg.eval_data}: {e}") from None
         _check_tokenizer_identity(cfg, eval_dataset, "--eval-data")
         _check_objective(cfg, eval_dataset, table, flag="--eval-data")
+    report_sinks(cfg)
     for flag in ("save_steps", "eval_steps", "keep_checkpoints", "log_every", "skip_nonfinite"):
         if getattr(cfg, flag) < 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 0")
@@ -479,19 +517,23 @@ def train_loop(plan: Plan, topo, module):
         where = trainer.resume(cfg.resume, ckpt_root, allow_data_change=cfg.allow_data_change, **fingerprints)
         log.info(f"resumed from {where} at step {trainer.step}" if where
                  else "--resume auto: no checkpoint yet, starting fresh")
+        if where:
+            check_schedule_on_resume(plan, trainer, where)
 
     def save():
         if slow_save_seconds():
             time.sleep(slow_save_seconds())      # test-only (witscale/training/faults.py)
         trainer.save_checkpoint(ckpt_root, cfg.keep_checkpoints, args={k: str(v) for k, v in cfg.as_dict().items()},
-                                **fingerprints)
+                                schedule=schedule_record(plan), **fingerprints)
 
     def evaluate_now(final: bool) -> bool:
         every = cfg.eval_steps and trainer.step % cfg.eval_steps == 0
         return eval_loader is not None and (every if not final else not every)
 
+    sinks = report_sinks(cfg)
     metrics = MetricsLogger(cfg.output_dir, plan.total_steps, enabled=dist.get_rank() == 0,
-                            log_every=cfg.log_every, tensorboard=not cfg.no_tensorboard, start_step=trainer.step)
+                            log_every=cfg.log_every, tensorboard="tensorboard" in sinks, start_step=trainer.step,
+                            wandb_config=resolved_config(plan) if "wandb" in sinks else None)
     results, preempted, last_saved = [], False, None
     try:
         while trainer.step < plan.total_steps:
@@ -505,7 +547,7 @@ def train_loop(plan: Plan, topo, module):
             check_step(result, batch, lambda: loader.global_batch_rows(batch.epoch, batch.step_in_epoch),
                        trainer.skipped_nonfinite, cfg.skip_nonfinite)
             if evaluate_now(final=False):
-                metrics.write(trainer.evaluate(eval_loader))
+                metrics.write(trainer.evaluate(eval_loader, progress=metrics.eval_progress()))
             if preemption.agreed(device=trainer.device):
                 log.warning(f"preemption signal ({preemption.signal_names() or 'on another rank'}): "
                             f"checkpointing at step {trainer.step} and exiting")
@@ -517,7 +559,7 @@ def train_loop(plan: Plan, topo, module):
                 last_saved = trainer.step
         if not preempted:
             if evaluate_now(final=True):
-                metrics.write(trainer.evaluate(eval_loader))
+                metrics.write(trainer.evaluate(eval_loader, progress=metrics.eval_progress()))
             if last_saved != trainer.step:
                 save()
             if cfg.export_hf:
@@ -530,6 +572,78 @@ def train_loop(plan: Plan, topo, module):
     finally:
         metrics.close()
     return trainer, results
+
+
+def report_sinks(cfg: RunConfig) -> list[str]:
+    """--report-to checked (before start-up): the metric sinks besides metrics.jsonl."""
+    from witscale.training.metrics import parse_report_to
+    try:
+        sinks = parse_report_to(cfg.report_to, no_tensorboard=cfg.no_tensorboard)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if "wandb" in sinks:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UsageError("--report-to wandb: wandb is not installed (pip install 'witscale[wandb]')") from None
+    return sinks
+
+
+def resolved_config(plan: Plan) -> dict:
+    """What effective_config.json holds: every setting, the weight table (the λ of each class), the total steps,
+    the layout and the filled DeepSpeed config; also the run's W&B config."""
+    cfg = plan.config
+    return {"args": cfg.as_dict(), "ds_config": plan.ds_config,
+            "weight_table": {CLASS_NAMES[i]: float(w) for i, w in enumerate(plan.weight_table)},
+            "total_steps": plan.total_steps,
+            "layout": {"world": plan.dims.world_size, "tp": plan.dims.tp, "pp": plan.dims.pp, "dp": plan.dims.dp}}
+
+
+def schedule_record(plan: Plan) -> dict:
+    """What the learning-rate schedule was built from, saved in each checkpoint's state file."""
+    cfg = plan.config
+    from witscale.training.optim import warmup_steps_for
+    return {"total_steps": plan.total_steps, "warmup_steps": warmup_steps_for(plan.total_steps, cfg.warmup_ratio),
+            "warmup_ratio": cfg.warmup_ratio, "max_steps": cfg.max_steps, "epochs": cfg.epochs,
+            "global_rows": cfg.micro_batch_size * cfg.grad_accum * plan.dims.dp,
+            "steps_per_epoch": plan.steps_per_epoch}
+
+
+def check_schedule_on_resume(plan: Plan, trainer, where: str) -> None:
+    """A resume continues the checkpoint's schedule. One whose flags build another (a longer --max-steps
+    would otherwise train a step at the 0 the ended cosine left, then jump onto a curve of another length) is
+    refused in one line naming the flag; with --reschedule it continues at the checkpoint's step on the
+    schedule of this run's length, and says so."""
+    from witscale.training.checkpoint import CheckpointError, read_state
+    from witscale.training.optim import restate_schedule
+    cfg = plan.config
+    saved = read_state(os.path.dirname(where), os.path.basename(where)).get("schedule")
+    now = schedule_record(plan)
+    if saved is None:
+        log.warning(f"{where} records no schedule (written before witscale saved one): resuming without checking "
+                    "that --max-steps/--epochs/the global batch are the same")
+        if cfg.reschedule:
+            restate_schedule(trainer.scheduler)
+        return
+    same = (saved["total_steps"], saved["warmup_steps"]) == (now["total_steps"], now["warmup_steps"])
+    if same:
+        return
+    for key, flag in (("max_steps", "--max-steps"), ("epochs", "--epochs"), ("warmup_ratio", "--warmup-ratio"),
+                      ("global_rows", "the global batch (--micro-batch-size × --grad-accum × ranks)")):
+        if saved.get(key) != now[key]:
+            cause = f"{flag} {now[key]} (the checkpoint's: {saved.get(key)})"
+            break
+    else:
+        cause = f"--data ({now['steps_per_epoch']} steps per epoch, the checkpoint's: {saved.get('steps_per_epoch')})"
+    old = f"{saved['total_steps']} steps with {saved['warmup_steps']} of warm-up"
+    new = f"{now['total_steps']} steps with {now['warmup_steps']} of warm-up"
+    if not cfg.reschedule:
+        raise CheckpointError(f"{where} was trained on a schedule of {old}; {cause} makes it {new}: give the "
+                              f"checkpoint's value to continue its schedule, or --reschedule to continue at step "
+                              f"{trainer.step} on the schedule of a {now['total_steps']}-step run")
+    lr = restate_schedule(trainer.scheduler)
+    log.info(f"--reschedule: {where} was on a schedule of {old}; continuing at step {trainer.step} on the warm-up + "
+             f"cosine schedule of {new} ({cause}): lr {lr:.3g} at step {trainer.step + 1}")
 
 
 def _announce(plan: Plan, topo) -> None:
@@ -548,11 +662,7 @@ def _announce(plan: Plan, topo) -> None:
     with open(os.path.join(cfg.output_dir, "model_config.json"), "w", encoding="utf-8") as f:
         json.dump(plan.model_config.to_hf_dict(), f, indent=2)     # read by tools/export_hf.py
     with open(os.path.join(cfg.output_dir, "effective_config.json"), "w", encoding="utf-8") as f:
-        json.dump({"args": cfg.as_dict(), "ds_config": plan.ds_config,
-                   "weight_table": {CLASS_NAMES[i]: float(w) for i, w in enumerate(plan.weight_table)},
-                   "total_steps": plan.total_steps,
-                   "layout": {"world": plan.dims.world_size, "tp": plan.dims.tp, "pp": plan.dims.pp,
-                              "dp": plan.dims.dp}}, f, indent=2, default=str)
+        json.dump(resolved_config(plan), f, indent=2, default=str)
 
 
 def epoch_summary(plan: Plan) -> str:
@@ -576,7 +686,12 @@ def _add_file_log(path: str) -> None:
 def main(argv=None) -> int:
     from witscale.training import preemption
     preemption.install()        # first: SLURM's signal can come before start-up is over
-    args = build_parser().parse_args(argv)
+    from witscale.training.config_file import ConfigFileError
+    try:
+        args = build_parser().parse_args(argv)
+    except ConfigFileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     # DeepSpeed logs through the root logger: keep it at WARNING, witscale's own at --log-level.
     logging.basicConfig(level=logging.WARNING, format="[witscale] %(message)s", stream=sys.stdout)
     log.setLevel(args.log_level.upper())

@@ -46,6 +46,8 @@ CELL_RE = re.compile(r"^lp([0-9.]+)_lr([0-9.]+)$")
 # weights differ from cell to cell — so it is not compared here.)
 NLL_METRICS = ("eval_response_nll", "eval_prompt_nll")
 TRAIN_FALLBACK = {"eval_response_nll": "response_nll", "eval_prompt_nll": "prompt_nll"}
+# Per-class held-out NLL (eval_nll_<class>; training records' nll_<class> as the fallback): comparable too.
+CLASS_NLL_PREFIX = "eval_nll_"
 IT_CELL = (0.0, 1.0)
 AVERAGE = "average"
 # DPO training metrics (witscale/training/metrics.py names; eval records prefix them with eval_): both higher
@@ -149,6 +151,13 @@ def read_cell(path: str, weights: Optional[tuple[float, float]] = None) -> Optio
         v = (last_train or {}).get(TRAIN_FALLBACK[metric])
         if _finite(v):
             cell.values[metric] = Value("ok", float(v), "train")
+    for key, v in (last_eval or {}).items():
+        if key.startswith(CLASS_NLL_PREFIX) and _finite(v):
+            cell.values[key] = Value("ok", float(v))
+    for key, v in (last_train or {}).items():
+        name = CLASS_NLL_PREFIX + key[len("nll_"):]
+        if key.startswith("nll_") and _finite(v) and name not in cell.values and not last_eval:
+            cell.values[name] = Value("ok", float(v), "train")
     for metric in DPO_METRICS:
         v = (last_eval or {}).get(f"eval_{metric}")
         if _finite(v):
@@ -231,15 +240,63 @@ def metrics_of(sweep_dir: str, cells: list[Cell]) -> list[Metric]:
                 directions.setdefault("posix", False)
     names = {m for c in cells for m in c.values if not m.startswith("_")}
     bench = sorted(n for n in names | set(directions)
-                   if n not in NLL_METRICS and n not in DPO_METRICS and not n.startswith("posix"))
+                   if n not in NLL_METRICS and n not in DPO_METRICS and not n.startswith(("posix", CLASS_NLL_PREFIX)))
     posix = sorted((n for n in names | set(directions) if n.startswith("posix")), key=lambda n: (n != "posix", n))
     out = [Metric(n, directions.get(n, True), "benchmark") for n in bench]
     if len(bench) > 1:
         out.append(Metric(AVERAGE, True, "average"))
     out += [Metric(n, False, "posix") for n in posix]
     out += [Metric(n, False, "nll") for n in NLL_METRICS if n in names]
+    out += [Metric(n, False, "nll") for n in sorted(n for n in names if n.startswith(CLASS_NLL_PREFIX))]
     out += [Metric(n, True, "dpo") for n in DPO_METRICS if n in names]
     return out
+
+
+def duplicate_metrics(table: "Table") -> dict:
+    """metric → the earlier metric whose value it equals in every cell (e.g. posix_given = posix when the
+    evaluation has one variant kind): shown once, not as a second panel."""
+    same = {}
+    for k, m in enumerate(table.metrics):
+        mine = [table.values[(c.name, m.name)] for c in table.cells]
+        if not any(v.ok for v in mine):
+            continue
+        for earlier in table.metrics[:k]:
+            if earlier.name in same:
+                continue
+            theirs = [table.values[(c.name, earlier.name)] for c in table.cells]
+            if all((a.state, a.value) == (b.state, b.value) for a, b in zip(mine, theirs)):
+                same[m.name] = earlier.name
+                break
+    return same
+
+
+def equivalent_cells(sweep_dir: str, cells: list[Cell]) -> list[list[Cell]]:
+    """Groups (two cells or more) that train the same model by construction (docs/objective.md, "Scale and
+    clipping"): scaling (λp, λr) by c leaves training unchanged under weight_sum, and under nonzero or tokens
+    when there is no gradient clipping (AdamW ignores a constant gradient factor, up to its ε) — so only the
+    ratio λp:λr matters, e.g. every (0, λr) cell equals the IT cell (0, 1). A cell's normalization, clipping
+    and class overrides come from its effective_config.json (defaults — nonzero, no clipping — if absent);
+    cells with class overrides (fixed weights that do not scale) are never grouped."""
+    groups: dict = {}
+    for c in cells:
+        if c.train_failed:
+            continue
+        eff = read_json_dict(os.path.join(sweep_dir, c.name, "effective_config.json")) or {}
+        args = eff.get("args") if isinstance(eff.get("args"), dict) else {}
+        norm = args.get("normalization") or "nonzero"
+        clip = args.get("clip_grad")
+        if args.get("class_weights") or args.get("objective", "sft") != "sft":
+            continue
+        if norm != "weight_sum" and clip not in (None, 0, 0.0):
+            continue
+        p, r = c.prompt_weight, c.response_weight
+        if p == 0 and r == 0:
+            continue
+        ratio = round(p / r, 9) if r else math.inf
+        key = (ratio, norm, None if norm == "weight_sum" else clip,
+               args.get("seed", 0), args.get("lr"), args.get("max_steps"), args.get("epochs"))
+        groups.setdefault(key, []).append(c)
+    return [sorted(g, key=lambda c: c.weights) for g in groups.values() if len(g) > 1]
 
 
 def value_of(cell: Cell, metric: Metric, bench: list[str]) -> Value:
@@ -269,7 +326,15 @@ def gain(v: Value, it: Value, higher_is_better: bool) -> Optional[float]:
     if not (v.ok and it.ok) or it.value == 0:
         return None
     change = (v.value - it.value) / abs(it.value) * 100.0
-    return (change if higher_is_better else -change) + 0.0      # + 0.0: no "-0.0%" for the IT cell
+    return (change if higher_is_better else -change) + 0.0      # + 0.0: no "-0.0" for the IT cell
+
+
+def gain_text(g: Optional[float]) -> str:
+    """A gain as the report prints it: one decimal, and a gain that rounds to zero without a sign (not "-0.0%")."""
+    if g is None:
+        return "—"
+    shown = round(g, 1)
+    return "0.0%" if shown == 0 else f"{shown:+.1f}%"
 
 
 @dataclass

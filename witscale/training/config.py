@@ -58,6 +58,7 @@ class RunConfig:
     resume: Optional[str] = None
     allow_data_change: bool = False
     allow_tokenizer_mismatch: bool = False
+    reschedule: bool = False               # resume on a schedule rebuilt for this run's length (train.py)
     eval_data: Optional[str] = None
     eval_steps: int = 0
     export_hf: Optional[str] = None
@@ -65,6 +66,7 @@ class RunConfig:
     tokenizer: Optional[str] = None
     log_every: int = 1
     no_tensorboard: bool = False
+    report_to: str = "tensorboard"         # comma list of tensorboard, wandb, none (metrics.jsonl always)
     # parallelism and runtime
     tp: int = 1
     pp: int = 1

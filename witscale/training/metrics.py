@@ -1,6 +1,9 @@
-"""Rank-0 metrics sinks: metrics.jsonl (one object per step), TensorBoard scalars, and the console.
+"""Rank-0 metrics sinks: metrics.jsonl (one object per step), TensorBoard scalars, Weights & Biases
+(--report-to wandb), and the console.
 
-On a TTY the console gets a progress bar with ETA and the current loss (tqdm); otherwise (SLURM logs)
+On a TTY the console gets a progress bar with ETA, the current loss and tokens/s (tqdm), and a second bar
+while an evaluation runs; every console log line (witscale's, DeepSpeed's: the root logger's stream
+handlers) is written through tqdm's writer meanwhile, so no line lands inside a bar. Otherwise (SLURM logs)
 plain lines every ``log_every`` steps.
 """
 from __future__ import annotations
@@ -9,6 +12,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import sys
 from typing import Optional
 
@@ -44,15 +48,63 @@ def tb_tag(key: str):
     return None
 
 
+REPORT_SINKS = ("tensorboard", "wandb", "none")
+
+
+def parse_report_to(spec: str, no_tensorboard: bool = False) -> list[str]:
+    """--report-to 'tensorboard,wandb' → the sinks besides metrics.jsonl (always written); 'none': none."""
+    sinks = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [s for s in sinks if s not in REPORT_SINKS]
+    if unknown:
+        raise ValueError(f"--report-to: unknown '{unknown[0]}' (known: {', '.join(REPORT_SINKS)})")
+    if "none" in sinks and len(sinks) > 1:
+        raise ValueError("--report-to: 'none' cannot be combined with other sinks")
+    return [s for s in sinks if s != "none" and not (no_tensorboard and s == "tensorboard")]
+
+
+class WandbSink:
+    """Weights & Biases (``witscale[wandb]``), rank 0 only: the run's resolved config (every setting, the
+    weight table — the λ values per class — the layout, the filled DeepSpeed config) and every metric under
+    its TensorBoard tag (train/loss, train_class_nll/<class>, eval_class_nll/<class>, …). WANDB_PROJECT,
+    WANDB_MODE (offline), WANDB_DIR as wandb reads them; the run id is kept in <output-dir>/wandb_run_id so a
+    resumed run continues the same W&B run."""
+
+    def __init__(self, output_dir: str, config: dict):
+        import wandb
+        id_file = os.path.join(output_dir, "wandb_run_id")
+        run_id = open(id_file, encoding="utf-8").read().strip() if os.path.exists(id_file) else secrets.token_hex(4)
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "witscale"), id=run_id, resume="allow",
+                              name=os.path.basename(os.path.abspath(output_dir)), config=config,
+                              dir=os.environ.get("WANDB_DIR") or output_dir)
+        if not os.path.exists(id_file):
+            tmp = f"{id_file}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(run_id)
+            os.replace(tmp, id_file)
+
+    def write(self, record: dict, step: int) -> None:
+        values = {tb_tag(k): v for k, v in record.items()
+                  if tb_tag(k) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        if values:
+            self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class MetricsLogger:
     def __init__(self, output_dir: Optional[str], total_steps: int, *, enabled: bool, log_every: int = 1,
-                 tensorboard: bool = True, start_step: int = 0):
+                 tensorboard: bool = True, start_step: int = 0, wandb_config: Optional[dict] = None):
+        """wandb_config: report to W&B (rank 0) with this resolved config; None: no W&B."""
         self.enabled = enabled
+        self._wandb = None
         self.total_steps = total_steps
         self.log_every = max(1, log_every)
         self._jsonl = None
         self._tb = None
         self._bar = None
+        self._eval_bar = None
+        self._redirect = None
         if not enabled:
             return
         if output_dir:
@@ -61,9 +113,31 @@ class MetricsLogger:
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
                 self._tb = SummaryWriter(log_dir=os.path.join(output_dir, "tensorboard"))
+            if wandb_config is not None:
+                self._wandb = WandbSink(output_dir, wandb_config)
         if sys.stderr.isatty():
             from tqdm import tqdm
-            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+            from tqdm.contrib.logging import logging_redirect_tqdm
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+            # The console handlers of the root logger (where witscale's and DeepSpeed's records go) write
+            # through tqdm.write while the bar lives: the bar is cleared, the line printed, the bar redrawn.
+            self._redirect = logging_redirect_tqdm()
+            self._redirect.__enter__()
+
+    def eval_progress(self):
+        """A ``progress(done, total)`` callback for Trainer.evaluate drawing an evaluation bar (None off a TTY)."""
+        if self._bar is None:
+            return None
+
+        def progress(done: int, total: int) -> None:
+            from tqdm import tqdm
+            if self._eval_bar is None:
+                self._eval_bar = tqdm(total=total, desc="eval", unit="batch", leave=False, dynamic_ncols=True)
+            self._eval_bar.update(done - self._eval_bar.n)
+            if done >= total:
+                self._eval_bar.close()
+                self._eval_bar = None
+        return progress
 
     def write(self, record: dict) -> None:
         """Record one step (or eval) result: jsonl, TensorBoard, console."""
@@ -81,13 +155,16 @@ class MetricsLogger:
                 if tag and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(tag, value, step)
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.write(record, step)
         if "loss" not in record:        # an eval record
             log.info(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
                               if not k.startswith(("nll_", "eval_nll_"))))
             return
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
-            self._bar.set_postfix(loss=f"{record['loss']:.4f}", resp_nll=f"{record['response_nll']:.3f}")
+            self._bar.set_postfix(loss=f"{record['loss']:.4f}", resp_nll=f"{record['response_nll']:.3f}",
+                                  tok_s=f"{record['tokens_per_s']:.0f}")
         elif step % self.log_every == 0 or step == self.total_steps:
             gn = record.get("grad_norm")
             middle = (f"margin {record['reward_margin']:.4f} accuracy {record['reward_accuracy']:.3f} "
@@ -98,7 +175,9 @@ class MetricsLogger:
                      f"tok/s {record['tokens_per_s']:.0f}")
 
     def close(self) -> None:
-        for sink in (self._jsonl, self._tb, self._bar):
+        for sink in (self._jsonl, self._tb, self._wandb, self._eval_bar, self._bar):
             if sink is not None:
                 sink.close()
-        self._jsonl = self._tb = self._bar = None
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+        self._jsonl = self._tb = self._wandb = self._bar = self._eval_bar = self._redirect = None

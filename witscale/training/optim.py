@@ -37,6 +37,19 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmu
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def restate_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> float:
+    """Set every group's learning rate (and the scheduler's last one) from the scheduler's own lambda at its
+    current step. After a checkpoint load the optimizer's lr is the one saved — the OLD schedule's — while the
+    lambda is this run's: on a rebuilt schedule the next step must train at the new one (not, e.g., at the 0
+    an ended cosine left behind). Returns the first group's lr."""
+    step = scheduler.last_epoch
+    values = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, values):
+        group["lr"] = lr
+    scheduler._last_lr = values
+    return values[0]
+
+
 def global_grad_norm(parameters, topo) -> torch.Tensor:
     """L2 norm of the gradients of one whole model replica, as a 0-d fp32 tensor on the gradients' device
     (no host sync): TP-sharded parameters count on every TP rank, replicated ones (norms, biases of

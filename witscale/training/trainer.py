@@ -194,10 +194,12 @@ class _DenseEngine:
             totals += stats_vector(stats)
         return self._sum_over_dp(totals)
 
-    def score(self, micro_batches: list[MicroBatch], extra: torch.Tensor) -> torch.Tensor:
+    def score(self, micro_batches: list[MicroBatch], extra: torch.Tensor, progress=None) -> torch.Tensor:
         totals = torch.zeros(self.size, dtype=torch.float64, device=extra.device)
-        for mb in micro_batches:
+        for i, mb in enumerate(micro_batches):
             totals += stats_vector(self._forward(mb))
+            if progress is not None:
+                progress(i + 1, len(micro_batches))     # a count only: no host sync
         return self._sum_over_dp(torch.cat([totals, extra]))
 
     def completion_logps(self, micro_batches: list[MicroBatch]) -> list:
@@ -237,10 +239,12 @@ class _PipelineEngine:
         self.engine.train_batch(iter([self._item(mb, scale) for mb in micro_batches]))
         return self._stage_totals(self.loss_fn.pop_stats(), torch.zeros(0, dtype=torch.float64, device=device))
 
-    def score(self, micro_batches: list[MicroBatch], extra: torch.Tensor) -> torch.Tensor:
+    def score(self, micro_batches: list[MicroBatch], extra: torch.Tensor, progress=None) -> torch.Tensor:
         self.loss_fn.records = []
         self.engine.eval_batch(iter([self._item(mb, 1.0) for mb in micro_batches]), compute_loss=True,
                                reduce_output=None, bcast_loss=False, num_micro_batches=len(micro_batches))
+        if progress is not None:        # one pipeline schedule: done at once
+            progress(len(micro_batches), len(micro_batches))
         records = self.loss_fn.pop_stats() if self.engine.is_last_stage() else []
         # The denominators are known on every stage; only the last stage's count is kept (no double sum).
         return self._stage_totals(records, extra if self.engine.is_last_stage() else torch.zeros_like(extra))
@@ -406,8 +410,9 @@ class Trainer:
 
     # --- evaluation ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, eval_loader: "PackedLoader") -> dict:
+    def evaluate(self, eval_loader: "PackedLoader", progress=None) -> dict:
         """Weighted loss (the run's normalization) and per-class NLL over a whole packed eval set.
+        ``progress(done, total)``, if given, is called as this rank's micro-batches are scored (a console bar).
 
         Rows are split over the data-parallel ranks; every rank runs the same number of forwards (ZeRO-3
         gathers and pipeline schedules are collective), scoring an all-masked micro-batch where it has run
@@ -432,7 +437,7 @@ class Trainer:
         self.engine.eval()
         try:
             totals = self.runner.score(micro_batches, torch.tensor(denominators, dtype=torch.float64,
-                                                                   device=self.device))
+                                                                   device=self.device), progress=progress)
         finally:
             self.engine.train()
         sums = StepSums.from_vector(totals, dpo=self.dpo is not None)
