@@ -1,0 +1,42 @@
+"""Leaving after success: every multi-process entry point ends in ``witscale.parallel.topology.teardown`` (a barrier,
+then the groups destroyed). Without the barrier a rank could destroy its gloo group while a peer was still in the
+last collective, and die at exit of std::terminate (issue 26: tools/evaluate.py under torchrun)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from tests.conftest import REPO_ROOT
+
+SCRIPT = r'''
+import os, sys, time
+sys.path.insert(0, sys.argv[2])
+from witscale.evaluation.parallel import DataParallel
+out = sys.argv[1]
+dp = DataParallel()
+dp.gather([(dp.rank, dp.rank)])             # the last collective of an evaluation
+if dp.rank == 0:
+    time.sleep(1.0)                          # rank 0 still writing its results
+    open(os.path.join(out, "rank0_done"), "w").close()
+dp.close()
+# after close() every rank has passed the barrier: rank 0's work is finished
+open(os.path.join(out, f"rank{dp.rank}_saw"), "w").write(str(os.path.exists(os.path.join(out, "rank0_done"))))
+'''
+
+
+def test_evaluation_close_waits_for_every_rank_before_the_group_goes(tmp_path):
+    script = tmp_path / "close.py"
+    script.write_text(SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), str(tmp_path), REPO_ROOT], env=env, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert (tmp_path / "rank1_saw").read_text() == "True"     # rank 1 left only after rank 0 finished
+
+
+def test_every_multi_process_entry_point_leaves_through_the_shared_teardown():
+    for path in ("witscale/train.py", "tools/precompute_reference.py", "witscale/evaluation/parallel.py"):
+        text = open(os.path.join(REPO_ROOT, path), encoding="utf-8").read()
+        assert "from witscale.parallel.topology import teardown" in text, path
+        assert "destroy_process_group" not in text, path
