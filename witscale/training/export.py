@@ -141,11 +141,10 @@ def export_from_engine(trainer, model_config, out_dir: str, tokenizer_src: Optio
 # --- offline ------------------------------------------------------------------------------------------
 def _safe_load(path: str):
     """A DeepSpeed ``torch.save`` file through torch's restricted unpickler (see the module docstring)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from witscale.training.checkpoint import safe_globals      # the one allow-list of checkpoint types
 
     try:
-        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
+        with torch.serialization.safe_globals(safe_globals()):
             return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:
         raise ValueError(f"{path}: unreadable checkpoint file ({str(e).splitlines()[0]})") from None
