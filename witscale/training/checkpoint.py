@@ -437,7 +437,7 @@ def safe_globals() -> list:
     return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
-_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_UNSUPPORTED_GLOBAL = re.compile(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)")   # torch's two wordings
 
 
 def safe_load(path: str, map_location="cpu", mmap: bool = False):
@@ -449,7 +449,7 @@ def safe_load(path: str, map_location="cpu", mmap: bool = False):
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         asked = _UNSUPPORTED_GLOBAL.search(str(e))
-        what = f"it asks to call {asked.group(1)}" if asked else _one_line(e)
+        what = f"it asks to call {asked.group(1)}" if asked else "its pickle holds something else"
         raise CheckpointError(f"{path}: refused: {what}, which is not a type a checkpoint holds "
                               f"(loaded with torch's weights_only unpickler; nothing in it was run)") from None
     except Exception as e:          # noqa: BLE001 - torch's zip errors are RuntimeErrors of many kinds
