@@ -245,6 +245,17 @@ def _optim6_flipped(root):
     _flip_middle(os.path.join(root, "step_00000006", "zero_pp_rank_1_mp_rank_00_optim_states.pt"))
 
 
+def _model6_crafted(root):       # its digest forged too: only the pickle gives it away
+    _tiny_checkpoints_restore(root, 6)
+    d = os.path.join(root, "step_00000006")
+    torch.save({"module": _Payload(f"touch {os.path.join(root, 'pwned')}")}, os.path.join(d, "mp_rank_00_model_states.pt"))
+    with open(os.path.join(d, checkpoint.STATE_FILE)) as f:
+        state = json.load(f)
+    state["digests"]["files"].update(checkpoint.digest_files(d, ["mp_rank_00_model_states.pt"], 0))
+    with open(os.path.join(d, checkpoint.STATE_FILE), "w") as f:
+        json.dump(state, f)
+
+
 def _tiny_checkpoints_restore(root, step):
     from pathlib import Path
     shutil.rmtree(os.path.join(root, checkpoint.tag_for(step)))
@@ -262,19 +273,22 @@ def test_auto_falls_back_past_a_bad_latest_a_misshapen_state_and_damaged_files(t
     cases = [("_latest_empty", "auto"), ("_latest_garbage", "auto"), ("_latest_step6", "auto"),
              ("_state6_list", "auto"), ("_state6_list", six), ("_state6_step_x", "auto"),
              ("_model6_deleted", "auto"), ("_model6_deleted", six),
-             ("_optim6_flipped", "auto"), ("_optim6_flipped", six)]
+             ("_optim6_flipped", "auto"), ("_optim6_flipped", six), ("_model6_crafted", "auto"),
+             ("_model6_crafted", six)]
     results = run_distributed(_choose_cases_worker, 2, str(tmp_path), cases)
     assert results[0] == results[1], results
     got = dict(zip((f"{c}:{s}" for c, s in cases), results[0]))
     assert got["_latest_empty:auto"] == got["_latest_garbage:auto"] == got["_latest_step6:auto"] == "step_00000006"
-    for case in ("_state6_list", "_state6_step_x", "_model6_deleted", "_optim6_flipped"):
+    for case in ("_state6_list", "_state6_step_x", "_model6_deleted", "_optim6_flipped", "_model6_crafted"):
         assert got[f"{case}:auto"] == "step_00000004", (case, got)
     state = os.path.join(six, checkpoint.STATE_FILE)
     for case, named in (("_state6_list", f"{state}: not a JSON object but list"),
                         ("_model6_deleted", f"{six}/mp_rank_00_model_states.pt: missing"),
-                        ("_optim6_flipped", f"{six}/zero_pp_rank_1_mp_rank_00_optim_states.pt: sha256 ")):
+                        ("_optim6_flipped", f"{six}/zero_pp_rank_1_mp_rank_00_optim_states.pt: sha256 "),
+                        ("_model6_crafted", f"{six}/mp_rank_00_model_states.pt: refused: it asks to call posix.system")):
         line = got[f"{case}:{six}"]
         assert line.startswith(f"error: checkpoint {six} cannot be loaded: {named}") and "\n" not in line, line
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_crafted_pickle_is_refused_in_one_line_and_never_runs(tmp_path):
@@ -344,3 +358,102 @@ def test_every_deepspeed_checkpoint_kind_loads_through_the_allow_list(tmp_path):
     assert loaded["z1_bf16_pipe"][0] == "BF16_Optimizer" and loaded["z3_bf16"][0] == "DeepSpeedZeroOptimizer_Stage3"
     assert any("optim_states" in f for f in loaded["z2_fp32"][1]) and any(
         f.startswith("layer_") for f in loaded["z1_fp32_pipe"][1]), loaded
+
+
+def _copy_reference(reference_run, tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    shutil.copytree(reference_run / "checkpoints", ckpts)
+    assert checkpoint.complete_tags(str(ckpts)) == ["step_00000006", "step_00000008"]
+    return ckpts
+
+
+def _errors(log):
+    return [line for line in log.splitlines() if line.startswith("error:")]
+
+
+def test_flipped_bytes_in_an_optimizer_shard_fall_back_and_path_is_refused(run_inputs, reference_run, tmp_path):
+    """64 bytes flipped inside rank 1's optimizer shard of step 8 (an Adam moment; the zip structure intact,
+    which used to load silently): `--resume PATH` is refused in one line naming the file and both digests,
+    `--resume auto` resumes from step 6 and replays steps 7-8 bit for bit."""
+    ref = _train_losses(reference_run)
+    ckpts = _copy_reference(reference_run, tmp_path)
+    shard = ckpts / "step_00000008" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    _flip_middle(shard)
+    assert checkpoint.torch_file_problem(str(shard)) is None
+
+    code, log = _torchrun(_args(run_inputs, tmp_path, 8, "--save-steps", "2", "--resume",
+                                str(ckpts / "step_00000008")))
+    assert code != 0 and "exitcode  : 2" in log, log
+    errors = _errors(log)
+    assert errors and f"{shard}: sha256 " in errors[0] and "recorded at save" in errors[0], log
+    assert "witscale/training" not in log, log      # no traceback of ours (torchrun prints its own)
+
+    code, log = _torchrun(_args(run_inputs, tmp_path, 8, "--save-steps", "2", "--resume", "auto"))
+    assert code == 0, log
+    assert f"{shard}: sha256 " in log and f"resumed from {ckpts / 'step_00000006'} at step 6" in log, log
+    losses = _train_losses(tmp_path)
+    assert sorted(losses) == [7, 8] and all(losses[s] == ref[s] for s in (7, 8)), (losses, ref)
+    assert checkpoint.damaged_files(str(ckpts), "step_00000008") == []      # saved again, whole
+
+
+def test_old_checkpoint_without_digests_resumes_past_a_garbage_latest(run_inputs, reference_run, tmp_path):
+    """A checkpoint written before digests (its state file has none) still resumes, with its structure
+    checked and one log line saying so; a `latest` naming garbage falls back to the newest complete tag."""
+    ref = _train_losses(reference_run)
+    ckpts = _copy_reference(reference_run, tmp_path)
+    shutil.rmtree(ckpts / "step_00000008")
+    state_path = ckpts / "step_00000006" / checkpoint.STATE_FILE
+    state = json.loads(state_path.read_text())
+    assert state["digests"]["algorithm"] == "sha256" and "rng_rank00001.pt" in state["digests"]["files"]
+    del state["digests"]
+    state_path.write_text(json.dumps(state))
+    (ckpts / "latest").write_text("not a tag\n")
+
+    code, log = _torchrun(_args(run_inputs, tmp_path, 8, "--save-steps", "2", "--resume", "auto"))
+    assert code == 0, log
+    assert f"{ckpts / 'latest'} names 'not a tag', which is not a checkpoint tag" in log, log
+    assert log.count("has no digests") == 1 and "checked for structure only" in log, log
+    assert f"resumed from {ckpts / 'step_00000006'} at step 6" in log, log
+    losses = _train_losses(tmp_path)
+    assert sorted(losses) == [7, 8] and all(losses[s] == ref[s] for s in (7, 8)), (losses, ref)
+    assert "digests" in json.loads((ckpts / "step_00000008" / checkpoint.STATE_FILE).read_text())
+
+
+def test_crafted_pickle_in_a_checkpoint_is_refused_on_resume_and_never_runs(run_inputs, reference_run, tmp_path):
+    """A model-states file replaced by a pickle that would run `touch MARKER` — its digest updated too, as
+    whoever crafted it would: the resume refuses it in one line naming the file; the command never runs."""
+    ckpts = _copy_reference(reference_run, tmp_path)
+    marker = tmp_path / "pwned"
+    tag = ckpts / "step_00000008"
+    bad = tag / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    assert bad.exists(), sorted(os.listdir(tag))
+    torch.save({"module": _Payload(f"touch {marker}")}, bad)
+    state = json.loads((tag / checkpoint.STATE_FILE).read_text())
+    state["digests"]["files"].update(checkpoint.digest_files(str(tag), [bad.name], 0))
+    (tag / checkpoint.STATE_FILE).write_text(json.dumps(state))
+
+    code, log = _torchrun(_args(run_inputs, tmp_path, 8, "--save-steps", "2", "--resume", str(tag)))
+    assert code != 0 and "exitcode  : 2" in log, log
+    errors = _errors(log)
+    assert errors and f"{bad}: refused: it asks to call posix.system" in errors[0], log
+    assert "witscale/training" not in log, log      # no traceback of ours (torchrun prints its own)
+    assert not marker.exists()
+
+
+def test_kill9_of_every_rank_during_a_save_resumes_from_the_previous_checkpoint(run_inputs, reference_run, tmp_path):
+    """SIGKILL of both ranks right after DeepSpeed wrote their step-4 files (no rng files, no digests, no
+    commit): `--resume auto` loads step 2 and replays steps 3-8 bit for bit."""
+    ref = _train_losses(reference_run)
+    code, log = _torchrun(_args(run_inputs, tmp_path, 8, "--save-steps", "2"),
+                          env=_env(WITSCALE_FAULT="kill_in_save:4:*"))
+    assert code != 0, log
+    ckpts = tmp_path / "checkpoints"
+    assert open(ckpts / "latest").read().strip() == "step_00000002"
+    assert (ckpts / "step_00000004").is_dir() and not (ckpts / "step_00000004" / checkpoint.STATE_FILE).exists()
+    code, log = _torchrun(_args(run_inputs, tmp_path, 8, "--save-steps", "2", "--resume", "auto"))
+    assert code == 0, log
+    assert f"resumed from {ckpts / 'step_00000002'} at step 2" in log, log
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    after = [r for r in rows if "loss" in r and r["step"] >= 3][-6:]
+    assert [r["step"] for r in after] == [3, 4, 5, 6, 7, 8]
+    assert all(r["loss"] == ref[r["step"]] for r in after)

@@ -320,7 +320,8 @@ def check_tag(root: str, tag: str, rank: int = 0, world: int = 1) -> tuple[list[
       its recorded size and, read in full, its recorded digest; each shared file is verified by one rank.
       Only those files get the zip check too, so the ranks' work stays 1/``world`` of the checkpoint.
 
-    Without digests (an older checkpoint) every ``.pt`` gets the zip check and data bytes are not read."""
+    Without digests (an older checkpoint) every ``.pt`` gets the zip check and data bytes are not read. Either
+    way each ``.pt`` file's pickle is vetted by one rank (``_pickle_problem``): a crafted file is damage too."""
     d = os.path.join(root, tag)
     state_path = os.path.join(d, STATE_FILE)
     problems, digests = [], None
@@ -346,11 +347,12 @@ def check_tag(root: str, tag: str, rank: int = 0, world: int = 1) -> tuple[list[
         names = sorted(os.listdir(d))
     except OSError as e:
         return problems + [f"{d}: {_one_line(e)}"], False
-    for name in names:
-        if name.endswith(".pt"):
-            why = torch_file_problem(os.path.join(d, name))
-            if why:
-                problems.append(f"{os.path.join(d, name)}: {why}")
+    for i, name in enumerate(n for n in names if n.endswith(".pt")):
+        why = torch_file_problem(os.path.join(d, name))
+        if not why and i % world == rank:       # each pickle vetted by one rank
+            why = _pickle_problem(os.path.join(d, name))
+        if why:
+            problems.append(why if why.startswith(d) else f"{os.path.join(d, name)}: {why}")
     return problems, False
 
 
@@ -376,6 +378,16 @@ def _file_problem(tag_dir: str, name: str, entry: dict, algorithm: str) -> Optio
         return f"{path}: {_one_line(e)}"
     if found != entry[algorithm]:
         return f"{path}: {algorithm} {found[:16]}… ≠ {entry[algorithm][:16]}… recorded at save (its bytes changed)"
+    return _pickle_problem(path) if name.endswith(".pt") else None
+
+
+def _pickle_problem(path: str) -> Optional[str]:
+    """A file whose pickle asks for more than ``safe_globals`` (crafted, its digest forged too): found before the
+    collective load, so the ranks agree on it like on any damage. Memory-mapped: only the pickle is read."""
+    try:
+        safe_load(path, mmap=True)
+    except CheckpointError as e:
+        return str(e)
     return None
 
 
@@ -444,9 +456,10 @@ def safe_load(path: str, map_location="cpu", mmap: bool = False):
     """``torch.load`` of a checkpoint file through torch's restricted unpickler (``weights_only=True``) with
     ``safe_globals()`` allowed: no code in the file runs. A file that asks for anything else — a crafted
     pickle calling ``os.system`` — or cannot be read is named in a one-line ``CheckpointError``."""
+    # Allowed process-wide, not by the safe_globals context: that one is not thread-safe (check_tag's threads).
+    torch.serialization.add_safe_globals(safe_globals())
     try:
-        with torch.serialization.safe_globals(safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         asked = _UNSUPPORTED_GLOBAL.search(str(e))
         what = f"it asks to call {asked.group(1)}" if asked else "its pickle holds something else"
