@@ -154,8 +154,10 @@ def digest_files(tag_dir: str, names: list[str], rank: int) -> dict:
 def save(engine, root: str, step: int, client_state: dict, keep: int) -> str:
     """Collective: every rank calls it. Returns the tag written.
 
-    Rank 0 does only short work between the two barriers (two small atomic writes and renames of the
-    checkpoints to drop); the deletion itself runs afterwards in a background thread (``_prune``)."""
+    Every rank hashes the files it wrote (``digest_files``) and the gather of those digests to rank 0 is the
+    first barrier. Rank 0 then does only short work before the second (hashing DeepSpeed's two copied scripts,
+    two small atomic writes, renames of the checkpoints to drop); the deletion itself runs afterwards in a
+    background thread (``_prune``)."""
     tag = tag_for(step)
     tag_dir = os.path.join(root, tag)
     rank = dist.get_rank()
