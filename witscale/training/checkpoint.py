@@ -19,7 +19,8 @@ rank 0 records them in the state file. Before loading, every rank checks the tag
 has its shape, each ``.pt`` is a complete zip archive, the files this rank verifies have their recorded size and
 digest) and the ranks agree with one all-reduce; ``--resume auto`` then falls back to the newest older complete
 checkpoint that passes (``choose``), naming why. Every file is unpickled by torch's ``weights_only`` loader with
-DeepSpeed's few types allow-listed (``safe_load``, ``SAFE_GLOBALS``): a checkpoint never runs code. A checkpoint of another dp or tp is loaded
+DeepSpeed's few types allow-listed (``safe_load``, ``safe_globals``): a checkpoint never runs code.
+A checkpoint of another dp or tp is loaded
 through DeepSpeed's universal checkpoint (``layout_change``, ``universal_tag``, ``load(universal=True)``).
 """
 from __future__ import annotations
