@@ -4,7 +4,8 @@ Layout under ``<output-dir>/checkpoints``:
 
     step_00000100/            one DeepSpeed checkpoint (tag), model/optimizer shards of every rank
         rng_rank00003.pt      torch RNG state of each rank (DeepSpeed saves client state from one rank only)
-        witscale_state.json   step, loader position, fingerprints, layout — written LAST, after every rank finished
+        witscale_state.json   step, loader position, fingerprints, layout and the sha256 of every other file
+                              of the tag — written LAST, after every rank finished (the commit marker)
         universal/            DeepSpeed universal checkpoint of the tag, made when a run at another dp/tp resumes
     latest                    the tag of the newest *complete* checkpoint (replaced atomically)
 
@@ -13,9 +14,13 @@ still naming the previous checkpoint, which stays loadable. Only the last ``keep
 are kept; older ones are renamed out of sight (``.deleting.<tag>``) at once and deleted by a background
 thread of rank 0, outside every collective.
 
-Before loading, every rank checks the tag's files (``damaged_files``: each ``.pt`` is a complete zip
-archive, the state JSON parses) and the ranks agree with one all-reduce; ``--resume auto`` then falls back
-to the newest older complete checkpoint that passes (``choose``). A checkpoint of another dp or tp is loaded
+At save every rank hashes the files it wrote (``digest_files``; streaming sha256, in parallel over ranks) and
+rank 0 records them in the state file. Before loading, every rank checks the tag (``check_tag``: the state file
+has its shape, each ``.pt`` is a complete zip archive, the files this rank verifies have their recorded size and
+digest) and the ranks agree with one all-reduce; ``--resume auto`` then falls back to the newest older complete
+checkpoint that passes (``choose``), naming why. Every file is unpickled by torch's ``weights_only`` loader with
+DeepSpeed's few types allow-listed (``safe_load``, ``safe_globals``): a checkpoint never runs code.
+A checkpoint of another dp or tp is loaded
 through DeepSpeed's universal checkpoint (``layout_change``, ``universal_tag``, ``load(universal=True)``).
 """
 from __future__ import annotations
@@ -25,9 +30,13 @@ import hashlib
 import json
 import logging
 import os
+import pickle
+import re
 import shutil
+import signal
 import threading
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import torch
@@ -41,6 +50,10 @@ STATE_FILE = "witscale_state.json"
 LATEST = "latest"
 TRASH_PREFIX = ".deleting."
 UNIVERSAL = "universal"      # <tag>/universal: DeepSpeed universal checkpoint of that tag, made on demand
+TAG_PATTERN = re.compile(r"^step_\d{8,}$")     # what tag_for writes; anything else in `latest` is damage
+DIGEST = "sha256"            # hashlib's fastest here (SHA-NI: ≈1 GB/s per core; blake2b ≈0.4, md5 ≈0.4)
+DIGEST_BLOCK = 8 << 20       # files are read in 8-MiB blocks: memory stays bounded whatever a shard's size
+DIGEST_THREADS = 4           # a rank's files are hashed concurrently (hashlib releases the GIL on large updates)
 
 
 class CheckpointError(RuntimeError):
@@ -79,38 +92,98 @@ def read_latest(root: str) -> Optional[str]:
     path = os.path.join(root, LATEST)
     if not os.path.exists(path):
         return None
-    tag = open(path, encoding="utf-8").read().strip()
+    tag, why = _latest_tag(root)
+    if why:
+        raise CheckpointError(why)
     if not os.path.exists(os.path.join(root, tag, STATE_FILE)):
         raise CheckpointError(f"{path} names {tag}, which is incomplete (no {STATE_FILE})")
     return tag
 
 
+def _latest_tag(root: str) -> tuple[Optional[str], Optional[str]]:
+    """(the tag `latest` names, None) or (None, what is wrong with `latest`: missing, empty, not a tag name)."""
+    path = os.path.join(root, LATEST)
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read(256).strip()
+    except FileNotFoundError:
+        return None, f"{path} is missing"
+    except OSError as e:
+        return None, f"{path}: {_one_line(e)}"
+    if not text:
+        return None, f"{path} is empty"
+    if not TAG_PATTERN.match(text):
+        return None, f"{path} names {text[:40]!r}, which is not a checkpoint tag (step_NNNNNNNN)"
+    if not os.path.isdir(os.path.join(root, text)):
+        return None, f"{path} names {text}, which does not exist"
+    return text, None
+
+
 def complete_tags(root: str) -> list[str]:
     if not os.path.isdir(root):
         return []
-    return sorted(t for t in os.listdir(root) if t.startswith("step_")
+    return sorted(t for t in os.listdir(root) if TAG_PATTERN.match(t)
                   and os.path.exists(os.path.join(root, t, STATE_FILE)))
+
+
+def file_digest(path: str, algorithm: str = DIGEST) -> tuple[int, str]:
+    """(size in bytes, hex digest) of ``path``, streamed in ``DIGEST_BLOCK`` blocks into one reused buffer."""
+    h = hashlib.new(algorithm)
+    buf = bytearray(DIGEST_BLOCK)
+    view = memoryview(buf)
+    size = 0
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            size += n
+    return size, h.hexdigest()
+
+
+def digest_files(tag_dir: str, names: list[str], rank: int) -> dict:
+    """``{name: {"bytes", DIGEST, "rank"}}`` for files of ``tag_dir`` (names relative to it) that ``rank`` wrote,
+    hashed by up to ``DIGEST_THREADS`` threads. Every rank hashes only its own files: a checkpoint of N ranks
+    is hashed N-fold in parallel, each rank reading what it has just written (still in the page cache)."""
+    def one(name):
+        size, hexdigest = file_digest(os.path.join(tag_dir, name))
+        return name, {"bytes": size, DIGEST: hexdigest, "rank": rank}
+    if not names:
+        return {}
+    with ThreadPoolExecutor(min(DIGEST_THREADS, len(names))) as pool:
+        return dict(pool.map(one, names))
 
 
 def save(engine, root: str, step: int, client_state: dict, keep: int) -> str:
     """Collective: every rank calls it. Returns the tag written.
 
-    Rank 0 does only short work between the two barriers (two small atomic writes and renames of the
-    checkpoints to drop); the deletion itself runs afterwards in a background thread (``_prune``)."""
+    Every rank hashes the files it wrote (``digest_files``) and the gather of those digests to rank 0 is the
+    first barrier. Rank 0 then does only short work before the second (hashing DeepSpeed's two copied scripts,
+    two small atomic writes, renames of the checkpoints to drop); the deletion itself runs afterwards in a
+    background thread (``_prune``)."""
     tag = tag_for(step)
+    tag_dir = os.path.join(root, tag)
     rank = dist.get_rank()
-    if rank == 0:       # a stale commit of this step (after a fall-back past it) must not make it look complete
-        _unlink(os.path.join(root, tag, STATE_FILE))
+    if rank == 0:       # a stale commit of this step (after a fall-back past it) must not make it look complete,
+        _unlink(os.path.join(tag_dir, STATE_FILE))      # nor its universal conversion outlive the files it came from
+        shutil.rmtree(os.path.join(tag_dir, UNIVERSAL), ignore_errors=True)
     if not hasattr(engine.module, "universal_checkpoint_info"):    # DeepSpeed saves it in the model states
         engine.module.universal_checkpoint_info = universal_info(engine.module)
-    engine.save_checkpoint(root, tag=tag, save_latest=False)
-    torch.save(_rng_state(), os.path.join(root, tag, f"rng_rank{rank:05d}.pt"))
-    dist.barrier()                      # every rank's shards are on disk before the commit
+    written = _saving(engine, root, tag)
+    if injected("kill_in_save", step):  # SIGKILL in the middle of a save (rank '*': every rank)
+        os.kill(os.getpid(), signal.SIGKILL)
+    rng_file = os.path.join(tag_dir, f"rng_rank{rank:05d}.pt")
+    torch.save(_rng_state(), rng_file)
+    mine = digest_files(tag_dir, sorted({os.path.relpath(p, tag_dir) for p in written + [rng_file]}), rank)
+    # The gather is the barrier: a rank sends its digests only once its files are on disk.
+    every = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(mine, every, dst=0)
     if injected("crash_in_save", step):   # die where a real crash would hurt most: shards written, no commit
         os._exit(17)
     trash = []
     if rank == 0:
-        _atomic_write(os.path.join(root, tag, STATE_FILE), json.dumps(client_state, indent=1))
+        files = {name: entry for d in every for name, entry in d.items()}
+        files.update(digest_files(tag_dir, _unrecorded(tag_dir, files), 0))  # DeepSpeed's copied scripts
+        client_state = {**client_state, "digests": {"algorithm": DIGEST, "files": files}}
+        _atomic_write(os.path.join(tag_dir, STATE_FILE), json.dumps(client_state, indent=1))
         _atomic_write(os.path.join(root, LATEST), tag)
         trash = _retire(root, tag, keep)
         log.info(f"checkpoint {tag} saved")
@@ -120,6 +193,38 @@ def save(engine, root: str, step: int, client_state: dict, keep: int) -> str:
     if injected("kill_after_save", step):
         os.kill(os.getpid(), 9)
     return tag
+
+
+def _saving(engine, root: str, tag: str) -> list[str]:
+    """``engine.save_checkpoint`` of ``tag``; returns the paths this rank wrote (every DeepSpeed file goes
+    through its checkpoint engine's ``save``, recorded on the way)."""
+    ce = engine.checkpoint_engine
+    plain_save = ce.save
+    written = []
+
+    def recording_save(state_dict, path, *a, **k):
+        written.append(os.path.abspath(path))
+        return plain_save(state_dict, path, *a, **k)
+
+    ce.save = recording_save
+    try:
+        engine.save_checkpoint(root, tag=tag, save_latest=False)
+    finally:
+        ce.__dict__.pop("save", None)
+    return written
+
+
+def _unrecorded(tag_dir: str, recorded: dict) -> list[str]:
+    """Files of the tag that no rank recorded (DeepSpeed's zero_to_fp32.py, copied without its engine)."""
+    names = []
+    for here, dirs, files in os.walk(tag_dir):
+        if here == tag_dir:
+            dirs[:] = [d for d in dirs if d != UNIVERSAL]
+        for f in files:
+            name = os.path.relpath(os.path.join(here, f), tag_dir)
+            if name != STATE_FILE and name not in recorded and ".tmp" not in f:
+                names.append(name)
+    return sorted(names)
 
 
 def _unlink(path: str) -> None:
@@ -218,28 +323,117 @@ def resolve_resume(resume: str, root: str) -> Optional[tuple[str, str]]:
                           f"nor a checkpoints directory with a '{LATEST}' file")
 
 
-def damaged_files(root: str, tag: str) -> list[str]:
-    """One line per file of ``root/tag`` that cannot be loaded: ``<path>: <what is wrong>``. Cheap: a ``.pt``
-    file (torch's zip format) is checked by its central directory, which sits at the end of the file, and by
-    its members' extents — a truncated file (a node crash, a half-finished copy) fails both. Data bytes are
-    not read (a flipped bit inside is found by the load itself, which names the file as well)."""
+def damaged_files(root: str, tag: str, rank: int = 0, world: int = 1) -> list[str]:
+    """One line per problem of ``root/tag`` as ``rank`` of ``world`` checks it (``check_tag``)."""
+    return check_tag(root, tag, rank, world)[0]
+
+
+def check_tag(root: str, tag: str, rank: int = 0, world: int = 1) -> tuple[list[str], bool]:
+    """(one line per problem, ``<path>: <what is wrong>``; whether the tag records digests). Checked:
+
+    - ``witscale_state.json`` parses and has its shape (``state_problem``);
+    - each ``.pt`` file is whole as a zip archive (``torch_file_problem``: a few KiB read per file);
+    - with digests (checkpoints since they were recorded): this rank's share of the listed files — those it
+      wrote, when the run has as many ranks as the one that saved; one in ``world`` otherwise — exists, has
+      its recorded size and, read in full, its recorded digest; each shared file is verified by one rank.
+      Only those files get the zip check too, so the ranks' work stays 1/``world`` of the checkpoint.
+
+    Without digests (an older checkpoint) every ``.pt`` gets the zip check and data bytes are not read. Either
+    way each ``.pt`` file's pickle is vetted by one rank (``_pickle_problem``): a crafted file is damage too."""
     d = os.path.join(root, tag)
-    problems = []
+    state_path = os.path.join(d, STATE_FILE)
+    problems, digests = [], None
     try:
-        with open(os.path.join(d, STATE_FILE), encoding="utf-8") as f:
-            json.load(f)
+        with open(state_path, encoding="utf-8") as f:
+            state = json.load(f)
+        why = state_problem(state)
+        if why:
+            problems.append(f"{state_path}: {why}")
+        else:
+            digests = state.get("digests")
     except (OSError, ValueError) as e:
-        problems.append(f"{os.path.join(d, STATE_FILE)}: {_one_line(e)}")
+        problems.append(f"{state_path}: {_one_line(e)}")
+    if digests is not None:
+        files = digests["files"]
+        mine = [name for i, name in enumerate(sorted(files)) if int(files[name].get("rank", i)) % world == rank]
+        if mine:
+            with ThreadPoolExecutor(min(DIGEST_THREADS, len(mine))) as pool:
+                found = pool.map(lambda name: _file_problem(d, name, files[name], digests["algorithm"]), mine)
+                problems += [p for p in found if p]
+        return problems, True
     try:
         names = sorted(os.listdir(d))
     except OSError as e:
-        return problems + [f"{d}: {_one_line(e)}"]
-    for name in names:
-        if name.endswith(".pt"):
-            why = torch_file_problem(os.path.join(d, name))
-            if why:
-                problems.append(f"{os.path.join(d, name)}: {why}")
-    return problems
+        return problems + [f"{d}: {_one_line(e)}"], False
+    for i, name in enumerate(n for n in names if n.endswith(".pt")):
+        why = torch_file_problem(os.path.join(d, name))
+        if not why and i % world == rank:       # each pickle vetted by one rank
+            why = _pickle_problem(os.path.join(d, name))
+        if why:
+            problems.append(why if why.startswith(d) else f"{os.path.join(d, name)}: {why}")
+    return problems, False
+
+
+def _file_problem(tag_dir: str, name: str, entry: dict, algorithm: str) -> Optional[str]:
+    """What is wrong with one file listed in the state's digests: missing, another size, a zip archive that
+    is not whole (named before its digest: the clearer reason), other bytes. None if it is as saved."""
+    path = os.path.join(tag_dir, name)
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        return f"{path}: missing (listed in {STATE_FILE})"
+    except OSError as e:
+        return f"{path}: {_one_line(e)}"
+    if name.endswith(".pt"):
+        why = torch_file_problem(path)
+        if why:
+            return f"{path}: {why}"
+    if size != entry["bytes"]:
+        return f"{path}: {size} bytes, {entry['bytes']} recorded at save"
+    try:
+        _, found = file_digest(path, algorithm)
+    except OSError as e:
+        return f"{path}: {_one_line(e)}"
+    if found != entry[algorithm]:
+        return f"{path}: {algorithm} {found[:16]}… ≠ {entry[algorithm][:16]}… recorded at save (its bytes changed)"
+    return _pickle_problem(path) if name.endswith(".pt") else None
+
+
+def _pickle_problem(path: str) -> Optional[str]:
+    """A file whose pickle asks for more than ``safe_globals`` (crafted, its digest forged too): found before the
+    collective load, so the ranks agree on it like on any damage. Memory-mapped: only the pickle is read."""
+    try:
+        safe_load(path, mmap=True)
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def state_problem(state) -> Optional[str]:
+    """What is wrong with the shape of a parsed ``witscale_state.json`` (None if it has the keys resume reads)."""
+    if not isinstance(state, dict):
+        return f"not a JSON object but {type(state).__name__}"
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return "no 'step'" if "step" not in state else f"'step' is {step!r}, not a step number"
+    if not isinstance(state.get("loader"), dict):
+        return "no 'loader'" if "loader" not in state else "'loader' is not an object"
+    for key in ("layout", "args"):
+        if key in state and not isinstance(state[key], dict):
+            return f"'{key}' is not an object"
+    if "digests" not in state:
+        return None
+    digests = state["digests"]
+    if (not isinstance(digests, dict) or not isinstance(digests.get("files"), dict)
+            or digests.get("algorithm") not in hashlib.algorithms_available):
+        return "'digests' is not {algorithm, files}"
+    algorithm = digests["algorithm"]
+    for name, entry in digests["files"].items():
+        if (os.path.isabs(name) or ".." in name.replace("\\", "/").split("/") or not isinstance(entry, dict)
+                or not isinstance(entry.get("bytes"), int) or not isinstance(entry.get(algorithm), str)
+                or not isinstance(entry.get("rank", 0), int)):
+            return f"'digests' entry {name[:60]!r} is malformed"
+    return None
 
 
 def torch_file_problem(path: str) -> Optional[str]:
@@ -262,6 +456,47 @@ def torch_file_problem(path: str) -> Optional[str]:
     return None
 
 
+def safe_globals() -> list:
+    """The only non-tensor types a checkpoint may make torch's ``weights_only`` unpickler build: what DeepSpeed
+    0.19's ZeRO-0…3, bf16 and pipeline checkpoints pickle (ZeRO-1/2: ``fragment_address`` in the parameter slice
+    mappings; ZeRO ≥ 1 fp32: ``LossScaler``, ``ZeroStageEnum``; ``DynamicLossScaler`` for fp16 ones) —
+    tests/test_checkpoint_damage.py saves each kind and loads it through here. One list, also the export's."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+_UNSUPPORTED_GLOBAL = re.compile(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)")   # torch's two wordings
+
+
+def safe_load(path: str, map_location="cpu", mmap: bool = False):
+    """``torch.load`` of a checkpoint file through torch's restricted unpickler (``weights_only=True``) with
+    ``safe_globals()`` allowed: no code in the file runs. A file that asks for anything else — a crafted
+    pickle calling ``os.system`` — or cannot be read is named in a one-line ``CheckpointError``."""
+    # Allowed process-wide, not by the safe_globals context: that one is not thread-safe (check_tag's threads).
+    torch.serialization.add_safe_globals(safe_globals())
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        asked = _UNSUPPORTED_GLOBAL.search(str(e))
+        what = f"it asks to call {asked.group(1)}" if asked else "its pickle holds something else"
+        raise CheckpointError(f"{path}: refused: {what}, which is not a type a checkpoint holds "
+                              f"(loaded with torch's weights_only unpickler; nothing in it was run)") from None
+    except Exception as e:          # noqa: BLE001 - torch's zip errors are RuntimeErrors of many kinds
+        raise CheckpointError(f"{path}: cannot be loaded ({_one_line(e)})") from e
+
+
+def refuse_unsafe_pickles(directory: str) -> None:
+    """Unpickle every ``.pt`` under ``directory`` through ``safe_load`` (memory-mapped: the pickles only, no
+    tensor bytes read) before code that loads them with ``weights_only=False`` — DeepSpeed's ``ds_to_universal``
+    and its universal loader — sees them. ``CheckpointError`` names the first file refused."""
+    for here, _, files in os.walk(directory):
+        for name in sorted(files):
+            if name.endswith(".pt"):
+                safe_load(os.path.join(here, name), mmap=True)
+
+
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
@@ -276,37 +511,55 @@ def agree_sound(local_problems: list[str], device) -> tuple[bool, bool]:
 
 def choose(resume: str, root: str, device) -> Optional[tuple[str, str]]:
     """Collective: (root, tag) to load, checked on every rank before anything is loaded (DeepSpeed's load is
-    collective: the ranks must agree on one checkpoint). ``--resume auto`` falls back from a damaged
-    checkpoint to the newest older complete one that passes, and logs which and why; ``--resume PATH``
-    names what is damaged in one line (``CheckpointError``). A problem every rank sees is logged by rank 0,
-    one that only some ranks see (a node-local copy) by each of them."""
-    if resume == "auto":    # `latest` naming an incomplete tag (its step being saved again) is one more damage
-        latest = os.path.join(root, LATEST)
-        if not os.path.exists(latest):
-            return None
-        found = (root, open(latest, encoding="utf-8").read().strip())
-        candidates = [found] + [(root, t) for t in reversed(complete_tags(root)) if t < found[1]]
+    collective: the ranks must agree on one checkpoint). Each rank checks its share (``check_tag``) and the
+    ranks agree with one all-reduce; only on damage do they exchange what they found, so that rank 0 names it.
+    ``--resume auto`` falls back from a damaged checkpoint — or from a `latest` that is missing, empty or
+    names no tag — to the newest older complete one that passes, and logs which and why; ``--resume PATH``
+    names what is damaged in one line (``CheckpointError``)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    note = None
+    if resume == "auto":
+        tag, note = _latest_tag(root)
+        if tag is not None:     # `latest` naming an incomplete tag (its step being saved again) is one more damage
+            candidates = [(root, tag)] + [(root, t) for t in reversed(complete_tags(root)) if t < tag]
+        else:
+            candidates = [(root, t) for t in reversed(complete_tags(root))]
+            if not candidates:
+                if not os.path.exists(os.path.join(root, LATEST)):
+                    return None                 # nothing saved yet: start fresh
+                raise CheckpointError(f"--resume auto: {note}, and no complete checkpoint exists")
+            if rank == 0:
+                log.warning(f"--resume auto: {note}: trying the newest complete checkpoint")
     else:
         candidates = [resolve_resume(resume, root)]
-    rank = dist.get_rank()
     for i, (r, tag) in enumerate(candidates):
-        problems = damaged_files(r, tag)
-        sound, everywhere = agree_sound(problems, device)
-        if sound:
-            if i > 0 and rank == 0:
-                log.warning(f"--resume auto: falling back to {os.path.join(r, tag)}, the newest complete "
-                            f"checkpoint that loads")
-            return r, tag
         where = os.path.join(r, tag)
-        what = problems[0] if problems else "a file damaged as another rank sees it (see that rank's log)"
-        if problems and (rank == 0 or not everywhere):
-            for p in problems:
-                log.warning(f"checkpoint {where} cannot be loaded"
-                            f"{'' if everywhere else f' (as rank {rank} sees it)'}: {p}")
+        problems, verified = check_tag(r, tag, rank, world)
+        sound, _ = agree_sound(problems, device)
+        if sound:
+            if rank == 0:
+                if not verified:
+                    log.warning(f"checkpoint {where} has no digests (written before witscale recorded them): "
+                                f"its files were checked for structure only")
+                if i > 0 or note:
+                    log.warning(f"--resume auto: falling back to {where}, the newest complete checkpoint that "
+                                f"passes its checks")
+            return r, tag
+        found = _gather_problems(problems, world)
+        if rank == 0:
+            for p in found:
+                log.warning(f"checkpoint {where} cannot be loaded: {p}")
         if i + 1 == len(candidates):
-            raise CheckpointError(f"checkpoint {where} cannot be loaded: {what}"
+            raise CheckpointError(f"checkpoint {where} cannot be loaded: {found[0]}"
                                   + ("" if i == 0 else " (and no older complete checkpoint loads)"))
     return None
+
+
+def _gather_problems(problems: list[str], world: int) -> list[str]:
+    """Collective, on damage only: every rank's problem lines, in rank order, each once."""
+    every = [None] * world
+    dist.all_gather_object(every, problems)
+    return list(dict.fromkeys(p for ps in every for p in ps))
 
 
 def read_state(root: str, tag: str) -> dict:
@@ -320,13 +573,9 @@ def load(engine, root: str, tag: str, *, universal: bool = False, topo=None) -> 
     cannot read is named in a one-line ``CheckpointError``."""
     client_state = read_state(root, tag)
     ce = engine.checkpoint_engine
-    plain_load = ce.load
 
-    def named_load(path, *a, **k):
-        try:
-            return plain_load(path, *a, **k)
-        except Exception as e:          # noqa: BLE001 - torch's zip errors are RuntimeErrors of many kinds
-            raise CheckpointError(f"{path}: cannot be loaded ({_one_line(e)})") from e
+    def named_load(path, map_location=None):    # DeepSpeed's engine would unpickle (weights_only=False)
+        return safe_load(path, map_location=map_location)
 
     ce.load = named_load
     ds_tag, marked, groups, was_group = tag, [], None, None
@@ -341,6 +590,8 @@ def load(engine, root: str, tag: str, *, universal: bool = False, topo=None) -> 
     engine._config.load_universal_checkpoint = universal
     try:
         path, _ = engine.load_checkpoint(root, tag=ds_tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    except (AssertionError, OSError) as e:      # a file DeepSpeed looks for and does not find (older checkpoints)
+        raise CheckpointError(f"DeepSpeed could not load {os.path.join(root, ds_tag)}: {_one_line(e)}") from e
     finally:
         ce.__dict__.pop("load", None)
         engine._config.load_universal_checkpoint = was_universal
@@ -355,7 +606,7 @@ def load(engine, root: str, tag: str, *, universal: bool = False, topo=None) -> 
         _restore_group_hyperparameters(engine, os.path.join(root, ds_tag))
     rng_file = os.path.join(root, tag, f"rng_rank{dist.get_rank():05d}.pt")
     if os.path.exists(rng_file):
-        _set_rng_state(torch.load(rng_file, weights_only=True))
+        _set_rng_state(safe_load(rng_file))
     return client_state
 
 
@@ -366,7 +617,7 @@ def _restore_group_hyperparameters(engine, universal_dir: str) -> None:
     path = os.path.join(universal_dir, "zero", "optimizer_state.pt")
     if not os.path.exists(path):
         return
-    saved = torch.load(path, map_location="cpu", weights_only=False).get("optimizer_state_dict", {})
+    saved = safe_load(path).get("optimizer_state_dict", {})
     saved_groups = saved.get("param_groups") or []
     groups = engine.optimizer.param_groups
     if len(saved_groups) != len(groups):
@@ -470,6 +721,7 @@ def universal_tag(root: str, tag: str) -> str:
     out = os.path.join(root, tag, UNIVERSAL)
     if dist.get_rank() == 0 and not os.path.isdir(out):
         from deepspeed.checkpoint import ds_to_universal
+        refuse_unsafe_pickles(os.path.join(root, tag))
         tmp = f"{out}.tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         workers = int(os.environ.get("WITSCALE_UNIVERSAL_WORKERS", "4" if torch.cuda.is_available() else "1"))
@@ -480,6 +732,8 @@ def universal_tag(root: str, tag: str) -> str:
                                                 keep_temp_folder=False, strict=True, inject_missing_state=False))
         _wrap_bare_tensors(tmp)
         os.replace(tmp, out)
+    if dist.get_rank() == 0:        # made now or found (left by an earlier resume, or crafted)
+        refuse_unsafe_pickles(out)
     dist.barrier()
     return f"{tag}/{UNIVERSAL}"
 
@@ -494,7 +748,7 @@ def _wrap_bare_tensors(universal_dir: str) -> None:
         for state in ("fp32", "exp_avg", "exp_avg_sq"):
             path = os.path.join(zero, name, f"{state}.pt")
             if os.path.exists(path):
-                t = torch.load(path, map_location="cpu", weights_only=False)
+                t = safe_load(path)
                 if torch.is_tensor(t):
                     torch.save({PARAM: t}, path)
 

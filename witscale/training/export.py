@@ -13,9 +13,9 @@ looks like a model.
 Reading DeepSpeed's files. DeepSpeed writes its model and optimizer states with ``torch.save`` — pickle.
 They are read here only with ``torch.load(weights_only=True, mmap=True)``: torch's restricted unpickler,
 which builds tensors and plain containers and refuses every other global (no code runs from the file),
-with exactly the DeepSpeed types a ZeRO-3 optimizer file holds allow-listed (``ZeroStageEnum``, an
-``IntEnum``, and the loss scalers, plain attribute holders: rebuilt with ``__new__`` and their saved
-``__dict__``; nothing else from DeepSpeed is trusted). ``mmap`` maps the tensors' storage: a parameter's bytes are read when it is
+with exactly the DeepSpeed types its checkpoints hold allow-listed (``checkpoint.safe_globals``, the one list
+resume uses too: ``ZeroStageEnum``, an ``IntEnum``, the loss scalers and ZeRO-1/2's ``fragment_address``, plain
+attribute holders: rebuilt with ``__new__`` and their saved ``__dict__``; nothing else from DeepSpeed is trusted). ``mmap`` maps the tensors' storage: a parameter's bytes are read when it is
 copied, so the whole checkpoint is never loaded. Which file holds what:
 - ZeRO-0/1/2 (tp ranks ``mp_rank_XX_model_states.pt``'s ``module``) and pipelines (one
   ``layer_LL-model_TT-model_states.pt`` per block and tp rank): the module's weights in the training
@@ -188,11 +188,10 @@ def export_from_engine(trainer, model_config, out_dir: str, tokenizer_src: Optio
 # --- offline ------------------------------------------------------------------------------------------
 def _safe_load(path: str):
     """A DeepSpeed ``torch.save`` file through torch's restricted unpickler (see the module docstring)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from witscale.training.checkpoint import safe_globals      # the one allow-list of checkpoint types
 
     try:
-        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
+        with torch.serialization.safe_globals(safe_globals()):
             return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:
         raise ValueError(f"{path}: unreadable checkpoint file ({str(e).splitlines()[0]})") from None

@@ -1,9 +1,10 @@
 """Fault injection for the resilience tests (test-only; inert unless WITSCALE_FAULT is set).
 
-    WITSCALE_FAULT=<kind>:<step>[:<rank>]      (rank defaults to 0)
+    WITSCALE_FAULT=<kind>:<step>[:<rank>]      (rank defaults to 0; '*' is every rank)
 
-Kinds: ``crash_in_save`` and ``kill_after_save`` (witscale/training/checkpoint.py: die with shards written but no
-commit, or right after a complete checkpoint), ``raise_in_step`` (witscale/train.py: an exception on one
+Kinds: ``crash_in_save``, ``kill_in_save`` and ``kill_after_save`` (witscale/training/checkpoint.py: die with
+shards written but no commit, SIGKILL right after DeepSpeed's files are written, or right after a complete
+checkpoint), ``raise_in_step`` (witscale/train.py: an exception on one
 rank before the step, while the others enter its collectives — the fail-fast path), ``nan_loss`` and ``inf_loss``
 (witscale/training/trainer.py: the non-zero token weights of the step's first micro-batch on that rank become
 NaN / +inf, as one bad value in a dataset's weights channel would make the loss and the gradients — the
@@ -22,6 +23,8 @@ def injected(kind: str, step: int) -> bool:
     spec = os.environ.get("WITSCALE_FAULT", "").split(":")
     if len(spec) < 2 or spec[0] != kind or int(spec[1]) != step:
         return False
+    if len(spec) > 2 and spec[2] == "*":
+        return True
     import torch.distributed as dist
     return dist.get_rank() == (int(spec[2]) if len(spec) > 2 else 0)
 
