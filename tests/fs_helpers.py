@@ -39,11 +39,10 @@ def fill_up(directory, leave: int = 0) -> str:
     """Write a filler file in ``directory`` until its filesystem is full (then give back ``leave`` bytes)."""
     path = os.path.join(str(directory), "filler.bin")
     block = b"\0" * 65536
-    with open(path, "wb") as f:
+    with open(path, "wb", buffering=0) as f:    # unbuffered: nothing left over for close() to fail on
         try:
-            while True:
-                f.write(block)
-                f.flush()
+            while f.write(block):
+                pass
         except OSError as e:
             if e.errno != errno.ENOSPC:
                 raise

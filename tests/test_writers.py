@@ -392,3 +392,34 @@ def test_demo_refuses_a_foreign_out_directory(tmp_path):
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith(
         f"error: --out {foreign}: a non-empty directory that is not a witscale demo directory"), res.stderr
     assert snapshot(foreign) == before
+
+
+def test_full_disk_under_a_checkpoint_save_keeps_the_previous_checkpoint_and_says_one_line(run_inputs, tmp_path):
+    """A checkpoint save onto a full disk: exit 2 with one line naming the file and the errno (no traceback);
+    `latest` still names the previous checkpoint, whose files are intact, and it resumes."""
+    from tests.test_train_cli_operations import _args, _env
+
+    def train(out, steps, *extra):
+        return subprocess.run([sys.executable, "witscale/train.py",
+                               *_args(run_inputs, out, steps, "--save-steps", "2", "--no-tensorboard", *extra)],
+                              cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+
+    with small_tmpfs(tmp_path / "disk", "32m") as disk:
+        out = os.path.join(disk, "run")
+        res = train(out, 2)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        ckpts = os.path.join(out, "checkpoints")
+        before = snapshot(os.path.join(ckpts, "step_00000002"))
+        fill_up(disk, leave=64 * 1024)          # room for the lock and a few metrics lines, not a checkpoint
+        res = train(out, 4, "--resume", "auto", "--reschedule")
+        assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+        last = res.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: {ckpts}/step_00000004") and "[Errno 28] No space left on device" in last, \
+            res.stderr[-2000:]
+        assert "Traceback" not in res.stderr
+        assert open(os.path.join(ckpts, "latest")).read().strip() == "step_00000002"
+        assert snapshot(os.path.join(ckpts, "step_00000002")) == before
+        os.unlink(os.path.join(disk, "filler.bin"))
+        res = train(out, 4, "--resume", "auto", "--reschedule")     # the partial step-4 directory is no obstacle
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        assert open(os.path.join(ckpts, "latest")).read().strip() == "step_00000004"

@@ -26,6 +26,7 @@ through DeepSpeed's universal checkpoint (``layout_change``, ``universal_tag``, 
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import logging
@@ -80,11 +81,41 @@ def tag_for(step: int) -> str:
 
 def _atomic_write(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        _unlink(tmp)
+        raise _write_error(e, path) from None
+
+
+_INCOMPLETE = "; the checkpoint being saved is incomplete, `latest` still names the previous one"
+
+
+def _write_error(e: BaseException, path: str) -> CheckpointError:
+    """One line for a checkpoint file that could not be written, naming it and the errno. torch's zip writer
+    reports a full disk as a RuntimeError ("unexpected pos …"), so there the filesystem's free space decides."""
+    if isinstance(e, OSError):
+        return CheckpointError(f"{e.filename or path}: [Errno {e.errno}] {e.strerror}{_INCOMPLETE}")
+    try:
+        st = os.statvfs(os.path.dirname(path) or ".")
+        full = st.f_bavail * st.f_frsize < (1 << 20)
+    except OSError:
+        full = False
+    if full:
+        return CheckpointError(f"{path}: [Errno {errno.ENOSPC}] {os.strerror(errno.ENOSPC)}{_INCOMPLETE}")
+    return CheckpointError(f"{path}: cannot be written ({_one_line(e)}){_INCOMPLETE}")
+
+
+def _save_file(save, obj, path: str, *a, **k):
+    """``save(obj, path, …)`` (torch.save or a checkpoint engine's) with a write failure as one line."""
+    try:
+        return save(obj, path, *a, **k)
+    except (OSError, RuntimeError) as e:
+        raise _write_error(e, path) from None
 
 
 def read_latest(root: str) -> Optional[str]:
@@ -171,7 +202,7 @@ def save(engine, root: str, step: int, client_state: dict, keep: int) -> str:
     if injected("kill_in_save", step):  # SIGKILL in the middle of a save (rank '*': every rank)
         os.kill(os.getpid(), signal.SIGKILL)
     rng_file = os.path.join(tag_dir, f"rng_rank{rank:05d}.pt")
-    torch.save(_rng_state(), rng_file)
+    _save_file(torch.save, _rng_state(), rng_file)
     mine = digest_files(tag_dir, sorted({os.path.relpath(p, tag_dir) for p in written + [rng_file]}), rank)
     # The gather is the barrier: a rank sends its digests only once its files are on disk.
     every = [None] * dist.get_world_size() if rank == 0 else None
@@ -204,7 +235,7 @@ def _saving(engine, root: str, tag: str) -> list[str]:
 
     def recording_save(state_dict, path, *a, **k):
         written.append(os.path.abspath(path))
-        return plain_save(state_dict, path, *a, **k)
+        return _save_file(plain_save, state_dict, path, *a, **k)
 
     ce.save = recording_save
     try:
