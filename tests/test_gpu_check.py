@@ -29,8 +29,18 @@ def test_gpu_check_dry_run(tmp_path):
               for c, r in step["checks"].items() if r["status"] == "failed"}
     assert p.returncode == 0 and report["ok"] and not failed, (failed, p.stdout[-3000:], p.stderr[-3000:])
     assert report["dry_run"] is True
-    assert list(report["steps"]) == ["environment", "pytest_gpu", "training", "bench_gpu"]
-    assert [s["id"] for s in report["steps"].values()] == ["a", "b", "c", "d"]
+    # the benchmark runs right after the quick environment checks; the compiles and the GPU tests last
+    assert [(ph["step"], ph["phase"]) for ph in report["phases"]] == [
+        ("a", "environment"), ("d", "bench_gpu"), ("a", "fused_adam"), ("c", "training"),
+        ("a", "softcap_gemma2"), ("b", "pytest_gpu")]
+    assert list(report["steps"]) == ["environment", "bench_gpu", "training", "pytest_gpu"]
+    assert report["complete"] is True and report["out_of_time"] == []
+    assert all(ph["budget_s"] > 0 and ph["status"] in ("done", "over budget") for ph in report["phases"])
+    # the benchmark's reserved share: 46% of the budget, of what the environment checks left of it
+    env_phase, bench_phase = report["phases"][:2]
+    assert bench_phase["budget_s"] >= 0.45 * (report["budget_s"] - env_phase["wall_s"] - 1)
+    for ph in report["phases"]:
+        assert f"{ph['step']} {ph['phase']}: budget " in p.stdout
     for name, step in report["steps"].items():
         assert step["status"] == "passed", name
         for check in CUDA_ONLY[name]:
@@ -59,3 +69,25 @@ def test_gpu_check_dry_run(tmp_path):
     assert bench["systems"]["witscale"]["tokens_per_s"] > 0
     assert bench["parity"]["ok"] is True
     assert "report:" in p.stdout and "dry run" in p.stdout
+
+
+def test_gpu_check_out_of_budget_still_writes_the_report(tmp_path):
+    """A budget too small for the steps: the phase that overruns is recorded with what it measured, the
+    phases left without time are 'out of time' (skipped, never silently passed), and the run fails."""
+    out = tmp_path / "gpu_check.json"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
+    p = subprocess.run([sys.executable, "tools/gpu_check.py", "--dry-run", "--steps", "a,d", "--budget-s", "3",
+                        "--output", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.exists(), p.stdout[-3000:] + p.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert p.returncode == 1 and report["ok"] is False and report["complete"] is True
+    env_phase, bench_phase, fused, softcap = report["phases"]
+    assert (env_phase["phase"], bench_phase["phase"]) == ("environment", "bench_gpu")
+    # the environment checks take seconds (DeepSpeed's import) against a budget of 3 × 4% / 60%
+    assert env_phase["status"] == "over budget" and env_phase["wall_s"] > env_phase["budget_s"]
+    assert report["steps"]["environment"]["checks"]["versions"]["status"] == "passed"
+    for ph in (fused, softcap):
+        assert ph["status"] == "out of time"
+        assert report["steps"]["environment"]["checks"][ph["phase"]] == {"status": "skipped", "reason": "out of time"}
+    assert {"fused_adam", "softcap_gemma2"} <= set(report["out_of_time"])
+    assert "out of time" in p.stdout

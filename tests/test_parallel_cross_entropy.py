@@ -241,12 +241,60 @@ def test_bad_inputs_are_named():
 
 
 def test_chunk_rows_rule():
-    assert chunk_rows(37, 16, 51, 8) == 8                      # explicit small chunks are honoured
-    assert chunk_rows(37, 16, 51, 4096) == 37                  # never more than T
-    assert chunk_rows(4096, 1024, 32000, 4096) == 512          # logits block bounded (≈ hidden size, ≥ 512)
-    assert chunk_rows(4096, 1024, 128256, 4096) == 512
-    assert chunk_rows(16384, 4096, 16000, 4096) == 4096        # small vocab: the cap
-    assert chunk_rows(8192, 4096, 32000, 4096) == 1024
+    gib = 2 ** 30
+    assert chunk_rows(37, 51, 8, budget_bytes=gib) == 8                # explicit small chunks are honoured
+    assert chunk_rows(37, 51, 4096, budget_bytes=gib) == 37            # never more than T
+    # the fp32 logits block fills the budget (rows rounded down to a power of two), not a fixed 512 rows
+    assert chunk_rows(8192, 128256, 4096, budget_bytes=gib) == 2048    # 2^30 / (4 · 128256) = 2093
+    assert chunk_rows(8192, 128256 // 8, 8192, budget_bytes=gib) == 8192   # tp=8 shard: 16744 → capped
+    assert chunk_rows(8192, 128256, 4096, blocks=2, budget_bytes=gib) == 1024   # soft-capped: two blocks
+    assert chunk_rows(8192, 32000, 4096, budget_bytes=gib // 4) == 2048
+    assert chunk_rows(64, 51, 4096, budget_bytes=32 * 51 * 4) == 32
+    assert chunk_rows(64, 51, 4096, budget_bytes=1) == 1                # at least one row
+
+
+def test_chunk_rows_default_budget_and_override(monkeypatch):
+    from witscale.parallel import cross_entropy
+
+    monkeypatch.delenv("WITSCALE_LOSS_BLOCK_MIB", raising=False)
+    assert cross_entropy.logits_block_bytes() == cross_entropy.DEFAULT_LOGITS_BLOCK_MIB * 2 ** 20 == 2 ** 30
+    monkeypatch.setenv("WITSCALE_LOSS_BLOCK_MIB", "256")
+    assert chunk_rows(8192, 32000, 4096) == 2048
+    for bad in ("x", "0", "-1", "nan"):
+        monkeypatch.setenv("WITSCALE_LOSS_BLOCK_MIB", bad)
+        with pytest.raises(ValueError, match="WITSCALE_LOSS_BLOCK_MIB"):
+            cross_entropy.logits_block_bytes()
+
+
+@pytest.mark.parametrize("softcap", [None, CAP])
+def test_chunks_follow_the_budget_and_results_do_not_depend_on_it(monkeypatch, softcap):
+    """A budget of 32 fp32 logits rows over 64 tokens runs the loss in 2 chunks (16 rows each with the soft
+    cap's second block), 8 rows in 8 chunks; all give the one-chunk result (fp64 to rounding; the LM-head
+    gradient, accumulated in fp32, to fp32 rounding)."""
+    from witscale.parallel import cross_entropy
+
+    tokens = 64
+    h, w, t, wt, c = make_problem(seed=3, tokens=tokens)
+    seen = []
+    real_apply = cross_entropy._FusedLinearWeightedCE.apply
+    monkeypatch.setattr(cross_entropy._FusedLinearWeightedCE, "apply",
+                        lambda *a: seen.append(a[7]) or real_apply(*a))
+    results = {}
+    for rows in (tokens, 32, 8):
+        monkeypatch.setenv("WITSCALE_LOSS_BLOCK_MIB", repr(rows * VOCAB * 4 / 2 ** 20))
+        stats, dh, dw, _ = run_fused(h, w, t, wt, c, dtype=torch.float64, chunk=4096, softcap=softcap)
+        blocks = 2 if softcap else 1
+        assert seen[-1] == rows // blocks
+        assert -(-tokens // seen[-1]) == tokens * blocks // rows       # the number of chunks
+        results[rows] = (stats.weighted_sum.detach(), stats.token_nll, stats.class_nll_sum, dh, dw)
+    for rows in (32, 8):
+        *exact, dw = results[rows]
+        for got, want in zip(exact, results[tokens]):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+        # the LM-head gradient is accumulated in fp32 whatever the inputs (the module docstring): equal to
+        # fp32 rounding of its largest entry
+        want = results[tokens][-1]
+        torch.testing.assert_close(dw, want, rtol=0, atol=1e-6 * float(want.abs().max()))
 
 
 def test_normalization_counts():
@@ -327,9 +375,10 @@ def test_softcap_zero_weights_padding_and_arguments():
 
 
 def test_softcap_halves_the_automatic_chunk():
-    assert chunk_rows(8192, 4096, 32000, 4096, blocks=2) == 512          # 1024 uncapped
-    assert chunk_rows(16384, 4096, 16000, 4096, blocks=2) == 2048        # 4096 uncapped
-    assert chunk_rows(37, 16, 51, 8, blocks=2) == 8
+    gib = 2 ** 30
+    assert chunk_rows(8192, 32000, 4096, blocks=2, budget_bytes=gib) == 4096      # 8192 uncapped, at the cap
+    assert chunk_rows(16384, 16000, 16384, blocks=2, budget_bytes=gib) == 8192   # 16384 uncapped
+    assert chunk_rows(37, 51, 8, blocks=2, budget_bytes=gib) == 8
 
 
 def test_softcap_head_logits_path():

@@ -29,8 +29,14 @@ stop the others, and the exit code is 1 if any check failed:
 reference runs, ``pytest -m gpu --collect-only``, bench_gpu on a tiny model on the CPU — and marks the
 CUDA-only checks "skipped" with reason "dry run" (tests/test_gpu_check.py runs exactly that in CI).
 Without ``--dry-run`` on a machine without CUDA, the CUDA checks fail: this command exists to prove the GPU
-path. ``--steps a,c`` runs a subset. ``--budget-s`` bounds the whole check: each subprocess gets at most
-the time left.
+path. ``--steps a,c`` runs a subset.
+
+Order and budget (``PHASES``): the steps run as a (quick: versions, GPU, varlen_attn, auto backend) → d
+(the benchmark, about half of the budget) → a's FusedAdam build → c → a's soft-capping compiles → b, so that the
+benchmark is measured even when the compiles are slow. ``--budget-s`` (default 470) is shared among them:
+each phase gets its share of the time still left (printed as it starts), each subprocess at most that; a
+phase with no time left is recorded "out of time" (the run fails). The JSON report is rewritten after
+every check, so a run killed from outside still leaves what it measured.
 """
 from __future__ import annotations
 
@@ -53,6 +59,19 @@ sys.path.insert(0, ROOT)
 
 STEPS = {"a": "environment", "b": "pytest_gpu", "c": "training", "d": "bench_gpu"}
 STAGES = (0, 2, 3)
+# The order the checks run in, and each phase's share of --budget-s. The benchmark — what the check exists to
+# measure — runs first with the largest share; FusedAdam's JIT build right before the training runs that
+# use it; the soft-capping (flex) compiles and the long GPU test list last. A phase's budget is its share of
+# the time still left (so time a phase leaves unused goes to the later ones); a phase with no time left
+# is recorded "out of time", which fails the run, and the report on disk is rewritten after every check.
+PHASES = (  # (step, phase, share, its checks)
+    ("a", "environment", 0.04, ("versions", "gpu", "varlen_attn", "witscale_attention_auto")),
+    ("d", "bench_gpu", 0.46, ("tiny_cpu", "gpu")),
+    ("a", "fused_adam", 0.14, ("fused_adam",)),     # a JIT build takes about a minute
+    ("c", "training", 0.22, ("data",) + tuple(f"{k}_zero{s}" for k in ("cpu", "gpu") for s in STAGES)),
+    ("a", "softcap_gemma2", 0.06, ("softcap_gemma2",)),
+    ("b", "pytest_gpu", 0.08, ("collect", "run")),
+)
 DRY = "dry run"
 
 # bf16 against fp32, per-step training loss, relative: bf16 keeps 8 significant bits (unit roundoff
@@ -94,12 +113,25 @@ def tail(text: str, n: int = 3000) -> str:
 class Report:
     def __init__(self, args):
         self.args = args
-        self.t0 = time.perf_counter()
-        self.deadline = self.t0 + args.budget_s
         import torch
         self.cuda = torch.cuda.is_available()
+        self.t0 = time.perf_counter()           # the budget is the checks' (torch's import is before it)
+        self.deadline = self.t0 + args.budget_s
+        self.step_deadline = self.deadline
         self.data = {"tool": "tools/gpu_check.py", "format": 1, "argv": sys.argv[1:], "dry_run": args.dry_run,
-                     "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "steps": {}}
+                     "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "complete": False, "budget_s": args.budget_s,
+                     "phases": [], "out_of_time": [], "steps": {}}
+
+    def save(self) -> None:
+        """Write the report as it stands (aside, then renamed into place): a run killed by an outer timeout
+        still leaves every check finished so far."""
+        out = os.path.abspath(self.args.output)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        tmp = out + ".partial"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.data, f, indent=1, default=str)
+            f.write("\n")
+        os.replace(tmp, out)
 
     def cuda_check(self, step: dict, name: str, fn) -> dict:
         """A check that needs CUDA: skipped in a dry run, failed at once where CUDA is not available."""
@@ -113,12 +145,15 @@ class Report:
         return self.check(step, name, fn)
 
     def left(self, cap: float) -> float:
-        """Seconds a subprocess may take: ``cap``, or what is left of the budget (at least 10)."""
-        return max(10.0, min(cap, self.deadline - time.perf_counter()))
+        """Seconds a subprocess may take: ``cap``, or what is left of the current phase's budget (at least 10)."""
+        return max(10.0, min(cap, self.step_deadline - time.perf_counter()))
 
     def step(self, letter: str) -> dict:
-        rec = {"id": letter, "name": STEPS[letter], "status": "skipped", "checks": {}}
-        self.data["steps"][STEPS[letter]] = rec
+        """The step's record (created on first use: step a's checks run in three phases)."""
+        rec = self.data["steps"].get(STEPS[letter])
+        if rec is None:
+            rec = {"id": letter, "name": STEPS[letter], "status": "skipped", "checks": {}}
+            self.data["steps"][STEPS[letter]] = rec
         return rec
 
     def check(self, step: dict, name: str, fn, *, skip: str | None = None) -> dict:
@@ -138,6 +173,7 @@ class Report:
                        "traceback": tail(traceback.format_exc(), 4000)}
             rec["wall_s"] = round(time.perf_counter() - t0, 2)
         step["checks"][name] = rec
+        self.save()
         if rec["status"] == "failed":
             step["status"] = "failed"
         elif rec["status"] == "passed" and step["status"] == "skipped":
@@ -147,7 +183,9 @@ class Report:
     def finish(self) -> dict:
         steps = self.data["steps"]
         failed = [n for n, s in steps.items() if s["status"] == "failed"]
-        self.data.update(ok=not failed, failed_steps=failed, wall_s=round(time.perf_counter() - self.t0, 1))
+        # A check the budget left no time for decides nothing: the run is not OK.
+        self.data.update(ok=not failed and not self.data["out_of_time"], failed_steps=failed, complete=True,
+                         wall_s=round(time.perf_counter() - self.t0, 1))
         return self.data
 
 
@@ -457,14 +495,21 @@ def env_fused_adam(report: Report) -> dict:
 
 
 def step_environment(report: Report) -> None:
+    """Step a's quick part (seconds); FusedAdam's JIT build and the soft-capping compiles run later."""
     step = report.step("a")
     report.check(step, "versions", env_versions)
     gpu = report.cuda_check(step, "gpu", env_gpu)
     on_cuda = gpu["status"] == "passed"
     report.check(step, "varlen_attn", lambda: env_varlen(on_cuda))
     report.check(step, "witscale_attention_auto", lambda: env_witscale_attention(on_cuda))
-    report.cuda_check(step, "softcap_gemma2", env_softcap)
-    report.cuda_check(step, "fused_adam", lambda: env_fused_adam(report))
+
+
+def step_fused_adam(report: Report) -> None:
+    report.cuda_check(report.step("a"), "fused_adam", lambda: env_fused_adam(report))
+
+
+def step_softcap(report: Report) -> None:
+    report.cuda_check(report.step("a"), "softcap_gemma2", env_softcap)
 
 
 # ------------------------------------------------------------------------------------------- b: pytest -m gpu
@@ -790,6 +835,11 @@ def summarize(data: dict) -> str:
         lines.append(f"  {s['id']} {name:<12} {s['status']:<7} " + "; ".join(b for b in bits if b))
         for f in failed:
             lines.append(f"      FAILED {f}")
+    if data.get("out_of_time"):
+        lines.append(f"  out of time (--budget-s {data['budget_s']:g}): {', '.join(data['out_of_time'])}")
+    lines.append("  budgets: " + ", ".join(f"{ph['phase']} {ph['budget_s']:.0f} s"
+                                         + (f" (took {ph['wall_s']:.0f})" if "wall_s" in ph else "")
+                                         for ph in data.get("phases", [])))
     return "\n".join(lines)
 
 
@@ -801,7 +851,8 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one, removed)")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory")
     p.add_argument("--budget-s", type=float, default=470.0,
-                   help="overall time budget; each subprocess gets at most what is left (default 470)")
+                   help="overall time budget, shared among the phases (PHASES; the benchmark first, with ~half); "
+                        "each subprocess gets at most its phase's budget (default 470)")
     args = p.parse_args(argv)
     names = {v: k for k, v in STEPS.items()}
     wanted = []
@@ -816,26 +867,40 @@ def main(argv=None) -> int:
 
     report = Report(args)
     report.data["workdir"] = args.workdir
+    runners = {"environment": step_environment, "bench_gpu": step_bench, "fused_adam": step_fused_adam,
+               "training": lambda r: step_training(r, fused_adam_failed=r.data["steps"].get("environment", {})
+                                                   .get("checks", {}).get("fused_adam", {}).get("status") == "failed"),
+               "softcap_gemma2": step_softcap, "pytest_gpu": step_pytest}
+    phases = [ph for ph in PHASES if ph[0] in wanted]
     try:
-        if "a" in wanted:
-            step_environment(report)
-        if "b" in wanted:
-            step_pytest(report)
-        if "c" in wanted:
-            fa = report.data["steps"].get("environment", {}).get("checks", {}).get("fused_adam", {})
-            step_training(report, fused_adam_failed=fa.get("status") == "failed")
-        if "d" in wanted:
-            step_bench(report)
+        for i, (letter, phase, share, checks) in enumerate(phases):
+            now = time.perf_counter()
+            remaining = report.deadline - now
+            budget = max(0.0, remaining) * share / sum(ph[2] for ph in phases[i:])
+            rec = {"step": letter, "phase": phase, "budget_s": round(budget, 1)}
+            report.data["phases"].append(rec)
+            if remaining < 1.0:
+                print(f"[gpu_check] {letter} {phase}: out of time, skipped", flush=True)
+                rec["status"] = "out of time"
+                report.data["out_of_time"].append(phase)
+                step = report.step(letter)
+                for name in checks:
+                    if name not in step["checks"]:
+                        report.check(step, name, None, skip="out of time")
+                continue
+            print(f"[gpu_check] {letter} {phase}: budget {budget:.0f} s", flush=True)
+            report.step_deadline = now + budget
+            runners[phase](report)
+            rec["wall_s"] = round(time.perf_counter() - now, 1)
+            rec["status"] = "over budget" if rec["wall_s"] > budget else "done"
+            report.save()
     except BaseException as e:      # noqa: BLE001 — the report is written whatever happens
         report.data["crash"] = f"{type(e).__name__}: {e}\n{tail(traceback.format_exc(), 4000)}"
         report.data["steps"].setdefault("crash", {"id": "-", "name": "crash", "status": "failed", "checks": {}})
     finally:
         data = report.finish()
+        report.save()
         out = os.path.abspath(args.output)
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        with open(out, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, default=str)
-            f.write("\n")
         if own_workdir and not args.keep:
             shutil.rmtree(args.workdir, ignore_errors=True)
     print(summarize(data) + f"\nreport: {out}", flush=True)

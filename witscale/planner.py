@@ -172,7 +172,7 @@ def activation_memory(shape: ModelShape, *, tokens: int, tp: int = 1, layers: in
     per_token_kept = layers * (e * h if activation_checkpointing else layer)
     kept = in_flight * tokens * (per_token_kept + rope)
     v_local = math.ceil(shape.vocab_size / tp)
-    chunk = chunk_rows(tokens, h, v_local, loss_chunk)
+    chunk = chunk_rows(tokens, v_local, loss_chunk)
     logits_chunk = chunk * v_local * (4 + (e if e < 4 else 0))    # fp32 logits, and their copy in the training dtype
     if e < 4:                               # the head's gradient is multiplied in the training dtype by vocabulary block
         logits_chunk += min(v_local, _GRAD_W_BLOCK) * h * e

@@ -215,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dist-timeout", type=float, default=30.0, metavar="MINUTES",
                    help="collective timeout (NCCL/gloo) in minutes; a rank that fails ends the job at once "
                         "whatever this is (default 30: long enough for a 70B checkpoint write between barriers)")
+    g.add_argument("--peak-tflops", type=float, default=None, metavar="TFLOPS",
+                   help="the GPU's dense bf16 peak for MFU (default: by exact GPU model; unknown cards log no MFU)")
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     g.add_argument("--log-level", default="INFO")
     return p
@@ -262,7 +264,9 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
                             ("--max-steps", cfg.max_steps, cfg.max_steps is None or cfg.max_steps >= 1),
                             ("--epochs", cfg.epochs, cfg.epochs is None or cfg.epochs > 0),
                             ("--clip-grad", cfg.clip_grad, cfg.clip_grad is None or cfg.clip_grad >= 0),
-                            ("--dist-timeout", cfg.dist_timeout, cfg.dist_timeout > 0 and math.isfinite(cfg.dist_timeout))):
+                            ("--dist-timeout", cfg.dist_timeout, cfg.dist_timeout > 0 and math.isfinite(cfg.dist_timeout)),
+                            ("--peak-tflops", cfg.peak_tflops,
+                             cfg.peak_tflops is None or (cfg.peak_tflops > 0 and math.isfinite(cfg.peak_tflops)))):
         if not ok:
             raise UsageError(f"{flag} {value} is out of range")
 
@@ -509,7 +513,7 @@ def train_loop(plan: Plan, topo, module):
                       normalization=cfg.normalization, lr=cfg.lr, weight_decay=cfg.weight_decay,
                       betas=cfg.adam_betas, eps=cfg.adam_eps, total_steps=plan.total_steps,
                       warmup_ratio=cfg.warmup_ratio, activation_checkpointing=plan.activation_checkpointing,
-                      dpo=dpo_settings(cfg))
+                      dpo=dpo_settings(cfg), peak_tflops=cfg.peak_tflops)
     ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
     fingerprints = {"data_fingerprint": checkpoint.data_fingerprint(plan.dataset.manifest),
                     "model_fingerprint": checkpoint.model_fingerprint(plan.model_config)}

@@ -40,7 +40,8 @@ the forward: 4·L²·d_attn. Total 6·n_layers·d_attn·L² per document (PaLM's
 for the causal mask; recomputation in backward — FlashAttention's QKᵀ, activation checkpointing — is
 not counted: model FLOPs, not hardware FLOPs). GQA changes none of this (FLOPs follow the query heads).
 MFU = (6·N·real_tokens + Σ_docs 6·n_layers·d_attn·L²) / time / peak, the peak being the GPU's dense
-bf16 figure (H100/H200 SXM: 989e12; ``--peak-flops`` overrides). The same useful FLOPs are credited to
+bf16 figure by exact GPU model (witscale/training/peak_flops.py, the trainer's table; ``--peak-flops``
+overrides; an unknown card gets no MFU). The same useful FLOPs are credited to
 every system (the same documents), so padding is never counted as work.
 
 Output: a human summary on stderr and ONE JSON line on stdout (also written to ``--output``) with each
@@ -67,6 +68,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from witscale.model.shape import ModelShape  # noqa: E402
+from witscale.training.peak_flops import peak_bf16_flops  # noqa: E402
 
 LLAMA_32_1B = dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
                    num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
@@ -77,8 +79,6 @@ LLAMA_32_1B = dict(model_type="llama", vocab_size=128256, hidden_size=2048, inte
 TINY = dict(model_type="llama", vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-5,
             rope_theta=500000.0, tie_word_embeddings=True, initializer_range=0.02, bos_token_id=1, eos_token_id=2)
-# Dense bf16 peak FLOP/s (datasheet, no sparsity), matched against the device name.
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
 # Lengths (the module docstring): Alpaca-like prompt and response token counts.
 TEMPLATE_TOKENS, PROMPT_MEDIAN, PROMPT_SIGMA, RESPONSE_MEDIAN, RESPONSE_SIGMA = 40, 30.0, 0.8, 110.0, 0.9
 TARGET_MFU, TARGET_SPEEDUP = 0.40, 1.5
@@ -444,7 +444,7 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"--systems: unknown {sorted(unknown)}")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    args.peak = args.peak_flops or (next((v for k, v in PEAK_BF16.items() if k in device_name), None)
+    args.peak = args.peak_flops or (peak_bf16_flops(device_name)
                                     if device.type == "cuda" and dtype == torch.bfloat16 else None)
     torch.manual_seed(args.seed)
     if device.type == "cpu":

@@ -84,7 +84,7 @@ def _case(method: str, tokens: int, hidden: int, vocab: int, repeats: int, softc
         cpu.append(time.process_time() - c0)
     return {"method": method, "vocab": vocab, "loss": loss, "time_s": min(times), "cpu_s": min(cpu),
             "peak_bytes": peak, "extra_bytes": peak - grads,
-            "chunk": tokens if method == "naive" else chunk_rows(tokens, hidden, vocab, 4096,
+            "chunk": tokens if method == "naive" else chunk_rows(tokens, vocab, 4096,
                                                                  blocks=2 if method == "capped" else 1)}
 
 

@@ -16,8 +16,8 @@ Final-logit soft-capping (Gemma-2: ``final_logit_softcapping``; ``logit_softcap=
 z' = c·tanh(z / c) instead of z, so nll_t = logsumexp(z'_t) − z'_t[y_t], and the chain rule adds one
 factor per logit: dz = dz' · (1 − tanh²(z / c)). Per chunk, ``tanh(z / c)`` is computed in place in the
 logits block and kept beside a second block holding z' (then its softmax gradient), so a capped chunk
-holds two [chunk × V_local] fp32 blocks while gradients are computed (``chunk_rows`` halves the automatic
-chunk for it: the same memory bound); without gradients it stays one block. Padded vocabulary rows are
+holds two [chunk × V_local] fp32 blocks while gradients are computed (``chunk_rows`` halves the
+chunk for it: the same memory budget); without gradients it stays one block. Padded vocabulary rows are
 set to −inf AFTER the cap (tanh would otherwise map them to −c, a real probability).
 
 Why gradients are computed during the forward pass: the output is linear in its (scalar) upstream
@@ -43,6 +43,8 @@ micro-batches of all data-parallel ranks; docs/objective.md#global-denominator),
 """
 from __future__ import annotations
 
+import math
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -51,7 +53,11 @@ import torch.distributed as dist
 from witscale.data.classes import NUM_CLASSES
 from witscale.data.weighting import IGNORE_INDEX, NORMALIZATIONS  # the objective's names, defined once
 _GRAD_W_BLOCK = 8192     # vocabulary rows per bf16 weight-gradient product (bounds its temporary)
-MIN_AUTO_CHUNK = 512     # smaller chunks make the per-chunk matmuls less efficient (and tp>1 sends more messages)
+# The fp32 logits block's memory budget, which sets the rows per chunk (``chunk_rows``). Every chunk reads and
+# adds into the [V_local × H] fp32 LM-head gradient once, so fewer, larger chunks cut that traffic (512-row
+# chunks of a 4k-token row at V=128k, H=2048 made 8 passes over a 1 GiB buffer); 1 GiB is small beside an
+# 80 GB GPU. WITSCALE_LOSS_BLOCK_MIB overrides it (read at each call), e.g. lower on a small-memory device.
+DEFAULT_LOGITS_BLOCK_MIB = 1024
 
 
 class LossStats(NamedTuple):
@@ -72,14 +78,27 @@ def normalization_counts(targets: torch.Tensor, weights: torch.Tensor) -> dict[s
     return {"nonzero": (w > 0).sum().double(), "weight_sum": w.sum(), "tokens": predicted.sum().double()}
 
 
-def chunk_rows(tokens: int, hidden: int, v_local: int, chunk_size: int, blocks: int = 1) -> int:
-    """Tokens per chunk: at most ``chunk_size``, and fewer when the ``blocks`` [chunk × V_local] fp32 blocks
-    alive per chunk (2 for a soft-capped loss with gradients, else 1) would be larger than the hidden states
-    [T × H] themselves (Liger's rule: the loss then never needs more than about one more copy of the
-    activations it consumes), but not below MIN_AUTO_CHUNK."""
-    budget = max(MIN_AUTO_CHUNK, (tokens * hidden) // max(1, v_local * blocks))
-    budget = 1 << (budget.bit_length() - 1)             # a power of two (≥ MIN_AUTO_CHUNK): steady matmul shapes
-    return max(1, min(int(chunk_size), budget, tokens))
+def logits_block_bytes() -> int:
+    """The fp32 logits block's budget in bytes: WITSCALE_LOSS_BLOCK_MIB, else DEFAULT_LOGITS_BLOCK_MIB."""
+    raw = os.environ.get("WITSCALE_LOSS_BLOCK_MIB", "").strip()
+    try:
+        mib = float(raw) if raw else DEFAULT_LOGITS_BLOCK_MIB
+    except ValueError:
+        raise ValueError(f"WITSCALE_LOSS_BLOCK_MIB={raw!r} is not a number of MiB") from None
+    if not (mib > 0 and math.isfinite(mib)):
+        raise ValueError(f"WITSCALE_LOSS_BLOCK_MIB={raw!r} must be a positive number of MiB")
+    return int(round(mib * 2 ** 20))
+
+
+def chunk_rows(tokens: int, v_local: int, chunk_size: int, blocks: int = 1,
+               budget_bytes: Optional[int] = None) -> int:
+    """Tokens per chunk: as many as the ``blocks`` [chunk × V_local] fp32 blocks alive per chunk (2 for a
+    soft-capped loss with gradients, else 1) fit in ``budget_bytes`` (default ``logits_block_bytes()``),
+    rounded down to a power of two (steady matmul shapes), at most ``chunk_size`` and ``tokens``."""
+    budget = logits_block_bytes() if budget_bytes is None else int(budget_bytes)
+    rows = max(1, budget // (4 * max(1, v_local) * blocks))
+    rows = 1 << (rows.bit_length() - 1)
+    return max(1, min(int(chunk_size), rows, tokens))
 
 
 def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
@@ -195,7 +214,7 @@ def fused_weighted_cross_entropy(hidden: torch.Tensor, lm_weight: torch.Tensor, 
     the weight of each predicted token (0 masks it); target_classes [T] the class of each predicted token
     (per-class NLL for logging; None = all class 0). ``true_vocab_size``: rows of global id ≥ it are
     padding and get probability 0 (default: no padding, V_local × tp). ``chunk_size``: the most tokens per
-    chunk (see ``chunk_rows``: fewer when the logits block would outgrow the hidden states).
+    chunk (see ``chunk_rows``: fewer when the fp32 logits block would outgrow its memory budget).
     ``logit_softcap``: c > 0 to take the softmax of c·tanh(logits / c) (Gemma-2's final-logit soft-capping);
     None (or 0, as HF configs write "off") for plain logits.
     """
@@ -221,7 +240,7 @@ def fused_weighted_cross_entropy(hidden: torch.Tensor, lm_weight: torch.Tensor, 
     grad_on = torch.is_grad_enabled()
     need_h, need_w = grad_on and hidden.requires_grad, grad_on and lm_weight.requires_grad
     blocks = 2 if softcap is not None and (need_h or need_w) else 1
-    rows = chunk_rows(hidden.shape[0], h_dim, lm_weight.shape[0], chunk_size, blocks)
+    rows = chunk_rows(hidden.shape[0], lm_weight.shape[0], chunk_size, blocks)
     weighted_sum, nll = _FusedLinearWeightedCE.apply(hidden, lm_weight, targets, weights, group, vocab_start,
                                                      true_vocab_size, rows, need_h, need_w, softcap)
     # Per-class sums without boolean indexing (its output size is data-dependent: a host sync on a GPU):

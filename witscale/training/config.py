@@ -74,6 +74,7 @@ class RunConfig:
     activation_checkpointing: str = "auto"    # auto | on | off (resolved by witscale/train.py)
     attention: str = "auto"
     dist_timeout: float = 30.0
+    peak_tflops: Optional[float] = None    # the GPU's dense bf16 peak for MFU (None: training/peak_flops.py)
     log_level: str = "INFO"
 
     def __post_init__(self):

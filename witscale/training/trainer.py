@@ -53,6 +53,7 @@ from witscale.training.dpo import DPO_SUMS, DPOLoss, DPOSettings, ReferenceLogps
 from witscale.training.faults import nonfinite_weight
 from witscale.training.guard import NonFiniteError
 from witscale.training.optim import GlobalNormClipping, cosine_with_warmup, param_groups
+from witscale.training.peak_flops import device_peak_flops
 from witscale.model.shape import ModelShape
 from witscale.model.state import dense_state_dict
 
@@ -90,17 +91,6 @@ class StepResult:
         out.update({f"nll_{name}": v for name, v in self.class_nll.items()})
         out.update(self.dpo)
         return out
-
-
-# Dense bf16 peak FLOP/s by GPU name (datasheet figures, no sparsity); MFU is reported only for these.
-_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
-
-
-def gpu_peak_flops() -> Optional[float]:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((peak for key, peak in _PEAK_BF16.items() if key in name), None)
 
 
 # --- the step's statistics: one float64 vector, summed on the device -----------------------------------
@@ -288,8 +278,10 @@ class Trainer:
     def __init__(self, *, module: torch.nn.Module, ds_config: dict, loader: PackedLoader, topo,
                  normalization: str, lr: float, weight_decay: float, betas, eps: float,
                  total_steps: int, warmup_ratio: float, activation_checkpointing: bool = False,
-                 dpo: Optional[DPOSettings] = None, optimizer_state: bool = True):
-        """optimizer_state=False: an engine for forward passes only (tools/precompute_reference.py) — no
+                 dpo: Optional[DPOSettings] = None, optimizer_state: bool = True,
+                 peak_tflops: Optional[float] = None):
+        """peak_tflops: the GPU's dense bf16 peak for MFU (default: witscale/training/peak_flops.py's table).
+        optimizer_state=False: an engine for forward passes only (tools/precompute_reference.py) — no
         optimizer, so ZeRO allocates no fp32 master copy, gradient partitions or Adam moments (at 70B under
         ZeRO-3 on 64 GPUs ≈14 GiB per GPU the pass does not need); ``train_step`` is then refused."""
         import deepspeed
@@ -298,6 +290,7 @@ class Trainer:
             raise ValueError(f"unknown normalization {normalization!r} (known: {', '.join(NORMALIZATIONS)})")
         self.topo = topo
         self.loader = loader
+        self.peak_flops = device_peak_flops(peak_tflops)     # None: no MFU (CPU, or a card not in the table)
         self.normalization = normalization
         self.dpo = dpo            # None: SFT (the weighted token loss)
         if dpo is not None:
@@ -352,7 +345,6 @@ class Trainer:
                        else _DenseEngine(self.engine, topo, dpo))
         self.step = 0
         self.skipped_nonfinite: list[int] = []     # steps whose non-finite update was skipped (guard.py)
-        self.peak_flops = gpu_peak_flops()
         # MFU counts model FLOPs: 6 × matmul weights per token plus causal attention's per-document
         # term (ModelShape.training_flops), the same count as tools/bench/bench_gpu.py.
         self.shape = ModelShape.from_config(module.config)
