@@ -79,6 +79,11 @@ wit_defaults() {
         MASTER_ADDR=$(scontrol show node "$head" -o 2>/dev/null | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
         : "${MASTER_ADDR:=$head}"
     fi
+    # DeepSpeed's FusedAdam JIT-builds into a per-job, node-local directory: no torch FileBaton lock shared
+    # with other jobs (a killed build's lock stalls every later one), no NFS. The trainer builds it before the
+    # model loads, bounded by WITSCALE_EXT_BUILD_TIMEOUT_S; DS_BUILD_FUSED_ADAM=1 at install time skips it.
+    : "${TORCH_EXTENSIONS_DIR:=${TMPDIR:-/tmp}/witscale-ext-${SLURM_JOB_ID:-$$}}"
+    export TORCH_EXTENSIONS_DIR
     # A port per job, so that jobs sharing a node do not collide (an array's tasks have distinct ids).
     : "${MASTER_PORT:=$((20000 + ${SLURM_JOB_ID:-0} % 20000))}"
     export WITSCALE_HOME PYTHON LAUNCHER NNODES NPROC_PER_NODE MASTER_ADDR MASTER_PORT

@@ -378,12 +378,12 @@ def run(args: argparse.Namespace | RunConfig):
 
     from witscale.parallel.topology import Topology
     from witscale.training.build import build_module
-    from witscale.training.distributed import PeerFailureWatch, init_distributed, world_size_from_env
+    from witscale.training.distributed import PeerFailureWatch, world_size_from_env
 
     config = args if isinstance(args, RunConfig) else RunConfig.from_args(args)
     world = dist.get_world_size() if dist.is_initialized() else world_size_from_env()
     plan = plan_run(config, world)
-    init_distributed(timeout_minutes=config.dist_timeout)
+    plan = replace(plan, ds_config=_choose_optimizer(plan.ds_config, world, config.dist_timeout))
     watch = PeerFailureWatch() if world > 1 else None
     topo = Topology(plan.dims)
     if dist.get_rank() == 0:
@@ -396,6 +396,27 @@ def run(args: argparse.Namespace | RunConfig):
     if watch is not None:
         watch.stop()        # from here on, rank 0 (the store's host) may leave first
     return result
+
+
+def _choose_optimizer(ds_config: dict, world: int, dist_timeout: float) -> dict:
+    """Build DeepSpeed's FusedAdam now, bounded, before any model loads (witscale/training/optim.py
+    ``prepare_optimizer``); starts the process group. If any rank cannot have it, every rank trains with torch's
+    fused AdamW (the ranks must agree: one optimizer for the whole ZeRO group)."""
+    import torch.distributed as dist
+
+    from witscale.training.build import training_device
+    from witscale.training.distributed import any_rank, init_distributed
+    from witscale.training.optim import prepare_optimizer
+
+    chosen, why = prepare_optimizer(ds_config, log)
+    init_distributed(timeout_minutes=dist_timeout)
+    if not (any_rank(why is not None, training_device()) if world > 1 else why is not None):
+        return chosen
+    if why is not None and int(os.environ.get("LOCAL_RANK", "0")) == 0:     # one line per node
+        log.warning(f"{why}: training with torch's fused AdamW instead")
+    elif why is None and dist.get_rank() == 0:
+        log.warning("another node cannot build DeepSpeed's FusedAdam: every rank trains with torch's fused AdamW")
+    return {k: v for k, v in ds_config.items() if k != "optimizer"}
 
 
 def train_loop(plan: Plan, topo, module):
@@ -529,6 +550,7 @@ def main(argv=None) -> int:
     if rank_from_env() != 0:
         log.setLevel(logging.WARNING)
     from witscale.training.checkpoint import CheckpointError
+    from witscale.training.optim import ExtensionBuildError
     try:
         run(args)
     except UsageError as e:     # before any process group exists
@@ -536,6 +558,8 @@ def main(argv=None) -> int:
         return 2
     except CheckpointError as e:
         fail_fast(2, f"error: {e}")
+    except ExtensionBuildError as e:
+        fail_fast(1, f"error: {e}")
     except BaseException:       # noqa: BLE001 - KeyboardInterrupt and SystemExit too
         # Never wait in a barrier for ranks that may be stuck in a collective with this one: print the
         # traceback now and leave; the launcher then ends the other ranks within seconds.

@@ -80,6 +80,13 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def any_rank(flag: bool, device) -> bool:
+    """Collective: True on every rank if ``flag`` is True on any (one all-reduce MAX on ``device``)."""
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 _FAILED_KEY = "witscale/failed_rank"
 
 
