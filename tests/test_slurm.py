@@ -37,6 +37,16 @@ def test_scripts_pass_shellcheck():
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+def test_templates_pass_their_signal_lead_to_the_trainer():
+    """WITSCALE_SIGNAL_LEAD_S (the trainer warns when a save takes more than half of it) equals --signal's lead."""
+    import re
+    for name in ("train_7b.sh", "train_70b.sh"):
+        text = open(os.path.join(REPO_ROOT, "slurm", name), encoding="utf-8").read()
+        lead = re.search(r"^#SBATCH --signal=B:USR1@(\d+)$", text, re.M).group(1)
+        assert re.search(rf"^export WITSCALE_SIGNAL_LEAD_S={lead}\b", text, re.M), name
+    assert lead == "1200"      # 70B: 2 × (0.97 TB / 1.6 GB/s), the arithmetic in train_70b.sh
+
+
 # ------------------------------------------------------------------------------------------------- the cluster
 @pytest.fixture(scope="session")
 def slurm_cluster():

@@ -448,16 +448,24 @@ def train_loop(plan: Plan, topo, module):
     ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
     fingerprints = {"data_fingerprint": checkpoint.data_fingerprint(plan.dataset.manifest),
                     "model_fingerprint": checkpoint.model_fingerprint(plan.model_config)}
+    if dist.get_rank() == 0:        # a save killed last time (preemption overran): its partial tag goes
+        checkpoint._prune(checkpoint.retire_partial_tags(ckpt_root))
     if cfg.resume:
         where = trainer.resume(cfg.resume, ckpt_root, allow_data_change=cfg.allow_data_change, **fingerprints)
         log.info(f"resumed from {where} at step {trainer.step}" if where
                  else "--resume auto: no checkpoint yet, starting fresh")
 
+    save_times = []
+
     def save():
+        started = time.monotonic()
         if slow_save_seconds():
             time.sleep(slow_save_seconds())      # test-only (witscale/training/faults.py)
         trainer.save_checkpoint(ckpt_root, cfg.keep_checkpoints, args={k: str(v) for k, v in cfg.as_dict().items()},
                                 **fingerprints)
+        save_times.append(time.monotonic() - started)
+        if len(save_times) == 1 and dist.get_rank() == 0:
+            _check_signal_lead(save_times[0])
 
     def evaluate_now(final: bool) -> bool:
         every = cfg.eval_steps and trainer.step % cfg.eval_steps == 0
@@ -475,15 +483,19 @@ def train_loop(plan: Plan, topo, module):
             metrics.write(result.as_dict())
             if evaluate_now(final=False):
                 metrics.write(trainer.evaluate(eval_loader))
-            if preemption.agreed(device=trainer.device):
-                log.warning(f"preemption signal ({preemption.signal_names() or 'on another rank'}): "
-                            f"checkpointing at step {trainer.step} and exiting")
-                save()
-                preempted = True
-                break
             if cfg.save_steps and trainer.step % cfg.save_steps == 0:
                 save()
                 last_saved = trainer.step
+            # After the step, its evaluation and its save: a signal that came during any of them stops the run
+            # here — no further step, and no second save of a step just saved.
+            if preemption.agreed(device=trainer.device):
+                log.warning(f"preemption signal ({preemption.signal_names() or 'on another rank'}): "
+                            + (f"checkpointing at step {trainer.step} and exiting" if last_saved != trainer.step
+                               else f"step {trainer.step} was just checkpointed; exiting"))
+                if last_saved != trainer.step:
+                    save()
+                preempted = True
+                break
         if not preempted:
             if evaluate_now(final=True):
                 metrics.write(trainer.evaluate(eval_loader))
@@ -496,6 +508,18 @@ def train_loop(plan: Plan, topo, module):
     finally:
         metrics.close()
     return trainer, results
+
+
+def _check_signal_lead(seconds: float) -> None:
+    """Log the first checkpoint's duration; warn when it is within 2× of the preemption lead time
+    (WITSCALE_SIGNAL_LEAD_S, which the Slurm templates set from their --signal=B:USR1@N): a save started
+    by the warning must finish before Slurm's SIGKILL, and Slurm may signal up to 60 s late or early."""
+    lead = float(os.environ.get("WITSCALE_SIGNAL_LEAD_S", "0") or 0)
+    log.info(f"first checkpoint written in {seconds:.1f} s" + (f" (preemption lead {lead:.0f} s)" if lead else ""))
+    if lead and 2 * seconds > lead:
+        log.warning(f"a checkpoint takes {seconds:.0f} s, more than half the preemption lead of {lead:.0f} s "
+                    "(WITSCALE_SIGNAL_LEAD_S, from #SBATCH --signal): a preempted job may be killed in its save; "
+                    "raise --signal=B:USR1@N to at least twice the save time")
 
 
 def _announce(plan: Plan, topo) -> None:

@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import zipfile
@@ -151,6 +152,35 @@ def _retire(root: str, current: str, keep: int) -> list[str]:
                 continue
         if dst not in trash:
             trash.append(dst)
+    return trash
+
+
+_TAG_NAME = re.compile(r"step_\d{8}")
+
+
+def retire_partial_tags(root: str) -> list[str]:
+    """Rank 0, at start: the tag directories a killed save left — witscale's own names (``step_%08d``) without
+    ``witscale_state.json`` and newer than the tag `latest` names (all of them when there is no `latest`) —
+    renamed to ``.deleting.<tag>`` and returned for ``_prune``. Complete tags, older ones and anything else
+    stay (a complete tag newer than `latest` is a fall-back's, docs/checkpoints.md)."""
+    if not os.path.isdir(root):
+        return []
+    try:
+        latest = open(os.path.join(root, LATEST), encoding="utf-8").read().strip()
+    except FileNotFoundError:
+        latest = ""
+    trash = []
+    for tag in sorted(os.listdir(root)):
+        path = os.path.join(root, tag)
+        if (not _TAG_NAME.fullmatch(tag) or tag <= latest or not os.path.isdir(path)
+                or os.path.exists(os.path.join(path, STATE_FILE))):
+            continue
+        dst = os.path.join(root, f"{TRASH_PREFIX}{tag}")
+        if os.path.exists(dst):
+            shutil.rmtree(dst, ignore_errors=True)
+        os.replace(path, dst)
+        log.warning(f"{path}: an incomplete checkpoint (no {STATE_FILE}; a save was killed): removing it")
+        trash.append(dst)
     return trash
 
 
