@@ -2,7 +2,8 @@
 # witscale: Weighted Instruction Tuning of a 70B model on 8 nodes × 8 GPUs.
 #
 #   mkdir -p logs
-#   DATA=packed/alpaca MODEL=/models/llama-2-70b OUTPUT=runs/70b sbatch slurm/train_70b.sh
+#   DATA=packed/alpaca MODEL=/models/llama-2-70b OUTPUT=$SCRATCH/$USER/70b sbatch slurm/train_70b.sh
+#   (OUTPUT defaults to $SCRATCH/$USER/witscale/<job>; one under $HOME is refused: 2-3 TB of checkpoints)
 #   LAYOUT=3d TP=8 PP=4 DATA=… sbatch slurm/train_70b.sh       # Megatron-style TP × PP × DP with ZeRO-1
 #
 # LAYOUT=zero3 (default): ZeRO-3 over all 64 GPUs (optionally TP>1 inside a node), ds_configs/zero3.json.
@@ -50,6 +51,7 @@ esac
 # 70B checkpoints are big: save less often than the 7B default.
 : "${SAVE_STEPS:=100}"
 [ -n "${MAX_STEPS:-}${EPOCHS:-}" ] || EPOCHS=2
+export WIT_LARGE_OUTPUT=1               # common.sh: refuse an OUTPUT under $HOME (WITSCALE_ALLOW_HOME_OUTPUT=1 to force)
 export WITSCALE_SIGNAL_LEAD_S=1200       # = #SBATCH --signal=B:USR1@1200 (the trainer compares its save time with it)
 export LAYOUT DS_CONFIG SAVE_STEPS EPOCHS ACTIVATION_CHECKPOINTING ${TP:+TP} ${PP:+PP}
 

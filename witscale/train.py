@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -168,7 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "CPU. All keep attention inside documents.")
     g.add_argument("--dist-timeout", type=float, default=30.0, metavar="MINUTES",
                    help="collective timeout (NCCL/gloo) in minutes; a rank that fails ends the job at once "
-                        "whatever this is (default 30: long enough for a 70B checkpoint write between barriers)")
+                        "whatever this is (default 30: long enough for a 70B checkpoint write between barriers); "
+                        "after the first step it bounds only checkpoint saves and the export")
+    g.add_argument("--step-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="collective timeout after the first step, outside saves and the export (default 300): a "
+                        "hung rank or node ends the job in minutes, naming the ranks and hosts that stopped")
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     g.add_argument("--log-level", default="INFO")
     return p
@@ -215,7 +220,8 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
                             ("--max-steps", cfg.max_steps, cfg.max_steps is None or cfg.max_steps >= 1),
                             ("--epochs", cfg.epochs, cfg.epochs is None or cfg.epochs > 0),
                             ("--clip-grad", cfg.clip_grad, cfg.clip_grad is None or cfg.clip_grad >= 0),
-                            ("--dist-timeout", cfg.dist_timeout, cfg.dist_timeout > 0 and math.isfinite(cfg.dist_timeout))):
+                            ("--dist-timeout", cfg.dist_timeout, cfg.dist_timeout > 0 and math.isfinite(cfg.dist_timeout)),
+                            ("--step-timeout", cfg.step_timeout, cfg.step_timeout > 0 and math.isfinite(cfg.step_timeout))):
         if not ok:
             raise UsageError(f"{flag} {value} is out of range")
 
@@ -425,7 +431,8 @@ def train_loop(plan: Plan, topo, module):
 
     from witscale.data.loader import PackedLoader
     from witscale.training import checkpoint, preemption
-    from witscale.training.faults import injected, slow_save_seconds
+    from witscale.training.distributed import long_collectives, record_progress, use_step_timeout
+    from witscale.training.faults import first_attempt, injected, slow_save_seconds
     from witscale.training.metrics import MetricsLogger
     from witscale.training.trainer import Trainer
 
@@ -461,8 +468,9 @@ def train_loop(plan: Plan, topo, module):
         started = time.monotonic()
         if slow_save_seconds():
             time.sleep(slow_save_seconds())      # test-only (witscale/training/faults.py)
-        trainer.save_checkpoint(ckpt_root, cfg.keep_checkpoints, args={k: str(v) for k, v in cfg.as_dict().items()},
-                                **fingerprints)
+        with long_collectives():
+            trainer.save_checkpoint(ckpt_root, cfg.keep_checkpoints,
+                                    args={k: str(v) for k, v in cfg.as_dict().items()}, **fingerprints)
         save_times.append(time.monotonic() - started)
         if len(save_times) == 1 and dist.get_rank() == 0:
             _check_signal_lead(save_times[0])
@@ -478,7 +486,12 @@ def train_loop(plan: Plan, topo, module):
         while trainer.step < plan.total_steps:
             if injected("raise_in_step", trainer.step + 1):
                 raise RuntimeError(f"injected fault before step {trainer.step + 1} (WITSCALE_FAULT)")
+            if injected("stop_in_step", trainer.step + 1) and first_attempt():
+                os.kill(os.getpid(), signal.SIGSTOP)       # a hung rank: alive, silent, never joining
             result = trainer.train_step(loader.next_step())
+            record_progress(trainer.step)
+            if len(results) == 0:       # the first step is done: from now on a hung rank is found in minutes
+                use_step_timeout(cfg.step_timeout, cfg.dist_timeout * 60)
             results.append(result)
             metrics.write(result.as_dict())
             if evaluate_now(final=False):
@@ -503,8 +516,9 @@ def train_loop(plan: Plan, topo, module):
                 save()
             if cfg.export_hf:
                 from witscale.training.export import export_from_engine
-                export_from_engine(trainer, plan.model_config, cfg.export_hf, tokenizer_src=cfg.tokenizer or cfg.model,
-                                   dtype=cfg.export_dtype)
+                with long_collectives():
+                    export_from_engine(trainer, plan.model_config, cfg.export_hf,
+                                       tokenizer_src=cfg.tokenizer or cfg.model, dtype=cfg.export_dtype)
     finally:
         metrics.close()
     return trainer, results
@@ -542,7 +556,9 @@ def _announce(plan: Plan, topo) -> None:
                    "weight_table": {CLASS_NAMES[i]: float(w) for i, w in enumerate(plan.weight_table)},
                    "total_steps": plan.total_steps,
                    "layout": {"world": plan.dims.world_size, "tp": plan.dims.tp, "pp": plan.dims.pp,
-                              "dp": plan.dims.dp}}, f, indent=2, default=str)
+                              "dp": plan.dims.dp},
+                   "rendezvous": f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"},
+                  f, indent=2, default=str)
 
 
 def epoch_summary(plan: Plan) -> str:
@@ -568,9 +584,11 @@ def main(argv=None) -> int:
     preemption.install()        # first: SLURM's signal can come before start-up is over
     args = build_parser().parse_args(argv)
     # DeepSpeed logs through the root logger: keep it at WARNING, witscale's own at --log-level.
-    logging.basicConfig(level=logging.WARNING, format="[witscale] %(message)s", stream=sys.stdout)
+    from witscale.training.distributed import fail_fast, node_name, rank_from_env, teardown, world_size_from_env
+    # Every line says where it came from once there are several ranks (one merged Slurm log of 64 ranks).
+    where = f" {node_name().replace('%', '%%')} r{rank_from_env()}" if world_size_from_env() > 1 else ""
+    logging.basicConfig(level=logging.WARNING, format=f"[witscale{where}] %(message)s", stream=sys.stdout)
     log.setLevel(args.log_level.upper())
-    from witscale.training.distributed import fail_fast, rank_from_env, teardown
     if rank_from_env() != 0:
         log.setLevel(logging.WARNING)
     from witscale.training.checkpoint import CheckpointError

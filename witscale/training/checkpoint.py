@@ -28,13 +28,14 @@ import os
 import re
 import shutil
 import threading
+import time
 import zipfile
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from witscale.training.faults import injected
+from witscale.training.faults import injected, slow_conversion_seconds
 
 log = logging.getLogger("witscale")
 
@@ -478,15 +479,22 @@ def _tp_restore_meta(module, tp: int) -> list:
 
 
 def universal_tag(root: str, tag: str) -> str:
-    """Collective: the tag of ``root/tag``'s DeepSpeed universal checkpoint (``<tag>/universal``), converted by
+    """Every rank: the tag of ``root/tag``'s DeepSpeed universal checkpoint (``<tag>/universal``), converted by
     rank 0 with DeepSpeed's ``ds_to_universal`` the first time it is needed (into a temporary directory renamed
-    into place; the others wait in a barrier, which ``--dist-timeout`` must cover) — per-parameter fp32
-    weights and Adam moments that any data-parallel size loads (``checkpoint.load_universal``)."""
+    into place; an interrupted conversion's temporary directory is removed and the conversion starts over) —
+    per-parameter fp32 weights and Adam moments that any data-parallel size loads (``checkpoint.load_universal``).
+    The others wait for the directory to appear, not in a collective: at 70B the conversion reads and writes
+    the whole optimizer state (tens of minutes), longer than any collective timeout should be; if rank 0 fails
+    meanwhile, the PeerFailureWatch ends them (distributed.py)."""
     out = os.path.join(root, tag, UNIVERSAL)
     if dist.get_rank() == 0 and not os.path.isdir(out):
         from deepspeed.checkpoint import ds_to_universal
+        for old in os.listdir(os.path.join(root, tag)):       # left by a conversion killed earlier
+            if old.startswith(f"{UNIVERSAL}.tmp"):
+                shutil.rmtree(os.path.join(root, tag, old), ignore_errors=True)
         tmp = f"{out}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        if slow_conversion_seconds():
+            time.sleep(slow_conversion_seconds())       # test-only (witscale/training/faults.py)
         workers = int(os.environ.get("WITSCALE_UNIVERSAL_WORKERS", "4" if torch.cuda.is_available() else "1"))
         log.warning(f"{os.path.join(root, tag)}: converting to a universal checkpoint for the new layout "
                     f"(DeepSpeed ds_to_universal, {workers} worker(s))")
@@ -495,7 +503,8 @@ def universal_tag(root: str, tag: str) -> str:
                                                 keep_temp_folder=False, strict=True, inject_missing_state=False))
         _wrap_bare_tensors(tmp)
         os.replace(tmp, out)
-    dist.barrier()
+    while not os.path.isdir(out):
+        time.sleep(2)
     return f"{tag}/{UNIVERSAL}"
 
 

@@ -70,6 +70,7 @@ class RunConfig:
     activation_checkpointing: str = "auto"    # auto | on | off (resolved by witscale/train.py)
     attention: str = "auto"
     dist_timeout: float = 30.0
+    step_timeout: float = 300.0          # seconds; collectives after the first step, outside saves/export
     log_level: str = "INFO"
 
     def __post_init__(self):
