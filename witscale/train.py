@@ -456,7 +456,7 @@ def train_loop(plan: Plan, topo, module):
     fingerprints = {"data_fingerprint": checkpoint.data_fingerprint(plan.dataset.manifest),
                     "model_fingerprint": checkpoint.model_fingerprint(plan.model_config)}
     if dist.get_rank() == 0:        # a save killed last time (preemption overran): its partial tag goes
-        checkpoint._prune(checkpoint.retire_partial_tags(ckpt_root))
+        checkpoint.retire_partial_tags(ckpt_root)
     if cfg.resume:
         where = trainer.resume(cfg.resume, ckpt_root, allow_data_change=cfg.allow_data_change, **fingerprints)
         log.info(f"resumed from {where} at step {trainer.step}" if where

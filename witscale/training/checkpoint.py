@@ -163,7 +163,8 @@ def retire_partial_tags(root: str) -> list[str]:
     """Rank 0, at start: the tag directories a killed save left — witscale's own names (``step_%08d``) without
     ``witscale_state.json`` and newer than the tag `latest` names (all of them when there is no `latest`) —
     renamed to ``.deleting.<tag>`` and returned for ``_prune``. Complete tags, older ones and anything else
-    stay (a complete tag newer than `latest` is a fall-back's, docs/checkpoints.md)."""
+    stay (a complete tag newer than `latest` is a fall-back's, docs/checkpoints.md). Deleted in the background
+    (``_prune``), like retired checkpoints."""
     if not os.path.isdir(root):
         return []
     try:
@@ -182,6 +183,7 @@ def retire_partial_tags(root: str) -> list[str]:
         os.replace(path, dst)
         log.warning(f"{path}: an incomplete checkpoint (no {STATE_FILE}; a save was killed): removing it")
         trash.append(dst)
+    _prune(trash)
     return trash
 
 

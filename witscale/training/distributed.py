@@ -174,7 +174,7 @@ def node_name() -> str:
 
 def record_progress(step: int) -> None:
     """After each optimizer step: this rank's step and host in the rendezvous store (one small write), so that
-    a rank whose collective timed out can say which ranks, on which hosts, stopped (``laggards``)."""
+    a rank whose collective timed out can say which ranks, on which hosts, stopped (``hung_ranks``)."""
     store = _default_store()
     if store is not None:
         try:
@@ -216,11 +216,12 @@ def is_collective_failure(exc: Optional[BaseException]) -> bool:
     worth a requeue — rather than a bug in this rank's code."""
     if exc is None:
         return False
-    if isinstance(exc, getattr(dist, "DistError", ())):
+    if isinstance(exc, getattr(dist, "DistError", ())):      # DistBackendError, DistNetworkError, DistStoreError
         return True
+    # older paths raise a plain RuntimeError from gloo/NCCL: recognised by their words
     text = str(exc).lower()
-    return any(k in text for k in ("timed out", "timeout", "connection reset", "connection closed", "nccl error",
-                                   "watchdog", "broken pipe"))
+    return isinstance(exc, RuntimeError) and any(k in text for k in (
+        "timed out", "connection reset", "connection closed", "nccl error", "gloo", "broken pipe"))
 
 
 class PeerFailureWatch:
