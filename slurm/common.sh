@@ -55,8 +55,9 @@ wit_defaults() {
     : "${LAUNCHER:=torchrun}"          # torchrun | deepspeed | srun | srun-mpi | mpirun
     : "${SRUN_MPI:=pmix}"              # plugin for LAUNCHER=srun-mpi (`srun --mpi=list`)
     : "${NNODES:=${SLURM_NNODES:-1}}"
-    # One rank per GPU of the node; 1 where Slurm allocated no GPU.
-    : "${NPROC_PER_NODE:=${SLURM_GPUS_ON_NODE:-1}}"
+    wit_accelerator
+    : "${NPROC_PER_NODE:=$(wit_nproc_per_node)}"
+    [ -n "$NPROC_PER_NODE" ] || exit 2        # wit_nproc_per_node said why
     : "${DS_CONFIG:=ds_configs/zero3.json}"
     : "${PROMPT_WEIGHT:=0}"
     : "${RESPONSE_WEIGHT:=1}"
@@ -71,7 +72,16 @@ wit_defaults() {
     : "${RESUME:=auto}"
     : "${ACTIVATION_CHECKPOINTING:=auto}"  # auto | on | off (auto: where the planner says it is needed; 70B template: on)
     [ -n "${DATA:-}" ] || wit_die "set DATA to a packed dataset directory (tools/pack_dataset.py)"
-    [ -n "${OUTPUT:-}" ] || wit_die "set OUTPUT to the run directory"
+    if [ -z "${OUTPUT:-}" ] && [ -n "${SCRATCH:-}" ]; then
+        OUTPUT=$SCRATCH/${USER:-$(id -un)}/witscale/${SLURM_JOB_NAME:-run}-${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID:-local}}
+    fi
+    [ -n "${OUTPUT:-}" ] || wit_die "set OUTPUT to the run directory (on a scratch filesystem: checkpoints are large; \$SCRATCH/\$USER/witscale/<job> is the default where \$SCRATCH is set)"
+    # A 70B run writes 2-3 TB (two kept checkpoints): never by default into a home directory (quota, backups).
+    if [ "${WIT_LARGE_OUTPUT:-0}" = 1 ] && [ "${WITSCALE_ALLOW_HOME_OUTPUT:-0}" != 1 ] && [ -n "${HOME:-}" ]; then
+        case "$(realpath -m "$OUTPUT")/" in
+            "$(realpath -m "$HOME")"/*) wit_die "OUTPUT=$OUTPUT is under \$HOME: a 70B run writes 2-3 TB of checkpoints; put it on scratch (OUTPUT=\$SCRATCH/…) or set WITSCALE_ALLOW_HOME_OUTPUT=1" ;;
+        esac
+    fi
     [ -n "${MODEL:-}${MODEL_CONFIG:-}" ] || wit_die "set MODEL (HF directory) or MODEL_CONFIG (config.json, random init)"
     : "${GLOBAL_BATCH:=64}"
     wit_require_int NNODES NPROC_PER_NODE TP PP MICRO_BATCH GLOBAL_BATCH
@@ -95,11 +105,48 @@ wit_defaults() {
         MASTER_ADDR=$(scontrol show node "$head" -o 2>/dev/null | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
         : "${MASTER_ADDR:=$head}"
     fi
-    # A port per job, so that jobs sharing a node do not collide (an array's tasks have distinct ids).
+    # DeepSpeed's FusedAdam JIT-builds into a per-job, node-local directory: no torch FileBaton lock shared
+    # with other jobs (a killed build's lock stalls every later one), no NFS. The trainer builds it before the
+    # model loads, bounded by WITSCALE_EXT_BUILD_TIMEOUT_S; DS_BUILD_FUSED_ADAM=1 at install time skips it.
+    : "${TORCH_EXTENSIONS_DIR:=${TMPDIR:-/tmp}/witscale-ext-${SLURM_JOB_ID:-$$}}"
+    export TORCH_EXTENSIONS_DIR
+    # A port per job, so that jobs sharing a node do not collide (an array's tasks have distinct ids), in
+    # 20000-32767: below Linux's ephemeral range (32768-60999, net.ipv4.ip_local_port_range), from which the
+    # kernel hands out the source ports of outgoing connections (NCCL, gloo, the store) — a port there may be
+    # taken by one of them when the store binds.
     local job_id=${SLURM_JOB_ID:-0}
     case "$job_id" in '' | *[!0-9]*) job_id=0 ;; esac
-    : "${MASTER_PORT:=$((20000 + job_id % 20000))}"
+    : "${MASTER_PORT:=$((20000 + job_id % 12768))}"
     export WITSCALE_HOME PYTHON LAUNCHER NNODES NPROC_PER_NODE MASTER_ADDR MASTER_PORT
+}
+
+# DS_ACCELERATOR=cpu only where this node has no GPU: none allocated by Slurm and none that torch sees (a
+# missing nvidia-smi on the batch shell's PATH says nothing). DeepSpeed picks CUDA by itself otherwise.
+wit_accelerator() {
+    [ -z "${DS_ACCELERATOR:-}" ] || return 0
+    if [ "${SLURM_GPUS_ON_NODE:-0}" != 0 ] || { [ -n "${CUDA_VISIBLE_DEVICES:-}" ] && [ "$CUDA_VISIBLE_DEVICES" != NoDevFiles ]; }; then
+        return 0
+    fi
+    if [ "$("$PYTHON" -c 'import torch; print(torch.cuda.is_available())' 2>/dev/null)" != True ]; then
+        export DS_ACCELERATOR=cpu
+    fi
+}
+
+# Ranks per node: one per allocated GPU — SLURM_GPUS_ON_NODE, else SLURM_GPUS_PER_NODE ("8", "h100:8"), else
+# the devices in CUDA_VISIBLE_DEVICES; 1 on a CPU node (DS_ACCELERATOR=cpu). A GPU job that shows none of
+# these is refused in one line rather than started with one rank per node.
+wit_nproc_per_node() {
+    local n=${SLURM_GPUS_ON_NODE:-}
+    if [ -z "$n" ] && [ -n "${SLURM_GPUS_PER_NODE:-}" ]; then n=${SLURM_GPUS_PER_NODE##*:}; fi
+    if [ -z "$n" ] && [ -n "${CUDA_VISIBLE_DEVICES:-}" ] && [ "$CUDA_VISIBLE_DEVICES" != NoDevFiles ]; then
+        n=$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c .)
+    fi
+    if [ -z "$n" ] && [ "${DS_ACCELERATOR:-}" = cpu ]; then n=1; fi
+    if ! [[ "$n" =~ ^[1-9][0-9]*$ ]]; then
+        echo "[witscale-slurm] error: cannot tell how many GPUs this node has (SLURM_GPUS_ON_NODE, SLURM_GPUS_PER_NODE and CUDA_VISIBLE_DEVICES are unset or 0): request them with --gres=gpu:N or --gpus-per-node=N, or set NPROC_PER_NODE" >&2
+        return 0
+    fi
+    echo "$n"
 }
 
 # The trainer's command line (script and flags), in WIT_TRAIN_ARGS.
@@ -126,7 +173,16 @@ wit_train_args() {
     WIT_TRAIN_ARGS+=("${extra[@]}")
 }
 
-# The launch command, in WIT_LAUNCH. The per-task half is slurm/launch_task.sh.
+# A rank's share of the node's cores (under task/cgroup a step without --cpus-per-task gets one core per task:
+# data loading and DeepSpeed's host work would then crawl).
+wit_cpus_per_rank() {
+    local c=$(( ${SLURM_CPUS_ON_NODE:-1} / NPROC_PER_NODE ))
+    [ "$c" -ge 1 ] || c=1
+    echo "$c"
+}
+
+# The launch command, in WIT_LAUNCH. The per-task half is slurm/launch_task.sh. srun --label prefixes every
+# line with its task id (torchrun/deepspeed: the node index); the trainer's own lines carry host and rank.
 wit_launch_cmd() {
     local task=$WITSCALE_HOME/slurm/launch_task.sh
     case "$LAUNCHER" in
@@ -142,20 +198,22 @@ wit_launch_cmd() {
             # --ntasks is needed too: --ntasks-per-node alone is ignored inside a --ntasks-per-node=8
             # allocation. The launcher gets all of the node's CPUs (and, by default, all its GPUs).
             WIT_LAUNCH=(srun --ntasks="$NNODES" --ntasks-per-node=1 --nodes="$NNODES"
-                --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" --kill-on-bad-exit=1 "$task")
+                --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" --kill-on-bad-exit=1 --label "$task")
             ;;
         srun)
             WIT_LAUNCH=(srun --ntasks=$((NNODES * NPROC_PER_NODE)) --ntasks-per-node="$NPROC_PER_NODE"
-                --nodes="$NNODES" --kill-on-bad-exit=1 "$task")
+                --nodes="$NNODES" --cpus-per-task="$(wit_cpus_per_rank)" --kill-on-bad-exit=1 --label "$task")
             ;;
         srun-mpi)
             WIT_LAUNCH=(srun --mpi="$SRUN_MPI" --ntasks=$((NNODES * NPROC_PER_NODE))
-                --ntasks-per-node="$NPROC_PER_NODE" --nodes="$NNODES" --kill-on-bad-exit=1 "$task")
+                --ntasks-per-node="$NPROC_PER_NODE" --nodes="$NNODES" --cpus-per-task="$(wit_cpus_per_rank)"
+                --kill-on-bad-exit=1 --label "$task")
             ;;
         mpirun)
             # Open MPI starts its daemons on the other nodes through srun by itself.
             WIT_LAUNCH=(mpirun -np $((NNODES * NPROC_PER_NODE)) --map-by "ppr:$NPROC_PER_NODE:node" --bind-to none
-                -x WITSCALE_HOME -x PYTHON -x LAUNCHER -x MASTER_PORT)
+                -x WITSCALE_HOME -x PYTHON -x LAUNCHER -x MASTER_ADDR -x MASTER_PORT -x TORCH_EXTENSIONS_DIR
+                -x WITSCALE_FAILURE_FILE -x WITSCALE_SIGNAL_LEAD_S)
             [ "$(id -u)" -ne 0 ] || WIT_LAUNCH+=(--allow-run-as-root)
             [ "${MPIRUN_ARGS:-}" = "" ] || { local more; read -r -a more <<<"$MPIRUN_ARGS"; WIT_LAUNCH+=("${more[@]}"); }
             WIT_LAUNCH+=("$task")
@@ -234,6 +292,37 @@ sys.exit(0 if int(step) >= int(total) else 1)
 PYEOF
 }
 
+# The trainer writes "collective <hosts> | <line>" to $WITSCALE_FAILURE_FILE when one of its collectives failed
+# (a timeout: a hung or lost rank, a network fault; distributed.py names the ranks that never joined). Such a
+# job is requeued — at most WITSCALE_MAX_NODE_REQUEUES times (default 2; counted in $OUTPUT/.node-failure-requeues)
+# and without the named nodes (ExcNodeList, unless WITSCALE_EXCLUDE_FAILED_NODES=0); a job that died of
+# anything else (a Python exception in witscale: a bug or bad input) is not.
+wit_requeue_after_node_failure() {
+    [ -n "${WITSCALE_FAILURE_FILE:-}" ] && [ -s "$WITSCALE_FAILURE_FILE" ] || return 1
+    grep -q '^collective ' "$WITSCALE_FAILURE_FILE" || return 1
+    local counter=$OUTPUT/.node-failure-requeues count=0 hosts line
+    if [ -f "$counter" ]; then count=$(tr -dc 0-9 <"$counter"); fi
+    line=$(sed -n 's/^collective [^|]*| //p' "$WITSCALE_FAILURE_FILE" | head -n 1)
+    wit_log "a collective failed (node or network fault): $line"
+    if [ "${count:-0}" -ge "${WITSCALE_MAX_NODE_REQUEUES:-2}" ]; then
+        wit_log "already requeued ${count} time(s) after node failures (WITSCALE_MAX_NODE_REQUEUES): not again"
+        return 1
+    fi
+    echo $(( ${count:-0} + 1 )) >"$counter"
+    hosts=$(sed -n 's/^collective \([^ |]*\) |.*/\1/p' "$WITSCALE_FAILURE_FILE" | tr ',' '\n' |
+        grep -E '^[A-Za-z0-9._-]+$' | sort -u | paste -sd, -)
+    wit_log "requeueing $(wit_job_ref) ($(( ${count:-0} + 1 )) of at most ${WITSCALE_MAX_NODE_REQUEUES:-2})"
+    scontrol requeue "$(wit_job_ref)" || { wit_log "scontrol requeue failed"; return 1; }
+    if [ -n "$hosts" ] && [ "${WITSCALE_EXCLUDE_FAILED_NODES:-1}" = 1 ]; then
+        if scontrol update JobId="$(wit_job_ref)" ExcNodeList="$hosts"; then
+            wit_log "the requeued job excludes $hosts"
+        else
+            wit_log "could not exclude $hosts from the requeued job"
+        fi
+    fi
+    return 0
+}
+
 # Run the training step of this job and decide about requeueing. Exits the batch script.
 wit_main() {
     trap wit_on_usr1 USR1
@@ -247,6 +336,9 @@ wit_main() {
 
     WIT_STAMP=$OUTPUT/.launch-stamp.${SLURM_JOB_ID:-local}
     touch "$WIT_STAMP"
+    WITSCALE_FAILURE_FILE=$OUTPUT/.failure.${SLURM_JOB_ID:-local}.${SLURM_RESTART_COUNT:-0}
+    rm -f "$WITSCALE_FAILURE_FILE"
+    export WITSCALE_FAILURE_FILE
     "${WIT_LAUNCH[@]}" "${WIT_TRAIN_ARGS[@]}" &
     WIT_LAUNCH_PID=$!
     if [ "$WIT_PREEMPTED" = 1 ]; then wit_forward_when_ready; fi    # the warning came before the launch
@@ -270,6 +362,9 @@ wit_main() {
             wit_log "checkpoint written; requeueing $(wit_job_ref) (it resumes with --resume $RESUME)"
             scontrol requeue "$(wit_job_ref)" || { wit_log "scontrol requeue failed"; exit 3; }
         fi
+        exit 0
+    fi
+    if [ "$rc" -ne 0 ] && [ "$WIT_TERMINATED" = 0 ] && wit_requeue_after_node_failure; then
         exit 0
     fi
     if [ "$rc" -ne 0 ]; then

@@ -16,18 +16,34 @@ export OMP_NUM_THREADS TOKENIZERS_PARALLELISM PYTHONWARNINGS
 : "${HF_HUB_OFFLINE:=1}" "${HF_DATASETS_OFFLINE:=1}"
 export HF_HUB_OFFLINE HF_DATASETS_OFFLINE
 
-# NCCL: fail loudly instead of hanging on a dead peer; the rest depends on the fabric.
+# --- NCCL and torch.distributed: safe defaults, all overridable -------------------------------------------
+# Fail loudly instead of hanging on a dead peer: a failed or timed-out NCCL collective aborts the communicator
+# and the process (the trainer's --step-timeout, 300 s after the first step, then ends the job in minutes).
 : "${TORCH_NCCL_ASYNC_ERROR_HANDLING:=1}"
-export TORCH_NCCL_ASYNC_ERROR_HANDLING
-# export NCCL_DEBUG=WARN                 # INFO to see the chosen transport and rings
-# export NCCL_SOCKET_IFNAME=ib0          # interface for bootstrap / TCP fallback (also GLOO_SOCKET_IFNAME)
-# export NCCL_IB_HCA=mlx5_0,mlx5_1       # InfiniBand HCAs to use
-# export NCCL_IB_GID_INDEX=3             # RoCE
-# export NCCL_NET_GDR_LEVEL=PHB          # GPUDirect RDMA
-# export FI_PROVIDER=efa                 # AWS EFA (with the aws-ofi-nccl plugin)
+# On a timeout, torch's flight recorder (the last collectives of every rank, with their sequence numbers) is
+# dumped to TORCH_FR_DUMP_TEMP_FILE<rank> — read them with `python -m torch.distributed.flight_recorder.fr_trace`
+# to see which rank never entered which collective. (TORCH_NCCL_DESYNC_DEBUG=1 also names the ranks that did
+# not join, at some cost per collective: turn it on when chasing a hang.)
+: "${TORCH_NCCL_TRACE_BUFFER_SIZE:=2000}"
+: "${TORCH_NCCL_DUMP_ON_TIMEOUT:=1}"
+: "${TORCH_FR_DUMP_TEMP_FILE:=${OUTPUT:-${TMPDIR:-/tmp}}/nccl_trace_rank_}"
+# WARN: NCCL's own errors and warnings only (INFO: transport and ring choice, for debugging the fabric).
+: "${NCCL_DEBUG:=WARN}"
+# A Python traceback of every thread when a rank dies of SIGSEGV, SIGABRT (NCCL abort), SIGFPE or SIGBUS.
+: "${PYTHONFAULTHANDLER:=1}"
+export TORCH_NCCL_ASYNC_ERROR_HANDLING TORCH_NCCL_TRACE_BUFFER_SIZE TORCH_NCCL_DUMP_ON_TIMEOUT \
+    TORCH_FR_DUMP_TEMP_FILE NCCL_DEBUG PYTHONFAULTHANDLER
 
-# DeepSpeed picks the accelerator itself; a CPU-only test cluster wants DS_ACCELERATOR=cpu.
-if ! command -v nvidia-smi >/dev/null 2>&1; then
-    : "${DS_ACCELERATOR:=cpu}"
-    export DS_ACCELERATOR
-fi
+# Fabric: left to the site — wrong values are worse than none (NCCL then probes and picks IB, else TCP).
+# NCCL_SOCKET_IFNAME      interface for NCCL's bootstrap and its TCP fallback, e.g. ib0, or ^docker0,lo to
+#                         exclude; set GLOO_SOCKET_IFNAME to the same (the gloo group and the store use it).
+#                         Needed where the first interface is docker0/virbr0 or a slow management network.
+# NCCL_IB_HCA             the InfiniBand HCAs to use (mlx5_0,mlx5_1 …; ^mlx5_4 excludes the storage one)
+# NCCL_IB_GID_INDEX       RoCE only: the GID index of the RoCEv2 address (often 3)
+# NCCL_IB_TIMEOUT         IB retransmission timeout exponent (default 20 in recent NCCL; 22 on lossy fabrics)
+# NCCL_NET_GDR_LEVEL      GPUDirect RDMA distance (PHB, SYS …), when the site's topology needs it
+# FI_PROVIDER=efa         AWS EFA (with the aws-ofi-nccl plugin)
+# export NCCL_SOCKET_IFNAME=ib0 GLOO_SOCKET_IFNAME=ib0
+# export NCCL_IB_HCA=mlx5_0,mlx5_1
+
+# DS_ACCELERATOR is decided in common.sh (wit_accelerator): cpu only where no GPU is allocated and torch sees none.

@@ -46,6 +46,8 @@ set -euo pipefail
 # 8 × 80 GB ZeRO-3 fits without, ~34 GiB per GPU; on smaller GPUs it turns on).
 : "${ACTIVATION_CHECKPOINTING:=auto}"
 [ -n "${MAX_STEPS:-}${EPOCHS:-}" ] || EPOCHS=3
+# 7B checkpoint ≈ 14 B × 6.7e9 ≈ 94 GB: ≈ 60 s at 1.6 GB/s, well inside half the lead (train_70b.sh: the rule).
+export WITSCALE_SIGNAL_LEAD_S=300        # = #SBATCH --signal=B:USR1@300 (the trainer compares its save time with it)
 export DS_CONFIG EPOCHS ACTIVATION_CHECKPOINTING
 
 # The batch script runs from a copy in Slurm's spool directory: find common.sh in the checkout.

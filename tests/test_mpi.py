@@ -33,3 +33,26 @@ def test_mpirun_two_ranks_train_as_one_world(tiny, tmp_path):
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert world_of(out) == 2, res.stdout[-4000:]
     assert sorted(train_losses(out)) == [1, 2, 3, 4]
+
+
+def test_mpirun_keeps_the_computed_rendezvous(tiny, tmp_path):
+    """MASTER_ADDR set by the launcher (slurm/common.sh: the first node's NodeAddr) is the rendezvous: DeepSpeed's
+    MPI discovery would replace it with the first word of `hostname -I` (0.19.8, deepspeed/comm/comm.py)."""
+    import json
+    import socket
+
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        unavailable("mpirun is not installed (apt-get install openmpi-bin, or slurm/local/install.sh)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    env = cpu_env(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_btl="self,tcp",
+                  MASTER_ADDR="127.0.0.2", MASTER_PORT=port)     # loopback, but not what `hostname -I` says
+    cmd = [mpirun, "--oversubscribe", "--bind-to", "none", "-np", "2", "-x", "DS_ACCELERATOR", "-x", "OMP_NUM_THREADS",
+           "-x", "PYTHONWARNINGS", "-x", "MASTER_ADDR", "-x", "MASTER_PORT", PY, TRAIN, *train_flags(tiny, out, 2)]
+    res = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    effective = json.loads((out / "effective_config.json").read_text())
+    assert effective["rendezvous"] == f"127.0.0.2:{port}" and effective["layout"]["world"] == 2

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -214,7 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "CPU. All keep attention inside documents.")
     g.add_argument("--dist-timeout", type=float, default=30.0, metavar="MINUTES",
                    help="collective timeout (NCCL/gloo) in minutes; a rank that fails ends the job at once "
-                        "whatever this is (default 30: long enough for a 70B checkpoint write between barriers)")
+                        "whatever this is (default 30: long enough for a 70B checkpoint write between barriers); "
+                        "after the first step it bounds only checkpoint saves and the export")
+    g.add_argument("--step-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="collective timeout after the first step, outside saves and the export (default 300): a "
+                        "hung rank or node ends the job in minutes, naming the ranks and hosts that stopped")
     g.add_argument("--peak-tflops", type=float, default=None, metavar="TFLOPS",
                    help="the GPU's dense bf16 peak for MFU (default: by exact GPU model; unknown cards log no MFU)")
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -265,6 +270,7 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
                             ("--epochs", cfg.epochs, cfg.epochs is None or cfg.epochs > 0),
                             ("--clip-grad", cfg.clip_grad, cfg.clip_grad is None or cfg.clip_grad >= 0),
                             ("--dist-timeout", cfg.dist_timeout, cfg.dist_timeout > 0 and math.isfinite(cfg.dist_timeout)),
+                            ("--step-timeout", cfg.step_timeout, cfg.step_timeout > 0 and math.isfinite(cfg.step_timeout)),
                             ("--peak-tflops", cfg.peak_tflops,
                              cfg.peak_tflops is None or (cfg.peak_tflops > 0 and math.isfinite(cfg.peak_tflops)))):
         if not ok:
@@ -470,6 +476,7 @@ def run(args: argparse.Namespace | RunConfig):
     # One run per output directory: decided by rank 0 before anything heavy starts or any file is written.
     lock = hold_output_dir(config.output_dir)
     try:
+        plan = replace(plan, ds_config=_choose_optimizer(plan.ds_config, world))
         watch = PeerFailureWatch() if world > 1 else None
         topo = Topology(plan.dims)
         if dist.get_rank() == 0:
@@ -487,13 +494,34 @@ def run(args: argparse.Namespace | RunConfig):
     return result
 
 
+def _choose_optimizer(ds_config: dict, world: int) -> dict:
+    """Build DeepSpeed's FusedAdam now, bounded, before any model loads (witscale/training/optim.py
+    ``prepare_optimizer``), once the process group exists. If any rank cannot have it, every rank trains with torch's
+    fused AdamW (the ranks must agree: one optimizer for the whole ZeRO group)."""
+    import torch.distributed as dist
+
+    from witscale.training.build import training_device
+    from witscale.training.distributed import any_rank
+    from witscale.training.optim import prepare_optimizer
+
+    chosen, why = prepare_optimizer(ds_config, log)
+    if not (any_rank(why is not None, training_device()) if world > 1 else why is not None):
+        return chosen
+    if why is not None and int(os.environ.get("LOCAL_RANK", "0")) == 0:     # one line per node
+        log.warning(f"{why}: training with torch's fused AdamW instead")
+    elif why is None and dist.get_rank() == 0:
+        log.warning("another node cannot build DeepSpeed's FusedAdam: every rank trains with torch's fused AdamW")
+    return {k: v for k, v in ds_config.items() if k != "optimizer"}
+
+
 def train_loop(plan: Plan, topo, module):
     """Resume if asked, then step until done or preempted; checkpoint, evaluate and log on the way."""
     import torch.distributed as dist
 
     from witscale.data.loader import PackedLoader
     from witscale.training import checkpoint, preemption
-    from witscale.training.faults import injected, slow_save_seconds
+    from witscale.training.distributed import long_collectives, record_progress, use_step_timeout
+    from witscale.training.faults import first_attempt, injected, slow_save_seconds
     from witscale.training.guard import check_step
     from witscale.training.metrics import MetricsLogger
     from witscale.training.trainer import Trainer
@@ -517,6 +545,8 @@ def train_loop(plan: Plan, topo, module):
     ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
     fingerprints = {"data_fingerprint": checkpoint.data_fingerprint(plan.dataset.manifest),
                     "model_fingerprint": checkpoint.model_fingerprint(plan.model_config)}
+    if dist.get_rank() == 0:        # a save killed last time (preemption overran): its partial tag goes
+        checkpoint.retire_partial_tags(ckpt_root)
     if cfg.resume:
         where = trainer.resume(cfg.resume, ckpt_root, allow_data_change=cfg.allow_data_change, **fingerprints)
         log.info(f"resumed from {where} at step {trainer.step}" if where
@@ -524,11 +554,18 @@ def train_loop(plan: Plan, topo, module):
         if where:
             check_schedule_on_resume(plan, trainer, where)
 
+    save_times = []
+
     def save():
+        started = time.monotonic()
         if slow_save_seconds():
             time.sleep(slow_save_seconds())      # test-only (witscale/training/faults.py)
-        trainer.save_checkpoint(ckpt_root, cfg.keep_checkpoints, args={k: str(v) for k, v in cfg.as_dict().items()},
-                                schedule=schedule_record(plan), **fingerprints)
+        with long_collectives():
+            trainer.save_checkpoint(ckpt_root, cfg.keep_checkpoints, args={k: str(v) for k, v in cfg.as_dict().items()},
+                                    schedule=schedule_record(plan), **fingerprints)
+        save_times.append(time.monotonic() - started)
+        if len(save_times) == 1 and dist.get_rank() == 0:
+            _check_signal_lead(save_times[0])
 
     def evaluate_now(final: bool) -> bool:
         every = cfg.eval_steps and trainer.step % cfg.eval_steps == 0
@@ -543,8 +580,13 @@ def train_loop(plan: Plan, topo, module):
         while trainer.step < plan.total_steps:
             if injected("raise_in_step", trainer.step + 1):
                 raise RuntimeError(f"injected fault before step {trainer.step + 1} (WITSCALE_FAULT)")
+            if injected("stop_in_step", trainer.step + 1) and first_attempt():
+                os.kill(os.getpid(), signal.SIGSTOP)       # a hung rank: alive, silent, never joining
             batch = loader.next_step()
             result = trainer.train_step(batch)
+            record_progress(trainer.step)
+            if len(results) == 0:       # the first step is done: from now on a hung rank is found in minutes
+                use_step_timeout(cfg.step_timeout, cfg.dist_timeout * 60)
             results.append(result)
             metrics.write(result.as_dict())
             # a non-finite step stops here (NonFiniteError) before any save or export, or is skipped
@@ -552,15 +594,19 @@ def train_loop(plan: Plan, topo, module):
                        trainer.skipped_nonfinite, cfg.skip_nonfinite)
             if evaluate_now(final=False):
                 metrics.write(trainer.evaluate(eval_loader, progress=metrics.eval_progress()))
-            if preemption.agreed(device=trainer.device):
-                log.warning(f"preemption signal ({preemption.signal_names() or 'on another rank'}): "
-                            f"checkpointing at step {trainer.step} and exiting")
-                save()
-                preempted = True
-                break
             if cfg.save_steps and trainer.step % cfg.save_steps == 0:
                 save()
                 last_saved = trainer.step
+            # After the step, its evaluation and its save: a signal that came during any of them stops the run
+            # here — no further step, and no second save of a step just saved.
+            if preemption.agreed(device=trainer.device):
+                log.warning(f"preemption signal ({preemption.signal_names() or 'on another rank'}): "
+                            + (f"checkpointing at step {trainer.step} and exiting" if last_saved != trainer.step
+                               else f"step {trainer.step} was just checkpointed; exiting"))
+                if last_saved != trainer.step:
+                    save()
+                preempted = True
+                break
         if not preempted:
             if evaluate_now(final=True):
                 metrics.write(trainer.evaluate(eval_loader, progress=metrics.eval_progress()))
@@ -571,8 +617,9 @@ def train_loop(plan: Plan, topo, module):
                 from witscale.data.template_jinja import training_meta
                 meta = training_meta(cfg.data, {CLASS_NAMES[i]: float(w) for i, w in enumerate(plan.weight_table)},
                                      cfg.normalization, cfg.objective)
-                export_from_engine(trainer, plan.model_config, cfg.export_hf, tokenizer_src=cfg.tokenizer or cfg.model,
-                                   dtype=cfg.export_dtype, meta=meta)
+                with long_collectives():
+                    export_from_engine(trainer, plan.model_config, cfg.export_hf,
+                                       tokenizer_src=cfg.tokenizer or cfg.model, dtype=cfg.export_dtype, meta=meta)
     finally:
         metrics.close()
     return trainer, results
@@ -600,7 +647,8 @@ def resolved_config(plan: Plan) -> dict:
     return {"args": cfg.as_dict(), "ds_config": plan.ds_config,
             "weight_table": {CLASS_NAMES[i]: float(w) for i, w in enumerate(plan.weight_table)},
             "total_steps": plan.total_steps,
-            "layout": {"world": plan.dims.world_size, "tp": plan.dims.tp, "pp": plan.dims.pp, "dp": plan.dims.dp}}
+            "layout": {"world": plan.dims.world_size, "tp": plan.dims.tp, "pp": plan.dims.pp, "dp": plan.dims.dp},
+            "rendezvous": f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"}
 
 
 def schedule_record(plan: Plan) -> dict:
@@ -650,6 +698,18 @@ def check_schedule_on_resume(plan: Plan, trainer, where: str) -> None:
              f"cosine schedule of {new} ({cause}): lr {lr:.3g} at step {trainer.step + 1}")
 
 
+def _check_signal_lead(seconds: float) -> None:
+    """Log the first checkpoint's duration; warn when it is within 2× of the preemption lead time
+    (WITSCALE_SIGNAL_LEAD_S, which the Slurm templates set from their --signal=B:USR1@N): a save started
+    by the warning must finish before Slurm's SIGKILL, and Slurm may signal up to 60 s late or early."""
+    lead = float(os.environ.get("WITSCALE_SIGNAL_LEAD_S", "0") or 0)
+    log.info(f"first checkpoint written in {seconds:.1f} s" + (f" (preemption lead {lead:.0f} s)" if lead else ""))
+    if lead and 2 * seconds > lead:
+        log.warning(f"a checkpoint takes {seconds:.0f} s, more than half the preemption lead of {lead:.0f} s "
+                    "(WITSCALE_SIGNAL_LEAD_S, from #SBATCH --signal): a preempted job may be killed in its save; "
+                    "raise --signal=B:USR1@N to at least twice the save time")
+
+
 def _announce(plan: Plan, topo) -> None:
     cfg = plan.config
     os.makedirs(cfg.output_dir, exist_ok=True)
@@ -697,16 +757,19 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     # DeepSpeed logs through the root logger: keep it at WARNING, witscale's own at --log-level.
-    logging.basicConfig(level=logging.WARNING, format="[witscale] %(message)s", stream=sys.stdout)
-    log.setLevel(args.log_level.upper())
     from witscale.parallel.topology import teardown
-    from witscale.training.distributed import fail_fast, rank_from_env
+    from witscale.training.distributed import fail_fast, node_name, rank_from_env, world_size_from_env
+    # Every line says where it came from once there are several ranks (one merged Slurm log of 64 ranks).
+    where = f" {node_name().replace('%', '%%')} r{rank_from_env()}" if world_size_from_env() > 1 else ""
+    logging.basicConfig(level=logging.WARNING, format=f"[witscale{where}] %(message)s", stream=sys.stdout)
+    log.setLevel(args.log_level.upper())
     if rank_from_env() != 0:
         log.setLevel(logging.WARNING)
     from witscale.data.output_dir import OutputError
     from witscale.training.checkpoint import CheckpointError
     from witscale.training.guard import NonFiniteError
     from witscale.training.run_lock import OutputDirRefused
+    from witscale.training.optim import ExtensionBuildError
     try:
         run(args)
     except UsageError as e:     # before any process group exists
@@ -718,6 +781,8 @@ def main(argv=None) -> int:
         fail_fast(3, f"error: {e}" if rank_from_env() == 0 else "")
     except OutputError as e:    # the export at the end: refused, or an OSError (path and errno named)
         fail_fast(2, f"error: {e}")
+    except ExtensionBuildError as e:
+        fail_fast(1, f"error: {e}")
     except BaseException:       # noqa: BLE001 - KeyboardInterrupt and SystemExit too
         # Never wait in a barrier for ranks that may be stuck in a collective with this one: print the
         # traceback now and leave; the launcher then ends the other ranks within seconds.

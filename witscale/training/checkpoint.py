@@ -36,6 +36,7 @@ import re
 import shutil
 import signal
 import threading
+import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
@@ -43,7 +44,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from witscale.training.faults import injected
+from witscale.training.faults import injected, slow_conversion_seconds
 
 log = logging.getLogger("witscale")
 
@@ -303,6 +304,35 @@ def recorded_finite(root: str, tag: str) -> bool:
         return read_state(root, tag).get("finite") is True
     except (OSError, ValueError, AttributeError):
         return False
+_TAG_NAME = re.compile(r"step_\d{8}")
+
+
+def retire_partial_tags(root: str) -> list[str]:
+    """Rank 0, at start: the tag directories a killed save left — witscale's own names (``step_%08d``) without
+    ``witscale_state.json`` and newer than the tag `latest` names (all of them when there is no `latest`) —
+    renamed to ``.deleting.<tag>`` and returned for ``_prune``. Complete tags, older ones and anything else
+    stay (a complete tag newer than `latest` is a fall-back's, docs/checkpoints.md). Deleted in the background
+    (``_prune``), like retired checkpoints."""
+    if not os.path.isdir(root):
+        return []
+    try:
+        latest = open(os.path.join(root, LATEST), encoding="utf-8").read().strip()
+    except FileNotFoundError:
+        latest = ""
+    trash = []
+    for tag in sorted(os.listdir(root)):
+        path = os.path.join(root, tag)
+        if (not _TAG_NAME.fullmatch(tag) or tag <= latest or not os.path.isdir(path)
+                or os.path.exists(os.path.join(path, STATE_FILE))):
+            continue
+        dst = os.path.join(root, f"{TRASH_PREFIX}{tag}")
+        if os.path.exists(dst):
+            shutil.rmtree(dst, ignore_errors=True)
+        os.replace(path, dst)
+        log.warning(f"{path}: an incomplete checkpoint (no {STATE_FILE}; a save was killed): removing it")
+        trash.append(dst)
+    _prune(trash)
+    return trash
 
 
 _pruners: list[threading.Thread] = []
@@ -745,16 +775,23 @@ def _tp_restore_meta(module, tp: int) -> list:
 
 
 def universal_tag(root: str, tag: str) -> str:
-    """Collective: the tag of ``root/tag``'s DeepSpeed universal checkpoint (``<tag>/universal``), converted by
+    """Every rank: the tag of ``root/tag``'s DeepSpeed universal checkpoint (``<tag>/universal``), converted by
     rank 0 with DeepSpeed's ``ds_to_universal`` the first time it is needed (into a temporary directory renamed
-    into place; the others wait in a barrier, which ``--dist-timeout`` must cover) — per-parameter fp32
-    weights and Adam moments that any data-parallel size loads (``checkpoint.load_universal``)."""
+    into place; an interrupted conversion's temporary directory is removed and the conversion starts over) —
+    per-parameter fp32 weights and Adam moments that any data-parallel size loads (``checkpoint.load_universal``).
+    The others wait until rank 0 has converted and vetted it (``_wait_until_vetted``), not in a collective: at 70B the conversion reads and writes
+    the whole optimizer state (tens of minutes), longer than any collective timeout should be; if rank 0 fails
+    meanwhile, the PeerFailureWatch ends them (distributed.py)."""
     out = os.path.join(root, tag, UNIVERSAL)
     if dist.get_rank() == 0 and not os.path.isdir(out):
         from deepspeed.checkpoint import ds_to_universal
         refuse_unsafe_pickles(os.path.join(root, tag))
+        for old in os.listdir(os.path.join(root, tag)):       # left by a conversion killed earlier
+            if old.startswith(f"{UNIVERSAL}.tmp"):
+                shutil.rmtree(os.path.join(root, tag, old), ignore_errors=True)
         tmp = f"{out}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        if slow_conversion_seconds():
+            time.sleep(slow_conversion_seconds())       # test-only (witscale/training/faults.py)
         workers = int(os.environ.get("WITSCALE_UNIVERSAL_WORKERS", "4" if torch.cuda.is_available() else "1"))
         log.warning(f"{os.path.join(root, tag)}: converting to a universal checkpoint for the new layout "
                     f"(DeepSpeed ds_to_universal, {workers} worker(s))")
@@ -765,8 +802,23 @@ def universal_tag(root: str, tag: str) -> str:
         os.replace(tmp, out)
     if dist.get_rank() == 0:        # made now or found (left by an earlier resume, or crafted)
         refuse_unsafe_pickles(out)
-    dist.barrier()
+    _wait_until_vetted(out, tag)
     return f"{tag}/{UNIVERSAL}"
+
+
+def _wait_until_vetted(out: str, tag: str) -> None:
+    """Every rank but 0 waits, outside any collective, until rank 0 has converted *and vetted* ``out``
+    (DeepSpeed's universal loader unpickles: a directory found there, crafted, must be refused before any rank
+    loads it). Rank 0 says so under a key of the rendezvous store; without a store (a test's adopted group),
+    the directory's appearance is the signal."""
+    from witscale.training.distributed import _default_store
+    store, key = _default_store(), f"witscale/universal_vetted/{tag}"
+    if dist.get_rank() == 0:
+        if store is not None:
+            store.set(key, "1")
+        return
+    while not (store.check([key]) if store is not None else os.path.isdir(out)):
+        time.sleep(1)
 
 
 def _wrap_bare_tensors(universal_dir: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -74,11 +75,17 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
     if dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
         return
-    if launched_by_mpi():
-        # DeepSpeed's MPI discovery would always use port 29500 (two jobs on a node would collide).
+    if launched_by_mpi() and not os.environ.get("MASTER_ADDR"):
+        # No rendezvous given: DeepSpeed's MPI discovery picks rank 0's first `hostname -I` address (and would
+        # always use port 29500: two jobs on a node would collide).
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False,
                                    distributed_port=int(os.environ.get("MASTER_PORT", 29500)), timeout=timeout)
     else:
+        if launched_by_mpi():
+            # The launcher computed the rendezvous (slurm/common.sh: the first node's Slurm NodeAddr): it wins.
+            # DeepSpeed's discovery would overwrite MASTER_ADDR with the first word of `hostname -I` on rank 0 —
+            # docker0 or an IPoIB address on many nodes — so the ranks' environment is set here instead.
+            _env_from_mpi()
         if "WORLD_SIZE" not in os.environ:  # a single process: a world of one on loopback
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(_free_port()))
@@ -90,7 +97,141 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def any_rank(flag: bool, device) -> bool:
+    """Collective: True on every rank if ``flag`` is True on any (one all-reduce MAX on ``device``)."""
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+_MPI_LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID")
+
+
+def _env_from_mpi() -> None:
+    """RANK / WORLD_SIZE / LOCAL_RANK (and MASTER_PORT, default 29500) from the MPI launcher's variables, keeping
+    MASTER_ADDR; the local rank from the launcher, else from mpi4py (ranks sharing this node's memory)."""
+    rank, world = rank_from_env(), world_size_from_env()
+    local = next((os.environ[v] for v in _MPI_LOCAL_RANK_VARS if os.environ.get(v)), None)
+    if local is None:
+        from mpi4py import MPI
+        local = str(MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED).Get_rank())
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=local,
+                      MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
+
+
 _FAILED_KEY = "witscale/failed_rank"
+_PROGRESS_KEY = "witscale/progress/"      # + rank: "<step> <host>", set after each optimizer step
+_TIMED_OUT_KEY = "witscale/collective_failed/"     # + rank: set by a rank whose collective failed
+
+
+# --- collective timeouts: short while stepping, long around the phases known to be long ------------------
+# A hung rank (a wedged GPU, a stopped process, a dead NIC) leaves the others waiting in a collective until its
+# timeout. --dist-timeout (default 30 min) must cover the long collective phases — a checkpoint's save or load,
+# the universal conversion, the export — but nothing in a healthy step comes near it: every rank enters each of
+# the step's collectives within seconds of the others. So after the first step the timeout drops to
+# --step-timeout (default 300 s: torchtitan uses 100 s after its first step; 300 leaves room for a slow data
+# read or a Python GC pause on a loaded host, and still finds a hung rank in 5 min instead of 30) and goes
+# back to --dist-timeout only inside ``long_collectives()``.
+_timeouts = {"long": None, "short": None, "now": None}
+
+
+def _all_groups() -> list:
+    c10d = dist.distributed_c10d
+    return [pg for pg in list(c10d._world.pg_map) if not c10d._rank_not_in_group(pg)]
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """Every process group of this rank (torch's default, DeepSpeed's and witscale's) times out after
+    ``seconds``; applies to collectives issued from now on (``ProcessGroup._set_default_timeout``)."""
+    import datetime
+
+    timeout = datetime.timedelta(seconds=seconds)
+    for pg in _all_groups():
+        try:
+            dist.distributed_c10d._set_pg_timeout(timeout, pg)
+        except (RuntimeError, ValueError, AssertionError):    # a backend without settable timeouts: left as is
+            pass
+    _timeouts["now"] = seconds
+
+
+def use_step_timeout(step_seconds: float, long_seconds: float) -> None:
+    """From now on the short timeout, except inside ``long_collectives()`` (call once the first step is done)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1 or step_seconds >= long_seconds:
+        return
+    _timeouts.update(long=long_seconds, short=step_seconds)
+    set_collective_timeout(step_seconds)
+
+
+class long_collectives:
+    """``with long_collectives():`` — --dist-timeout for a checkpoint save/load, conversion or export, then back."""
+
+    def __enter__(self):
+        self.restore = _timeouts["short"] if _timeouts["now"] == _timeouts["short"] and _timeouts["short"] else None
+        if self.restore is not None:
+            set_collective_timeout(_timeouts["long"])
+        return self
+
+    def __exit__(self, *exc):
+        if self.restore is not None and exc[0] is None:
+            set_collective_timeout(self.restore)
+        return False
+
+
+def node_name() -> str:
+    """This node as the scheduler names it (what `--exclude` takes), else its hostname."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def record_progress(step: int) -> None:
+    """After each optimizer step: this rank's step and host in the rendezvous store (one small write), so that
+    a rank whose collective timed out can say which ranks, on which hosts, stopped (``hung_ranks``)."""
+    store = _default_store()
+    if store is not None:
+        try:
+            store.set(f"{_PROGRESS_KEY}{dist.get_rank()}", f"{step} {node_name()}")
+        except Exception:    # noqa: BLE001 - diagnosis only
+            pass
+
+
+def hung_ranks(grace_s: float = 10.0) -> Optional[str]:
+    """After a collective of this rank failed: which ranks did not fail with it — they are the ones that never
+    joined (stopped, wedged, gone). Every rank whose collective times out marks itself in the store and waits
+    ``grace_s`` for the others' (they time out within about the same second); the unmarked ranks are named
+    with their host and last finished step (``record_progress``). None without a store."""
+    import time
+
+    store = _default_store()
+    if store is None or not dist.is_initialized():
+        return None
+    try:
+        store.set(f"{_TIMED_OUT_KEY}{dist.get_rank()}", "1")
+        time.sleep(grace_s)
+        hung = []
+        for r in range(dist.get_world_size()):
+            if store.check([f"{_TIMED_OUT_KEY}{r}"]):
+                continue
+            key = f"{_PROGRESS_KEY}{r}"
+            if store.check([key]):
+                step, host = store.get(key).decode().split(" ", 1)
+                hung.append(f"rank {r} on {host} (last finished step {step})")
+            else:
+                hung.append(f"rank {r} (no step finished)")
+    except Exception:    # noqa: BLE001 - the store may be gone
+        return None
+    return ("did not reach it: " + ", ".join(hung)) if hung else "every rank failed with it"
+
+
+def is_collective_failure(exc: Optional[BaseException]) -> bool:
+    """A timeout or communication error of a collective (a hung or lost peer, a network fault) — a node's fault,
+    worth a requeue — rather than a bug in this rank's code."""
+    if exc is None:
+        return False
+    if isinstance(exc, getattr(dist, "DistError", ())):      # DistBackendError, DistNetworkError, DistStoreError
+        return True
+    # older paths raise a plain RuntimeError from gloo/NCCL: recognised by their words
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(k in text for k in (
+        "timed out", "connection reset", "connection closed", "nccl error", "gloo", "broken pipe"))
 
 
 class PeerFailureWatch:
@@ -157,7 +298,10 @@ def fail_fast(code: int = 1, message: str | None = None) -> None:
     if code == 1 and isinstance(exc, KeyboardInterrupt):
         code = 130
     rank = rank_from_env()
+    collective = code == 1 and dist.is_initialized() and is_collective_failure(exc)
     try:
+        if collective:      # before the failure key: the peers must not leave before they marked themselves
+            _report_collective_failure(rank, exc)
         if dist.is_initialized():
             store = _default_store()
             if store is not None:
@@ -167,8 +311,8 @@ def fail_fast(code: int = 1, message: str | None = None) -> None:
                     pass
         if message:
             print(message, file=sys.stderr)
-        elif message is None:
-            print(f"[witscale] rank {rank} failed:", file=sys.stderr)
+        elif message is None and not collective:    # (a collective failure printed its traceback and line already)
+            print(f"[witscale] rank {rank} ({node_name()}) failed:", file=sys.stderr)
             traceback.print_exc()
         for handler in logging.getLogger("witscale").handlers + logging.getLogger().handlers:
             handler.flush()
@@ -177,3 +321,26 @@ def fail_fast(code: int = 1, message: str | None = None) -> None:
     finally:
         os._exit(code)
 
+
+def _report_collective_failure(rank: int, exc: BaseException) -> None:
+    """One line naming the ranks and hosts that stopped, and — for the Slurm batch script, which requeues a
+    job that died of a node or network fault but not one that died of a bug — the same line in
+    $WITSCALE_FAILURE_FILE (set by slurm/common.sh): ``collective <hosts behind, comma-separated> | <line>``."""
+    import sys
+
+    import re
+    import traceback
+
+    traceback.print_exc()
+    hung = hung_ranks(float(os.environ.get("WITSCALE_HUNG_GRACE_S", "10")))
+    line = (f"[witscale] rank {rank} ({node_name()}): a collective failed ({str(exc).splitlines()[0][:200]})"
+            + (f"; {hung}" if hung else ""))
+    print(line, file=sys.stderr, flush=True)
+    path = os.environ.get("WITSCALE_FAILURE_FILE")
+    if path:
+        hosts = sorted(set(re.findall(r"rank \d+ on (\S+) \(", hung or "")))
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(f"collective {','.join(hosts) or '-'} | {line}\n")
+        except OSError:
+            pass

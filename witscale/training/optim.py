@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import math
+import os
+import time
+from typing import Optional
 
 import torch
 
@@ -139,3 +142,138 @@ class GlobalNormClipping(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"GlobalNormClipping(max_norm={self.max_norm}, {self.optimizer!r})"
+
+
+# --- the optimizer's compiled extension: built before the model loads, or torch's fused AdamW -----------
+# DeepSpeed's "optimizer": {"type": "AdamW"} is its FusedAdam, a C++/CUDA extension that JIT-compiles on first
+# use (torch.utils.cpp_extension) inside the Trainer — after the model is loaded — behind torch's FileBaton, a
+# `lock` file in the build directory whose wait() has no timeout and which a killed builder leaves behind. So
+# every rank calls ``prepare_optimizer`` before the model loads: a stale lock is named and a fresh directory
+# used, the build runs in a child process bounded by a timeout, and where it cannot be built (no compiler, a
+# failed build) the run takes torch's fused AdamW instead, with one warning line. This is the one place that
+# chooses between the two.
+STALE_LOCK_S = 600.0          # WITSCALE_EXT_LOCK_STALE_S: no builder stays silent that long (nvcc: ~1 min a file)
+BUILD_TIMEOUT_S = 1200.0      # WITSCALE_EXT_BUILD_TIMEOUT_S: FusedAdam builds in 1-2 min on a GPU node
+_FUSED_ADAM = "fused_adam"
+
+
+class ExtensionBuildError(RuntimeError):
+    """The optimizer's extension could not be built in time; the message is one line."""
+
+
+def wants_fused_adam(ds_config: dict) -> bool:
+    """Will DeepSpeed build its FusedAdam for this config? Its optimizer of type Adam/AdamW, unless torch_adam,
+    an offloaded optimizer (DeepSpeedCPUAdam) or fp32 ZeRO-0 (the Trainer uses torch's AdamW there)."""
+    opt = ds_config.get("optimizer") or {}
+    if str(opt.get("type", "")).lower() not in ("adam", "adamw") or (opt.get("params") or {}).get("torch_adam"):
+        return False
+    zero = ds_config.get("zero_optimization") or {}
+    if ((zero.get("offload_optimizer") or {}).get("device") or "none") != "none":
+        return False
+    bf16 = (ds_config.get("bf16") or {}).get("enabled") is True
+    return bool(int(zero.get("stage", 0) or 0) > 0 or bf16)
+
+
+def fused_adam_prebuilt() -> bool:
+    """Installed with DeepSpeed (DS_BUILD_FUSED_ADAM=1 pip install deepspeed) for this accelerator."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import accelerator_name, installed_ops
+    return bool(installed_ops.get(_FUSED_ADAM)) and accelerator_name == get_accelerator()._name
+
+
+def missing_build_tools() -> list[str]:
+    """What a JIT build of the extension needs and this node lacks."""
+    import shutil
+
+    from torch.utils.cpp_extension import CUDA_HOME, is_ninja_available
+    missing = [] if is_ninja_available() else ["ninja"]
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        missing.append(f"a C++ compiler ({cxx})")
+    if torch.cuda.is_available():
+        nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else ""
+        if not os.access(nvcc, os.X_OK):
+            missing.append("nvcc (CUDA_HOME " + (f"{CUDA_HOME} has no bin/nvcc)" if CUDA_HOME else "not found)"))
+    return missing
+
+
+def extension_build_dir(name: str = _FUSED_ADAM) -> str:
+    """Where torch builds extension ``name``: $TORCH_EXTENSIONS_DIR/name, else its per-user default."""
+    from torch.utils.cpp_extension import _get_build_directory
+    return _get_build_directory(name, verbose=False)
+
+
+def stale_build_lock(build_dir: str, stale_after_s: float = STALE_LOCK_S, now: Optional[float] = None) -> Optional[str]:
+    """The path of torch's FileBaton ``lock`` in ``build_dir`` if it was left by a builder that is gone: older than
+    ``stale_after_s`` while nothing in the directory changed for as long (a live build writes its object files).
+    None when there is no lock or a build may still be running."""
+    now = time.time() if now is None else now
+    lock = os.path.join(build_dir, "lock")
+    try:
+        newest = os.stat(lock).st_mtime
+    except FileNotFoundError:
+        return None
+    for entry in os.scandir(build_dir):
+        try:
+            newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
+        except FileNotFoundError:
+            continue
+    return lock if now - newest >= stale_after_s else None
+
+
+def _job_key() -> str:
+    for var in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID", "MASTER_PORT"):
+        if os.environ.get(var):
+            return os.environ[var]
+    return str(os.getpid())
+
+
+def _built(build_dir: str, name: str = _FUSED_ADAM) -> bool:
+    import glob
+    return bool(glob.glob(os.path.join(build_dir, f"{name}*.so")))
+
+
+def _build_in_child(build_dir: str, timeout_s: float) -> Optional[str]:
+    """Build FusedAdam in a child process (torch's own JIT build, the same directory); None when built, else the
+    reason it failed. A timeout raises: the build or a lock held by a live process took longer than allowed."""
+    import subprocess
+    import sys
+
+    code = "from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load(verbose=False)"
+    try:
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise ExtensionBuildError(
+            f"DeepSpeed's {_FUSED_ADAM} extension did not build within {timeout_s:.0f} s in {build_dir} (a build or "
+            "its lock held by another process; WITSCALE_EXT_BUILD_TIMEOUT_S sets the limit)") from None
+    if res.returncode == 0:
+        return None
+    lines = [ln for ln in (res.stderr or res.stdout).splitlines() if ln.strip()]
+    return f"the build in {build_dir} failed ({lines[-1].strip() if lines else f'exit {res.returncode}'})"
+
+
+def prepare_optimizer(ds_config: dict, log=None) -> tuple[dict, Optional[str]]:
+    """Before the model loads, on every rank: make sure the optimizer the DeepSpeed config asks for can be had
+    without waiting on anything unbounded. Returns (the config to use, why torch's AdamW replaces FusedAdam or
+    None). Without an "optimizer" the Trainer builds torch's AdamW (fused on CUDA) from the run's flags."""
+    if not wants_fused_adam(ds_config) or fused_adam_prebuilt():
+        return ds_config, None
+    missing = missing_build_tools()
+    reason = f"cannot build DeepSpeed's FusedAdam here: no {', '.join(missing)}" if missing else None
+    if reason is None:
+        build_dir = extension_build_dir()
+        stale = stale_build_lock(build_dir, float(os.environ.get("WITSCALE_EXT_LOCK_STALE_S", STALE_LOCK_S)))
+        if stale is not None:
+            import tempfile
+            fresh = os.path.join(tempfile.gettempdir(), f"witscale-ext-{_job_key()}")
+            if log is not None:
+                log.warning(f"{stale}: a stale extension-build lock (no builder has written there for "
+                            f"{(time.time() - os.stat(stale).st_mtime) / 60:.0f} min; a killed build left it): "
+                            f"building in {fresh} instead (delete the lock once no job uses {build_dir})")
+            os.environ["TORCH_EXTENSIONS_DIR"] = fresh       # read by torch at build time, here and in the Trainer
+            build_dir = extension_build_dir()
+        if not _built(build_dir):
+            reason = _build_in_child(build_dir, float(os.environ.get("WITSCALE_EXT_BUILD_TIMEOUT_S", BUILD_TIMEOUT_S)))
+    if reason is None:
+        return ds_config, None
+    return {k: v for k, v in ds_config.items() if k != "optimizer"}, reason

@@ -1,0 +1,76 @@
+"""slurm/common.sh's derivations, run as the batch shell runs them (no Slurm needed): ranks per node from the
+allocation, the accelerator, the rendezvous port range, the output directory."""
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+CLEAR = ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "CUDA_VISIBLE_DEVICES", "DS_ACCELERATOR", "NPROC_PER_NODE",
+         "SLURM_JOB_ID", "MASTER_PORT", "OUTPUT", "SCRATCH", "WIT_LARGE_OUTPUT", "GRAD_ACCUM", "WITSCALE_SITE_ENV")
+
+
+def defaults(tmp_path, gpu_node: bool, **env):
+    """Run wit_defaults in a bash like the batch script's; returns (exit code, NPROC_PER_NODE, DS_ACCELERATOR,
+    MASTER_PORT, OUTPUT, stderr). ``gpu_node``: what torch says (a stand-in python answers the probe)."""
+    fake_py = tmp_path / "python"
+    fake_py.write_text(f"#!/bin/sh\necho {'True' if gpu_node else 'False'}\n")
+    fake_py.chmod(0o755)
+    base = {k: v for k, v in os.environ.items() if k not in CLEAR}
+    base.update(WITSCALE_HOME=REPO_ROOT, PYTHON=str(fake_py), DATA="d", MODEL_CONFIG="m", MASTER_ADDR="10.0.0.1",
+                OUTPUT=str(tmp_path / "out"), PATH="/usr/bin:/bin")       # no nvidia-smi on this PATH
+    base.update({k: str(v) for k, v in env.items() if v is not None})
+    for k, v in env.items():
+        if v is None:
+            base.pop(k, None)
+    script = ('source slurm/common.sh; wit_defaults; '
+              'echo "$NPROC_PER_NODE|${DS_ACCELERATOR:-}|$MASTER_PORT|$OUTPUT"')
+    res = subprocess.run(["bash", "-c", script], cwd=REPO_ROOT, env=base, capture_output=True, text=True, timeout=60)
+    fields = res.stdout.strip().split("|") if res.returncode == 0 else [None] * 4
+    return (res.returncode, *fields, res.stderr)
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({"SLURM_GPUS_ON_NODE": "4"}, "4"),
+    ({"SLURM_GPUS_PER_NODE": "h100:8"}, "8"),
+    ({"SLURM_GPUS_PER_NODE": "2"}, "2"),
+    ({"CUDA_VISIBLE_DEVICES": "0,1,2"}, "3"),
+])
+def test_ranks_per_node_come_from_the_allocation(tmp_path, env, expected):
+    rc, nproc, accel, *_ = defaults(tmp_path, gpu_node=True, **env)
+    assert rc == 0 and nproc == expected
+    assert accel == ""        # GPUs allocated: DeepSpeed picks CUDA, whatever PATH says about nvidia-smi
+
+
+def test_a_gpu_job_that_shows_no_gpu_count_is_refused_in_one_line(tmp_path):
+    """The old default silently ran one rank per node on an 8-GPU node."""
+    rc, *_, err = defaults(tmp_path, gpu_node=True)
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "cannot tell how many GPUs" in lines[0] and "NPROC_PER_NODE" in lines[0], err
+
+
+def test_a_cpu_node_runs_one_rank_on_the_cpu(tmp_path):
+    rc, nproc, accel, *_ = defaults(tmp_path, gpu_node=False)
+    assert rc == 0 and nproc == "1" and accel == "cpu"
+
+
+def test_the_rendezvous_port_stays_below_the_ephemeral_range(tmp_path):
+    for job in (0, 12767, 12768, 99999, 4_000_000_123):
+        rc, _, _, port, *_ = defaults(tmp_path, gpu_node=False, SLURM_JOB_ID=job)
+        assert rc == 0 and 20000 <= int(port) <= 32767, (job, port)
+
+
+def test_output_defaults_to_scratch_and_a_70b_output_under_home_is_refused(tmp_path):
+    rc, _, _, _, out, _ = defaults(tmp_path, gpu_node=False, OUTPUT=None, SCRATCH=str(tmp_path / "scratch"),
+                                   USER="ann", SLURM_JOB_ID=7, SLURM_JOB_NAME="wit-70b")
+    assert rc == 0 and out == str(tmp_path / "scratch" / "ann" / "witscale" / "wit-70b-7")
+    home = tmp_path / "home"
+    rc, *_, err = defaults(tmp_path, gpu_node=False, HOME=str(home), OUTPUT=str(home / "runs" / "70b"),
+                           WIT_LARGE_OUTPUT=1)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "under $HOME" in err, err
+    rc, *_ = defaults(tmp_path, gpu_node=False, HOME=str(home), OUTPUT=str(home / "runs" / "7b"))
+    assert rc == 0        # the 7B templates keep allowing it
