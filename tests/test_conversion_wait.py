@@ -18,7 +18,7 @@ def test_a_dp_change_with_a_conversion_longer_than_the_collective_timeout_resume
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     # dp 1 → 2, the same 4 rows per step (micro 2 × accum 1 × dp 2); every collective times out after 6 s
     # (--dist-timeout 0.1), the conversion takes 15 s longer: the old barrier timed out on rank 1
-    args = _args(run_inputs, out, 4, "--no-tensorboard", "--resume", "auto", "--dist-timeout", "0.1")
+    args = _args(run_inputs, out, 4, "--no-tensorboard", "--resume", "auto", "--reschedule", "--dist-timeout", "0.1")
     args[args.index("--grad-accum") + 1] = "1"
     code, log = _torchrun(args, env=_env(WITSCALE_SLOW_CONVERSION="15"))
     assert code == 0, log[-4000:]
