@@ -239,7 +239,7 @@ def test_cli_pp2_trains_evaluates_exports_and_resumes(run_inputs, tmp_path):
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     transformers = pytest.importorskip("transformers")
     transformers.AutoModelForCausalLM.from_pretrained(str(out / "hf"))
-    code, log = _torchrun(pp_args(3, "--resume", "auto"))
+    code, log = _torchrun(pp_args(3, "--resume", "auto", "--reschedule"))   # a longer run: a new schedule
     assert code == 0, log
     assert "resumed from" in log and "at step 2" in log
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000003"
