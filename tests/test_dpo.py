@@ -531,3 +531,45 @@ def test_preset_dpo_paper_takes_32_pairs_per_step(pref):
         "dpo", 1e-6, 0.0, 0.1, 2.0, 0.1)
     assert cfg.grad_accum == round(32 / (per_row * 2)) and abs(cfg.grad_accum * 2 * per_row - 32) <= per_row
     assert planned("--grad-accum", "3").grad_accum == 3
+
+
+def test_kill9_of_every_rank_during_the_reference_pass_leaves_the_dataset_as_it_was(pref, tmp_path):
+    """SIGKILL to every process of a 2-rank tools/precompute_reference.py while it runs: the dataset is byte for
+    byte what it was (the log-probs are written aside and renamed in at the end); a rerun then completes."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO_ROOT
+    from tests.fs_helpers import snapshot
+    from witscale.data.format import PackedDataset
+
+    data = str(tmp_path / "data")
+    shutil.copytree(pref["no_reference"], data)
+    before = snapshot(data)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(REPO_ROOT, "tools", "precompute_reference.py"), "--data", data, "--tp", "2",
+           "--model", pref["reference"], "--micro-batch-size", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", WITSCALE_SLOW_REFERENCE="60")
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    time.sleep(12)                      # started, computing or holding its values (the pass then sleeps 60 s)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    import psutil
+    every = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]   # the ranks too
+    for pid in every:                   # (torchrun starts its workers in sessions of their own)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.communicate(timeout=60)
+    after = snapshot(data)
+    after.pop(".reference.lock", None)
+    assert after == before and PackedDataset(data).reference_logps is None
+    env.pop("WITSCALE_SLOW_REFERENCE")
+    res = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert np.isfinite(PackedDataset(data).reference_logps).all()
