@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO_ROOT
+from tests.train_helpers import tiny_llama_config
 
 SEQ = 160
 
@@ -28,10 +29,7 @@ def run_inputs(tmp_path_factory, sp_model_path):
     pack_records(records[:140], sp_model_path, str(root / "train"), PackOptions(seq_len=SEQ, template="plain"))
     pack_records(records[140:], sp_model_path, str(root / "eval"), PackOptions(seq_len=SEQ, template="plain"))
     tok = load_tokenizer(sp_model_path)
-    config = {"model_type": "llama", "vocab_size": tok.vocab_size, "hidden_size": 32, "intermediate_size": 64,
-              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "max_position_embeddings": SEQ, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
-              "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
+    config = tiny_llama_config(tok, SEQ)
     (root / "model.json").write_text(json.dumps(config))
     return {"train": str(root / "train"), "eval": str(root / "eval"), "config": str(root / "model.json"),
             "tokenizer": sp_model_path}

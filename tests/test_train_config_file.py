@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO_ROOT
+from tests.train_helpers import tiny_llama_config
 
 SEQ = 96
 
@@ -22,10 +23,7 @@ def inputs(tmp_path_factory, sp_model_path):
     pack_records(generate_instruction_records(40, seed=3), sp_model_path, str(root / "train"),
                  PackOptions(seq_len=SEQ, template="plain"))
     tok = load_tokenizer(sp_model_path)
-    model = {"model_type": "llama", "vocab_size": tok.vocab_size, "hidden_size": 32, "intermediate_size": 64,
-             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-             "max_position_embeddings": SEQ, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
-             "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
+    model = tiny_llama_config(tok, SEQ)
     (root / "model.json").write_text(json.dumps(model))
     return {"train": str(root / "train"), "model": str(root / "model.json")}
 

@@ -32,6 +32,14 @@ class InMemoryPacked:
         return self._docs[i]
 
 
+def tiny_llama_config(tok, seq_len: int) -> dict:
+    """A 2-layer Llama config.json matching a test tokenizer (vocabulary and BOS/EOS), for CLI runs."""
+    return {"model_type": "llama", "vocab_size": tok.vocab_size, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": seq_len, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+            "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
+
+
 def random_packed(n_rows: int, seq_len: int, vocab: int, seed: int, with_weights: bool = False) -> InMemoryPacked:
     """Rows of 1-4 documents, each [TEMPLATE, PROMPT…, RESPONSE…, EOT], padded at the end."""
     rng = np.random.default_rng(seed)
