@@ -454,7 +454,11 @@ def test_dpo_7b_template_two_nodes_from_a_shared_preference_dataset(slurm_cluste
     assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", log
     assert rec["Restarts"] == "1", log
     assert "USR1 during the reference pass" in log and "requeueing" in log and "before training" in log, log
-    assert "reference pass stopped by SIGUSR1: nothing written" in log, log
+    # The pass stops on USR1 and writes nothing. Which line says so depends on timing: a rank that has started
+    # prints it; a task that the forwarded USR1 reaches in the milliseconds before launch_task.sh's trap is
+    # ended by it (srun: "User defined signal 1") — the same outcome, seen under load in a full-suite run.
+    assert ("reference pass stopped by SIGUSR1: nothing written" in log
+            or "User defined signal 1" in log), log
     assert "reference pass: " in log and "2 node(s) × 1 rank(s), launcher torchrun" in log, log
     assert world_of(out) == 2
     effective = json.loads((out / "effective_config.json").read_text())

@@ -20,7 +20,7 @@ from typing import Any
 # Flags that a config file cannot set: argparse's own, the launcher's, and --config itself.
 NOT_IN_FILES = {"help", "local_rank", "config"}
 # The keys of effective_config.json besides "args" (written by train.py's _announce; derived, not settings).
-EFFECTIVE_CONFIG_KEYS = {"args", "ds_config", "weight_table", "total_steps", "layout"}
+EFFECTIVE_CONFIG_KEYS = {"args", "ds_config", "weight_table", "total_steps", "layout", "rendezvous"}
 
 
 class ConfigFileError(ValueError):

@@ -231,7 +231,8 @@ def is_collective_failure(exc: Optional[BaseException]) -> bool:
     # older paths raise a plain RuntimeError from gloo/NCCL: recognised by their words
     text = str(exc).lower()
     return isinstance(exc, RuntimeError) and any(k in text for k in (
-        "timed out", "connection reset", "connection closed", "nccl error", "gloo", "broken pipe"))
+        "timed out", "timeout caused", "pair closure", "connection reset", "connection closed", "nccl error", "gloo",
+        "broken pipe"))     # gloo's "Application timeout caused pair closure": ZeRO-3's prefetch wait on a timed-out peer
 
 
 class PeerFailureWatch:
