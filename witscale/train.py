@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -23,40 +22,16 @@ if __package__ in (None, ""):   # run as a script: make the repository importabl
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from witscale.data.classes import CLASS_NAMES, PROMPT_SIDE, RESPONSE_SIDE  # noqa: E402
-from witscale.data.weighting import (NORMALIZATIONS, build_weight_table, describe_weight_table,  # noqa: E402
-                                     parse_class_weights)
-from witscale.training.config import RunConfig  # noqa: E402
+from witscale.data.weighting import build_weight_table, describe_weight_table, parse_class_weights  # noqa: E402
+from witscale.training.config import GROUPS, PRESETS, SETTINGS, RunConfig  # noqa: E402
 from witscale.training.ds_config import DSConfigError, fill_ds_config, load_ds_config, zero_stage  # noqa: E402
+from witscale.training.flags import UsageError, add_flags  # noqa: E402,F401 - UsageError: train.py's refusals
 
 log = logging.getLogger("witscale")
-
-NORMALIZATION_HELP = """how the weighted sum of token losses is divided, over the GLOBAL batch
-(all micro-batches of all data-parallel ranks):
-  nonzero     the paper's: count of predicted tokens with non-zero weight (default).
-  weight_sum  Σ w: a weighted mean NLL; prompt tokens count by λp in N.
-  tokens      all predicted (non-pad) tokens, whatever their weight.
-Scaling all weights by c scales the gradient by c under nonzero and tokens, not under weight_sum; AdamW
-without clipping ignores that scale (up to its eps), so there only the ratio λp:λr and which weights are
-zero matter. With --clip-grad the scale decides how much is clipped (docs/objective.md)."""
 
 
 def _side(classes, sep: str) -> str:
     return sep.join(c.name.lower() for c in classes)
-
-
-class UsageError(ValueError):
-    """A flag or input file that cannot work; reported as one line before anything starts."""
-
-
-# Documented presets: a preset fills defaults, every flag given explicitly still wins.
-PRESETS = {
-    # The paper's DPO stage (Chatterjee et al. 2025, §4.2: DPO on UltraFeedback after each SFT cell): lr 5e-7,
-    # weight decay 0, 10% warm-up, 2 epochs, global batch 32 pairs (β 0.1, sigmoid loss: TRL's defaults).
-    # Packing puts a variable number of pairs in a row, so "32 pairs" picks --grad-accum from the manifest's
-    # mean pairs_per_row (--pairs-per-step); the loss is divided by each step's exact global pair count.
-    "dpo-paper": dict(objective="dpo", lr=5e-7, weight_decay=0.0, warmup_ratio=0.1, epochs=2.0, beta=0.1,
-                      dpo_loss="sigmoid", pairs_per_step=32),
-}
 
 
 class _PresetParser(argparse.ArgumentParser):
@@ -97,133 +72,19 @@ def _flags_beat_file_in_groups(parser: argparse.ArgumentParser, argv: list, sett
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The flags are RunConfig's fields (witscale/training/config.py declares each once, with its help, group,
+    choices and range check); only --config and the launcher's --local_rank are the parser's own."""
     p = _PresetParser(
         prog="witscale/train.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Weighted Instruction Tuning on DeepSpeed: prompt tokens weighted λp, response tokens λr.",
         epilog="Token classes: " + ", ".join(CLASS_NAMES) + f". --prompt-weight sets {_side(PROMPT_SIDE, ', ')}; "
                f"--response-weight sets {_side(RESPONSE_SIDE, ', ')}; pad is always 0.")
-    g = p.add_argument_group("data and model")
-    g.add_argument("--data", required=True, help="packed dataset directory (tools/pack_dataset.py)")
-    src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="HF checkpoint directory: config.json + *.safetensors")
-    src.add_argument("--model-config", help="HF-style config.json; the model starts from a seeded random init")
-    g.add_argument("--output-dir", required=True, help="metrics.jsonl, the effective config and the log go here")
-    g.add_argument("--allow-tokenizer-mismatch", action="store_true",
-                   help="train although the data's tokenizer digest differs from --model's (or --tokenizer's) "
-                        "tokenizer files (logged); without it that is refused")
-
-    g = p.add_argument_group("loss weights")
-    g.add_argument("--prompt-weight", type=float, default=0.0, help=f"λp for {_side(PROMPT_SIDE, '/')} tokens (default 0)")
-    g.add_argument("--response-weight", type=float, default=1.0, help=f"λr for {_side(RESPONSE_SIDE, '/')} tokens (default 1)")
-    g.add_argument("--class-weights", default="", help="per-class overrides, e.g. 'template=0,reasoning=0.3,tool=0'")
-    g.add_argument("--normalization", choices=NORMALIZATIONS, default="nonzero",
-                   help=NORMALIZATION_HELP)
-
-    g = p.add_argument_group("objective (docs/objective.md)")
-    g.add_argument("--objective", choices=("sft", "dpo"), default="sft",
-                   help="sft: the weighted token loss (default); dpo: Direct Preference Optimization on a "
-                        "preference dataset (pack_dataset.py --task preference) whose reference log-probs "
-                        "tools/precompute_reference.py has written")
-    g.add_argument("--beta", type=float, default=None, help="DPO: β, the strength of the KL penalty (default 0.1)")
-    g.add_argument("--dpo-loss", choices=("sigmoid", "ipo"), default=None,
-                   help="DPO: sigmoid (−log σ(β·margin), the DPO paper's) or ipo ((margin − 1/(2β))², on "
-                        "summed log-probs); default sigmoid")
-    g.add_argument("--label-smoothing", type=float, default=None,
-                   help="DPO sigmoid: ε in [0, 0.5), the assumed rate of flipped preference labels (cDPO); default 0")
-    g.add_argument("--reference-model", default=None, metavar="DIR",
-                   help="DPO: the reference (SFT) HF directory, when it is not --model; the data's reference "
-                        "log-probs must come from it (default: from --model, the usual DPO start)")
-    g.add_argument("--pairs-per-step", type=int, default=None, metavar="N",
-                   help="DPO: choose --grad-accum so that a step holds about N pairs (from the data's mean "
-                        "pairs per row); the loss is divided by the exact pair count of each step")
-    g.add_argument("--config", default=None, metavar="FILE",
-                   help="settings from a YAML or JSON file (keys: these flags' names, e.g. max_steps; a run's "
-                        "effective_config.json is accepted); flags given beside it win (configs/ has examples)")
-    g.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="documented defaults; explicit flags override them. dpo-paper: --objective dpo "
-                        "--lr 5e-7 --weight-decay 0 --warmup-ratio 0.1 --epochs 2 --beta 0.1 --dpo-loss sigmoid "
-                        "--pairs-per-step 32")
-
-    g = p.add_argument_group("optimization")
-    g.add_argument("--micro-batch-size", type=int, default=1, help="packed rows per micro-batch per rank")
-    g.add_argument("--grad-accum", type=int, default=None,
-                   help="micro-batches per optimizer step per rank (default 1, or from --pairs-per-step)")
-    g.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default: the paper's 2e-5 for sft — 5e-6 for Mistral-7B — and 5e-7 "
-                        "for dpo)")
-    g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.999))
-    g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--warmup-ratio", type=float, default=0.01, help="linear warm-up fraction, then cosine decay")
-    length = g.add_mutually_exclusive_group()
-    length.add_argument("--max-steps", type=int, help="optimizer steps to run")
-    length.add_argument("--epochs", type=float, default=None, help="passes over the packed rows (default 1)")
-    g.add_argument("--clip-grad", type=float, default=None,
-                   help="global grad-norm clipping; default off, as in the paper (DeepSpeed's own default, "
-                        "1.0, is overridden). With clipping, (λp, λr) and (cλp, cλr) no longer train alike.")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--no-shuffle", action="store_true", help="visit rows in stored order")
-
-    g = p.add_argument_group("checkpoints, evaluation, export")
-    g.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (always at the end)")
-    g.add_argument("--keep-checkpoints", type=int, default=2,
-                   help="keep the last K complete checkpoints (never pruning the newest one recorded finite)")
-    g.add_argument("--skip-nonfinite", type=int, default=0, metavar="N",
-                   help="a step with a NaN/inf loss or gradient norm stops the run (exit 3, nothing saved after "
-                        "it); with N > 0 up to N such steps are skipped (update not applied, logged) first")
-    g.add_argument("--resume", default=None, metavar="auto|PATH",
-                   help="'auto': continue from <output-dir>/checkpoints/latest if it exists; or a checkpoint path")
-    g.add_argument("--allow-data-change", action="store_true",
-                   help="resume even though the packed data differs from the checkpoint's")
-    g.add_argument("--reschedule", action="store_true",
-                   help="resume although --max-steps/--epochs/the global batch/--warmup-ratio change the schedule: "
-                        "continue at the checkpoint's step on the warm-up + cosine schedule of this run's length "
-                        "(refused without it)")
-    g.add_argument("--eval-data", default=None, help="packed eval set, scored every --eval-steps and at the end")
-    g.add_argument("--eval-steps", type=int, default=0, help="evaluate every N steps (0: only at the end)")
-    g.add_argument("--export-hf", default=None, metavar="DIR",
-                   help="at the end, write an HF directory (safetensors + config + tokenizer files); it replaces "
-                        "only an earlier witscale export there (or an empty directory), and never --output-dir "
-                        "or a directory containing it")
-    g.add_argument("--export-dtype", default="bf16", choices=("bf16", "fp32"),
-                   help="dtype of the --export-hf weights (recorded in config.json as torch_dtype; default bf16)")
-    g.add_argument("--tokenizer", default=None,
-                   help="tokenizer files to copy into --export-hf (default: those in --model, if any)")
-    g.add_argument("--log-every", type=int, default=1, help="console line every N steps (non-TTY)")
-    g.add_argument("--no-tensorboard", action="store_true", help="the same as leaving tensorboard out of --report-to")
-    g.add_argument("--report-to", default="tensorboard", metavar="SINKS",
-                   help="where metrics go besides metrics.jsonl: a comma list of tensorboard, wandb (Weights & "
-                        "Biases, rank 0: the resolved config and every metric; pip install 'witscale[wandb]'; "
-                        "WANDB_MODE=offline works without a network), none (default tensorboard)")
-
-    g = p.add_argument_group("parallelism")
-    g.add_argument("--ds_config", "--ds-config", dest="ds_config", required=True,
-                   help="DeepSpeed JSON (ds_configs/zero3.json …); \"auto\" fields are filled from these flags")
-    g.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    g.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (ZeRO-0/1 configs only)")
-    g.add_argument("--pp-partition", choices=("uniform", "parameters"), default="uniform",
-                   help="pipeline stages: the same number of decoder layers each (embedding on the first, "
-                        "norm + LM head on the last), or balanced parameter counts")
-    g.add_argument("--activation-checkpointing", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
-                   help="recompute each decoder block in backward (saves activations, costs ~1/3 more compute); "
-                        "auto (default): on where the planner says the layout would not fit this GPU without "
-                        "it, off on the CPU")
-    g.add_argument("--attention", default="auto", metavar="BACKEND",
-                   help="packed-attention backend (witscale/model/attention.py lists them); auto: torch's varlen "
-                        "(FlashAttention-2) kernels on a bf16 GPU, sdpa_grouped (documents batched by length) "
-                        "on the CPU; with attention soft-capping (Gemma-2) flash_varlen or flex on a GPU, eager on the "
-                        "CPU. All keep attention inside documents.")
-    g.add_argument("--dist-timeout", type=float, default=30.0, metavar="MINUTES",
-                   help="collective timeout (NCCL/gloo) in minutes; a rank that fails ends the job at once "
-                        "whatever this is (default 30: long enough for a 70B checkpoint write between barriers); "
-                        "after the first step it bounds only checkpoint saves and the export")
-    g.add_argument("--step-timeout", type=float, default=300.0, metavar="SECONDS",
-                   help="collective timeout after the first step, outside saves and the export (default 300): a "
-                        "hung rank or node ends the job in minutes, naming the ranks and hosts that stopped")
-    g.add_argument("--peak-tflops", type=float, default=None, metavar="TFLOPS",
-                   help="the GPU's dense bf16 peak for MFU (default: by exact GPU model; unknown cards log no MFU)")
-    g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    g.add_argument("--log-level", default="INFO")
+    groups = add_flags(p, RunConfig, groups=GROUPS)
+    groups[SETTINGS].add_argument(
+        "--config", default=None, metavar="FILE",
+        help="settings from a YAML or JSON file (keys: these flags' names, e.g. max_steps; a run's "
+             "effective_config.json is accepted); flags given beside it win (configs/ has examples)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -259,28 +120,8 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
         table = build_weight_table(cfg.prompt_weight, cfg.response_weight, parse_class_weights(cfg.class_weights))
     except ValueError as e:
         raise UsageError(str(e)) from None
-    for flag, value, ok in (("--micro-batch-size", cfg.micro_batch_size, cfg.micro_batch_size >= 1),
-                            ("--grad-accum", cfg.grad_accum, cfg.grad_accum is None or cfg.grad_accum >= 1),
-                            ("--pairs-per-step", cfg.pairs_per_step,
-                             cfg.pairs_per_step is None or cfg.pairs_per_step >= 1),
-                            ("--lr", cfg.lr, cfg.lr > 0 and math.isfinite(cfg.lr)),
-                            ("--warmup-ratio", cfg.warmup_ratio, 0 <= cfg.warmup_ratio <= 1),
-                            ("--weight-decay", cfg.weight_decay, cfg.weight_decay >= 0),
-                            ("--max-steps", cfg.max_steps, cfg.max_steps is None or cfg.max_steps >= 1),
-                            ("--epochs", cfg.epochs, cfg.epochs is None or cfg.epochs > 0),
-                            ("--clip-grad", cfg.clip_grad, cfg.clip_grad is None or cfg.clip_grad >= 0),
-                            ("--dist-timeout", cfg.dist_timeout, cfg.dist_timeout > 0 and math.isfinite(cfg.dist_timeout)),
-                            ("--step-timeout", cfg.step_timeout, cfg.step_timeout > 0 and math.isfinite(cfg.step_timeout)),
-                            ("--peak-tflops", cfg.peak_tflops,
-                             cfg.peak_tflops is None or (cfg.peak_tflops > 0 and math.isfinite(cfg.peak_tflops)))):
-        if not ok:
-            raise UsageError(f"{flag} {value} is out of range")
-
-    from witscale.model.attention import check_backend_name, check_backend_request
-    try:
-        check_backend_name(cfg.attention)        # before reading data or config: a typo fails at once
-    except ValueError as e:
-        raise UsageError(f"--attention: {e}") from None
+    # every flag's own range (and --attention's name) was checked when cfg was built: RunConfig's fields
+    from witscale.model.attention import check_backend_request
     _require_file(cfg.data, "--data")
     try:
         dataset = PackedDataset(cfg.data, shard=validation_shard(world_size))
@@ -346,9 +187,6 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
         _check_tokenizer_identity(cfg, eval_dataset, "--eval-data")
         _check_objective(cfg, eval_dataset, table, flag="--eval-data")
     report_sinks(cfg)
-    for flag in ("save_steps", "eval_steps", "keep_checkpoints", "log_every", "skip_nonfinite"):
-        if getattr(cfg, flag) < 0:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 0")
     if cfg.resume not in (None, "auto") and not os.path.exists(cfg.resume):
         raise UsageError(f"--resume {cfg.resume}: no such checkpoint")
     ckpt_root = os.path.join(cfg.output_dir, "checkpoints")

@@ -1,8 +1,12 @@
 """The run configuration: every setting of a training run, typed, built once from the command line.
 
-``RunConfig`` mirrors ``witscale/train.py``'s flags one to one (a field per flag, the flag's name with
-``_``), so ``--help`` documents it; the rest of the code takes this object, never the argparse namespace.
-It is frozen: a run's settings do not change once it has started (``effective_config.json`` records them).
+``RunConfig`` IS the declaration of ``witscale/train.py``'s flags: each field carries its flag's help, group,
+choices and range check (``option(...)``, witscale/training/flags.py), and the parser is generated from the
+fields, so a field per flag, the flag's name with ``_``. The rest of the code takes this object, never the
+argparse namespace. It is frozen: a run's settings do not change once it has started (``effective_config.json``
+records them). Building one checks every range: a bad value is refused in one line naming the flag.
+
+Adding a flag: one field here, with its metadata (docs/README.md "Adding a flag").
 """
 from __future__ import annotations
 
@@ -10,73 +14,199 @@ import argparse
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
+from witscale.data.classes import PROMPT_SIDE, RESPONSE_SIDE
+from witscale.data.weighting import NORMALIZATIONS
+from witscale.model.hf_io import EXPORT_DTYPES
+from witscale.model.pipeline import PARTITION_METHODS
+from witscale.training.dpo import DPO_LOSSES
+from witscale.training.flags import at_least, check_values, fraction, non_negative, option, positive
+
 
 DEFAULT_LR = {"sft": 2e-5, "dpo": 5e-7}      # the paper's learning rates for SFT and for DPO
 DPO_DEFAULTS = {"beta": 0.1, "dpo_loss": "sigmoid", "label_smoothing": 0.0}
+OBJECTIVES = ("sft", "dpo")
+ACTIVATION_CHECKPOINTING = ("auto", "on", "off")
+
+# Documented presets: a preset fills defaults, every flag given explicitly still wins.
+PRESETS = {
+    # The paper's DPO stage (Chatterjee et al. 2025, §4.2: DPO on UltraFeedback after each SFT cell): lr 5e-7,
+    # weight decay 0, 10% warm-up, 2 epochs, global batch 32 pairs (β 0.1, sigmoid loss: TRL's defaults).
+    # Packing puts a variable number of pairs in a row, so "32 pairs" picks --grad-accum from the manifest's
+    # mean pairs_per_row (--pairs-per-step); the loss is divided by each step's exact global pair count.
+    "dpo-paper": dict(objective="dpo", lr=5e-7, weight_decay=0.0, warmup_ratio=0.1, epochs=2.0, beta=0.1,
+                      dpo_loss="sigmoid", pairs_per_step=32),
+}
+
+# The --help groups, in this order (a field names its group).
+DATA = "data and model"
+WEIGHTS = "loss weights"
+OBJECTIVE = "objective (docs/objective.md)"
+SETTINGS = "presets and config files (a flag given > --config FILE > --preset > the default)"
+OPTIMIZATION = "optimization"
+OUTPUTS = "checkpoints, evaluation, export"
+RUNTIME = "parallelism and runtime"
+GROUPS = (DATA, WEIGHTS, OBJECTIVE, SETTINGS, OPTIMIZATION, OUTPUTS, RUNTIME)
+
+NORMALIZATION_HELP = """how the weighted sum of token losses is divided, over the GLOBAL batch
+(all micro-batches of all data-parallel ranks):
+  nonzero     the paper's: count of predicted tokens with non-zero weight (default).
+  weight_sum  Σ w: a weighted mean NLL; prompt tokens count by λp in N.
+  tokens      all predicted (non-pad) tokens, whatever their weight.
+Scaling all weights by c scales the gradient by c under nonzero and tokens, not under weight_sum; AdamW
+without clipping ignores that scale (up to its eps), so there only the ratio λp:λr and which weights are
+zero matter. With --clip-grad the scale decides how much is clipped (docs/objective.md)."""
+
+
+def _side(classes) -> str:
+    return "/".join(c.name.lower() for c in classes)
+
+
+def _number(v) -> str:
+    return f"{v:g}".replace("e-0", "e-") if isinstance(v, float) else str(v)     # 5e-7, not 5e-07
+
+
+def _as_flags(settings: dict) -> str:
+    return " ".join(f"--{k.replace('_', '-')} {_number(v)}" for k, v in settings.items())
+
+
+def _attention_backend(name: str) -> None:
+    from witscale.model.attention import check_backend_name      # torch: only once a config is built
+    check_backend_name(name)        # before reading data or config: a typo fails at once
 
 
 @dataclass(frozen=True)
 class RunConfig:
     # data and model
-    data: str
-    output_dir: str
-    ds_config: str
-    model: Optional[str] = None            # HF checkpoint directory, or
-    model_config: Optional[str] = None     # an HF-style config.json for a seeded random init
-    # loss weights (docs/objective.md)
-    prompt_weight: float = 0.0
-    response_weight: float = 1.0
-    class_weights: str = ""
-    normalization: str = "nonzero"
+    data: str = option(help="packed dataset directory (tools/pack_dataset.py)", group=DATA)
+    output_dir: str = option(help="metrics.jsonl, the effective config and the log go here", group=DATA)
+    ds_config: str = option(help="DeepSpeed JSON (ds_configs/zero3.json …); \"auto\" fields are filled from these "
+                                 "flags", group=RUNTIME, names=("--ds_config", "--ds-config"))
+    model: Optional[str] = option(None, "HF checkpoint directory: config.json + *.safetensors",
+                                  group=DATA, one_of="model", required=True)
+    model_config: Optional[str] = option(None, "HF-style config.json; the model starts from a seeded random init",
+                                         group=DATA, one_of="model", required=True)
+    # loss weights (docs/objective.md); their checks: witscale/data/weighting.py (the weight table)
+    prompt_weight: float = option(0.0, f"λp for {_side(PROMPT_SIDE)} tokens (default 0)", group=WEIGHTS)
+    response_weight: float = option(1.0, f"λr for {_side(RESPONSE_SIDE)} tokens (default 1)", group=WEIGHTS)
+    class_weights: str = option("", "per-class overrides, e.g. 'template=0,reasoning=0.3,tool=0'", group=WEIGHTS)
+    normalization: str = option("nonzero", NORMALIZATION_HELP, group=WEIGHTS, choices=NORMALIZATIONS)
     # objective (docs/objective.md#dpo): 'sft' (the weighted token loss) or 'dpo' on preference pairs
-    objective: str = "sft"
+    objective: str = option("sft", "sft: the weighted token loss (default); dpo: Direct Preference Optimization on "
+                                   "a preference dataset (pack_dataset.py --task preference) whose reference "
+                                   "log-probs tools/precompute_reference.py has written",
+                            group=OBJECTIVE, choices=OBJECTIVES)
     # DPO-only settings: None = not given; filled with DPO_DEFAULTS for DPO, left None for SFT (where
-    # train.py refuses any that was given rather than ignore it)
-    beta: Optional[float] = None
-    dpo_loss: Optional[str] = None         # sigmoid | ipo
-    label_smoothing: Optional[float] = None
-    reference_model: Optional[str] = None  # checked against the data's reference fingerprint
-    pairs_per_step: Optional[int] = None   # DPO: choose --grad-accum for about this many pairs per step
-    preset: Optional[str] = None           # recorded only: its values are already in the fields above
+    # train.py refuses any that was given rather than ignore it); checked by DPOSettings.check
+    beta: Optional[float] = option(None, f"DPO: β, the strength of the KL penalty (default {DPO_DEFAULTS['beta']})",
+                                   group=OBJECTIVE)
+    dpo_loss: Optional[str] = option(None, "DPO: sigmoid (−log σ(β·margin), the DPO paper's) or ipo ((margin − "
+                                           f"1/(2β))², on summed log-probs); default {DPO_DEFAULTS['dpo_loss']}",
+                                     group=OBJECTIVE, choices=DPO_LOSSES)
+    label_smoothing: Optional[float] = option(
+        None, "DPO sigmoid: ε in [0, 0.5), the assumed rate of flipped preference labels (cDPO); default "
+              f"{_number(DPO_DEFAULTS['label_smoothing'])}", group=OBJECTIVE)
+    reference_model: Optional[str] = option(
+        None, "DPO: the reference (SFT) HF directory, when it is not --model; the data's reference log-probs must "
+              "come from it (default: from --model, the usual DPO start)", group=OBJECTIVE, metavar="DIR")
+    pairs_per_step: Optional[int] = option(
+        None, "DPO: choose --grad-accum so that a step holds about N pairs (from the data's mean pairs per row); "
+              "the loss is divided by the exact pair count of each step", group=OBJECTIVE, metavar="N",
+        check=at_least(1))
+    preset: Optional[str] = option(     # recorded only: its values are already in the fields
+        None, "documented defaults; explicit flags override them. "
+              + "; ".join(f"{name}: {_as_flags(values)}" for name, values in PRESETS.items()),
+        group=SETTINGS, choices=tuple(sorted(PRESETS)))
     # optimization
-    micro_batch_size: int = 1
-    grad_accum: Optional[int] = 1          # None only until plan_run resolves --pairs-per-step
-    lr: Optional[float] = None             # None: DEFAULT_LR of the objective
-    weight_decay: float = 0.1
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    warmup_ratio: float = 0.01
-    max_steps: Optional[int] = None
-    epochs: Optional[float] = None
-    clip_grad: Optional[float] = None
-    seed: int = 0
-    no_shuffle: bool = False
+    micro_batch_size: int = option(1, "packed rows per micro-batch per rank", group=OPTIMIZATION, check=at_least(1))
+    grad_accum: Optional[int] = option(  # None: 1, or (--pairs-per-step) resolved by train.py's plan_run
+        None, "micro-batches per optimizer step per rank (default 1, or from --pairs-per-step)", group=OPTIMIZATION,
+        check=at_least(1))
+    lr: Optional[float] = option(       # None: DEFAULT_LR of the objective
+        None, "peak learning rate (default: the paper's, by --objective: "
+              + ", ".join(f"{_number(v)} for {k}" for k, v in DEFAULT_LR.items()) + "; it used 5e-6 for Mistral-7B sft)",
+        group=OPTIMIZATION, check=positive)
+    weight_decay: float = option(0.1, group=OPTIMIZATION, check=non_negative)
+    adam_betas: tuple[float, float] = option((0.9, 0.999), group=OPTIMIZATION)
+    adam_eps: float = option(1e-8, group=OPTIMIZATION)
+    warmup_ratio: float = option(0.01, "linear warm-up fraction, then cosine decay", group=OPTIMIZATION,
+                                 check=fraction)
+    max_steps: Optional[int] = option(None, "optimizer steps to run", group=OPTIMIZATION, one_of="length",
+                                      check=at_least(1))
+    epochs: Optional[float] = option(None, "passes over the packed rows (default 1)", group=OPTIMIZATION,
+                                     one_of="length", check=positive)
+    clip_grad: Optional[float] = option(
+        None, "global grad-norm clipping; default off, as in the paper (DeepSpeed's own default, 1.0, is "
+              "overridden). With clipping, (λp, λr) and (cλp, cλr) no longer train alike.", group=OPTIMIZATION,
+        check=non_negative)
+    seed: int = option(0, group=OPTIMIZATION)
+    no_shuffle: bool = option(False, "visit rows in stored order", group=OPTIMIZATION)
     # checkpoints, evaluation, export
-    save_steps: int = 0
-    keep_checkpoints: int = 2
-    skip_nonfinite: int = 0                # non-finite steps skipped before the run stops (training/guard.py)
-    resume: Optional[str] = None
-    allow_data_change: bool = False
-    allow_tokenizer_mismatch: bool = False
-    reschedule: bool = False               # resume on a schedule rebuilt for this run's length (train.py)
-    eval_data: Optional[str] = None
-    eval_steps: int = 0
-    export_hf: Optional[str] = None
-    export_dtype: str = "bf16"
-    tokenizer: Optional[str] = None
-    log_every: int = 1
-    no_tensorboard: bool = False
-    report_to: str = "tensorboard"         # comma list of tensorboard, wandb, none (metrics.jsonl always)
+    save_steps: int = option(0, "checkpoint every N steps (always at the end)", group=OUTPUTS, check=non_negative)
+    keep_checkpoints: int = option(
+        2, "keep the last K complete checkpoints (never pruning the newest one recorded finite)", group=OUTPUTS,
+        check=non_negative)
+    skip_nonfinite: int = option(       # non-finite steps skipped before the run stops (training/guard.py)
+        0, "a step with a NaN/inf loss or gradient norm stops the run (exit 3, nothing saved after it); with N > 0 "
+           "up to N such steps are skipped (update not applied, logged) first", group=OUTPUTS, metavar="N",
+        check=non_negative)
+    resume: Optional[str] = option(
+        None, "'auto': continue from <output-dir>/checkpoints/latest if it exists; or a checkpoint path",
+        group=OUTPUTS, metavar="auto|PATH")
+    allow_data_change: bool = option(False, "resume even though the packed data differs from the checkpoint's",
+                                     group=OUTPUTS)
+    allow_tokenizer_mismatch: bool = option(
+        False, "train although the data's tokenizer digest differs from --model's (or --tokenizer's) tokenizer "
+               "files (logged); without it that is refused", group=DATA)
+    reschedule: bool = option(          # resume on a schedule rebuilt for this run's length (train.py)
+        False, "resume although --max-steps/--epochs/the global batch/--warmup-ratio change the schedule: continue "
+               "at the checkpoint's step on the warm-up + cosine schedule of this run's length (refused without it)",
+        group=OUTPUTS)
+    eval_data: Optional[str] = option(None, "packed eval set, scored every --eval-steps and at the end",
+                                      group=OUTPUTS)
+    eval_steps: int = option(0, "evaluate every N steps (0: only at the end)", group=OUTPUTS, check=non_negative)
+    export_hf: Optional[str] = option(
+        None, "at the end, write an HF directory (safetensors + config + tokenizer files); it replaces only an "
+              "earlier witscale export there (or an empty directory), and never --output-dir or a directory "
+              "containing it", group=OUTPUTS, metavar="DIR")
+    export_dtype: str = option(
+        "bf16", "dtype of the --export-hf weights (recorded in config.json as torch_dtype; default bf16)",
+        group=OUTPUTS, choices=tuple(EXPORT_DTYPES))
+    tokenizer: Optional[str] = option(None, "tokenizer files to copy into --export-hf (default: those in --model, "
+                                            "if any)", group=OUTPUTS)
+    log_every: int = option(1, "console line every N steps (non-TTY)", group=OUTPUTS, check=non_negative)
+    no_tensorboard: bool = option(False, "the same as leaving tensorboard out of --report-to", group=OUTPUTS)
+    report_to: str = option(            # checked with --no-tensorboard by train.py's report_sinks
+        "tensorboard", "where metrics go besides metrics.jsonl: a comma list of tensorboard, wandb (Weights & "
+                       "Biases, rank 0: the resolved config and every metric; pip install 'witscale[wandb]'; "
+                       "WANDB_MODE=offline works without a network), none (default tensorboard)",
+        group=OUTPUTS, metavar="SINKS")
     # parallelism and runtime
-    tp: int = 1
-    pp: int = 1
-    pp_partition: str = "uniform"
-    activation_checkpointing: str = "auto"    # auto | on | off (resolved by witscale/train.py)
-    attention: str = "auto"
-    dist_timeout: float = 30.0
-    peak_tflops: Optional[float] = None    # the GPU's dense bf16 peak for MFU (None: training/peak_flops.py)
-    step_timeout: float = 300.0          # seconds; collectives after the first step, outside saves/export
-    log_level: str = "INFO"
+    tp: int = option(1, "tensor-parallel size", group=RUNTIME)
+    pp: int = option(1, "pipeline-parallel size (ZeRO-0/1 configs only)", group=RUNTIME)
+    pp_partition: str = option(
+        "uniform", "pipeline stages: the same number of decoder layers each (embedding on the first, norm + LM "
+                   "head on the last), or balanced parameter counts", group=RUNTIME, choices=PARTITION_METHODS)
+    activation_checkpointing: str = option(  # resolved by witscale/train.py
+        "auto", "recompute each decoder block in backward (saves activations, costs ~1/3 more compute); auto "
+                "(default): on where the planner says the layout would not fit this GPU without it, off on the CPU",
+        group=RUNTIME, choices=ACTIVATION_CHECKPOINTING, nargs="?", const="on")
+    attention: str = option(
+        "auto", "packed-attention backend (witscale/model/attention.py lists them); auto: torch's varlen "
+                "(FlashAttention-2) kernels on a bf16 GPU, sdpa_grouped (documents batched by length) on the CPU; "
+                "with attention soft-capping (Gemma-2) flash_varlen or flex on a GPU, eager on the CPU. All keep "
+                "attention inside documents.", group=RUNTIME, metavar="BACKEND", check=_attention_backend)
+    dist_timeout: float = option(
+        30.0, "collective timeout (NCCL/gloo) in minutes; a rank that fails ends the job at once whatever this is "
+              "(default 30: long enough for a 70B checkpoint write between barriers); after the first step it "
+              "bounds only checkpoint saves and the export", group=RUNTIME, metavar="MINUTES", check=positive)
+    peak_tflops: Optional[float] = option(   # None: training/peak_flops.py
+        None, "the GPU's dense bf16 peak for MFU (default: by exact GPU model; unknown cards log no MFU)",
+        group=RUNTIME, metavar="TFLOPS", check=positive)
+    step_timeout: float = option(       # collectives after the first step, outside saves/export
+        300.0, "collective timeout after the first step, outside saves and the export (default 300): a hung rank "
+               "or node ends the job in minutes, naming the ranks and hosts that stopped", group=RUNTIME,
+        metavar="SECONDS", check=positive)
+    log_level: str = option("INFO", group=RUNTIME)
 
     def __post_init__(self):
         # Defaults that depend on the objective (frozen: set through object.__setattr__, once, here).
@@ -86,14 +216,15 @@ class RunConfig:
             for key, default in DPO_DEFAULTS.items():
                 if getattr(self, key) is None:
                     object.__setattr__(self, key, default)
+        if self.grad_accum is None and not self.pairs_per_step:
+            object.__setattr__(self, "grad_accum", 1)     # left None for --pairs-per-step to decide
+        check_values(type(self), self.__dict__)           # every range, one line naming the flag
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "RunConfig":
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in vars(args).items() if k in names}
         values["adam_betas"] = tuple(values.get("adam_betas", cls.adam_betas))
-        if values.get("grad_accum") is None and not values.get("pairs_per_step"):
-            values["grad_accum"] = 1       # --grad-accum's default; left None for --pairs-per-step to decide
         return cls(**values)
 
     def as_dict(self) -> dict:
