@@ -23,8 +23,11 @@ def main(argv=None) -> int:
     p.add_argument("out", help="the HF directory to write; an earlier witscale export (or an empty directory) there is "
                                "replaced, anything else is refused")
     p.add_argument("--tokenizer", help="tokenizer directory or SentencePiece .model to copy")
-    p.add_argument("--export-dtype", default="bf16", choices=("bf16", "fp32"),
-                   help="dtype of the exported weights (recorded in config.json as torch_dtype; default bf16)")
+    from witscale.training.config import RunConfig
+    from witscale.training.flags import add_flags
+    add_flags(p, RunConfig, ("export_dtype",), grouped=False,       # train.py's --export-dtype, declared once
+              help={"export_dtype": "dtype of the exported weights (recorded in config.json as torch_dtype; "
+                                    "default bf16)"})
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     args = p.parse_args(argv)
     from witscale.data.output_dir import OutputError, os_error_line, path_relation

@@ -31,11 +31,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from witscale.training.config import RunConfig  # noqa: E402
+from witscale.training.flags import UsageError, add_flags, check_values  # noqa: E402
+
 log = logging.getLogger("witscale")
 
 
-class UsageError(ValueError):
-    pass
+SHARED_WITH_TRAIN = ("tp", "pp", "micro_batch_size", "prompt_weight", "response_weight", "class_weights",
+                     "attention", "allow_tokenizer_mismatch", "dist_timeout", "log_level")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,20 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the reference model: an HF directory (config.json + safetensors)")
     p.add_argument("--ds_config", "--ds-config", dest="ds_config", default=None,
                    help="DeepSpeed JSON of the layout (default ds_configs/zero0.json; zero3.json partitions the model)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree, as witscale/train.py --tp")
-    p.add_argument("--pp", type=int, default=1, help="pipeline stages, as witscale/train.py --pp (ZeRO-0/1 only)")
-    p.add_argument("--micro-batch-size", type=int, default=1, help="packed rows per forward per rank")
-    p.add_argument("--prompt-weight", type=float, default=0.0, help="λp of the loss tokens (DPO: 0)")
-    p.add_argument("--response-weight", type=float, default=1.0, help="λr of the loss tokens (DPO: 1)")
-    p.add_argument("--class-weights", default="", help="per-class overrides, as witscale/train.py takes them")
-    p.add_argument("--attention", default="auto", metavar="BACKEND",
-                   help="packed-attention backend, as witscale/train.py --attention (default auto)")
-    p.add_argument("--allow-tokenizer-mismatch", action="store_true",
-                   help="write the log-probs although the data's tokenizer digest differs from --model's "
-                        "tokenizer files (logged); without it that is refused")
-    p.add_argument("--dist-timeout", type=float, default=30.0, metavar="MINUTES")
+    # the settings it shares with witscale/train.py: the same declarations (RunConfig's fields), help and checks
+    add_flags(p, RunConfig, SHARED_WITH_TRAIN, grouped=False, help={
+        "micro_batch_size": "packed rows per forward per rank",
+        "prompt_weight": "λp of the loss tokens (DPO: 0)", "response_weight": "λr of the loss tokens (DPO: 1)",
+        "allow_tokenizer_mismatch": "write the log-probs although the data's tokenizer digest differs from "
+                                    "--model's tokenizer files (logged); without it that is refused",
+        "dist_timeout": "collective timeout (NCCL/gloo) in minutes (default 30)"})
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--log-level", default="INFO")
     return p
 
 
@@ -76,8 +73,7 @@ def plan(args, world_size: int):
         table = build_weight_table(args.prompt_weight, args.response_weight, parse_class_weights(args.class_weights))
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if args.micro_batch_size < 1:
-        raise UsageError(f"--micro-batch-size {args.micro_batch_size} is out of range")
+    check_values(RunConfig, vars(args), SHARED_WITH_TRAIN)     # the ranges train.py checks, one line each
     if not os.path.exists(args.data):
         raise UsageError(f"--data {args.data}: no such file or directory")
     try:

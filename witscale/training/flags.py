@@ -129,10 +129,12 @@ def argparse_kwargs(f, hint) -> dict:
     return kw
 
 
-def add_flags(parser: argparse.ArgumentParser, cls, names=None, groups=(), help: Optional[dict] = None) -> dict:
+def add_flags(parser: argparse.ArgumentParser, cls, names=None, groups=(), help: Optional[dict] = None,
+              grouped: bool = True) -> dict:
     """Add the flags of dataclass ``cls``'s fields (all, or those in ``names``) to ``parser``, in argument
-    groups titled by their ``group`` (created in the order of ``groups``, then of first use); ``help``
-    replaces a field's help text where another tool gives it another meaning. Returns {title: group}."""
+    groups titled by their ``group`` (created in the order of ``groups``, then of first use; ``grouped=False``:
+    none, for a tool that borrows a few flags); ``help`` replaces a field's help text where another tool gives
+    it another meaning. Returns {title: group}."""
     hints = typing.get_type_hints(cls)
     chosen = [f for f in fields(cls) if FLAG in f.metadata and (names is None or f.name in names)]
     if names is not None and len(chosen) != len(set(names)):
@@ -140,7 +142,7 @@ def add_flags(parser: argparse.ArgumentParser, cls, names=None, groups=(), help:
         raise ValueError(f"add_flags: {cls.__name__} declares no flag for {', '.join(sorted(unknown))}")
     made = {}
     for title in list(groups) + [spec_of(f).group for f in chosen]:
-        if title is not None and title not in made:
+        if grouped and title is not None and title not in made:
             made[title] = parser.add_argument_group(title)
     exclusive = {}
     for f in chosen:
