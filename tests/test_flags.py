@@ -4,7 +4,6 @@ field's range is refused when the config is built, in one line naming the flag. 
 from __future__ import annotations
 
 import argparse
-import signal
 import typing
 from collections import Counter
 from dataclasses import MISSING, dataclass, fields
@@ -12,6 +11,7 @@ from typing import Optional
 
 import pytest
 
+from tests.test_train_cli_operations import _cli    # in-process with capsys
 from witscale.training.config import OBJECTIVES, PRESETS, RunConfig
 from witscale.training.config_file import NOT_IN_FILES
 from witscale.training.flags import UsageError, add_flags, at_least, check_values, option, positive
@@ -71,17 +71,6 @@ def test_choices_are_the_codes_constants():
     assert "dpo-paper: --objective dpo --lr 5e-7 --weight-decay 0 --warmup-ratio 0.1 --epochs 2 --beta 0.1" in text
 
 
-def _main(args, capsys):
-    from witscale.train import main
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
-    try:
-        code = main(args)
-    finally:            # main() installs the preemption handlers: give pytest its own back
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-    return code, capsys.readouterr().err.strip().splitlines()
-
-
 @pytest.mark.parametrize("flag,value,message", [
     ("--warmup-ratio", "1.5", "--warmup-ratio 1.5 is out of range (must be in [0, 1])"),
     ("--micro-batch-size", "0", "--micro-batch-size 0 is out of range (must be >= 1)"),
@@ -92,7 +81,7 @@ def _main(args, capsys):
     ("--attention", "nope", "--attention: unknown attention backend 'nope'"),
 ])
 def test_a_value_out_of_range_is_refused_in_one_line_naming_the_flag(capsys, flag, value, message):
-    code, err = _main(BASE + [flag, value], capsys)
+    code, err = _cli(BASE + [flag, value], capsys)
     assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {message}"), err
 
 
@@ -105,7 +94,7 @@ def test_range_checks_run_whenever_a_config_is_built(tmp_path, capsys):
     assert ok.grad_accum == 1 and ok.lr == 2e-5
     # a value from a config file too
     (tmp_path / "run.yaml").write_text("warmup_ratio: 2\n")
-    code, err = _main(BASE + ["--config", str(tmp_path / "run.yaml")], capsys)
+    code, err = _cli(BASE + ["--config", str(tmp_path / "run.yaml")], capsys)
     assert code == 2 and err == ["error: --warmup-ratio 2.0 is out of range (must be in [0, 1])"], err
 
 
