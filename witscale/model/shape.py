@@ -6,8 +6,8 @@ against witscale's own model (tests/test_model_families.py, tests/test_family_re
 family comes from its record (witscale/model/family.py ``get_family``), never from testing ``model_type``
 here: the defaults of absent keys (head_dim independent of hidden/heads: Gemma, Qwen3; key/value heads; tied
 embeddings; Qwen2's q/k/v bias), q/k norms (Qwen3, Gemma-3), four norms per layer (Gemma), an o_proj bias
-where attention_bias covers it (Llama, Qwen3, Gemma), Llama's mlp_bias. Sliding-window layers are counted as full attention in the
-FLOPs (an upper bound: a window W makes a document's attention cost L·min(L, W), not L²).
+where attention_bias covers it (Llama, Qwen3, Gemma), Llama's mlp_bias. Sliding-window layers are counted as
+full attention in the FLOPs (an upper bound: a window W makes a document's attention cost L·min(L, W), not L²).
 """
 from __future__ import annotations
 
