@@ -39,7 +39,7 @@ if TYPE_CHECKING:                    # config.py imports the records from here
 # Family.windows: how the sliding-window layers are decided.
 WINDOW_RULES = ("none",          # no window (Llama)
                 "uniform",       # one window (sliding_window) on every layer (Mistral)
-                "from_layer",    # use_sliding_window turns it on, for layers ≥ max_window_layers, or layer_types (Qwen)
+                "from_layer",    # with use_sliding_window: layers ≥ max_window_layers, or layer_types (Qwen)
                 "interleaved")   # layer_types, else every n-th layer global and the others sliding (Gemma)
 # Family.qkv_bias: where the q/k/v biases come from.
 QKV_BIAS_RULES = ("attention_bias",   # as the attention_bias key says (off when absent)
