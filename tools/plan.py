@@ -18,12 +18,15 @@ from witscale import planner  # noqa: E402
 
 def load_shape(spec: str) -> planner.ModelShape:
     if spec.upper() in planner.NAMED_SIZES:
-        return planner.ModelShape(**planner.NAMED_SIZES[spec.upper()])
+        return planner.ModelShape.from_config(planner.NAMED_SIZES[spec.upper()])
     path = os.path.join(spec, "config.json") if os.path.isdir(spec) else spec
     if not os.path.exists(path):
         sys.exit(f"error: --model {spec}: neither a named size ({', '.join(planner.NAMED_SIZES)}) nor a config.json")
-    with open(path, encoding="utf-8") as f:
-        return planner.ModelShape.from_config(json.load(f))
+    try:
+        with open(path, encoding="utf-8") as f:
+            return planner.ModelShape.from_config(json.load(f))
+    except (ValueError, OSError) as e:       # an unknown model_type names the supported families; bad JSON
+        sys.exit(f"error: --model {path}: {e}")
 
 
 def main(argv=None) -> int:

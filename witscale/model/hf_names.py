@@ -8,10 +8,10 @@ path for both. Every family's names are HF's own (Qwen3/Gemma-3 ``self_attn.q_no
 ``pre_feedforward_layernorm.weight`` …): the layer mapping is the same for all.
 
 ``checkpoint_to_hf_name(cfg)`` maps the names a checkpoint stores to the text model's HF names when they
-differ: a multimodal Gemma-3 (``Gemma3ForConditionalGeneration``) keeps its language model under
-``language_model.model.`` (as transformers saves it) or ``model.language_model.`` (its module names); the
-vision tower and projector are not part of the text model. An export is always the text model
-(``gemma3_text``, plain names).
+differ, by the renames of the config's wrapper record (witscale/model/family.py ``WRAPPERS``): a multimodal
+Gemma-3 (``Gemma3ForConditionalGeneration``) keeps its language model under ``language_model.model.`` (as
+transformers saves it) or ``model.language_model.`` (its module names); the vision tower and projector are not
+part of the text model. An export is always the text model (``gemma3_text``, plain names).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import re
 from typing import Callable, Optional
 
 from witscale.model.config import ModelConfig
+from witscale.model.family import wrapper_of_layout
 
 
 def hf_name_fn(module) -> Callable[[str], str]:
@@ -68,26 +69,19 @@ def hf_to_pipe_name(name: str, cfg: ModelConfig) -> str:
     return _bad(name)
 
 
-_GEMMA3_TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
-                         ("language_model.lm_head.", "lm_head."))
-_GEMMA3_OTHER_PARTS = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
-                       "model.multi_modal_projector.")
-
-
 def checkpoint_to_hf_name(cfg: ModelConfig) -> Optional[Callable[[str], Optional[str]]]:
     """For a checkpoint layout whose names are not the text model's: stored name → HF name, or None for a
     tensor of another part (skipped). None when the names are HF's already. An unknown name is returned as it
     is, so that the strict load reports it."""
     if cfg.checkpoint_layout is None:
         return None
-    if cfg.checkpoint_layout != "gemma3_multimodal":
-        raise ValueError(f"unknown checkpoint layout {cfg.checkpoint_layout!r}")
+    wrapper = wrapper_of_layout(cfg.checkpoint_layout)
 
     def rename(name: str) -> Optional[str]:
-        for stored, hf in _GEMMA3_TEXT_PREFIXES:
+        for stored, hf in wrapper.renames:
             if name.startswith(stored):
                 return hf + name[len(stored):]
-        return None if name.startswith(_GEMMA3_OTHER_PARTS) else name
+        return None if name.startswith(wrapper.other_parts) else name
     return rename
 
 
