@@ -64,8 +64,12 @@ class Objective:
         manifest; ``table`` the run's class weights; ``cfg`` the RunConfig) cannot serve this objective."""
 
     def describe(self) -> str:
-        """The objective in train.log's start-up line."""
+        """The objective and its settings, in a few words."""
         return self.name
+
+    def startup_line(self, weights: str, normalization: str) -> str:
+        """train.log's line on the loss (``weights`` the class-weight table as text)."""
+        return f"loss weights per class: {weights}; normalization: {normalization}"
 
     # --- the step -------------------------------------------------------------------------------------------
     def denominator(self, normalization: str) -> str:

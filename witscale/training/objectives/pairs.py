@@ -156,6 +156,10 @@ class PairObjective(Objective):
     def console(self, record: dict) -> str:
         return ""
 
+    def startup_line(self, weights: str, normalization: str) -> str:
+        return (f"objective: {self.describe()}, divided by the pairs of each global batch; completion log-probs "
+                f"under class weights {weights}")
+
 
 __all__ = ["Completions", "PairTerms", "PairHead", "PairObjective", "completion_sums", "completion_logps",
            "pair_inputs", "check_preference_data"]
