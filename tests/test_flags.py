@@ -58,7 +58,7 @@ def test_choices_are_the_codes_constants():
     from witscale.model.hf_io import EXPORT_DTYPES
     from witscale.model.pipeline import PARTITION_METHODS
     from witscale.train import build_parser
-    from witscale.training.dpo import DPO_LOSSES
+    from witscale.training.objectives.dpo import DPO_LOSSES
     choices = {a.dest: a.choices for a in _options(build_parser())}
     assert choices["dpo_loss"] is DPO_LOSSES
     assert choices["normalization"] is NORMALIZATIONS

@@ -230,42 +230,22 @@ def _check_tokenizer_identity(cfg: RunConfig, dataset, flag: str) -> None:
         log.warning(note)
 
 
-def dpo_settings(cfg: RunConfig):
-    """The run's DPOSettings, or None for SFT."""
-    if cfg.objective != "dpo":
-        return None
-    from witscale.training.dpo import DPOSettings
-    return DPOSettings(beta=cfg.beta, loss=cfg.dpo_loss, label_smoothing=cfg.label_smoothing)
-
-
 def _check_objective(cfg: RunConfig, dataset, table, flag: str = "--data") -> None:
-    """SFT refuses preference data (it would imitate the rejected completions); DPO refuses SFT data, data
-    without reference log-probs, reference log-probs of another --reference-model or other class weights."""
-    task = dataset.manifest.get("task", "sft")
-    path = getattr(dataset, "path", cfg.data)
-    if cfg.objective == "sft":
-        if task == "preference":
-            raise UsageError(f"{flag} {path} is a preference dataset: train it with --objective dpo")
-        given = [flag for flag, value in (("--pairs-per-step", cfg.pairs_per_step), ("--beta", cfg.beta),
-                                          ("--dpo-loss", cfg.dpo_loss), ("--label-smoothing", cfg.label_smoothing),
-                                          ("--reference-model", cfg.reference_model)) if value is not None]
-        if given:       # refused rather than ignored: the user meant something
-            raise UsageError(f"{', '.join(given)} apply to --objective dpo only")
-        return
-    from witscale.training.dpo import check_reference
+    """The objective's settings and its checks of the data (witscale/training/objectives: e.g. SFT refuses
+    preference data, DPO SFT data or reference log-probs of another model); flags of other objectives are
+    refused rather than ignored (the user meant something)."""
+    from witscale.training.objectives import foreign_flags, objective_for
     try:
-        dpo_settings(cfg).check()
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    try:
-        check_reference(dataset.manifest, path, table, cfg.reference_model, policy_model=cfg.model)
+        objective = objective_for(cfg)
+        objective.check()
+        objective.check_data(dataset.manifest, getattr(dataset, "path", cfg.data), table, cfg, flag)
+        foreign = foreign_flags(cfg)
+        if foreign:
+            owners = foreign[0][1]
+            raise ValueError(f"{', '.join(f for f, o in foreign if o == owners)} apply to --objective "
+                             f"{' or '.join(owners)} only")
     except (OSError, ValueError) as e:
-        raise UsageError(f"{flag} {e}") from None
-    if not cfg.model and not cfg.reference_model:
-        # nothing to check the dataset's reference log-probs against: they could be any model's
-        raise UsageError("--objective dpo starts from a trained model: pass --model SFT_HF_DIR (the policy's start "
-                         "and, by default, the reference), or --reference-model naming the model whose log-probs "
-                         f"{flag} {path} holds")
+        raise UsageError(str(e)) from None
 
 
 def grad_accum_for_pairs(cfg: RunConfig, manifest: dict, dp: int) -> int:
@@ -362,6 +342,7 @@ def train_loop(plan: Plan, topo, module):
     from witscale.training.faults import first_attempt, injected, slow_save_seconds
     from witscale.training.guard import check_step
     from witscale.training.metrics import MetricsLogger
+    from witscale.training.objectives import objective_for
     from witscale.training.trainer import Trainer
 
     cfg = plan.config
@@ -379,7 +360,7 @@ def train_loop(plan: Plan, topo, module):
                       normalization=cfg.normalization, lr=cfg.lr, weight_decay=cfg.weight_decay,
                       betas=cfg.adam_betas, eps=cfg.adam_eps, total_steps=plan.total_steps,
                       warmup_ratio=cfg.warmup_ratio, activation_checkpointing=plan.activation_checkpointing,
-                      dpo=dpo_settings(cfg), peak_tflops=cfg.peak_tflops)
+                      objective=objective_for(cfg), peak_tflops=cfg.peak_tflops)
     ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
     fingerprints = {"data_fingerprint": checkpoint.data_fingerprint(plan.dataset.manifest),
                     "model_fingerprint": checkpoint.model_fingerprint(plan.model_config)}
@@ -412,7 +393,8 @@ def train_loop(plan: Plan, topo, module):
     sinks = report_sinks(cfg)
     metrics = MetricsLogger(cfg.output_dir, plan.total_steps, enabled=dist.get_rank() == 0,
                             log_every=cfg.log_every, tensorboard="tensorboard" in sinks, start_step=trainer.step,
-                            wandb_config=resolved_config(plan) if "wandb" in sinks else None)
+                            wandb_config=resolved_config(plan) if "wandb" in sinks else None,
+                            objective=trainer.objective)
     results, preempted, last_saved = [], False, None
     try:
         while trainer.step < plan.total_steps:
@@ -553,13 +535,8 @@ def _announce(plan: Plan, topo) -> None:
     os.makedirs(cfg.output_dir, exist_ok=True)
     _add_file_log(os.path.join(cfg.output_dir, "train.log"))
     log.info(topo.describe())
-    if cfg.objective == "dpo":
-        from witscale.training.dpo import describe
-        log.info(f"objective: {describe(dpo_settings(cfg))}, divided by the pairs of each global batch; "
-                 f"completion log-probs under class weights {describe_weight_table(plan.weight_table)}")
-    else:
-        log.info(f"loss weights per class: {describe_weight_table(plan.weight_table)}; "
-                 f"normalization: {cfg.normalization}")
+    from witscale.training.objectives import objective_for
+    log.info(objective_for(cfg).startup_line(describe_weight_table(plan.weight_table), cfg.normalization))
     log.info(epoch_summary(plan))
     with open(os.path.join(cfg.output_dir, "model_config.json"), "w", encoding="utf-8") as f:
         json.dump(plan.model_config.to_hf_dict(), f, indent=2)     # read by tools/export_hf.py
@@ -588,9 +565,17 @@ def _add_file_log(path: str) -> None:
 def main(argv=None) -> int:
     from witscale.training import preemption
     preemption.install()        # first: SLURM's signal can come before start-up is over
+    return entry_point(run, build_parser, argv)
+
+
+def entry_point(run_fn, make_parser, argv=None) -> int:
+    """The process around ``run_fn(args)`` (train.py's ``run``; tools/precompute_reference.py's): flags parsed by
+    ``make_parser()``, logging (rank-tagged lines; --log-level on rank 0, WARNING elsewhere), each refusal as one
+    line and its exit code, never a barrier after an error (``fail_fast``), the process group torn down at the
+    end. Install signal handlers before calling it. Returns the exit code."""
     from witscale.training.config_file import ConfigFileError
     try:
-        args = build_parser().parse_args(argv)
+        args = make_parser().parse_args(argv)
     except ConfigFileError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -609,7 +594,7 @@ def main(argv=None) -> int:
     from witscale.training.run_lock import OutputDirRefused
     from witscale.training.optim import ExtensionBuildError
     try:
-        run(args)
+        run_fn(args)
     except UsageError as e:     # before any process group exists
         print(f"error: {e}", file=sys.stderr)
         return 2

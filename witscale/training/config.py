@@ -18,13 +18,12 @@ from witscale.data.classes import PROMPT_SIDE, RESPONSE_SIDE
 from witscale.data.weighting import NORMALIZATIONS
 from witscale.model.hf_io import EXPORT_DTYPES
 from witscale.model.pipeline import PARTITION_METHODS
-from witscale.training.dpo import DPO_LOSSES
+from witscale.training.objectives import OBJECTIVES, get_objective, registered
+from witscale.training.objectives.dpo import DPO_LOSSES
 from witscale.training.flags import at_least, check_values, fraction, non_negative, option, positive
 
 
-DEFAULT_LR = {"sft": 2e-5, "dpo": 5e-7}      # the paper's learning rates for SFT and for DPO
-DPO_DEFAULTS = {"beta": 0.1, "dpo_loss": "sigmoid", "label_smoothing": 0.0}
-OBJECTIVES = ("sft", "dpo")
+DPO_DEFAULTS = get_objective("dpo").defaults     # its fields' help shows them (witscale/training/objectives/dpo.py)
 ACTIVATION_CHECKPOINTING = ("auto", "on", "off")
 
 # Documented presets: a preset fills defaults, every flag given explicitly still wins.
@@ -95,7 +94,8 @@ class RunConfig:
                                    "a preference dataset (pack_dataset.py --task preference) whose reference "
                                    "log-probs tools/precompute_reference.py has written",
                             group=OBJECTIVE, choices=OBJECTIVES)
-    # DPO-only settings: None = not given; filled with DPO_DEFAULTS for DPO, left None for SFT (where
+    # An objective's own settings (its ``flags``, witscale/training/objectives): None = not given; filled with
+    # its ``defaults`` when it is the run's, left None otherwise (where
     # train.py refuses any that was given rather than ignore it); checked by DPOSettings.check
     beta: Optional[float] = option(None, f"DPO: β, the strength of the KL penalty (default {DPO_DEFAULTS['beta']})",
                                    group=OBJECTIVE)
@@ -121,9 +121,9 @@ class RunConfig:
     grad_accum: Optional[int] = option(  # None: 1, or (--pairs-per-step) resolved by train.py's plan_run
         None, "micro-batches per optimizer step per rank (default 1, or from --pairs-per-step)", group=OPTIMIZATION,
         check=at_least(1))
-    lr: Optional[float] = option(       # None: DEFAULT_LR of the objective
+    lr: Optional[float] = option(       # None: the objective's default_lr
         None, "peak learning rate (default: the paper's, by --objective: "
-              + ", ".join(f"{_number(v)} for {k}" for k, v in DEFAULT_LR.items()) + "; it used 5e-6 for Mistral-7B sft)",
+              + ", ".join(f"{_number(c.default_lr)} for {c.name}" for c in registered()) + "; it used 5e-6 for Mistral-7B sft)",
         group=OPTIMIZATION, check=positive)
     weight_decay: float = option(0.1, group=OPTIMIZATION, check=non_negative)
     adam_betas: tuple[float, float] = option((0.9, 0.999), group=OPTIMIZATION)
@@ -209,13 +209,15 @@ class RunConfig:
     log_level: str = option("INFO", group=RUNTIME)
 
     def __post_init__(self):
-        # Defaults that depend on the objective (frozen: set through object.__setattr__, once, here).
+        # Defaults that depend on the objective (frozen: set through object.__setattr__, once, here); an unknown
+        # name keeps SFT's lr and is refused where the objective is built (objectives.get_objective).
+        from witscale.training.objectives import DEFAULT_OBJECTIVE, find_objective, get_objective
+        objective = find_objective(self.objective) or get_objective(DEFAULT_OBJECTIVE)
         if self.lr is None:
-            object.__setattr__(self, "lr", DEFAULT_LR.get(self.objective, DEFAULT_LR["sft"]))
-        if self.objective == "dpo":
-            for key, default in DPO_DEFAULTS.items():
-                if getattr(self, key) is None:
-                    object.__setattr__(self, key, default)
+            object.__setattr__(self, "lr", objective.default_lr)
+        for key, default in objective.defaults.items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, default)
         if self.grad_accum is None and not self.pairs_per_step:
             object.__setattr__(self, "grad_accum", 1)     # left None for --pairs-per-step to decide
         check_values(type(self), self.__dict__)           # every range, one line naming the flag
