@@ -171,7 +171,7 @@ def test_harness_tasks_phase_passes_the_run_to_lm_eval_and_records_failed_tasks(
     monkeypatch.setattr(harness, "run_tasks", exploding)
     run = EvalRun.start(run.opts)
     evalrun.harness_tasks_phase(run)
-    assert run.errors == {"tasks/good": "RuntimeError: lm-eval fell over", "tasks/bad": "RuntimeError: lm-eval fell over"}
+    assert run.errors == {t: "RuntimeError: lm-eval fell over" for t in ("tasks/good", "tasks/bad")}
     assert "tasks" not in run.new and "tasks" in run.timing
 
 

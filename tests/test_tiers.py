@@ -16,7 +16,7 @@ def _rank(rank, world):
 
 
 @pytest.mark.parametrize("cmd,launcher", [
-    ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "witscale/train.py"], "torch.distributed.run"),
+    ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "train.py"], "torch.distributed.run"),
     (["/usr/local/bin/torchrun", "--standalone", "x.py"], "/usr/local/bin/torchrun"),
     (["deepspeed", "--num_gpus", "2", "x.py"], "deepspeed"),
     ([sys.executable, "-m", "witscale.launch", "--nproc_per_node=2", "x.py"], "witscale.launch"),
