@@ -16,7 +16,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test bench clean gpu-wheels gpu-check-dry bench-dpo-env
+.PHONY: setup demo test test-fast bench clean gpu-wheels gpu-check-dry bench-dpo-env
 
 setup: $(STAMP)
 
@@ -37,9 +37,13 @@ $(STAMP): constraints.txt setup.cfg
 demo: $(STAMP)
 	$(PY) tools/demo.py
 
-## The README's test command (also what .ci/run calls).
+## The README's test command (also what .ci/run calls): every test, both tiers.
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+## The fast tier, before a commit: every test not marked `slow` (no ranks, Slurm, demo or benchmark; README, Tests).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
 
 bench: $(STAMP)
 	$(PY) tools/bench/bench_pack.py

@@ -53,3 +53,34 @@ def write_json(path, records) -> str:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(records, f, indent=1)
     return str(path)
+
+
+# ------------------------------------------------------------------------------------------- test tiers
+# `make test-fast` (pytest -m "not slow") deselects the `slow` tier; the guard in tests/tiers.py fails a test
+# that starts ranks without the marker.
+def pytest_configure(config):
+    # Registered here rather than in setup.cfg's markers: the Makefile's install stamp depends on setup.cfg.
+    config.addinivalue_line("markers", "slow: starts ranks (gloo harness, torchrun, the DeepSpeed launcher, mpirun, "
+                                       "Slurm), trains through the CLI, runs the demo or a benchmark; "
+                                       "`make test-fast` deselects it")
+    from tests import tiers
+    tiers.install()
+
+
+def pytest_unconfigure(config):
+    from tests import tiers
+    tiers.uninstall()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    from tests import tiers
+    with tiers.running(item):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    from tests import tiers
+    outcome = yield
+    tiers.fail_report_of_a_refused_launch(item, call, outcome.get_result())

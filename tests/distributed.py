@@ -41,6 +41,10 @@ _PRELOAD = ["torch", "torch.distributed", "torch.nn.functional", "numpy", "pytes
             "witscale.parallel.layers"]
 
 
+# Set by tests/conftest.py in a test without the `slow` marker: refuses the launch (multi-process tests are slow).
+launch_guard = None
+
+
 class DistributedTestError(RuntimeError):
     """A rank failed, died, or the run did not finish in time."""
 
@@ -114,6 +118,8 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 180, start_meth
     except Exception as e:  # noqa: BLE001
         raise TypeError(f"run_distributed: the worker and its arguments must be picklable (a top-level "
                         f"function): {e}") from e
+    if launch_guard is not None:
+        launch_guard(world_size)
     ctx = _context(start_method)
     with tempfile.TemporaryDirectory(prefix="witscale-dist-") as out_dir:
         port = _free_port()

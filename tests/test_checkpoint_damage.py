@@ -65,6 +65,7 @@ def test_retire_keeps_the_last_k_up_to_latest_and_deletes_in_the_background(tmp_
     assert checkpoint._retire(str(tmp_path), checkpoint.tag_for(8), keep=0) == []
 
 
+@pytest.mark.slow
 def test_truncated_shard_in_the_newest_checkpoint_falls_back_to_the_previous_one(run_inputs, reference_run, tmp_path):
     """The reference run (8 steps, a checkpoint every 2, keep 2) left step 6 and step 8. Truncating rank 1's
     optimizer shard of step 8 (a file only rank 1 loads) must make both ranks resume from step 6, and the
@@ -133,6 +134,7 @@ def _choose_worker(rank, world_size, roots):
         return f"error: {e}"
 
 
+@pytest.mark.slow
 def test_ranks_agree_on_the_fallback_when_only_one_rank_sees_damage(tmp_path):
     """Each rank reads its own copy (as a node-local copy would be): rank 1's step 6 is truncated, so both
     ranks must choose step 4; `latest` naming an incomplete tag falls back the same way."""
@@ -263,6 +265,7 @@ def _tiny_checkpoints_restore(root, step):
     _tiny_checkpoints(Path(root), (step,), latest=step, digests=True)
 
 
+@pytest.mark.slow
 def test_auto_falls_back_past_a_bad_latest_a_misshapen_state_and_damaged_files(tmp_path):
     """2 ranks, tags 2/4/6 with digests: every kind of damage to the newest makes both ranks choose step 4
     (a bad `latest`: the newest complete tag, 6); `--resume PATH` of the damaged tag is one line naming it."""
@@ -351,6 +354,7 @@ def _deepspeed_kinds_worker(rank, world_size, out):
     return loaded
 
 
+@pytest.mark.slow
 def test_every_deepspeed_checkpoint_kind_loads_through_the_allow_list(tmp_path):
     from tests.distributed import run_distributed
 
@@ -371,6 +375,7 @@ def _errors(log):
     return [line for line in log.splitlines() if line.startswith("error:")]
 
 
+@pytest.mark.slow
 def test_flipped_bytes_in_an_optimizer_shard_fall_back_and_path_is_refused(run_inputs, reference_run, tmp_path):
     """64 bytes flipped inside rank 1's optimizer shard of step 8 (an Adam moment; the zip structure intact,
     which used to load silently): `--resume PATH` is refused in one line naming the file and both digests,
@@ -396,6 +401,7 @@ def test_flipped_bytes_in_an_optimizer_shard_fall_back_and_path_is_refused(run_i
     assert checkpoint.damaged_files(str(ckpts), "step_00000008") == []      # saved again, whole
 
 
+@pytest.mark.slow
 def test_old_checkpoint_without_digests_resumes_past_a_garbage_latest(run_inputs, reference_run, tmp_path):
     """A checkpoint written before digests (its state file has none) still resumes, with its structure
     checked and one log line saying so; a `latest` naming garbage falls back to the newest complete tag."""
@@ -419,6 +425,7 @@ def test_old_checkpoint_without_digests_resumes_past_a_garbage_latest(run_inputs
     assert "digests" in json.loads((ckpts / "step_00000008" / checkpoint.STATE_FILE).read_text())
 
 
+@pytest.mark.slow
 def test_crafted_pickle_in_a_checkpoint_is_refused_on_resume_and_never_runs(run_inputs, reference_run, tmp_path):
     """A model-states file replaced by a pickle that would run `touch MARKER` — its digest updated too, as
     whoever crafted it would: the resume refuses it in one line naming the file; the command never runs."""
@@ -440,6 +447,7 @@ def test_crafted_pickle_in_a_checkpoint_is_refused_on_resume_and_never_runs(run_
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_kill9_of_every_rank_during_a_save_resumes_from_the_previous_checkpoint(run_inputs, reference_run, tmp_path):
     """SIGKILL of both ranks right after DeepSpeed wrote their step-4 files (no rng files, no digests, no
     commit): `--resume auto` loads step 2 and replays steps 3-8 bit for bit."""

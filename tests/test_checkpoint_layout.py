@@ -28,6 +28,7 @@ def _with_config(args, zero):
     return args
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero", ["zero3", "zero1"])
 def test_dp2_checkpoint_resumes_at_dp1_with_the_same_losses(run_inputs, tmp_path, zero):
     dp2_run = tmp_path / "dp2"      # the original layout, uninterrupted: dp 2, micro 2 × accum 2, all checkpoints kept
@@ -64,6 +65,7 @@ def _resume_from(src_ckpts, tag, out):
     (ckpts / "latest").write_text(tag)
 
 
+@pytest.mark.slow
 def test_tp2_checkpoint_resumes_at_tp1_and_back_at_tp2(run_inputs, tmp_path):
     common = ("--save-steps", "2", "--keep-checkpoints", "0")
     tp2 = tmp_path / "tp2"
@@ -106,6 +108,7 @@ def test_layout_changes_that_are_refused_say_so_in_one_line():
         assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_another_global_batch_is_refused_before_loading_with_the_grad_accum_that_keeps_it(run_inputs, tmp_path):
     """dp 2 → 1 without doubling --grad-accum: one line naming --grad-accum 4, exit code 2, nothing trained."""
     src = tmp_path / "dp2"

@@ -6,8 +6,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO_ROOT
 from tests.test_train_cli_operations import _args, _env, _torchrun, _train_losses, run_inputs  # noqa: F401
+
+pytestmark = pytest.mark.slow  # torchrun ranks
 
 
 def test_a_dp_change_with_a_conversion_longer_than_the_collective_timeout_resumes(run_inputs, tmp_path):  # noqa: F811

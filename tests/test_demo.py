@@ -5,8 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO_ROOT
 from witscale.evaluation import harness
+
+pytestmark = pytest.mark.slow  # the README's demo, end to end
 
 
 def test_demo_runs_end_to_end_and_the_loss_falls(tmp_path):

@@ -253,6 +253,7 @@ def _same_run(got, want, what, atol=1e-5):
         assert got["eval"][key] == pytest.approx(want["eval"][key], rel=1e-5, abs=1e-6), f"{what}: {key}"
 
 
+@pytest.mark.slow
 def test_tp2_pp2_and_zero3_dp2_equal_one_rank(one_rank):
     """Three DPO steps (losses, rewards, accuracy, parameters) at tp=2, pp=2 and ZeRO-3 dp=2 (grad-accum 2:
     the same global batch) equal one rank; the pairs are divided over the GLOBAL batch (a per-rank or
@@ -342,6 +343,7 @@ def pref(tmp_path_factory):
             "live": np.array(live)}
 
 
+@pytest.mark.slow
 def test_precomputed_reference_equals_a_live_forward(pref):
     """reference_logps.bin (tp=2; ZeRO-3 dp=2 and pp=2 identical to it) equals transformers' fp64 per-sequence
     log-probs of each completion's response tokens; the manifest records the model, fingerprint and weights."""
@@ -394,6 +396,7 @@ def _forward_only_engine_worker(rank, world, stage):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 3])
 def test_reference_pass_engine_holds_no_optimizer_state(stage):
     """precompute_reference's engine (Trainer(optimizer_state=False)): under ZeRO-1 no optimizer at all, under
@@ -406,6 +409,7 @@ def test_reference_pass_engine_holds_no_optimizer_state(stage):
     assert got["refused"], got
 
 
+@pytest.mark.slow
 def test_precompute_replaces_damaged_reference_logps(pref, tmp_path):
     """A dataset whose reference_logps.bin no longer matches its manifest (a crash between two passes, a copy
     gone wrong) is refused by training with "recompute it" — and precompute_reference.py, the tool that error
@@ -432,6 +436,7 @@ def _dpo_args(pref, out, steps, *extra):
             *extra]
 
 
+@pytest.mark.slow
 def test_cli_dpo_trains_evaluates_and_resumes_bit_exactly(pref, tmp_path):
     """witscale/train.py --objective dpo under torchrun (2 ranks, ZeRO-3): metrics (loss, rewards, accuracy)
     in metrics.jsonl and TensorBoard, --eval-data; resumed from the step-2 checkpoint (mid-epoch) in a fresh
@@ -471,6 +476,7 @@ def test_cli_dpo_trains_evaluates_and_resumes_bit_exactly(pref, tmp_path):
             assert r[key] == want[key], f"step {r['step']} {key}: {r[key]!r} != {want[key]!r}"
 
 
+@pytest.mark.slow
 def test_refusals_are_one_line(pref, tmp_path, capsys):
     """SFT data with --objective dpo, preference data without reference log-probs, another --reference-model,
     other class weights than the reference's, preference data with --objective sft, bad β, a random-init
@@ -512,6 +518,7 @@ def test_refusals_are_one_line(pref, tmp_path, capsys):
     assert "pass --model SFT_HF_DIR" in refused(drop=["--reference-model"])
 
 
+@pytest.mark.slow
 def test_preset_dpo_paper_takes_32_pairs_per_step(pref):
     """--preset dpo-paper: the paper's hyperparameters, explicit flags win, and --grad-accum from the data's
     mean pairs per row so that a step holds about 32 pairs (no process group: validation only)."""
@@ -533,6 +540,7 @@ def test_preset_dpo_paper_takes_32_pairs_per_step(pref):
     assert planned("--grad-accum", "3").grad_accum == 3
 
 
+@pytest.mark.slow
 def test_kill9_of_every_rank_during_the_reference_pass_leaves_the_dataset_as_it_was(pref, tmp_path):
     """SIGKILL to every process of a 2-rank tools/precompute_reference.py while it runs: the dataset is byte for
     byte what it was (the log-probs are written aside and renamed in at the end); a rerun then completes."""

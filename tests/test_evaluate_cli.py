@@ -91,6 +91,7 @@ def test_posix_and_judge_generations_land_in_eval_results(inputs, single_run):
     assert r["errors"] == {} and r["settings"]["world_size"] == 1
 
 
+@pytest.mark.slow
 def test_two_ranks_data_parallel_give_the_single_process_results(inputs, single_run):
     out = inputs["root"] / "out_dp"
     res = evaluate("--model", inputs["model"], "--output", out, "--posix", inputs["prompts"], "--limit", 4,

@@ -69,6 +69,7 @@ def _tensors(hf_dir):
     return {k: v for f in files for k, v in load_file(os.path.join(hf_dir, f)).items()}
 
 
+@pytest.mark.slow
 def test_export_loads_in_transformers_with_witscale_logits(exported):
     import transformers
 
@@ -100,6 +101,7 @@ def test_export_loads_in_transformers_with_witscale_logits(exported):
                                        rtol=1e-4, atol=2e-5, msg=f"{name} {dtype}")
 
 
+@pytest.mark.slow
 def test_offline_export_equals_live_export(exported, monkeypatch):
     """tools/export_hf.py reads the checkpoint of the same layout (no pickle executed) and writes the same
     tensors as the live export, in both dtypes (in-process: with the files mapped afresh every few KB)."""

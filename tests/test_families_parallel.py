@@ -31,6 +31,8 @@ import torch
 from tests.distributed import run_distributed
 from tests.train_helpers import ds_config, random_packed
 
+pytestmark = pytest.mark.slow  # gloo ranks (tests/distributed.py)
+
 BASE = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6,
             tie_word_embeddings=False, head_dim=8)   # vocab 64: another tp with vocabulary padding is refused

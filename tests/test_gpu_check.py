@@ -8,6 +8,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a benchmark: the GPU check's CPU part trains at each ZeRO stage
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CUDA_ONLY = {"environment": {"gpu", "fused_adam", "softcap_gemma2"}, "pytest_gpu": {"run"},

@@ -31,6 +31,7 @@ def _rank_0_hangs(rank, world):
     return rank
 
 
+@pytest.mark.slow
 def test_results_come_back_in_rank_order():
     res = run_distributed(_ok, 3, "x")
     assert [r["rank"] for r in res] == [0, 1, 2] == [r["env_rank"] for r in res]
@@ -38,6 +39,7 @@ def test_results_come_back_in_rank_order():
     assert all(r["omp"] == "1" and r["threads"] == 1 for r in res)
 
 
+@pytest.mark.slow
 def test_failing_rank_raises_with_its_traceback():
     with pytest.raises(DistributedTestError, match="rank 1 first") as e:
         run_distributed(_fails_on_rank_1, 2, timeout=60)
@@ -45,6 +47,7 @@ def test_failing_rank_raises_with_its_traceback():
     assert "_fails_on_rank_1" in str(e.value)
 
 
+@pytest.mark.slow
 def test_hang_ends_at_the_timeout():
     t0 = time.monotonic()
     with pytest.raises(DistributedTestError, match=r"did not finish within 3 s; ranks still running: \[0"):

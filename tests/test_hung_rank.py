@@ -6,7 +6,11 @@ import os
 import signal
 import socket
 
+import pytest
+
 from tests.test_train_cli_operations import _args, _env, _torchrun, run_inputs  # noqa: F401
+
+pytestmark = pytest.mark.slow  # torchrun ranks
 
 
 def test_a_stopped_rank_ends_the_job_within_the_step_timeout_naming_its_host(run_inputs, tmp_path):  # noqa: F811

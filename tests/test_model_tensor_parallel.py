@@ -36,6 +36,7 @@ def _close(a, b, atol, what):
         np.testing.assert_allclose(a[name], b[name], rtol=0, atol=atol, err_msg=f"{what}: {name}")
 
 
+@pytest.mark.slow
 def test_model_tp2_and_tp4_match_tp1():
     common = dict(model=TP_MODEL, stage=0, micro=2, accum=1, steps=3, lr=1e-2, do_probe=True, lp=0.5)
     ref = run_distributed(_model_worker, 1, [dict(common, tp=1)])[0][0]
@@ -48,6 +49,7 @@ def test_model_tp2_and_tp4_match_tp1():
         _close(got["params"], ref["params"], 2e-5, f"params after 3 steps tp={tp}")
 
 
+@pytest.mark.slow
 def test_tp2_zero3_dp2_matches_tp1_zero3_dp2():
     # Adam turns an element whose gradient is ~0 into a ±lr step whose sign depends on summation order;
     # eps=1e-6 damps those elements so that the comparison measures the parallel layout, not that noise.
@@ -65,6 +67,7 @@ def test_tp2_zero3_dp2_matches_tp1_zero3_dp2():
 KV_REPLICATED = dict(num_attention_heads=8, num_key_value_heads=2, hidden_size=32, intermediate_size=48)
 
 
+@pytest.mark.slow
 def test_kv_heads_replicated_at_tp4_match_tp1():
     """Fewer KV heads than TP ranks: logits, loss and every gradient of one micro-batch, and 3 steps of
     training, against tp=1 — for Llama and for Qwen2 (k/v biases); then 3 ZeRO-3 steps. Every TP rank must

@@ -384,6 +384,7 @@ def _tp_load_worker(rank, world, model_dir):
     return local_q, _logits(model, ids).numpy()
 
 
+@pytest.mark.slow
 def test_tp2_ranks_read_their_slices_of_a_sharded_checkpoint(tmp_path):
     from tests.distributed import run_distributed
 

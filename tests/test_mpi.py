@@ -11,6 +11,8 @@ import pytest
 from tests.conftest import REPO_ROOT
 from tests.slurm_helpers import PY, TRAIN, cpu_env, make_tiny_inputs, train_flags, train_losses, unavailable, world_of
 
+pytestmark = pytest.mark.slow  # mpirun and srun ranks
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, sp_model_path):

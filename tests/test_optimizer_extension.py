@@ -58,6 +58,7 @@ def test_prepare_names_a_stale_lock_and_builds_in_a_fresh_directory(tmp_path, mo
     assert len(lines) == 1 and str(shared / "fused_adam" / "lock") in lines[0] and fresh in lines[0], lines
 
 
+@pytest.mark.slow  # waits out a lock timeout
 def test_a_build_held_by_a_live_lock_fails_in_one_line_after_the_timeout(tmp_path, monkeypatch):
     """The real child build (torch's JIT load) waits on a lock another process holds; the timeout ends it."""
     _lock_dir(tmp_path, 0)                              # fresh: a live builder elsewhere, never finishing

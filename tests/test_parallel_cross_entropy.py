@@ -447,6 +447,7 @@ def _tp_worker(rank, world):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp", [2, 4])
 def test_vocab_parallel_matches_reference(tp):
     results = run_distributed(_tp_worker, tp)

@@ -162,6 +162,7 @@ def _worker(rank, world, tp):
     return diffs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp", [2, 4])
 def test_comm_and_layers_match_dense(tp):
     results = run_distributed(_worker, 4, tp)

@@ -52,6 +52,7 @@ def _measure(rank, world, cfg_dict, tp, stage):
     return held, optim
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,stage,world", [(1, 3, 2), (2, 0, 2), (2, 1, 4)])
 def test_per_gpu_counts_match_measured_runs(tp, stage, world):
     cfg = dict(CONFIGS["llama"], num_attention_heads=4, num_key_value_heads=2)

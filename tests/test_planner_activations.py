@@ -95,6 +95,7 @@ def _tp_worker(rank, world, cfg_dict, rows, seq):
             for ac in (False, True)}
 
 
+@pytest.mark.slow
 def test_activation_estimate_within_15_percent_at_tp2():
     """tp=2 shards attention and the MLP, not the norms, the kept layer inputs or dL/dh: the estimate says
     which terms divide by tp, and a wrong split is off by more than 15% here."""

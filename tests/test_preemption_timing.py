@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.conftest import REPO_ROOT
 from tests.test_train_cli_operations import _args, _env, run_inputs  # noqa: F401
 from witscale.training import checkpoint
@@ -48,6 +50,7 @@ def test_only_witscale_partial_tags_newer_than_latest_are_removed(tmp_path):
     assert checkpoint.retire_partial_tags(str(other)) == [str(other / ".deleting.step_00000002")]
 
 
+@pytest.mark.slow  # trains through witscale/train.py in a subprocess with a 20-s save
 def test_usr1_during_a_slow_save_means_one_save_and_exit_zero(run_inputs, tmp_path):  # noqa: F811
     """Old loop: the flag was read before the periodic save, so a USR1 during it ran step 3 and saved again."""
     out = tmp_path / "run"

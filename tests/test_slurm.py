@@ -18,6 +18,8 @@ from tests.conftest import REPO_ROOT
 from tests.slurm_helpers import (PY, cpu_env, make_tiny_inputs, read_metrics, train_losses, unavailable,
                                  world_of)
 
+pytestmark = pytest.mark.slow  # a real local Slurm
+
 SLURM_DIR = os.environ.get("WITSCALE_SLURM_DIR", "/tmp/witscale-slurm")
 SLURM_CONF = os.path.join(SLURM_DIR, "slurm.conf")
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",

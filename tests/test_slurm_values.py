@@ -16,6 +16,8 @@ import pytest
 from tests.conftest import REPO_ROOT
 from tests.test_slurm import job_records, slurm_cluster, wait_job  # noqa: F401  (session fixture)
 
+pytestmark = pytest.mark.slow  # the sbatch templates (stand-ins and a real Slurm)
+
 STANDINS = ("sbatch", "srun", "scontrol", "scancel", "mpirun")
 
 STANDIN = """#!{python}

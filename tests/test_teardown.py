@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO_ROOT
 
 SCRIPT = r'''
@@ -25,6 +27,7 @@ open(os.path.join(out, f"rank{dp.rank}_saw"), "w").write(str(os.path.exists(os.p
 '''
 
 
+@pytest.mark.slow
 def test_evaluation_close_waits_for_every_rank_before_the_group_goes(tmp_path):
     script = tmp_path / "close.py"
     script.write_text(SCRIPT)

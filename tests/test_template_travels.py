@@ -93,6 +93,7 @@ def _export(tmp_path, sp_model_path, template):
     return out, data
 
 
+@pytest.mark.slow  # trains through witscale/train.py in a subprocess, then evaluates the export
 def test_export_carries_the_template_and_evaluate_defaults_to_it(tmp_path, sp_model_path):
     import os
     import subprocess

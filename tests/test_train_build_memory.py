@@ -14,6 +14,8 @@ import pytest
 from tests.distributed import run_distributed
 from tests.train_helpers import TINY, ds_config
 
+pytestmark = pytest.mark.slow  # gloo ranks (tests/distributed.py)
+
 # ~27M parameters: 108 MB in fp32, large enough that RSS noise (a few MB) does not matter.
 MODEL = dict(TINY, vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
              num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256)

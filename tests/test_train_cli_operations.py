@@ -73,6 +73,7 @@ def reference_run(run_inputs, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_kill9_then_resume_is_bitwise_equal(run_inputs, reference_run, tmp_path):
     ref = _train_losses(reference_run)
     code, log = _torchrun(_args(run_inputs, tmp_path, 8, "--save-steps", "2"),
@@ -89,6 +90,7 @@ def test_kill9_then_resume_is_bitwise_equal(run_inputs, reference_run, tmp_path)
         assert r["loss"] == ref[r["step"]], f"step {r['step']}: {r['loss']!r} != {ref[r['step']]!r}"
 
 
+@pytest.mark.slow
 def test_crash_in_the_middle_of_a_save_keeps_the_previous_checkpoint(run_inputs, reference_run, tmp_path):
     ref = _train_losses(reference_run)
     code, _ = _torchrun(_args(run_inputs, tmp_path, 8, "--save-steps", "2"),
@@ -105,6 +107,7 @@ def test_crash_in_the_middle_of_a_save_keeps_the_previous_checkpoint(run_inputs,
     assert all(r["loss"] == ref[r["step"]] for r in after)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_preemption_signal_checkpoints_and_exits_zero(run_inputs, reference_run, tmp_path, sig):
     import psutil
@@ -134,6 +137,7 @@ def test_preemption_signal_checkpoints_and_exits_zero(run_inputs, reference_run,
     assert [losses[s] for s in range(stopped_at + 1, 9)] == [ref[s] for s in range(stopped_at + 1, 9)]
 
 
+@pytest.mark.slow
 def test_tensorboard_and_metrics_agree(reference_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -156,6 +160,7 @@ def test_tensorboard_and_metrics_agree(reference_run):
         assert tb_loss[r["step"]] == pytest.approx(r["loss"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_exported_model_loads_in_transformers(reference_run, run_inputs, tmp_path):
     import transformers
 
@@ -221,6 +226,7 @@ def test_bad_flags_fail_fast_with_one_line(run_inputs, tmp_path, change, message
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
+@pytest.mark.slow  # trains through witscale/train.py in a subprocess
 def test_model_that_does_not_match_the_data_is_refused(run_inputs, tmp_path):
     cfg = json.load(open(run_inputs["config"]))
     cfg["vocab_size"] = 100          # smaller than the tokenizer's vocabulary
@@ -231,6 +237,7 @@ def test_model_that_does_not_match_the_data_is_refused(run_inputs, tmp_path):
     assert code == 2 and "wrong tokenizer for this model" in err[-1], err
 
 
+@pytest.mark.slow
 def test_tp2_training_exports_the_same_model_as_tp1(run_inputs, tmp_path):
     """--tp 2 on 2 ranks (dp=1) and a single process see the same batches: their HF exports must agree, and
     the tp=2 export (gathered from both TP shards, vocabulary padding trimmed) loads in transformers."""
@@ -257,6 +264,7 @@ def test_tp2_training_exports_the_same_model_as_tp1(run_inputs, tmp_path):
         torch.testing.assert_close(hf(ids).logits, ref(ids).logits, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_tp2_kill_then_resume_is_bitwise_equal(run_inputs, tmp_path):
     """Checkpoints hold every TP rank's shards: a tp=2 run killed after checkpoint 2 resumes exactly."""
     args = lambda out, *extra: _args(run_inputs, out, 4, "--save-steps", "2", "--tp", "2", *extra)  # noqa: E731

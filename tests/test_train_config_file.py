@@ -60,6 +60,7 @@ def _losses(out):
     return [(r["step"], r["loss"], r["lr"]) for r in rows if "loss" in r]
 
 
+@pytest.mark.slow  # trains through witscale/train.py in a subprocess, twice
 def test_config_file_and_flags_train_alike_and_effective_config_reads_back(inputs, tmp_path):
     settings = _settings(inputs)
     _train(_flags(settings) + ["--output-dir", str(tmp_path / "flags")])

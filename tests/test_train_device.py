@@ -24,6 +24,8 @@ from tests.distributed import run_distributed
 from tests.test_train_cli_operations import _args, _env, _torchrun, run_inputs  # noqa: F401 - fixture
 from tests.train_helpers import TINY, ds_config, random_packed
 
+pytestmark = pytest.mark.slow  # gloo and torchrun ranks
+
 
 def _device_worker(rank, world, stage, pp):
     import torch

@@ -6,6 +6,8 @@ import torch
 from tests.distributed import run_distributed
 from tests.train_helpers import TINY, random_packed, train_worker
 
+pytestmark = pytest.mark.slow  # gloo ranks (tests/distributed.py)
+
 
 def _worker(rank, world, runs):
     # Several configurations in one spawn: DeepSpeed start-up dominates the cost of these tiny runs.

@@ -108,6 +108,7 @@ def _skip_worker(rank, world, stage, poison, skip):
             "params": {k: v.numpy() for k, v in trainer.full_dense_state_dict().items()}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage,world,poison", [(0, 1, "nan_loss"), (2, 2, "inf_loss")])
 def test_a_skipped_step_leaves_the_parameters_of_a_run_without_it(stage, world, poison):
     """fp32 ZeRO-0 (witscale's GlobalNormClipping skips) and ZeRO-2 dp2 (DeepSpeed's overflow check skips; the
@@ -140,6 +141,7 @@ def _single(args, env=None, wait=True):
     return proc.returncode, out, err
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_the_run_keeps_the_last_checkpoint_saves_and_exports_nothing(run_inputs, tmp_path):
     """ZeRO-3 dp2 under torchrun, --keep-checkpoints 1: step 3 is NaN → the ranks exit 3 (torchrun: 1) with one
     line naming the step and its rows; the step-2 checkpoint stays, nothing is saved after it, no export."""
@@ -158,6 +160,7 @@ def test_nan_loss_stops_the_run_keeps_the_last_checkpoint_saves_and_exports_noth
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[2]["loss"] is None and rows[2]["nonfinite"]
 
 
+@pytest.mark.slow  # trains through witscale/train.py in a subprocess
 def test_inf_loss_stops_a_zero0_run(run_inputs, tmp_path):
     code, _, err = _single(_args(run_inputs, tmp_path, 4, "--ds_config", "ds_configs/zero0.json", "--save-steps", "1"),
                            env=_env(WITSCALE_FAULT="inf_loss:2"))
@@ -167,6 +170,7 @@ def test_inf_loss_stops_a_zero0_run(run_inputs, tmp_path):
     assert not (tmp_path / "checkpoints" / "step_00000002").exists()
 
 
+@pytest.mark.slow  # trains through witscale/train.py in a subprocess
 def test_skip_nonfinite_skips_the_step_logs_it_and_trains_on(run_inputs, tmp_path):
     args = _args(run_inputs, tmp_path, 4, "--ds_config", "ds_configs/zero0.json", "--save-steps", "2",
                  "--skip-nonfinite", "1", "--export-hf", str(tmp_path / "hf"), "--export-dtype", "fp32")
@@ -236,6 +240,7 @@ def _wait_for_step(out, proc, n=1, timeout=180):
     raise AssertionError(f"no step {n} in {metrics} (exit {proc.poll()})")
 
 
+@pytest.mark.slow
 def test_a_second_run_into_the_same_output_dir_is_refused_in_one_line(run_inputs, tmp_path):
     """A single-process run (its saves slowed) holds the directory; a 2-rank torchrun into it is refused by
     rank 0 in one line naming the holder, every rank leaving, while the first run goes on and exits 0 with
@@ -256,6 +261,7 @@ def test_a_second_run_into_the_same_output_dir_is_refused_in_one_line(run_inputs
     assert json.loads(open(tmp_path / LOCK_NAME).read())["pid"] == first.pid
 
 
+@pytest.mark.slow  # trains through witscale/train.py in a subprocess
 def test_the_lock_of_a_killed_run_does_not_block_the_next(run_inputs, tmp_path):
     """A requeued job after a SIGKILL (preemption, a crashed node) finds the lock released by the kernel."""
     args = _args(run_inputs, tmp_path, 3, "--ds_config", "ds_configs/zero0.json", "--save-steps", "1",

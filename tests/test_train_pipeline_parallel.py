@@ -89,6 +89,7 @@ def reference():
     return run_distributed(_many, 1, train_worker, runs)[0]
 
 
+@pytest.mark.slow
 def test_pp2_equals_pp1_for_every_normalization(reference, tmp_path):
     """Loss, denominator and weights after 2 optimizer steps of grad-accum 4 through the 1F1B schedule.
     Also: activation checkpointing (the 'tokens' run), tied embeddings, and an exact resume."""
@@ -126,6 +127,7 @@ def _layouts_worker(rank, world):
             pipe_worker(rank, world, tp=1, pp=2, stage=1, accum=2, normalization="nonzero")]
 
 
+@pytest.mark.slow
 def test_tp2_pp2_and_pp2_dp2_zero1_equal_one_rank(reference):
     out = run_distributed(_layouts_worker, 4, timeout=400)
     # At lr 1e-2 the TP split itself (float32 sums in another order, then Adam) moves a few weights by up
@@ -140,6 +142,7 @@ def test_tp2_pp2_and_pp2_dp2_zero1_equal_one_rank(reference):
                 assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), layout
 
 
+@pytest.mark.slow
 def test_pp2_clips_by_the_true_global_norm(reference):
     """Clipping under pp=2 uses the norm of the WHOLE model (replicated norm weights on the last stage
     included): a threshold below the one-rank norm changes the update exactly as on one rank, and the
@@ -170,6 +173,7 @@ def _export_worker(rank, world, out_dir):
     return res["params"]
 
 
+@pytest.mark.slow
 def test_export_after_pp2_loads_in_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     from witscale.model import CausalLM, ModelConfig
@@ -218,6 +222,7 @@ def test_layout_errors_are_one_clear_line(stage, layers, pp, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_cli_pp2_trains_evaluates_exports_and_resumes(run_inputs, tmp_path):
     """witscale/train.py --pp 2 under torchrun: ZeRO-1, eval, checkpoint, --export-hf, then --resume auto."""
     import json

@@ -18,6 +18,8 @@ import pytest
 from tests.conftest import REPO_ROOT
 from tests.test_train_cli_operations import _args, _env, _torchrun, _train_losses, reference_run, run_inputs  # noqa: F401
 
+pytestmark = pytest.mark.slow  # torchrun ranks
+
 SLOW_SAVE_S = 41
 
 

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO_ROOT
 from tests.test_train_config_file import _flags, _losses, _settings, _train, inputs  # noqa: F401 (fixture)
 
@@ -19,6 +21,7 @@ def _expected_lr(peak, step, total, warmup_ratio):
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
+@pytest.mark.slow  # trains through witscale/train.py in a subprocess, three times
 def test_a_changed_schedule_is_refused_and_reschedule_continues_on_the_rebuilt_one(inputs, tmp_path):  # noqa: F811
     settings = {**_settings(inputs), "max_steps": 4}
     out = str(tmp_path / "run")

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import termios
 
+import pytest
+
 from tests.conftest import REPO_ROOT
 from tests.test_train_config_file import _flags, _settings, inputs  # noqa: F401 (fixture)
 
@@ -39,6 +41,7 @@ def _run_in_pty(args):
     return b"".join(chunks).decode(errors="replace")
 
 
+@pytest.mark.slow  # trains through witscale/train.py in a subprocess
 def test_log_lines_never_share_a_line_with_a_bar(inputs, tmp_path):  # noqa: F811
     settings = {**_settings(inputs), "max_steps": 4}
     out = _run_in_pty(_flags(settings) + ["--output-dir", str(tmp_path / "run"), "--eval-data", inputs["train"],

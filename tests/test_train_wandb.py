@@ -56,6 +56,7 @@ def _read_run(run_file):
     return config, rows
 
 
+@pytest.mark.slow  # trains through witscale/train.py in a subprocess
 def test_offline_wandb_run_holds_the_config_and_the_metrics(inputs, tmp_path):  # noqa: F811
     settings = {**_settings(inputs), "max_steps": 3}
     out, wandb_dir = tmp_path / "run", tmp_path / "wandb"

@@ -319,6 +319,7 @@ def test_outputs_follow_the_umask(tmp_path, sp_model_path, mask, dir_mode, file_
         assert stat.S_IMODE(os.stat(tmp_path / f).st_mode) == file_mode, f
 
 
+@pytest.mark.slow  # trains through witscale/train.py in a subprocess
 def test_full_disk_under_train_export_keeps_the_previous_export_and_the_checkpoint(run_inputs, tmp_path):
     """train.py --export-hf onto a full disk: exit 2 with one line naming the export and the errno; the
     earlier export there and the run's final checkpoint are intact."""
@@ -340,6 +341,7 @@ def test_full_disk_under_train_export_keeps_the_previous_export_and_the_checkpoi
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000002"
 
 
+@pytest.mark.slow  # trains through witscale/train.py in a subprocess (the DPO reference pass)
 def test_full_disk_under_the_reference_pass_exits_with_one_line(run_inputs, tmp_path, sp_model_path):
     """tools/precompute_reference.py into a dataset on a full disk: exit 2, one line naming the file and the
     errno; the dataset as it was, no temp file left."""
@@ -394,6 +396,7 @@ def test_demo_refuses_a_foreign_out_directory(tmp_path):
     assert snapshot(foreign) == before
 
 
+@pytest.mark.slow  # trains through witscale/train.py in a subprocess
 def test_full_disk_under_a_checkpoint_save_keeps_the_previous_checkpoint_and_says_one_line(run_inputs, tmp_path):
     """A checkpoint save onto a full disk: exit 2 with one line naming the file and the errno (no traceback);
     `latest` still names the previous checkpoint, whose files are intact, and it resumes."""

@@ -9,7 +9,7 @@
   judge       generations for AlpacaEval and MT-Bench in the files their judges read
   parallel    data parallelism over the node's GPUs (torchrun)
   results     eval_results.json (merged per model)
-  run         one evaluation of one model, all of the above
+  run         one evaluation of one model in phases: generation, POSIX scoring, judge files, lm-eval tasks, report
   sweep       the cells of a sweep and all their metrics (tools/collect_sweep.py)
 
 Imports witscale.data and witscale.model only (never witscale.training).
