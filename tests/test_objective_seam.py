@@ -111,6 +111,7 @@ def _toy_worker(rank, world, pp):
             "tag": tb_tag("toy_weighted_tokens"), "eval_tag": tb_tag("eval_toy_weighted_tokens")}
 
 
+@pytest.mark.slow
 def test_a_toy_objective_registered_in_a_test_module_trains_through_the_trainer(toy_registered):
     """Its loss and gradient norm (one rank, ZeRO-0 fp32) equal Σ w·nll²/N and its gradient written out on full
     logits in fp64; its own sum is logged under its own name, train and eval, with its TensorBoard tag; pp=2
