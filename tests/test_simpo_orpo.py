@@ -1,0 +1,147 @@
+"""--objective simpo and orpo: the losses and their gradients through the fused kernel, every layout.
+
+The SimPO and ORPO formulas are written out here in fp64 against `transformers` forwards one sequence at a
+time (the papers' definitions, independent of witscale's code); the layouts (tp=2, pp=2, ZeRO-3 dp=2) are
+held to one rank with real DeepSpeed engines on real gloo ranks. The preference micro-batches and the HF
+model come from tests/test_dpo.py.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.test_dpo import R, EOT, hf_model, make_pairs, micro_batch
+from tests.train_helpers import TINY
+
+
+def _table(prompt_weight, response_weight=1.0):
+    from witscale.data.weighting import build_weight_table
+    return build_weight_table(prompt_weight, response_weight)
+
+
+# --- the independent implementation: transformers, one sequence at a time, fp64 --------------------------
+def hf_token_logps(model, tokens):
+    """log p(token t | tokens < t) for t ≥ 1, fp64, from a full-logits forward."""
+    ids = torch.as_tensor(np.asarray(tokens, np.int64))[None]
+    logprobs = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+    return logprobs[:-1].gather(1, ids[0, 1:, None]).squeeze(1)
+
+
+def mean_response_logp(logps, classes):
+    """(1/|y|)·log π(y|x): the mean log-prob of the completion's tokens (response and its end-of-turn)."""
+    response = torch.as_tensor(np.isin(np.asarray(classes[1:]), (R, EOT)))
+    return logps[response].mean()
+
+
+def simpo_formula(mean_c, mean_r, beta, gamma, eps=0.0):
+    """SimPO's loss of one pair (Meng et al. 2024, eq. 6; label smoothing as TRL's CPO/SimPO)."""
+    z = beta * mean_c - beta * mean_r - gamma
+    return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+
+
+def orpo_formula(logps_c, classes_c, mean_c, mean_r, lam, table, normalization):
+    """ORPO's loss of one pair (Hong et al. 2024, eqs. 6-8) with the WIT-weighted SFT term on the chosen
+    sequence: Σ w·nll over the predicted tokens, divided by the normalization's count over them."""
+    w = torch.as_tensor(np.asarray(table, np.float64)[np.asarray(classes_c[1:], np.int64)])
+    n = {"nonzero": (w > 0).sum(), "weight_sum": w.sum(), "tokens": torch.tensor(float(len(w)))}[normalization]
+    sft = -(w * logps_c).sum() / n
+
+    def log_odds(mean):
+        p = torch.exp(mean)
+        return torch.log(p / (1 - p))
+    return sft - lam * F.logsigmoid(log_odds(mean_c) - log_odds(mean_r))
+
+
+def _ours(policy):
+    from witscale.model import CausalLM, ModelConfig
+    ours = CausalLM(ModelConfig.from_dict(TINY))
+    ours.load_state_dict({k: v.float() for k, v in policy.state_dict().items()}, strict=True)
+    return ours
+
+
+def _check_grads(ours, policy):
+    want = {n: p.grad.double() for n, p in policy.named_parameters()}
+    scale = max(g.abs().max() for g in want.values())
+    assert scale > 1e-3, "the gradient must not vanish (else the test proves little)"
+    for name, p in ours.named_parameters():
+        np.testing.assert_allclose(p.grad.double().numpy(), want[name].numpy(), rtol=0,
+                                   atol=2e-5 * float(scale), err_msg=name)
+
+
+def _forward(ours, mb, objective):
+    return ours(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen, mb.labels, mb.weights,
+                mb.target_classes, objective=objective)
+
+
+@pytest.mark.parametrize("eps,prompt_weight", [(0.0, 0.0), (0.1, 0.5)])
+def test_simpo_loss_and_gradients_equal_transformers_fp64(eps, prompt_weight):
+    """SimPO through the fused kernel (one micro-batch, two packed rows, three pairs) against the paper's
+    formula on per-sequence transformers forwards in fp64; the class weights do not enter it (λp = 0.5 gives
+    the same), the data's reference log-probs (NaN here) are not read."""
+    from witscale.training.simpo import SIMPO_SUMS, SimPOLoss, SimPOSettings
+
+    beta, gamma = 2.0, 0.3
+    pairs = make_pairs(np.random.default_rng(3), 3, TINY["vocab_size"])
+    policy = hf_model(0)
+    means = [mean_response_logp(hf_token_logps(policy, t), c) for pair in pairs for t, c in pair]
+    per_pair = [simpo_formula(means[2 * i], means[2 * i + 1], beta, gamma, eps) for i in range(3)]
+    want_loss = torch.stack(per_pair).sum() / 3
+    want_loss.backward()
+
+    ours = _ours(policy)
+    mb = micro_batch([pairs[:2], pairs[2:]], seq_len=40, table=_table(prompt_weight))
+    settings = SimPOSettings(beta=beta, gamma=gamma, label_smoothing=eps)
+    stats = _forward(ours, mb, SimPOLoss(settings, mb.doc_index, mb.doc_role, mb.doc_pair, mb.reference_logps))
+    (stats.weighted_sum / 3).backward()
+    sums = dict(zip(SIMPO_SUMS, stats.dpo_sums.tolist()))
+    assert sums["pairs"] == 3
+    assert sums["loss"] / 3 == pytest.approx(want_loss.item(), rel=2e-5, abs=1e-6)
+    m = [x.item() for x in means]
+    np.testing.assert_allclose([sums["logps_chosen"], sums["logps_rejected"], sums["rewards_chosen"],
+                                sums["rewards_rejected"]],
+                               [m[0] + m[2] + m[4], m[1] + m[3] + m[5], beta * (m[0] + m[2] + m[4]),
+                                beta * (m[1] + m[3] + m[5])], rtol=2e-5, atol=1e-5)
+    assert sums["reward_accuracy"] == sum(m[i] > m[i + 1] for i in (0, 2, 4))
+    _check_grads(ours, policy)
+
+
+@pytest.mark.parametrize("prompt_weight,normalization", [(0.0, "nonzero"), (0.3, "nonzero"), (0.3, "weight_sum"),
+                                                         (0.3, "tokens")])
+def test_orpo_loss_and_gradients_equal_transformers_fp64(prompt_weight, normalization):
+    """ORPO through the fused kernel against the paper's formula on per-sequence transformers forwards in fp64,
+    its SFT term weighted by the WIT class weights (λp = 0: the paper's; λp = 0.3 under each normalization)."""
+    from witscale.training.orpo import ORPO_SUMS, ORPOLoss, ORPOSettings
+
+    lam = 0.5
+    table = _table(prompt_weight)
+    pairs = make_pairs(np.random.default_rng(4), 3, TINY["vocab_size"])
+    policy = hf_model(0)
+    docs = [(t, c) for pair in pairs for t, c in pair]
+    logps = [hf_token_logps(policy, t) for t, _ in docs]
+    means = [mean_response_logp(lp, c) for lp, (_, c) in zip(logps, docs)]
+    per_pair = [orpo_formula(logps[2 * i], docs[2 * i][1], means[2 * i], means[2 * i + 1], lam, table,
+                             normalization) for i in range(3)]
+    want_loss = torch.stack(per_pair).sum() / 3
+    want_loss.backward()
+    with torch.no_grad():
+        sft = [orpo_formula(logps[2 * i], docs[2 * i][1], means[2 * i], means[2 * i + 1], 0.0, table,
+                            normalization) for i in range(3)]
+
+    ours = _ours(policy)
+    mb = micro_batch([pairs[:2], pairs[2:]], seq_len=48, table=table)
+    settings = ORPOSettings(lam=lam, normalization=normalization)
+    stats = _forward(ours, mb, ORPOLoss(settings, mb.doc_index, mb.doc_role, mb.doc_pair, mb.reference_logps))
+    (stats.weighted_sum / 3).backward()
+    sums = dict(zip(ORPO_SUMS, stats.dpo_sums.tolist()))
+    assert sums["pairs"] == 3
+    assert sums["loss"] / 3 == pytest.approx(want_loss.item(), rel=2e-5, abs=1e-6)
+    assert sums["nll_loss"] / 3 == pytest.approx(float(sum(sft)) / 3, rel=2e-5, abs=1e-6)
+    # the odds-ratio term: loss = nll_loss − λ·log_odds_ratio
+    assert sums["loss"] == pytest.approx(sums["nll_loss"] - lam * sums["log_odds_ratio"], rel=1e-9)
+    m = [x.item() for x in means]
+    np.testing.assert_allclose([sums["logps_chosen"], sums["logps_rejected"], sums["rewards_chosen"]],
+                               [m[0] + m[2] + m[4], m[1] + m[3] + m[5], lam * (m[0] + m[2] + m[4])],
+                               rtol=2e-5, atol=1e-5)
+    _check_grads(ours, policy)
