@@ -100,7 +100,7 @@ import os, sys
 data, model, pw, rw, cw = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
 from witscale.data.format import PackedDataset
 from witscale.data.weighting import build_weight_table, parse_class_weights
-from witscale.training.dpo import check_reference
+from witscale.training.objectives.reference import check_reference
 try:
     manifest = PackedDataset(data).manifest
     check_reference(manifest, data, build_weight_table(pw, rw, parse_class_weights(cw)), model)

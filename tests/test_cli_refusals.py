@@ -68,7 +68,7 @@ def test_precompute_reference_checks_the_backend_up_front(run_inputs, gemma2_dir
 
 def test_weight_table_refusal_prints_the_weights_as_given():
     from witscale.data.weighting import build_weight_table
-    from witscale.training.dpo import check_reference, weight_table_record
+    from witscale.training.objectives.dpo import check_reference, weight_table_record
     manifest = {"task": "preference", "reference": {"weight_table": weight_table_record(build_weight_table(0, 1))}}
     with pytest.raises(ValueError) as e:
         check_reference(manifest, "packed/uf", build_weight_table(0.1, 1.0), None)
@@ -176,7 +176,7 @@ def test_dpo_reference_must_come_from_the_starting_model_unless_another_is_named
     from safetensors.torch import save_file
     import torch
     from witscale.data.weighting import build_weight_table
-    from witscale.training.dpo import check_reference, reference_fingerprint, weight_table_record
+    from witscale.training.objectives.dpo import check_reference, reference_fingerprint, weight_table_record
 
     def model(name, value):
         d = tmp_path / name

@@ -122,7 +122,7 @@ def test_loss_and_gradients_equal_transformers_fp64(loss, eps):
     """witscale's DPO through the fused kernel (one micro-batch, two packed rows, three pairs) against the
     formula on per-sequence transformers forwards in fp64, the reference model different from the policy."""
     from witscale.model import CausalLM, ModelConfig
-    from witscale.training.dpo import DPO_SUMS, DPOLoss, DPOSettings
+    from witscale.training.objectives.dpo import DPO_SUMS, DPOLoss, DPOSettings
 
     beta = 0.5 if loss == "sigmoid" else 2.0
     table = dpo_table()
@@ -189,7 +189,7 @@ def dpo_worker(rank, world, *, tp=1, pp=1, stage=0, steps=3, lr=1e-3, beta=0.5, 
     from witscale.parallel.topology import ParallelDims, Topology
     from witscale.training.build import build_module
     from witscale.training.distributed import init_distributed
-    from witscale.training.dpo import DPOSettings
+    from witscale.training.objectives.dpo import DPO, DPOSettings
     from witscale.training.trainer import Trainer
 
     init_distributed()
@@ -201,7 +201,7 @@ def dpo_worker(rank, world, *, tp=1, pp=1, stage=0, steps=3, lr=1e-3, beta=0.5, 
     module = build_module(cfg, topo, config, model_dir=None, seed=0)
     trainer = Trainer(module=module, ds_config=config, loader=None, topo=topo, normalization="nonzero", lr=lr,
                       weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, total_steps=steps, warmup_ratio=0.0,
-                      dpo=DPOSettings(beta=beta, loss=loss))
+                      objective=DPO(DPOSettings(beta=beta, loss=loss)))
     rows, refs = layout_data(steps)
     table = dpo_table()
     results = []
@@ -346,7 +346,7 @@ def test_precomputed_reference_equals_a_live_forward(pref):
     """reference_logps.bin (tp=2; ZeRO-3 dp=2 and pp=2 identical to it) equals transformers' fp64 per-sequence
     log-probs of each completion's response tokens; the manifest records the model, fingerprint and weights."""
     from witscale.data.format import PackedDataset
-    from witscale.training.dpo import reference_fingerprint
+    from witscale.training.objectives.dpo import reference_fingerprint
 
     ds = PackedDataset(pref["data"])
     got = np.asarray(ds.reference_logps)

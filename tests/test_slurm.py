@@ -485,7 +485,7 @@ def test_dpo_reference_reuse_and_private_copies(tiny, sp_model_path, tmp_path):
     from witscale.data.format import PackedDataset, write_reference_logps
     from witscale.data.synthetic import make_preference_dataset
     from witscale.data.weighting import build_weight_table
-    from witscale.training.dpo import reference_fingerprint, weight_table_record
+    from witscale.training.objectives.dpo import reference_fingerprint, weight_table_record
 
     a = _finished_sft_cell(tmp_path, "0.0", "1.0", tiny["config"], sp_model_path, seed=1, posix=1.0) / "hf"
     b = _finished_sft_cell(tmp_path, "0.5", "1.0", tiny["config"], sp_model_path, seed=2, posix=1.0) / "hf"

@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=NORMALIZATION_HELP)
 
     g = p.add_argument_group("objective (docs/objective.md)")
-    g.add_argument("--objective", choices=("sft", "dpo"), default="sft",
+    from witscale.training.objectives import OBJECTIVES
+    g.add_argument("--objective", choices=OBJECTIVES, default="sft",
                    help="sft: the weighted token loss (default); dpo: Direct Preference Optimization on a "
                         "preference dataset (pack_dataset.py --task preference) whose reference log-probs "
                         "tools/precompute_reference.py has written")
@@ -392,42 +393,22 @@ def _check_tokenizer_identity(cfg: RunConfig, dataset, flag: str) -> None:
         log.warning(note)
 
 
-def dpo_settings(cfg: RunConfig):
-    """The run's DPOSettings, or None for SFT."""
-    if cfg.objective != "dpo":
-        return None
-    from witscale.training.dpo import DPOSettings
-    return DPOSettings(beta=cfg.beta, loss=cfg.dpo_loss, label_smoothing=cfg.label_smoothing)
-
-
 def _check_objective(cfg: RunConfig, dataset, table, flag: str = "--data") -> None:
-    """SFT refuses preference data (it would imitate the rejected completions); DPO refuses SFT data, data
-    without reference log-probs, reference log-probs of another --reference-model or other class weights."""
-    task = dataset.manifest.get("task", "sft")
-    path = getattr(dataset, "path", cfg.data)
-    if cfg.objective == "sft":
-        if task == "preference":
-            raise UsageError(f"{flag} {path} is a preference dataset: train it with --objective dpo")
-        given = [flag for flag, value in (("--pairs-per-step", cfg.pairs_per_step), ("--beta", cfg.beta),
-                                          ("--dpo-loss", cfg.dpo_loss), ("--label-smoothing", cfg.label_smoothing),
-                                          ("--reference-model", cfg.reference_model)) if value is not None]
-        if given:       # refused rather than ignored: the user meant something
-            raise UsageError(f"{', '.join(given)} apply to --objective dpo only")
-        return
-    from witscale.training.dpo import check_reference
+    """The objective's settings and its checks of the data (witscale/training/objectives: e.g. SFT refuses
+    preference data, DPO SFT data or reference log-probs of another model); flags of other objectives are
+    refused rather than ignored (the user meant something)."""
+    from witscale.training.objectives import foreign_flags, objective_for
     try:
-        dpo_settings(cfg).check()
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    try:
-        check_reference(dataset.manifest, path, table, cfg.reference_model, policy_model=cfg.model)
+        foreign = foreign_flags(cfg)
+        if foreign:
+            owners = foreign[0][1]
+            raise ValueError(f"{', '.join(f for f, o in foreign if o == owners)} apply to --objective "
+                             f"{' or '.join(owners)} only")
+        objective = objective_for(cfg)
+        objective.check()
+        objective.check_data(dataset.manifest, getattr(dataset, "path", cfg.data), table, cfg, flag)
     except (OSError, ValueError) as e:
-        raise UsageError(f"{flag} {e}") from None
-    if not cfg.model and not cfg.reference_model:
-        # nothing to check the dataset's reference log-probs against: they could be any model's
-        raise UsageError("--objective dpo starts from a trained model: pass --model SFT_HF_DIR (the policy's start "
-                         "and, by default, the reference), or --reference-model naming the model whose log-probs "
-                         f"{flag} {path} holds")
+        raise UsageError(str(e)) from None
 
 
 def grad_accum_for_pairs(cfg: RunConfig, manifest: dict, dp: int) -> int:
@@ -524,6 +505,7 @@ def train_loop(plan: Plan, topo, module):
     from witscale.training.faults import first_attempt, injected, slow_save_seconds
     from witscale.training.guard import check_step
     from witscale.training.metrics import MetricsLogger
+    from witscale.training.objectives import objective_for
     from witscale.training.trainer import Trainer
 
     cfg = plan.config
@@ -541,7 +523,7 @@ def train_loop(plan: Plan, topo, module):
                       normalization=cfg.normalization, lr=cfg.lr, weight_decay=cfg.weight_decay,
                       betas=cfg.adam_betas, eps=cfg.adam_eps, total_steps=plan.total_steps,
                       warmup_ratio=cfg.warmup_ratio, activation_checkpointing=plan.activation_checkpointing,
-                      dpo=dpo_settings(cfg), peak_tflops=cfg.peak_tflops)
+                      objective=objective_for(cfg), peak_tflops=cfg.peak_tflops)
     ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
     fingerprints = {"data_fingerprint": checkpoint.data_fingerprint(plan.dataset.manifest),
                     "model_fingerprint": checkpoint.model_fingerprint(plan.model_config)}
@@ -574,7 +556,8 @@ def train_loop(plan: Plan, topo, module):
     sinks = report_sinks(cfg)
     metrics = MetricsLogger(cfg.output_dir, plan.total_steps, enabled=dist.get_rank() == 0,
                             log_every=cfg.log_every, tensorboard="tensorboard" in sinks, start_step=trainer.step,
-                            wandb_config=resolved_config(plan) if "wandb" in sinks else None)
+                            wandb_config=resolved_config(plan) if "wandb" in sinks else None,
+                            objective=trainer.objective)
     results, preempted, last_saved = [], False, None
     try:
         while trainer.step < plan.total_steps:
@@ -715,13 +698,8 @@ def _announce(plan: Plan, topo) -> None:
     os.makedirs(cfg.output_dir, exist_ok=True)
     _add_file_log(os.path.join(cfg.output_dir, "train.log"))
     log.info(topo.describe())
-    if cfg.objective == "dpo":
-        from witscale.training.dpo import describe
-        log.info(f"objective: {describe(dpo_settings(cfg))}, divided by the pairs of each global batch; "
-                 f"completion log-probs under class weights {describe_weight_table(plan.weight_table)}")
-    else:
-        log.info(f"loss weights per class: {describe_weight_table(plan.weight_table)}; "
-                 f"normalization: {cfg.normalization}")
+    from witscale.training.objectives import objective_for
+    log.info(objective_for(cfg).startup_line(describe_weight_table(plan.weight_table), cfg.normalization))
     log.info(epoch_summary(plan))
     with open(os.path.join(cfg.output_dir, "model_config.json"), "w", encoding="utf-8") as f:
         json.dump(plan.model_config.to_hf_dict(), f, indent=2)     # read by tools/export_hf.py

@@ -60,6 +60,15 @@ class MicroBatch:
             moved[name] = t.to(device, non_blocking=True)
         return replace(self, **moved)
 
+    def without_targets(self) -> "MicroBatch":
+        """This micro-batch with nothing to predict and no completion: what a rank out of rows runs in a pass
+        over a dataset (every rank must run as many forwards); it adds nothing to any sum, no pair either."""
+        out = replace(self, labels=torch.full_like(self.labels, IGNORE_INDEX), weights=torch.zeros_like(self.weights))
+        if self.doc_index is None:
+            return out
+        return replace(out, doc_index=torch.full_like(self.doc_index, -1), doc_role=self.doc_role[:0],
+                       doc_pair=self.doc_pair[:0], reference_logps=self.reference_logps[:0])
+
 
 @dataclass
 class StepBatch:

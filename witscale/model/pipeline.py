@@ -109,10 +109,11 @@ class PipelineLoss:
     """``loss_fn(hidden, (labels, weights, target_classes, scale, *objective_inputs))`` on the last stage.
 
     Returns ``weighted_sum × scale`` (scale = dp × gas / N, see the module docstring) and records each
-    micro-batch's ``LossStats`` for the trainer's logging (``pop_stats``). Under DPO the labels tuple also
-    carries the micro-batch's preference tensors, and ``make_objective(*objective_inputs)`` (set by the
-    trainer: witscale/training/dpo.py) builds the head's objective; its ``weighted_sum`` is then the surrogate
-    whose gradient is DPO's, scaled by dp × gas / (global pairs)."""
+    micro-batch's ``LossStats`` for the trainer's logging (``pop_stats``). The labels tuple also carries the
+    tensors the run's objective needs (``Objective.inputs``), and ``make_objective(*objective_inputs)`` (set by
+    the trainer: ``Objective.head``, witscale/training/objectives) builds the head's hook, or None for the
+    plain weighted loss; a hook's ``weighted_sum`` may be a surrogate whose gradient is the objective's, scaled
+    by dp × gas / (the step's global denominator)."""
 
     def __init__(self):
         self.head: Optional[VocabParallelLMHead] = None
@@ -121,7 +122,7 @@ class PipelineLoss:
 
     def __call__(self, hidden, labels_tuple):
         labels, weights, target_classes, scale, *objective_inputs = labels_tuple
-        objective = self.make_objective(*objective_inputs) if objective_inputs else None
+        objective = self.make_objective(*objective_inputs) if self.make_objective is not None else None
         stats = self.head(hidden, labels, weights, target_classes, objective=objective)
         self.records.append(stats)
         return stats.weighted_sum * scale.to(stats.weighted_sum.dtype)

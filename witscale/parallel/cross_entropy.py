@@ -66,8 +66,8 @@ class LossStats(NamedTuple):
     weighted_sum: torch.Tensor    # scalar, differentiable: Σ_t w_t · nll_t over this micro-batch
     class_nll_sum: torch.Tensor   # [num_classes] float64, detached: Σ nll of predicted tokens of each class
     class_count: torch.Tensor     # [num_classes] float64, detached: predicted tokens of each class
-    # [T] fp32, detached: each position's NLL (0 where nothing is predicted); the DPO objective sums it per
-    # completion (witscale/training/dpo.py). Already computed by the kernel: returning it costs nothing.
+    # [T] fp32, detached: each position's NLL (0 where nothing is predicted); pair objectives sum it per
+    # completion (witscale/training/objectives/pairs.py). Already computed by the kernel: returning it costs nothing.
     token_nll: Optional[torch.Tensor] = None
 
 

@@ -308,7 +308,7 @@ class VocabParallelLMHead(_VocabShard):
                 weights: Optional[torch.Tensor] = None, target_classes: Optional[torch.Tensor] = None,
                 objective=None):
         """Logits [..., vocab] (gathered, unpadded) without labels; the weighted-loss stats with them.
-        ``objective`` (e.g. witscale/training/dpo.py's ``DPOLoss``): a callable given ``self.fused_loss`` and
+        ``objective`` (an objective's hook, witscale/training/objectives: e.g. a pair objective's ``PairHead``): a callable given ``self.fused_loss`` and
         the flattened inputs, run here so that ZeRO-3 gathers ``weight`` once for all its passes."""
         if labels is None:
             local = soft_cap(F.linear(copy_to_tp(hidden, self.tp_group), self.weight), self.logit_softcap)

@@ -11,9 +11,6 @@ from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 
-DEFAULT_LR = {"sft": 2e-5, "dpo": 5e-7}      # the paper's learning rates for SFT and for DPO
-DPO_DEFAULTS = {"beta": 0.1, "dpo_loss": "sigmoid", "label_smoothing": 0.0}
-
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -30,8 +27,8 @@ class RunConfig:
     normalization: str = "nonzero"
     # objective (docs/objective.md#dpo): 'sft' (the weighted token loss) or 'dpo' on preference pairs
     objective: str = "sft"
-    # DPO-only settings: None = not given; filled with DPO_DEFAULTS for DPO, left None for SFT (where
-    # train.py refuses any that was given rather than ignore it)
+    # An objective's own settings (its ``flags``, witscale/training/objectives): None = not given; filled with
+    # its ``defaults`` when it is the run's, left None otherwise (train.py refuses any that was given)
     beta: Optional[float] = None
     dpo_loss: Optional[str] = None         # sigmoid | ipo
     label_smoothing: Optional[float] = None
@@ -41,7 +38,7 @@ class RunConfig:
     # optimization
     micro_batch_size: int = 1
     grad_accum: Optional[int] = 1          # None only until plan_run resolves --pairs-per-step
-    lr: Optional[float] = None             # None: DEFAULT_LR of the objective
+    lr: Optional[float] = None             # None: the objective's default_lr
     weight_decay: float = 0.1
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
@@ -79,13 +76,16 @@ class RunConfig:
     log_level: str = "INFO"
 
     def __post_init__(self):
-        # Defaults that depend on the objective (frozen: set through object.__setattr__, once, here).
+        # Defaults that depend on the objective (frozen: set through object.__setattr__, once, here); an unknown
+        # name keeps SFT's lr and is refused where the objective is built (objectives.get_objective).
+        from witscale.training.objectives import find_objective
+        from witscale.training.objectives.sft import SFT
+        objective = find_objective(self.objective) or SFT
         if self.lr is None:
-            object.__setattr__(self, "lr", DEFAULT_LR.get(self.objective, DEFAULT_LR["sft"]))
-        if self.objective == "dpo":
-            for key, default in DPO_DEFAULTS.items():
-                if getattr(self, key) is None:
-                    object.__setattr__(self, key, default)
+            object.__setattr__(self, "lr", objective.default_lr)
+        for key, default in objective.defaults.items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, default)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "RunConfig":

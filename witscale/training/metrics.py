@@ -25,22 +25,20 @@ TB_TAGS = {
     "packing_efficiency": "data/packing_efficiency", "mfu": "perf/mfu", "peak_memory_gib": "perf/peak_memory_gib",
     "eval_loss": "eval/loss", "eval_response_nll": "eval/response_nll", "eval_prompt_nll": "eval/prompt_nll",
 }
-# DPO (--objective dpo; witscale/training/dpo.py): per-pair means, train and eval (TRL's names).
-DPO_TAGS = {"rewards_chosen": "rewards/chosen", "rewards_rejected": "rewards/rejected",
-            "reward_margin": "rewards/margins", "reward_accuracy": "rewards/accuracies",
-            "logps_chosen": "logps/chosen", "logps_rejected": "logps/rejected"}
 
 
 def tb_tag(key: str):
     """The TensorBoard tag of a metrics.jsonl key (None: not plotted). Per-class mean NLLs ``nll_<class>``
-    and ``eval_nll_<class>`` go to train_class_nll/<class> and eval_class_nll/<class>; DPO's rewards and
-    log-probs to train_rewards/…, train_logps/… (eval_rewards/…, eval_logps/…)."""
+    and ``eval_nll_<class>`` go to train_class_nll/<class> and eval_class_nll/<class>; an objective's own
+    metrics (``Objective.metric_tags``, e.g. DPO's rewards and log-probs) to train_<tag> (eval_<tag>)."""
+    from witscale.training.objectives import metric_tags
     if key in TB_TAGS:
         return TB_TAGS[key]
-    if key in DPO_TAGS:
-        return "train_" + DPO_TAGS[key]
-    if key.startswith("eval_") and key[len("eval_"):] in DPO_TAGS:
-        return "eval_" + DPO_TAGS[key[len("eval_"):]]
+    objective_tags = metric_tags()
+    if key in objective_tags:
+        return "train_" + objective_tags[key]
+    if key.startswith("eval_") and key[len("eval_"):] in objective_tags:
+        return "eval_" + objective_tags[key[len("eval_"):]]
     if key.startswith("eval_nll_"):
         return "eval_class_nll/" + key[len("eval_nll_"):]
     if key.startswith("nll_"):
@@ -94,8 +92,14 @@ class WandbSink:
 
 class MetricsLogger:
     def __init__(self, output_dir: Optional[str], total_steps: int, *, enabled: bool, log_every: int = 1,
-                 tensorboard: bool = True, start_step: int = 0, wandb_config: Optional[dict] = None):
-        """wandb_config: report to W&B (rank 0) with this resolved config; None: no W&B."""
+                 tensorboard: bool = True, start_step: int = 0, wandb_config: Optional[dict] = None,
+                 objective=None):
+        """wandb_config: report to W&B (rank 0) with this resolved config; None: no W&B. objective: the run's
+        (its ``console`` writes the middle of the plain log line; default SFT's)."""
+        if objective is None:
+            from witscale.training.objectives.sft import SFT
+            objective = SFT()
+        self.objective = objective
         self.enabled = enabled
         self._wandb = None
         self.total_steps = total_steps
@@ -167,9 +171,7 @@ class MetricsLogger:
                                   tok_s=f"{record['tokens_per_s']:.0f}")
         elif step % self.log_every == 0 or step == self.total_steps:
             gn = record.get("grad_norm")
-            middle = (f"margin {record['reward_margin']:.4f} accuracy {record['reward_accuracy']:.3f} "
-                      if "reward_margin" in record else
-                      f"prompt_nll {record['prompt_nll']:.4f} response_nll {record['response_nll']:.4f} ")
+            middle = self.objective.console(record)
             log.info(f"step {step}/{self.total_steps} loss {record['loss']:.4f} {middle}"
                      f"lr {record['lr']:.3g} grad_norm {'-' if gn is None else f'{gn:.3f}'} "
                      f"tok/s {record['tokens_per_s']:.0f}")

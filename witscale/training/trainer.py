@@ -20,10 +20,11 @@ moved there (pinned memory, non_blocking), every tensor handed to a collective l
 device tensors, gloo host tensors — the engine's device is right for both), and the step's statistics
 stay there until they cross to the host once per optimizer step.
 
-DPO (``objective=DPOSettings``, witscale/training/dpo.py, docs/objective.md#dpo): the same engines; each
-micro-batch's forward gets a ``DPOLoss`` as the LM head's objective (under pp through the labels tuple), the
-denominator is the global batch's pair count (``denominators["pairs"]``), and the step's vector carries the
-pair sums (loss, log-probs, rewards, accuracy) beside the per-class NLL — still one host transfer per step.
+The objective (``objective=``, witscale/training/objectives, docs/objective.md#adding-an-objective) is asked,
+never named: each micro-batch's forward gets ``objective.head(*objective.inputs(mb))`` as the LM head's hook
+(under pp its inputs travel with the labels), the step divides by the global count
+``objective.denominator(normalization)`` names, and the step's vector carries the objective's ``sums`` beside
+the per-class NLL — still one host transfer per step.
 
 Gradient norm and clipping come from DeepSpeed (ZeRO-1/2/3 and its bf16 optimizer, pipeline-aware); in
 fp32 ZeRO-0, where DeepSpeed measures none, from ``witscale.training.optim.GlobalNormClipping``. Each of them
@@ -46,10 +47,11 @@ import torch.distributed as dist
 
 from witscale.data.classes import CLASS_NAMES, NUM_CLASSES, PROMPT_SIDE, RESPONSE_SIDE
 from witscale.data.loader import MicroBatch, PackedLoader, StepBatch
-from witscale.data.weighting import IGNORE_INDEX, NORMALIZATIONS, denominators_of
+from witscale.data.weighting import NORMALIZATIONS, denominators_of
 from witscale.training import checkpoint
 from witscale.training.ds_config import zero_stage
-from witscale.training.dpo import DPO_SUMS, DPOLoss, DPOSettings, ReferenceLogps, preference_inputs
+from witscale.training.objectives import Objective
+from witscale.training.objectives.sft import SFT
 from witscale.training.faults import nonfinite_weight
 from witscale.training.guard import NonFiniteError
 from witscale.training.optim import GlobalNormClipping, cosine_with_warmup, param_groups
@@ -76,7 +78,7 @@ class StepResult:
     mfu: Optional[float] = None
     peak_memory_gib: Optional[float] = None     # this rank's peak GPU memory so far (CUDA only)
     class_nll: dict = field(default_factory=dict)   # mean NLL per token class present in the batch
-    dpo: dict = field(default_factory=dict)         # DPO: per-pair means (StepSums.dpo_means), else empty
+    objective_metrics: dict = field(default_factory=dict)   # the objective's metrics (Objective.metrics)
     # The non-finite guard (witscale/training/guard.py): a NaN/inf loss or gradient norm, and whether the
     # optimizer skipped the update (DeepSpeed's overflow; GlobalNormClipping in fp32 ZeRO-0).
     nonfinite: bool = False
@@ -85,68 +87,57 @@ class StepResult:
 
     def as_dict(self) -> dict:
         out = {k: v for k, v in self.__dict__.items()
-               if k not in ("class_nll", "dpo", "raw_grad_norm", "nonfinite", "update_skipped")}
+               if k not in ("class_nll", "objective_metrics", "raw_grad_norm", "nonfinite", "update_skipped")}
         if self.nonfinite:
             out.update(nonfinite=True, update_skipped=self.update_skipped)
         out.update({f"nll_{name}": v for name, v in self.class_nll.items()})
-        out.update(self.dpo)
+        out.update(self.objective_metrics)
         return out
 
 
 # --- the step's statistics: one float64 vector, summed on the device -----------------------------------
-# [objective sum, class_nll_sum[0..C), class_count[0..C)] (+ DPO's pair sums after the first); evaluation
-# appends the three denominators. The objective sum is Σ w·nll (SFT) or Σ_pairs L (DPO): loss = it / N.
+# [loss numerator, class_nll_sum[0..C), class_count[0..C)] (+ the objective's other sums, sums[1:]);
+# evaluation appends the three denominators. The numerator is the objective's sums[0] (e.g. Σ_pairs L), or
+# the kernel's Σ w·nll for an objective without sums: loss = it / the step's denominator.
 STATS_SIZE = 1 + 2 * NUM_CLASSES
-DPO_EXTRA = len(DPO_SUMS) - 1
 
 
-def stats_size(dpo: bool) -> int:
-    return STATS_SIZE + (DPO_EXTRA if dpo else 0)
+def stats_size(sums: tuple) -> int:
+    """The step vector's length for an objective with these ``sums``."""
+    return STATS_SIZE + max(0, len(sums) - 1)
 
 
 def stats_vector(stats) -> torch.Tensor:
-    """One micro-batch's ``LossStats`` (or ``DPOStats``) as the float64 vector the step sums (on the stats'
-    device). Under DPO the first entry is the pair-loss sum, not the surrogate the engine backpropagates."""
-    dpo = getattr(stats, "dpo_sums", None)
-    first = stats.weighted_sum.detach().double().reshape(1) if dpo is None else dpo[:1].double()
+    """One micro-batch's ``LossStats`` or ``HeadStats`` as the float64 vector the step sums (on the stats'
+    device). With ``sums`` the first entry is sums[0], not the (possibly surrogate) value backpropagated."""
+    sums = getattr(stats, "sums", None)
+    first = stats.weighted_sum.detach().double().reshape(1) if sums is None or not len(sums) else sums[:1].double()
     parts = [first, stats.class_nll_sum.double(), stats.class_count.double()]
-    if dpo is not None:
-        parts.append(dpo[1:].double())
+    if sums is not None and len(sums) > 1:
+        parts.append(sums[1:].double())
     return torch.cat(parts)
 
 
 @dataclass
 class StepSums:
-    """The global batch's sums, on the host: from the vector [objective sum, class_nll_sum[C], class_count[C]]
-    (+ DPO's pair sums, + the denominators of NORMALIZATIONS for evaluation) that the engines sum on the device."""
-    weighted_sum: float
+    """The global batch's sums, on the host: from the vector [loss numerator, class_nll_sum[C], class_count[C]]
+    (+ the objective's other sums, + the denominators of NORMALIZATIONS for evaluation) that the engines sum on
+    the device."""
+    weighted_sum: float                  # the loss numerator
     class_nll_sum: np.ndarray
     class_count: np.ndarray
     denominators: Optional[dict] = None
-    dpo_sums: Optional[dict] = None      # DPO_SUMS → global sum
+    objective_sums: dict = field(default_factory=dict)      # the objective's ``sums`` → global sum
 
     @classmethod
-    def from_vector(cls, totals: torch.Tensor, dpo: bool = False) -> "StepSums":
+    def from_vector(cls, totals: torch.Tensor, sums: tuple = ()) -> "StepSums":
         t = totals.double().cpu().numpy()          # the step's one device→host crossing
         extra = t[STATS_SIZE:]
-        dpo_sums = None
-        if dpo:
-            dpo_sums = dict(zip(DPO_SUMS, map(float, [t[0], *extra[:DPO_EXTRA]])))
-            extra = extra[DPO_EXTRA:]
+        own = max(0, len(sums) - 1)
+        objective_sums = dict(zip(sums, map(float, [t[0], *extra[:own]]))) if sums else {}
+        extra = extra[own:]
         return cls(float(t[0]), t[1:1 + NUM_CLASSES], t[1 + NUM_CLASSES:STATS_SIZE],
-                   dict(zip(NORMALIZATIONS, map(float, extra))) if len(extra) else None, dpo_sums)
-
-    def dpo_means(self, prefix: str = "") -> dict[str, float]:
-        """Per-pair means of the DPO sums (TRL's names, flattened): log-probs, rewards β·(logp − ref), the
-        reward margin and the accuracy (fraction of pairs whose chosen reward is the larger)."""
-        if not self.dpo_sums:
-            return {}
-        pairs = self.dpo_sums["pairs"]
-        mean = {k: (v / pairs if pairs > 0 else float("nan")) for k, v in self.dpo_sums.items()
-                if k not in ("loss", "pairs")}
-        mean["reward_margin"] = mean["rewards_chosen"] - mean["rewards_rejected"]
-        mean["pairs"] = pairs
-        return {prefix + k: v for k, v in mean.items()}
+                   dict(zip(NORMALIZATIONS, map(float, extra))) if len(extra) else None, objective_sums)
 
     def per_class(self) -> dict[str, float]:
         """Mean NLL of each class that has predicted tokens, by class name."""
@@ -163,17 +154,17 @@ class StepSums:
 class _DenseEngine:
     """ZeRO 0–3 (± TP): DeepSpeed's engine runs forward, backward and step per micro-batch."""
 
-    def __init__(self, engine, topo, dpo: Optional[DPOSettings] = None):
-        self.engine, self.topo, self.dpo = engine, topo, dpo
-        self.size = stats_size(dpo is not None)
+    def __init__(self, engine, topo, objective: Objective):
+        self.engine, self.topo, self.objective = engine, topo, objective
+        self.size = stats_size(objective.sums)
 
     def loss_scale(self, denominator: float, grad_accum: int) -> float:
         return self.topo.dp / denominator if denominator > 0 else 0.0
 
-    def _forward(self, mb: MicroBatch):
-        objective = None if self.dpo is None else DPOLoss(self.dpo, *preference_inputs(mb))
-        return self.engine(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen,
-                           mb.labels, mb.weights, mb.target_classes, objective=objective)
+    def _forward(self, mb: MicroBatch, objective=None):
+        objective = objective or self.objective
+        return self.engine(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen, mb.labels, mb.weights,
+                           mb.target_classes, objective=objective.head(*objective.inputs(mb)))
 
     def train(self, micro_batches: list[MicroBatch], scale: float, device) -> torch.Tensor:
         totals = torch.zeros(self.size, dtype=torch.float64, device=device)
@@ -192,10 +183,8 @@ class _DenseEngine:
                 progress(i + 1, len(micro_batches))     # a count only: no host sync
         return self._sum_over_dp(torch.cat([totals, extra]))
 
-    def completion_logps(self, micro_batches: list[MicroBatch]) -> list:
-        return [self.engine(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen, mb.labels, mb.weights,
-                            mb.target_classes, objective=ReferenceLogps(*preference_inputs(mb))).logps
-                for mb in micro_batches]
+    def forward_only(self, micro_batches: list[MicroBatch], probe) -> list:
+        return [self._forward(mb, probe) for mb in micro_batches]
 
     def _sum_over_dp(self, totals: torch.Tensor) -> torch.Tensor:
         # Summed over the data-parallel replicas; TP peers hold identical numbers.
@@ -206,22 +195,20 @@ class _DenseEngine:
 class _PipelineEngine:
     """DeepSpeed's PipelineEngine: one ``train_batch`` (1F1B) per optimizer step."""
 
-    def __init__(self, engine, topo, loss_fn, dpo: Optional[DPOSettings] = None):
+    def __init__(self, engine, topo, loss_fn, objective: Objective):
         self.engine, self.topo, self.loss_fn = engine, topo, loss_fn
-        self.size = stats_size(dpo is not None)
-        self.dpo = dpo
-        if dpo is not None:
-            loss_fn.make_objective = lambda *inputs: DPOLoss(dpo, *inputs)
+        self.size = stats_size(objective.sums)
+        self.objective = objective
+        loss_fn.make_objective = objective.head        # on the last stage, from the inputs in the labels tuple
 
     def loss_scale(self, denominator: float, grad_accum: int) -> float:
         return self.topo.dp * grad_accum / denominator if denominator > 0 else 0.0
 
-    def _item(self, mb: MicroBatch, scale: float, preference: Optional[bool] = None):
+    def _item(self, mb: MicroBatch, scale: float, objective=None):
         from witscale.model.pipeline import pipe_inputs
         labels = (mb.labels, mb.weights, mb.target_classes,
                   torch.tensor(scale, dtype=torch.float64, device=mb.labels.device))
-        if self.dpo is not None if preference is None else preference:
-            labels += tuple(preference_inputs(mb))      # straight to the last stage, with the labels
+        labels += tuple((objective or self.objective).inputs(mb))    # straight to the last stage, with the labels
         return pipe_inputs(mb), labels
 
     def train(self, micro_batches: list[MicroBatch], scale: float, device) -> torch.Tensor:
@@ -239,18 +226,18 @@ class _PipelineEngine:
         # The denominators are known on every stage; only the last stage's count is kept (no double sum).
         return self._stage_totals(records, extra if self.engine.is_last_stage() else torch.zeros_like(extra))
 
-    def completion_logps(self, micro_batches: list[MicroBatch]) -> list:
-        """The last stage's per-micro-batch log-probs (the other stages: None each)."""
-        saved, self.loss_fn.make_objective = self.loss_fn.make_objective, ReferenceLogps
+    def forward_only(self, micro_batches: list[MicroBatch], probe) -> list:
+        """The last stage's per-micro-batch hook outputs (the other stages: None each)."""
+        saved, self.loss_fn.make_objective = self.loss_fn.make_objective, probe.head
         try:
             self.loss_fn.records = []
-            self.engine.eval_batch(iter([self._item(mb, 1.0, preference=True) for mb in micro_batches]),
+            self.engine.eval_batch(iter([self._item(mb, 1.0, probe) for mb in micro_batches]),
                                    compute_loss=True, reduce_output=None, bcast_loss=False,
                                    num_micro_batches=len(micro_batches))
             records = self.loss_fn.pop_stats() if self.engine.is_last_stage() else []
         finally:
             self.loss_fn.make_objective = saved
-        return [r.logps for r in records] if records else [None] * len(micro_batches)
+        return records if records else [None] * len(micro_batches)
 
     def _stage_totals(self, records, extra: torch.Tensor) -> torch.Tensor:
         """The global batch's sums on every rank: the last stage sums its micro-batches and its dp
@@ -266,21 +253,15 @@ class _PipelineEngine:
         return totals
 
 
-def _without_documents(mb: MicroBatch) -> MicroBatch:
-    """A preference micro-batch with no completion (evaluation's filler on a rank out of rows)."""
-    from dataclasses import replace
-    return replace(mb, doc_index=torch.full_like(mb.doc_index, -1), doc_role=mb.doc_role[:0],
-                   doc_pair=mb.doc_pair[:0], reference_logps=mb.reference_logps[:0])
-
-
 # --- the trainer ---------------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, *, module: torch.nn.Module, ds_config: dict, loader: PackedLoader, topo,
                  normalization: str, lr: float, weight_decay: float, betas, eps: float,
                  total_steps: int, warmup_ratio: float, activation_checkpointing: bool = False,
-                 dpo: Optional[DPOSettings] = None, optimizer_state: bool = True,
+                 objective: Optional[Objective] = None, optimizer_state: bool = True,
                  peak_tflops: Optional[float] = None):
-        """peak_tflops: the GPU's dense bf16 peak for MFU (default: witscale/training/peak_flops.py's table).
+        """objective: the run's (witscale/training/objectives; default SFT, the weighted token loss).
+        peak_tflops: the GPU's dense bf16 peak for MFU (default: witscale/training/peak_flops.py's table).
         optimizer_state=False: an engine for forward passes only (tools/precompute_reference.py) — no
         optimizer, so ZeRO allocates no fp32 master copy, gradient partitions or Adam moments (at 70B under
         ZeRO-3 on 64 GPUs ≈14 GiB per GPU the pass does not need); ``train_step`` is then refused."""
@@ -292,9 +273,8 @@ class Trainer:
         self.loader = loader
         self.peak_flops = device_peak_flops(peak_tflops)     # None: no MFU (CPU, or a card not in the table)
         self.normalization = normalization
-        self.dpo = dpo            # None: SFT (the weighted token loss)
-        if dpo is not None:
-            dpo.check()
+        self.objective = objective if objective is not None else SFT()
+        self.objective.check()
         self.total_steps = total_steps
         pipelined = topo.pp > 1
         config = dict(ds_config)
@@ -315,7 +295,7 @@ class Trainer:
                 config["zero_optimization"] = dict(config.get("zero_optimization") or {}, stage=0)
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=module, config=config, mpu=None if pipelined else topo)
-            self._finish_init(module, topo, pipelined, dpo)
+            self._finish_init(module, topo, pipelined)
             return
         groups = param_groups(module, weight_decay)
         optimizer = None
@@ -337,12 +317,12 @@ class Trainer:
             model=module, optimizer=optimizer, config=config, mpu=None if pipelined else topo,
             model_parameters=None if optimizer is not None else groups,
             lr_scheduler=lambda opt: cosine_with_warmup(opt, total_steps, warmup_ratio))
-        self._finish_init(module, topo, pipelined, dpo)
+        self._finish_init(module, topo, pipelined)
 
-    def _finish_init(self, module, topo, pipelined: bool, dpo: Optional[DPOSettings]) -> None:
+    def _finish_init(self, module, topo, pipelined: bool) -> None:
         self.device = torch.device(self.engine.device)
-        self.runner = (_PipelineEngine(self.engine, topo, module.loss_fn, dpo) if pipelined
-                       else _DenseEngine(self.engine, topo, dpo))
+        self.runner = (_PipelineEngine(self.engine, topo, module.loss_fn, self.objective) if pipelined
+                       else _DenseEngine(self.engine, topo, self.objective))
         self.step = 0
         self.skipped_nonfinite: list[int] = []     # steps whose non-finite update was skipped (guard.py)
         # MFU counts model FLOPs: 6 × matmul weights per token plus causal attention's per-document
@@ -357,8 +337,8 @@ class Trainer:
         if len(batch.micro_batches) != self.grad_accum:
             raise ValueError(f"the step has {len(batch.micro_batches)} micro-batches, the engine expects "
                              f"{self.grad_accum}")
-        # SFT: N of the run's normalization; DPO: the global batch's pair count.
-        denominator = batch.denominators["pairs" if self.dpo is not None else self.normalization]
+        # Counted over the global batch before the forward pass (SFT: N of the run's normalization; pairs …).
+        denominator = batch.denominators[self.objective.denominator(self.normalization)]
         # A global batch with nothing to learn from (e.g. all weights 0) gives a zero gradient, not NaN.
         scale = self.runner.loss_scale(denominator, self.grad_accum)
         lr = self.scheduler.get_last_lr()[0]
@@ -369,7 +349,7 @@ class Trainer:
             first.weights = torch.where(first.weights != 0, torch.full_like(first.weights, poison), first.weights)
         skipped_before = self.engine.skipped_steps
         totals = self.runner.train(micro_batches, scale, self.device)
-        sums = StepSums.from_vector(totals, dpo=self.dpo is not None)
+        sums = StepSums.from_vector(totals, self.objective.sums)
         grad_norm = self.engine.get_global_grad_norm()      # computed before the transfer: no new sync
         self.step += 1
         elapsed = time.perf_counter() - t0
@@ -394,7 +374,7 @@ class Trainer:
             peak_memory_gib=(torch.cuda.max_memory_allocated(self.device) / 2 ** 30
                              if self.device.type == "cuda" else None),
             class_nll=sums.per_class(),
-            dpo=sums.dpo_means(),
+            objective_metrics=self.objective.metrics(sums.objective_sums),
             nonfinite=nonfinite,
             update_skipped=self.engine.skipped_steps > skipped_before,
             raw_grad_norm=grad_norm,
@@ -410,19 +390,8 @@ class Trainer:
         gathers and pipeline schedules are collective), scoring an all-masked micro-batch where it has run
         out of rows.
         """
-        rows = np.arange(len(eval_loader.dataset))
-        per_rank = int(math.ceil(len(rows) / self.topo.dp))
-        mine = rows[self.topo.dp_rank * per_rank:(self.topo.dp_rank + 1) * per_rank]
-        mbs = eval_loader.micro_batch_size
         micro_batches, denominators = [], np.zeros(len(NORMALIZATIONS))
-        for b in range(int(math.ceil(per_rank / mbs))):
-            chunk = mine[b * mbs:(b + 1) * mbs]
-            mb = eval_loader.make_micro_batch(chunk if len(chunk) else rows[:1])
-            if not len(chunk):
-                mb.weights.zero_()
-                mb.labels.fill_(IGNORE_INDEX)
-                if self.dpo is not None:        # and no completions: it adds no pair
-                    mb = _without_documents(mb)
+        for _, mb in self.rank_micro_batches(eval_loader):
             counts = denominators_of(mb.labels.numpy(), mb.weights.numpy())
             denominators += [counts[k] for k in NORMALIZATIONS]
             micro_batches.append(mb.to(self.device))
@@ -432,23 +401,41 @@ class Trainer:
                                                                    device=self.device), progress=progress)
         finally:
             self.engine.train()
-        sums = StepSums.from_vector(totals, dpo=self.dpo is not None)
-        denominator = (sums.dpo_sums["pairs"] if self.dpo is not None else sums.denominators[self.normalization])
+        sums = StepSums.from_vector(totals, self.objective.sums)
+        denominator = {**sums.denominators, **sums.objective_sums}[self.objective.denominator(self.normalization)]
         return {"step": self.step,
                 "eval_loss": sums.weighted_sum / denominator if denominator > 0 else float("nan"),
                 "eval_prompt_nll": sums.mean_nll(PROMPT_SIDE),
                 "eval_response_nll": sums.mean_nll(RESPONSE_SIDE),
                 **{f"eval_nll_{name}": v for name, v in sums.per_class().items()},
-                **sums.dpo_means(prefix="eval_")}
+                **self.objective.metrics(sums.objective_sums, prefix="eval_")}
+
+    def rank_micro_batches(self, loader: "PackedLoader") -> list[tuple[np.ndarray, MicroBatch]]:
+        """This rank's share of every row of ``loader``'s dataset, in order, as (rows, micro-batch on the host):
+        contiguous shares over the data-parallel ranks; every rank gets the same number of micro-batches
+        (ZeRO-3 gathers and pipeline schedules are collective), a rank out of rows an empty one (no rows, a
+        micro-batch with nothing to predict: ``MicroBatch.without_targets``). Evaluation's row loop, and the
+        reference pass's (tools/precompute_reference.py)."""
+        rows = np.arange(len(loader.dataset))
+        per_rank = int(math.ceil(len(rows) / self.topo.dp))
+        mine = rows[self.topo.dp_rank * per_rank:(self.topo.dp_rank + 1) * per_rank]
+        mbs = loader.micro_batch_size
+        out = []
+        for b in range(int(math.ceil(per_rank / mbs))):
+            chunk = mine[b * mbs:(b + 1) * mbs]
+            mb = loader.make_micro_batch(chunk if len(chunk) else rows[:1])
+            out.append((chunk, mb if len(chunk) else mb.without_targets()))
+        return out
 
     @torch.no_grad()
-    def completion_logps(self, micro_batches: list[MicroBatch]) -> list:
-        """Each preference micro-batch's completion log-probs Σ w·log p ([D] float64 on the device), no grad:
-        the reference pass (tools/precompute_reference.py). Collective like a forward (ZeRO-3 gathers, the
-        pipeline schedule); under pp only the last stage has them (None on the others)."""
+    def forward_only(self, micro_batches: list[MicroBatch], probe) -> list:
+        """Each micro-batch's LM-head hook output, no grad, for a ``probe`` with an objective's ``inputs(mb)`` and
+        ``head(*inputs)`` (e.g. objectives/reference.py's ``ReferencePass``: the reference log-probs). Collective
+        like a forward (ZeRO-3 gathers, the pipeline schedule); under pp only the last stage has them (None on
+        the others)."""
         self.engine.eval()
         try:
-            return self.runner.completion_logps([mb.to(self.device) for mb in micro_batches])
+            return self.runner.forward_only([mb.to(self.device) for mb in micro_batches], probe)
         finally:
             self.engine.train()
 
