@@ -80,7 +80,7 @@ def test_simpo_loss_and_gradients_equal_transformers_fp64(eps, prompt_weight):
     """SimPO through the fused kernel (one micro-batch, two packed rows, three pairs) against the paper's
     formula on per-sequence transformers forwards in fp64; the class weights do not enter it (λp = 0.5 gives
     the same), the data's reference log-probs (NaN here) are not read."""
-    from witscale.training.simpo import SIMPO_SUMS, SimPOLoss, SimPOSettings
+    from witscale.training.objectives.simpo import SIMPO_SUMS, SimPO, SimPOSettings
 
     beta, gamma = 2.0, 0.3
     pairs = make_pairs(np.random.default_rng(3), 3, TINY["vocab_size"])
@@ -93,9 +93,10 @@ def test_simpo_loss_and_gradients_equal_transformers_fp64(eps, prompt_weight):
     ours = _ours(policy)
     mb = micro_batch([pairs[:2], pairs[2:]], seq_len=40, table=_table(prompt_weight))
     settings = SimPOSettings(beta=beta, gamma=gamma, label_smoothing=eps)
-    stats = _forward(ours, mb, SimPOLoss(settings, mb.doc_index, mb.doc_role, mb.doc_pair, mb.reference_logps))
+    objective = SimPO(settings)
+    stats = _forward(ours, mb, objective.head(*objective.inputs(mb)))
     (stats.weighted_sum / 3).backward()
-    sums = dict(zip(SIMPO_SUMS, stats.dpo_sums.tolist()))
+    sums = dict(zip(SIMPO_SUMS, stats.sums.tolist()))
     assert sums["pairs"] == 3
     assert sums["loss"] / 3 == pytest.approx(want_loss.item(), rel=2e-5, abs=1e-6)
     m = [x.item() for x in means]
@@ -112,7 +113,7 @@ def test_simpo_loss_and_gradients_equal_transformers_fp64(eps, prompt_weight):
 def test_orpo_loss_and_gradients_equal_transformers_fp64(prompt_weight, normalization):
     """ORPO through the fused kernel against the paper's formula on per-sequence transformers forwards in fp64,
     its SFT term weighted by the WIT class weights (λp = 0: the paper's; λp = 0.3 under each normalization)."""
-    from witscale.training.orpo import ORPO_SUMS, ORPOLoss, ORPOSettings
+    from witscale.training.objectives.orpo import ORPO, ORPO_SUMS, ORPOSettings
 
     lam = 0.5
     table = _table(prompt_weight)
@@ -132,9 +133,10 @@ def test_orpo_loss_and_gradients_equal_transformers_fp64(prompt_weight, normaliz
     ours = _ours(policy)
     mb = micro_batch([pairs[:2], pairs[2:]], seq_len=48, table=table)
     settings = ORPOSettings(lam=lam, normalization=normalization)
-    stats = _forward(ours, mb, ORPOLoss(settings, mb.doc_index, mb.doc_role, mb.doc_pair, mb.reference_logps))
+    objective = ORPO(settings)
+    stats = _forward(ours, mb, objective.head(*objective.inputs(mb)))
     (stats.weighted_sum / 3).backward()
-    sums = dict(zip(ORPO_SUMS, stats.dpo_sums.tolist()))
+    sums = dict(zip(ORPO_SUMS, stats.sums.tolist()))
     assert sums["pairs"] == 3
     assert sums["loss"] / 3 == pytest.approx(want_loss.item(), rel=2e-5, abs=1e-6)
     assert sums["nll_loss"] / 3 == pytest.approx(float(sum(sft)) / 3, rel=2e-5, abs=1e-6)
@@ -145,3 +147,39 @@ def test_orpo_loss_and_gradients_equal_transformers_fp64(prompt_weight, normaliz
                                [m[0] + m[2] + m[4], m[1] + m[3] + m[5], lam * (m[0] + m[2] + m[4])],
                                rtol=2e-5, atol=1e-5)
     _check_grads(ours, policy)
+
+
+# --- every layout against one rank (tests/test_dpo.py's worker and comparison) ---------------------------
+def _objectives():
+    """SimPO with label smoothing; ORPO with λp = 0.3 (the WIT-weighted SFT term) under weight_sum."""
+    from witscale.training.objectives.orpo import ORPO, ORPOSettings
+    from witscale.training.objectives.simpo import SimPO, SimPOSettings
+    return {"simpo": dict(objective=SimPO(SimPOSettings(beta=2.0, gamma=0.5, label_smoothing=0.1))),
+            "orpo": dict(objective=ORPO(ORPOSettings(lam=0.5, normalization="weight_sum")), table=_table(0.3))}
+
+
+@pytest.fixture(scope="module")
+def one_rank_runs():
+    from tests.distributed import run_distributed
+    from tests.test_dpo import _layouts
+    runs = _objectives()
+    return dict(zip(runs, run_distributed(_layouts, 1, list(runs.values()))[0]))
+
+
+@pytest.mark.parametrize("name", ["simpo", "orpo"])
+def test_tp2_pp2_and_zero3_dp2_equal_one_rank(one_rank_runs, name):
+    """Three steps (loss, rewards, accuracy, ORPO's SFT and odds terms, parameters, and the evaluation) at tp=2,
+    pp=2 and ZeRO-3 dp=2 (grad-accum 2: the same global batch) equal one rank."""
+    from tests.distributed import run_distributed
+    from tests.test_dpo import _layouts, _same_run
+    run = _objectives()[name]
+    ref = one_rank_runs[name]
+    got = run_distributed(_layouts, 2, [dict(run, tp=2), dict(run, pp=2), dict(run, stage=3)], timeout=600)[0]
+    for layout, result in zip(("tp=2", "pp=2", "ZeRO-3 dp=2"), got):
+        _same_run(result, ref, f"{name} {layout}")
+        if name == "orpo":
+            for a, b in zip(result["results"], ref["results"]):
+                for key in ("nll_loss", "log_odds_ratio", "log_odds_chosen"):
+                    assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), f"{layout}: {key}"
+    # the losses moved the model: three steps whose metrics differ
+    assert len({round(r["loss"], 6) for r in ref["results"]}) == 3

@@ -34,6 +34,8 @@ class RunConfig:
     label_smoothing: Optional[float] = None
     reference_model: Optional[str] = None  # checked against the data's reference fingerprint
     pairs_per_step: Optional[int] = None   # DPO: choose --grad-accum for about this many pairs per step
+    simpo_gamma: Optional[float] = None    # SimPO's target reward margin γ (objectives/simpo.py)
+    orpo_lambda: Optional[float] = None    # ORPO's odds-ratio weight λ (objectives/orpo.py)
     preset: Optional[str] = None           # recorded only: its values are already in the fields above
     # optimization
     micro_batch_size: int = 1
