@@ -183,3 +183,97 @@ def test_tp2_pp2_and_zero3_dp2_equal_one_rank(one_rank_runs, name):
                     assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), f"{layout}: {key}"
     # the losses moved the model: three steps whose metrics differ
     assert len({round(r["loss"], 6) for r in ref["results"]}) == 3
+
+
+# --- the CLI: a run each, metrics.jsonl and TensorBoard; refusals ---------------------------------------
+@pytest.fixture(scope="module")
+def cli_inputs(tmp_path_factory):
+    """A preference dataset without reference log-probs (none is needed), an SFT dataset, a policy config."""
+    import json
+
+    from tests.test_dpo import write_preference_data
+    from witscale.data.format import TokenizedCorpus, write_packed
+    root = tmp_path_factory.mktemp("prefs")
+    rng = np.random.default_rng(7)
+    data = write_preference_data(root / "train", make_pairs(rng, 24, TINY["vocab_size"], completion_len=(2, 6)))
+    sft = str(root / "sft")
+    write_packed(sft, TokenizedCorpus.from_documents([(rng.integers(3, 60, 9), np.full(9, R, np.uint8), None)
+                                                     for _ in range(8)]), seq_len=64, pad_id=0,
+                 tokenizer={"vocab_size": TINY["vocab_size"]})
+    with open(root / "policy.json", "w") as f:
+        json.dump(TINY, f)
+    return {"data": data, "sft": sft, "policy": str(root / "policy.json")}
+
+
+def _args(inputs, out, objective, *extra):
+    return ["--ds_config", "ds_configs/zero0.json", "--data", inputs["data"], "--model-config", inputs["policy"],
+            "--output-dir", str(out), "--objective", objective, "--micro-batch-size", "1", "--grad-accum", "2",
+            "--lr", "1e-3", "--max-steps", "2", "--seed", "3", "--warmup-ratio", "0", *extra]
+
+
+@pytest.mark.parametrize("objective,extra,line,keys", [
+    ("simpo", ["--simpo-gamma", "0.3"], "objective: SimPO (β 2.0, γ 0.3; no reference)", ()),
+    ("orpo", ["--orpo-lambda", "0.2", "--prompt-weight", "0.2"], "objective: ORPO (λ 0.2; no reference)",
+     ("nll_loss", "log_odds_ratio", "log_odds_chosen")),
+])
+def test_cli_trains_and_logs_the_objectives_metrics(cli_inputs, tmp_path, objective, extra, line, keys):
+    """witscale/train.py --objective simpo|orpo (one process, ZeRO-0) on preference data without reference
+    log-probs: rewards, margins, accuracies, log-probs (ORPO: its SFT and log-odds terms too) in metrics.jsonl,
+    train and eval, and in TensorBoard under TRL's names."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+    from tests.test_train_cli_operations import _env
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, "witscale/train.py",
+                          *_args(cli_inputs, out, objective, "--eval-data", cli_inputs["data"], "--eval-steps", "2",
+                                 *extra)], cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-3000:]
+    assert line in log
+    rows = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    train = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2]
+    for r in train:
+        assert np.isfinite(r["loss"]) and r["pairs"] > 0 and 0 <= r["reward_accuracy"] <= 1
+        assert r["reward_margin"] == pytest.approx(r["rewards_chosen"] - r["rewards_rejected"])
+        assert r["logps_chosen"] < 0 and all(np.isfinite(r[k]) for k in keys)
+    if objective == "orpo":
+        assert train[0]["loss"] == pytest.approx(train[0]["nll_loss"] - 0.2 * train[0]["log_odds_ratio"])
+    evals = [r for r in rows if "eval_loss" in r]
+    assert evals and np.isfinite(evals[-1]["eval_loss"]) and "eval_reward_accuracy" in evals[-1]
+    assert all(f"eval_{k}" in evals[-1] for k in keys)
+    events = b"".join(p.read_bytes() for p in (out / "tensorboard").glob("events.*"))
+    assert b"train_rewards/margins" in events and b"eval_rewards/accuracies" in events
+    assert all(b"train_" + k.encode() in events for k in keys)
+
+
+def test_refusals_are_one_line(cli_inputs, tmp_path, capsys):
+    """No reference: --reference-model (DPO's flag) is refused with simpo and orpo, as are the other
+    objectives' flags (and theirs on sft or dpo); bad values; SFT data."""
+    from tests.test_train_cli_operations import _cli
+
+    def refused(objective, *extra, data=None):
+        args = _args(cli_inputs, tmp_path / "out", objective, *extra)
+        if data:
+            args[args.index("--data") + 1] = data
+        code, lines = _cli(args, capsys)
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+        return lines[0]
+
+    for objective in ("simpo", "orpo"):
+        assert "--reference-model apply to --objective dpo only" in refused(objective, "--reference-model", "ref")
+        assert "--beta apply to --objective dpo only" in refused(objective, "--beta", "0.1")
+        assert (f"{cli_inputs['sft']} is an SFT dataset, but --objective {objective} needs a preference dataset"
+                in refused(objective, data=cli_inputs["sft"]))
+    assert "--simpo-gamma apply to --objective simpo only" in refused("orpo", "--simpo-gamma", "1")
+    assert "--orpo-lambda apply to --objective orpo only" in refused("simpo", "--orpo-lambda", "1")
+    assert "--orpo-lambda apply to --objective orpo only" in refused("dpo", "--orpo-lambda", "1")
+    assert "--simpo-beta apply to --objective simpo only" in refused("sft", "--simpo-beta", "1",
+                                                                     data=cli_inputs["sft"])
+    assert "--simpo-beta -1.0 must be a positive number" in refused("simpo", "--simpo-beta", "-1")
+    assert "--simpo-gamma nan must be a finite number >= 0" in refused("simpo", "--simpo-gamma", "nan")
+    assert "--simpo-label-smoothing 0.5 must lie in [0, 0.5)" in refused("simpo", "--simpo-label-smoothing", "0.5")
+    assert "--orpo-lambda -1.0 must be a finite number >= 0" in refused("orpo", "--orpo-lambda", "-1")

@@ -126,19 +126,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "preference dataset (pack_dataset.py --task preference) whose reference log-probs "
                         "tools/precompute_reference.py has written; simpo, orpo: the reference-free SimPO and "
                         "ORPO on a preference dataset (docs/objective.md#simpo, #orpo)")
-    g.add_argument("--beta", type=float, default=None,
-                   help="DPO: β, the strength of the KL penalty (default 0.1); SimPO: β, the reward scale (default 2.0)")
+    g.add_argument("--beta", type=float, default=None, help="DPO: β, the strength of the KL penalty (default 0.1)")
     g.add_argument("--dpo-loss", choices=("sigmoid", "ipo"), default=None,
                    help="DPO: sigmoid (−log σ(β·margin), the DPO paper's) or ipo ((margin − 1/(2β))², on "
                         "summed log-probs); default sigmoid")
     g.add_argument("--label-smoothing", type=float, default=None,
-                   help="DPO sigmoid and SimPO: ε in [0, 0.5), the assumed rate of flipped preference labels "
-                        "(cDPO); default 0")
+                   help="DPO sigmoid: ε in [0, 0.5), the assumed rate of flipped preference labels (cDPO); default 0")
     g.add_argument("--reference-model", default=None, metavar="DIR",
                    help="DPO: the reference (SFT) HF directory, when it is not --model; the data's reference "
                         "log-probs must come from it (default: from --model, the usual DPO start)")
+    g.add_argument("--simpo-beta", type=float, default=None, metavar="BETA",
+                   help="SimPO: β, the reward scale of the mean response log-prob ā (default 2.0, the paper's)")
     g.add_argument("--simpo-gamma", type=float, default=None, metavar="GAMMA",
                    help="SimPO: γ, the target reward margin in −log σ(β·ā_chosen − β·ā_rejected − γ) (default 0.5)")
+    g.add_argument("--simpo-label-smoothing", type=float, default=None, metavar="EPS",
+                   help="SimPO: ε in [0, 0.5), as DPO's --label-smoothing (default 0, the paper's)")
     g.add_argument("--orpo-lambda", type=float, default=None, metavar="LAMBDA",
                    help="ORPO: λ, the weight of the odds-ratio term beside the SFT term (default 0.1)")
     g.add_argument("--pairs-per-step", type=int, default=None, metavar="N",

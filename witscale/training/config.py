@@ -34,7 +34,9 @@ class RunConfig:
     label_smoothing: Optional[float] = None
     reference_model: Optional[str] = None  # checked against the data's reference fingerprint
     pairs_per_step: Optional[int] = None   # DPO: choose --grad-accum for about this many pairs per step
-    simpo_gamma: Optional[float] = None    # SimPO's target reward margin γ (objectives/simpo.py)
+    simpo_beta: Optional[float] = None     # SimPO's reward scale β (objectives/simpo.py)
+    simpo_gamma: Optional[float] = None    # SimPO's target reward margin γ
+    simpo_label_smoothing: Optional[float] = None
     orpo_lambda: Optional[float] = None    # ORPO's odds-ratio weight λ (objectives/orpo.py)
     preset: Optional[str] = None           # recorded only: its values are already in the fields above
     # optimization

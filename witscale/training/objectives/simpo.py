@@ -6,7 +6,8 @@ A completion's implicit reward is r(y) = β·ā(y), ā its mean response log-pro
 
     L = −(1−ε)·log σ(z) − ε·log σ(−z),   z = r(y_w) − r(y_l) − γ
 
-(β = --beta, γ = --simpo-gamma, ε = --label-smoothing: 0 is the paper's; TRL's CPO/SimPO smoothing). The
+(β = --simpo-beta, γ = --simpo-gamma, ε = --simpo-label-smoothing: 0 is the paper's; TRL's CPO/SimPO
+smoothing). The
 objective is Σ_pairs L / P, P the global batch's pair count (as DPO). ∂L/∂ā_w = β·dL/dz = −∂L/∂ā_l, turned
 into per-token weights of the kernel's second pass. No reference model: the data's reference log-probs, if
 any, are not read, and --reference-model is refused (DPO's flag).
@@ -40,11 +41,11 @@ class SimPOSettings:
     def check(self) -> None:
         """One-line ValueErrors for settings that cannot work."""
         if not (self.beta > 0 and math.isfinite(self.beta)):
-            raise ValueError(f"--beta {self.beta} must be a positive number")
+            raise ValueError(f"--simpo-beta {self.beta} must be a positive number")
         if not (self.gamma >= 0 and math.isfinite(self.gamma)):
             raise ValueError(f"--simpo-gamma {self.gamma} must be a finite number >= 0")
         if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"--label-smoothing {self.label_smoothing} must lie in [0, 0.5)")
+            raise ValueError(f"--simpo-label-smoothing {self.label_smoothing} must lie in [0, 0.5)")
 
 
 def simpo_terms(settings: SimPOSettings, c: Completions, means: ResponseMeans) -> PairTerms:
@@ -68,9 +69,10 @@ def simpo_terms(settings: SimPOSettings, c: Completions, means: ResponseMeans) -
 class SimPO(PairObjective):
     name = "simpo"
     default_lr = 5e-7                  # within the paper's tuned range (3e-7 … 1e-6)
-    defaults = {"beta": 2.0, "simpo_gamma": 0.5, "label_smoothing": 0.0}
-    flags = {**PairObjective.flags, "beta": "--beta", "simpo_gamma": "--simpo-gamma",
-             "label_smoothing": "--label-smoothing"}
+    # Flags of its own (DPO's --beta means another β, with another default): SimPO's β scales a mean log-prob.
+    defaults = {"simpo_beta": 2.0, "simpo_gamma": 0.5, "simpo_label_smoothing": 0.0}
+    flags = {**PairObjective.flags, "simpo_beta": "--simpo-beta", "simpo_gamma": "--simpo-gamma",
+             "simpo_label_smoothing": "--simpo-label-smoothing"}
     sums = SIMPO_SUMS
     metric_tags: ClassVar[dict] = DPO.metric_tags      # TRL's rewards/… and logps/… (here of ā)
 
@@ -79,7 +81,7 @@ class SimPO(PairObjective):
 
     @classmethod
     def from_config(cls, cfg) -> "SimPO":
-        return cls(SimPOSettings(beta=cfg.beta, gamma=cfg.simpo_gamma, label_smoothing=cfg.label_smoothing))
+        return cls(SimPOSettings(beta=cfg.simpo_beta, gamma=cfg.simpo_gamma, label_smoothing=cfg.simpo_label_smoothing))
 
     def check(self) -> None:
         self.settings.check()
