@@ -277,3 +277,26 @@ def test_refusals_are_one_line(cli_inputs, tmp_path, capsys):
     assert "--simpo-gamma nan must be a finite number >= 0" in refused("simpo", "--simpo-gamma", "nan")
     assert "--simpo-label-smoothing 0.5 must lie in [0, 0.5)" in refused("simpo", "--simpo-label-smoothing", "0.5")
     assert "--orpo-lambda -1.0 must be a finite number >= 0" in refused("orpo", "--orpo-lambda", "-1")
+
+
+def test_orpo_stays_finite_when_a_completion_has_probability_one():
+    """A chosen (or rejected) completion whose every response token has NLL exactly 0 in fp32 (a confident
+    model rounds to it) has mean log-prob 0 and infinite odds: the loss and token gradients stay finite
+    (the odds are taken at ā ≤ −1e-7); the rest of the pair's terms are untouched."""
+    from witscale.training.objectives.length_normalized import ResponseMeans
+    from witscale.training.objectives.orpo import ORPOSettings, orpo_terms
+    from witscale.training.objectives.pairs import Completions
+
+    f64 = torch.float64
+    doc_index = torch.tensor([0, 0, 0, 1, 1, 1])
+    response = torch.tensor([0.0, 1, 1, 0, 1, 1], dtype=f64)
+    weights = torch.tensor([0.0, 1, 1, 0, 1, 1], dtype=f64)
+    for nll in ([0.5, 0.0, 0.0, 0.5, 1.0, 2.0], [0.5, 1.0, 2.0, 0.5, 0.0, 0.0]):
+        token_nll = torch.tensor(nll, dtype=f64)
+        logps = torch.zeros(2, dtype=f64).index_add_(0, doc_index, -weights * token_nll)
+        c = Completions(logps, torch.tensor([2.0, 2.0], dtype=f64), torch.tensor([2.0, 2.0], dtype=f64),
+                        torch.tensor([0, 1]), torch.tensor([0, 0]), 1, torch.full((2,), float("nan"), dtype=f64),
+                        token_nll, weights, doc_index)
+        terms = orpo_terms(ORPOSettings(lam=0.1), c, ResponseMeans(c, response))
+        assert torch.isfinite(terms.sums).all() and torch.isfinite(terms.token_grad).all(), (nll, terms)
+        assert terms.sums[1] == pytest.approx(-float(logps[0]) / 2)        # nll_loss: the chosen's mean NLL

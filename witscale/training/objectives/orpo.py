@@ -50,6 +50,12 @@ class ORPOSettings:
             raise ValueError(f"--normalization {self.normalization}: unknown (known: {', '.join(NORMALIZATIONS)})")
 
 
+# ā is clamped to at most this in the odds: a completion whose every response token the fp32 kernel predicts with
+# probability exactly 1 (nll 0: a confident model rounds to it) has ā = 0 and infinite odds — a NaN loss and
+# gradient (TRL's too). At the clamp its log odds are ≈ 16.1 and the step stays finite.
+MAX_ODDS_MEAN_LOGP = -1e-7
+
+
 def log1mexp(a: torch.Tensor) -> torch.Tensor:
     """log(1 − e^a) for a ≤ 0, accurate at both ends (Mächler 2012); −inf at a = 0 (P = 1: infinite odds)."""
     return torch.where(a > -math.log(2), torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
@@ -73,12 +79,13 @@ def orpo_terms(settings: ORPOSettings, c: Completions, means: ResponseMeans) -> 
     n = sft_denominators(c, settings.normalization)
     sft_coefficient = torch.where(chosen & (n > 0), 1.0 / n.clamp(min=1e-300), 0.0)
     sft = c.per_pair(-c.logps * sft_coefficient, 0)
-    log_odds = means.mean - log1mexp(means.mean)
+    mean = means.mean.clamp(max=MAX_ODDS_MEAN_LOGP)
+    log_odds = mean - log1mexp(mean)
     x = c.per_pair(log_odds, 0) - c.per_pair(log_odds, 1)
     odds_loss = F.softplus(-x)                               # −log σ(x)
     loss = sft + lam * odds_loss
     # ∂(λ·L_OR)/∂ā_d = −λ·σ(−x)·(±1)·d(log odds)/dā, d(log odds)/dā = 1/(1 − e^ā) = −1/expm1(ā)
-    dloss_dmean = lam * -torch.sigmoid(-x)[c.pair] * torch.where(chosen, 1.0, -1.0).to(f64) / -torch.expm1(means.mean)
+    dloss_dmean = lam * -torch.sigmoid(-x)[c.pair] * torch.where(chosen, 1.0, -1.0).to(f64) / -torch.expm1(mean)
     logp_c, logp_r = c.per_pair(means.mean, 0), c.per_pair(means.mean, 1)
     sums = torch.stack([loss.sum(), sft.sum(), -odds_loss.sum(), x.sum(), logp_c.sum(), logp_r.sum(),
                         lam * logp_c.sum(), lam * logp_r.sum(), (logp_c > logp_r).to(f64).sum(),
