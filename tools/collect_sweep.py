@@ -28,7 +28,8 @@ Writes into --out (default: the sweep directory):
 
 With DPO on top of the cells (slurm/sweep_dpo.sh: ``<sweep>/dpo/lp<λp>_lr<λr>``, the paper's WIT → DPO),
 the report adds a section "WIT → DPO": per cell and evaluation metric the SFT value, the DPO value, DPO's gain
-over its own SFT start and over DPO on the IT cell, and the DPO training metrics (reward accuracy and margin);
+over its own SFT start and over DPO on the IT cell, and the objective's training metrics (its
+``sweep_metrics``, witscale/training/objectives: DPO's reward accuracy and margin);
 sweep_cells.csv gains dpo_* columns, and sweep_dpo_figure.png shows the DPO grid. ``collect_sweep.py
 <sweep>/dpo`` reports the DPO cells alone, like any sweep.
 
@@ -152,7 +153,9 @@ def dpo_markdown(cmp: DPOComparison) -> list[str]:
         out += ["No evaluation metric that both the SFT and the DPO models have (yet).", ""]
     train = cmp.training_metrics
     if train:
-        out += ["### DPO training metrics (on the preference data; higher is better)", "",
+        # The objective's own metrics (Objective.sweep_metrics), each with its declared direction.
+        directions = sorted({_arrow(m) for m in train})
+        out += [f"### DPO training metrics (on the preference data; {', '.join(directions)})", "",
                 "| λp | λr | " + " | ".join(m.name for m in train) + " |", "|---|---|" + "---|" * len(train)]
         for c in order:
             out.append(f"| {_fmt(c.prompt_weight)} | {_fmt(c.response_weight)} | "

@@ -9,7 +9,8 @@ A no-grad pass of the reference (SFT) model over every packed row — each data-
 the rows, every layout training has (ZeRO-0..3, tp, pp; the model built and loaded by the trainer's own
 path, witscale/training/build.py, and run through the same DeepSpeed engine) — gives each completion's
 summed log-prob of its loss tokens, Σ_t w_t·log p(y_t), from the same fused vocab-parallel kernel that DPO
-training uses (witscale/training/dpo.py: ``ReferenceLogps``). Rank 0 gathers them and writes them once,
+training uses (witscale/training/objectives/reference.py: ``ReferencePass``, run by ``Trainer.forward_only``
+over the rows ``Trainer.rank_micro_batches`` gives each rank — evaluation's row loop). Rank 0 gathers them and writes them once,
 atomically, through ``format.write_reference_logps``, with a fingerprint of the reference model (config,
 safetensors index and headers, sizes) and the class-weight table the sums were taken under: training
 refuses a dataset whose table differs from its own, or whose fingerprint differs from --reference-model, or
@@ -24,18 +25,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from witscale.train import UsageError, entry_point  # noqa: E402 - one line per refusal, as train.py's
+
 log = logging.getLogger("witscale")
-
-
-class UsageError(ValueError):
-    pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,27 +121,18 @@ def plan(args, world_size: int):
     return dataset, model_config, table, ds_config, dims
 
 
-def reference_pass(trainer, loader, dataset, topo, micro_batch_size: int):
-    """This rank's (global document ids, log-probs): rows split over the data-parallel ranks in contiguous
-    shares; every rank runs the same number of forwards (ZeRO-3 gathers and pipeline schedules are
-    collective), a rank out of rows running an empty micro-batch. Under pp only the last stage returns values."""
+def reference_pass(trainer, loader, dataset):
+    """This rank's (global document ids, log-probs): the trainer's row loop (``Trainer.rank_micro_batches``:
+    contiguous shares over the data-parallel ranks, as many forwards on every rank), each micro-batch through
+    ``ReferencePass``. Under pp only the last stage returns values."""
     import numpy as np
 
-    from witscale.data.weighting import IGNORE_INDEX
-    from witscale.training.trainer import _without_documents
+    from witscale.training.objectives.reference import ReferencePass
 
-    rows = np.arange(len(dataset))
-    per_rank = int(math.ceil(len(rows) / topo.dp))
-    mine = rows[topo.dp_rank * per_rank:(topo.dp_rank + 1) * per_rank]
     ids, values = [], []
-    for b in range(int(math.ceil(per_rank / micro_batch_size))):
-        chunk = mine[b * micro_batch_size:(b + 1) * micro_batch_size]
-        mb = loader.make_micro_batch(chunk if len(chunk) else rows[:1])
-        if not len(chunk):
-            mb.weights.zero_()
-            mb.labels.fill_(IGNORE_INDEX)
-            mb = _without_documents(mb)
-        (logps,) = trainer.completion_logps([mb])
+    for chunk, mb in trainer.rank_micro_batches(loader):
+        (out,) = trainer.forward_only([mb], ReferencePass)
+        logps = None if out is None else out.logps
         if logps is not None and len(chunk):
             # the micro-batch's completions are its rows' documents, row by row (the loader's order)
             docs = np.concatenate([np.arange(*dataset.doc_range(int(r))) for r in chunk])
@@ -178,7 +167,7 @@ def run(args) -> str:
     from witscale.parallel.topology import Topology
     from witscale.training.build import build_module
     from witscale.training.distributed import init_distributed, world_size_from_env
-    from witscale.training.dpo import reference_fingerprint, weight_table_record
+    from witscale.training.objectives.reference import reference_fingerprint, weight_table_record
     from witscale.training.trainer import Trainer
 
     world = dist.get_world_size() if dist.is_initialized() else world_size_from_env()
@@ -193,13 +182,14 @@ def run(args) -> str:
     torch.manual_seed(0)
     module = build_module(model_config, topo, ds_config, model_dir=args.model, seed=0,
                           attention=args.attention)
-    loader = PackedLoader(dataset, table, micro_batch_size=1, grad_accum=1, dp_size=1, dp_rank=0, shuffle=False,
-                          vocab_size=model_config.vocab_size)
+    # Read in order, every row once (as evaluation's loader; the trainer's row loop shares the rows over dp).
+    loader = PackedLoader(dataset, table, micro_batch_size=min(args.micro_batch_size, len(dataset)), grad_accum=1,
+                          dp_size=1, dp_rank=0, shuffle=False, vocab_size=model_config.vocab_size)
     # The trainer's engine (no step is ever taken): the same layouts, ZeRO-3 gathering and pipeline schedule.
     trainer = Trainer(module=module, ds_config=ds_config, loader=loader, topo=topo, normalization="nonzero",
                       lr=1e-6, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, total_steps=1, warmup_ratio=0.0,
                       optimizer_state=False)
-    ids, values = reference_pass(trainer, loader, dataset, topo, args.micro_batch_size)
+    ids, values = reference_pass(trainer, loader, dataset)
     from witscale.training.faults import slow_reference_seconds
     time.sleep(slow_reference_seconds())         # tests: a long pass, for a preemption warning to land in
     # Only one rank per (dp replica) contributes: the last stage's tp rank 0 (tp peers hold the same numbers).
@@ -248,25 +238,9 @@ def stop_on_signals() -> None:
 
 def main(argv=None) -> int:
     stop_on_signals()
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="[witscale] %(message)s", stream=sys.stdout)
-    log.setLevel(args.log_level.upper())
-    from witscale.data.output_dir import OutputError
-    from witscale.parallel.topology import teardown
-    from witscale.training.distributed import fail_fast, rank_from_env
-    if rank_from_env() != 0:
-        log.setLevel(logging.WARNING)
-    try:
-        run(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OutputError as e:    # writing the log-probs (a full disk …): one line, the dataset left as it was
-        fail_fast(2, f"error: {e}")
-    except BaseException:       # noqa: BLE001 - see witscale/train.py: never wait in a barrier after an error
-        fail_fast()
-    teardown()
-    return 0
+    # train.py's process: refusals in one line, a failed write (OutputError: a full disk …) in one line with the
+    # dataset left as it was, never a barrier after an error, teardown.
+    return entry_point(run, build_parser, argv)
 
 
 if __name__ == "__main__":

@@ -408,14 +408,14 @@ def _check_objective(cfg: RunConfig, dataset, table, flag: str = "--data") -> No
     refused rather than ignored (the user meant something)."""
     from witscale.training.objectives import foreign_flags, objective_for
     try:
+        objective = objective_for(cfg)
+        objective.check()
+        objective.check_data(dataset.manifest, getattr(dataset, "path", cfg.data), table, cfg, flag)
         foreign = foreign_flags(cfg)
         if foreign:
             owners = foreign[0][1]
             raise ValueError(f"{', '.join(f for f, o in foreign if o == owners)} apply to --objective "
                              f"{' or '.join(owners)} only")
-        objective = objective_for(cfg)
-        objective.check()
-        objective.check_data(dataset.manifest, getattr(dataset, "path", cfg.data), table, cfg, flag)
     except (OSError, ValueError) as e:
         raise UsageError(str(e)) from None
 
@@ -737,9 +737,17 @@ def _add_file_log(path: str) -> None:
 def main(argv=None) -> int:
     from witscale.training import preemption
     preemption.install()        # first: SLURM's signal can come before start-up is over
+    return entry_point(run, build_parser, argv)
+
+
+def entry_point(run_fn, make_parser, argv=None) -> int:
+    """The process around ``run_fn(args)`` (train.py's ``run``; tools/precompute_reference.py's): flags parsed by
+    ``make_parser()``, logging (rank-tagged lines; --log-level on rank 0, WARNING elsewhere), each refusal as one
+    line and its exit code, never a barrier after an error (``fail_fast``), the process group torn down at the
+    end. Install signal handlers before calling it. Returns the exit code."""
     from witscale.training.config_file import ConfigFileError
     try:
-        args = build_parser().parse_args(argv)
+        args = make_parser().parse_args(argv)
     except ConfigFileError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -758,7 +766,7 @@ def main(argv=None) -> int:
     from witscale.training.run_lock import OutputDirRefused
     from witscale.training.optim import ExtensionBuildError
     try:
-        run(args)
+        run_fn(args)
     except UsageError as e:     # before any process group exists
         print(f"error: {e}", file=sys.stderr)
         return 2

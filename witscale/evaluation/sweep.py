@@ -23,10 +23,10 @@ POSIX or NLL, higher score).
 
 **WIT → DPO** (the paper's §4.2; slurm/sweep_dpo.sh): ``<sweep>/dpo`` is a sweep directory of its own, one cell
 per SFT cell (same ``lp<λp>_lr<λr>`` name), each a DPO run started from — and referenced to — that cell's
-exported model, evaluated like the SFT cells. Its cells also carry the DPO training metrics (``reward_accuracy``:
-the fraction of pairs whose chosen completion gets the larger implicit reward; ``reward_margin``: the mean
-reward of the chosen minus the rejected, β·(logp − ref); from the last eval record, else the last training
-record, marked "train"). ``compare_dpo`` sets each cell's DPO result beside its SFT result: the evaluation
+exported model, evaluated like the SFT cells. Its cells also carry the objective's training metrics (each
+objective's ``sweep_metrics``, witscale/training/objectives; DPO's ``reward_accuracy``: the fraction of pairs
+whose chosen completion gets the larger implicit reward, ``reward_margin``: the mean reward of the chosen minus
+the rejected, β·(logp − ref); from the last eval record, else the last training record, marked "train"). ``compare_dpo`` sets each cell's DPO result beside its SFT result: the evaluation
 metrics both have (benchmarks, average, POSIX), the gain of DPO over its own SFT start, and the gain over DPO
 on the IT cell — the paper's question is whether the best final models start from WIT cells.
 """
@@ -50,10 +50,15 @@ TRAIN_FALLBACK = {"eval_response_nll": "response_nll", "eval_prompt_nll": "promp
 CLASS_NLL_PREFIX = "eval_nll_"
 IT_CELL = (0.0, 1.0)
 AVERAGE = "average"
-# DPO training metrics (witscale/training/metrics.py names; eval records prefix them with eval_): both higher
-# is better. Measured on the preference data, they compare DPO cells with each other, never with SFT.
-DPO_METRICS = ("reward_accuracy", "reward_margin")
 DPO_SUBDIR = "dpo"
+
+
+def training_metrics() -> dict:
+    """The objectives' own training metrics (``Objective.sweep_metrics``: metrics.jsonl name → higher is better;
+    eval records prefix them with eval_). Measured on each objective's data, they compare cells of that
+    objective with each other, never with SFT's."""
+    from witscale.training.objectives import sweep_metrics
+    return sweep_metrics()
 
 
 def fmt_weight(x) -> str:
@@ -158,7 +163,7 @@ def read_cell(path: str, weights: Optional[tuple[float, float]] = None) -> Optio
         name = CLASS_NLL_PREFIX + key[len("nll_"):]
         if key.startswith("nll_") and _finite(v) and name not in cell.values and not last_eval:
             cell.values[name] = Value("ok", float(v), "train")
-    for metric in DPO_METRICS:
+    for metric in training_metrics():
         v = (last_eval or {}).get(f"eval_{metric}")
         if _finite(v):
             cell.values[metric] = Value("ok", float(v))
@@ -223,11 +228,13 @@ def collect(sweep_dir: str) -> list[Cell]:
 class Metric:
     name: str
     higher_is_better: bool
-    kind: str                     # "nll" | "posix" | "benchmark" | "average" | "dpo"
+    kind: str                     # "nll" | "posix" | "benchmark" | "average" | "training" (an objective's)
 
 
 def metrics_of(sweep_dir: str, cells: list[Cell]) -> list[Metric]:
-    """The metrics present in any cell, in report order: benchmarks, average, POSIX, held-out NLL, DPO's."""
+    """The metrics present in any cell, in report order: benchmarks, average, POSIX, held-out NLL, the
+    objectives' training metrics."""
+    own = training_metrics()
     directions: dict[str, bool] = {}
     for c in cells:
         res = read_json_dict(os.path.join(sweep_dir, c.name, "eval_results.json")) or {}
@@ -240,7 +247,7 @@ def metrics_of(sweep_dir: str, cells: list[Cell]) -> list[Metric]:
                 directions.setdefault("posix", False)
     names = {m for c in cells for m in c.values if not m.startswith("_")}
     bench = sorted(n for n in names | set(directions)
-                   if n not in NLL_METRICS and n not in DPO_METRICS and not n.startswith(("posix", CLASS_NLL_PREFIX)))
+                   if n not in NLL_METRICS and n not in own and not n.startswith(("posix", CLASS_NLL_PREFIX)))
     posix = sorted((n for n in names | set(directions) if n.startswith("posix")), key=lambda n: (n != "posix", n))
     out = [Metric(n, directions.get(n, True), "benchmark") for n in bench]
     if len(bench) > 1:
@@ -248,7 +255,7 @@ def metrics_of(sweep_dir: str, cells: list[Cell]) -> list[Metric]:
     out += [Metric(n, False, "posix") for n in posix]
     out += [Metric(n, False, "nll") for n in NLL_METRICS if n in names]
     out += [Metric(n, False, "nll") for n in sorted(n for n in names if n.startswith(CLASS_NLL_PREFIX))]
-    out += [Metric(n, True, "dpo") for n in DPO_METRICS if n in names]
+    out += [Metric(n, higher, "training") for n, higher in own.items() if n in names]
     return out
 
 
@@ -276,7 +283,9 @@ def equivalent_cells(sweep_dir: str, cells: list[Cell]) -> list[list[Cell]]:
     when there is no gradient clipping (AdamW ignores a constant gradient factor, up to its ε) — so only the
     ratio λp:λr matters, e.g. every (0, λr) cell equals the IT cell (0, 1). A cell's normalization, clipping
     and class overrides come from its effective_config.json (defaults — nonzero, no clipping — if absent);
-    cells with class overrides (fixed weights that do not scale) are never grouped."""
+    cells with class overrides (fixed weights that do not scale), and cells of an objective for which scaling
+    the weights changes training (``Objective.weight_ratio_invariant`` false, e.g. DPO), are never grouped."""
+    from witscale.training.objectives import find_objective
     groups: dict = {}
     for c in cells:
         if c.train_failed:
@@ -285,7 +294,8 @@ def equivalent_cells(sweep_dir: str, cells: list[Cell]) -> list[list[Cell]]:
         args = eff.get("args") if isinstance(eff.get("args"), dict) else {}
         norm = args.get("normalization") or "nonzero"
         clip = args.get("clip_grad")
-        if args.get("class_weights") or args.get("objective", "sft") != "sft":
+        objective = find_objective(args.get("objective") or "sft")
+        if args.get("class_weights") or objective is None or not objective.weight_ratio_invariant:
             continue
         if norm != "weight_sum" and clip not in (None, 0, 0.0):
             continue
@@ -312,7 +322,7 @@ def value_of(cell: Cell, metric: Metric, bench: list[str]) -> Value:
         return Value("failed", None, cell.train_failed)
     if metric.name in cell.values:
         return cell.values[metric.name]
-    if metric.kind not in ("nll", "dpo"):        # training metrics: no evaluation part produces them
+    if metric.kind not in ("nll", "training"):        # training metrics: no evaluation part produces them
         part = "posix" if metric.kind == "posix" else f"tasks/{metric.name}"
         if part in cell.failed_parts:
             return Value("failed", None, cell.failed_parts[part])
@@ -393,7 +403,7 @@ class DPOComparison:
 
     @property
     def training_metrics(self) -> list[Metric]:
-        return [m for m in self.table.metrics if m.kind == "dpo"]
+        return [m for m in self.table.metrics if m.kind == "training"]
 
 
 def dpo_dir(sweep_dir: str) -> str:

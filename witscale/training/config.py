@@ -82,9 +82,8 @@ class RunConfig:
     def __post_init__(self):
         # Defaults that depend on the objective (frozen: set through object.__setattr__, once, here); an unknown
         # name keeps SFT's lr and is refused where the objective is built (objectives.get_objective).
-        from witscale.training.objectives import find_objective
-        from witscale.training.objectives.sft import SFT
-        objective = find_objective(self.objective) or SFT
+        from witscale.training.objectives import DEFAULT_OBJECTIVE, find_objective, get_objective
+        objective = find_objective(self.objective) or get_objective(DEFAULT_OBJECTIVE)
         if self.lr is None:
             object.__setattr__(self, "lr", objective.default_lr)
         for key, default in objective.defaults.items():

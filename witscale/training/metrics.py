@@ -95,10 +95,10 @@ class MetricsLogger:
                  tensorboard: bool = True, start_step: int = 0, wandb_config: Optional[dict] = None,
                  objective=None):
         """wandb_config: report to W&B (rank 0) with this resolved config; None: no W&B. objective: the run's
-        (its ``console`` writes the middle of the plain log line; default SFT's)."""
+        (its ``console`` writes the middle of the plain log line; default: ``default_objective()``)."""
         if objective is None:
-            from witscale.training.objectives.sft import SFT
-            objective = SFT()
+            from witscale.training.objectives import default_objective
+            objective = default_objective()
         self.objective = objective
         self.enabled = enabled
         self._wandb = None

@@ -50,8 +50,7 @@ from witscale.data.loader import MicroBatch, PackedLoader, StepBatch
 from witscale.data.weighting import NORMALIZATIONS, denominators_of
 from witscale.training import checkpoint
 from witscale.training.ds_config import zero_stage
-from witscale.training.objectives import Objective
-from witscale.training.objectives.sft import SFT
+from witscale.training.objectives import Objective, default_objective
 from witscale.training.faults import nonfinite_weight
 from witscale.training.guard import NonFiniteError
 from witscale.training.optim import GlobalNormClipping, cosine_with_warmup, param_groups
@@ -260,7 +259,7 @@ class Trainer:
                  total_steps: int, warmup_ratio: float, activation_checkpointing: bool = False,
                  objective: Optional[Objective] = None, optimizer_state: bool = True,
                  peak_tflops: Optional[float] = None):
-        """objective: the run's (witscale/training/objectives; default SFT, the weighted token loss).
+        """objective: the run's (witscale/training/objectives; default: ``default_objective()``).
         peak_tflops: the GPU's dense bf16 peak for MFU (default: witscale/training/peak_flops.py's table).
         optimizer_state=False: an engine for forward passes only (tools/precompute_reference.py) — no
         optimizer, so ZeRO allocates no fp32 master copy, gradient partitions or Adam moments (at 70B under
@@ -273,7 +272,7 @@ class Trainer:
         self.loader = loader
         self.peak_flops = device_peak_flops(peak_tflops)     # None: no MFU (CPU, or a card not in the table)
         self.normalization = normalization
-        self.objective = objective if objective is not None else SFT()
+        self.objective = objective if objective is not None else default_objective()
         self.objective.check()
         self.total_steps = total_steps
         pipelined = topo.pp > 1
@@ -337,7 +336,7 @@ class Trainer:
         if len(batch.micro_batches) != self.grad_accum:
             raise ValueError(f"the step has {len(batch.micro_batches)} micro-batches, the engine expects "
                              f"{self.grad_accum}")
-        # Counted over the global batch before the forward pass (SFT: N of the run's normalization; pairs …).
+        # Counted over the global batch before the forward pass (docs/objective.md#global-denominator).
         denominator = batch.denominators[self.objective.denominator(self.normalization)]
         # A global batch with nothing to learn from (e.g. all weights 0) gives a zero gradient, not NaN.
         scale = self.runner.loss_scale(denominator, self.grad_accum)

@@ -6,6 +6,7 @@
     find_objective(name)   the class, or None
     objective_for(cfg)     the class of ``cfg.objective`` built with the run's settings
     OBJECTIVES             the registered names, in registration order (--objective's choices; kept live)
+    default_objective()    an instance of DEFAULT_OBJECTIVE ('sft') with its default settings
 
 Built-in: ``sft`` (the weighted token loss, objectives/sft.py), ``dpo`` (objectives/dpo.py) and the
 reference-free ``simpo`` and ``orpo`` (objectives/simpo.py, orpo.py; shared: objectives/length_normalized.py). Pair
@@ -17,6 +18,7 @@ from witscale.training.objectives.base import HeadStats, Objective
 
 _REGISTRY: dict[str, type] = {}
 OBJECTIVES: list[str] = []          # a list, not a tuple: argparse reads it at parse time
+DEFAULT_OBJECTIVE = "sft"           # --objective's default
 
 
 def register(cls: type) -> type:
@@ -45,6 +47,11 @@ def get_objective(name: str):
     if cls is None:
         raise ValueError(f"--objective {name}: unknown (known: {', '.join(OBJECTIVES)})")
     return cls
+
+
+def default_objective() -> Objective:
+    """The default objective with its default settings (a Trainer built without one)."""
+    return get_objective(DEFAULT_OBJECTIVE)()
 
 
 def objective_for(cfg) -> Objective:
@@ -91,5 +98,5 @@ from witscale.training.objectives import dpo as _dpo  # noqa: E402,F401
 from witscale.training.objectives import simpo as _simpo  # noqa: E402,F401
 from witscale.training.objectives import orpo as _orpo  # noqa: E402,F401
 
-__all__ = ["HeadStats", "Objective", "OBJECTIVES", "register", "unregister", "find_objective", "get_objective",
+__all__ = ["HeadStats", "Objective", "OBJECTIVES", "DEFAULT_OBJECTIVE", "default_objective", "register", "unregister", "find_objective", "get_objective",
            "objective_for", "registered", "foreign_flags", "metric_tags", "sweep_metrics"]
