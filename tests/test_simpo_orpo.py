@@ -252,7 +252,7 @@ def test_cli_trains_and_logs_the_objectives_metrics(cli_inputs, tmp_path, object
 
 def test_refusals_are_one_line(cli_inputs, tmp_path, capsys):
     """No reference: --reference-model (DPO's flag) is refused with simpo and orpo, as are the other
-    objectives' flags (and theirs on sft or dpo); bad values; SFT data."""
+    objectives' flags (and theirs on sft); bad values; SFT data."""
     from tests.test_train_cli_operations import _cli
 
     def refused(objective, *extra, data=None):
@@ -270,7 +270,6 @@ def test_refusals_are_one_line(cli_inputs, tmp_path, capsys):
                 in refused(objective, data=cli_inputs["sft"]))
     assert "--simpo-gamma apply to --objective simpo only" in refused("orpo", "--simpo-gamma", "1")
     assert "--orpo-lambda apply to --objective orpo only" in refused("simpo", "--orpo-lambda", "1")
-    assert "--orpo-lambda apply to --objective orpo only" in refused("dpo", "--orpo-lambda", "1")
     assert "--simpo-beta apply to --objective simpo only" in refused("sft", "--simpo-beta", "1",
                                                                      data=cli_inputs["sft"])
     assert "--simpo-beta -1.0 must be a positive number" in refused("simpo", "--simpo-beta", "-1")
