@@ -70,9 +70,14 @@ def _check_grads(ours, policy):
                                    atol=2e-5 * float(scale), err_msg=name)
 
 
-def _forward(ours, mb, objective):
-    return ours(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen, mb.labels, mb.weights,
-                mb.target_classes, objective=objective)
+def _ours_sums(policy, mb, objective, pairs):
+    """witscale's model with the policy's weights, one forward with ``objective``'s head hook and a backward of
+    its loss over ``pairs`` pairs: (the model, its sums by name)."""
+    ours = _ours(policy)
+    stats = ours(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen, mb.labels, mb.weights,
+                 mb.target_classes, objective=objective.head(*objective.inputs(mb)))
+    (stats.weighted_sum / pairs).backward()
+    return ours, dict(zip(objective.sums, stats.sums.tolist()))
 
 
 @pytest.mark.parametrize("eps,prompt_weight", [(0.0, 0.0), (0.1, 0.5)])
@@ -90,13 +95,9 @@ def test_simpo_loss_and_gradients_equal_transformers_fp64(eps, prompt_weight):
     want_loss = torch.stack(per_pair).sum() / 3
     want_loss.backward()
 
-    ours = _ours(policy)
     mb = micro_batch([pairs[:2], pairs[2:]], seq_len=40, table=_table(prompt_weight))
-    settings = SimPOSettings(beta=beta, gamma=gamma, label_smoothing=eps)
-    objective = SimPO(settings)
-    stats = _forward(ours, mb, objective.head(*objective.inputs(mb)))
-    (stats.weighted_sum / 3).backward()
-    sums = dict(zip(SIMPO_SUMS, stats.sums.tolist()))
+    ours, sums = _ours_sums(policy, mb, SimPO(SimPOSettings(beta=beta, gamma=gamma, label_smoothing=eps)), 3)
+    assert tuple(sums) == SIMPO_SUMS
     assert sums["pairs"] == 3
     assert sums["loss"] / 3 == pytest.approx(want_loss.item(), rel=2e-5, abs=1e-6)
     m = [x.item() for x in means]
@@ -130,13 +131,9 @@ def test_orpo_loss_and_gradients_equal_transformers_fp64(prompt_weight, normaliz
         sft = [orpo_formula(logps[2 * i], docs[2 * i][1], means[2 * i], means[2 * i + 1], 0.0, table,
                             normalization) for i in range(3)]
 
-    ours = _ours(policy)
     mb = micro_batch([pairs[:2], pairs[2:]], seq_len=48, table=table)
-    settings = ORPOSettings(lam=lam, normalization=normalization)
-    objective = ORPO(settings)
-    stats = _forward(ours, mb, objective.head(*objective.inputs(mb)))
-    (stats.weighted_sum / 3).backward()
-    sums = dict(zip(ORPO_SUMS, stats.sums.tolist()))
+    ours, sums = _ours_sums(policy, mb, ORPO(ORPOSettings(lam=lam, normalization=normalization)), 3)
+    assert tuple(sums) == ORPO_SUMS
     assert sums["pairs"] == 3
     assert sums["loss"] / 3 == pytest.approx(want_loss.item(), rel=2e-5, abs=1e-6)
     assert sums["nll_loss"] / 3 == pytest.approx(float(sum(sft)) / 3, rel=2e-5, abs=1e-6)

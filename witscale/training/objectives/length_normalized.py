@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from witscale.data.classes import RESPONSE_SIDE
-from witscale.training.objectives.pairs import Completions, PairHead
+from witscale.training.objectives.pairs import Completions, PairHead, PairObjective, PairTerms
 
 
 def per_completion(values: torch.Tensor, doc_index: torch.Tensor, num_docs: int) -> torch.Tensor:
@@ -71,6 +71,20 @@ class ResponseMeanHead(PairHead):
         return super().__call__(fused_loss, h, labels, weights, target_classes)
 
 
+class ResponseMeanObjective(PairObjective):
+    """Base of the pair objectives on mean response log-probs (SimPO, ORPO): a subclass writes
+    ``response_terms(completions, means) -> PairTerms``; its sums hold TRL's rewards_*, logps_* and pairs."""
+
+    def response_terms(self, c: Completions, means: ResponseMeans) -> PairTerms:
+        raise NotImplementedError
+
+    def head(self, *inputs) -> ResponseMeanHead:
+        return ResponseMeanHead(self.response_terms, *inputs, stats_type=self.stats_type)
+
+    def metrics(self, sums: dict, prefix: str = "") -> dict:
+        return pair_means(sums, prefix)
+
+
 def pair_means(sums: dict, prefix: str = "") -> dict:
     """metrics.jsonl entries: every sum but the loss as a per-pair mean, the reward margin, the pair count."""
     pairs = sums["pairs"]
@@ -79,4 +93,5 @@ def pair_means(sums: dict, prefix: str = "") -> dict:
     return {prefix + k: v for k, v in out.items()}
 
 
-__all__ = ["per_completion", "spread", "response_mask", "ResponseMeans", "ResponseMeanHead", "pair_means"]
+__all__ = ["per_completion", "spread", "response_mask", "ResponseMeans", "ResponseMeanHead", "ResponseMeanObjective",
+           "pair_means"]

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from witscale.data.weighting import NORMALIZATIONS
 from witscale.training.objectives import register
 from witscale.training.objectives.dpo import DPO
-from witscale.training.objectives.length_normalized import (ResponseMeanHead, ResponseMeans, pair_means,
-                                                            per_completion, spread)
-from witscale.training.objectives.pairs import Completions, PairObjective, PairTerms
+from witscale.training.objectives.length_normalized import (ResponseMeanObjective, ResponseMeans, per_completion,
+                                                            spread)
+from witscale.training.objectives.pairs import Completions, PairTerms
 
 # The per-pair sums a micro-batch reports (float64, summed over the global batch, divided by its pair count);
 # TRL's ORPO metric names, flattened: nll_loss (L_SFT), log_odds_ratio (log σ(x)), log_odds_chosen (x),
@@ -97,11 +97,11 @@ def orpo_terms(settings: ORPOSettings, c: Completions, means: ResponseMeans) -> 
 
 
 @register
-class ORPO(PairObjective):
+class ORPO(ResponseMeanObjective):
     name = "orpo"
     default_lr = 8e-6                  # TRL's ORPO example (ORPO starts from a base model, not an SFT one)
     defaults = {"orpo_lambda": 0.1}
-    flags = {**PairObjective.flags, "orpo_lambda": "--orpo-lambda"}
+    flags = {**ResponseMeanObjective.flags, "orpo_lambda": "--orpo-lambda"}
     sums = ORPO_SUMS
     metric_tags: ClassVar[dict] = {**DPO.metric_tags, "nll_loss": "nll_loss", "log_odds_ratio": "log_odds_ratio",
                                    "log_odds_chosen": "log_odds_chosen"}     # TRL's names
@@ -116,9 +116,8 @@ class ORPO(PairObjective):
     def check(self) -> None:
         self.settings.check()
 
-    def head(self, *inputs) -> ResponseMeanHead:
-        return ResponseMeanHead(lambda c, means: orpo_terms(self.settings, c, means), *inputs,
-                                stats_type=self.stats_type)
+    def response_terms(self, c: Completions, means: ResponseMeans) -> PairTerms:
+        return orpo_terms(self.settings, c, means)
 
     def describe(self) -> str:
         return f"ORPO (λ {self.settings.lam}; no reference)"
@@ -126,9 +125,6 @@ class ORPO(PairObjective):
     def startup_line(self, weights: str, normalization: str) -> str:
         return (f"objective: {self.describe()}, divided by the pairs of each global batch; SFT term on the chosen "
                 f"completion under class weights {weights}, normalised per completion by {normalization}")
-
-    def metrics(self, sums: dict, prefix: str = "") -> dict:
-        return pair_means(sums, prefix)
 
     def console(self, record: dict) -> str:
         return (f"nll {record['nll_loss']:.4f} log_odds_ratio {record['log_odds_ratio']:.4f} "

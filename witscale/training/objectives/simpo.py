@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from witscale.training.objectives import register
 from witscale.training.objectives.dpo import DPO
-from witscale.training.objectives.length_normalized import ResponseMeanHead, ResponseMeans, pair_means
-from witscale.training.objectives.pairs import Completions, PairObjective, PairTerms
+from witscale.training.objectives.length_normalized import ResponseMeanObjective, ResponseMeans
+from witscale.training.objectives.pairs import Completions, PairTerms
 
 # The per-pair sums a micro-batch reports (float64, summed over the global batch, divided by its pair count);
 # TRL's CPO/SimPO metric names, flattened (logps_* are the MEAN response log-probs ā, rewards β·ā).
@@ -66,12 +66,12 @@ def simpo_terms(settings: SimPOSettings, c: Completions, means: ResponseMeans) -
 
 
 @register
-class SimPO(PairObjective):
+class SimPO(ResponseMeanObjective):
     name = "simpo"
     default_lr = 5e-7                  # within the paper's tuned range (3e-7 … 1e-6)
     # Flags of its own (DPO's --beta means another β, with another default): SimPO's β scales a mean log-prob.
     defaults = {"simpo_beta": 2.0, "simpo_gamma": 0.5, "simpo_label_smoothing": 0.0}
-    flags = {**PairObjective.flags, "simpo_beta": "--simpo-beta", "simpo_gamma": "--simpo-gamma",
+    flags = {**ResponseMeanObjective.flags, "simpo_beta": "--simpo-beta", "simpo_gamma": "--simpo-gamma",
              "simpo_label_smoothing": "--simpo-label-smoothing"}
     sums = SIMPO_SUMS
     metric_tags: ClassVar[dict] = DPO.metric_tags      # TRL's rewards/… and logps/… (here of ā)
@@ -86,9 +86,8 @@ class SimPO(PairObjective):
     def check(self) -> None:
         self.settings.check()
 
-    def head(self, *inputs) -> ResponseMeanHead:
-        return ResponseMeanHead(lambda c, means: simpo_terms(self.settings, c, means), *inputs,
-                                stats_type=self.stats_type)
+    def response_terms(self, c: Completions, means: ResponseMeans) -> PairTerms:
+        return simpo_terms(self.settings, c, means)
 
     def describe(self) -> str:
         s = self.settings
@@ -98,9 +97,6 @@ class SimPO(PairObjective):
     def startup_line(self, weights: str, normalization: str) -> str:
         return (f"objective: {self.describe()}, divided by the pairs of each global batch; rewards from the mean "
                 f"log-prob of each completion's response tokens (the class weights do not enter)")
-
-    def metrics(self, sums: dict, prefix: str = "") -> dict:
-        return pair_means(sums, prefix)
 
     def console(self, record: dict) -> str:
         return f"margin {record['reward_margin']:.4f} accuracy {record['reward_accuracy']:.3f} "
