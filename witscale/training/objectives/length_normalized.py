@@ -38,8 +38,12 @@ def spread(per_doc: torch.Tensor, doc_index: torch.Tensor) -> torch.Tensor:
 
 def response_mask(target_classes: torch.Tensor) -> torch.Tensor:
     """[T] float64: 1 where the predicted token is response-side (positions predicting nothing are class pad)."""
-    side = torch.tensor([int(c) for c in RESPONSE_SIDE], device=target_classes.device)
-    return torch.isin(target_classes.reshape(-1), side).double()
+    # Comparisons with Python ints, not isin(torch.tensor(...)): a host→device copy would wait for the GPU.
+    classes = target_classes.reshape(-1)
+    mask = torch.zeros_like(classes, dtype=torch.bool)
+    for c in RESPONSE_SIDE:
+        mask |= classes == int(c)
+    return mask.double()
 
 
 class ResponseMeans:
