@@ -136,9 +136,9 @@ def test_orpo_loss_and_gradients_equal_transformers_fp64(prompt_weight, normaliz
     assert tuple(sums) == ORPO_SUMS
     assert sums["pairs"] == 3
     assert sums["loss"] / 3 == pytest.approx(want_loss.item(), rel=2e-5, abs=1e-6)
-    assert sums["nll_loss"] / 3 == pytest.approx(float(sum(sft)) / 3, rel=2e-5, abs=1e-6)
-    # the odds-ratio term: loss = nll_loss − λ·log_odds_ratio
-    assert sums["loss"] == pytest.approx(sums["nll_loss"] - lam * sums["log_odds_ratio"], rel=1e-9)
+    assert sums["sft_loss"] / 3 == pytest.approx(float(sum(sft)) / 3, rel=2e-5, abs=1e-6)
+    # the odds-ratio term: loss = sft_loss − λ·log_odds_ratio
+    assert sums["loss"] == pytest.approx(sums["sft_loss"] - lam * sums["log_odds_ratio"], rel=1e-9)
     m = [x.item() for x in means]
     np.testing.assert_allclose([sums["logps_chosen"], sums["logps_rejected"], sums["rewards_chosen"]],
                                [m[0] + m[2] + m[4], m[1] + m[3] + m[5], lam * (m[0] + m[2] + m[4])],
@@ -176,7 +176,7 @@ def test_tp2_pp2_and_zero3_dp2_equal_one_rank(one_rank_runs, name):
         _same_run(result, ref, f"{name} {layout}")
         if name == "orpo":
             for a, b in zip(result["results"], ref["results"]):
-                for key in ("nll_loss", "log_odds_ratio", "log_odds_chosen"):
+                for key in ("sft_loss", "log_odds_ratio", "log_odds_chosen"):
                     assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), f"{layout}: {key}"
     # the losses moved the model: three steps whose metrics differ
     assert len({round(r["loss"], 6) for r in ref["results"]}) == 3
@@ -211,7 +211,7 @@ def _args(inputs, out, objective, *extra):
 @pytest.mark.parametrize("objective,extra,line,keys", [
     ("simpo", ["--simpo-gamma", "0.3"], "objective: SimPO (β 2.0, γ 0.3; no reference)", ()),
     ("orpo", ["--orpo-lambda", "0.2", "--prompt-weight", "0.2"], "objective: ORPO (λ 0.2; no reference)",
-     ("nll_loss", "log_odds_ratio", "log_odds_chosen")),
+     ("sft_loss", "log_odds_ratio", "log_odds_chosen")),
 ])
 def test_cli_trains_and_logs_the_objectives_metrics(cli_inputs, tmp_path, objective, extra, line, keys):
     """witscale/train.py --objective simpo|orpo (one process, ZeRO-0) on preference data without reference
@@ -238,7 +238,7 @@ def test_cli_trains_and_logs_the_objectives_metrics(cli_inputs, tmp_path, object
         assert r["reward_margin"] == pytest.approx(r["rewards_chosen"] - r["rewards_rejected"])
         assert r["logps_chosen"] < 0 and all(np.isfinite(r[k]) for k in keys)
     if objective == "orpo":
-        assert train[0]["loss"] == pytest.approx(train[0]["nll_loss"] - 0.2 * train[0]["log_odds_ratio"])
+        assert train[0]["loss"] == pytest.approx(train[0]["sft_loss"] - 0.2 * train[0]["log_odds_ratio"])
     evals = [r for r in rows if "eval_loss" in r]
     assert evals and np.isfinite(evals[-1]["eval_loss"]) and "eval_reward_accuracy" in evals[-1]
     assert all(f"eval_{k}" in evals[-1] for k in keys)
@@ -295,4 +295,4 @@ def test_orpo_stays_finite_when_a_completion_has_probability_one():
                         token_nll, weights, doc_index)
         terms = orpo_terms(ORPOSettings(lam=0.1), c, ResponseMeans(c, response))
         assert torch.isfinite(terms.sums).all() and torch.isfinite(terms.token_grad).all(), (nll, terms)
-        assert terms.sums[1] == pytest.approx(-float(logps[0]) / 2)        # nll_loss: the chosen's mean NLL
+        assert terms.sums[1] == pytest.approx(-float(logps[0]) / 2)        # sft_loss: the chosen's mean NLL

@@ -31,9 +31,10 @@ from witscale.training.objectives.length_normalized import (ResponseMeanObjectiv
 from witscale.training.objectives.pairs import Completions, PairTerms
 
 # The per-pair sums a micro-batch reports (float64, summed over the global batch, divided by its pair count);
-# TRL's ORPO metric names, flattened: nll_loss (L_SFT), log_odds_ratio (log σ(x)), log_odds_chosen (x),
+# TRL's ORPO metric names, flattened: sft_loss (L_SFT; TRL's nll_loss — witscale's nll_<name> keys are per-class
+# NLLs), log_odds_ratio (log σ(x)), log_odds_chosen (x),
 # logps_* the MEAN response log-probs ā, rewards λ·ā.
-ORPO_SUMS = ("loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "logps_chosen", "logps_rejected",
+ORPO_SUMS = ("loss", "sft_loss", "log_odds_ratio", "log_odds_chosen", "logps_chosen", "logps_rejected",
              "rewards_chosen", "rewards_rejected", "reward_accuracy", "pairs")
 
 
@@ -103,7 +104,7 @@ class ORPO(ResponseMeanObjective):
     defaults = {"orpo_lambda": 0.1}
     flags = {**ResponseMeanObjective.flags, "orpo_lambda": "--orpo-lambda"}
     sums = ORPO_SUMS
-    metric_tags: ClassVar[dict] = {**DPO.metric_tags, "nll_loss": "nll_loss", "log_odds_ratio": "log_odds_ratio",
+    metric_tags: ClassVar[dict] = {**DPO.metric_tags, "sft_loss": "sft_loss", "log_odds_ratio": "log_odds_ratio",
                                    "log_odds_chosen": "log_odds_chosen"}     # TRL's names
 
     def __init__(self, settings: ORPOSettings = ORPOSettings()):
@@ -127,7 +128,7 @@ class ORPO(ResponseMeanObjective):
                 f"completion under class weights {weights}, normalised per completion by {normalization}")
 
     def console(self, record: dict) -> str:
-        return (f"nll {record['nll_loss']:.4f} log_odds_ratio {record['log_odds_ratio']:.4f} "
+        return (f"sft {record['sft_loss']:.4f} log_odds_ratio {record['log_odds_ratio']:.4f} "
                 f"accuracy {record['reward_accuracy']:.3f} ")
 
 
