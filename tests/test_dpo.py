@@ -181,9 +181,11 @@ def layout_data(steps, seed=5):
     return rows, refs
 
 
-def dpo_worker(rank, world, *, tp=1, pp=1, stage=0, steps=3, lr=1e-3, beta=0.5, loss="sigmoid"):
+def dpo_worker(rank, world, *, tp=1, pp=1, stage=0, steps=3, lr=1e-3, beta=0.5, loss="sigmoid", objective=None,
+               table=None):
     """``steps`` DPO steps of GLOBAL_ROWS rows on a tp × pp × dp layout (hand-made micro-batches, the real
-    Trainer and DeepSpeed engine); returns the step results and the dense parameters."""
+    Trainer and DeepSpeed engine); returns the step results and the dense parameters. ``objective`` (another
+    pair objective, tests/test_simpo_orpo.py) replaces DPO, ``table`` the DPO class weights."""
     from witscale.data.loader import StepBatch
     from witscale.model import ModelConfig
     from witscale.parallel.topology import ParallelDims, Topology
@@ -201,9 +203,9 @@ def dpo_worker(rank, world, *, tp=1, pp=1, stage=0, steps=3, lr=1e-3, beta=0.5, 
     module = build_module(cfg, topo, config, model_dir=None, seed=0)
     trainer = Trainer(module=module, ds_config=config, loader=None, topo=topo, normalization="nonzero", lr=lr,
                       weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, total_steps=steps, warmup_ratio=0.0,
-                      objective=DPO(DPOSettings(beta=beta, loss=loss)))
+                      objective=objective or DPO(DPOSettings(beta=beta, loss=loss)))
     rows, refs = layout_data(steps)
-    table = dpo_table()
+    table = dpo_table() if table is None else table
     results = []
     for step in range(steps):
         batch = list(range(step * GLOBAL_ROWS, (step + 1) * GLOBAL_ROWS))

@@ -23,7 +23,10 @@ from witscale.training.objectives.dpo import DPO_LOSSES
 from witscale.training.flags import at_least, check_values, fraction, non_negative, option, positive
 
 
-DPO_DEFAULTS = get_objective("dpo").defaults     # its fields' help shows them (witscale/training/objectives/dpo.py)
+# The objectives' defaults, shown in their fields' help (witscale/training/objectives/)
+DPO_DEFAULTS = get_objective("dpo").defaults
+SIMPO_DEFAULTS = get_objective("simpo").defaults
+ORPO_DEFAULTS = get_objective("orpo").defaults
 ACTIVATION_CHECKPOINTING = ("auto", "on", "off")
 
 # Documented presets: a preset fills defaults, every flag given explicitly still wins.
@@ -92,7 +95,9 @@ class RunConfig:
     # objective (docs/objective.md#dpo): 'sft' (the weighted token loss) or 'dpo' on preference pairs
     objective: str = option("sft", "sft: the weighted token loss (default); dpo: Direct Preference Optimization on "
                                    "a preference dataset (pack_dataset.py --task preference) whose reference "
-                                   "log-probs tools/precompute_reference.py has written",
+                                   "log-probs tools/precompute_reference.py has written; simpo, orpo: the "
+                                   "reference-free SimPO and ORPO on a preference dataset (docs/objective.md#simpo, "
+                                   "#orpo)",
                             group=OBJECTIVE, choices=OBJECTIVES)
     # An objective's own settings (its ``flags``, witscale/training/objectives): None = not given; filled with
     # its ``defaults`` when it is the run's, left None otherwise (where
@@ -112,6 +117,18 @@ class RunConfig:
         None, "DPO: choose --grad-accum so that a step holds about N pairs (from the data's mean pairs per row); "
               "the loss is divided by the exact pair count of each step", group=OBJECTIVE, metavar="N",
         check=at_least(1))
+    simpo_beta: Optional[float] = option(
+        None, "SimPO: β, the reward scale of the mean response log-prob ā (default "
+              f"{_number(SIMPO_DEFAULTS['simpo_beta'])}, the paper's)", group=OBJECTIVE, metavar="BETA")
+    simpo_gamma: Optional[float] = option(
+        None, "SimPO: γ, the target reward margin in −log σ(β·ā_chosen − β·ā_rejected − γ) (default "
+              f"{_number(SIMPO_DEFAULTS['simpo_gamma'])})", group=OBJECTIVE, metavar="GAMMA")
+    simpo_label_smoothing: Optional[float] = option(
+        None, "SimPO: ε in [0, 0.5), as DPO's --label-smoothing (default "
+              f"{_number(SIMPO_DEFAULTS['simpo_label_smoothing'])}, the paper's)", group=OBJECTIVE, metavar="EPS")
+    orpo_lambda: Optional[float] = option(
+        None, "ORPO: λ, the weight of the odds-ratio term beside the SFT term (default "
+              f"{_number(ORPO_DEFAULTS['orpo_lambda'])})", group=OBJECTIVE, metavar="LAMBDA")
     preset: Optional[str] = option(     # recorded only: its values are already in the fields
         None, "documented defaults; explicit flags override them. "
               + "; ".join(f"{name}: {_as_flags(values)}" for name, values in PRESETS.items()),

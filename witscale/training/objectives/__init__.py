@@ -8,7 +8,8 @@
     OBJECTIVES             the registered names, in registration order (--objective's choices; kept live)
     default_objective()    an instance of DEFAULT_OBJECTIVE ('sft') with its default settings
 
-Built-in: ``sft`` (the weighted token loss, objectives/sft.py) and ``dpo`` (objectives/dpo.py). Pair
+Built-in: ``sft`` (the weighted token loss, objectives/sft.py), ``dpo`` (objectives/dpo.py) and the
+reference-free ``simpo`` and ``orpo`` (objectives/simpo.py, orpo.py; shared: objectives/length_normalized.py). Pair
 objectives share objectives/pairs.py; reference log-probs are objectives/reference.py.
 """
 from __future__ import annotations
@@ -94,6 +95,8 @@ def sweep_metrics() -> dict:
 # The built-in objectives register themselves on import.
 from witscale.training.objectives import sft as _sft  # noqa: E402,F401
 from witscale.training.objectives import dpo as _dpo  # noqa: E402,F401
+from witscale.training.objectives import simpo as _simpo  # noqa: E402,F401
+from witscale.training.objectives import orpo as _orpo  # noqa: E402,F401
 
 __all__ = ["HeadStats", "Objective", "OBJECTIVES", "DEFAULT_OBJECTIVE", "default_objective", "register", "unregister", "find_objective", "get_objective",
            "objective_for", "registered", "foreign_flags", "metric_tags", "sweep_metrics"]
