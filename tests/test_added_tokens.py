@@ -95,3 +95,114 @@ def test_nothing_to_add_packs_as_without_the_flag(tmp_path, base_tok, capsys):
                       "--template", "chatml", "--output", str(tmp_path / "c")]) == 0
     for name in ("tokens.bin", "classes.bin"):
         assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "c" / name).read_bytes()
+
+
+# ------------------------------------------------------------------------------------------- growing the model
+def base_model_dir(path, vocab: int, tied: bool) -> str:
+    """A tiny HF Llama of `vocab` tokens (random weights), saved as safetensors: the 'base model'."""
+    import torch
+    import transformers
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   tie_word_embeddings=tied, bos_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(str(path))
+    return str(path)
+
+
+def _logits(model, ids):
+    import torch
+    b, s = ids.shape
+    pos = torch.arange(s).repeat(b, 1)
+    cu = torch.arange(0, (b + 1) * s, s, dtype=torch.int32)
+    with torch.no_grad():
+        return model.compute_logits(model(ids, pos, cu, s))
+
+
+def _built(model_dir, vocab=None, grow_from=None):
+    import dataclasses
+
+    from witscale.model import CausalLM, ModelConfig, load_model_weights
+    cfg = ModelConfig.from_json_file(os.path.join(model_dir, "config.json"))
+    if vocab:
+        cfg = dataclasses.replace(cfg, vocab_size=vocab)
+    model = CausalLM(cfg).eval()
+    load_model_weights(model, cfg, model_dir=model_dir, seed=0, grow_from=grow_from)
+    return model
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_grown_model_keeps_the_old_logits_and_new_rows_are_the_mean(tmp_path, tied):
+    import torch
+    old, new = 61, 64
+    model_dir = base_model_dir(tmp_path / "base", old, tied)
+    base, grown = _built(model_dir), _built(model_dir, vocab=new, grow_from=old)
+    emb = grown.model.embed_tokens.weight
+    assert emb.shape[0] == new
+    heads = [emb] + ([] if tied else [grown.lm_head.weight])
+    assert (grown.lm_head.weight is emb) == tied
+    for w, w0 in zip(heads, [base.model.embed_tokens.weight, base.lm_head.weight]):
+        assert torch.equal(w[:old], w0)
+        torch.testing.assert_close(w[old:], w0.mean(0, keepdim=True).expand(new - old, -1), rtol=0, atol=1e-7)
+    ids = torch.randint(0, old, (2, 12), generator=torch.Generator().manual_seed(1))
+    got, want = _logits(grown, ids), _logits(base, ids)
+    assert got.shape[-1] == new
+    torch.testing.assert_close(got[..., :old], want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_checkpoint_of_another_vocabulary_is_refused_when_growing(tmp_path):
+    from witscale.model.hf_io import CheckpointFormatError
+    model_dir = base_model_dir(tmp_path / "base", 61, False)
+    with pytest.raises(CheckpointFormatError, match="60-token vocabulary expects"):
+        _built(model_dir, vocab=64, grow_from=60)
+
+
+def _tp_worker(rank, world, model_dir, old, new, tp, stage):
+    import torch
+
+    from witscale.model import ModelConfig
+    from witscale.parallel.topology import ParallelDims, Topology
+    from witscale.training.build import build_module
+    from witscale.training.distributed import init_distributed
+    from tests.train_helpers import ds_config
+
+    init_distributed()
+    cfg = ModelConfig.from_json_file(os.path.join(model_dir, "config.json"))
+    import dataclasses
+    cfg = dataclasses.replace(cfg, vocab_size=new)
+    topo = Topology(ParallelDims(world, tp, 1, stage, cfg))
+    module = build_module(cfg, topo, ds_config(stage, 1, 1, topo.dp), model_dir=model_dir, seed=0,
+                          grow_vocab_from=old).eval()
+    params = [module.model.embed_tokens.weight, module.lm_head.weight]
+    if stage == 3:
+        import deepspeed
+        with deepspeed.zero.GatheredParameters(params):
+            return [p.detach().clone().numpy() for p in params]
+    ids = torch.randint(0, old, (2, 12), generator=torch.Generator().manual_seed(1))
+    return [_logits(module, ids).numpy()] + [p.detach().clone().numpy() for p in params]
+
+
+@pytest.mark.parametrize("layout", ["tp2", "zero3-dp2"])
+def test_grown_model_tp2_and_zero3_equal_one_rank(tmp_path, layout):
+    """The mean comes from each rank's shard (or ZeRO-3 partition) summed and all-reduced: the same rows and
+    logits as one rank. 61 → 63 tokens: tp=2 pads the vocabulary to 64 and the new rows sit on rank 1."""
+    import torch
+
+    from tests.distributed import run_distributed
+    old, new = 61, 63
+    model_dir = base_model_dir(tmp_path / "base", old, False)
+    one = _built(model_dir, vocab=new, grow_from=old)
+    tp, stage = (2, 0) if layout == "tp2" else (1, 3)
+    out = run_distributed(_tp_worker, 2, model_dir, old, new, tp, stage, timeout=600)
+    dense = [one.model.embed_tokens.weight, one.lm_head.weight]
+    if layout == "tp2":
+        ids = torch.randint(0, old, (2, 12), generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(torch.from_numpy(out[0][0]), _logits(one, ids), rtol=1e-5, atol=1e-5)
+        for r in range(2):       # rank r holds rows [32 r, 32 r + 32) of the padded 64
+            for got, want in zip(out[r][1:], dense):
+                rows = want[32 * r:32 * r + 32]
+                torch.testing.assert_close(torch.from_numpy(got)[:len(rows)], rows, rtol=1e-6, atol=1e-7)
+                assert not torch.from_numpy(got)[len(rows):].any()      # padding rows stay zero
+    else:
+        for got, want in zip(out[0], dense):
+            torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-6, atol=1e-7)
