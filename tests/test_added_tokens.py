@@ -206,3 +206,64 @@ def test_grown_model_tp2_and_zero3_equal_one_rank(tmp_path, layout):
     else:
         for got, want in zip(out[0], dense):
             torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------ the training checks, the export
+@pytest.fixture(scope="module")
+def packed_extended(tmp_path_factory, base_tok):
+    """(packed dir with an extended tokenizer, base model dir holding the base tokenizer's files)."""
+    import shutil
+    tmp = tmp_path_factory.mktemp("packed_extended")
+    assert _pack(tmp, base_tok, "--add-special-tokens") == 0
+    model_dir = base_model_dir(tmp / "model", load_tokenizer(base_tok).vocab_size, False)
+    for name in os.listdir(base_tok):
+        shutil.copy(os.path.join(base_tok, name), model_dir)
+    return str(tmp / "packed"), model_dir
+
+
+def test_training_checks_accept_the_base_model_and_grow_its_config(packed_extended):
+    from witscale.data.loader import check_model_compat, check_tokenizer_identity, data_tokenizer_dir
+    from witscale.model import ModelConfig
+    from witscale.train import _grow_vocabulary
+    packed, model_dir = packed_extended
+    manifest = PackedDataset(packed).manifest
+    cfg = ModelConfig.from_json_file(os.path.join(model_dir, "config.json"))
+    check_model_compat(manifest, cfg, packed)                          # 322 > 320: no refusal
+    grown, old = _grow_vocabulary(manifest, cfg)
+    assert (old, grown.vocab_size) == (cfg.vocab_size, cfg.vocab_size + 2)
+    assert check_tokenizer_identity(manifest, model_dir) is None       # the base tokenizer: the data's, extended
+    assert check_tokenizer_identity(manifest, os.path.join(packed, "tokenizer")) is None
+    assert data_tokenizer_dir(packed) == os.path.join(packed, "tokenizer")
+    # a model whose tokenizer is not the data's base is still refused, and so is a larger vocabulary without
+    # the packer's record
+    added = manifest["tokenizer"]["added_tokens"]
+    other_base = dict(manifest, tokenizer=dict(manifest["tokenizer"], added_tokens=dict(
+        added, base=dict(added["base"], digest="0" * 64))))
+    with pytest.raises(ValueError, match="packed with another tokenizer"):
+        check_tokenizer_identity(other_base, model_dir)
+    plain = dict(manifest, tokenizer={k: v for k, v in manifest["tokenizer"].items() if k != "added_tokens"})
+    with pytest.raises(ValueError, match="wrong tokenizer for this model"):
+        check_model_compat(plain, cfg, packed)
+    assert _grow_vocabulary(plain, cfg) == (cfg, None)
+
+
+def test_export_of_a_grown_model_round_trips_through_transformers(packed_extended, tmp_path):
+    import torch
+    import transformers
+
+    from witscale.data.loader import data_tokenizer_dir
+    from witscale.training.export import write_hf_dir
+    packed, model_dir = packed_extended
+    vocab = PackedDataset(packed).manifest["tokenizer"]["vocab_size"]
+    grown = _built(model_dir, vocab=vocab, grow_from=vocab - 2)
+    out = tmp_path / "hf"
+    write_hf_dir(dict(grown.state_dict()), grown.config, str(out), data_tokenizer_dir(packed), dtype="fp32")
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    assert len(tok) == hf.config.vocab_size == vocab == hf.get_input_embeddings().weight.shape[0]
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == vocab
+    ids = tok("<|im_start|>user\nAdd 2 and 3.<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    assert {vocab - 2, vocab - 1} <= set(ids)
+    ids = torch.tensor([ids])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, _logits(grown, ids), rtol=1e-5, atol=1e-5)
