@@ -267,3 +267,27 @@ def test_export_of_a_grown_model_round_trips_through_transformers(packed_extende
     ids = torch.tensor([ids])
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids=ids).logits, _logits(grown, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_training_a_base_model_on_extended_data_grows_it_and_exports_the_extended_tokenizer(packed_extended,
+                                                                                             tmp_path):
+    """witscale/train.py end to end, one process: --model has the base vocabulary, the data the extended one."""
+    import subprocess
+    import sys
+
+    import transformers
+
+    from tests.conftest import REPO_ROOT
+    packed, model_dir = packed_extended
+    vocab = PackedDataset(packed).manifest["tokenizer"]["vocab_size"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore")
+    r = subprocess.run([sys.executable, "witscale/train.py", "--ds_config", "ds_configs/zero1.json", "--data", packed,
+                        "--model", model_dir, "--output-dir", str(tmp_path / "run"), "--micro-batch-size", "1",
+                        "--grad-accum", "1", "--max-steps", "1", "--export-hf", str(tmp_path / "hf"),
+                        "--export-dtype", "fp32"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    grew = [line for line in (r.stdout + r.stderr).splitlines() if "grew the vocabulary" in line]
+    assert len(grew) == 1 and f"from {vocab - 2} to {vocab}: 2 new tokens, mean-initialised" in grew[0]
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert len(tok) == vocab == json.loads((tmp_path / "hf" / "config.json").read_text())["vocab_size"]
+    assert tok.convert_tokens_to_ids("<|im_start|>") == vocab - 2
