@@ -222,14 +222,14 @@ def packed_extended(tmp_path_factory, base_tok):
 
 
 def test_training_checks_accept_the_base_model_and_grow_its_config(packed_extended):
-    from witscale.data.loader import check_model_compat, check_tokenizer_identity, data_tokenizer_dir
+    from witscale.data.loader import (check_model_compat, check_tokenizer_identity, data_tokenizer_dir,
+                                      grow_model_config)
     from witscale.model import ModelConfig
-    from witscale.train import _grow_vocabulary
     packed, model_dir = packed_extended
     manifest = PackedDataset(packed).manifest
     cfg = ModelConfig.from_json_file(os.path.join(model_dir, "config.json"))
     check_model_compat(manifest, cfg, packed)                          # 322 > 320: no refusal
-    grown, old = _grow_vocabulary(manifest, cfg)
+    grown, old = grow_model_config(manifest, cfg)
     assert (old, grown.vocab_size) == (cfg.vocab_size, cfg.vocab_size + 2)
     assert check_tokenizer_identity(manifest, model_dir) is None       # the base tokenizer: the data's, extended
     assert check_tokenizer_identity(manifest, os.path.join(packed, "tokenizer")) is None
@@ -244,7 +244,7 @@ def test_training_checks_accept_the_base_model_and_grow_its_config(packed_extend
     plain = dict(manifest, tokenizer={k: v for k, v in manifest["tokenizer"].items() if k != "added_tokens"})
     with pytest.raises(ValueError, match="wrong tokenizer for this model"):
         check_model_compat(plain, cfg, packed)
-    assert _grow_vocabulary(plain, cfg) == (cfg, None)
+    assert grow_model_config(plain, cfg) == (cfg, None)
 
 
 def test_export_of_a_grown_model_round_trips_through_transformers(packed_extended, tmp_path):

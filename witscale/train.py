@@ -111,7 +111,7 @@ def _require_file(path: str, flag: str) -> None:
 
 
 def plan_run(cfg: RunConfig, world_size: int) -> Plan:
-    from witscale.data.loader import check_model_compat
+    from witscale.data.loader import check_model_compat, grow_model_config
     from witscale.data.format import PackedDataset
     from witscale.model import ModelConfig
     from witscale.parallel.topology import LayoutError, ParallelDims
@@ -143,7 +143,7 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
         check_model_compat(dataset.manifest, model_config, cfg.data)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    model_config, grown_from = _grow_vocabulary(dataset.manifest, model_config)
+    model_config, grown_from = grow_model_config(dataset.manifest, model_config)     # --add-special-tokens data
     _check_tokenizer_identity(cfg, dataset, "--data")
     try:
         check_backend_request(cfg.attention, model_config.attn_logit_softcapping)
@@ -209,15 +209,6 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
     checkpointing = _activation_checkpointing(cfg, model_config, dims, ds_config, dataset.seq_len)
     return Plan(cfg, model_config, dataset, eval_dataset, table, ds_config, world_size, dims, total,
                 steps_per_epoch, checkpointing, grown_from)
-
-
-def _grow_vocabulary(manifest: dict, model_config):
-    """(model config, its vocabulary size before growing or None): data packed with --add-special-tokens
-    whose vocabulary is larger than the model's gets a model of the data's vocabulary, the new rows starting
-    from the mean of the old ones (witscale/model/grow.py)."""
-    from witscale.data.loader import grown_vocab_size
-    vocab = grown_vocab_size(manifest, model_config)
-    return (replace(model_config, vocab_size=vocab), model_config.vocab_size) if vocab else (model_config, None)
 
 
 def _check_tokenizer_identity(cfg: RunConfig, dataset, flag: str) -> None:

@@ -342,6 +342,14 @@ def grown_vocab_size(manifest: dict, model_config) -> int | None:
     return vocab if isinstance(base, int) and base <= model_config.vocab_size else None
 
 
+def grow_model_config(manifest: dict, model_config):
+    """(model config, its vocabulary size before growing or None): for data packed with --add-special-tokens
+    whose vocabulary is larger than the model's, the config with the data's vocabulary — the model built from it
+    and loaded with ``grow_from`` gets the new rows as the mean of the old (witscale/model/grow.py)."""
+    vocab = grown_vocab_size(manifest, model_config)
+    return (replace(model_config, vocab_size=vocab), model_config.vocab_size) if vocab else (model_config, None)
+
+
 def data_tokenizer_dir(data_path: str | None, manifest: dict | None = None) -> str | None:
     """The extended tokenizer a packed dataset carries (--add-special-tokens), None for any other dataset:
     what the model was trained with, and what --export-hf copies."""
