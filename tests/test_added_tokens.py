@@ -262,7 +262,8 @@ def test_export_of_a_grown_model_round_trips_through_transformers(packed_extende
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     assert len(tok) == hf.config.vocab_size == vocab == hf.get_input_embeddings().weight.shape[0]
     assert json.loads((out / "config.json").read_text())["vocab_size"] == vocab
-    ids = tok("<|im_start|>user\nAdd 2 and 3.<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    text = "<|im_start|>user\nAdd 2 and 3.<|im_end|>\n<|im_start|>assistant\n"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
     assert {vocab - 2, vocab - 1} <= set(ids)
     ids = torch.tensor([ids])
     with torch.no_grad():

@@ -2,10 +2,11 @@
 
 LLaMA-2's tokenizer has no ``<|im_start|>``: packing it with ``chatml`` is refused (render.py) unless the
 packer adds the missing tokens (transformers' ``add_tokens(special_tokens=True)``: new ids after the last one,
-never split by the tokenizer). The extended tokenizer is saved into a scratch directory, the packer tokenizes through it,
-and the dataset writer copies it into the packed directory as ``tokenizer/`` (written aside and renamed with
-the rest, witscale/data/format.py). The manifest's ``tokenizer`` entry is the extended tokenizer's fingerprint
-plus ``added_tokens``: the tokens and their ids, the base tokenizer's fingerprint and the new vocabulary size.
+never split by the tokenizer). The extended tokenizer is saved into a scratch directory, the packer tokenizes
+through it, and the dataset writer copies it into the packed directory as ``tokenizer/`` (written aside and
+renamed with the rest, witscale/data/format.py). The manifest's ``tokenizer`` entry is the extended
+tokenizer's fingerprint plus ``added_tokens``: the tokens and their ids, the base tokenizer's fingerprint and
+the new vocabulary size.
 
 Training reads that record (witscale/data/loader.py): the model's own tokenizer may be the base one, and a
 model whose vocabulary is smaller than the data's grows its embedding and LM head (witscale/model/grow.py);

@@ -370,10 +370,11 @@ def check_tokenizer_identity(manifest: dict, source: str, where: str = "data", *
                              allow_mismatch: bool = False) -> str | None:
     """Refuse data packed with another tokenizer than the model's: the manifest's tokenizer digest against the
     digest of ``source``'s tokenizer files (a model directory, or a --tokenizer path), by the same function
-    (tokenizer.vocabulary_digest), or, for data packed with --add-special-tokens, the digest of the tokenizer the
-    packer extended (the manifest's ``added_tokens.base``). Vocabulary size and BOS/EOS (check_model_compat) cannot tell two
-    tokenizers of one size apart. Returns a warning to log (a manifest without a digest, packed before it was
-    recorded; a mismatch under ``allow_mismatch``), or None; raises ValueError (one line) on a mismatch.
+    (tokenizer.vocabulary_digest), or, for data packed with --add-special-tokens, the digest of the tokenizer
+    the packer extended (the manifest's ``added_tokens.base``). Vocabulary size and BOS/EOS
+    (check_model_compat) cannot tell two tokenizers of one size apart. Returns a warning to log (a manifest
+    without a digest, packed before it was recorded; a mismatch under ``allow_mismatch``), or None; raises
+    ValueError (one line) on a mismatch.
     ``where`` names the data in the messages (e.g. '--data packed/train')."""
     from witscale.data.errors import TokenizerError
     from witscale.data.tokenizer import model_tokenizer, tokenizer_kinds
