@@ -157,55 +157,71 @@ def test_a_checkpoint_of_another_vocabulary_is_refused_when_growing(tmp_path):
         _built(model_dir, vocab=64, grow_from=60)
 
 
-def _tp_worker(rank, world, model_dir, old, new, tp, stage):
+def _layout_worker(rank, world, model_dir, old, new, tp, pp, stage):
+    """This rank's vocabulary shards after building the grown model in the layout: [(kind, vocab_start, rows)],
+    gathered from ZeRO-3 partitions; plus, without pipeline stages, the full logits of a fixed batch."""
+    import dataclasses
+
     import torch
 
+    from tests.train_helpers import ds_config
     from witscale.model import ModelConfig
+    from witscale.model.grow import _vocab_parameters
     from witscale.parallel.topology import ParallelDims, Topology
     from witscale.training.build import build_module
     from witscale.training.distributed import init_distributed
-    from tests.train_helpers import ds_config
 
     init_distributed()
-    cfg = ModelConfig.from_json_file(os.path.join(model_dir, "config.json"))
-    import dataclasses
-    cfg = dataclasses.replace(cfg, vocab_size=new)
-    topo = Topology(ParallelDims(world, tp, 1, stage, cfg))
+    cfg = dataclasses.replace(ModelConfig.from_json_file(os.path.join(model_dir, "config.json")), vocab_size=new)
+    topo = Topology(ParallelDims(world, tp, pp, stage, cfg))
     module = build_module(cfg, topo, ds_config(stage, 1, 1, topo.dp), model_dir=model_dir, seed=0,
                           grow_vocab_from=old).eval()
-    params = [module.model.embed_tokens.weight, module.lm_head.weight]
+    layers = list(_vocab_parameters(module))
     if stage == 3:
         import deepspeed
-        with deepspeed.zero.GatheredParameters(params):
-            return [p.detach().clone().numpy() for p in params]
+        with deepspeed.zero.GatheredParameters([p for _, p in layers]):
+            return [(_kind(layer), layer.vocab_start, p.detach().clone().numpy()) for layer, p in layers], None
+    shards = [(_kind(layer), layer.vocab_start, p.detach().clone().numpy()) for layer, p in layers]
+    if pp > 1:
+        return shards, None
     ids = torch.randint(0, old, (2, 12), generator=torch.Generator().manual_seed(1))
-    return [_logits(module, ids).numpy()] + [p.detach().clone().numpy() for p in params]
+    return shards, _logits(module, ids).numpy()
 
 
-@pytest.mark.parametrize("layout", ["tp2", "zero3-dp2"])
-def test_grown_model_tp2_and_zero3_equal_one_rank(tmp_path, layout):
-    """The mean comes from each rank's shard (or ZeRO-3 partition) summed and all-reduced: the same rows and
-    logits as one rank. 61 → 63 tokens: tp=2 pads the vocabulary to 64 and the new rows sit on rank 1."""
+def _kind(layer) -> str:
+    from witscale.parallel.layers import VocabParallelLMHead
+    return "head" if isinstance(layer, VocabParallelLMHead) else "embed"
+
+
+LAYOUTS = {"tp2": (2, 1, 0, False), "zero3-dp2": (1, 1, 3, False), "pp2-tied": (1, 2, 1, True)}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_grown_model_in_every_layout_equals_one_rank(tmp_path, layout):
+    """The mean comes from each rank's shard (or ZeRO-3 partition) summed and all-reduced: the same rows (and
+    logits) as one rank. 61 → 63 tokens: tp=2 pads the vocabulary to 64 and the new rows sit on rank 1; a tied
+    embedding's copy on the last pipeline stage grows as the first stage's does."""
     import torch
 
     from tests.distributed import run_distributed
+    tp, pp, stage, tied = LAYOUTS[layout]
     old, new = 61, 63
-    model_dir = base_model_dir(tmp_path / "base", old, False)
+    model_dir = base_model_dir(tmp_path / "base", old, tied)
     one = _built(model_dir, vocab=new, grow_from=old)
-    tp, stage = (2, 0) if layout == "tp2" else (1, 3)
-    out = run_distributed(_tp_worker, 2, model_dir, old, new, tp, stage, timeout=600)
-    dense = [one.model.embed_tokens.weight, one.lm_head.weight]
-    if layout == "tp2":
+    out = run_distributed(_layout_worker, 2, model_dir, old, new, tp, pp, stage, timeout=600)
+    dense = {"embed": one.model.embed_tokens.weight, "head": one.lm_head.weight}
+    seen = 0
+    for shards, _ in out:
+        for kind, start, got in shards:
+            got, want = torch.from_numpy(got), dense[kind][start:start + got.shape[0]]
+            torch.testing.assert_close(got[:len(want)], want, rtol=1e-6, atol=1e-7, msg=f"{layout} {kind} {start}")
+            assert not got[len(want):].any()          # padding rows stay zero
+            seen += 1
+    # tp2 / ZeRO-3: embedding and head on both ranks; pp2 tied: the embedding on stage 0, its copy on stage 1
+    assert seen == {"tp2": 4, "zero3-dp2": 4, "pp2-tied": 2}[layout]
+    if out[0][1] is not None:
         ids = torch.randint(0, old, (2, 12), generator=torch.Generator().manual_seed(1))
-        torch.testing.assert_close(torch.from_numpy(out[0][0]), _logits(one, ids), rtol=1e-5, atol=1e-5)
-        for r in range(2):       # rank r holds rows [32 r, 32 r + 32) of the padded 64
-            for got, want in zip(out[r][1:], dense):
-                rows = want[32 * r:32 * r + 32]
-                torch.testing.assert_close(torch.from_numpy(got)[:len(rows)], rows, rtol=1e-6, atol=1e-7)
-                assert not torch.from_numpy(got)[len(rows):].any()      # padding rows stay zero
-    else:
-        for got, want in zip(out[0], dense):
-            torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(torch.from_numpy(out[0][1]), _logits(one, ids), rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------ the training checks, the export
