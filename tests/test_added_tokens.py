@@ -308,3 +308,24 @@ def test_training_a_base_model_on_extended_data_grows_it_and_exports_the_extende
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     assert len(tok) == vocab == json.loads((tmp_path / "hf" / "config.json").read_text())["vocab_size"]
     assert tok.convert_tokens_to_ids("<|im_start|>") == vocab - 2
+
+
+def test_a_sentencepiece_model_is_refused_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    import sentencepiece as spm
+
+    from tests.conftest import REPO_ROOT
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["some plain text"] * 10), vocab_size=300,
+                                   model_prefix=str(tmp_path / "p"), byte_fallback=True, hard_vocab_limit=False,
+                                   minloglevel=2)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    r = subprocess.run([sys.executable, "tools/pack_dataset.py", "--input", _write_records(tmp_path), "--tokenizer",
+                        str(tmp_path / "p.model"), "--seq-len", "64", "--template", "chatml", "--output",
+                        str(tmp_path / "out"), "--add-special-tokens"], cwd=REPO_ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert "p.model: --add-special-tokens needs a Hugging Face tokenizer directory" in last, r.stderr
+    assert not (tmp_path / "out").exists()
