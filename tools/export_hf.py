@@ -7,7 +7,8 @@ are read with torch's weights_only loader (see witscale/training/export.py).
     python tools/export_hf.py runs/my-run/checkpoints/step_00000500 OUT --tokenizer path/to/tokenizer
 
 The run's model config is read from <run>/model_config.json (written when training starts). Tokenizer
-files are copied from --tokenizer, or from the run's --model / --tokenizer flags when they are recorded.
+files are copied from --tokenizer, or from the run's data (a tokenizer extended by pack_dataset.py
+--add-special-tokens) or --model / --tokenizer flags when they are recorded.
 """
 import argparse
 import json
@@ -48,7 +49,9 @@ def main(argv=None) -> int:
             eff = os.path.join(os.path.dirname(os.path.abspath(root)), "effective_config.json")
             if os.path.exists(eff):
                 run_args = json.load(open(eff, encoding="utf-8")).get("args", {})
-                tokenizer = run_args.get("tokenizer") or run_args.get("model")
+                from witscale.data.loader import data_tokenizer_dir   # the data's, after --add-special-tokens
+                tokenizer = (data_tokenizer_dir(run_args.get("data")) or run_args.get("tokenizer")
+                             or run_args.get("model"))
         export_checkpoint(args.checkpoint, args.out, tokenizer, args.export_dtype, args.max_shard_size)
     except (CheckpointError, FileNotFoundError, ValueError) as e:     # OutputError is a ValueError
         print(f"error: {e}", file=sys.stderr)

@@ -171,6 +171,8 @@ def run(args) -> str:
 
     world = dist.get_world_size() if dist.is_initialized() else world_size_from_env()
     dataset, model_config, table, ds_config, dims = plan(args, world)
+    from witscale.data.loader import grow_model_config       # data packed with --add-special-tokens: the same
+    model_config, grown_from = grow_model_config(dataset.manifest, model_config)   # grown model as training's
     try:
         fingerprint = reference_fingerprint(args.model)
     except (OSError, ValueError) as e:
@@ -180,7 +182,7 @@ def run(args) -> str:
     topo = Topology(dims)
     torch.manual_seed(0)
     module = build_module(model_config, topo, ds_config, model_dir=args.model, seed=0,
-                          attention=args.attention)
+                          attention=args.attention, grow_vocab_from=grown_from)
     # Read in order, every row once (as evaluation's loader; the trainer's row loop shares the rows over dp).
     loader = PackedLoader(dataset, table, micro_batch_size=min(args.micro_batch_size, len(dataset)), grad_accum=1,
                           dp_size=1, dp_rank=0, shuffle=False, vocab_size=model_config.vocab_size)

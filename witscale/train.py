@@ -102,6 +102,7 @@ class Plan:
     total_steps: int
     steps_per_epoch: int
     activation_checkpointing: bool = False
+    vocab_grown_from: int | None = None     # --model's vocabulary, grown to the data's (--add-special-tokens)
 
 
 def _require_file(path: str, flag: str) -> None:
@@ -110,7 +111,7 @@ def _require_file(path: str, flag: str) -> None:
 
 
 def plan_run(cfg: RunConfig, world_size: int) -> Plan:
-    from witscale.data.loader import check_model_compat
+    from witscale.data.loader import check_model_compat, grow_model_config
     from witscale.data.format import PackedDataset
     from witscale.model import ModelConfig
     from witscale.parallel.topology import LayoutError, ParallelDims
@@ -142,6 +143,7 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
         check_model_compat(dataset.manifest, model_config, cfg.data)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    model_config, grown_from = grow_model_config(dataset.manifest, model_config)     # --add-special-tokens data
     _check_tokenizer_identity(cfg, dataset, "--data")
     try:
         check_backend_request(cfg.attention, model_config.attn_logit_softcapping)
@@ -206,7 +208,7 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
     total = cfg.max_steps if cfg.max_steps else max(1, int(steps_per_epoch * (cfg.epochs or 1.0)))
     checkpointing = _activation_checkpointing(cfg, model_config, dims, ds_config, dataset.seq_len)
     return Plan(cfg, model_config, dataset, eval_dataset, table, ds_config, world_size, dims, total,
-                steps_per_epoch, checkpointing)
+                steps_per_epoch, checkpointing, grown_from)
 
 
 def _check_tokenizer_identity(cfg: RunConfig, dataset, flag: str) -> None:
@@ -302,7 +304,8 @@ def run(args: argparse.Namespace | RunConfig):
         torch.manual_seed(config.seed)
         module = build_module(plan.model_config, topo, plan.ds_config, model_dir=config.model, seed=config.seed,
                               pp_partition=config.pp_partition, attention=config.attention,
-                              activation_checkpointing=plan.activation_checkpointing)
+                              activation_checkpointing=plan.activation_checkpointing,
+                              grow_vocab_from=plan.vocab_grown_from)
         result = train_loop(plan, topo, module)
         if watch is not None:
             watch.stop()        # from here on, rank 0 (the store's host) may leave first
@@ -439,10 +442,18 @@ def train_loop(plan: Plan, topo, module):
                                      cfg.normalization, cfg.objective)
                 with long_collectives():
                     export_from_engine(trainer, plan.model_config, cfg.export_hf,
-                                       tokenizer_src=cfg.tokenizer or cfg.model, dtype=cfg.export_dtype, meta=meta)
+                                       tokenizer_src=_export_tokenizer(cfg, plan.dataset), dtype=cfg.export_dtype,
+                                       meta=meta)
     finally:
         metrics.close()
     return trainer, results
+
+
+def _export_tokenizer(cfg: RunConfig, dataset) -> str | None:
+    """The tokenizer files --export-hf copies: the data's extended tokenizer when it was packed with
+    --add-special-tokens (its ids are the model's), else --tokenizer, else --model's."""
+    from witscale.data.loader import data_tokenizer_dir
+    return data_tokenizer_dir(cfg.data, dataset.manifest) or cfg.tokenizer or cfg.model
 
 
 def report_sinks(cfg: RunConfig) -> list[str]:

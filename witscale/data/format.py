@@ -28,6 +28,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from typing import NamedTuple
 
@@ -92,12 +93,14 @@ class TokenizedCorpus(NamedTuple):
 def write_packed(output: str, corpus: TokenizedCorpus, *, seq_len: int, pad_id: int, long_policy: str = "truncate",
                  tokenizer: dict | None = None, template: str = "", sources: list | None = None,
                  counts: dict | None = None, skipped: list | None = None, overwrite: bool = False,
-                 task: str = "sft") -> dict:
+                 task: str = "sft", tokenizer_dir: str | None = None) -> dict:
     """Pack `corpus` into rows of `seq_len` and write the dataset at `output`; returns the manifest.
 
     ``task="preference"``: the corpus holds pairs, documents 2i (chosen) and 2i+1 (rejected) of pair i. Each
     pair is packed as ONE item of its total length (best-fit, like any document), so its two documents land
-    adjacent in one row, chosen first; a pair longer than a row is an error (no long policy applies)."""
+    adjacent in one row, chosen first; a pair longer than a row is an error (no long policy applies).
+    ``tokenizer_dir``: a tokenizer extended by --add-special-tokens, copied in as ``tokenizer/``
+    (witscale/data/added_tokens.py)."""
     if seq_len < 2:
         raise DataError(f"--seq-len must be at least 2, got {seq_len}")
     if task not in TASKS:
@@ -166,6 +169,9 @@ def write_packed(output: str, corpus: TokenizedCorpus, *, seq_len: int, pad_id: 
             # SFT manifests stay as they were (no 'task' key: an SFT dataset is byte-identical to before)
             manifest.update(task="preference", long_policy="none", num_pairs=int(num_documents // 2),
                             pairs_per_row=num_documents / 2 / num_rows if num_rows else 0.0)
+        if tokenizer_dir:
+            from witscale.data.added_tokens import PACKED_TOKENIZER_DIR
+            shutil.copytree(tokenizer_dir, os.path.join(tmp, PACKED_TOKENIZER_DIR))
         _write_manifest(tmp, manifest)
         writer.commit()
     return manifest

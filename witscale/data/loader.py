@@ -14,6 +14,8 @@ channel when present.
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field, replace
 from typing import Iterator
 
@@ -322,7 +324,7 @@ def check_model_compat(manifest: dict, model_config, data_path: str = "") -> Non
     fp = manifest.get("tokenizer") or {}
     where = f"data {data_path}" if data_path else "data"
     vocab = fp.get("vocab_size")
-    if vocab is not None and vocab > model_config.vocab_size:
+    if vocab is not None and vocab > model_config.vocab_size and grown_vocab_size(manifest, model_config) is None:
         raise ValueError(f"{where} was tokenized with a {vocab}-token vocabulary but the model's vocab_size is "
                          f"{model_config.vocab_size}: wrong tokenizer for this model")
     for key in ("bos_id", "eos_id"):
@@ -337,13 +339,51 @@ def check_model_compat(manifest: dict, model_config, data_path: str = "") -> Non
                              f"wrong tokenizer for this model")
 
 
+def grown_vocab_size(manifest: dict, model_config) -> int | None:
+    """The vocabulary size the model grows to for data packed with --add-special-tokens
+    (witscale/data/added_tokens.py): the data's, when it is larger than the model's and the tokens past the
+    model's were added to a base tokenizer that fits the model. None: nothing to grow (or nothing allowed to)."""
+    fp = manifest.get("tokenizer") or {}
+    added, vocab = fp.get("added_tokens"), fp.get("vocab_size")
+    if not isinstance(added, dict) or not isinstance(vocab, int) or vocab <= model_config.vocab_size:
+        return None
+    base = (added.get("base") or {}).get("vocab_size")
+    return vocab if isinstance(base, int) and base <= model_config.vocab_size else None
+
+
+def grow_model_config(manifest: dict, model_config):
+    """(model config, its vocabulary size before growing or None): for data packed with --add-special-tokens
+    whose vocabulary is larger than the model's, the config with the data's vocabulary — the model built from it
+    and loaded with ``grow_from`` gets the new rows as the mean of the old (witscale/model/grow.py)."""
+    vocab = grown_vocab_size(manifest, model_config)
+    return (replace(model_config, vocab_size=vocab), model_config.vocab_size) if vocab else (model_config, None)
+
+
+def data_tokenizer_dir(data_path: str | None, manifest: dict | None = None) -> str | None:
+    """The extended tokenizer a packed dataset carries (--add-special-tokens), None for any other dataset:
+    what the model was trained with, and what --export-hf copies."""
+    from witscale.data.added_tokens import PACKED_TOKENIZER_DIR
+    if not data_path:
+        return None
+    if manifest is None:
+        try:
+            with open(os.path.join(data_path, "manifest.json"), encoding="utf-8") as f:
+                manifest = json.load(f)
+        except (OSError, ValueError):
+            return None
+    path = os.path.join(data_path, PACKED_TOKENIZER_DIR)
+    return path if (manifest.get("tokenizer") or {}).get("added_tokens") and os.path.isdir(path) else None
+
+
 def check_tokenizer_identity(manifest: dict, source: str, where: str = "data", *, flag: str = "--model",
                              allow_mismatch: bool = False) -> str | None:
     """Refuse data packed with another tokenizer than the model's: the manifest's tokenizer digest against the
     digest of ``source``'s tokenizer files (a model directory, or a --tokenizer path), by the same function
-    (tokenizer.vocabulary_digest). Vocabulary size and BOS/EOS (check_model_compat) cannot tell two
-    tokenizers of one size apart. Returns a warning to log (a manifest without a digest, packed before it was
-    recorded; a mismatch under ``allow_mismatch``), or None; raises ValueError (one line) on a mismatch.
+    (tokenizer.vocabulary_digest), or, for data packed with --add-special-tokens, the digest of the tokenizer
+    the packer extended (the manifest's ``added_tokens.base``). Vocabulary size and BOS/EOS
+    (check_model_compat) cannot tell two tokenizers of one size apart. Returns a warning to log (a manifest
+    without a digest, packed before it was recorded; a mismatch under ``allow_mismatch``), or None; raises
+    ValueError (one line) on a mismatch.
     ``where`` names the data in the messages (e.g. '--data packed/train')."""
     from witscale.data.errors import TokenizerError
     from witscale.data.tokenizer import model_tokenizer, tokenizer_kinds
@@ -365,6 +405,9 @@ def check_tokenizer_identity(manifest: dict, source: str, where: str = "data", *
                          f"{skip}") from None
     theirs = tokenizer.fingerprint()["digest"]
     if theirs == ours:
+        return None
+    base = ((fp.get("added_tokens") or {}).get("base") or {}).get("digest")
+    if theirs == base:      # the data's tokenizer is this one plus the special tokens the packer added
         return None
     message = (f"{where} was packed with another tokenizer than {flag}'s: the data's {fp.get('kind', '?')} "
                f"tokenizer has digest {ours[:16]}, {tokenizer.path} ({tokenizer.kind}) has {theirs[:16]} "

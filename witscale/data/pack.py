@@ -282,7 +282,8 @@ def _run(tasks, tokenizer, tokenizer_path, output, opts, sources, overwrite, pro
                                                      **({"pairs_prompt_truncated": pairs_truncated["prompt"],
                                                          "pairs_completion_truncated": pairs_truncated["completion"]}
                                                         if opts.task == "preference" else {})},
-                            skipped=reasons, overwrite=overwrite, task=opts.task)
+                            skipped=reasons, overwrite=overwrite, task=opts.task,
+                            tokenizer_dir=tokenizer.extended_directory())
     t2 = time.perf_counter()
     manifest = dict(manifest)
     manifest["timing"] = {"tokenize_s": t1 - t0, "pack_write_s": t2 - t1, "total_s": t2 - t0,

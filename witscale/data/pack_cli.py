@@ -5,6 +5,7 @@ import argparse
 import sys
 import time
 
+from witscale.data.added_tokens import tokenizer_for_packing
 from witscale.data.classes import CLASS_NAMES, LEGACY_CLASS_NAMES
 from witscale.data.errors import DataError
 from witscale.data.output_dir import OutputError, os_error_line
@@ -34,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default="plain", choices=TEMPLATE_NAMES,
                    help="plain (the paper's), alpaca, chatml (Qwen; tools, <think>), llama3 (Llama 3.1 tools), tulu, "
                         "hf (the tokenizer's chat_template). Records with tools need chatml, llama3 or hf")
+    p.add_argument("--add-special-tokens", action="store_true",
+                   help="add the template's special tokens the tokenizer lacks (e.g. chatml's <|im_start|> to "
+                        "LLaMA-2's); the extended tokenizer is saved in the packed directory and recorded in its "
+                        "manifest, and training grows the model's vocabulary to match")
     p.add_argument("--long", default="truncate", choices=LONG_POLICIES, dest="long_policy",
                    help="documents longer than --seq-len (default truncate; --task sft only: a preference pair "
                         "longer than a row is an error, or skipped with --skip-invalid)")
@@ -126,7 +131,10 @@ def main(argv=None) -> int:
                        max_prompt_length=args.max_prompt_length, truncation_mode=args.truncation_mode)
     progress = _Progress()
     try:
-        manifest = pack_files(args.input, args.tokenizer, args.output, opts, fmt=args.format,
+        tokenizer = args.tokenizer
+        if args.add_special_tokens:     # a scratch copy with the template's missing tokens (added_tokens.py)
+            tokenizer = tokenizer_for_packing(args.tokenizer, args.template)
+        manifest = pack_files(args.input, tokenizer, args.output, opts, fmt=args.format,
                               overwrite=args.overwrite, progress=progress, split=args.split, subset=args.subset,
                               on_format=lambda path, fmt: print(f"{path}: detected format {fmt}", file=sys.stderr))
     except (DataError, OutputError) as e:

@@ -45,8 +45,9 @@ class Renderer:
             for name in self.spec.required:
                 if _resolve(self.spec, name, tokenizer) is None:
                     what = {"eos": "an EOS token", "bos": "a BOS token"}.get(name, f"the special token {name!r}")
+                    add = "" if name in ("bos", "eos") else ", or pass --add-special-tokens to add it"
                     raise TokenizerError(f"template {template!r} needs {what}, which this tokenizer lacks; pick "
-                                         f"another --template or a tokenizer that defines it", tokenizer.path)
+                                         f"another --template or a tokenizer that defines it{add}", tokenizer.path)
         self.template = template
         self.tokenizer = tokenizer
 

@@ -42,6 +42,7 @@ class Tokenizer:
     bos_id: int | None
     eos_id: int | None
     pad_id: int
+    added: dict | None = None    # --add-special-tokens: the record of a tokenizer extended by the packer
 
     def encode_with_offsets(self, text: str, continuation: bool = False):
         """(ids int32[n], begin int64[n], end int64[n]); offsets are character positions in `text`."""
@@ -69,8 +70,15 @@ class Tokenizer:
         raise NotImplementedError
 
     def fingerprint(self) -> dict:
-        return {"kind": self.kind, "vocab_size": int(self.vocab_size), "bos_id": self.bos_id,
-                "eos_id": self.eos_id, "pad_id": int(self.pad_id), "digest": vocabulary_digest(self.vocabulary())}
+        fp = {"kind": self.kind, "vocab_size": int(self.vocab_size), "bos_id": self.bos_id,
+              "eos_id": self.eos_id, "pad_id": int(self.pad_id), "digest": vocabulary_digest(self.vocabulary())}
+        if self.added:
+            fp["added_tokens"] = self.added      # the tokens, their ids, the base's fingerprint (added_tokens.py)
+        return fp
+
+    def extended_directory(self) -> str | None:
+        """The directory of a tokenizer extended by --add-special-tokens (copied into the packed dataset)."""
+        return self.path if self.added else None
 
 
 def vocabulary_digest(pieces: list[str]) -> str:
@@ -169,6 +177,8 @@ class HFTokenizer(Tokenizer):
         # special-token ids, resolved once per piece: get_vocab() builds the whole vocabulary dict (151k
         # entries for Qwen) and templates look their specials up for every record
         self._token_ids: dict[str, int | None] = {}
+        from witscale.data.added_tokens import read_added_record
+        self.added = read_added_record(path)
 
     def encode_with_offsets(self, text: str, continuation: bool = False):
         shift = 0

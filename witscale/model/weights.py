@@ -16,6 +16,7 @@ the file and tensor.
 """
 from __future__ import annotations
 
+import dataclasses
 import zlib
 import math
 from typing import Callable, Optional
@@ -121,13 +122,15 @@ def _tied_names(module: torch.nn.Module) -> set[str]:
 
 
 def load_hf_weights(module: torch.nn.Module, path: str, slice_fn: Optional[SliceFn] = None, *,
-                    tp_rank: int = 0, tp: int = 1) -> None:
+                    tp_rank: int = 0, tp: int = 1, file_vocab: Optional[int] = None) -> None:
     """Fill every parameter of ``module`` (a whole model or one pipeline stage) from the HF safetensors
     checkpoint in ``path`` (one file or shards with an index), strictly: a tensor this module needs but the
     files lack, a tensor that is no parameter of the model, or a wrong shape is a CheckpointFormatError
     naming the file and tensor. ``slice_fn(name, slice)`` returns this rank's tensor from the lazy slice
     (default: all of it). A tied LM head takes the embedding; a stored copy is ignored. A ZeRO-3 parameter
-    reads only the rows of its (``tp_rank``-of-``tp``) shard that cover this rank's partition."""
+    reads only the rows of its (``tp_rank``-of-``tp``) shard that cover this rank's partition.
+    ``file_vocab``: the files hold this many vocabulary rows, fewer than the model's (a grown vocabulary,
+    witscale/model/grow.py): the rows past them load as zeros, like vocabulary padding."""
     cfg = module.config
     source = SafetensorsSource(path, rename=checkpoint_to_hf_name(cfg))
     slice_fn = slice_fn or whole_tensor
@@ -147,10 +150,13 @@ def load_hf_weights(module: torch.nn.Module, path: str, slice_fn: Optional[Slice
         raise CheckpointFormatError(f"{path}: tensor {missing[0]} is missing from the checkpoint"
                                     + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
 
-    shapes = dense_shapes(cfg)
+    shapes = dense_shapes(dataclasses.replace(cfg, vocab_size=file_vocab) if file_vocab else cfg)
 
     def value(name: str, p: torch.Tensor, rows: Optional[slice]) -> torch.Tensor:
         hf = to_hf(name)
+        if file_vocab and source.shape(hf) != tuple(shapes[hf]):
+            raise CheckpointFormatError(f"{source.file_of(hf)}: tensor {hf} has shape {source.shape(hf)}, "
+                                        f"the model's {file_vocab}-token vocabulary expects {tuple(shapes[hf])}")
         if rows is not None:        # a ZeRO-3 partition: p.shape is empty, the file's shape is checked here
             if source.shape(hf) != tuple(shapes[hf]):
                 raise CheckpointFormatError(f"{source.file_of(hf)}: tensor {hf} has shape {source.shape(hf)}, "
@@ -175,13 +181,19 @@ def load_hf_weights(module: torch.nn.Module, path: str, slice_fn: Optional[Slice
 
 
 def load_model_weights(module: torch.nn.Module, config: ModelConfig, *, model_dir: Optional[str], seed: int,
-                       topo=None) -> None:
-    """Fill a (TP-sharded, ZeRO-3-partitioned, or pipeline-stage) module from HF safetensors or a seeded init."""
+                       topo=None, grow_from: Optional[int] = None) -> None:
+    """Fill a (TP-sharded, ZeRO-3-partitioned, or pipeline-stage) module from HF safetensors or a seeded init.
+    ``grow_from``: ``model_dir``'s vocabulary size, smaller than ``config``'s (the data's, after
+    --add-special-tokens): the new rows are set to the mean of the loaded ones (witscale/model/grow.py)."""
     tp, tp_rank = (topo.tp, topo.tp_rank) if topo is not None else (1, 0)
     if model_dir is None:
         init_weights(module, seed, tp_rank, tp)
     else:
-        load_hf_weights(module, model_dir, tp_slice_fn(module, tp_rank, tp), tp_rank=tp_rank, tp=tp)
+        load_hf_weights(module, model_dir, tp_slice_fn(module, tp_rank, tp), tp_rank=tp_rank, tp=tp,
+                        file_vocab=grow_from)
+        if grow_from:
+            from witscale.model.grow import mean_init_new_rows
+            mean_init_new_rows(module, grow_from)
 
 
 def shard_rows_of_slice(sl, dim: Optional[int], rank: int, tp: int, padded_rows: Optional[int],

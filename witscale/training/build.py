@@ -7,6 +7,7 @@ init through the one load path (witscale/model/weights.py).
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Optional
 
 import torch
@@ -15,6 +16,8 @@ from witscale.model import ModelConfig, load_model_weights
 from witscale.model.transformer import CausalLM
 from witscale.parallel.layers import skip_init
 from witscale.training.ds_config import zero_stage
+
+log = logging.getLogger("witscale")
 
 
 def construction_context(ds_config: dict, topo):
@@ -61,13 +64,16 @@ def training_device() -> torch.device:
 
 
 def build_module(config: ModelConfig, topo, ds_config: dict, *, model_dir: Optional[str], seed: int,
-                 pp_partition: str = "uniform", attention: str = "auto", activation_checkpointing: bool = False):
+                 pp_partition: str = "uniform", attention: str = "auto", activation_checkpointing: bool = False,
+                 grow_vocab_from: Optional[int] = None):
     """This rank's module (whole model or pipeline stage), weights loaded.
 
     Memory: each rank allocates only what it keeps — its tensor-parallel shard, its pipeline stage, under
     ZeRO-3 its partition (``zero.Init``) — directly on its device and in the training dtype (bf16 when the
     config says so), with no random init that the load would overwrite (``skip_init``). The load then
-    writes every parameter once (docs/parallel-layout.md)."""
+    writes every parameter once (docs/parallel-layout.md). ``grow_vocab_from``: the vocabulary size of
+    ``model_dir``, smaller than ``config``'s (data packed with --add-special-tokens): the new rows start
+    from the mean of the old ones (witscale/model/grow.py)."""
     dtype = torch.bfloat16 if (ds_config.get("bf16") or {}).get("enabled") is True else torch.float32
     with _materialize_on(training_device(), dtype):
         if topo.pp > 1:
@@ -78,5 +84,14 @@ def build_module(config: ModelConfig, topo, ds_config: dict, *, model_dir: Optio
             with construction_context(ds_config, topo):
                 module = CausalLM(config, topo.tp_group_or_none(), attention_backend=attention,
                                   activation_checkpointing=activation_checkpointing)
-    load_model_weights(module, config, model_dir=model_dir, seed=seed, topo=topo)
+    load_model_weights(module, config, model_dir=model_dir, seed=seed, topo=topo, grow_from=grow_vocab_from)
+    if grow_vocab_from and model_dir and _global_rank() == 0:
+        new = config.vocab_size - grow_vocab_from
+        log.info(f"grew the vocabulary from {grow_vocab_from} to {config.vocab_size}: {new} new tokens, "
+                 f"mean-initialised")
     return module
+
+
+def _global_rank() -> int:
+    import torch.distributed as dist
+    return dist.get_rank() if dist.is_initialized() else 0
