@@ -75,7 +75,7 @@ class RunConfig:
     attention: str = "auto"
     dist_timeout: float = 30.0
     peak_tflops: Optional[float] = None    # the GPU's dense bf16 peak for MFU (None: training/peak_flops.py)
-    step_timeout: float = 300.0          # seconds; collectives after the first step, outside saves/export
+    step_timeout: float = 300.0          # seconds; the step watchdog after the first step, outside saves/export
     log_level: str = "INFO"
 
     def __post_init__(self):

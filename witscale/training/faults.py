@@ -6,7 +6,8 @@ Kinds: ``crash_in_save``, ``kill_in_save`` and ``kill_after_save`` (witscale/tra
 shards written but no commit, SIGKILL right after DeepSpeed's files are written, or right after a complete
 checkpoint), ``raise_in_step`` (witscale/train.py: an exception on one
 rank before the step, while the others enter its collectives — the fail-fast path), ``stop_in_step`` (SIGSTOP to
-itself before the step: a hung rank, found by the others' --step-timeout), ``nan_loss`` and ``inf_loss``
+itself before the step: a hung rank, found by the others' step watchdog, --step-timeout), ``sleep_in_step`` (an hour's
+sleep before the step's batch, first Slurm attempt only: a rank alive but stuck outside any collective), ``nan_loss`` and ``inf_loss``
 (witscale/training/trainer.py: the non-zero token weights of the step's first micro-batch on that rank become
 NaN / +inf, as one bad value in a dataset's weights channel would make the loss and the gradients — the
 non-finite guard, independent of the data path and its validation).
