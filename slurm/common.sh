@@ -369,6 +369,12 @@ wit_main() {
     fi
     if [ "$rc" -ne 0 ]; then
         wit_log "training exited with status $rc"
+        if [ "$rc" -gt 128 ] && [ "$WIT_TERMINATED" = 0 ]; then
+            # e.g. SIGABRT: NCCL's watchdog after a collective timeout. The trainer's step watchdog normally ends a
+            # stalled step first and writes the failure file (then the job is requeued above); without that file
+            # nothing says a node was at fault, so a possible bug is not retried.
+            wit_log "a task died of SIG$(kill -l $((rc - 128)) 2>/dev/null || echo $((rc - 128))) and no failure file says a collective failed: not requeued (scontrol requeue $(wit_job_ref) by hand if the log shows a node fault)"
+        fi
         exit "$rc"
     fi
     wit_log "training finished"

@@ -47,6 +47,24 @@ def test_templates_pass_their_signal_lead_to_the_trainer():
     assert lead == "1200"      # 70B: 2 × (0.97 TB / 1.6 GB/s), the arithmetic in train_70b.sh
 
 
+def test_every_preemptible_template_exports_its_own_signal_lead():
+    """Each template that asks Slurm for a preemption warning (#SBATCH --signal=B:USR1@N) exports the same N as
+    WITSCALE_SIGNAL_LEAD_S, which the trainer compares its first save's time with (the DPO and sweep templates
+    exported none: no warning however long their saves took)."""
+    import glob
+    import re
+    leads = {}
+    for path in sorted(glob.glob(os.path.join(REPO_ROOT, "slurm", "*.sh"))):
+        text = open(path, encoding="utf-8").read()
+        signal = re.findall(r"^#SBATCH --signal=B:USR1@(\d+)$", text, re.M)
+        if not signal:
+            continue
+        exported = re.findall(r"^export WITSCALE_SIGNAL_LEAD_S=(\d+)\b", text, re.M)
+        assert exported == signal, (os.path.basename(path), signal, exported)
+        leads[os.path.basename(path)] = int(signal[0])
+    assert {"train_7b.sh", "train_70b.sh", "dpo_7b.sh", "sweep_weights.sh", "sweep_dpo.sh"} <= set(leads), leads
+
+
 # ------------------------------------------------------------------------------------------------- the cluster
 @pytest.fixture(scope="session")
 def slurm_cluster():
@@ -219,6 +237,27 @@ def test_a_hung_rank_ends_the_job_names_its_node_and_is_requeued_once(slurm_clus
     assert "a collective failed (node or network fault)" in log and "(1 of at most 2)" in log, log
     assert "resumed from" in log and sorted(train_losses(out)) == [1, 2, 3, 4, 5, 6], log
     assert (out / ".node-failure-requeues").read_text().strip() == "1"
+
+
+def test_a_rank_stuck_outside_any_collective_is_found_by_the_step_watchdog_and_requeued_once(slurm_cluster, tiny,
+                                                                                              tmp_path):
+    """Rank 1 (node2) sleeps before step 3's batch (first attempt only), alive. The collectives' own timeout is the
+    step watchdog's + 60 s (--dist-timeout stays 30 min), so only the watchdog can end the job — as on NCCL, where
+    the collective timeout aborts the process without a report. The watchdogs name rank 1 on node2 and the phase,
+    write the failure file, the batch script requeues the job once and the rerun resumes and finishes."""
+    out = tmp_path / "out"
+    env = job_env(slurm_cluster, tiny, out, MAX_STEPS=6, SAVE_STEPS=2, WITSCALE_FAULT="sleep_in_step:3:1",
+                  WITSCALE_EXCLUDE_FAILED_NODES=0, EXTRA_ARGS="--no-tensorboard --step-timeout 5")
+    job = sbatch("slurm/train_7b.sh", env, tmp_path / "logs", "--nodes=2")
+    (rec,) = wait_job(job, env, timeout=480)
+    log = read_log(tmp_path / "logs")
+    assert rec["JobState"] == "COMPLETED" and rec["Restarts"] == "1", log
+    assert "step watchdog: no progress for 5 s in step 3: loading its batch (busy in train_loop" in log, log
+    assert "stuck outside any collective: rank 1 on node2 (last finished step 2; busy in train_loop" in log, log
+    assert "a collective failed (node or network fault)" in log and "(1 of at most 2)" in log, log
+    assert "resumed from" in log and sorted(train_losses(out)) == [1, 2, 3, 4, 5, 6], log
+    failure = (out / f".failure.{job}.0").read_text()
+    assert failure.startswith("collective node2 | ") and "step watchdog" in failure, failure
 
 
 def test_a_job_that_dies_of_a_bug_is_not_requeued(slurm_cluster, tiny, tmp_path):
