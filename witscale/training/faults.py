@@ -14,6 +14,8 @@ non-finite guard, independent of the data path and its validation).
 
     WITSCALE_SLOW_SAVE=<seconds>               every checkpoint takes that much longer (a 70B save in a test)
     WITSCALE_SLOW_CONVERSION=<seconds>         the universal-checkpoint conversion takes that much longer
+    WITSCALE_KILL_IN_CONVERSION=1              the conversion SIGKILLs itself once its output is written, before the
+                                               rename (checkpoint.convert_to_universal)
     WITSCALE_SLOW_REFERENCE=<seconds>          tools/precompute_reference.py waits that long before writing, on a
                                                Slurm job's first attempt only (a long 70B reference pass, preempted)
 """
@@ -46,6 +48,10 @@ def first_attempt() -> bool:
 def slow_conversion_seconds() -> float:
     """WITSCALE_SLOW_CONVERSION=<seconds>: the universal-checkpoint conversion takes that much longer (70B's)."""
     return float(os.environ.get("WITSCALE_SLOW_CONVERSION", "0") or 0)
+
+
+def kill_in_conversion() -> bool:
+    return os.environ.get("WITSCALE_KILL_IN_CONVERSION") == "1"
 
 
 def slow_save_seconds() -> float:
