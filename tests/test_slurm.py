@@ -260,6 +260,25 @@ def test_a_rank_stuck_outside_any_collective_is_found_by_the_step_watchdog_and_r
     assert failure.startswith("collective node2 | ") and "step watchdog" in failure, failure
 
 
+def test_a_resume_on_more_ranks_converts_the_layout_as_its_own_job_step_first(slurm_cluster, tiny, tmp_path):
+    """2 nodes × 1 rank train 2 steps; the same output resumed on 2 nodes × 2 ranks (dp 2 → 4, the same 8 rows per
+    step) needs DeepSpeed's universal checkpoint: the batch script makes it in a job step of its own before the
+    training step (slurm/common.sh wit_convert_layout), which then loads it without converting and trains on."""
+    out = tmp_path / "out"
+    env = job_env(slurm_cluster, tiny, out, MAX_STEPS=2)
+    (rec,) = wait_job(sbatch("slurm/train_7b.sh", env, tmp_path / "logs1", "--nodes=2"), env)
+    assert rec["JobState"] == "COMPLETED", read_log(tmp_path / "logs1")
+    env = job_env(slurm_cluster, tiny, out, MAX_STEPS=4, NPROC_PER_NODE=2, GRAD_ACCUM=1,
+                  EXTRA_ARGS="--no-tensorboard --reschedule")
+    (rec,) = wait_job(sbatch("slurm/train_7b.sh", env, tmp_path / "logs2", "--nodes=2"), env, timeout=480)
+    log = read_log(tmp_path / "logs2")
+    assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", log
+    assert "layout conversion: " in log and "step_00000002/universal written" in log, log
+    assert log.count("converting to a universal checkpoint") == 1, log      # by the step, not by the trainer
+    assert log.index("step_00000002/universal written") < log.index("resumed from"), log
+    assert world_of(out) == 4 and sorted(train_losses(out)) == [1, 2, 3, 4], log
+
+
 def test_a_job_that_dies_of_a_bug_is_not_requeued(slurm_cluster, tiny, tmp_path):
     env = job_env(slurm_cluster, tiny, tmp_path / "out", WITSCALE_FAULT="raise_in_step:2:1")
     job = sbatch("slurm/train_7b.sh", env, tmp_path / "logs", "--nodes=2")

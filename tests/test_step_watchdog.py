@@ -79,3 +79,16 @@ def test_the_module_functions_are_no_ops_without_a_watchdog():
     with watchdog.suspended():
         pass
     assert watchdog.current_phase() is None
+
+
+def test_a_phase_that_took_more_than_half_the_timeout_is_warned_about_once(fired, caplog):
+    wd = watchdog.start(0.4, on_fire=fired)
+    with caplog.at_level("WARNING", logger="witscale"):
+        wd.arm("step 2: forward/backward/optimizer")
+        time.sleep(0.25)
+        wd.arm("step 2: preemption check")
+        time.sleep(0.25)
+        wd.arm("step 3: loading its batch")
+        wd.disarm()
+    warned = [r.getMessage() for r in caplog.records if "raise --step-timeout" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("step 2: forward/backward/optimizer took"), warned

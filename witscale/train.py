@@ -557,6 +557,11 @@ def train_loop(plan: Plan, topo, module):
             check_schedule_on_resume(plan, trainer, where)
 
     save_times = []
+    # Under pp an evaluation is one pipeline schedule, beaten once at its end: the watchdog gives it a step timeout
+    # per micro-batch of this rank's share (each forward is shorter than a training step).
+    eval_budget = None
+    if eval_loader is not None and topo.pp > 1:
+        eval_budget = cfg.step_timeout * math.ceil(len(plan.eval_dataset) / topo.dp / eval_loader.micro_batch_size)
 
     def save():
         started = time.monotonic()
@@ -600,7 +605,7 @@ def train_loop(plan: Plan, topo, module):
             check_step(result, batch, lambda: loader.global_batch_rows(batch.epoch, batch.step_in_epoch),
                        trainer.skipped_nonfinite, cfg.skip_nonfinite)
             if evaluate_now(final=False):
-                watchdog.arm(f"step {trainer.step}: evaluation")       # beaten by each micro-batch
+                watchdog.arm(f"step {trainer.step}: evaluation", eval_budget)       # beaten by each micro-batch
                 metrics.write(trainer.evaluate(eval_loader, progress=watchdog.beating(metrics.eval_progress())))
             if cfg.save_steps and trainer.step % cfg.save_steps == 0:
                 save()
@@ -618,7 +623,7 @@ def train_loop(plan: Plan, topo, module):
                 break
         if not preempted:
             if evaluate_now(final=True):
-                watchdog.arm("the final evaluation")
+                watchdog.arm("the final evaluation", eval_budget)
                 metrics.write(trainer.evaluate(eval_loader, progress=watchdog.beating(metrics.eval_progress())))
             watchdog.disarm()
             if last_saved != trainer.step:

@@ -42,16 +42,25 @@ class StepWatchdog:
         self._since: float = 0.0                      # when the phase last made progress
         self.phase: Optional[str] = None
         self._suspended = 0
+        self._warned = False
         self.fired = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="witscale-step-watchdog", daemon=True)
         self._thread.start()
 
     # --- the training loop's side: time stamps only ----------------------------------------------------
-    def arm(self, phase: str) -> None:
-        """A new phase starts now: it has ``timeout_s`` to finish or to ``beat``."""
+    def arm(self, phase: str, first_timeout_s: Optional[float] = None) -> None:
+        """A new phase starts now: it has ``timeout_s`` (``first_timeout_s`` until its first beat) to finish or to
+        ``beat``. A phase that ended after more than half its time is warned about, once: a healthy step must not
+        come near the timeout (raise --step-timeout)."""
+        now = time.monotonic()
+        if self.phase is not None and not self._warned and now - self._since > self.timeout_s / 2 \
+                and self._deadline is not None and self._deadline - self._since <= self.timeout_s:
+            self._warned = True
+            _warn_slow(self.phase, now - self._since, self.timeout_s)
         self.phase = phase
-        self.beat()
+        self._since = now
+        self._deadline = now + (first_timeout_s or self.timeout_s)
 
     def beat(self) -> None:
         """The armed phase made progress: its clock starts again (no-op when disarmed)."""
@@ -87,6 +96,13 @@ class StepWatchdog:
             return
 
 
+def _warn_slow(phase: str, seconds: float, timeout_s: float) -> None:
+    import logging
+    logging.getLogger("witscale").warning(
+        f"{phase} took {seconds:.0f} s, more than half the step watchdog's {timeout_s:.0f} s: a slower one would end "
+        "the job as hung; raise --step-timeout")
+
+
 def _leave(phase: str, waited: float) -> None:
     from witscale.training.distributed import leave_after_stall
     leave_after_stall(phase, waited)
@@ -114,9 +130,9 @@ def stop() -> None:
         _active = None
 
 
-def arm(phase: str) -> None:
+def arm(phase: str, first_timeout_s: Optional[float] = None) -> None:
     if _active is not None:
-        _active.arm(phase)
+        _active.arm(phase, first_timeout_s)
 
 
 def beat() -> None:
