@@ -121,7 +121,7 @@ def _env_from_mpi() -> None:
 
 _FAILED_KEY = "witscale/failed_rank"
 _PROGRESS_KEY = "witscale/progress/"      # + rank: "<step> <host>", set after each optimizer step
-_TIMED_OUT_KEY = "witscale/collective_failed/"     # + rank: set by a rank whose collective failed
+_TIMED_OUT_KEY = "witscale/collective_failed/"     # + rank: set by a rank whose collective failed or watchdog fired
 
 
 # --- collective timeouts: short while stepping, long around the phases known to be long ------------------
