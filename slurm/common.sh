@@ -4,6 +4,8 @@
 #   - sources the site environment (NCCL, modules…): $WITSCALE_SITE_ENV, default slurm/site_env.sh;
 #   - derives the rendezvous from the allocation: head node = first of `scontrol show hostnames`,
 #     its NodeAddr as MASTER_ADDR, a port derived from the job id;
+#   - runs the universal-checkpoint conversion a resume at another layout needs as a job step of its own, before
+#     the training step (wit_convert_layout);
 #   - starts ONE launcher per node (torchrun or the deepspeed launcher, with srun --ntasks=$SLURM_NNODES
 #     --ntasks-per-node=1) or one task per GPU (srun, srun --mpi, mpirun);
 #   - turns Slurm's preemption warning (USR1 to the batch shell: #SBATCH --signal=B:USR1@…) into a
@@ -323,6 +325,34 @@ wit_requeue_after_node_failure() {
     return 0
 }
 
+# A resume at another data-parallel size or tp loads DeepSpeed's universal checkpoint of the tag; making it reads and
+# writes the whole optimizer state (30-90 min at 70B). It is made here, as a job step of its own on one node before
+# the training step, so that no rank waits on it (witscale/training/layout_conversion.py; a second's check when the
+# layout is the same). Its output is renamed into place: a conversion interrupted midway leaves the checkpoint as it
+# was and is redone on the next start. A failure is left to the training step, which names it (or falls back to an
+# older checkpoint). A preemption warning meanwhile stops it and requeues the job at once: there is nothing to save.
+wit_convert_layout() {
+    [ -n "$RESUME" ] || return 0
+    if [ "$RESUME" = auto ] && [ ! -f "$OUTPUT/checkpoints/latest" ]; then return 0; fi
+    local rc=0 pid
+    srun --ntasks=1 --nodes=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" --label \
+        "$PYTHON" -m witscale.training.layout_conversion --output-dir "$OUTPUT" --resume "$RESUME" \
+        --world $((NNODES * NPROC_PER_NODE)) --tp "$TP" --pp "$PP" --ds_config "$DS_CONFIG" &
+    pid=$!
+    # as for the training step: a trapped signal ends `wait` early
+    while kill -0 "$pid" 2>/dev/null; do
+        if [ "$WIT_PREEMPTED" = 1 ]; then kill -TERM "$pid" 2>/dev/null || true; fi
+        wait "$pid" || true
+    done
+    wait "$pid" || rc=$?
+    if [ "$WIT_PREEMPTED" = 1 ] && [ "$WIT_TERMINATED" = 0 ]; then
+        wit_log "preemption warning during the layout conversion: stopped it; requeueing $(wit_job_ref) (it converts again)"
+        scontrol requeue "$(wit_job_ref)" || { wit_log "scontrol requeue failed"; exit 3; }
+        exit 0
+    fi
+    [ "$rc" -eq 0 ] || wit_log "the layout conversion step failed (status $rc): the training step converts on rank 0 or says why"
+}
+
 # Run the training step of this job and decide about requeueing. Exits the batch script.
 wit_main() {
     trap wit_on_usr1 USR1
@@ -334,6 +364,7 @@ wit_main() {
     wit_log "job $(wit_job_ref) restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST:-?}: $NNODES node(s) × $NPROC_PER_NODE rank(s), launcher $LAUNCHER, rendezvous $MASTER_ADDR:$MASTER_PORT"
     wit_log "output $OUTPUT; weights λp=$PROMPT_WEIGHT λr=$RESPONSE_WEIGHT; ${WIT_LAUNCH[*]} ${WIT_TRAIN_ARGS[*]}"
 
+    wit_convert_layout
     WIT_STAMP=$OUTPUT/.launch-stamp.${SLURM_JOB_ID:-local}
     touch "$WIT_STAMP"
     WITSCALE_FAILURE_FILE=$OUTPUT/.failure.${SLURM_JOB_ID:-local}.${SLURM_RESTART_COUNT:-0}
@@ -369,6 +400,12 @@ wit_main() {
     fi
     if [ "$rc" -ne 0 ]; then
         wit_log "training exited with status $rc"
+        if [ "$rc" -gt 128 ] && [ "$WIT_TERMINATED" = 0 ]; then
+            # e.g. SIGABRT: NCCL's watchdog after a collective timeout. The trainer's step watchdog normally ends a
+            # stalled step first and writes the failure file (then the job is requeued above); without that file
+            # nothing says a node was at fault, so a possible bug is not retried.
+            wit_log "a task died of SIG$(kill -l $((rc - 128)) 2>/dev/null || echo $((rc - 128))) and no failure file says a collective failed: not requeued (scontrol requeue $(wit_job_ref) by hand if the log shows a node fault)"
+        fi
         exit "$rc"
     fi
     wit_log "training finished"

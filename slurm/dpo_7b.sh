@@ -20,8 +20,9 @@
 # (or ipo), LABEL_SMOOTHING=0. PROMPT_WEIGHT=0 RESPONSE_WEIGHT=1: the standard DPO mask (response tokens
 # only); CLASS_WEIGHTS=eot=0.5,… per-class overrides, for the reference pass and training alike. Everything else as in slurm/train_7b.sh: MICRO_BATCH, GRAD_ACCUM (overrides PAIRS_PER_STEP), MAX_STEPS,
 # SAVE_STEPS, EVAL_STEPS, TP, PP, DS_CONFIG, LAUNCHER, NPROC_PER_NODE, PYTHON, EXTRA_ARGS, WITSCALE_SITE_ENV …
-# 70B: sbatch --nodes=8 --signal=B:USR1@600 --time=48:00:00 slurm/dpo_7b.sh with ACTIVATION_CHECKPOINTING=on
-# SAVE_STEPS=100 (README, "Align with DPO").
+# 70B: sbatch --nodes=8 --time=48:00:00 slurm/dpo_7b.sh with ACTIVATION_CHECKPOINTING=on SAVE_STEPS=100 (README,
+# "Align with DPO"), from a copy of this template whose #SBATCH --signal lead and WITSCALE_SIGNAL_LEAD_S both say
+# 1200 (train_70b.sh's arithmetic): a lead given on sbatch's command line does not reach the trainer's save-time check.
 #
 # Preemption: as train_7b.sh — USR1 5 minutes before the time limit, the ranks checkpoint, the job requeues
 # and resumes from OUTPUT/checkpoints/latest without a second reference pass. A USR1 during the reference
@@ -47,6 +48,7 @@ set -euo pipefail
 : "${DS_CONFIG:=ds_configs/zero3.json}"
 : "${ACTIVATION_CHECKPOINTING:=auto}"
 export DS_CONFIG ACTIVATION_CHECKPOINTING
+export WITSCALE_SIGNAL_LEAD_S=300        # = #SBATCH --signal=B:USR1@300 (the trainer compares its save time with it)
 
 # The batch script runs from a copy in Slurm's spool directory: find common.sh in the checkout.
 # shellcheck source=slurm/common.sh

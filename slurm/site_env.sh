@@ -18,9 +18,11 @@ export HF_HUB_OFFLINE HF_DATASETS_OFFLINE
 
 # --- NCCL and torch.distributed: safe defaults, all overridable -------------------------------------------
 # Fail loudly instead of hanging on a dead peer: a failed or timed-out NCCL collective aborts the communicator
-# and the process (the trainer's --step-timeout, 300 s after the first step, then ends the job in minutes).
+# and the process (SIGABRT). After the first step the trainer's step watchdog (--step-timeout, 300 s) fires 60 s
+# before that timeout, names the stalled rank, dumps the stacks and the flight recorder and requeues the job;
+# the abort is the backstop.
 : "${TORCH_NCCL_ASYNC_ERROR_HANDLING:=1}"
-# On a timeout, torch's flight recorder (the last collectives of every rank, with their sequence numbers) is
+# On a timeout (or when the step watchdog fires), torch's flight recorder (the last collectives of every rank, with their sequence numbers) is
 # dumped to TORCH_FR_DUMP_TEMP_FILE<rank> — read them with `python -m torch.distributed.flight_recorder.fr_trace`
 # to see which rank never entered which collective. (TORCH_NCCL_DESYNC_DEBUG=1 also names the ranks that did
 # not join, at some cost per collective: turn it on when chasing a hang.)

@@ -118,6 +118,7 @@ PROMPT_WEIGHT=${DPO_PROMPT_WEIGHT:-0} RESPONSE_WEIGHT=${DPO_RESPONSE_WEIGHT:-1}
 unset MODEL_CONFIG DATA EVAL_DATA
 [ -z "${PREF_EVAL_DATA:-}" ] || PREF_EVAL_DATA=$(cd "$PREF_EVAL_DATA" && pwd)
 export OUTPUT MODEL EXPORT_HF PROMPT_WEIGHT RESPONSE_WEIGHT
+export WITSCALE_SIGNAL_LEAD_S=300        # = #SBATCH --signal=B:USR1@300 (the trainer compares its save time with it)
 
 # train_status.json on exit: how this task ended, for tools/collect_sweep.py (slurm/followups.sh)
 trap write_train_status EXIT

@@ -136,6 +136,7 @@ printf '{"prompt_weight": %s, "response_weight": %s}\n' "$PROMPT_WEIGHT" "$RESPO
 [ -n "${MAX_STEPS:-}${EPOCHS:-}" ] || EPOCHS=3
 EXPORT_HF=$OUTPUT/hf                  # per cell (a shared EXPORT_HF would be overwritten by every cell)
 export PROMPT_WEIGHT RESPONSE_WEIGHT OUTPUT DS_CONFIG EPOCHS EXPORT_HF
+export WITSCALE_SIGNAL_LEAD_S=300        # = #SBATCH --signal=B:USR1@300 (the trainer compares its save time with it)
 
 # train_status.json on exit: how this task ended, for tools/collect_sweep.py (slurm/followups.sh)
 trap write_train_status EXIT

@@ -35,3 +35,31 @@ def test_a_stopped_rank_ends_the_job_within_the_step_timeout_naming_its_host(run
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000002", out[-4000:]
     report = failure.read_text()
     assert report.startswith(f"collective {host} | "), report
+
+
+def test_a_rank_stuck_outside_any_collective_is_found_by_the_step_watchdog(run_inputs, tmp_path):  # noqa: F811
+    """Rank 1 sleeps (alive, its Python running) before step 3's batch; rank 0 waits in step 3's collectives. The
+    collectives' own timeout is the watchdog's + 60 s, so only the step watchdog can end the job here — as on NCCL,
+    where the collective timeout aborts the process (SIGABRT) with no report. Both watchdogs fire: each rank says
+    where it is (rank 0 in a collective, rank 1 busy in the training loop), dumps every thread's stack, and the
+    failure file names rank 1's host as a collective failure, which the batch script requeues."""
+    failure = tmp_path / "failure.txt"
+    proc = _torchrun(_args(run_inputs, tmp_path / "run", 6, "--step-timeout", "5", "--no-tensorboard"),
+                     env=_env(WITSCALE_FAULT="sleep_in_step:3:1", WITSCALE_FAILURE_FILE=str(failure)), wait=False)
+    try:
+        out, _ = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    (tmp_path / "out.txt").write_text(out)
+    assert proc.returncode != 0, out[-4000:]
+    host = socket.gethostname()
+    assert "step watchdog: no progress for" in out and "in step 3: forward/backward/optimizer (waiting in a " \
+        "collective)" in out, out[-4000:]
+    assert "in step 3: loading its batch (busy in train_loop (train.py:" in out, out[-4000:]
+    assert "(most recent call first)" in out, out[-4000:]        # faulthandler's dump of the stacks
+    named = [ln for ln in out.splitlines() if "a collective failed (step watchdog" in ln]
+    assert named and all(f"stuck outside any collective: rank 1 on {host} (last finished step 2; busy in "
+                         "train_loop" in ln for ln in named), out[-4000:]
+    report = failure.read_text()
+    assert report.startswith(f"collective {host} | ") and "step watchdog" in report, report

@@ -49,6 +49,24 @@ def test_templates_pass_their_signal_lead_to_the_trainer():
     assert lead == "1200"      # 70B: 2 × (0.97 TB / 1.6 GB/s), the arithmetic in train_70b.sh
 
 
+def test_every_preemptible_template_exports_its_own_signal_lead():
+    """Each template that asks Slurm for a preemption warning (#SBATCH --signal=B:USR1@N) exports the same N as
+    WITSCALE_SIGNAL_LEAD_S, which the trainer compares its first save's time with (the DPO and sweep templates
+    exported none: no warning however long their saves took)."""
+    import glob
+    import re
+    leads = {}
+    for path in sorted(glob.glob(os.path.join(REPO_ROOT, "slurm", "*.sh"))):
+        text = open(path, encoding="utf-8").read()
+        signal = re.findall(r"^#SBATCH --signal=B:USR1@(\d+)$", text, re.M)
+        if not signal:
+            continue
+        exported = re.findall(r"^export WITSCALE_SIGNAL_LEAD_S=(\d+)\b", text, re.M)
+        assert exported == signal, (os.path.basename(path), signal, exported)
+        leads[os.path.basename(path)] = int(signal[0])
+    assert {"train_7b.sh", "train_70b.sh", "dpo_7b.sh", "sweep_weights.sh", "sweep_dpo.sh"} <= set(leads), leads
+
+
 # ------------------------------------------------------------------------------------------------- the cluster
 @pytest.fixture(scope="session")
 def slurm_cluster():
@@ -221,6 +239,46 @@ def test_a_hung_rank_ends_the_job_names_its_node_and_is_requeued_once(slurm_clus
     assert "a collective failed (node or network fault)" in log and "(1 of at most 2)" in log, log
     assert "resumed from" in log and sorted(train_losses(out)) == [1, 2, 3, 4, 5, 6], log
     assert (out / ".node-failure-requeues").read_text().strip() == "1"
+
+
+def test_a_rank_stuck_outside_any_collective_is_found_by_the_step_watchdog_and_requeued_once(slurm_cluster, tiny,
+                                                                                              tmp_path):
+    """Rank 1 (node2) sleeps before step 3's batch (first attempt only), alive. The collectives' own timeout is the
+    step watchdog's + 60 s (--dist-timeout stays 30 min), so only the watchdog can end the job — as on NCCL, where
+    the collective timeout aborts the process without a report. The watchdogs name rank 1 on node2 and the phase,
+    write the failure file, the batch script requeues the job once and the rerun resumes and finishes."""
+    out = tmp_path / "out"
+    env = job_env(slurm_cluster, tiny, out, MAX_STEPS=6, SAVE_STEPS=2, WITSCALE_FAULT="sleep_in_step:3:1",
+                  WITSCALE_EXCLUDE_FAILED_NODES=0, EXTRA_ARGS="--no-tensorboard --step-timeout 5")
+    job = sbatch("slurm/train_7b.sh", env, tmp_path / "logs", "--nodes=2")
+    (rec,) = wait_job(job, env, timeout=480)
+    log = read_log(tmp_path / "logs")
+    assert rec["JobState"] == "COMPLETED" and rec["Restarts"] == "1", log
+    assert "step watchdog: no progress for 5 s in step 3: loading its batch (busy in train_loop" in log, log
+    assert "stuck outside any collective: rank 1 on node2 (last finished step 2; busy in train_loop" in log, log
+    assert "a collective failed (node or network fault)" in log and "(1 of at most 2)" in log, log
+    assert "resumed from" in log and sorted(train_losses(out)) == [1, 2, 3, 4, 5, 6], log
+    failure = (out / f".failure.{job}.0").read_text()
+    assert failure.startswith("collective node2 | ") and "step watchdog" in failure, failure
+
+
+def test_a_resume_on_more_ranks_converts_the_layout_as_its_own_job_step_first(slurm_cluster, tiny, tmp_path):
+    """2 nodes × 1 rank train 2 steps; the same output resumed on 2 nodes × 2 ranks (dp 2 → 4, the same 8 rows per
+    step) needs DeepSpeed's universal checkpoint: the batch script makes it in a job step of its own before the
+    training step (slurm/common.sh wit_convert_layout), which then loads it without converting and trains on."""
+    out = tmp_path / "out"
+    env = job_env(slurm_cluster, tiny, out, MAX_STEPS=2)
+    (rec,) = wait_job(sbatch("slurm/train_7b.sh", env, tmp_path / "logs1", "--nodes=2"), env)
+    assert rec["JobState"] == "COMPLETED", read_log(tmp_path / "logs1")
+    env = job_env(slurm_cluster, tiny, out, MAX_STEPS=4, NPROC_PER_NODE=2, GRAD_ACCUM=1,
+                  EXTRA_ARGS="--no-tensorboard --reschedule")
+    (rec,) = wait_job(sbatch("slurm/train_7b.sh", env, tmp_path / "logs2", "--nodes=2"), env, timeout=480)
+    log = read_log(tmp_path / "logs2")
+    assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", log
+    assert "layout conversion: " in log and "step_00000002/universal written" in log, log
+    assert log.count("converting to a universal checkpoint") == 1, log      # by the step, not by the trainer
+    assert log.index("step_00000002/universal written") < log.index("resumed from"), log
+    assert world_of(out) == 4 and sorted(train_losses(out)) == [1, 2, 3, 4], log
 
 
 def test_a_job_that_dies_of_a_bug_is_not_requeued(slurm_cluster, tiny, tmp_path):

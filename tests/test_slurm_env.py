@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -74,3 +75,51 @@ def test_output_defaults_to_scratch_and_a_70b_output_under_home_is_refused(tmp_p
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "under $HOME" in err, err
     rc, *_ = defaults(tmp_path, gpu_node=False, HOME=str(home), OUTPUT=str(home / "runs" / "7b"))
     assert rc == 0        # the 7B templates keep allowing it
+
+
+SCONTROL = """#!/bin/sh
+echo "scontrol $*" >>"$STANDIN_LOG"
+case "$1 $2" in
+    "show hostnames") echo node1 ;;
+    "show node") echo "NodeName=node1 NodeAddr=node1 State=ALLOCATED" ;;
+esac
+"""
+# The launch step: its ranks end as a rank killed by the NCCL watchdog would (SIGABRT), after the step watchdog wrote
+# the failure file (or not).
+SRUN = """#!/bin/sh
+echo "srun" >>"$STANDIN_LOG"
+[ -z "${FAILURE_LINE:-}" ] || echo "$FAILURE_LINE" >>"$WITSCALE_FAILURE_FILE"
+kill -ABRT $$
+"""
+
+
+@pytest.mark.parametrize("failure_line", ["collective node2 | [witscale] rank 0 (node1): a collective failed (step "
+                                          "watchdog: no progress for 300 s in step 9: forward/backward/optimizer); "
+                                          "did not reach it: rank 8 on node2 (last finished step 8)", None])
+def test_a_launch_killed_by_sigabrt_is_requeued_only_when_the_failure_file_says_a_collective_failed(tmp_path,
+                                                                                                 failure_line):
+    """wit_main with stand-ins for srun/scontrol: the launch dies of SIGABRT (exit 134). With the step watchdog's
+    failure file the job is requeued and node2 excluded; without one (a bug, or NCCL's abort before any report) it
+    fails with the launch's status."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for name, text in (("scontrol", SCONTROL), ("srun", SRUN), ("scancel", "#!/bin/sh\n")):
+        (bindir / name).write_text(text)
+        (bindir / name).chmod(0o755)
+    log = tmp_path / "standins.log"
+    env = {k: v for k, v in os.environ.items() if k not in CLEAR}
+    env.update(WITSCALE_HOME=REPO_ROOT, PYTHON=sys.executable, DATA="d", MODEL_CONFIG="m", OUTPUT=str(tmp_path / "out"),
+               DS_ACCELERATOR="cpu", NPROC_PER_NODE="1", SLURM_JOB_ID="77", SLURM_JOB_NODELIST="node[1-2]",
+               SLURM_NNODES="2", STANDIN_LOG=str(log), PATH=f"{bindir}:/usr/bin:/bin")
+    if failure_line:
+        env["FAILURE_LINE"] = failure_line
+    res = subprocess.run(["bash", "-c", "source slurm/common.sh; wit_main"], cwd=REPO_ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    calls = log.read_text()
+    if failure_line:
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "scontrol requeue 77" in calls and "ExcNodeList=node2" in calls, calls
+        assert "a collective failed (node or network fault)" in res.stdout, res.stdout
+    else:
+        assert res.returncode == 134 and "requeue" not in calls, res.stdout + res.stderr + calls
+        assert "training exited with status 134" in res.stdout and "died of SIGABRT" in res.stdout, res.stdout

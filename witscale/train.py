@@ -340,7 +340,7 @@ def train_loop(plan: Plan, topo, module):
     import torch.distributed as dist
 
     from witscale.data.loader import PackedLoader
-    from witscale.training import checkpoint, preemption
+    from witscale.training import checkpoint, preemption, watchdog
     from witscale.training.distributed import long_collectives, record_progress, use_step_timeout
     from witscale.training.faults import first_attempt, injected, slow_save_seconds
     from witscale.training.guard import check_step
@@ -377,12 +377,17 @@ def train_loop(plan: Plan, topo, module):
             check_schedule_on_resume(plan, trainer, where)
 
     save_times = []
+    # Under pp an evaluation is one pipeline schedule, beaten once at its end: the watchdog gives it a step timeout
+    # per micro-batch of this rank's share (each forward is shorter than a training step).
+    eval_budget = None
+    if eval_loader is not None and topo.pp > 1:
+        eval_budget = cfg.step_timeout * math.ceil(len(plan.eval_dataset) / topo.dp / eval_loader.micro_batch_size)
 
     def save():
         started = time.monotonic()
-        if slow_save_seconds():
-            time.sleep(slow_save_seconds())      # test-only (witscale/training/faults.py)
         with long_collectives():
+            if slow_save_seconds():
+                time.sleep(slow_save_seconds())      # test-only (witscale/training/faults.py)
             trainer.save_checkpoint(ckpt_root, cfg.keep_checkpoints, args={k: str(v) for k, v in cfg.as_dict().items()},
                                     schedule=schedule_record(plan), **fingerprints)
         save_times.append(time.monotonic() - started)
@@ -401,11 +406,16 @@ def train_loop(plan: Plan, topo, module):
     results, preempted, last_saved = [], False, None
     try:
         while trainer.step < plan.total_steps:
+            # The step watchdog (from the second step on) gives each phase --step-timeout: time stamps, no sync.
+            watchdog.arm(f"step {trainer.step + 1}: loading its batch")
             if injected("raise_in_step", trainer.step + 1):
                 raise RuntimeError(f"injected fault before step {trainer.step + 1} (WITSCALE_FAULT)")
             if injected("stop_in_step", trainer.step + 1) and first_attempt():
                 os.kill(os.getpid(), signal.SIGSTOP)       # a hung rank: alive, silent, never joining
+            if injected("sleep_in_step", trainer.step + 1) and first_attempt():
+                time.sleep(3600)        # a rank stuck outside any collective (a dead filesystem's read)
             batch = loader.next_step()
+            watchdog.arm(f"step {trainer.step + 1}: forward/backward/optimizer")
             result = trainer.train_step(batch)
             record_progress(trainer.step)
             if len(results) == 0:       # the first step is done: from now on a hung rank is found in minutes
@@ -416,12 +426,14 @@ def train_loop(plan: Plan, topo, module):
             check_step(result, batch, lambda: loader.global_batch_rows(batch.epoch, batch.step_in_epoch),
                        trainer.skipped_nonfinite, cfg.skip_nonfinite)
             if evaluate_now(final=False):
-                metrics.write(trainer.evaluate(eval_loader, progress=metrics.eval_progress()))
+                watchdog.arm(f"step {trainer.step}: evaluation", eval_budget)       # beaten by each micro-batch
+                metrics.write(trainer.evaluate(eval_loader, progress=watchdog.beating(metrics.eval_progress())))
             if cfg.save_steps and trainer.step % cfg.save_steps == 0:
                 save()
                 last_saved = trainer.step
             # After the step, its evaluation and its save: a signal that came during any of them stops the run
             # here — no further step, and no second save of a step just saved.
+            watchdog.arm(f"step {trainer.step}: preemption check")
             if preemption.agreed(device=trainer.device):
                 log.warning(f"preemption signal ({preemption.signal_names() or 'on another rank'}): "
                             + (f"checkpointing at step {trainer.step} and exiting" if last_saved != trainer.step
@@ -432,7 +444,9 @@ def train_loop(plan: Plan, topo, module):
                 break
         if not preempted:
             if evaluate_now(final=True):
-                metrics.write(trainer.evaluate(eval_loader, progress=metrics.eval_progress()))
+                watchdog.arm("the final evaluation", eval_budget)
+                metrics.write(trainer.evaluate(eval_loader, progress=watchdog.beating(metrics.eval_progress())))
+            watchdog.disarm()
             if last_saved != trainer.step:
                 save()
             if cfg.export_hf:
@@ -445,6 +459,7 @@ def train_loop(plan: Plan, topo, module):
                                        tokenizer_src=_export_tokenizer(cfg, plan.dataset), dtype=cfg.export_dtype,
                                        meta=meta)
     finally:
+        watchdog.stop()
         metrics.close()
     return trainer, results
 

@@ -44,7 +44,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from witscale.training.faults import injected, slow_conversion_seconds
+from witscale.training.faults import injected, kill_in_conversion, slow_conversion_seconds
 
 log = logging.getLogger("witscale")
 
@@ -775,35 +775,54 @@ def _tp_restore_meta(module, tp: int) -> list:
 
 
 def universal_tag(root: str, tag: str) -> str:
-    """Every rank: the tag of ``root/tag``'s DeepSpeed universal checkpoint (``<tag>/universal``), converted by
-    rank 0 with DeepSpeed's ``ds_to_universal`` the first time it is needed (into a temporary directory renamed
-    into place; an interrupted conversion's temporary directory is removed and the conversion starts over) —
-    per-parameter fp32 weights and Adam moments that any data-parallel size loads (``checkpoint.load_universal``).
-    The others wait until rank 0 has converted and vetted it (``_wait_until_vetted``), not in a collective: at 70B the conversion reads and writes
+    """Every rank: the tag of ``root/tag``'s DeepSpeed universal checkpoint (``<tag>/universal``) — per-parameter
+    fp32 weights and Adam moments that any data-parallel size loads (``checkpoint.load_universal``). The Slurm
+    templates make it before the training step, as a job step of its own (``witscale.training.layout_conversion``);
+    where it is not there yet, rank 0 makes it now (``convert_to_universal``) while the others wait until rank 0 has
+    converted and vetted it (``_wait_until_vetted``), not in a collective: at 70B the conversion reads and writes
     the whole optimizer state (tens of minutes), longer than any collective timeout should be; if rank 0 fails
     meanwhile, the PeerFailureWatch ends them (distributed.py)."""
     out = os.path.join(root, tag, UNIVERSAL)
     if dist.get_rank() == 0 and not os.path.isdir(out):
-        from deepspeed.checkpoint import ds_to_universal
-        refuse_unsafe_pickles(os.path.join(root, tag))
-        for old in os.listdir(os.path.join(root, tag)):       # left by a conversion killed earlier
-            if old.startswith(f"{UNIVERSAL}.tmp"):
-                shutil.rmtree(os.path.join(root, tag, old), ignore_errors=True)
-        tmp = f"{out}.tmp{os.getpid()}"
-        if slow_conversion_seconds():
-            time.sleep(slow_conversion_seconds())       # test-only (witscale/training/faults.py)
-        workers = int(os.environ.get("WITSCALE_UNIVERSAL_WORKERS", "4" if torch.cuda.is_available() else "1"))
-        log.warning(f"{os.path.join(root, tag)}: converting to a universal checkpoint for the new layout "
-                    f"(DeepSpeed ds_to_universal, {workers} worker(s))")
-        ds_to_universal.main(argparse.Namespace(input_folder=os.path.join(root, tag), output_folder=tmp,
-                                                num_extract_workers=workers, num_merge_workers=max(1, workers // 2),
-                                                keep_temp_folder=False, strict=True, inject_missing_state=False))
-        _wrap_bare_tensors(tmp)
-        os.replace(tmp, out)
-    if dist.get_rank() == 0:        # made now or found (left by an earlier resume, or crafted)
+        convert_to_universal(root, tag)
+    if dist.get_rank() == 0:        # made now or found (left by an earlier resume, the conversion step, or crafted)
         refuse_unsafe_pickles(out)
     _wait_until_vetted(out, tag)
     return f"{tag}/{UNIVERSAL}"
+
+
+def convert_to_universal(root: str, tag: str) -> str:
+    """One process: ``root/tag``'s universal checkpoint, made with DeepSpeed's ``ds_to_universal`` in a staging
+    directory ``<tag>/universal.tmp<pid>`` and renamed into place, so that ``<tag>/universal`` is only ever whole. The
+    tag's own files are only read. An interrupted conversion (killed, preempted, out of time) leaves its temporary
+    directory, which the next conversion removes before it starts over. Returns ``<tag>/universal``'s path."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    tag_dir = os.path.join(root, tag)
+    out = os.path.join(tag_dir, UNIVERSAL)
+    refuse_unsafe_pickles(tag_dir)
+    for old in os.listdir(tag_dir):       # left by a conversion killed earlier
+        if old.startswith(f"{UNIVERSAL}.tmp"):
+            log.warning(f"{os.path.join(tag_dir, old)}: removing an interrupted conversion's partial output")
+            shutil.rmtree(os.path.join(tag_dir, old), ignore_errors=True)
+    # ds_to_universal also writes a `latest_universal` file beside its output folder: inside the staging directory
+    # too, so that the tag itself is never written to.
+    staging = f"{out}.tmp{os.getpid()}"
+    tmp = os.path.join(staging, UNIVERSAL)
+    if slow_conversion_seconds():
+        time.sleep(slow_conversion_seconds())       # test-only (witscale/training/faults.py)
+    workers = int(os.environ.get("WITSCALE_UNIVERSAL_WORKERS", "4" if torch.cuda.is_available() else "1"))
+    log.warning(f"{tag_dir}: converting to a universal checkpoint for the new layout "
+                f"(DeepSpeed ds_to_universal, {workers} worker(s))")
+    ds_to_universal.main(argparse.Namespace(input_folder=tag_dir, output_folder=tmp,
+                                            num_extract_workers=workers, num_merge_workers=max(1, workers // 2),
+                                            keep_temp_folder=False, strict=True, inject_missing_state=False))
+    _wrap_bare_tensors(tmp)
+    if kill_in_conversion():
+        os.kill(os.getpid(), signal.SIGKILL)        # test-only: everything written, nothing renamed
+    os.replace(tmp, out)
+    shutil.rmtree(staging, ignore_errors=True)
+    return out
 
 
 def _wait_until_vetted(out: str, tag: str) -> None:

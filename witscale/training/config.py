@@ -219,9 +219,11 @@ class RunConfig:
     peak_tflops: Optional[float] = option(   # None: training/peak_flops.py
         None, "the GPU's dense bf16 peak for MFU (default: by exact GPU model; unknown cards log no MFU)",
         group=RUNTIME, metavar="TFLOPS", check=positive)
-    step_timeout: float = option(       # collectives after the first step, outside saves/export
-        300.0, "collective timeout after the first step, outside saves and the export (default 300): a hung rank "
-               "or node ends the job in minutes, naming the ranks and hosts that stopped", group=RUNTIME,
+    step_timeout: float = option(       # the step watchdog after the first step, outside saves/export
+        300.0, "after the first step, a phase of a step (its batch, forward/backward/optimizer, each evaluation "
+               "micro-batch) that makes no progress for this long ends the job, naming the ranks and hosts that "
+               "stopped (the step watchdog; collectives time out 60 s after it); saves and the export are bounded "
+               "by --dist-timeout instead (default 300)", group=RUNTIME,
         metavar="SECONDS", check=positive)
     log_level: str = option("INFO", group=RUNTIME)
 

@@ -121,7 +121,7 @@ def _env_from_mpi() -> None:
 
 _FAILED_KEY = "witscale/failed_rank"
 _PROGRESS_KEY = "witscale/progress/"      # + rank: "<step> <host>", set after each optimizer step
-_TIMED_OUT_KEY = "witscale/collective_failed/"     # + rank: set by a rank whose collective failed
+_TIMED_OUT_KEY = "witscale/collective_failed/"     # + rank: set by a rank whose collective failed or watchdog fired
 
 
 # --- collective timeouts: short while stepping, long around the phases known to be long ------------------
@@ -154,18 +154,32 @@ def set_collective_timeout(seconds: float) -> None:
     _timeouts["now"] = seconds
 
 
-def use_step_timeout(step_seconds: float, long_seconds: float) -> None:
-    """From now on the short timeout, except inside ``long_collectives()`` (call once the first step is done)."""
+def use_step_timeout(step_seconds: float, long_seconds: float) -> bool:
+    """From now on (call once the first step is done) the step watchdog (witscale/training/watchdog.py) ends a
+    rank whose step phase makes no progress for ``step_seconds``, and every collective times out
+    ``watchdog.LEAD_S`` after it (so that on NCCL the watchdog — which reports and requeues — fires before NCCL's
+    own abort, which does neither); ``long_collectives()`` suspends both. True when the watchdog runs."""
+    from witscale.training import watchdog
+
     if not dist.is_initialized() or dist.get_world_size() == 1 or step_seconds >= long_seconds:
-        return
-    _timeouts.update(long=long_seconds, short=step_seconds)
-    set_collective_timeout(step_seconds)
+        return False
+    short = step_seconds + watchdog.LEAD_S
+    if short < long_seconds:
+        _timeouts.update(long=long_seconds, short=short)
+        set_collective_timeout(short)
+    watchdog.start(step_seconds)
+    return True
 
 
 class long_collectives:
-    """``with long_collectives():`` — --dist-timeout for a checkpoint save/load, conversion or export, then back."""
+    """``with long_collectives():`` — --dist-timeout for a checkpoint save/load, conversion or export, then back;
+    the step watchdog is suspended meanwhile (its clock restarts after)."""
 
     def __enter__(self):
+        from witscale.training import watchdog
+
+        self.paused = watchdog.suspended()
+        self.paused.__enter__()
         self.restore = _timeouts["short"] if _timeouts["now"] == _timeouts["short"] and _timeouts["short"] else None
         if self.restore is not None:
             set_collective_timeout(_timeouts["long"])
@@ -174,6 +188,7 @@ class long_collectives:
     def __exit__(self, *exc):
         if self.restore is not None and exc[0] is None:
             set_collective_timeout(self.restore)
+        self.paused.__exit__(*exc)
         return False
 
 
@@ -193,32 +208,70 @@ def record_progress(step: int) -> None:
             pass
 
 
-def hung_ranks(grace_s: float = 10.0) -> Optional[str]:
-    """After a collective of this rank failed: which ranks did not fail with it — they are the ones that never
-    joined (stopped, wedged, gone). Every rank whose collective times out marks itself in the store and waits
-    ``grace_s`` for the others' (they time out within about the same second); the unmarked ranks are named
-    with their host and last finished step (``record_progress``). None without a store."""
+def hung_ranks(grace_s: float = 10.0, doing: str = "") -> Optional[str]:
+    """After a collective of this rank failed, or its step watchdog fired: which ranks stopped. Every such rank
+    marks itself in the store — with ``doing``, what its main thread does ('' = waits in a collective,
+    ``main_thread_activity``) — and waits ``grace_s`` for the others' marks (they fail within about the same
+    second). Named, with host and last finished step (``record_progress``): the unmarked ranks (stopped, wedged,
+    gone: "did not reach it") and, where some marked rank waits in a collective, the marked ranks that do not
+    ("stuck outside any collective": e.g. a rank in a dead filesystem's read). None without a store."""
     import time
 
     store = _default_store()
     if store is None or not dist.is_initialized():
         return None
     try:
-        store.set(f"{_TIMED_OUT_KEY}{dist.get_rank()}", "1")
+        store.set(f"{_TIMED_OUT_KEY}{dist.get_rank()}", _BUSY + doing if doing else _WAITING)
         time.sleep(grace_s)
-        hung = []
+        hung, busy, waiting = [], [], 0
         for r in range(dist.get_world_size()):
+            where = _last_progress(store, r)
             if store.check([f"{_TIMED_OUT_KEY}{r}"]):
-                continue
-            key = f"{_PROGRESS_KEY}{r}"
-            if store.check([key]):
-                step, host = store.get(key).decode().split(" ", 1)
-                hung.append(f"rank {r} on {host} (last finished step {step})")
+                mark = store.get(f"{_TIMED_OUT_KEY}{r}").decode()
+                if mark.startswith(_BUSY):
+                    busy.append(f"rank {r} on {where[1]} (last finished step {where[0]}; {mark[len(_BUSY):]})"
+                                if where else f"rank {r} (no step finished; {mark[len(_BUSY):]})")
+                else:
+                    waiting += 1
+            elif where:
+                hung.append(f"rank {r} on {where[1]} (last finished step {where[0]})")
             else:
                 hung.append(f"rank {r} (no step finished)")
     except Exception:    # noqa: BLE001 - the store may be gone
         return None
-    return ("did not reach it: " + ", ".join(hung)) if hung else "every rank failed with it"
+    parts = (["did not reach it: " + ", ".join(hung)] if hung else []) + (
+        ["stuck outside any collective: " + ", ".join(busy)] if busy and waiting else [])
+    return "; ".join(parts) if parts else "every rank failed with it"
+
+
+_WAITING, _BUSY = "collective", "busy: "       # the marks of hung_ranks
+
+
+def _last_progress(store, rank: int) -> Optional[tuple[str, str]]:
+    key = f"{_PROGRESS_KEY}{rank}"
+    if not store.check([key]):
+        return None
+    step, host = store.get(key).decode().split(" ", 1)
+    return step, host
+
+
+def main_thread_activity() -> str:
+    """'' when this rank's main thread is inside torch or DeepSpeed (a collective, a ZeRO gather's wait, a device
+    sync: what a rank waiting for a stopped peer does), else where it is busy — ``busy in <function> (<file>:<line>)``
+    of its innermost Python frame: a rank stuck in witscale's own code or another library (a dead filesystem's
+    read, a sleep). Under NCCL a hung collective usually blocks the host at the step's next device sync
+    (``.item()``, a C call from witscale's code): then every rank looks busy, and ``hung_ranks`` names none."""
+    import sys
+    import threading
+
+    top = frame = sys._current_frames().get(threading.main_thread().ident)
+    while frame is not None:
+        if str(frame.f_globals.get("__name__", "")).split(".")[0] in ("torch", "deepspeed"):
+            return ""
+        frame = frame.f_back
+    if top is None:
+        return ""
+    return f"busy in {top.f_code.co_name} ({os.path.basename(top.f_code.co_filename)}:{top.f_lineno})"
 
 
 def is_collective_failure(exc: Optional[BaseException]) -> bool:
@@ -302,7 +355,8 @@ def fail_fast(code: int = 1, message: str | None = None) -> None:
     collective = code == 1 and dist.is_initialized() and is_collective_failure(exc)
     try:
         if collective:      # before the failure key: the peers must not leave before they marked themselves
-            _report_collective_failure(rank, exc)
+            traceback.print_exc()
+            _report_collective_failure(rank, str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
         if dist.is_initialized():
             store = _default_store()
             if store is not None:
@@ -323,19 +377,72 @@ def fail_fast(code: int = 1, message: str | None = None) -> None:
         os._exit(code)
 
 
-def _report_collective_failure(rank: int, exc: BaseException) -> None:
+def leave_after_stall(phase: str, waited: float) -> None:
+    """The step watchdog fired (witscale/training/watchdog.py; called from its thread): this rank's phase made no
+    progress for ``waited`` seconds. Say so, dump every thread's Python stack (faulthandler) and — on NCCL —
+    torch's flight recorder, report it as a collective failure (the ranks that stopped, $WITSCALE_FAILURE_FILE:
+    the batch script requeues), tell the peers (``_FAILED_KEY``) and leave with status 1, before NCCL's own
+    timeout aborts the process with none of that."""
+    import faulthandler
+    import logging
+    import sys
+
+    rank = rank_from_env()
+    try:
+        doing = main_thread_activity()
+        print(f"[witscale] rank {rank} ({node_name()}): step watchdog: no progress for {waited:.0f} s in {phase} "
+              f"({doing or 'waiting in a collective'}); the Python stack of every thread follows",
+              file=sys.stderr, flush=True)
+        try:
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        except (ValueError, OSError, AttributeError):     # stderr without a file descriptor
+            pass
+        _dump_flight_recorder(rank)
+        _report_collective_failure(rank, f"step watchdog: no progress for {waited:.0f} s in {phase}", doing)
+        store = _default_store()
+        if store is not None:
+            try:
+                store.set(_FAILED_KEY, str(rank))
+            except Exception:    # noqa: BLE001 - the store may be gone already
+                pass
+        for handler in logging.getLogger("witscale").handlers + logging.getLogger().handlers:
+            handler.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(1)
+
+
+def _dump_flight_recorder(rank: int) -> None:
+    """NCCL only: torch's flight recorder (each rank's last collectives with their sequence numbers) into the file
+    NCCL's own timeout dump would have written (``$TORCH_FR_DUMP_TEMP_FILE<rank>``, slurm/site_env.sh), which the
+    step watchdog pre-empts. Read them with ``python -m torch.distributed.flight_recorder.fr_trace``."""
+    import sys
+
+    stem = os.environ.get("TORCH_FR_DUMP_TEMP_FILE")
+    dump = getattr(torch._C._distributed_c10d, "_dump_nccl_trace", None)
+    if not stem or dump is None or not dist.is_initialized() or dist.get_backend() != "nccl":
+        return
+    try:
+        data = dump()
+        with open(f"{stem}{rank}", "wb") as f:
+            f.write(data)
+        print(f"[witscale] rank {rank}: NCCL flight recorder written to {stem}{rank}", file=sys.stderr, flush=True)
+    except Exception as e:    # noqa: BLE001 - diagnosis only
+        print(f"[witscale] rank {rank}: could not dump the NCCL flight recorder: {e}", file=sys.stderr, flush=True)
+
+
+def _report_collective_failure(rank: int, what: str, doing: str = "") -> None:
     """One line naming the ranks and hosts that stopped, and — for the Slurm batch script, which requeues a
     job that died of a node or network fault but not one that died of a bug — the same line in
-    $WITSCALE_FAILURE_FILE (set by slurm/common.sh): ``collective <hosts behind, comma-separated> | <line>``."""
+    $WITSCALE_FAILURE_FILE (set by slurm/common.sh): ``collective <hosts behind, comma-separated> | <line>``.
+    ``what``: the failure in a few words; ``doing``: what this rank's main thread does (``hung_ranks``)."""
     import sys
 
     import re
-    import traceback
 
-    traceback.print_exc()
-    hung = hung_ranks(float(os.environ.get("WITSCALE_HUNG_GRACE_S", "10")))
-    line = (f"[witscale] rank {rank} ({node_name()}): a collective failed ({str(exc).splitlines()[0][:200]})"
-            + (f"; {hung}" if hung else ""))
+    hung = hung_ranks(float(os.environ.get("WITSCALE_HUNG_GRACE_S", "10")), doing)
+    line = f"[witscale] rank {rank} ({node_name()}): a collective failed ({what})" + (f"; {hung}" if hung else "")
     print(line, file=sys.stderr, flush=True)
     path = os.environ.get("WITSCALE_FAILURE_FILE")
     if path:
