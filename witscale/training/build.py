@@ -77,6 +77,7 @@ def build_module(config: ModelConfig, topo, ds_config: dict, *, model_dir: Optio
         else:
             with construction_context(ds_config, topo):
                 module = CausalLM(config, topo.tp_group_or_none(), attention_backend=attention,
-                                  activation_checkpointing=activation_checkpointing)
+                                  activation_checkpointing=activation_checkpointing,
+                                  sp_group=getattr(topo, "sp_group", None))
     load_model_weights(module, config, model_dir=model_dir, seed=seed, topo=topo)
     return module

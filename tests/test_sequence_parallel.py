@@ -1,0 +1,93 @@
+"""Ulysses sequence parallelism (--sp) on real gloo ranks through the Trainer and DeepSpeed's engine: sp=2
+against sp=1 on rows whose documents cross the shard cut; the layouts not built yet refused in one line."""
+import numpy as np
+import pytest
+
+from tests.distributed import run_distributed
+from tests.train_helpers import TINY, random_packed, train_worker
+from witscale.parallel.topology import LayoutError, ParallelDims
+
+# 4 query heads over 2 KV heads (GQA: one KV head per sp rank); 1 KV head: replicated to the 2 sp ranks.
+SEQ_LEN, DATA_SEED = 48, 1
+
+
+def _worker(rank, world, runs):
+    return [train_worker(rank, world, **kw) for kw in runs]
+
+
+def _crossing_documents(rows: int) -> int:
+    """Documents that start in a row's first half and end in its second: the cut at sp=2."""
+    data = random_packed(rows, SEQ_LEN, TINY["vocab_size"], DATA_SEED)
+    n = 0
+    for r in range(rows):
+        ends = np.cumsum(data.doc_lengths(r))
+        n += int(((ends - data.doc_lengths(r) < SEQ_LEN // 2) & (ends > SEQ_LEN // 2)).sum())
+    return n
+
+
+def test_sp2_matches_sp1_zero0():
+    """Logits, loss and every gradient of one micro-batch, then 3 optimizer steps (losses, gradient norms,
+    parameters): sp=2 (2 ranks, dp=1) against sp=1 (1 rank), fp32 ZeRO-0, for GQA (2 KV heads: one per sp rank)
+    and for 1 KV head (replicated to both sp ranks)."""
+    assert _crossing_documents(8) >= 3
+    runs = [dict(model=model, stage=0, micro=2, accum=2, steps=3, lr=1e-3, eps=1e-6, do_probe=True, lp=0.5,
+                 seq_len=SEQ_LEN, data_seed=DATA_SEED, with_weights=True)
+            for model in ({}, {"num_key_value_heads": 1})]
+    ref = run_distributed(_worker, 1, [dict(r, sp=1) for r in runs])[0]
+    out = run_distributed(_worker, 2, [dict(r, sp=2) for r in runs])
+    for i, what in enumerate(("GQA 4/2", "1 KV head")):
+        want = ref[i]
+        logits = np.concatenate([out[0][i]["probe"]["logits"], out[1][i]["probe"]["logits"]], axis=1)
+        np.testing.assert_allclose(logits, want["probe"]["logits"], rtol=1e-6, atol=1e-6, err_msg=what)
+        loss_sum = out[0][i]["probe"]["loss_sum"] + out[1][i]["probe"]["loss_sum"]
+        assert loss_sum == pytest.approx(want["probe"]["loss_sum"], rel=1e-6), what
+        for rank in (0, 1):
+            got = out[rank][i]
+            # Two shards' partial sums against one sum: fp32 rounding, 1e-6 of each tensor's scale.
+            for name, g in want["probe"]["grads"].items():
+                np.testing.assert_allclose(got["probe"]["grads"][name], g, rtol=1e-6, atol=1e-6 * np.abs(g).max(),
+                                           err_msg=f"{what}: {name}")
+            np.testing.assert_allclose(got["losses"], want["losses"], rtol=1e-6, err_msg=what)
+            np.testing.assert_allclose([r["grad_norm"] for r in got["results"]],
+                                       [r["grad_norm"] for r in want["results"]], rtol=1e-6, err_msg=what)
+            # Adam turns fp32 rounding of a ~0 gradient into a step of up to ±lr (see the tp tests): 1e-5 after 3 steps.
+            for name, p in want["params"].items():
+                np.testing.assert_allclose(got["params"][name], p, rtol=0, atol=1e-5, err_msg=f"{what}: {name}")
+
+
+@pytest.mark.parametrize("dims, message", [
+    (dict(world_size=4, tp=2, sp=2), r"^--sp 2 is not supported with --tp 2 \(sp × tp has no equivalence test"),
+    (dict(world_size=4, pp=2, sp=2), r"^--sp 2 is not supported with --pp 2 "),
+    (dict(world_size=4, zero_stage=3, sp=2), r"^--sp 2 is not supported with ZeRO stage 3 "),
+    (dict(world_size=6, sp=4), r"^world size 6 is not divisible by tp × sp × pp = 1 × 4 × 1 = 4$"),
+])
+def test_untested_sp_layouts_are_refused_in_one_line(dims, message):
+    with pytest.raises(LayoutError, match=message):
+        ParallelDims(**dims)
+
+
+def test_sp_must_divide_the_heads_per_rank():
+    from witscale.model import ModelConfig
+
+    cfg = ModelConfig.from_dict(dict(TINY, num_attention_heads=6, num_key_value_heads=2, hidden_size=48))
+    ParallelDims(2, sp=2, model=cfg)            # 3 query heads per sp rank, one KV head each
+    with pytest.raises(LayoutError, match=r"^--sp 4 does not divide the model's attention heads per TP rank "
+                                          r"\(6 / tp 1 = 6\)$"):
+        ParallelDims(4, sp=4, model=cfg)
+    cfg3 = ModelConfig.from_dict(dict(TINY, num_attention_heads=6, num_key_value_heads=3, hidden_size=48))
+    with pytest.raises(LayoutError, match=r"^--sp 2 neither divides the model's key/value heads per TP rank \(3\)"):
+        ParallelDims(2, sp=2, model=cfg3)
+
+
+def test_pair_objectives_are_refused_under_sp():
+    from witscale.training.objectives import registered
+    from witscale.training.trainer import check_sequence_parallel_objective
+
+    for cls in registered():
+        objective = cls()
+        if objective.sums:
+            with pytest.raises(ValueError, match=rf"^--sp 2 cannot train --objective {cls.name}: "):
+                check_sequence_parallel_objective(objective, 2)
+        else:
+            check_sequence_parallel_objective(objective, 2)
+        check_sequence_parallel_objective(objective, 1)
