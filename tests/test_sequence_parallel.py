@@ -3,12 +3,14 @@ against sp=1 on rows whose documents cross the shard cut; the layouts not built 
 import numpy as np
 import pytest
 
+from tests import test_train_cli_operations as operations
 from tests.distributed import run_distributed
 from tests.train_helpers import TINY, random_packed, train_worker
 from witscale.parallel.topology import LayoutError, ParallelDims
 
 # 4 query heads over 2 KV heads (GQA: one KV head per sp rank); 1 KV head: replicated to the 2 sp ranks.
 SEQ_LEN, DATA_SEED = 48, 1
+run_inputs = operations.run_inputs      # the session fixture: packed data, a tiny Llama config, the tokenizer
 
 
 def _worker(rank, world, runs):
@@ -91,3 +93,28 @@ def test_pair_objectives_are_refused_under_sp():
         else:
             check_sequence_parallel_objective(objective, 2)
         check_sequence_parallel_objective(objective, 1)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"--sp": "2"}, None),                                     # ZeRO-0, 2 ranks: dp 1 × sp 2
+    ({"--sp": "2", "--ds_config": "ds_configs/zero3.json"}, "--sp 2 is not supported with ZeRO stage 3 "),
+    ({"--sp": "3"}, "world size 2 is not divisible by tp × sp × pp = 1 × 3 × 1 = 3"),
+    ({"--sp": "0"}, "--sp 0 is out of range"),
+])
+def test_sp_flag_is_planned_or_refused_in_one_line(run_inputs, tmp_path, change, message):
+    from witscale.train import UsageError, build_parser, plan_run
+    from witscale.training.config import RunConfig
+
+    args = dict(zip(*[iter(operations._args(run_inputs, tmp_path, 2))] * 2))
+    args.update({"--ds_config": "ds_configs/zero0.json", **change})
+
+    def planned():
+        return plan_run(RunConfig.from_args(build_parser().parse_args([x for kv in args.items() for x in kv])), 2)
+
+    if message is None:
+        plan = planned()
+        assert (plan.dims.sp, plan.dims.dp) == (2, 1)
+        return
+    with pytest.raises((UsageError, ValueError, SystemExit)) as e:
+        planned()
+    assert message in str(e.value) and "\n" not in str(e.value), e.value
