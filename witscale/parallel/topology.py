@@ -9,7 +9,7 @@ i.e. on the same node, where their per-layer all-reduces need the fastest links;
 
 Sequence-parallel peers hold the same rows (each a contiguous 1/sp of every row): the loader's data-parallel
 rank is ``dp_rank``; ZeRO partitions and gradients reduce over dp × sp (``get_sequence_data_parallel_group``,
-the mpu method DeepSpeed asks for when the mpu has a sequence-parallel group).
+the mpu method DeepSpeed asks for; see ``Topology``'s comment on why it gets no sequence-parallel size).
 
 ``ParallelDims`` is pure arithmetic (no torch.distributed), valid on construction, so that every layout error
 is raised, with the numbers, before ``init_process_group``. ``Topology`` builds the groups and doubles as the ``mpu`` object
@@ -61,16 +61,13 @@ class ParallelDims:
     def dp(self) -> int:
         return self.world_size // (self.tp * self.pp * self.sp)
 
-    # What sp > 1 has been tested with (tests/test_sequence_parallel.py); the rest is refused, naming what is missing.
+    # What sp > 1 has been tested with (tests/test_sequence_parallel.py: ZeRO-0, ZeRO-3, × tp); the rest is refused.
     def _check_sequence_parallel(self) -> None:
         missing = []
         if self.pp > 1:
             missing.append(f"--pp {self.pp} (the pipeline stages do not pass the sequence-parallel group)")
-        if self.tp > 1:
-            missing.append(f"--tp {self.tp} (sp × tp has no equivalence test yet)")
-        if self.zero_stage > 0:
-            missing.append(f"ZeRO stage {self.zero_stage} (only ZeRO-0 has an equivalence test; ZeRO-3's "
-                           "zero.Init and export gather over dp, not dp × sp)")
+        if self.zero_stage in (1, 2):
+            missing.append(f"ZeRO stage {self.zero_stage} (tested: ZeRO-0 and ZeRO-3)")
         if missing:
             raise LayoutError(f"--sp {self.sp} is not supported with " + "; ".join(missing))
 
@@ -243,18 +240,12 @@ class Topology:
     def get_pipeline_model_parallel_world_size(self) -> int:
         return self.pp
 
-    # Sequence parallelism: DeepSpeed's engine and ZeRO partition and reduce over
-    # ``get_sequence_data_parallel_group`` (dp × sp), dividing the summed gradients by dp only — the sp shards'
-    # gradients add up, as the sp ranks' partial losses do (deepspeed/runtime/engine.py, zero/stage*.py).
-    def get_sequence_parallel_group(self):
-        return self.sp_group
-
-    def get_sequence_parallel_rank(self) -> int:
-        return self.sp_rank
-
-    def get_sequence_parallel_world_size(self) -> int:
-        return self.sp
-
+    # Sequence parallelism. DeepSpeed partitions ZeRO state and reduces gradients over
+    # ``get_sequence_data_parallel_group`` (dp × sp; the dp group at sp = 1) when the mpu has it. The mpu does
+    # NOT offer ``get_sequence_parallel_world_size`` on purpose: given it, DeepSpeed 0.19.8 divides the summed
+    # gradients by dp on some paths (ZeRO-0's all-reduce, ZeRO-3's contiguous all-reduce) and by dp × sp on
+    # another (ZeRO-3's reduce-scatter, runtime/zero/stage3.py ``__avg_scatter_grads``). Without it every path
+    # averages over dp × sp, and the trainer scales each rank's loss by dp × sp / N (training/trainer.py).
     def get_sequence_data_parallel_group(self):
         return self.sp_dp_group
 

@@ -38,7 +38,9 @@ def construction_context(ds_config: dict, topo):
 
     init_class = (PartitionWithoutBroadcast if hasattr(deepspeed.zero.Init, "_zero_init_param")
                   and hasattr(deepspeed.zero.Init, "_convert_to_deepspeed_param") else deepspeed.zero.Init)
-    return init_class(config_dict_or_path=ds_config, mpu=topo, data_parallel_group=topo.get_data_parallel_group())
+    # Partitioned over dp × sp (the dp group at sp = 1), as DeepSpeed's engine partitions under --sp.
+    return init_class(config_dict_or_path=ds_config, mpu=topo,
+                      data_parallel_group=topo.get_sequence_data_parallel_group())
 
 
 @contextlib.contextmanager

@@ -10,7 +10,8 @@ The loop (checkpoints, preemption, metrics) is ``witscale.train.train_loop``.
 
 Normalization. The objective is Σ_{global batch} w·nll / N, N the global batch's denominator for the
 chosen normalization (docs/objective.md#normalizations). DeepSpeed *averages* gradients over the
-data-parallel ranks, so the dense engine's micro-batch loss is ``weighted_sum × dp / N`` and ``backward`` is called with
+data-parallel ranks (dp × sp under --sp: each sp rank's loss covers its 1/sp of the rows), so the dense
+engine's micro-batch loss is ``weighted_sum × dp × sp / N`` and ``backward`` is called with
 ``scale_wrt_gas=False`` (DeepSpeed would otherwise divide by grad_accum as well); the pipeline engine
 always divides by grad_accum, so its loss is ``weighted_sum × dp × grad_accum / N``. The result is the same
 gradient whatever dp, grad_accum, pp or ZeRO stage — tested as equivalences.
@@ -176,7 +177,8 @@ class _DenseEngine:
         self.size = stats_size(objective.sums)
 
     def loss_scale(self, denominator: float, grad_accum: int) -> float:
-        return self.topo.dp / denominator if denominator > 0 else 0.0
+        # DeepSpeed averages over dp × sp (the sp ranks' partial gradients: parallel/topology.py says why).
+        return self.topo.dp * getattr(self.topo, "sp", 1) / denominator if denominator > 0 else 0.0
 
     def _forward(self, mb: MicroBatch, objective=None):
         objective = objective or self.objective
