@@ -163,3 +163,14 @@ def test_sp_flag_is_planned_or_refused_in_one_line(run_inputs, tmp_path, change,
     with pytest.raises((UsageError, ValueError, SystemExit)) as e:
         planned()
     assert message in str(e.value) and "\n" not in str(e.value), e.value
+
+
+@pytest.mark.parametrize("saved, mine", [({"sp": 2}, {}), ({}, {"sp": 2}), ({"sp": 2}, {"sp": 4})])
+def test_resume_on_another_sp_is_refused_in_one_line(saved, mine):
+    from witscale.training.checkpoint import CheckpointError, layout_change
+
+    base = {"dp": 1, "tp": 1, "pp": 1}
+    with pytest.raises(CheckpointError, match=rf"^ckpt/step_2 was written at --sp {saved.get('sp', 1)}; this run "
+                                              rf"has --sp {mine.get('sp', 1)}: resuming on another sp is not "):
+        layout_change({"layout": dict(base, **saved)}, dict(base, **mine), where="ckpt/step_2", zero_stage=0)
+    assert layout_change({"layout": dict(base, **saved)}, dict(base, **saved), where="x", zero_stage=0) is False

@@ -476,7 +476,8 @@ class Trainer:
         """What a checkpoint needs besides DeepSpeed's own state: the step, the data position and the layout
         that wrote DeepSpeed's files."""
         return {"step": self.step, "loader": self.loader.state_dict(),
-                "layout": {"dp": self.topo.dp, "tp": self.topo.tp, "pp": self.topo.pp},
+                "layout": {"dp": self.topo.dp, "tp": self.topo.tp, "pp": self.topo.pp,
+                           **({"sp": self.topo.sp} if getattr(self.topo, "sp", 1) > 1 else {})},
                 "skipped_nonfinite_steps": list(self.skipped_nonfinite)}
 
     def load_state_dict(self, state: dict, *, data_position: bool = True) -> None:
