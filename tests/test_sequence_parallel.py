@@ -1,5 +1,7 @@
 """Ulysses sequence parallelism (--sp) on real gloo ranks through the Trainer and DeepSpeed's engine: sp=2
 against sp=1 on rows whose documents cross the shard cut; the layouts not built yet refused in one line."""
+import json
+
 import numpy as np
 import pytest
 
@@ -174,3 +176,38 @@ def test_resume_on_another_sp_is_refused_in_one_line(saved, mine):
                                               rf"has --sp {mine.get('sp', 1)}: resuming on another sp is not "):
         layout_change({"layout": dict(base, **saved)}, dict(base, **mine), where="ckpt/step_2", zero_stage=0)
     assert layout_change({"layout": dict(base, **saved)}, dict(base, **saved), where="x", zero_stage=0) is False
+
+
+def test_sp2_cli_run_trains_saves_evaluates_and_exports_as_sp1(run_inputs, tmp_path):
+    """witscale/train.py end to end, --sp 2 on 2 ranks (ZeRO-3: partitions over dp × sp) against one process:
+    the same losses, eval loss, and HF export; the checkpoint records sp."""
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    common = lambda out: operations._args(  # noqa: E731
+        run_inputs, out, 3, "--export-hf", str(out / "hf"), "--export-dtype", "fp32", "--eval-data",
+        run_inputs["eval"], "--save-steps", "3")
+    single = subprocess.run([sys.executable, "witscale/train.py", *common(tmp_path / "sp1")],
+                            cwd=operations.REPO_ROOT, env=operations._env(), capture_output=True, text=True,
+                            timeout=300)
+    assert single.returncode == 0, single.stdout[-2000:] + single.stderr[-2000:]
+    code, log = operations._torchrun([*common(tmp_path / "sp2"), "--sp", "2"])
+    assert code == 0, log[-4000:]
+    assert "sp 2" in log
+    want, got = operations._train_losses(tmp_path / "sp1"), operations._train_losses(tmp_path / "sp2")
+    assert got.keys() == want.keys() and len(want) == 3
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-5), step
+    evals = [[json.loads(line)["eval_loss"] for line in open(tmp_path / run / "metrics.jsonl")
+              if "eval_loss" in line] for run in ("sp1", "sp2")]
+    assert evals[0] and evals[1] == pytest.approx(evals[0], rel=1e-5)
+    a = load_file(tmp_path / "sp1" / "hf" / "model.safetensors")
+    b = load_file(tmp_path / "sp2" / "hf" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=2e-5, msg=k)
+    state = json.load(open(next((tmp_path / "sp2" / "checkpoints").glob("step_*/witscale_state.json"))))
+    assert state["layout"]["sp"] == 2
