@@ -211,3 +211,16 @@ def test_sp2_cli_run_trains_saves_evaluates_and_exports_as_sp1(run_inputs, tmp_p
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=2e-5, msg=k)
     state = json.load(open(next((tmp_path / "sp2" / "checkpoints").glob("step_*/witscale_state.json"))))
     assert state["layout"]["sp"] == 2
+
+
+def test_planner_counts_one_sp_shard_of_the_row():
+    """Layout.sp: each rank keeps the activations of seq_len / sp tokens; ZeRO-3 partitions over dp × sp."""
+    from witscale import planner
+
+    shape = planner.ModelShape.from_config(dict(TINY, num_hidden_layers=4))
+    sharded = planner.estimate(shape, planner.Layout(tp=1, pp=1, dp=2, zero=3, sp=2), seq_len=4096, micro_batch=1)
+    half_row = planner.estimate(shape, planner.Layout(tp=1, pp=1, dp=4, zero=3), seq_len=2048, micro_batch=1)
+    assert sharded.activation_gib == half_row.activation_gib
+    assert (sharded.param_gib, sharded.grad_gib, sharded.optim_gib) == (half_row.param_gib, half_row.grad_gib,
+                                                                        half_row.optim_gib)
+    assert planner.Layout(dp=2, sp=2).world == 4 and "sp2" in planner.Layout(dp=2, sp=2).name()
