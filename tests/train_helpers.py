@@ -76,7 +76,9 @@ def probe(module, loader, topo):
     """Logits, loss statistics and dense gradients of one micro-batch at the current weights (no ZeRO-3)."""
     from witscale.parallel.layers import gather_dense
 
-    mb = loader.make_micro_batch(loader.global_batch_rows(0, 0)[:2])
+    from witscale.training.trainer import sequence_shard_micro_batch
+
+    mb = sequence_shard_micro_batch(loader.make_micro_batch(loader.global_batch_rows(0, 0)[:2]), topo)
     group = topo.tp_group_or_none()
     with __import__("torch").no_grad():
         logits = module.compute_logits(module(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen))
@@ -85,6 +87,9 @@ def probe(module, loader, topo):
     module.zero_grad()
     stats.weighted_sum.backward()
     vocab = module.config.vocab_size
+    if topo.sp > 1:        # each sp rank holds its shard's part of every gradient (DeepSpeed sums them)
+        for p in module.parameters():
+            __import__("torch").distributed.all_reduce(p.grad, group=topo.sp_group)
     grads = {n: gather_dense(p, p.grad, group, vocab if getattr(p, "padded_dense_rows", None) else None).numpy()
              for n, p in module.named_parameters()}
     module.zero_grad()
@@ -92,7 +97,7 @@ def probe(module, loader, topo):
             "class_nll": stats.class_nll_sum.numpy()}
 
 
-def train_worker(rank, world, *, tp=1, do_probe=False, stage=0, micro=1, accum=1, steps=1, normalization="nonzero", lp=0.2, lr_w=1.0,
+def train_worker(rank, world, *, tp=1, sp=1, do_probe=False, stage=0, micro=1, accum=1, steps=1, normalization="nonzero", lp=0.2, lr_w=1.0,
                  lr=1e-3, clip=0.0, eps=1e-8, seed=0, rows=8, seq_len=48, with_weights=False, model=None, data_seed=1):
     """Train ``steps`` optimizer steps on a world of ``world`` data-parallel ranks; return losses and params."""
     import torch
@@ -107,7 +112,7 @@ def train_worker(rank, world, *, tp=1, do_probe=False, stage=0, micro=1, accum=1
     from witscale.training.distributed import init_distributed
     init_distributed()
     cfg = ModelConfig.from_dict(dict(TINY, **(model or {})))
-    dims = ParallelDims(world, tp, 1, stage, cfg)
+    dims = ParallelDims(world, tp, 1, stage, cfg, sp=sp)
     topo = Topology(dims)
     config = ds_config(stage, micro, accum, topo.dp, clip)
     torch.manual_seed(seed)

@@ -41,6 +41,7 @@ def main(argv=None) -> int:
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--dp", type=int)
     p.add_argument("--zero", type=int, default=3)
+    p.add_argument("--sp", type=int, default=1, help="with --tp: sequence-parallel size (each rank 1/sp of a row)")
     p.add_argument("--assumptions", action="store_true", help="print the estimate's assumptions")
     p.add_argument("--activation-checkpointing", choices=("on", "off"), default="on",
                    help="recompute each block in backward (the trainer's auto turns it on where needed)")
@@ -49,8 +50,8 @@ def main(argv=None) -> int:
         print(planner.__doc__)
     shape = load_shape(args.model)
     if args.tp:
-        dp = args.dp or max(1, args.gpus // (args.tp * args.pp))
-        layouts = [planner.Layout(args.tp, args.pp, dp, args.zero)]
+        dp = args.dp or max(1, args.gpus // (args.tp * args.pp * args.sp))
+        layouts = [planner.Layout(args.tp, args.pp, dp, args.zero, args.sp)]
     else:
         layouts = planner.valid_layouts(shape, args.gpus, args.gpus_per_node)
     print(f"model {args.model}: {shape.total_params() / 1e9:.2f} B parameters; seq-len {args.seq_len}, "

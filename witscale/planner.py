@@ -85,13 +85,15 @@ class Layout:
     pp: int = 1
     dp: int = 1
     zero: int = 3
+    sp: int = 1        # --sp (Ulysses): not searched by valid_layouts; estimate divides the row by it
 
     @property
     def world(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.pp * self.dp * self.sp
 
     def name(self) -> str:
-        return f"tp{self.tp}·pp{self.pp}·dp{self.dp} ZeRO-{self.zero}"
+        sp = f"·sp{self.sp}" if self.sp > 1 else ""
+        return f"tp{self.tp}·pp{self.pp}·dp{self.dp}{sp} ZeRO-{self.zero}"
 
 
 @dataclass
@@ -188,7 +190,10 @@ def activation_memory(shape: ModelShape, *, tokens: int, tp: int = 1, layers: in
 def estimate(shape: ModelShape, layout: Layout, *, seq_len: int, micro_batch: int, live_layers: int = 2,
              loss_chunk: int = 4096, overhead_gib: float = 3.0, activation_checkpointing: bool = True,
              element_size: int = 2) -> Estimate:
-    tp, pp, dp, zero = layout.tp, layout.pp, layout.dp, layout.zero
+    tp, pp, zero = layout.tp, layout.pp, layout.zero
+    # ZeRO partitions over dp × sp (DeepSpeed's sequence-data-parallel group); each sp rank keeps the
+    # activations of its 1/sp of the row (attention's all-to-all buffers are that size too: whole row × heads/sp).
+    dp, sp = layout.dp * layout.sp, layout.sp
     mp = model_parallel_params(shape, tp, pp)
     sharded, replicated = layer_params_at(shape, tp)
     per_layer = sharded / tp + replicated
@@ -196,7 +201,7 @@ def estimate(shape: ModelShape, layout: Layout, *, seq_len: int, micro_batch: in
     live = live_layers * per_layer + math.ceil(shape.vocab_size / tp) * shape.hidden_size if zero >= 3 else 0
     grad_elems = mp / dp if zero >= 2 else mp
     optim_elems = mp / dp if zero >= 1 else mp
-    act = activation_memory(shape, tokens=seq_len * micro_batch, tp=tp,
+    act = activation_memory(shape, tokens=math.ceil(seq_len / sp) * micro_batch, tp=tp,
                             layers=math.ceil(shape.num_hidden_layers / pp), in_flight=pp if pp > 1 else 1,
                             element_size=element_size, activation_checkpointing=activation_checkpointing,
                             loss_chunk=loss_chunk)

@@ -154,9 +154,12 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
     _require_file(cfg.ds_config, "--ds_config")
     try:
         raw_ds = load_ds_config(cfg.ds_config)
-        dims = ParallelDims(world_size, cfg.tp, cfg.pp, zero_stage(raw_ds), model_config)
+        dims = ParallelDims(world_size, cfg.tp, cfg.pp, zero_stage(raw_ds), model_config, sp=cfg.sp)
     except (DSConfigError, LayoutError) as e:
         raise UsageError(str(e)) from None
+    if dataset.seq_len % cfg.sp:     # each sp rank takes a contiguous 1/sp of every row
+        raise UsageError(f"--data {cfg.data}: rows of {dataset.seq_len} tokens cannot be cut into --sp {cfg.sp} "
+                         "equal parts; repack with a --seq-len divisible by it")
     if cfg.grad_accum is None:
         cfg = replace(cfg, grad_accum=grad_accum_for_pairs(cfg, dataset.manifest, dims.dp))
     elif cfg.pairs_per_step:
@@ -240,6 +243,8 @@ def _check_objective(cfg: RunConfig, dataset, table, flag: str = "--data") -> No
     try:
         objective = objective_for(cfg)
         objective.check()
+        from witscale.training.trainer import check_sequence_parallel_objective
+        check_sequence_parallel_objective(objective, cfg.sp)
         objective.check_data(dataset.manifest, getattr(dataset, "path", cfg.data), table, cfg, flag)
         foreign = foreign_flags(cfg)
         if foreign:
@@ -272,7 +277,7 @@ def _activation_checkpointing(cfg: RunConfig, model_config, dims, ds_config: dic
         return False
     from witscale.planner import Layout, ModelShape, needs_activation_checkpointing
     gpu_gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2 ** 30
-    layout = Layout(dims.tp, dims.pp, dims.dp, zero_stage(ds_config))
+    layout = Layout(dims.tp, dims.pp, dims.dp, zero_stage(ds_config), dims.sp)
     on = needs_activation_checkpointing(ModelShape.from_config(model_config), layout, seq_len=seq_len,
                                         micro_batch=cfg.micro_batch_size, gpu_gib=gpu_gib)
     log.info(f"--activation-checkpointing auto: {'on' if on else 'off'} (planner, {gpu_gib:.0f} GiB per GPU)")
@@ -493,7 +498,8 @@ def resolved_config(plan: Plan) -> dict:
     return {"args": cfg.as_dict(), "ds_config": plan.ds_config,
             "weight_table": {CLASS_NAMES[i]: float(w) for i, w in enumerate(plan.weight_table)},
             "total_steps": plan.total_steps,
-            "layout": {"world": plan.dims.world_size, "tp": plan.dims.tp, "pp": plan.dims.pp, "dp": plan.dims.dp},
+            "layout": {"world": plan.dims.world_size, "tp": plan.dims.tp, "pp": plan.dims.pp, "dp": plan.dims.dp,
+                       "sp": plan.dims.sp},
             "rendezvous": f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"}
 
 

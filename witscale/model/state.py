@@ -59,8 +59,9 @@ def _zero3_gather_partitions(p: torch.Tensor, dtype: torch.dtype, topo) -> Optio
     to the export dtype, gathered to dp-rank 0 — unlike ``GatheredParameters``, no rank ever holds the
     whole parameter in the training dtype, and only dp-rank 0 holds it at all."""
     part = p.ds_tensor.detach().reshape(-1).to(_comm_device(p))
-    ranks = [topo.dims.rank_of(topo.pp_rank, d, topo.tp_rank) for d in range(topo.dp)]
-    buf = _gather_flat(part, dtype, ranks, topo.dp_rank)
+    # ZeRO partitions over dp × sp (under --sp; the dp group otherwise), in the group's rank order.
+    ranks = list(topo.sp_dp_ranks)
+    buf = _gather_flat(part, dtype, ranks, ranks.index(topo.rank))
     if buf is None:
         return None
     return buf[:p.ds_numel].reshape(tuple(p.ds_shape))
@@ -193,7 +194,7 @@ def _gather_to_owner(p: torch.Tensor, dtype: torch.dtype, tp: int, vocab: int, t
     else:
         local = p.detach() if split else p.detach().to(dtype)    # a TP shard is cast inside the gather
         live = p
-    if topo.dp_rank != 0:
+    if topo.dp_rank != 0 or topo.sp_rank != 0:
         return None
     if split:
         ranks = [topo.dims.rank_of(topo.pp_rank, topo.dp_rank, t) for t in range(tp)]

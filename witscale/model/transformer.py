@@ -28,6 +28,7 @@ from witscale.model.config import ModelConfig
 from witscale.model.family import FamilySpec, family_spec
 from witscale.model.rope import RotaryEmbedding, apply_rope
 from witscale.parallel.comm import copy_to_tp
+from witscale.parallel.sequence import ulysses_attention
 from witscale.parallel.layers import (ColumnParallelLinear, ReplicatedKVHeadLinear, RowParallelLinear,
                                       VocabParallelEmbedding, VocabParallelLMHead, divide, kv_heads_replicated,
                                       sum_grad_over_tp, tp_size_rank)
@@ -83,8 +84,11 @@ def make_lm_head(cfg: ModelConfig, spec: FamilySpec, tp_group, loss_chunk_size: 
 
 
 class Attention(nn.Module):
+    """``sp_group``: the sequence-parallel group (--sp; None: sp = 1): x holds this rank's 1/sp of every row and
+    the attention itself runs on the whole rows (witscale/parallel/sequence.py)."""
+
     def __init__(self, cfg: ModelConfig, tp_group, attention_backend: str, layer_index: int,
-                 spec: Optional[FamilySpec] = None):
+                 spec: Optional[FamilySpec] = None, sp_group=None):
         super().__init__()
         spec = spec or family_spec(cfg)
         tp, _ = tp_size_rank(tp_group)
@@ -114,6 +118,7 @@ class Attention(nn.Module):
         self.scale, self.softcap = spec.attn_scale, spec.attn_softcap
         self.backend = attention_backend
         self.tp_group = tp_group
+        self.sp_group = sp_group
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
         b, s, _ = x.shape
@@ -125,8 +130,11 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         backend = select_backend(self.backend, x.device, q.dtype, softcap=self.softcap)
-        out = packed_attention(q, k, v, cu_seqlens, max_seqlen, backend=backend, sliding_window=self.sliding_window,
-                               scale=self.scale, softcap=self.softcap)
+
+        def attend(q, k, v):
+            return packed_attention(q, k, v, cu_seqlens, max_seqlen, backend=backend,
+                                    sliding_window=self.sliding_window, scale=self.scale, softcap=self.softcap)
+        out = ulysses_attention(q, k, v, self.sp_group, attend)
         return self.o_proj(out.reshape(b, s, self.local_heads * self.head_dim))
 
 
@@ -151,11 +159,11 @@ class DecoderLayer(nn.Module):
     on each branch; Gemma ("sandwich"): each branch also normed on its output, before the residual add."""
 
     def __init__(self, cfg: ModelConfig, tp_group, attention_backend: str, layer_index: int,
-                 spec: Optional[FamilySpec] = None):
+                 spec: Optional[FamilySpec] = None, sp_group=None):
         super().__init__()
         spec = spec or family_spec(cfg)
         self.input_layernorm = make_norm(cfg, spec)
-        self.self_attn = Attention(cfg, tp_group, attention_backend, layer_index, spec)
+        self.self_attn = Attention(cfg, tp_group, attention_backend, layer_index, spec, sp_group)
         self.post_attention_layernorm = make_norm(cfg, spec)
         self.mlp = MLP(cfg, tp_group)
         self.sandwich_norms = spec.sandwich_norms
@@ -173,11 +181,12 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp_group, attention_backend: str, activation_checkpointing: bool):
+    def __init__(self, cfg: ModelConfig, tp_group, attention_backend: str, activation_checkpointing: bool,
+                 sp_group=None):
         super().__init__()
         self.spec = spec = family_spec(cfg)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_group)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, tp_group, attention_backend, i, spec)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, tp_group, attention_backend, i, spec, sp_group)
                                     for i in range(cfg.num_hidden_layers))
         self.norm = make_norm(cfg, spec)
         # One table per distinct RoPE (Gemma-3: local and global), cos/sin computed once per forward for each.
@@ -198,11 +207,14 @@ class Decoder(nn.Module):
 
 class CausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, tp_group=None, *, attention_backend: str = "auto",
-                 activation_checkpointing: bool = False, loss_chunk_size: int = 4096):
+                 activation_checkpointing: bool = False, loss_chunk_size: int = 4096, sp_group=None):
+        """``sp_group`` (--sp > 1): forward then takes this rank's 1/sp of every row (``sequence_shard``) with
+        the whole rows' ``cu_seqlens``/``max_seqlen``; the loss statistics are this rank's part."""
         super().__init__()
         self.config = cfg
         self.tp_group = tp_group
-        self.model = Decoder(cfg, tp_group, attention_backend, activation_checkpointing)
+        self.sp_group = sp_group
+        self.model = Decoder(cfg, tp_group, attention_backend, activation_checkpointing, sp_group)
         self.lm_head = make_lm_head(cfg, self.model.spec, tp_group, loss_chunk_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -1,10 +1,15 @@
-"""The parallel layout: world = pp × dp × tp, validated before any process group exists.
+"""The parallel layout: world = pp × dp × sp × tp, validated before any process group exists.
 
-Rank order is tp fastest, then dp, then pp (Megatron's order, and the one DeepSpeed's
-``PipeModelDataParallelTopology`` uses): tensor-parallel peers are neighbouring ranks, i.e. on the same
-node, where their per-layer all-reduces need the fastest links.
+Rank order is tp fastest, then sp, then dp, then pp (Megatron's order, and the one DeepSpeed's
+``PipeModelDataParallelTopology`` uses, with sp inside dp): tensor-parallel peers are neighbouring ranks,
+i.e. on the same node, where their per-layer all-reduces need the fastest links; a sequence-parallel group
+(sp × tp consecutive ranks) stays inside a node too, for its all-to-alls (docs/parallel-layout.md#sequence-parallelism).
 
-    rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank
+    rank = pp_rank * (dp * sp * tp) + dp_rank * (sp * tp) + sp_rank * tp + tp_rank
+
+Sequence-parallel peers hold the same rows (each a contiguous 1/sp of every row): the loader's data-parallel
+rank is ``dp_rank``; ZeRO partitions and gradients reduce over dp × sp (``get_sequence_data_parallel_group``,
+the mpu method DeepSpeed asks for; see ``Topology``'s comment on why it gets no sequence-parallel size).
 
 ``ParallelDims`` is pure arithmetic (no torch.distributed), valid on construction, so that every layout error
 is raised, with the numbers, before ``init_process_group``. ``Topology`` builds the groups and doubles as the ``mpu`` object
@@ -24,7 +29,7 @@ class LayoutError(ValueError):
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """A layout of ``world_size`` ranks as pp × dp × tp, valid by construction: every rule is checked in
+    """A layout of ``world_size`` ranks as pp × dp × sp × tp, valid by construction: every rule is checked in
     ``__post_init__`` (LayoutError with the numbers), for the ZeRO stage and — when given — the model
     (any object with the HF config fields: ModelConfig, ModelShape). The planner asks it too."""
     world_size: int
@@ -32,14 +37,19 @@ class ParallelDims:
     pp: int = 1
     zero_stage: int = 0
     model: Optional[object] = field(default=None, compare=False, repr=False)
+    sp: int = 1
 
     def __post_init__(self):
-        w, tp, pp = self.world_size, self.tp, self.pp
-        for name, value in (("world size", w), ("--tp", tp), ("--pp", pp)):
+        w, tp, pp, sp = self.world_size, self.tp, self.pp, self.sp
+        for name, value in (("world size", w), ("--tp", tp), ("--pp", pp), ("--sp", sp)):
             if value < 1:
                 raise LayoutError(f"{name} must be >= 1, got {value}")
-        if w % (tp * pp):
+        if sp == 1 and w % (tp * pp):
             raise LayoutError(f"world size {w} is not divisible by tp × pp = {tp} × {pp} = {tp * pp}")
+        if w % (tp * pp * sp):
+            raise LayoutError(f"world size {w} is not divisible by tp × sp × pp = {tp} × {sp} × {pp} = {tp * sp * pp}")
+        if sp > 1:
+            self._check_sequence_parallel()
         if pp > 1 and self.zero_stage > 1:
             raise LayoutError(
                 f"ZeRO stage {self.zero_stage} cannot be combined with pipeline parallelism (pp={pp}): DeepSpeed's "
@@ -49,7 +59,17 @@ class ParallelDims:
 
     @property
     def dp(self) -> int:
-        return self.world_size // (self.tp * self.pp)
+        return self.world_size // (self.tp * self.pp * self.sp)
+
+    # What sp > 1 has been tested with (tests/test_sequence_parallel.py: ZeRO-0, ZeRO-3, × tp); the rest is refused.
+    def _check_sequence_parallel(self) -> None:
+        missing = []
+        if self.pp > 1:
+            missing.append(f"--pp {self.pp} (the pipeline stages do not pass the sequence-parallel group)")
+        if self.zero_stage in (1, 2):
+            missing.append(f"ZeRO stage {self.zero_stage} (tested: ZeRO-0 and ZeRO-3)")
+        if missing:
+            raise LayoutError(f"--sp {self.sp} is not supported with " + "; ".join(missing))
 
     def _check_model(self, cfg) -> None:
         tp, pp = self.tp, self.pp
@@ -67,29 +87,60 @@ class ParallelDims:
                               "them (with fewer KV heads than TP ranks, each is replicated on tp / kv_heads ranks)")
         if cfg.num_hidden_layers < pp:
             raise LayoutError(f"--pp {pp} exceeds the model's {cfg.num_hidden_layers} layers")
+        if self.sp > 1:
+            # Ulysses: the all-to-all gives each sp rank heads/sp of this TP rank's heads. KV heads per TP rank
+            # (1 when TP replicates them) split the same way, or, fewer than sp, are replicated to sp
+            # (witscale/parallel/sequence.py), as TP replicates them.
+            local_q = cfg.num_attention_heads // tp
+            local_kv = kv // tp if kv % tp == 0 else 1
+            if local_q % self.sp:
+                raise LayoutError(f"--sp {self.sp} does not divide the model's attention heads per TP rank "
+                                  f"({cfg.num_attention_heads} / tp {tp} = {local_q})")
+            if local_kv % self.sp and self.sp % local_kv:
+                raise LayoutError(f"--sp {self.sp} neither divides the model's key/value heads per TP rank "
+                                  f"({local_kv}) nor is a multiple of them")
 
     def coords(self, rank: int) -> tuple[int, int, int]:
-        """(pp_rank, dp_rank, tp_rank) of a global rank."""
+        """(pp_rank, dp_rank, tp_rank) of a global rank (its sp rank: ``sp_rank_of``)."""
         tp_rank = rank % self.tp
-        dp_rank = (rank // self.tp) % self.dp
-        pp_rank = rank // (self.tp * self.dp)
+        dp_rank = (rank // (self.tp * self.sp)) % self.dp
+        pp_rank = rank // (self.tp * self.sp * self.dp)
         return pp_rank, dp_rank, tp_rank
 
-    def rank_of(self, pp_rank: int, dp_rank: int, tp_rank: int) -> int:
-        return pp_rank * self.dp * self.tp + dp_rank * self.tp + tp_rank
+    def sp_rank_of(self, rank: int) -> int:
+        return (rank // self.tp) % self.sp
+
+    def rank_of(self, pp_rank: int, dp_rank: int, tp_rank: int, sp_rank: int = 0) -> int:
+        return ((pp_rank * self.dp + dp_rank) * self.sp + sp_rank) * self.tp + tp_rank
+
+    def _cells(self):
+        return [(p, d, s) for p in range(self.pp) for d in range(self.dp) for s in range(self.sp)]
 
     def tp_groups(self) -> list[list[int]]:
-        return [[self.rank_of(p, d, t) for t in range(self.tp)] for p in range(self.pp) for d in range(self.dp)]
+        return [[self.rank_of(p, d, t, s) for t in range(self.tp)] for p, d, s in self._cells()]
 
     def dp_groups(self) -> list[list[int]]:
-        return [[self.rank_of(p, d, t) for d in range(self.dp)] for p in range(self.pp) for t in range(self.tp)]
+        return [[self.rank_of(p, d, t, s) for d in range(self.dp)]
+                for p in range(self.pp) for s in range(self.sp) for t in range(self.tp)]
 
     def pp_groups(self) -> list[list[int]]:
-        return [[self.rank_of(p, d, t) for p in range(self.pp)] for d in range(self.dp) for t in range(self.tp)]
+        return [[self.rank_of(p, d, t, s) for p in range(self.pp)]
+                for d in range(self.dp) for s in range(self.sp) for t in range(self.tp)]
 
     def mp_groups(self) -> list[list[int]]:
         """Model-parallel groups (tp × pp): all ranks that hold different pieces of one model replica."""
-        return [[self.rank_of(p, d, t) for p in range(self.pp) for t in range(self.tp)] for d in range(self.dp)]
+        return [[self.rank_of(p, d, t, s) for p in range(self.pp) for t in range(self.tp)]
+                for d in range(self.dp) for s in range(self.sp)]
+
+    def sp_groups(self) -> list[list[int]]:
+        """Sequence-parallel groups: the ranks that share rows (each a 1/sp of them), consecutive modulo tp."""
+        return [[self.rank_of(p, d, t, s) for s in range(self.sp)]
+                for p in range(self.pp) for d in range(self.dp) for t in range(self.tp)]
+
+    def sp_dp_groups(self) -> list[list[int]]:
+        """dp × sp: the ranks that hold the same model shard; ZeRO partitions and gradients reduce over them."""
+        return [[self.rank_of(p, d, t, s) for d in range(self.dp) for s in range(self.sp)]
+                for p in range(self.pp) for t in range(self.tp)]
 
 
 def _build_groups(all_groups: list[list[int]], rank: int):
@@ -117,6 +168,13 @@ class Topology:
         self.dp_group, self.dp_ranks = _build_groups(dims.dp_groups(), self.rank)
         self.pp_group, self.pp_ranks = _build_groups(dims.pp_groups(), self.rank)
         self.mp_group, self.mp_ranks = _build_groups(dims.mp_groups(), self.rank)
+        self.sp_rank = dims.sp_rank_of(self.rank)
+        if dims.sp > 1:       # only then: an sp=1 job creates exactly the groups it always did
+            self.sp_group, self.sp_ranks = _build_groups(dims.sp_groups(), self.rank)
+            self.sp_dp_group, self.sp_dp_ranks = _build_groups(dims.sp_dp_groups(), self.rank)
+        else:
+            self.sp_group, self.sp_ranks = None, [self.rank]
+            self.sp_dp_group, self.sp_dp_ranks = self.dp_group, self.dp_ranks
 
     # --- convenience -------------------------------------------------------------------------------
     @property
@@ -130,6 +188,10 @@ class Topology:
     @property
     def dp(self) -> int:
         return self.dims.dp
+
+    @property
+    def sp(self) -> int:
+        return self.dims.sp
 
     def tp_group_or_none(self) -> Optional[dist.ProcessGroup]:
         """The TP group, or None at tp=1 (the TP layers then skip all communication)."""
@@ -178,13 +240,30 @@ class Topology:
     def get_pipeline_model_parallel_world_size(self) -> int:
         return self.pp
 
+    # Sequence parallelism. DeepSpeed partitions ZeRO state and reduces gradients over
+    # ``get_sequence_data_parallel_group`` (dp × sp; the dp group at sp = 1) when the mpu has it. The mpu does
+    # NOT offer ``get_sequence_parallel_world_size`` on purpose: given it, DeepSpeed 0.19.8 divides the summed
+    # gradients by dp on some paths (ZeRO-0's all-reduce, ZeRO-3's contiguous all-reduce) and by dp × sp on
+    # another (ZeRO-3's reduce-scatter, runtime/zero/stage3.py ``__avg_scatter_grads``). Without it every path
+    # averages over dp × sp, and the trainer scales each rank's loss by dp × sp / N (training/trainer.py).
+    def get_sequence_data_parallel_group(self):
+        return self.sp_dp_group
+
+    def get_sequence_data_parallel_rank(self) -> int:
+        return self.sp_dp_ranks.index(self.rank)
+
+    def get_sequence_data_parallel_world_size(self) -> int:
+        return self.dp * self.sp
+
     get_pipe_parallel_group = get_pipeline_model_parallel_group
     get_pipe_parallel_rank = get_pipeline_model_parallel_rank
     get_pipe_parallel_world_size = get_pipeline_model_parallel_world_size
 
     def describe(self) -> str:
-        return (f"world={self.dims.world_size} = pp {self.pp} × dp {self.dp} × tp {self.tp}; this rank "
-                f"{self.rank}: pp_rank {self.pp_rank}, dp_rank {self.dp_rank}, tp_rank {self.tp_rank}")
+        sp = f" × sp {self.sp}" if self.sp > 1 else ""
+        return (f"world={self.dims.world_size} = pp {self.pp} × dp {self.dp}{sp} × tp {self.tp}; this rank "
+                f"{self.rank}: pp_rank {self.pp_rank}, dp_rank {self.dp_rank}"
+                + (f", sp_rank {self.sp_rank}" if self.sp > 1 else "") + f", tp_rank {self.tp_rank}")
 
 
 def teardown() -> None:

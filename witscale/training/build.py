@@ -41,7 +41,9 @@ def construction_context(ds_config: dict, topo):
 
     init_class = (PartitionWithoutBroadcast if hasattr(deepspeed.zero.Init, "_zero_init_param")
                   and hasattr(deepspeed.zero.Init, "_convert_to_deepspeed_param") else deepspeed.zero.Init)
-    return init_class(config_dict_or_path=ds_config, mpu=topo, data_parallel_group=topo.get_data_parallel_group())
+    # Partitioned over dp × sp (the dp group at sp = 1), as DeepSpeed's engine partitions under --sp.
+    return init_class(config_dict_or_path=ds_config, mpu=topo,
+                      data_parallel_group=topo.get_sequence_data_parallel_group())
 
 
 @contextlib.contextmanager
@@ -83,7 +85,8 @@ def build_module(config: ModelConfig, topo, ds_config: dict, *, model_dir: Optio
         else:
             with construction_context(ds_config, topo):
                 module = CausalLM(config, topo.tp_group_or_none(), attention_backend=attention,
-                                  activation_checkpointing=activation_checkpointing)
+                                  activation_checkpointing=activation_checkpointing,
+                                  sp_group=getattr(topo, "sp_group", None))
     load_model_weights(module, config, model_dir=model_dir, seed=seed, topo=topo, grow_from=grow_vocab_from)
     if grow_vocab_from and model_dir and _global_rank() == 0:
         new = config.vocab_size - grow_vocab_from

@@ -710,6 +710,11 @@ def layout_change(client_state: dict, layout: dict, *, where: str, zero_stage: i
     DeepSpeed then checks what it can). Another pp, any change under pp > 1 and another tp under ZeRO-0 (no
     optimizer partitions to convert) are refused in one line."""
     saved = client_state.get("layout")
+    # --sp (recorded when > 1): ZeRO partitions over dp × sp and no conversion across sp sizes is tested yet.
+    if saved and int(saved.get("sp", 1)) != int(layout.get("sp", 1)):
+        raise CheckpointError(f"{where} was written at --sp {saved.get('sp', 1)}; this run has --sp "
+                              f"{layout.get('sp', 1)}: resuming on another sp is not supported yet — run at "
+                              f"--sp {saved.get('sp', 1)}")
     if not saved or all(int(saved[k]) == int(layout[k]) for k in ("dp", "tp", "pp")):
         return False
     fmt = lambda d: " ".join(f"{k}={d[k]}" for k in ("dp", "tp", "pp"))  # noqa: E731

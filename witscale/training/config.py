@@ -200,6 +200,9 @@ class RunConfig:
     # parallelism and runtime
     tp: int = option(1, "tensor-parallel size", group=RUNTIME)
     pp: int = option(1, "pipeline-parallel size (ZeRO-0/1 configs only)", group=RUNTIME)
+    sp: int = option(1, "sequence-parallel size (Ulysses): each rank holds 1/sp of every packed row, attention "
+                        "exchanges heads for the whole row (docs/parallel-layout.md#sequence-parallelism); ZeRO-0, "
+                        "without --tp/--pp and pair objectives for now", group=RUNTIME, check=at_least(1))
     pp_partition: str = option(
         "uniform", "pipeline stages: the same number of decoder layers each (embedding on the first, norm + LM "
                    "head on the last), or balanced parameter counts", group=RUNTIME, choices=PARTITION_METHODS)

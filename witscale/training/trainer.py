@@ -10,7 +10,8 @@ The loop (checkpoints, preemption, metrics) is ``witscale.train.train_loop``.
 
 Normalization. The objective is Σ_{global batch} w·nll / N, N the global batch's denominator for the
 chosen normalization (docs/objective.md#normalizations). DeepSpeed *averages* gradients over the
-data-parallel ranks, so the dense engine's micro-batch loss is ``weighted_sum × dp / N`` and ``backward`` is called with
+data-parallel ranks (dp × sp under --sp: each sp rank's loss covers its 1/sp of the rows), so the dense
+engine's micro-batch loss is ``weighted_sum × dp × sp / N`` and ``backward`` is called with
 ``scale_wrt_gas=False`` (DeepSpeed would otherwise divide by grad_accum as well); the pipeline engine
 always divides by grad_accum, so its loss is ``weighted_sum × dp × grad_accum / N``. The result is the same
 gradient whatever dp, grad_accum, pp or ZeRO stage — tested as equivalences.
@@ -149,6 +150,24 @@ class StepSums:
         return float(self.class_nll_sum[idx].sum()) / n if n > 0 else float("nan")
 
 
+def sequence_shard_micro_batch(mb: MicroBatch, topo) -> MicroBatch:
+    """Under --sp: this rank's contiguous 1/sp of every row of ``mb``. The per-token targets, weights and
+    positions were computed on the whole rows (the loader's), so labels are shifted before the cut — the token
+    after a cut is predicted by the rank before it — and positions are per document; ``cu_seqlens`` and
+    ``max_seqlen`` stay the whole rows' (attention runs on whole rows: witscale/parallel/sequence.py)."""
+    sp = getattr(topo, "sp", 1)
+    if sp == 1:
+        return mb
+    from dataclasses import replace
+
+    from witscale.parallel.sequence import sequence_shard
+    if mb.doc_index is not None:
+        raise ValueError(f"--sp {sp}: preference micro-batches cannot be sequence-sharded yet")
+    cut = {name: sequence_shard(getattr(mb, name), sp, topo.sp_rank)
+           for name in ("input_ids", "labels", "weights", "target_classes", "position_ids")}
+    return replace(mb, **cut)
+
+
 # --- the two engines ---------------------------------------------------------------------------------
 class _DenseEngine:
     """ZeRO 0–3 (± TP): DeepSpeed's engine runs forward, backward and step per micro-batch."""
@@ -158,10 +177,12 @@ class _DenseEngine:
         self.size = stats_size(objective.sums)
 
     def loss_scale(self, denominator: float, grad_accum: int) -> float:
-        return self.topo.dp / denominator if denominator > 0 else 0.0
+        # DeepSpeed averages over dp × sp (the sp ranks' partial gradients: parallel/topology.py says why).
+        return self.topo.dp * getattr(self.topo, "sp", 1) / denominator if denominator > 0 else 0.0
 
     def _forward(self, mb: MicroBatch, objective=None):
         objective = objective or self.objective
+        mb = sequence_shard_micro_batch(mb, self.topo)
         return self.engine(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen, mb.labels, mb.weights,
                            mb.target_classes, objective=objective.head(*objective.inputs(mb)))
 
@@ -180,14 +201,17 @@ class _DenseEngine:
             totals += stats_vector(self._forward(mb))
             if progress is not None:
                 progress(i + 1, len(micro_batches))     # a count only: no host sync
+        if getattr(self.topo, "sp_rank", 0):
+            extra = torch.zeros_like(extra)             # the sp peers counted the same whole rows: once
         return self._sum_over_dp(torch.cat([totals, extra]))
 
     def forward_only(self, micro_batches: list[MicroBatch], probe) -> list:
         return [self._forward(mb, probe) for mb in micro_batches]
 
     def _sum_over_dp(self, totals: torch.Tensor) -> torch.Tensor:
-        # Summed over the data-parallel replicas; TP peers hold identical numbers.
-        dist.all_reduce(totals, group=self.topo.get_data_parallel_group())
+        # Summed over the data-parallel replicas and the sp ranks (each holds its shard's sums: dp × sp is the
+        # dp group at sp = 1); TP peers hold identical numbers.
+        dist.all_reduce(totals, group=self.topo.get_sequence_data_parallel_group())
         return totals
 
 
@@ -252,6 +276,14 @@ class _PipelineEngine:
         return totals
 
 
+def check_sequence_parallel_objective(objective: Objective, sp: int) -> None:
+    """--sp shards rows: an objective with a head hook (``sums``: DPO and the other pair objectives) would see
+    partial completions per rank; summing a completion's log-probs over the sp group first is not built."""
+    if sp > 1 and objective.sums:
+        raise ValueError(f"--sp {sp} cannot train --objective {objective.name}: its per-completion sums would "
+                         "need adding across the sequence-parallel ranks first (not built); use --sp 1")
+
+
 # --- the trainer ---------------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, *, module: torch.nn.Module, ds_config: dict, loader: PackedLoader, topo,
@@ -274,6 +306,7 @@ class Trainer:
         self.normalization = normalization
         self.objective = objective if objective is not None else default_objective()
         self.objective.check()
+        check_sequence_parallel_objective(self.objective, getattr(topo, "sp", 1))
         self.total_steps = total_steps
         pipelined = topo.pp > 1
         config = dict(ds_config)
@@ -443,7 +476,8 @@ class Trainer:
         """What a checkpoint needs besides DeepSpeed's own state: the step, the data position and the layout
         that wrote DeepSpeed's files."""
         return {"step": self.step, "loader": self.loader.state_dict(),
-                "layout": {"dp": self.topo.dp, "tp": self.topo.tp, "pp": self.topo.pp},
+                "layout": {"dp": self.topo.dp, "tp": self.topo.tp, "pp": self.topo.pp,
+                           **({"sp": self.topo.sp} if getattr(self.topo, "sp", 1) > 1 else {})},
                 "skipped_nonfinite_steps": list(self.skipped_nonfinite)}
 
     def load_state_dict(self, state: dict, *, data_position: bool = True) -> None:

@@ -1,0 +1,230 @@
+"""Ulysses sequence parallelism (--sp) on real gloo ranks through the Trainer and DeepSpeed's engine: sp=2
+against sp=1 on rows whose documents cross the shard cut; the layouts not built yet refused in one line."""
+import json
+
+import numpy as np
+import pytest
+
+from tests import test_train_cli_operations as operations
+from tests.distributed import run_distributed
+from tests.train_helpers import TINY, random_packed, train_worker
+from witscale.parallel.topology import LayoutError, ParallelDims
+
+# 4 query heads over 2 KV heads (GQA: one KV head per sp rank); 1 KV head: replicated to the 2 sp ranks.
+SEQ_LEN, DATA_SEED = 48, 1
+run_inputs = operations.run_inputs      # the session fixture: packed data, a tiny Llama config, the tokenizer
+
+
+def _worker(rank, world, runs):
+    return [train_worker(rank, world, **kw) for kw in runs]
+
+
+def _crossing_documents(rows: int) -> int:
+    """Documents that start in a row's first half and end in its second: the cut at sp=2."""
+    data = random_packed(rows, SEQ_LEN, TINY["vocab_size"], DATA_SEED)
+    n = 0
+    for r in range(rows):
+        ends = np.cumsum(data.doc_lengths(r))
+        n += int(((ends - data.doc_lengths(r) < SEQ_LEN // 2) & (ends > SEQ_LEN // 2)).sum())
+    return n
+
+
+@pytest.mark.slow
+def test_sp2_matches_sp1_zero0():
+    """Logits, loss and every gradient of one micro-batch, then 3 optimizer steps (losses, gradient norms,
+    parameters): sp=2 (2 ranks, dp=1) against sp=1 (1 rank), fp32 ZeRO-0, for GQA (2 KV heads: one per sp rank)
+    and for 1 KV head (replicated to both sp ranks)."""
+    assert _crossing_documents(8) >= 3
+    runs = [dict(model=model, stage=0, micro=2, accum=2, steps=3, lr=1e-3, eps=1e-6, do_probe=True, lp=0.5,
+                 seq_len=SEQ_LEN, data_seed=DATA_SEED, with_weights=True)
+            for model in ({}, {"num_key_value_heads": 1})]
+    ref = run_distributed(_worker, 1, [dict(r, sp=1) for r in runs])[0]
+    out = run_distributed(_worker, 2, [dict(r, sp=2) for r in runs])
+    for i, what in enumerate(("GQA 4/2", "1 KV head")):
+        want = ref[i]
+        logits = np.concatenate([out[0][i]["probe"]["logits"], out[1][i]["probe"]["logits"]], axis=1)
+        np.testing.assert_allclose(logits, want["probe"]["logits"], rtol=1e-6, atol=1e-6, err_msg=what)
+        loss_sum = out[0][i]["probe"]["loss_sum"] + out[1][i]["probe"]["loss_sum"]
+        assert loss_sum == pytest.approx(want["probe"]["loss_sum"], rel=1e-6), what
+        for rank in (0, 1):
+            got = out[rank][i]
+            # Two shards' partial sums against one sum: fp32 rounding, 1e-6 of each tensor's scale.
+            for name, g in want["probe"]["grads"].items():
+                np.testing.assert_allclose(got["probe"]["grads"][name], g, rtol=1e-6, atol=1e-6 * np.abs(g).max(),
+                                           err_msg=f"{what}: {name}")
+            np.testing.assert_allclose(got["losses"], want["losses"], rtol=1e-6, err_msg=what)
+            np.testing.assert_allclose([r["grad_norm"] for r in got["results"]],
+                                       [r["grad_norm"] for r in want["results"]], rtol=1e-6, err_msg=what)
+            # Adam turns fp32 rounding of a ~0 gradient into a step of up to ±lr (see the tp tests): 1e-5 after 3 steps.
+            for name, p in want["params"].items():
+                np.testing.assert_allclose(got["params"][name], p, rtol=0, atol=1e-5, err_msg=f"{what}: {name}")
+
+
+# 8 heads / 4 KV heads: at tp=2 × sp=2 each rank attends over 2 query heads and 1 KV head of the whole rows.
+TP_MODEL = dict(num_attention_heads=8, num_key_value_heads=4, hidden_size=32, intermediate_size=48)
+
+
+@pytest.mark.slow
+def test_sp2_tp2_matches_sp1_tp1_zero0():
+    """sp=2 × tp=2 (4 ranks, dp=1) against one rank: logits, loss and gradients of one micro-batch, then 3
+    optimizer steps (losses, gradient norms, parameters); every rank must hold the same dense parameters."""
+    run = dict(model=TP_MODEL, stage=0, micro=2, accum=2, steps=3, lr=1e-3, eps=1e-6, do_probe=True, lp=0.5,
+               seq_len=SEQ_LEN, data_seed=DATA_SEED, with_weights=True)
+    want = run_distributed(_worker, 1, [run])[0][0]
+    out = [o[0] for o in run_distributed(_worker, 4, [dict(run, tp=2, sp=2)])]
+    # Rank order: tp fastest, then sp — ranks 0 and 2 hold the two halves of the rows.
+    logits = np.concatenate([out[0]["probe"]["logits"], out[2]["probe"]["logits"]], axis=1)
+    np.testing.assert_allclose(logits, want["probe"]["logits"], rtol=1e-6, atol=1e-6)
+    assert out[0]["probe"]["loss_sum"] + out[2]["probe"]["loss_sum"] == pytest.approx(want["probe"]["loss_sum"],
+                                                                                     rel=1e-6)
+    for rank, got in enumerate(out):
+        for name, g in want["probe"]["grads"].items():
+            np.testing.assert_allclose(got["probe"]["grads"][name], g, rtol=1e-6, atol=1e-6 * np.abs(g).max(),
+                                       err_msg=f"rank {rank}: {name}")
+        np.testing.assert_allclose(got["losses"], want["losses"], rtol=1e-6)
+        np.testing.assert_allclose([r["grad_norm"] for r in got["results"]],
+                                   [r["grad_norm"] for r in want["results"]], rtol=1e-6)
+        for name, p in want["params"].items():
+            np.testing.assert_allclose(got["params"][name], p, rtol=0, atol=1e-5, err_msg=f"rank {rank}: {name}")
+
+
+@pytest.mark.slow
+def test_zero3_dp2_sp2_matches_zero3_dp2():
+    """ZeRO-3 partitioned over dp × sp (4 ranks) against ZeRO-3 over dp=2 alone: 3 steps' losses and the
+    dense parameters gathered from the dp × sp partitions (the export's gather)."""
+    run = dict(stage=3, micro=1, accum=2, steps=3, lr=1e-3, eps=1e-6, lp=0.5, seq_len=SEQ_LEN,
+               data_seed=DATA_SEED, with_weights=True)
+    want = run_distributed(_worker, 2, [run])[0][0]
+    out = [o[0] for o in run_distributed(_worker, 4, [dict(run, sp=2)])]
+    norms = lambda run: [r["grad_norm"] for r in run["results"]]  # noqa: E731
+    for rank, got in enumerate(out):
+        # The first step is the same sums in another order (the gradient norm too: Adam would hide a wrong scale);
+        # later steps differ by fp32 summation order through Adam (~1e-6), as in the tp × ZeRO-3 test.
+        assert got["losses"][0] == pytest.approx(want["losses"][0], rel=1e-7)
+        assert norms(got)[0] == pytest.approx(norms(want)[0], rel=1e-6), (norms(got), norms(want))
+        np.testing.assert_allclose(got["losses"], want["losses"], rtol=1e-5, err_msg=f"rank {rank}")
+        np.testing.assert_allclose(norms(got), norms(want), rtol=1e-5, err_msg=f"rank {rank}")
+        for name, p in want["params"].items():
+            np.testing.assert_allclose(got["params"][name], p, rtol=0, atol=1e-5, err_msg=f"rank {rank}: {name}")
+
+
+@pytest.mark.parametrize("dims, message", [
+    (dict(world_size=4, pp=2, sp=2), r"^--sp 2 is not supported with --pp 2 "),
+    (dict(world_size=4, zero_stage=2, sp=2), r"^--sp 2 is not supported with ZeRO stage 2 \(tested: ZeRO-0 and"),
+    (dict(world_size=6, sp=4), r"^world size 6 is not divisible by tp × sp × pp = 1 × 4 × 1 = 4$"),
+])
+def test_untested_sp_layouts_are_refused_in_one_line(dims, message):
+    with pytest.raises(LayoutError, match=message):
+        ParallelDims(**dims)
+
+
+def test_sp_must_divide_the_heads_per_rank():
+    from witscale.model import ModelConfig
+
+    cfg = ModelConfig.from_dict(dict(TINY, num_attention_heads=6, num_key_value_heads=2, hidden_size=48))
+    ParallelDims(2, sp=2, model=cfg)            # 3 query heads per sp rank, one KV head each
+    with pytest.raises(LayoutError, match=r"^--sp 4 does not divide the model's attention heads per TP rank "
+                                          r"\(6 / tp 1 = 6\)$"):
+        ParallelDims(4, sp=4, model=cfg)
+    cfg3 = ModelConfig.from_dict(dict(TINY, num_attention_heads=6, num_key_value_heads=3, hidden_size=48))
+    with pytest.raises(LayoutError, match=r"^--sp 2 neither divides the model's key/value heads per TP rank \(3\)"):
+        ParallelDims(2, sp=2, model=cfg3)
+
+
+def test_pair_objectives_are_refused_under_sp():
+    from witscale.training.objectives import registered
+    from witscale.training.trainer import check_sequence_parallel_objective
+
+    for cls in registered():
+        objective = cls()
+        if objective.sums:
+            with pytest.raises(ValueError, match=rf"^--sp 2 cannot train --objective {cls.name}: "):
+                check_sequence_parallel_objective(objective, 2)
+        else:
+            check_sequence_parallel_objective(objective, 2)
+        check_sequence_parallel_objective(objective, 1)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"--sp": "2"}, None),                                     # ZeRO-0, 2 ranks: dp 1 × sp 2
+    ({"--sp": "2", "--ds_config": "ds_configs/zero1.json"}, "--sp 2 is not supported with ZeRO stage 1 "),
+    ({"--sp": "3"}, "world size 2 is not divisible by tp × sp × pp = 1 × 3 × 1 = 3"),
+    ({"--sp": "0"}, "--sp 0 is out of range"),
+])
+def test_sp_flag_is_planned_or_refused_in_one_line(run_inputs, tmp_path, change, message):
+    from witscale.train import UsageError, build_parser, plan_run
+    from witscale.training.config import RunConfig
+
+    args = dict(zip(*[iter(operations._args(run_inputs, tmp_path, 2))] * 2))
+    args.update({"--ds_config": "ds_configs/zero0.json", **change})
+
+    def planned():
+        return plan_run(RunConfig.from_args(build_parser().parse_args([x for kv in args.items() for x in kv])), 2)
+
+    if message is None:
+        plan = planned()
+        assert (plan.dims.sp, plan.dims.dp) == (2, 1)
+        return
+    with pytest.raises((UsageError, ValueError, SystemExit)) as e:
+        planned()
+    assert message in str(e.value) and "\n" not in str(e.value), e.value
+
+
+@pytest.mark.parametrize("saved, mine", [({"sp": 2}, {}), ({}, {"sp": 2}), ({"sp": 2}, {"sp": 4})])
+def test_resume_on_another_sp_is_refused_in_one_line(saved, mine):
+    from witscale.training.checkpoint import CheckpointError, layout_change
+
+    base = {"dp": 1, "tp": 1, "pp": 1}
+    with pytest.raises(CheckpointError, match=rf"^ckpt/step_2 was written at --sp {saved.get('sp', 1)}; this run "
+                                              rf"has --sp {mine.get('sp', 1)}: resuming on another sp is not "):
+        layout_change({"layout": dict(base, **saved)}, dict(base, **mine), where="ckpt/step_2", zero_stage=0)
+    assert layout_change({"layout": dict(base, **saved)}, dict(base, **saved), where="x", zero_stage=0) is False
+
+
+@pytest.mark.slow
+def test_sp2_cli_run_trains_saves_evaluates_and_exports_as_sp1(run_inputs, tmp_path):
+    """witscale/train.py end to end, --sp 2 on 2 ranks (ZeRO-3: partitions over dp × sp) against one process:
+    the same losses, eval loss, and HF export; the checkpoint records sp."""
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    common = lambda out: operations._args(  # noqa: E731
+        run_inputs, out, 3, "--export-hf", str(out / "hf"), "--export-dtype", "fp32", "--eval-data",
+        run_inputs["eval"], "--save-steps", "3")
+    single = subprocess.run([sys.executable, "witscale/train.py", *common(tmp_path / "sp1")],
+                            cwd=operations.REPO_ROOT, env=operations._env(), capture_output=True, text=True,
+                            timeout=300)
+    assert single.returncode == 0, single.stdout[-2000:] + single.stderr[-2000:]
+    code, log = operations._torchrun([*common(tmp_path / "sp2"), "--sp", "2"])
+    assert code == 0, log[-4000:]
+    assert "sp 2" in log
+    want, got = operations._train_losses(tmp_path / "sp1"), operations._train_losses(tmp_path / "sp2")
+    assert got.keys() == want.keys() and len(want) == 3
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-5), step
+    evals = [[json.loads(line)["eval_loss"] for line in open(tmp_path / run / "metrics.jsonl")
+              if "eval_loss" in line] for run in ("sp1", "sp2")]
+    assert evals[0] and evals[1] == pytest.approx(evals[0], rel=1e-5)
+    a = load_file(tmp_path / "sp1" / "hf" / "model.safetensors")
+    b = load_file(tmp_path / "sp2" / "hf" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=2e-5, msg=k)
+    state = json.load(open(next((tmp_path / "sp2" / "checkpoints").glob("step_*/witscale_state.json"))))
+    assert state["layout"]["sp"] == 2
+
+
+def test_planner_counts_one_sp_shard_of_the_row():
+    """Layout.sp: each rank keeps the activations of seq_len / sp tokens; ZeRO-3 partitions over dp × sp."""
+    from witscale import planner
+
+    shape = planner.ModelShape.from_config(dict(TINY, num_hidden_layers=4))
+    sharded = planner.estimate(shape, planner.Layout(tp=1, pp=1, dp=2, zero=3, sp=2), seq_len=4096, micro_batch=1)
+    half_row = planner.estimate(shape, planner.Layout(tp=1, pp=1, dp=4, zero=3), seq_len=2048, micro_batch=1)
+    assert sharded.activation_gib == half_row.activation_gib
+    assert (sharded.param_gib, sharded.grad_gib, sharded.optim_gib) == (half_row.param_gib, half_row.grad_gib,
+                                                                        half_row.optim_gib)
+    assert planner.Layout(dp=2, sp=2).world == 4 and "sp2" in planner.Layout(dp=2, sp=2).name()
