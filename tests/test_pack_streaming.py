@@ -184,3 +184,16 @@ def test_a_damaged_record_mid_stream_is_named_and_the_output_is_untouched(tmp_pa
         assert errors[0].startswith(f"error: {data}:line 400: invalid JSON"), errors
         assert _files(out) == before
         assert sorted(os.listdir(tmp_path)) == ["big.jsonl", "out", "small.jsonl"]
+
+
+def test_workers_default_to_every_core_the_process_may_use(tmp_path, monkeypatch):
+    from witscale.data import pack_cli
+    seen = {}
+
+    def fake_pack_files(inputs, tokenizer, output, opts, **kwargs):
+        seen["workers"] = opts.workers
+        raise pack_cli.DataError("stop here")
+    monkeypatch.setattr(pack_cli.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    monkeypatch.setattr(pack_cli, "pack_files", fake_pack_files)
+    assert pack_cli.main(["--input", "x.jsonl", "--tokenizer", "t", "--seq-len", "8", "--output", "o"]) == 2
+    assert seen["workers"] == 3

@@ -51,9 +51,9 @@ _RENDERER: Renderer | None = None
 _OPTS: PackOptions | None = None
 
 
-def _init_worker(tokenizer_path: str, opts: PackOptions) -> None:
+def _init_worker(tokenizer_path: str, opts: PackOptions, tokenizer=None) -> None:
     global _RENDERER, _OPTS
-    _RENDERER, _OPTS = Renderer(opts.template, load_tokenizer(tokenizer_path)), opts
+    _RENDERER, _OPTS = Renderer(opts.template, tokenizer or load_tokenizer(tokenizer_path)), opts
 
 
 def _tokenize(task: _Task):
@@ -108,11 +108,12 @@ IN_FLIGHT_PER_WORKER = 4
 
 
 def tokenize_tasks(tasks: Iterable[_Task], tokenizer_path: str, opts: PackOptions,
-                   progress: Callable[[int], None] | None = None):
+                   progress: Callable[[int], None] | None = None, tokenizer=None):
     """Yield (task index order) (Document or RecordError, content kinds); ordered whatever the worker count,
-    reading the tasks lazily: at most ``workers × IN_FLIGHT_PER_WORKER`` chunks are out at a time."""
+    reading the tasks lazily: at most ``workers × IN_FLIGHT_PER_WORKER`` chunks are out at a time.
+    ``tokenizer``: the one already loaded, used when tokenizing in this process (workers load their own)."""
     if opts.workers <= 1:
-        _init_worker(tokenizer_path, opts)
+        _init_worker(tokenizer_path, opts, tokenizer)
         for task in tasks:
             out = _tokenize(task)
             if progress:
@@ -268,7 +269,7 @@ def _run(tasks, tokenizer, tokenizer_path, output, opts, sources, overwrite, pro
         source["content"] = dict.fromkeys(CONTENT_KINDS, 0)
     with PackedWriter(output, seq_len=opts.seq_len, pad_id=tokenizer.pad_id, long_policy=opts.long_policy,
                       task=opts.task, overwrite=overwrite) as writer:
-        for out, kinds in tokenize_tasks(tasks, tokenizer_path, opts, progress):
+        for out, kinds in tokenize_tasks(tasks, tokenizer_path, opts, progress, tokenizer):
             n_read += 1
             content = source_of()["content"]
             for k in kinds:

@@ -286,12 +286,16 @@ TOOL_TEMPLATES = tuple(n for n, spec in TEMPLATES.items() if spec.tools) + ("hf"
 
 
 # ---------------------------------------------------------------------------------------------- tokenizing
+# every code point str.isspace() accepts (none above U+3000): whitespace found for a whole text at once
+_WHITESPACE = np.array([c for c in range(0x3001) if chr(c).isspace()], dtype="<u4")
+
+
 def classify_tokens(text: str, char_cls: np.ndarray, char_msg: np.ndarray, begin: np.ndarray, end: np.ndarray,
                     num_classes: int = NUM_CLASSES):
     """Per token: (class, message index) from the characters it covers. Raises BoundaryError on a token whose
     non-whitespace characters have two classes."""
     n = len(text)
-    nonws = np.fromiter((not c.isspace() for c in text), dtype=bool, count=n)
+    nonws = ~np.isin(np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4"), _WHITESPACE)
     # prefix counts of non-whitespace characters per class: counts over [b, e) in O(1) per token
     onehot = np.zeros((num_classes, n + 1), dtype=np.int32)
     onehot[char_cls[nonws], np.nonzero(nonws)[0] + 1] = 1
