@@ -197,3 +197,56 @@ def test_workers_default_to_every_core_the_process_may_use(tmp_path, monkeypatch
     monkeypatch.setattr(pack_cli, "pack_files", fake_pack_files)
     assert pack_cli.main(["--input", "x.jsonl", "--tokenizer", "t", "--seq-len", "8", "--output", "o"]) == 2
     assert seen["workers"] == 3
+
+
+# ------------------------------------------------------------------------------- JSON arrays, record by record
+import witscale.data.readers as readers  # noqa: E402
+from witscale.data.errors import DataError, RecordError  # noqa: E402
+
+
+def _array_text(n=120):
+    recs = [{"instruction": f"Say {'é€😀' * (i % 7)} {i}", "input": "", "output": "x" * (i % 50)} for i in range(n)]
+    recs[17]["output"] = ["\udfff"]                              # a lone surrogate: a record error
+    parts = [json.dumps(r, indent=1 if i % 3 else None, ensure_ascii=i % 2 == 0 or i == 17)
+             for i, r in enumerate(recs)]
+    return "\ufeff[\r\n" + ",\r\n  ".join(parts) + "\n]\n"
+
+
+@pytest.mark.parametrize("window", [1, 5, 64, 1 << 20])
+def test_a_json_array_is_read_record_by_record_with_a_bounded_window(tmp_path, monkeypatch, window):
+    monkeypatch.setattr(readers, "JSON_WINDOW_CHARS", window)
+    path = tmp_path / "a.json"
+    path.write_text(_array_text(), encoding="utf-8")
+    whole = list(readers._iter_json_document(str(path)))
+    longest = {"buf": 0}
+    read = readers._JsonWindow.read
+
+    def counting_read(self):
+        more = read(self)
+        longest["buf"] = max(longest["buf"], len(self.buf) - self.pos)
+        return more
+    monkeypatch.setattr(readers._JsonWindow, "read", counting_read)
+    streamed = list(readers._iter_json_array(str(path)))
+    assert [w for w, _ in streamed] == [w for w, _ in whole]
+    for (_, a), (_, b) in zip(streamed, whole):
+        assert (str(a) == str(b)) if isinstance(b, RecordError) else a == b
+    assert isinstance(streamed[17][1], RecordError)
+    largest = max(len(json.dumps(r, indent=1, ensure_ascii=True)) for _, r in whole if isinstance(r, dict))
+    assert longest["buf"] <= largest + 2 * window + 8          # the unparsed rest: one record and a block
+
+
+@pytest.mark.parametrize("text", ['[{"a": 1},\n {"b": 2}\n {"c": 3}]', '[\n{"instruction": "a",\n',
+                                  '[{"a": 1}, {"b": 2}] x', '[{"a": 1},\r\n\r\n  {"b": tru}]', '[1, 2,]',
+                                  '[{"a": "' + "y" * 300 + '"}, {"a" 2}]', '[\n\n   '])
+@pytest.mark.parametrize("window", [3, 1 << 20])
+def test_a_broken_json_array_names_the_line_and_column_json_would(tmp_path, monkeypatch, text, window):
+    monkeypatch.setattr(readers, "JSON_WINDOW_CHARS", window)
+    path = tmp_path / "b.json"
+    path.write_text(text)
+    with pytest.raises(json.JSONDecodeError) as expected:
+        json.loads(text)
+    with pytest.raises(DataError) as got:
+        list(readers._iter_json_array(str(path)))
+    e = expected.value
+    assert str(got.value).startswith(f"{path}:line {e.lineno}: invalid JSON: "), (str(got.value), e)
+    assert str(got.value).endswith(f"(column {e.colno})"), (str(got.value), e)
