@@ -174,8 +174,9 @@ class PackedWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            self.spill.close()
+        self.spill.close()
+        if exc_type is None and self._writer.tmp:      # left without finish(): nothing is swapped in
+            self._writer.abort()
         return self._writer.__exit__(exc_type, exc, tb)
 
 
@@ -227,8 +228,12 @@ class _DocumentSpill:
         self.num_tokens += n
 
     def close(self) -> None:
+        """Close the files written and read (idempotent)."""
         for f in self.files.values():
             f.close()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
 
     def gather(self, name: str, src: np.ndarray, lengths: np.ndarray, dst: np.ndarray, out: np.ndarray) -> None:
         """out[dst_i : dst_i + n_i] = channel[src_i : src_i + n_i], read straight into `out` (no memory map:
@@ -242,9 +247,7 @@ class _DocumentSpill:
                 raise OSError(errno.EIO, "short read", self.paths[name])
 
     def remove(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds = {}
+        self.close()
         for path in self.paths.values():
             if os.path.exists(path):
                 os.unlink(path)
