@@ -261,7 +261,7 @@ def main(argv=None):
                    help="pack with each template through one HF tokenizer directory, plus a datasets.map baseline")
     p.add_argument("--memory", action="store_true",
                    help="tokens/s and peak RSS of pack_dataset.py against datasets.map, on generated data")
-    p.add_argument("--memory-records", default="2000,8000", help="--memory: the two corpus sizes (records)")
+    p.add_argument("--memory-records", default="1000,4000", help="--memory: the two corpus sizes (records)")
     p.add_argument("--repeat", type=int, default=2,
                    help="--memory: runs of each, interleaved; the fastest counts, the largest memory")
     args = p.parse_args(argv)
