@@ -13,6 +13,15 @@ records' text with ``datasets.map`` and that fast tokenizer (``--workers`` proce
         --tokenizer ../shared/data/llama2_tokenizer.model
     python tools/bench/bench_pack.py --input ../shared/data/alpaca_en_demo.json \
         --tokenizer ../shared/data/llama2_tokenizer.model --compare-templates plain,chatml --workers 2
+
+``--memory`` measures the streaming packer as a user runs it (``tools/pack_dataset.py`` in a subprocess) on
+generated Alpaca-like JSONL at two sizes (``--memory-records``), against ``datasets.map`` tokenizing the same
+records with the same fast tokenizer in the same run (``--workers`` processes each; ``--repeat`` runs of
+each, interleaved, the fastest counting — a shared machine's load changes by the minute): tokens/s and peak RSS —
+of its largest process (ru_maxrss) and of the whole process tree (PSS, sampled every 20 ms). The two sizes give
+the memory's fixed part and its slope per document, extrapolated to the issue's 200,000 records:
+
+    python tools/bench/bench_pack.py --memory --tokenizer ../shared/data/llama2_tokenizer.model --workers 2
 """
 import argparse
 import json
@@ -120,6 +129,124 @@ def pad_to_longest(lengths: np.ndarray, batch: int) -> int:
     return int((longest * np.bincount(groups)).sum())
 
 
+# ------------------------------------------------------------------------------------ --memory: RSS and tokens/s
+def alpaca_like_jsonl(path: str, n: int, seed: int = 0) -> str:
+    """n Alpaca-shaped records of random words: about 540 LLaMA-2 tokens a record, the issue's Alpaca-like
+    average (108.6M tokens in 200,000 records)."""
+    rng = np.random.default_rng(seed)
+    words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=k)) for k in rng.integers(2, 9, 5000)]
+
+    def text(mean):
+        return " ".join(words[j] for j in rng.integers(0, len(words), max(1, int(rng.exponential(mean)))))
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            f.write(json.dumps({"instruction": text(20), "input": text(10) if rng.random() < 0.4 else "",
+                                "output": text(130)}) + "\n")
+    return path
+
+
+def measured(cmd: list) -> dict:
+    """Run cmd; its wall time, its stdout and two peaks of resident memory: of its largest process (the
+    ru_maxrss wait4 reports: exact) and of its whole process tree (the sum of PSS — forked workers share
+    pages, which a sum of RSS would count once per process — sampled every 20 ms: a lower bound of the peak)."""
+    import subprocess
+    import threading
+    import psutil
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = {"tree": 0}
+    done = threading.Event()
+
+    def sample():
+        root = psutil.Process(proc.pid)
+        while not done.is_set():
+            try:
+                rss = sum(p.memory_full_info().pss for p in [root] + root.children(recursive=True))
+            except psutil.Error:
+                continue
+            peak["tree"] = max(peak["tree"], rss)
+            time.sleep(0.02)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    chunks = {}
+    readers = [threading.Thread(target=lambda k, s: chunks.__setitem__(k, s.read()), args=(k, s), daemon=True)
+               for k, s in (("out", proc.stdout), ("err", proc.stderr))]
+    for r in readers:
+        r.start()
+    _, status, usage = os.wait4(proc.pid, 0)       # (not proc.wait: wait4 gives this child's own rusage)
+    done.set()
+    for r in readers + [sampler]:
+        r.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    dt = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {chunks['err'].strip()[-2000:]}")
+    return {"s": dt, "main": usage.ru_maxrss * 1024, "tree": peak["tree"], "out": chunks["out"]}
+
+
+_MAP_SCRIPT = r"""
+import sys, datasets
+from transformers import AutoTokenizer
+def strings(x):  # bench_pack._strings: every string value of a record, depth first
+    if isinstance(x, str):
+        return [x]
+    if isinstance(x, dict):
+        return [s for v in x.values() for s in strings(v)]
+    if isinstance(x, list):
+        return [s for v in x for s in strings(v)]
+    return []
+datasets.disable_caching(); datasets.disable_progress_bars()
+tok = AutoTokenizer.from_pretrained(sys.argv[2], local_files_only=True)
+ds = datasets.load_dataset("json", data_files=sys.argv[1], split="train")
+def tokenize(batch):
+    rows = [dict(zip(batch, vals)) for vals in zip(*batch.values())]
+    return {"input_ids": tok(["\n".join(strings(r)) for r in rows])["input_ids"]}
+w = int(sys.argv[3])
+out = ds.map(tokenize, batched=True, num_proc=w if w > 1 else None, remove_columns=ds.column_names)
+print(sum(len(ids) for ids in out["input_ids"]))
+"""
+
+
+def memory_benchmark(args, tmp: str) -> None:
+    tok_dir = hf_tokenizer_dir(args.tokenizer, tmp)
+    here = os.path.dirname(os.path.abspath(__file__))
+    tool = os.path.join(os.path.dirname(here), "pack_dataset.py")
+    print(f"tokenizer {tok_dir} (fast)  workers {args.workers}  seq-len {args.seq_len}  template {args.template}")
+    print(f"{'':>30} {'records':>8} {'tokens':>11} {'s':>7} {'tokens/s':>10} {'RSS max 1':>9} {'PSS tree':>9}")
+    points = []
+    for n in [int(x) for x in args.memory_records.split(",")]:
+        data = alpaca_like_jsonl(os.path.join(tmp, f"alpaca-{n}.jsonl"), n)
+        out = os.path.join(tmp, f"packed-{n}")
+        runs = {"map": [], "pack": []}
+        for _ in range(args.repeat):        # interleaved, best of each: the machine's load changes by the minute
+            runs["map"].append(measured([sys.executable, "-c", _MAP_SCRIPT, data, tok_dir, str(args.workers)]))
+            runs["pack"].append(measured([sys.executable, tool, "--input", data, "--tokenizer", tok_dir,
+                                          "--seq-len", str(args.seq_len), "--template", args.template,
+                                          "--workers", str(args.workers), "--output", out, "--overwrite"]))
+        base, packed = (dict(min(r, key=lambda x: x["s"]), main=max(x["main"] for x in r),
+                             tree=max(x["tree"] for x in r)) for r in (runs["map"], runs["pack"]))
+        with open(os.path.join(out, "manifest.json"), encoding="utf-8") as f:
+            manifest = json.load(f)
+        tokens = int(np.fromfile(os.path.join(out, "doc_lengths.bin"), dtype=np.int32).sum())
+        map_tokens = int(base["out"].split()[-1])
+        mib = lambda b: f"{b / 2**20:.0f} MiB" if b else "-"  # noqa: E731
+        for name, r, t in (("datasets.map + fast tokenizer", base, map_tokens), ("pack_dataset.py (streaming)", packed, tokens)):
+            print(f"{name:>30} {n:>8} {t:>11,} {r['s']:>7.1f} {t / r['s']:>10,.0f} {mib(r['main']):>9} "
+                  f"{mib(r['tree']):>9}")
+        print(f"{'':>30} packed/map tokens/s: {(tokens / packed['s']) / (map_tokens / base['s']):.2f}x  "
+              f"efficiency {100 * manifest['packing_efficiency']:.2f}%")
+        points.append((n, tokens, packed["tree"]))
+        import shutil
+        shutil.rmtree(out)
+    if len(points) >= 2:
+        (n0, t0, r0), (n1, t1, r1) = points[0], points[-1]
+        per_record = max((r1 - r0) / (n1 - n0), 0.0)       # noise can make it negative: memory is flat
+        fixed = r1 - per_record * n1
+        target = 200_000
+        print(f"\npacker tree PSS ~ {fixed / 2**20:.0f} MiB + {per_record:.0f} B/record (fit over {n0}..{n1} records); "
+              f"at {target:,} records ({t1 / n1 * target / 1e6:.0f}M tokens): {(fixed + per_record * target) / 2**30:.2f} GiB")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", default=None, help="default: a generated corpus")
@@ -132,9 +259,20 @@ def main(argv=None):
     p.add_argument("--scale-seq-len", type=int, default=4096)
     p.add_argument("--compare-templates", default=None, metavar="T1,T2",
                    help="pack with each template through one HF tokenizer directory, plus a datasets.map baseline")
+    p.add_argument("--memory", action="store_true",
+                   help="tokens/s and peak RSS of pack_dataset.py against datasets.map, on generated data")
+    p.add_argument("--memory-records", default="1000,4000", help="--memory: the two corpus sizes (records)")
+    p.add_argument("--repeat", type=int, default=2,
+                   help="--memory: runs of each, interleaved; the fastest counts, the largest memory")
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
+        if args.memory:
+            if args.tokenizer is None:
+                texts = [open(alpaca_like_jsonl(os.path.join(tmp, "sp.jsonl"), 2000), encoding="utf-8").read()]
+                args.tokenizer = __import__("witscale.data.synthetic", fromlist=["x"]).train_sentencepiece(
+                    texts[0].splitlines(), os.path.join(tmp, "tok"), vocab_size=1024)
+            return memory_benchmark(args, tmp)
         if args.input is None:
             args.input, generated_tok = generated_corpus(tmp, args.records)
             args.tokenizer = args.tokenizer or generated_tok

@@ -56,7 +56,7 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray,
     keys: list[int] = []                     # sorted remaining capacities that have an open row
     rows_with: dict[int, list[int]] = {}     # remaining capacity → min-heap of row ids
     num_rows = 0
-    for i, size in zip(order.tolist(), lengths[order].tolist()):
+    for i, size in _as_ints(order, lengths[order]):
         j = bisect.bisect_left(keys, size)
         if j == len(keys):
             row, left = num_rows, capacity - size
@@ -78,6 +78,13 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray,
             else:
                 heapq.heappush(heap, row)
     return row_of, num_rows
+
+
+def _as_ints(*arrays: np.ndarray, chunk: int = 1 << 16):
+    """zip of the arrays as Python ints, converted a chunk at a time (whole-array .tolist() would hold ~36
+    bytes per element per array at once: GBs at tens of millions of documents)."""
+    for a in range(0, len(arrays[0]), chunk):
+        yield from zip(*(x[a:a + chunk].tolist() for x in arrays))
 
 
 class Layout(NamedTuple):

@@ -23,7 +23,9 @@ has ``format_version``) or an empty directory is ever replaced, and only with ``
 """
 from __future__ import annotations
 
+import array
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -38,7 +40,7 @@ from witscale.data.classes import CLASS_NAMES, NUM_CLASSES, TokenClass, check_cl
 from witscale.data.errors import DataError
 from witscale.data.output_dir import (DirectoryWriter, OutputError, OutputKind, check_target, chmod_like_umask,
                                       os_error_line)
-from witscale.data.bestfit import Pieces, apply_long_policy, gather_index, layout_rows
+from witscale.data.bestfit import LONG_POLICIES, Pieces, apply_long_policy, gather_index, layout_rows
 
 FORMAT_VERSION = 1
 _ARRAYS = {"tokens": "<i4", "classes": "u1", "weights": "<f4"}
@@ -99,82 +101,243 @@ def write_packed(output: str, corpus: TokenizedCorpus, *, seq_len: int, pad_id: 
     ``task="preference"``: the corpus holds pairs, documents 2i (chosen) and 2i+1 (rejected) of pair i. Each
     pair is packed as ONE item of its total length (best-fit, like any document), so its two documents land
     adjacent in one row, chosen first; a pair longer than a row is an error (no long policy applies).
+    The same rows as :class:`PackedWriter` fed the corpus' documents one by one (the streaming packer).
     ``tokenizer_dir``: a tokenizer extended by --add-special-tokens, copied in as ``tokenizer/``
     (witscale/data/added_tokens.py)."""
+    _check_pack_args(output, seq_len, task, overwrite)
+    try:
+        writer = DirectoryWriter(output, PACKED_KIND, overwrite)
+    except OutputError as e:
+        raise DataError(str(e)) from None
+    with writer:
+        manifest = _write_rows(writer.tmp, _CorpusStore(corpus), np.diff(corpus.offsets), seq_len=seq_len,
+                               pad_id=pad_id, long_policy=long_policy, task=task, meta=dict(
+                                   tokenizer=tokenizer, template=template, sources=sources, counts=counts,
+                                   skipped=skipped, tokenizer_dir=tokenizer_dir))
+        writer.commit()
+    return manifest
+
+
+def _check_pack_args(output: str, seq_len: int, task: str, overwrite: bool) -> None:
     if seq_len < 2:
         raise DataError(f"--seq-len must be at least 2, got {seq_len}")
     if task not in TASKS:
         raise DataError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     check_output(output, overwrite)
-    lengths = np.diff(corpus.offsets)
+
+
+class PackedWriter:
+    """The streaming packer's output: documents added one at a time, in input order, then :meth:`finish`.
+
+    A document's tokens, classes and weights are appended to spill files inside the output's temporary
+    directory (written aside, docs/packed-format.md#atomic-write) and only its length stays in memory. At
+    :meth:`finish` the rows are planned by best-fit decreasing over all the lengths — the same plan, hence
+    the same bytes, as :func:`write_packed` on the whole corpus in memory — and written block by block
+    (``PLACE_BLOCK_TOKENS`` tokens of rows at a time), each document read back from the spill files. Memory:
+    a few words per document for the plan, plus one block; disk: the spill (9 bytes a token, removed before
+    the swap) next to the output. Use as a context manager: leaving it by an exception removes everything
+    it wrote, and the output path keeps what it held."""
+
+    def __init__(self, output: str, *, seq_len: int, pad_id: int, long_policy: str = "truncate",
+                 task: str = "sft", overwrite: bool = False):
+        _check_pack_args(output, seq_len, task, overwrite)
+        if task == "sft" and long_policy not in LONG_POLICIES:     # before any reading, not at finish
+            raise DataError(f"unknown long-document policy {long_policy!r}; known: {', '.join(LONG_POLICIES)}")
+        self._args = dict(seq_len=seq_len, pad_id=pad_id, long_policy=long_policy, task=task)
+        try:
+            self._writer = DirectoryWriter(output, PACKED_KIND, overwrite)
+            self.spill = _DocumentSpill(self._writer.tmp)
+        except OutputError as e:
+            raise DataError(str(e)) from None
+        except OSError as e:
+            err = self._writer.error(e)
+            self._writer.abort()
+            raise err from None
+
+    def add(self, ids, classes, weights=None) -> None:
+        """Append one document (ids int32, classes uint8, weights float32 or None; equal lengths)."""
+        self.spill.add(ids, classes, weights)
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.spill.lengths)
+
+    def finish(self, *, tokenizer: dict | None = None, template: str = "", sources: list | None = None,
+               counts: dict | None = None, skipped: list | None = None, tokenizer_dir: str | None = None) -> dict:
+        """Plan and write the rows, swap the dataset into place; returns the manifest (``tokenizer_dir``: as
+        :func:`write_packed`'s)."""
+        self.spill.close()
+        lengths = np.frombuffer(self.spill.lengths, dtype=np.int64)
+        manifest = _write_rows(self._writer.tmp, self.spill, lengths, **self._args, meta=dict(
+            tokenizer=tokenizer, template=template, sources=sources, counts=counts, skipped=skipped,
+            tokenizer_dir=tokenizer_dir))
+        self.spill.remove()
+        self._writer.commit()
+        return manifest
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.spill.close()
+        if exc_type is None and self._writer.tmp:      # left without finish(): nothing is swapped in
+            self._writer.abort()
+        return self._writer.__exit__(exc_type, exc, tb)
+
+
+# rows planned, gathered and written per block: bounds the writer's memory whatever the dataset's size
+PLACE_BLOCK_TOKENS = 1 << 22
+
+
+class _CorpusStore:
+    """Documents held in memory (a TokenizedCorpus), read by :func:`_write_rows`."""
+
+    def __init__(self, corpus: TokenizedCorpus):
+        self.arrays = {"tokens": corpus.tokens, "classes": corpus.classes, "weights": corpus.weights}
+        self.has_weights = corpus.weights is not None
+
+    def gather(self, name: str, src: np.ndarray, lengths: np.ndarray, dst: np.ndarray, out: np.ndarray) -> None:
+        """out[dst_i : dst_i + n_i] = channel[src_i : src_i + n_i] for each piece i."""
+        out[gather_index(dst, lengths)] = self.arrays[name][gather_index(src, lengths)]
+
+
+class _DocumentSpill:
+    """Documents appended to files (one per channel, input order; what the streaming packer holds of a
+    document once tokenized is its length), read back piece by piece with pread."""
+
+    def __init__(self, directory: str):
+        self.paths = {name: os.path.join(directory, f".spill-{name}") for name in _ARRAYS}
+        self.files = {name: open(self.paths[name], "wb", buffering=1 << 20) for name in ("tokens", "classes")}
+        self.lengths = array.array("q")          # 8 bytes a document
+        self.num_tokens = 0
+        self.has_weights = False
+        self._fds: dict = {}
+
+    def add(self, ids, classes, weights) -> None:
+        n = len(ids)
+        if len(classes) != n or (weights is not None and len(weights) != n):
+            raise ValueError(f"document {len(self.lengths)}: ids, classes and weights differ in length")
+        if weights is not None and not self.has_weights:
+            # the weight channel exists once any document has weights: 1.0 for every token before it
+            self.files["weights"] = f = open(self.paths["weights"], "wb", buffering=1 << 20)
+            ones = np.ones(min(self.num_tokens, 1 << 20), np.float32)
+            for start in range(0, self.num_tokens, len(ones) or 1):
+                f.write(ones[:min(len(ones), self.num_tokens - start)].tobytes())
+            self.has_weights = True
+        self.files["tokens"].write(np.asarray(ids, "<i4").tobytes())
+        self.files["classes"].write(np.asarray(classes, "u1").tobytes())
+        if self.has_weights:
+            self.files["weights"].write((np.asarray(weights, "<f4") if weights is not None
+                                         else np.ones(n, "<f4")).tobytes())
+        self.lengths.append(n)
+        self.num_tokens += n
+
+    def close(self) -> None:
+        """Close the files written and read (idempotent)."""
+        for f in self.files.values():
+            f.close()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+    def gather(self, name: str, src: np.ndarray, lengths: np.ndarray, dst: np.ndarray, out: np.ndarray) -> None:
+        """out[dst_i : dst_i + n_i] = channel[src_i : src_i + n_i], read straight into `out` (no memory map:
+        its pages would count in the resident set, the whole spill by the end)."""
+        fd = self._fds.get(name)
+        if fd is None:
+            fd = self._fds[name] = os.open(self.paths[name], os.O_RDONLY)
+        view, size = memoryview(out).cast("B"), out.itemsize
+        for s, n, d in zip((src * size).tolist(), (lengths * size).tolist(), (dst * size).tolist()):
+            if os.preadv(fd, [view[d:d + n]], s) != n:
+                raise OSError(errno.EIO, "short read", self.paths[name])
+
+    def remove(self) -> None:
+        self.close()
+        for path in self.paths.values():
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+def _write_rows(tmp: str, store, lengths: np.ndarray, *, seq_len: int, pad_id: int, long_policy: str, task: str,
+                meta: dict) -> dict:
+    """Plan the rows of the documents of `store` (their `lengths`, input order) and write every array and the
+    manifest into `tmp`; returns the manifest."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
     keep = lengths > 0
     if task == "preference":
         # the pieces are whole pairs: documents 2i and 2i+1 are contiguous in the corpus
-        pieces, doc_lengths, doc_pair, pair_order = _pair_pieces(corpus.offsets, seq_len)
+        pieces, doc_lengths, doc_pair, pair_order = _pair_pieces(offsets, seq_len)
     else:
         pieces = apply_long_policy(lengths, seq_len, long_policy)
     nonempty = pieces.length > 0
     p_doc, p_start, p_len = pieces.doc[nonempty], pieces.start[nonempty], pieces.length[nonempty]
     layout = layout_rows(p_len, seq_len)
     num_rows = len(layout.row_offsets) - 1
-    src = gather_index(corpus.offsets[p_doc[layout.order]] + p_start[layout.order], p_len[layout.order])
-    dst = gather_index(layout.dest, p_len[layout.order])
-
-    try:
-        writer = DirectoryWriter(output, PACKED_KIND, overwrite)
-    except OutputError as e:
-        raise DataError(str(e)) from None
-    tmp = writer.tmp
-    with writer:
-        total = num_rows * seq_len
-
-        def fill(name, source, pad):
-            arr = np.full(total, pad, dtype=_ARRAYS[name])
-            arr[dst] = source[src]
-            _write_array(os.path.join(tmp, f"{name}.bin"), arr)
-            return arr
-
-        fill("tokens", corpus.tokens, pad_id)
-        classes = fill("classes", corpus.classes, TokenClass.PAD)
-        if corpus.weights is not None:
-            fill("weights", corpus.weights, 0.0)
-        if task == "preference":
-            pairs = layout.order                      # pair indices in row order
-            docs = pair_order(pairs)                  # their documents, chosen then rejected
-            _write_array(os.path.join(tmp, "doc_lengths.bin"), doc_lengths[docs].astype("<i4"))
-            _write_array(os.path.join(tmp, "doc_pair.bin"), doc_pair[docs].astype("<i8"))
-            _write_array(os.path.join(tmp, "doc_role.bin"), (docs % 2).astype("u1"))
-            _write_array(os.path.join(tmp, "row_offsets.bin"), (layout.row_offsets * 2).astype("<i8"))
-            num_documents = len(docs)
-        else:
-            _write_array(os.path.join(tmp, "doc_lengths.bin"), p_len[layout.order].astype("<i4"))
-            _write_array(os.path.join(tmp, "row_offsets.bin"), layout.row_offsets.astype("<i8"))
-            num_documents = len(p_len)
-        per_class = np.bincount(classes, minlength=NUM_CLASSES)
-        num_tokens = int(p_len.sum())
-        c = dict(counts or {})
-        c.update(truncated=pieces.truncated, dropped=pieces.dropped, split=pieces.split)
-        c["empty_documents"] = int((~keep).sum())
-        manifest = {
-            "format_version": FORMAT_VERSION, "seq_len": int(seq_len), "num_documents": int(num_documents),
-            "num_rows": int(num_rows), "num_tokens": num_tokens,
-            "packing_efficiency": num_tokens / total if total else 0.0,
-            "tokens_per_class": {name: int(per_class[i]) for i, name in enumerate(CLASS_NAMES)},
-            "class_table": class_table(),
-            "tokenizer": tokenizer or {}, "template": template, "has_weights": corpus.weights is not None,
-            "pad_id": int(pad_id), "long_policy": long_policy, "sources": sources or [], "counts": c,
-            "skipped": skipped or [],
-        }
-        if task == "preference":
-            # SFT manifests stay as they were (no 'task' key: an SFT dataset is byte-identical to before)
-            manifest.update(task="preference", long_policy="none", num_pairs=int(num_documents // 2),
-                            pairs_per_row=num_documents / 2 / num_rows if num_rows else 0.0)
-        if tokenizer_dir:
-            from witscale.data.added_tokens import PACKED_TOKENIZER_DIR
-            shutil.copytree(tokenizer_dir, os.path.join(tmp, PACKED_TOKENIZER_DIR))
-        _write_manifest(tmp, manifest)
-        writer.commit()
+    total = num_rows * seq_len
+    channels = [("tokens", pad_id), ("classes", TokenClass.PAD)] + ([("weights", 0.0)] if store.has_weights else [])
+    per_class = np.zeros(NUM_CLASSES, dtype=np.int64)
+    rows_per_block = max(1, PLACE_BLOCK_TOKENS // seq_len)
+    with contextlib.ExitStack() as stack:
+        files = {name: stack.enter_context(open(os.path.join(tmp, f"{name}.bin"), "wb")) for name, _ in channels}
+        for r0 in range(0, num_rows, rows_per_block):
+            r1 = min(r0 + rows_per_block, num_rows)
+            a, b = int(layout.row_offsets[r0]), int(layout.row_offsets[r1])
+            order = layout.order[a:b]
+            src = offsets[p_doc[order]] + p_start[order]
+            dst = layout.dest[a:b] - r0 * seq_len
+            for name, pad in channels:
+                block = np.full((r1 - r0) * seq_len, pad, dtype=_ARRAYS[name])
+                store.gather(name, src, p_len[order], dst, block)
+                _write_block(files[name], block)
+                if name == "classes":
+                    per_class += np.bincount(block, minlength=NUM_CLASSES)[:NUM_CLASSES]
+    if task == "preference":
+        pairs = layout.order                      # pair indices in row order
+        docs = pair_order(pairs)                  # their documents, chosen then rejected
+        _write_array(os.path.join(tmp, "doc_lengths.bin"), doc_lengths[docs].astype("<i4"))
+        _write_array(os.path.join(tmp, "doc_pair.bin"), doc_pair[docs].astype("<i8"))
+        _write_array(os.path.join(tmp, "doc_role.bin"), (docs % 2).astype("u1"))
+        _write_array(os.path.join(tmp, "row_offsets.bin"), (layout.row_offsets * 2).astype("<i8"))
+        num_documents = len(docs)
+    else:
+        _write_array(os.path.join(tmp, "doc_lengths.bin"), p_len[layout.order].astype("<i4"))
+        _write_array(os.path.join(tmp, "row_offsets.bin"), layout.row_offsets.astype("<i8"))
+        num_documents = len(p_len)
+    num_tokens = int(p_len.sum())
+    c = dict(meta["counts"] or {})
+    c.update(truncated=pieces.truncated, dropped=pieces.dropped, split=pieces.split)
+    c["empty_documents"] = int((~keep).sum())
+    manifest = {
+        "format_version": FORMAT_VERSION, "seq_len": int(seq_len), "num_documents": int(num_documents),
+        "num_rows": int(num_rows), "num_tokens": num_tokens,
+        "packing_efficiency": num_tokens / total if total else 0.0,
+        "tokens_per_class": {name: int(per_class[i]) for i, name in enumerate(CLASS_NAMES)},
+        "class_table": class_table(),
+        "tokenizer": meta["tokenizer"] or {}, "template": meta["template"], "has_weights": store.has_weights,
+        "pad_id": int(pad_id), "long_policy": long_policy, "sources": meta["sources"] or [], "counts": c,
+        "skipped": meta["skipped"] or [],
+    }
+    if task == "preference":
+        # SFT manifests stay as they were (no 'task' key: an SFT dataset is byte-identical to before)
+        manifest.update(task="preference", long_policy="none", num_pairs=int(num_documents // 2),
+                        pairs_per_row=num_documents / 2 / num_rows if num_rows else 0.0)
+    if meta.get("tokenizer_dir"):          # swapped in with the dataset or not at all
+        from witscale.data.added_tokens import PACKED_TOKENIZER_DIR
+        shutil.copytree(meta["tokenizer_dir"], os.path.join(tmp, PACKED_TOKENIZER_DIR))
+    _write_manifest(tmp, manifest)
     return manifest
+
+
+def _write_block(f, arr: np.ndarray) -> None:
+    """Append arr's bytes to the open file f; a full disk is an OSError naming the file (see _write_array)."""
+    try:
+        f.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
+    except OSError as e:
+        if e.filename is None:
+            e.filename = f.name
+        raise
 
 
 def _write_array(path: str, arr: np.ndarray) -> None:

@@ -14,7 +14,7 @@ import time
 from typing import Callable, Iterable, NamedTuple
 
 from witscale.data.errors import DataError, RecordError
-from witscale.data.format import TokenizedCorpus, check_output, write_packed
+from witscale.data.format import PackedWriter, check_output
 from witscale.data.inputs import dataset_digest, iter_dataset, load_dataset_source, resolve_inputs
 from witscale.data.preference import (PREFERENCE_FORMATS, TRUNCATION_MODES, PairDocuments, Truncation,
                                       detect_preference_format, normalize_pair, render_pair)
@@ -51,9 +51,9 @@ _RENDERER: Renderer | None = None
 _OPTS: PackOptions | None = None
 
 
-def _init_worker(tokenizer_path: str, opts: PackOptions) -> None:
+def _init_worker(tokenizer_path: str, opts: PackOptions, tokenizer=None) -> None:
     global _RENDERER, _OPTS
-    _RENDERER, _OPTS = Renderer(opts.template, load_tokenizer(tokenizer_path)), opts
+    _RENDERER, _OPTS = Renderer(opts.template, tokenizer or load_tokenizer(tokenizer_path)), opts
 
 
 def _tokenize(task: _Task):
@@ -100,11 +100,20 @@ def _chunks(it: Iterable, size: int):
         yield chunk
 
 
+# the tokenizer pipeline's window: chunks of CHUNK_RECORDS records, at most IN_FLIGHT_PER_WORKER chunks per worker
+# handed out and not yet consumed. Bounds the records and documents held between the reader and the writer
+# (multiprocessing's Pool.imap would read the whole input ahead of slow workers).
+CHUNK_RECORDS = 64
+IN_FLIGHT_PER_WORKER = 4
+
+
 def tokenize_tasks(tasks: Iterable[_Task], tokenizer_path: str, opts: PackOptions,
-                   progress: Callable[[int], None] | None = None):
-    """Yield (task index order) (Document or RecordError, content kinds); ordered whatever the worker count."""
+                   progress: Callable[[int], None] | None = None, tokenizer=None):
+    """Yield (task index order) (Document or RecordError, content kinds); ordered whatever the worker count,
+    reading the tasks lazily: at most ``workers × IN_FLIGHT_PER_WORKER`` chunks are out at a time.
+    ``tokenizer``: the one already loaded, used when tokenizing in this process (workers load their own)."""
     if opts.workers <= 1:
-        _init_worker(tokenizer_path, opts)
+        _init_worker(tokenizer_path, opts, tokenizer)
         for task in tasks:
             out = _tokenize(task)
             if progress:
@@ -113,7 +122,17 @@ def tokenize_tasks(tasks: Iterable[_Task], tokenizer_path: str, opts: PackOption
         return
     ctx = mp.get_context("spawn" if os.name == "nt" else "fork")
     with ctx.Pool(opts.workers, initializer=_init_worker, initargs=(tokenizer_path, opts)) as pool:
-        for results in pool.imap(_tokenize_chunk, _chunks(tasks, 64)):
+        pending = collections.deque()
+        chunks = _chunks(tasks, CHUNK_RECORDS)
+        while True:
+            while len(pending) < opts.workers * IN_FLIGHT_PER_WORKER:
+                chunk = next(chunks, None)
+                if chunk is None:
+                    break
+                pending.append(pool.apply_async(_tokenize_chunk, (chunk,)))
+            if not pending:
+                return
+            results = pending.popleft().get()
             if progress:
                 progress(len(results))
             yield from results
@@ -241,51 +260,53 @@ CONTENT_KINDS = ("tools", "tool calls", "tool results", "reasoning", "system", "
 
 
 def _run(tasks, tokenizer, tokenizer_path, output, opts, sources, overwrite, progress, source_of) -> dict:
+    """Tokenize the tasks as they are read, each document appended to the writer's spill as it comes (in
+    input order: the output is the same whatever the worker count), then plan and write the rows."""
     t0 = time.perf_counter()
-    docs, reasons, n_read, n_skipped, by_reason = [], [], 0, 0, collections.Counter()
+    reasons, n_read, n_skipped, by_reason = [], 0, 0, collections.Counter()
     pairs_truncated = {"prompt": 0, "completion": 0}
     for source in sources:
         source["content"] = dict.fromkeys(CONTENT_KINDS, 0)
-    for out, kinds in tokenize_tasks(tasks, tokenizer_path, opts, progress):
-        n_read += 1
-        content = source_of()["content"]
-        for k in kinds:
-            content[k] += 1
-        if isinstance(out, Document):
-            docs.append(out)
-        elif isinstance(out, PairDocuments):
-            docs += [out.chosen, out.rejected]   # documents 2i and 2i+1 of pair i
-            for what in out.truncated:
-                pairs_truncated[what] += 1
-        elif opts.skip_invalid and isinstance(out, RecordError):
-            n_skipped += 1
-            by_reason[skip_reason(out)] += 1
-            if len(reasons) < MAX_SKIP_REASONS:
-                reasons.append(str(out))
-        else:
-            raise out
-    by_reason = dict(sorted(by_reason.items(), key=lambda kv: (-kv[1], kv[0])))
-    if n_skipped and n_skipped > opts.max_skip_fraction * n_read:
-        worst = "; ".join(f"{n} {r}" for r, n in list(by_reason.items())[:3])
-        raise DataError(f"--skip-invalid skipped {n_skipped} of {n_read} records ({100 * n_skipped / n_read:.1f}%), "
-                        f"more than --max-skip-fraction {opts.max_skip_fraction:g} allows; by reason: {worst}; "
-                        f"first: {reasons[0]}")
-    if not docs:
-        raise DataError(f"no usable records ({n_read} read, {n_skipped} skipped)")
-    t1 = time.perf_counter()
-    corpus = TokenizedCorpus.from_documents(docs)
-    del docs
-    manifest = write_packed(output, corpus, seq_len=opts.seq_len, pad_id=tokenizer.pad_id,
-                            long_policy=opts.long_policy, tokenizer=tokenizer.fingerprint(), template=opts.template,
-                            sources=sources, counts={"records_read": n_read, "skipped": n_skipped,
-                                                     "skipped_by_reason": by_reason,
-                                                     **({"pairs_prompt_truncated": pairs_truncated["prompt"],
-                                                         "pairs_completion_truncated": pairs_truncated["completion"]}
-                                                        if opts.task == "preference" else {})},
-                            skipped=reasons, overwrite=overwrite, task=opts.task,
-                            tokenizer_dir=tokenizer.extended_directory())
+    with PackedWriter(output, seq_len=opts.seq_len, pad_id=tokenizer.pad_id, long_policy=opts.long_policy,
+                      task=opts.task, overwrite=overwrite) as writer:
+        for out, kinds in tokenize_tasks(tasks, tokenizer_path, opts, progress, tokenizer):
+            n_read += 1
+            content = source_of()["content"]
+            for k in kinds:
+                content[k] += 1
+            if isinstance(out, Document):
+                writer.add(*out)
+            elif isinstance(out, PairDocuments):
+                writer.add(*out.chosen)               # documents 2i and 2i+1 of pair i
+                writer.add(*out.rejected)
+                for what in out.truncated:
+                    pairs_truncated[what] += 1
+            elif opts.skip_invalid and isinstance(out, RecordError):
+                n_skipped += 1
+                by_reason[skip_reason(out)] += 1
+                if len(reasons) < MAX_SKIP_REASONS:
+                    reasons.append(str(out))
+            else:
+                raise out
+        by_reason = dict(sorted(by_reason.items(), key=lambda kv: (-kv[1], kv[0])))
+        if n_skipped and n_skipped > opts.max_skip_fraction * n_read:
+            worst = "; ".join(f"{n} {r}" for r, n in list(by_reason.items())[:3])
+            raise DataError(f"--skip-invalid skipped {n_skipped} of {n_read} records "
+                            f"({100 * n_skipped / n_read:.1f}%), more than --max-skip-fraction "
+                            f"{opts.max_skip_fraction:g} allows; by reason: {worst}; first: {reasons[0]}")
+        if not writer.num_documents:
+            raise DataError(f"no usable records ({n_read} read, {n_skipped} skipped)")
+        t1 = time.perf_counter()
+        input_tokens = writer.spill.num_tokens
+        manifest = writer.finish(tokenizer=tokenizer.fingerprint(), template=opts.template, sources=sources,
+                                 counts={"records_read": n_read, "skipped": n_skipped,
+                                         "skipped_by_reason": by_reason,
+                                         **({"pairs_prompt_truncated": pairs_truncated["prompt"],
+                                             "pairs_completion_truncated": pairs_truncated["completion"]}
+                                            if opts.task == "preference" else {})},
+                                 skipped=reasons, tokenizer_dir=tokenizer.extended_directory())
     t2 = time.perf_counter()
     manifest = dict(manifest)
     manifest["timing"] = {"tokenize_s": t1 - t0, "pack_write_s": t2 - t1, "total_s": t2 - t0,
-                          "input_tokens": int(corpus.offsets[-1])}
+                          "input_tokens": int(input_tokens)}
     return manifest

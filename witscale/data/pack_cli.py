@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -14,6 +15,14 @@ from witscale.data.pack import PackOptions, content_summary, pack_files
 from witscale.data.preference import PREFERENCE_FORMATS
 from witscale.data.readers import FORMATS
 from witscale.data.templates import TEMPLATE_NAMES
+
+
+def default_workers() -> int:
+    """Every core this process may run on (its affinity mask: a Slurm step's share, not the node's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:          # not Linux
+        return os.cpu_count() or 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "manifest counts the pairs cut. Without it such a pair is an error")
     p.add_argument("--truncation-mode", default="keep_end", choices=("keep_end", "keep_start"),
                    help="which end of a truncated prompt to keep (default keep_end, as TRL)")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
+    p.add_argument("--workers", type=int, default=None,
+                   help=f"tokenizer processes (default: every core this process may use, {default_workers()} "
+                        f"here); the output is the same bytes whatever the count")
     p.add_argument("--skip-invalid", action="store_true",
                    help="skip (and count, by reason) invalid records instead of failing")
     p.add_argument("--max-skip-fraction", type=float, default=0.05,
@@ -122,6 +133,8 @@ def main(argv=None) -> int:
     if not 0 <= args.max_skip_fraction <= 1:
         print(f"error: --max-skip-fraction must be between 0 and 1, got {args.max_skip_fraction}", file=sys.stderr)
         return 2
+    if args.workers is None:
+        args.workers = default_workers()
     if args.workers < 1:
         print(f"error: --workers must be at least 1, got {args.workers}", file=sys.stderr)
         return 2

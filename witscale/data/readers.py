@@ -209,7 +209,118 @@ def _iter_jsonl(path: str):
             yield where, _checked(rec, raw, path, where)
 
 
+# a JSON array is parsed record by record from a window of its text: JSON_WINDOW_CHARS read at a time
+JSON_WINDOW_CHARS = 1 << 20
+
+
 def _iter_json_array(path: str):
+    """The records of a JSON array file, parsed one at a time from a sliding window of the text: memory is
+    the largest record plus a read block, not the file. A syntax or UTF-8 error is a DataError naming the
+    line (records before it have been yielded: the packer's output is untouched); finding it may read the
+    rest of the file. A file that is not an array is read whole, for the message."""
+    with open(path, "rb") as f:
+        window = _JsonWindow(path, f)
+        if not window.skip_ws() or window.buf[window.pos] != "[":
+            yield from _iter_json_document(path)
+            return
+        window.pos += 1
+        i = 0
+        while True:
+            if not window.skip_ws():
+                window.fail("Expecting value" if i == 0 else "Expecting ',' delimiter")
+            ch = window.buf[window.pos]
+            if ch == "]":
+                window.pos += 1
+                if window.skip_ws():
+                    window.fail("Extra data")
+                return
+            if i:
+                if ch != ",":
+                    window.fail("Expecting ',' delimiter")
+                window.pos += 1
+                if not window.skip_ws():
+                    window.fail("Expecting value")
+            start = window.pos
+            rec = window.decode()
+            i += 1
+            raw = window.buf[start:window.pos].encode("utf-8", "surrogatepass")
+            yield f"record {i}", _checked(rec, raw, path, f"record {i}")
+            window.trim()
+
+
+class _JsonWindow:
+    """The undecoded rest of a JSON text: `buf[pos:]`, refilled JSON_WINDOW_CHARS at a time; tracks the line
+    and column of buf[0] so that errors name the file's line."""
+
+    def __init__(self, path: str, f):
+        import codecs
+        self.path, self.f = path, f
+        self.utf8 = codecs.getincrementaldecoder("utf-8-sig")()
+        self.buf, self.pos, self.eof = "", 0, False
+        self.line0, self.col0 = 1, 0          # buf[0] is at line line0, after col0 characters of that line
+        self.raw_newlines = 0                  # newlines in the bytes read so far (for a UTF-8 error's line)
+        self.decoder = json.JSONDecoder()
+
+    def read(self) -> bool:
+        """Append the next block to buf; False at the end of the file."""
+        if self.eof:
+            return False
+        raw = self.f.read(JSON_WINDOW_CHARS)
+        final = not raw
+        try:
+            text = self.utf8.decode(raw, final=final)
+        except UnicodeDecodeError as e:
+            line = self.raw_newlines + e.object[:e.start].count(b"\n") + 1
+            raise DataError(f"not valid UTF-8 (byte 0x{e.object[e.start]:02x})", self.path, f"line {line}") from None
+        self.raw_newlines += raw.count(b"\n")
+        self.buf += text
+        self.eof = final
+        return bool(text) or not final
+
+    def skip_ws(self) -> bool:
+        """Move pos past whitespace; False when the text ends there."""
+        while True:
+            n = len(self.buf)
+            while self.pos < n and self.buf[self.pos] in " \t\n\r":
+                self.pos += 1
+            if self.pos < n:
+                return True
+            if not self.read():
+                return False
+
+    def decode(self):
+        """The JSON value at pos (reading more while it is cut by the window's end); pos moves past it."""
+        while True:
+            try:
+                value, self.pos = self.decoder.raw_decode(self.buf, self.pos)
+                return value
+            except json.JSONDecodeError as e:
+                if not self.read():
+                    self.fail(e.msg, e.pos)
+
+    def trim(self) -> None:
+        """Drop the parsed text before pos, keeping the line/column bookkeeping."""
+        if self.pos < JSON_WINDOW_CHARS:
+            return
+        done = self.buf[:self.pos]
+        newlines = done.count("\n")
+        if newlines:
+            self.line0 += newlines
+            self.col0 = len(done) - done.rfind("\n") - 1
+        else:
+            self.col0 += len(done)
+        self.buf, self.pos = self.buf[self.pos:], 0
+
+    def fail(self, msg: str, pos: int | None = None):
+        pos = self.pos if pos is None else pos
+        before = self.buf[:pos]
+        newlines = before.count("\n")
+        col = (pos - before.rfind("\n") if newlines else self.col0 + pos + 1)
+        raise DataError(f"invalid JSON: {msg} (column {col})", self.path, f"line {self.line0 + newlines}")
+
+
+def _iter_json_document(path: str):
+    """A .json file that is not an array (or is empty): read whole, for json's own message."""
     with open(path, "rb") as f:
         raw = f.read()
     try:

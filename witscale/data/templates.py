@@ -286,12 +286,18 @@ TOOL_TEMPLATES = tuple(n for n, spec in TEMPLATES.items() if spec.tools) + ("hf"
 
 
 # ---------------------------------------------------------------------------------------------- tokenizing
+# is_space[c] = chr(c).isspace() for every code point up to U+3001 (none above U+3000 is whitespace): the
+# whitespace of a whole text in one vectorized lookup
+_IS_SPACE = np.array([chr(c).isspace() for c in range(0x3002)], dtype=bool)
+
+
 def classify_tokens(text: str, char_cls: np.ndarray, char_msg: np.ndarray, begin: np.ndarray, end: np.ndarray,
                     num_classes: int = NUM_CLASSES):
     """Per token: (class, message index) from the characters it covers. Raises BoundaryError on a token whose
     non-whitespace characters have two classes."""
     n = len(text)
-    nonws = np.fromiter((not c.isspace() for c in text), dtype=bool, count=n)
+    code_points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+    nonws = ~_IS_SPACE[np.minimum(code_points, len(_IS_SPACE) - 1)]
     # prefix counts of non-whitespace characters per class: counts over [b, e) in O(1) per token
     onehot = np.zeros((num_classes, n + 1), dtype=np.int32)
     onehot[char_cls[nonws], np.nonzero(nonws)[0] + 1] = 1
