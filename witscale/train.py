@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -374,6 +375,7 @@ def train_loop(plan: Plan, topo, module):
         log.info(f"resumed from {where} at step {trainer.step}" if where
                  else "--resume auto: no checkpoint yet, starting fresh")
         if where:
+            check_optimizer_on_resume(plan, trainer, where)
             check_schedule_on_resume(plan, trainer, where)
 
     save_times = []
@@ -527,6 +529,42 @@ def check_schedule_on_resume(plan: Plan, trainer, where: str) -> None:
     lr = restate_schedule(trainer.scheduler)
     log.info(f"--reschedule: {where} was on a schedule of {old}; continuing at step {trainer.step} on the warm-up + "
              f"cosine schedule of {new} ({cause}): lr {lr:.3g} at step {trainer.step + 1}")
+
+
+def check_optimizer_on_resume(plan: Plan, trainer, where: str) -> None:
+    """A checkpoint load brings back its peak lr (the scheduler's state), weight decay, betas and eps (the
+    optimizer's): a resume whose flags give others would train on the checkpoint's while the user believes
+    theirs in effect. Refused in one line naming the flag; with --reschedule this run's are applied, and said."""
+    from witscale.training.checkpoint import CheckpointError
+    from witscale.training.optim import apply_optimizer_settings, optimizer_settings, restate_schedule
+    cfg = plan.config
+    saved = optimizer_settings(trainer.scheduler)
+    now = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "adam_betas": tuple(cfg.adam_betas),
+           "adam_eps": cfg.adam_eps}
+    changed = [key for key in now if not _same_setting(now[key], saved[key])]
+    if not changed:
+        return
+    flags = ", ".join(f"--{key.replace('_', '-')} {_setting(now[key])} (the checkpoint's: {_setting(saved[key])})"
+                      for key in changed)
+    if not cfg.reschedule:
+        raise CheckpointError(f"{where} was trained with other optimizer settings; {flags}: a resume keeps the "
+                              f"checkpoint's, so give its value, or --reschedule to continue at step {trainer.step} "
+                              "with this run's")
+    apply_optimizer_settings(trainer.scheduler, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.adam_betas,
+                             eps=cfg.adam_eps)
+    lr = restate_schedule(trainer.scheduler)
+    log.info(f"--reschedule: continuing {where} at step {trainer.step} with {flags}: lr {lr:.3g} at step "
+             f"{trainer.step + 1}")
+
+
+def _same_setting(a, b) -> bool:
+    """Equal up to float round-off (a value that went through the checkpoint's JSON/pickle and back)."""
+    a, b = (tuple(v) if isinstance(v, (tuple, list)) else (v,) for v in (a, b))
+    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-6) for x, y in zip(a, b))
+
+
+def _setting(value) -> str:
+    return " ".join(f"{v:g}" for v in value) if isinstance(value, tuple) else f"{value:g}"
 
 
 def _check_signal_lead(seconds: float) -> None:
