@@ -104,6 +104,7 @@ class Plan:
     steps_per_epoch: int
     activation_checkpointing: bool = False
     vocab_grown_from: int | None = None     # --model's vocabulary, grown to the data's (--add-special-tokens)
+    config_file: dict | None = None         # --config's path and digest (config_file.config_file_record)
 
 
 def _require_file(path: str, flag: str) -> None:
@@ -293,6 +294,9 @@ def run(args: argparse.Namespace | RunConfig):
     config = args if isinstance(args, RunConfig) else RunConfig.from_args(args)
     world = dist.get_world_size() if dist.is_initialized() else world_size_from_env()
     plan = plan_run(config, world)
+    if getattr(args, "config", None):
+        from witscale.training.config_file import config_file_record
+        plan = replace(plan, config_file=config_file_record(args.config))
     init_distributed(timeout_minutes=config.dist_timeout)
     # One run per output directory: decided by rank 0 before anything heavy starts or any file is written.
     lock = hold_output_dir(config.output_dir)
@@ -475,13 +479,15 @@ def report_sinks(cfg: RunConfig) -> list[str]:
 
 def resolved_config(plan: Plan) -> dict:
     """What effective_config.json holds: every setting, the weight table (the λ of each class), the total steps,
-    the layout and the filled DeepSpeed config; also the run's W&B config."""
+    the layout, the filled DeepSpeed config and the --config file's path and sha256 (None without one); also
+    the run's W&B config."""
     cfg = plan.config
     return {"args": cfg.as_dict(), "ds_config": plan.ds_config,
             "weight_table": {CLASS_NAMES[i]: float(w) for i, w in enumerate(plan.weight_table)},
             "total_steps": plan.total_steps,
             "layout": {"world": plan.dims.world_size, "tp": plan.dims.tp, "pp": plan.dims.pp, "dp": plan.dims.dp},
-            "rendezvous": f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"}
+            "rendezvous": f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}",
+            "config_file": plan.config_file}
 
 
 def schedule_record(plan: Plan) -> dict:
