@@ -636,7 +636,7 @@ def entry_point(run_fn, make_parser, argv=None) -> int:
         return 2
     # DeepSpeed logs through the root logger: keep it at WARNING, witscale's own at --log-level.
     from witscale.parallel.topology import teardown
-    from witscale.training.distributed import fail_fast, node_name, rank_from_env, world_size_from_env
+    from witscale.training.distributed import fail_fast, node_name, rank_from_env, said_once, world_size_from_env
     # Every line says where it came from once there are several ranks (one merged Slurm log of 64 ranks).
     where = f" {node_name().replace('%', '%%')} r{rank_from_env()}" if world_size_from_env() > 1 else ""
     logging.basicConfig(level=logging.WARNING, format=f"[witscale{where}] %(message)s", stream=sys.stdout)
@@ -653,8 +653,10 @@ def entry_point(run_fn, make_parser, argv=None) -> int:
     except UsageError as e:     # before any process group exists
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (CheckpointError, OutputDirRefused) as e:
-        fail_fast(2, f"error: {e}" if str(e) else "")       # OutputDirRefused: rank 0 alone says it
+    except CheckpointError as e:    # often every rank meets the same one: the first to meet it says it
+        fail_fast(2, said_once(f"error: {e}"))
+    except OutputDirRefused as e:
+        fail_fast(2, f"error: {e}" if str(e) else "")       # rank 0 alone says it
     except NonFiniteError as e:     # every rank sees the same step: rank 0 says it
         fail_fast(3, f"error: {e}" if rank_from_env() == 0 else "")
     except OutputError as e:    # the export at the end: refused, or an OSError (path and errno named)
