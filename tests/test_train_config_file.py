@@ -119,3 +119,21 @@ def test_shipped_configs_parse(tmp_path):
     for name in names:
         args = build_parser().parse_args(["--config", os.path.join(folder, name), "--data", "d", "--output-dir", "o"])
         RunConfig.from_args(args)
+
+
+@pytest.mark.slow  # trains through witscale/train.py in a subprocess, twice
+def test_effective_config_records_the_config_files_path_and_digest_and_still_reads_back(inputs, tmp_path):
+    import hashlib
+    import yaml
+    settings = {**_settings(inputs), "max_steps": 2}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(settings))
+    _train(["--config", str(tmp_path / "run.yaml"), "--output-dir", str(tmp_path / "yaml")])
+    effective = tmp_path / "yaml" / "effective_config.json"
+    record = json.loads(effective.read_text())["config_file"]
+    assert record == {"path": str(tmp_path / "run.yaml"),
+                      "sha256": hashlib.sha256((tmp_path / "run.yaml").read_bytes()).hexdigest()}
+
+    _train(["--config", str(effective), "--output-dir", str(tmp_path / "back")])      # the record reads back
+    again = json.loads((tmp_path / "back" / "effective_config.json").read_text())["config_file"]
+    assert again == {"path": str(effective), "sha256": hashlib.sha256(effective.read_bytes()).hexdigest()}
+    assert _losses(tmp_path / "back") == _losses(tmp_path / "yaml")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -103,6 +104,7 @@ class Plan:
     steps_per_epoch: int
     activation_checkpointing: bool = False
     vocab_grown_from: int | None = None     # --model's vocabulary, grown to the data's (--add-special-tokens)
+    config_file: dict | None = None         # --config's path and digest (config_file.config_file_record)
 
 
 def _require_file(path: str, flag: str) -> None:
@@ -297,6 +299,9 @@ def run(args: argparse.Namespace | RunConfig):
     config = args if isinstance(args, RunConfig) else RunConfig.from_args(args)
     world = dist.get_world_size() if dist.is_initialized() else world_size_from_env()
     plan = plan_run(config, world)
+    if getattr(args, "config", None):
+        from witscale.training.config_file import config_file_record
+        plan = replace(plan, config_file=config_file_record(args.config))
     init_distributed(timeout_minutes=config.dist_timeout)
     # One run per output directory: decided by rank 0 before anything heavy starts or any file is written.
     lock = hold_output_dir(config.output_dir)
@@ -379,6 +384,7 @@ def train_loop(plan: Plan, topo, module):
         log.info(f"resumed from {where} at step {trainer.step}" if where
                  else "--resume auto: no checkpoint yet, starting fresh")
         if where:
+            check_optimizer_on_resume(plan, trainer, where)
             check_schedule_on_resume(plan, trainer, where)
 
     save_times = []
@@ -493,14 +499,16 @@ def report_sinks(cfg: RunConfig) -> list[str]:
 
 def resolved_config(plan: Plan) -> dict:
     """What effective_config.json holds: every setting, the weight table (the λ of each class), the total steps,
-    the layout and the filled DeepSpeed config; also the run's W&B config."""
+    the layout, the filled DeepSpeed config and the --config file's path and sha256 (None without one); also
+    the run's W&B config."""
     cfg = plan.config
     return {"args": cfg.as_dict(), "ds_config": plan.ds_config,
             "weight_table": {CLASS_NAMES[i]: float(w) for i, w in enumerate(plan.weight_table)},
             "total_steps": plan.total_steps,
             "layout": {"world": plan.dims.world_size, "tp": plan.dims.tp, "pp": plan.dims.pp, "dp": plan.dims.dp,
                        "sp": plan.dims.sp},
-            "rendezvous": f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"}
+            "rendezvous": f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}",
+            "config_file": plan.config_file}
 
 
 def schedule_record(plan: Plan) -> dict:
@@ -548,6 +556,42 @@ def check_schedule_on_resume(plan: Plan, trainer, where: str) -> None:
     lr = restate_schedule(trainer.scheduler)
     log.info(f"--reschedule: {where} was on a schedule of {old}; continuing at step {trainer.step} on the warm-up + "
              f"cosine schedule of {new} ({cause}): lr {lr:.3g} at step {trainer.step + 1}")
+
+
+def check_optimizer_on_resume(plan: Plan, trainer, where: str) -> None:
+    """A checkpoint load brings back its peak lr (the scheduler's state), weight decay, betas and eps (the
+    optimizer's): a resume whose flags give others would train on the checkpoint's while the user believes
+    theirs in effect. Refused in one line naming the flag; with --reschedule this run's are applied, and said."""
+    from witscale.training.checkpoint import CheckpointError
+    from witscale.training.optim import apply_optimizer_settings, optimizer_settings, restate_schedule
+    cfg = plan.config
+    saved = optimizer_settings(trainer.scheduler)
+    now = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "adam_betas": tuple(cfg.adam_betas),
+           "adam_eps": cfg.adam_eps}
+    changed = [key for key in now if not _same_setting(now[key], saved[key])]
+    if not changed:
+        return
+    flags = ", ".join(f"--{key.replace('_', '-')} {_setting(now[key])} (the checkpoint's: {_setting(saved[key])})"
+                      for key in changed)
+    if not cfg.reschedule:
+        raise CheckpointError(f"{where} was trained with other optimizer settings; {flags}: a resume keeps the "
+                              f"checkpoint's, so give its value, or --reschedule to continue at step {trainer.step} "
+                              "with this run's")
+    apply_optimizer_settings(trainer.scheduler, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.adam_betas,
+                             eps=cfg.adam_eps)
+    lr = restate_schedule(trainer.scheduler)
+    log.info(f"--reschedule: continuing {where} at step {trainer.step} with {flags}: lr {lr:.3g} at step "
+             f"{trainer.step + 1}")
+
+
+def _same_setting(a, b) -> bool:
+    """Equal up to float round-off (a value that went through the checkpoint's JSON/pickle and back)."""
+    a, b = (tuple(v) if isinstance(v, (tuple, list)) else (v,) for v in (a, b))
+    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-6) for x, y in zip(a, b))
+
+
+def _setting(value) -> str:
+    return " ".join(f"{v:g}" for v in value) if isinstance(value, tuple) else f"{value:g}"
 
 
 def _check_signal_lead(seconds: float) -> None:
@@ -613,7 +657,7 @@ def entry_point(run_fn, make_parser, argv=None) -> int:
         return 2
     # DeepSpeed logs through the root logger: keep it at WARNING, witscale's own at --log-level.
     from witscale.parallel.topology import teardown
-    from witscale.training.distributed import fail_fast, node_name, rank_from_env, world_size_from_env
+    from witscale.training.distributed import fail_fast, node_name, rank_from_env, said_once, world_size_from_env
     # Every line says where it came from once there are several ranks (one merged Slurm log of 64 ranks).
     where = f" {node_name().replace('%', '%%')} r{rank_from_env()}" if world_size_from_env() > 1 else ""
     logging.basicConfig(level=logging.WARNING, format=f"[witscale{where}] %(message)s", stream=sys.stdout)
@@ -630,8 +674,10 @@ def entry_point(run_fn, make_parser, argv=None) -> int:
     except UsageError as e:     # before any process group exists
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (CheckpointError, OutputDirRefused) as e:
-        fail_fast(2, f"error: {e}" if str(e) else "")       # OutputDirRefused: rank 0 alone says it
+    except CheckpointError as e:    # often every rank meets the same one: the first to meet it says it
+        fail_fast(2, said_once(f"error: {e}"))
+    except OutputDirRefused as e:
+        fail_fast(2, f"error: {e}" if str(e) else "")       # rank 0 alone says it
     except NonFiniteError as e:     # every rank sees the same step: rank 0 says it
         fail_fast(3, f"error: {e}" if rank_from_env() == 0 else "")
     except OutputError as e:    # the export at the end: refused, or an OSError (path and errno named)

@@ -453,7 +453,9 @@ def content_digest(dataset_dir: str) -> str:
 @contextlib.contextmanager
 def _reference_lock(dataset_dir: str):
     """One reference writer at a time per dataset (two jobs precomputing into the same shared directory would
-    otherwise interleave their values and manifests). flock: local and most cluster filesystems honour it."""
+    otherwise interleave their values and manifests). flock: local and most cluster filesystems honour it.
+    The file stays (empty) after the writer is done, as ``.witscale.lock`` does (training/run_lock.py): deleting
+    it would let a writer waiting on the unlinked inode and a newcomer locking a new file write at once."""
     fd = os.open(os.path.join(dataset_dir, ".reference.lock"), os.O_CREAT | os.O_RDWR, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

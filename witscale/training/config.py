@@ -176,7 +176,8 @@ class RunConfig:
                "files (logged); without it that is refused", group=DATA)
     reschedule: bool = option(          # resume on a schedule rebuilt for this run's length (train.py)
         False, "resume although --max-steps/--epochs/the global batch/--warmup-ratio change the schedule: continue "
-               "at the checkpoint's step on the warm-up + cosine schedule of this run's length (refused without it)",
+               "at the checkpoint's step on the warm-up + cosine schedule of this run's length, with this run's "
+               "--lr/--weight-decay/--adam-betas/--adam-eps in place of the checkpoint's (refused without it)",
         group=OUTPUTS)
     eval_data: Optional[str] = option(None, "packed eval set, scored every --eval-steps and at the end",
                                       group=OUTPUTS)

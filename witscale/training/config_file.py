@@ -20,7 +20,7 @@ from typing import Any
 # Flags that a config file cannot set: argparse's own, the launcher's, and --config itself.
 NOT_IN_FILES = {"help", "local_rank", "config"}
 # The keys of effective_config.json besides "args" (written by train.py's _announce; derived, not settings).
-EFFECTIVE_CONFIG_KEYS = {"args", "ds_config", "weight_table", "total_steps", "layout", "rendezvous"}
+EFFECTIVE_CONFIG_KEYS = {"args", "ds_config", "weight_table", "total_steps", "layout", "rendezvous", "config_file"}
 
 
 class ConfigFileError(ValueError):
@@ -58,6 +58,15 @@ def read_config_file(path: str) -> dict:
     if isinstance(data.get("args"), dict) and set(data) <= EFFECTIVE_CONFIG_KEYS:
         data = data["args"]            # a run's effective_config.json
     return data
+
+
+def config_file_record(path: str) -> dict:
+    """What effective_config.json says of the --config file a run read: its absolute path and the sha256 of
+    its bytes (the file may be edited after the run; the digest tells whether it still is the one)."""
+    import hashlib
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    return {"path": os.path.abspath(path), "sha256": digest}
 
 
 def _flag(action: argparse.Action) -> str:

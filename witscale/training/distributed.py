@@ -338,6 +338,22 @@ def _default_store():
         return None
 
 
+def said_once(message: str, store=None) -> str:
+    """``message`` if no rank of this job has said the same words yet, else "" (``fail_fast`` then leaves
+    quietly): an error every rank meets (a refused resume) is printed once, by the first rank to meet it; one
+    that names a rank's own file is other words, so each rank that meets it says it. Counted under a digest of
+    the words in the rendezvous store; without a store, or when it does not answer, every rank says it."""
+    store = store if store is not None else (_default_store() if dist.is_initialized() else None)
+    if not message or store is None:
+        return message
+    import hashlib
+    try:
+        first = store.add("witscale/said/" + hashlib.sha256(message.encode()).hexdigest()[:32], 1) == 1
+    except Exception:    # noqa: BLE001 - the store may be gone: better twice than never
+        return message
+    return message if first else ""
+
+
 def fail_fast(code: int = 1, message: str | None = None) -> None:
     """Leave NOW after an error on this rank: the message (default: the traceback being handled) on stderr,
     logs flushed, then ``os._exit``. No barrier and no process-group teardown: the other ranks may be

@@ -53,6 +53,27 @@ def restate_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> float:
     return values[0]
 
 
+def optimizer_settings(scheduler) -> dict:
+    """The peak lr, weight decay, betas and eps in effect: after a checkpoint load these are the checkpoint's
+    (the scheduler's state holds its base lr, the optimizer's groups the rest), whatever this run's flags say.
+    The first group is the decaying one (``param_groups``; DeepSpeed keeps the groups' order)."""
+    group = scheduler.optimizer.param_groups[0]
+    return {"lr": scheduler.base_lrs[0], "weight_decay": group["weight_decay"],
+            "adam_betas": tuple(group["betas"]), "adam_eps": group["eps"]}
+
+
+def apply_optimizer_settings(scheduler, *, lr: float, weight_decay: float, betas, eps: float) -> None:
+    """Put this run's optimizer flags in place of a loaded checkpoint's (a resume with --reschedule); the
+    caller then restates the schedule (``restate_schedule``) for the new peak lr."""
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    for i, group in enumerate(scheduler.optimizer.param_groups):
+        group["initial_lr"] = lr
+        group["betas"] = tuple(betas)
+        group["eps"] = eps
+        if i == 0:          # the no-decay groups stay at 0
+            group["weight_decay"] = weight_decay
+
+
 def global_grad_norm(parameters, topo) -> torch.Tensor:
     """L2 norm of the gradients of one whole model replica, as a 0-d fp32 tensor on the gradients' device
     (no host sync): TP-sharded parameters count on every TP rank, replicated ones (norms, biases of
