@@ -7,8 +7,9 @@ For every predicted token t (target id y_t, weight w_t ≥ 0)
 computed on this rank's vocabulary shard W[v0:v0+V_local] with Megatron's algorithm over the
 tensor-parallel group: all-reduce(MAX) of the row max, then all-reduce(SUM) of the target logit and of
 Σ exp (the two sums travel in one call). Softmax arithmetic is fp32 whatever the input dtype (bf16 inputs:
-the logits block is cast to fp32 straight after the matmul, as HF and Megatron do; gradients of the LM
-weight are accumulated over chunks in fp32). Work is chunked over tokens: at most one
+the logits block comes out of the matmul in fp32 — one GEMM with fp32 output where torch has it, else the
+bf16 product cast straight after, as HF and Megatron do; gradients of the LM weight are accumulated over
+chunks in one fp32 buffer, one pass per chunk: ``_add_weight_grad``). Work is chunked over tokens: at most one
 [chunk × V_local] block of logits is alive at any time, in forward and in backward — the full [T × V]
 logits are never materialized.
 
@@ -25,7 +26,7 @@ gradient g, so dL/dh = g · d(Σ w·nll)/dh and likewise for the weight. Computi
 logits block is at hand and only scaling them by g in backward costs the same three matmuls per chunk as
 the naive path (logits, dh, dW); a recompute-in-backward design needs a fourth (~1.33× time). The stored
 dW buffer has the size of the weight's own gradient and is handed over as that gradient (scaled in
-place). Under ``torch.no_grad`` (evaluation), or for inputs that do not require grad, no gradient buffer
+place, or scaled and cast in one pass). Under ``torch.no_grad`` (evaluation), or for inputs that do not require grad, no gradient buffer
 is created. Backward through one call can run once (the buffers are handed over).
 
 Tensor parallelism: pass the *replicated* hidden states directly — NOT through ``copy_to_tp``. dL/dh is
