@@ -418,6 +418,17 @@ def test_lm_head_gradient_passes(monkeypatch, chunk, path):
     assert all(v < (2e-5 if dtype == torch.float32 else 2e-2) for v in diffs.values()), diffs
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_tokens_give_a_zero_lm_head_gradient(dtype):
+    """The first chunk writes the head gradient's buffer (no zero fill): with no tokens there is no chunk,
+    and the gradient must still be exactly 0, not the uninitialized buffer."""
+    for _ in range(3):                              # recycled allocator memory would show as non-zeros
+        h = torch.zeros(0, HID, dtype=dtype, requires_grad=True)
+        w = torch.randn(VOCAB, HID, dtype=dtype).requires_grad_()
+        fused_weighted_cross_entropy(h, w, torch.zeros(0, dtype=torch.long), torch.zeros(0)).weighted_sum.backward()
+        assert w.grad.dtype == dtype and torch.equal(w.grad, torch.zeros_like(w))
+
+
 def test_normalization_counts():
     t = torch.tensor([5, IGNORE_INDEX, 7, 8, 9, IGNORE_INDEX])
     w = torch.tensor([0.5, 3.0, 0.0, 1.0, 0.25, 0.0])

@@ -9,8 +9,8 @@ tensor-parallel group: all-reduce(MAX) of the row max, then all-reduce(SUM) of t
 Σ exp (the two sums travel in one call). Softmax arithmetic is fp32 whatever the input dtype (bf16 inputs:
 the logits block comes out of the matmul in fp32 — one GEMM with fp32 output where torch has it, else the
 bf16 product cast straight after, as HF and Megatron do; gradients of the LM weight are accumulated over
-chunks in one fp32 buffer, one pass per chunk: ``_add_weight_grad``). Work is chunked over tokens: at most one
-[chunk × V_local] block of logits is alive at any time, in forward and in backward — the full [T × V]
+chunks in one fp32 buffer, one pass per chunk: ``_add_weight_grad``). Work is chunked over tokens: at
+most one [chunk × V_local] block of logits is alive at any time, in forward and in backward — the full [T × V]
 logits are never materialized.
 
 Final-logit soft-capping (Gemma-2: ``final_logit_softcapping``; ``logit_softcap=c``): the softmax runs on
@@ -26,8 +26,8 @@ gradient g, so dL/dh = g · d(Σ w·nll)/dh and likewise for the weight. Computi
 logits block is at hand and only scaling them by g in backward costs the same three matmuls per chunk as
 the naive path (logits, dh, dW); a recompute-in-backward design needs a fourth (~1.33× time). The stored
 dW buffer has the size of the weight's own gradient and is handed over as that gradient (scaled in
-place, or scaled and cast in one pass). Under ``torch.no_grad`` (evaluation), or for inputs that do not require grad, no gradient buffer
-is created. Backward through one call can run once (the buffers are handed over).
+place, or scaled and cast in one pass). Under ``torch.no_grad`` (evaluation), or for inputs that do not
+require grad, no gradient buffer is created. Backward through one call can run once (the buffers are handed over).
 
 Tensor parallelism: pass the *replicated* hidden states directly — NOT through ``copy_to_tp``. dL/dh is
 the sum of the partial gradients of all vocabulary shards; this function all-reduces it itself (one
@@ -203,7 +203,9 @@ class _FusedLinearWeightedCE(torch.autograd.Function):
         fp32 = torch.float32
         nll = torch.zeros(tokens, dtype=fp32, device=dev)
         grad_h = torch.empty(hidden.shape, dtype=fp32, device=dev) if need_h else None
-        grad_w = torch.empty(weight.shape, dtype=fp32, device=dev) if need_w else None   # the first chunk writes it
+        # The first chunk writes grad_w (no zero fill); with no tokens there is no chunk, and it stays 0.
+        alloc = torch.empty if tokens else torch.zeros
+        grad_w = alloc(weight.shape, dtype=fp32, device=dev) if need_w else None
         same_dtype = hidden.dtype == fp32 and weight.dtype == fp32
         fp32_gemm = (True, True) if same_dtype else _fp32_out_gemm(dev, hidden.dtype)
         # Padded vocabulary rows (global ids ≥ true_vocab_size, when vocab % tp != 0) never win the softmax.
