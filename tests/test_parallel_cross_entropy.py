@@ -269,8 +269,7 @@ def test_chunk_rows_default_budget_and_override(monkeypatch):
 def test_cpu_budget_is_smaller_and_the_override_applies_everywhere(monkeypatch):
     """On the CPU a pass over the LM-head gradient is cheap beside a chunk's matmuls, so its default block is
     128 MiB (the loss's memory stays far below the full logits: tools/bench/bench_loss.py); accelerators and
-    the planner (no device) keep 1 GiB; WITSCALE_LOSS_BLOCK_MIB overrides both. On the CPU no fp32-output
-    GEMM exists (torch 2.13: CUDA only), so bf16 takes the blocked fallback."""
+    the planner (no device) keep 1 GiB; WITSCALE_LOSS_BLOCK_MIB overrides both."""
     from witscale.parallel import cross_entropy
 
     monkeypatch.delenv("WITSCALE_LOSS_BLOCK_MIB", raising=False)
@@ -287,7 +286,6 @@ def test_cpu_budget_is_smaller_and_the_override_applies_everywhere(monkeypatch):
     assert seen == [1024]                                                          # the CPU budget, not 1 GiB
     monkeypatch.setenv("WITSCALE_LOSS_BLOCK_MIB", "1024")
     assert cross_entropy.logits_block_bytes(torch.device("cpu")) == 2 ** 30
-    assert cross_entropy._fp32_out_gemm(torch.device("cpu"), torch.bfloat16) == (False, False)
 
 
 @pytest.mark.parametrize("softcap", [None, CAP])
