@@ -360,9 +360,10 @@ class _WritesToBigTensors:
         return self.elements // size
 
 
-def _emulate_fp32_out_gemms(monkeypatch, counter):
+def _emulate_fp32_out_gemms(monkeypatch, counter, addmm_too=True):
     """CUDA's ``mm/addmm(..., out_dtype=torch.float32)`` on the CPU: bf16 products are exact in fp32 and
-    summed in fp32, as the CUDA kernels do; the result lands in ``out`` with one (counted) write."""
+    summed in fp32, as the CUDA kernels do; the result lands in ``out`` with one (counted) write.
+    ``addmm_too=False``: a release whose addmm refuses an fp32 ``input`` with bf16 matrices."""
     from witscale.parallel import cross_entropy
 
     real_mm, real_addmm = torch.mm, torch.addmm
@@ -384,25 +385,29 @@ def _emulate_fp32_out_gemms(monkeypatch, counter):
         assert out_dtype is torch.float32 and c.dtype == torch.float32
         return fp32(lambda: real_addmm(c, a.float(), b.float()), out)
 
-    monkeypatch.setattr(cross_entropy, "_fp32_out_gemm", lambda device, dtype: (True, True))
+    monkeypatch.setattr(cross_entropy, "_fp32_out_gemm", lambda device, dtype: (True, addmm_too))
     monkeypatch.setattr(torch, "mm", mm)
     monkeypatch.setattr(torch, "addmm", addmm)
 
 
 @pytest.mark.parametrize("chunk", [16, 64])
-@pytest.mark.parametrize("path", ["fp32", "bf16_fp32_out_gemm", "bf16_no_fp32_out_gemm"])
+@pytest.mark.parametrize("path", ["fp32", "bf16_fp32_out_gemm", "bf16_fp32_out_mm_only", "bf16_no_fp32_out_gemm"])
 def test_lm_head_gradient_passes(monkeypatch, chunk, path):
     """Passes written over the [V, H] LM-head gradient per call (one micro-batch): one per chunk (the first
     chunk writes the fp32 buffer, each later one adds into it in one GEMM: no zero fill) and one in backward
     (scaled in place, or scaled and cast to the weight's dtype in one pass). Where no fp32-output GEMM
-    exists (CPU bf16) each chunk also writes its bf16 product blocks. The old code zero-filled the buffer
-    and scaled it in place before casting: two more passes. The results stay exact (against fp64)."""
+    exists (CPU bf16; addmm's in some releases) a chunk also writes its bf16 product blocks. The old code
+    zero-filled the buffer and scaled it in place before casting: two more passes. The results stay exact
+    (against fp64)."""
     tokens, vocab, hid = 48, 64, 64                 # a chunk [≤48 × 64] and hidden [48 × 64] stay below V·H
     h, w, t, wt, c = make_problem(seed=5, tokens=tokens, vocab=vocab, hid=hid)
     counter = _WritesToBigTensors(vocab * hid)
     dtype = torch.float32 if path == "fp32" else torch.bfloat16
-    if path == "bf16_fp32_out_gemm":
-        _emulate_fp32_out_gemms(monkeypatch, counter)
+    if path in ("bf16_fp32_out_gemm", "bf16_fp32_out_mm_only"):
+        _emulate_fp32_out_gemms(monkeypatch, counter, addmm_too=path == "bf16_fp32_out_gemm")
+    elif path == "bf16_no_fp32_out_gemm":            # the CPU in torch 2.13; torch < 2.11
+        from witscale.parallel import cross_entropy
+        monkeypatch.setattr(cross_entropy, "_fp32_out_gemm", lambda device, dtype: (False, False))
     hh, ww = h.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
     weights = wt.float()
     with counter.mode:                              # the loss and its backward only, not the inputs' making
@@ -410,8 +415,10 @@ def test_lm_head_gradient_passes(monkeypatch, chunk, path):
         stats.weighted_sum.backward()
     dh, dw, start = hh.grad, ww.grad, 0
     chunks = -(-tokens // chunk)
-    per_chunk = 2 if path == "bf16_no_fp32_out_gemm" else 1
-    assert counter.passes(vocab * hid) == per_chunk * chunks + 1, counter.log
+    # fallback chunks also write their bf16 product blocks; with mm only, the first chunk is one GEMM
+    expected = {"fp32": chunks, "bf16_fp32_out_gemm": chunks, "bf16_fp32_out_mm_only": 1 + 2 * (chunks - 1),
+                "bf16_no_fp32_out_gemm": 2 * chunks}[path] + 1
+    assert counter.passes(vocab * hid) == expected, counter.log
     diffs = compare(stats, dh, dw, start, reference(h, w, t, wt, c), vocab=vocab)
     assert all(v < (2e-5 if dtype == torch.float32 else 2e-2) for v in diffs.values()), diffs
 
