@@ -266,6 +266,28 @@ def test_chunk_rows_default_budget_and_override(monkeypatch):
             cross_entropy.logits_block_bytes()
 
 
+def test_cpu_budget_is_smaller_and_the_override_applies_everywhere(monkeypatch):
+    """On the CPU a pass over the LM-head gradient is cheap beside a chunk's matmuls, so its default block is
+    128 MiB (the loss's memory stays far below the full logits: tools/bench/bench_loss.py); accelerators and
+    the planner (no device) keep 1 GiB; WITSCALE_LOSS_BLOCK_MIB overrides both."""
+    from witscale.parallel import cross_entropy
+
+    monkeypatch.delenv("WITSCALE_LOSS_BLOCK_MIB", raising=False)
+    assert cross_entropy.logits_block_bytes(torch.device("cpu")) == 128 * 2 ** 20
+    assert cross_entropy.logits_block_bytes(torch.device("cuda", 0)) == cross_entropy.logits_block_bytes() == 2 ** 30
+    assert chunk_rows(8192, 32000, 4096, device=torch.device("cpu")) == 1024      # 2^27 / (4 · 32000) = 1048
+    assert chunk_rows(8192, 128256, 4096, device=torch.device("cpu")) == 256
+    assert chunk_rows(8192, 32000, 4096) == 4096                                   # 1 GiB: 8388 → chunk_size
+    seen = []
+    real_apply = cross_entropy._FusedLinearWeightedCE.apply
+    monkeypatch.setattr(cross_entropy._FusedLinearWeightedCE, "apply", lambda *a: seen.append(a[7]) or real_apply(*a))
+    h = torch.zeros(2048, 4)
+    fused_weighted_cross_entropy(h, torch.zeros(32000, 4), torch.zeros(2048, dtype=torch.long), torch.ones(2048))
+    assert seen == [1024]                                                          # the CPU budget, not 1 GiB
+    monkeypatch.setenv("WITSCALE_LOSS_BLOCK_MIB", "1024")
+    assert cross_entropy.logits_block_bytes(torch.device("cpu")) == 2 ** 30
+
+
 @pytest.mark.parametrize("softcap", [None, CAP])
 def test_chunks_follow_the_budget_and_results_do_not_depend_on_it(monkeypatch, softcap):
     """A budget of 32 fp32 logits rows over 64 tokens runs the loss in 2 chunks (16 rows each with the soft
@@ -295,6 +317,121 @@ def test_chunks_follow_the_budget_and_results_do_not_depend_on_it(monkeypatch, s
         # fp32 rounding of its largest entry
         want = results[tokens][-1]
         torch.testing.assert_close(dw, want, rtol=0, atol=1e-6 * float(want.abs().max()))
+
+
+class _WritesToBigTensors:
+    """Counts, per op, the elements written into tensors of at least ``threshold`` elements: an op's out= and
+    in-place arguments, else its fresh outputs (not views; allocations, which write nothing, excluded). With shapes
+    where only the LM head's [V, H] gradient (its fp32 buffer, bf16 products of its size, the gradient handed
+    over) reaches the threshold, ``passes`` is the number of passes written over that gradient. A
+    TorchDispatchMode, so it sees what the code does whatever functions it calls. ``paused`` hides the
+    internals of the CPU emulation of fp32-output GEMMs below."""
+
+    def __init__(self, threshold):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+        self.threshold, self.elements, self.paused, self.log = threshold, 0, False, []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                out = func(*args, **kwargs)
+                if counter.paused or func.overloadpacket.__name__.startswith("empty"):
+                    return out
+                written = []
+                for i, spec in enumerate(func._schema.arguments):
+                    val = args[i] if i < len(args) else kwargs.get(spec.name)
+                    if isinstance(val, torch.Tensor) and spec.alias_info is not None and spec.alias_info.is_write:
+                        written.append(val)
+                if not written:                     # fresh outputs; a view (t, slice, detach) writes nothing
+                    outs = out if isinstance(out, (tuple, list)) else [out]
+                    written = [o for o, spec in zip(outs, func._schema.returns)
+                               if isinstance(o, torch.Tensor) and spec.alias_info is None]
+                big = [t for t in written if t.numel() >= counter.threshold]
+                counter.elements += sum(t.numel() for t in big)
+                counter.log += [(str(func), tuple(t.shape)) for t in big]
+                return out
+
+        self.mode = Mode()
+
+    def passes(self, size):
+        assert self.elements % size == 0, (self.elements, size)
+        return self.elements // size
+
+
+def _emulate_fp32_out_gemms(monkeypatch, counter, addmm_too=True):
+    """CUDA's ``mm/addmm(..., out_dtype=torch.float32)`` on the CPU: bf16 products are exact in fp32 and
+    summed in fp32, as the CUDA kernels do; the result lands in ``out`` with one (counted) write.
+    ``addmm_too=False``: a release whose addmm refuses an fp32 ``input`` with bf16 matrices."""
+    from witscale.parallel import cross_entropy
+
+    real_mm, real_addmm = torch.mm, torch.addmm
+
+    def fp32(compute, out):
+        counter.paused = True
+        try:
+            result = compute()
+        finally:
+            counter.paused = False
+        return result if out is None else out.copy_(result)
+
+    def mm(a, b, out_dtype=None, out=None):
+        if out_dtype is None:
+            return real_mm(a, b) if out is None else real_mm(a, b, out=out)
+        return fp32(lambda: real_mm(a.float(), b.float()), out)
+
+    def addmm(c, a, b, out_dtype=None, out=None):
+        assert out_dtype is torch.float32 and c.dtype == torch.float32
+        return fp32(lambda: real_addmm(c, a.float(), b.float()), out)
+
+    monkeypatch.setattr(cross_entropy, "_fp32_out_gemm", lambda device, dtype: (True, addmm_too))
+    monkeypatch.setattr(torch, "mm", mm)
+    monkeypatch.setattr(torch, "addmm", addmm)
+
+
+@pytest.mark.parametrize("chunk", [16, 64])
+@pytest.mark.parametrize("path", ["fp32", "bf16_fp32_out_gemm", "bf16_fp32_out_mm_only", "bf16_no_fp32_out_gemm"])
+def test_lm_head_gradient_passes(monkeypatch, chunk, path):
+    """Passes written over the [V, H] LM-head gradient per call (one micro-batch): one per chunk (the first
+    chunk writes the fp32 buffer, each later one adds into it in one GEMM: no zero fill) and one in backward
+    (scaled in place, or scaled and cast to the weight's dtype in one pass). Where no fp32-output GEMM
+    exists (CPU bf16; addmm's in some releases) a chunk also writes its bf16 product blocks. The old code
+    zero-filled the buffer and scaled it in place before casting: two more passes. The results stay exact
+    (against fp64)."""
+    tokens, vocab, hid = 48, 64, 64                 # a chunk [≤48 × 64] and hidden [48 × 64] stay below V·H
+    h, w, t, wt, c = make_problem(seed=5, tokens=tokens, vocab=vocab, hid=hid)
+    counter = _WritesToBigTensors(vocab * hid)
+    dtype = torch.float32 if path == "fp32" else torch.bfloat16
+    if path in ("bf16_fp32_out_gemm", "bf16_fp32_out_mm_only"):
+        _emulate_fp32_out_gemms(monkeypatch, counter, addmm_too=path == "bf16_fp32_out_gemm")
+    elif path == "bf16_no_fp32_out_gemm":            # the CPU in torch 2.13; torch < 2.11
+        from witscale.parallel import cross_entropy
+        monkeypatch.setattr(cross_entropy, "_fp32_out_gemm", lambda device, dtype: (False, False))
+    hh, ww = h.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
+    weights = wt.float()
+    with counter.mode:                              # the loss and its backward only, not the inputs' making
+        stats = fused_weighted_cross_entropy(hh, ww, t, weights, c, num_classes=NCLS, chunk_size=chunk)
+        stats.weighted_sum.backward()
+    dh, dw, start = hh.grad, ww.grad, 0
+    chunks = -(-tokens // chunk)
+    # fallback chunks also write their bf16 product blocks; with mm only, the first chunk is one GEMM
+    expected = {"fp32": chunks, "bf16_fp32_out_gemm": chunks, "bf16_fp32_out_mm_only": 1 + 2 * (chunks - 1),
+                "bf16_no_fp32_out_gemm": 2 * chunks}[path] + 1
+    assert counter.passes(vocab * hid) == expected, counter.log
+    diffs = compare(stats, dh, dw, start, reference(h, w, t, wt, c), vocab=vocab)
+    assert all(v < (2e-5 if dtype == torch.float32 else 2e-2) for v in diffs.values()), diffs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_tokens_give_a_zero_lm_head_gradient(dtype):
+    """The first chunk writes the head gradient's buffer (no zero fill): with no tokens there is no chunk,
+    and the gradient must still be exactly 0, not the uninitialized buffer."""
+    for _ in range(3):                              # recycled allocator memory would show as non-zeros
+        h = torch.zeros(0, HID, dtype=dtype, requires_grad=True)
+        w = torch.randn(VOCAB, HID, dtype=dtype).requires_grad_()
+        fused_weighted_cross_entropy(h, w, torch.zeros(0, dtype=torch.long), torch.zeros(0)).weighted_sum.backward()
+        assert w.grad.dtype == dtype and torch.equal(w.grad, torch.zeros_like(w))
 
 
 def test_normalization_counts():

@@ -3,7 +3,8 @@
     python tools/bench/bench_loss.py [--tokens 4096] [--hidden 1024] [--vocab 32000 128256] [--repeats 2]
 
 naive = full fp32 logits ``hidden @ Wᵀ`` + ``F.cross_entropy(reduction='none') · w``, summed, autograd.
-fused = ``witscale.parallel.cross_entropy.fused_weighted_cross_entropy`` (default chunk_size).
+fused = ``witscale.parallel.cross_entropy.fused_weighted_cross_entropy`` (default chunk_size; the logits
+block's default CPU budget, 128 MiB, or ``WITSCALE_LOSS_BLOCK_MIB`` if set: the chunk column shows the rows).
 capped = fused with Gemma-2's final-logit soft-capping (``--softcap``, default 30; 0 skips it): the cap
 costs a tanh, a second logits block and a multiply per chunk, and halves the automatic chunk.
 Both: fp32, T tokens with random targets (5% ignored, 30% weight 0), gradients wrt hidden and W.
@@ -84,7 +85,7 @@ def _case(method: str, tokens: int, hidden: int, vocab: int, repeats: int, softc
         cpu.append(time.process_time() - c0)
     return {"method": method, "vocab": vocab, "loss": loss, "time_s": min(times), "cpu_s": min(cpu),
             "peak_bytes": peak, "extra_bytes": peak - grads,
-            "chunk": tokens if method == "naive" else chunk_rows(tokens, vocab, 4096,
+            "chunk": tokens if method == "naive" else chunk_rows(tokens, vocab, 4096, device=h.device,
                                                                  blocks=2 if method == "capped" else 1)}
 
 
