@@ -157,6 +157,11 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
         dims = ParallelDims(world_size, cfg.tp, cfg.pp, zero_stage(raw_ds), model_config)
     except (DSConfigError, LayoutError) as e:
         raise UsageError(str(e)) from None
+    if cfg.compile:
+        from witscale.model.transformer import compile_refusal
+        why = compile_refusal(zero_stage=dims.zero_stage, pp=dims.pp)
+        if why:
+            raise UsageError(f"--compile with {cfg.ds_config}: {why}")
     if cfg.grad_accum is None:
         cfg = replace(cfg, grad_accum=grad_accum_for_pairs(cfg, dataset.manifest, dims.dp))
     elif cfg.pairs_per_step:
@@ -305,7 +310,7 @@ def run(args: argparse.Namespace | RunConfig):
         module = build_module(plan.model_config, topo, plan.ds_config, model_dir=config.model, seed=config.seed,
                               pp_partition=config.pp_partition, attention=config.attention,
                               activation_checkpointing=plan.activation_checkpointing,
-                              grow_vocab_from=plan.vocab_grown_from)
+                              grow_vocab_from=plan.vocab_grown_from, compile_blocks=config.compile)
         result = train_loop(plan, topo, module)
         if watch is not None:
             watch.stop()        # from here on, rank 0 (the store's host) may leave first
