@@ -4,8 +4,9 @@
   without activation checkpointing, over micro-batches of different document layouts (new shapes);
 - each block is compiled exactly once, the parameter names (checkpoints, export) are unchanged;
 - the layouts it does not support (ZeRO-3, --pp) are refused in one line before anything starts;
-- slow (gloo ranks): through the real Trainer and DeepSpeed (ZeRO-0, one rank; tp=2), with inductor, three
-  steps equal eager, and a resumed run's blocks are compiled once and continue as the uninterrupted run.
+- slow (gloo ranks): through the real Trainer and DeepSpeed (ZeRO-0, one rank, with and without activation
+  checkpointing; tp=2), with inductor, three steps equal eager, and a resumed run's blocks are compiled once
+  and continue as the uninterrupted run; the CLI's --compile compiles every block (its log line).
 
 The in-process tests use the ``aot_eager`` backend (dynamo's tracing, graph breaks and AOTAutograd's
 forward/backward split, without inductor's C++ build, which takes minutes on a loaded CPU); the Trainer tests
@@ -106,7 +107,7 @@ def test_compile_is_refused_in_one_line_with_zero3_and_pp(run_inputs, tmp_path, 
     assert planned("--compile").config.compile is True       # ZeRO-0..2 without pp: accepted
 
 
-def compile_worker(rank, world, *, compile_blocks, tp=1, stage=0, steps=3, ckpt=None):
+def compile_worker(rank, world, *, compile_blocks, tp=1, stage=0, steps=3, ckpt=None, checkpointing=False):
     """``steps`` Trainer steps (ZeRO ``stage``, tp ``tp``); with ``ckpt``, a checkpoint after them, a resumed
     second trainer, and one more step from each."""
     from witscale.data.loader import PackedLoader
@@ -126,7 +127,8 @@ def compile_worker(rank, world, *, compile_blocks, tp=1, stage=0, steps=3, ckpt=
 
     def trainer():
         torch.manual_seed(0)
-        module = build_module(cfg, topo, config, model_dir=None, seed=0, compile_blocks=compile_blocks)
+        module = build_module(cfg, topo, config, model_dir=None, seed=0, compile_blocks=compile_blocks,
+                              activation_checkpointing=checkpointing)
         loader = PackedLoader(data, build_weight_table(0.2, 1.0), micro_batch_size=2, grad_accum=2, dp_size=topo.dp,
                               dp_rank=topo.dp_rank, seed=0)
         return Trainer(module=module, ds_config=config, loader=loader, topo=topo, normalization="nonzero", lr=1e-2,
@@ -160,11 +162,12 @@ def _runs(rank, world, runs):
 
 @pytest.mark.slow
 def test_trainer_with_compiled_blocks_equals_eager_and_resumes_compiled_once(tmp_path):
-    eager, compiled = run_distributed(_runs, 1, [dict(compile_blocks=False),
-                                                 dict(compile_blocks=True, ckpt=str(tmp_path / "ckpt"))],
-                                      timeout=900)[0]
+    eager, compiled, checkpointed = run_distributed(
+        _runs, 1, [dict(compile_blocks=False), dict(compile_blocks=True, ckpt=str(tmp_path / "ckpt")),
+                   dict(compile_blocks=True, checkpointing=True)], timeout=900)[0]
     assert eager["compiled"] == 0 and compiled["compiled"] == TINY["num_hidden_layers"]
     _same_training(compiled, eager)
+    _same_training(checkpointed, eager)         # the compiled block recomputed in backward
     assert compiled["compiled_after_resume"] == TINY["num_hidden_layers"]
     assert compiled["recompiled_after_resume"] == 0
     continued, resumed = compiled["next"]
@@ -178,3 +181,26 @@ def test_tp2_with_compiled_blocks_equals_eager():
     eager, compiled = ranks[0]
     assert compiled["compiled"] == TINY["num_hidden_layers"]
     _same_training(compiled, eager)
+
+
+@pytest.mark.slow
+def test_the_cli_flag_compiles_every_block_and_trains_as_eager(run_inputs, tmp_path):
+    """One process through witscale/train.py, ZeRO-1: --compile logs its compiled blocks and gives eager's
+    per-step losses."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+    losses, logs = {}, {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        out = tmp_path / name
+        res = subprocess.run([sys.executable, "witscale/train.py",
+                              *_args(run_inputs, out, 2, "--ds_config", "ds_configs/zero1.json", *extra)],
+                             cwd=REPO_ROOT, env=operations._env(), capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        losses[name], logs[name] = operations._train_losses(str(out)), res.stdout + res.stderr
+    assert "--compile: 2 decoder blocks compiled" in logs["compiled"]
+    assert "decoder blocks compiled" not in logs["eager"]
+    assert losses["compiled"].keys() == losses["eager"].keys() and losses["eager"]
+    for step, loss in losses["eager"].items():
+        assert losses["compiled"][step] == pytest.approx(loss, rel=1e-5), step

@@ -87,7 +87,9 @@ def build_module(config: ModelConfig, topo, ds_config: dict, *, model_dir: Optio
                                   activation_checkpointing=activation_checkpointing)
     load_model_weights(module, config, model_dir=model_dir, seed=seed, topo=topo, grow_from=grow_vocab_from)
     if compile_blocks:
-        compile_decoder_blocks(module)
+        compiled = compile_decoder_blocks(module)
+        if _global_rank() == 0:
+            log.info(f"--compile: {compiled} decoder blocks compiled with torch.compile (on their first step)")
     if grow_vocab_from and model_dir and _global_rank() == 0:
         new = config.vocab_size - grow_vocab_from
         log.info(f"grew the vocabulary from {grow_vocab_from} to {config.vocab_size}: {new} new tokens, "
