@@ -54,7 +54,8 @@ def _loss_and_grads(model, docs, seed):
 def test_compiled_blocks_equal_eager_with_and_without_checkpointing(family):
     from witscale.model.transformer import compile_decoder_blocks
     overrides = {} if family == "llama" else dict(
-        model_type="gemma2", head_dim=8, query_pre_attn_scalar=8, sliding_window=16, hidden_activation="gelu_pytorch_tanh",
+        model_type="gemma2", head_dim=8, query_pre_attn_scalar=8, sliding_window=16,
+        hidden_activation="gelu_pytorch_tanh",
         attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
     eager = _tiny(**overrides)
     compiled = copy.deepcopy(eager)

@@ -271,10 +271,10 @@ def compile_refusal(*, zero_stage: int, pp: int) -> Optional[str]:
                 "train without --compile or with --pp 1")
     if zero_stage == 3:
         return ("not with ZeRO-3: its parameter-gathering hooks run on every submodule and are excluded from "
-                "compilation (torch.compiler.disable in DeepSpeed's parameter_offload.py): each block's graph is cut at "
-                "its submodules and dynamo's recompile limit is reached, so the blocks fall back to eager (tried "
-                "on DeepSpeed 0.19.8, torch 2.13); DeepSpeed's own route is its "
-                "whole-model DeepCompile (engine.compile); use ZeRO-0..2 or train without --compile")
+                "compilation (torch.compiler.disable in DeepSpeed's parameter_offload.py): each block's graph is "
+                "cut at its submodules and dynamo's recompile limit is reached, so the blocks fall back to eager "
+                "(tried on DeepSpeed 0.19.8, torch 2.13); DeepSpeed's own route is its whole-model DeepCompile "
+                "(engine.compile); use ZeRO-0..2 or train without --compile")
     return None
 
 
