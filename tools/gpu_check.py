@@ -23,7 +23,8 @@ stop the others, and the exit code is 1 if any check failed:
                   fp32 (``CUDA_VISIBLE_DEVICES=``, gloo); per-step losses compared within a stated bf16
                   tolerance; tokens/s, MFU and peak memory of the GPU runs where metrics.jsonl has them.
                   The CPU runs go in parallel with the GPU runs (other resources).
-  d  bench_gpu    tools/bench/bench_gpu.py: a ~1B Llama at seq-len 4096 against transformers; its JSON.
+  d  bench_gpu    tools/bench/bench_gpu.py: a ~1B Llama at seq-len 4096 against transformers, witscale with
+                  and without --compile (compiled decoder blocks); its JSON.
 
 ``--dry-run`` runs everything that needs no CUDA — argument parsing, data generation and packing, the CPU
 reference runs, ``pytest -m gpu --collect-only``, bench_gpu on a tiny model on the CPU — and marks the
@@ -745,6 +746,8 @@ def step_bench(report: Report) -> None:
         cmd = [sys.executable, "tools/bench/bench_gpu.py", "--output", out_file]
         if tiny:
             cmd += ["--tiny", "--device", "cpu"]
+        else:       # with and without --compile (each block compiled), the ratio in its JSON
+            cmd += ["--systems", "witscale,witscale_compiled,hf_padded,hf_packed"]
         env = cpu_env(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(8, os.cpu_count() or 1)))) if tiny \
             else gpu_env()
         r = run(cmd, env, report.left(300 if not tiny else 240))
@@ -823,7 +826,8 @@ def summarize(data: dict) -> str:
                 if ws.get("peak_memory_gib") is not None:
                     part += f", {ws['peak_memory_gib']:.1f} GiB"
                 for other, ratio in (res.get("ratio") or {}).items():
-                    part += f"; {ratio:.2f}× {other.replace('witscale_vs_', '')}"
+                    part += (f"; --compile {ratio:.2f}× eager" if other == "witscale_compiled_vs_witscale"
+                             else f"; {ratio:.2f}× {other.replace('witscale_vs_', '')}")
                 t = res.get("targets") or {}
                 if key == "gpu":
                     yes = {True: "met", False: "NOT met", None: "n/a"}

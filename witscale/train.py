@@ -162,6 +162,11 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
     if dataset.seq_len % cfg.sp:     # each sp rank takes a contiguous 1/sp of every row
         raise UsageError(f"--data {cfg.data}: rows of {dataset.seq_len} tokens cannot be cut into --sp {cfg.sp} "
                          "equal parts; repack with a --seq-len divisible by it")
+    if cfg.compile:
+        from witscale.model.transformer import compile_refusal
+        why = compile_refusal(zero_stage=dims.zero_stage, pp=dims.pp, sp=dims.sp)
+        if why:
+            raise UsageError(f"--compile with {cfg.ds_config}: {why}")
     if cfg.grad_accum is None:
         cfg = replace(cfg, grad_accum=grad_accum_for_pairs(cfg, dataset.manifest, dims.dp))
     elif cfg.pairs_per_step:
@@ -315,7 +320,7 @@ def run(args: argparse.Namespace | RunConfig):
         module = build_module(plan.model_config, topo, plan.ds_config, model_dir=config.model, seed=config.seed,
                               pp_partition=config.pp_partition, attention=config.attention,
                               activation_checkpointing=plan.activation_checkpointing,
-                              grow_vocab_from=plan.vocab_grown_from)
+                              grow_vocab_from=plan.vocab_grown_from, compile_blocks=config.compile)
         result = train_loop(plan, topo, module)
         if watch is not None:
             watch.stop()        # from here on, rank 0 (the store's host) may leave first

@@ -10,6 +10,9 @@ weights (witscale's seeded init, copied into transformers by name: witscale's pa
 
 - ``witscale``: ``witscale.model.CausalLM`` on packed rows (per-document attention and positions, the
   ``auto`` attention backend) with the fused chunked weighted cross-entropy (no [tokens × vocab] logits);
+- ``witscale_compiled`` (when listed in ``--systems``): the same model with each decoder block compiled
+  (train.py --compile, ``compile_decoder_blocks``), from the same weights; its first steps (compiling) are
+  warm-up; reported as ``ratio.witscale_compiled_vs_witscale`` and in the loss parity;
 - ``hf_padded``: ``transformers`` ``LlamaForCausalLM`` (``attn_implementation="sdpa"``), the paper's
   reference style: the step's documents (seeded order) in batches padded to their longest, at most
   ``--pad-budget`` (4096) padded tokens per batch, full logits cast to fp32 + weighted cross-entropy;
@@ -440,7 +443,7 @@ def main(argv=None) -> int:
     args.steps = args.steps or (2 if args.tiny else 6)
     args.model_cfg = cfg
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = set(systems) - {"witscale", "hf_padded", "hf_packed"}
+    unknown = set(systems) - {"witscale", "witscale_compiled", "hf_padded", "hf_packed"}
     if unknown:
         p.error(f"--systems: unknown {sorted(unknown)}")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -501,6 +504,18 @@ def main(argv=None) -> int:
     if "witscale" in systems:
         out["attention_backend"] = backend
         result["systems"]["witscale"] = out
+    if "witscale_compiled" in systems:
+        def build_compiled(ckpt):
+            from witscale.model.transformer import compile_decoder_blocks
+            model = build_ws(ckpt)          # the same seeded weights
+            compile_decoder_blocks(model)
+            return model
+
+        def measure_compiled(model):
+            losses["witscale_compiled"] = first_loss(model, witscale_microbatch, first_packed)
+            return run_system("witscale_compiled", model, work, witscale_microbatch, "packed", args, device)
+        result["systems"]["witscale_compiled"] = with_checkpointing_fallback(
+            "witscale_compiled", build_compiled, measure_compiled, args.activation_checkpointing, device)
 
     try:
         import transformers.masking_utils as masking_utils
@@ -550,6 +565,9 @@ def main(argv=None) -> int:
         other = result["systems"].get(name, {})
         if ws.get("tokens_per_s") and other.get("tokens_per_s"):
             ratios[f"witscale_vs_{name}"] = ws["tokens_per_s"] / other["tokens_per_s"]
+    compiled = result["systems"].get("witscale_compiled", {})
+    if ws.get("tokens_per_s") and compiled.get("tokens_per_s"):
+        ratios["witscale_compiled_vs_witscale"] = compiled["tokens_per_s"] / ws["tokens_per_s"]
     result["ratio"] = ratios
     result["targets"] = {
         "mfu_min": TARGET_MFU, "speedup_vs_hf_padded_min": TARGET_SPEEDUP,

@@ -8,7 +8,9 @@ full-logits cross-entropy), on the same model, the same documents and the same w
         --tokenizer ../shared/data/llama2_tokenizer.model --docs 256
 
 Reports non-pad tokens per second of forward + backward + AdamW step for each, and their ratio. Both
-paths see every document once per epoch with the same (λp, λr) weights.
+paths see every document once per epoch with the same (λp, λr) weights. ``--compile`` also times witscale with
+each decoder block compiled (train.py --compile) from the same weights on the same rows, after one untimed
+epoch that compiles every shape, and prints its tokens/s ratio against eager.
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ def model_config(vocab: int, args) -> dict:
                 max_position_embeddings=args.seq_len, rms_norm_eps=1e-6, tie_word_embeddings=False)
 
 
-def witscale_steps(docs, cfg_dict, table, args):
+def witscale_steps(docs, cfg_dict, table, args, compile_blocks: bool = False):
     """Packed rows of seq_len, micro-batches of ``rows_per_batch`` rows: yields (closure, real tokens)."""
     from witscale.data.loader import PackedLoader
     from witscale.data.format import PackedDataset, TokenizedCorpus, write_packed
@@ -69,6 +71,9 @@ def witscale_steps(docs, cfg_dict, table, args):
     cfg = ModelConfig.from_dict(cfg_dict)
     model = CausalLM(cfg)          # the automatic attention backend (CPU: sdpa_grouped)
     load_model_weights(model, cfg, model_dir=None, seed=0)
+    if compile_blocks:
+        from witscale.model.transformer import compile_decoder_blocks
+        compile_decoder_blocks(model)
     loader = PackedLoader(ds, table, micro_batch_size=args.rows_per_batch, grad_accum=1, shuffle=False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batches = [loader.make_micro_batch(range(s, min(s + args.rows_per_batch, len(ds))))
@@ -118,8 +123,9 @@ def reference_steps(docs, cfg_dict, table, args):
     return model, steps, real / padded
 
 
-def timed(steps, epochs: int) -> float:
-    steps[0][0]()                               # warm-up (allocator, first-call costs)
+def timed(steps, epochs: int, warm_epoch: bool = False) -> float:
+    for fn, _ in (steps if warm_epoch else steps[:1]):
+        fn()                                    # warm-up (allocator, first-call costs; compiling each shape)
     tokens, t0 = 0, time.perf_counter()
     for _ in range(epochs):
         for fn, n in steps:
@@ -140,6 +146,8 @@ def main(argv=None) -> int:
     p.add_argument("--rows-per-batch", type=int, default=1, help="witscale micro-batch (packed rows)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--prompt-weight", type=float, default=0.2)
+    p.add_argument("--compile", action="store_true",
+                   help="also time witscale with compiled decoder blocks and print the ratio to eager")
     args = p.parse_args(argv)
     if bool(args.input) != bool(args.tokenizer):
         p.error("--input and --tokenizer go together")
@@ -158,6 +166,12 @@ def main(argv=None) -> int:
     print(f"witscale:  {ours_tps:10.0f} non-pad tokens/s")
     print(f"reference: {ref_tps:10.0f} non-pad tokens/s")
     print(f"speed-up:  {ours_tps / ref_tps:10.2f}×  (token-linear ceiling from padding alone: {packing / ref_eff:.2f}×)")
+    if args.compile:
+        _, compiled, _ = witscale_steps(docs, cfg, table, args, compile_blocks=True)
+        compiled_tps = timed(compiled, args.epochs, warm_epoch=True)
+        eager_tps = timed(ours, args.epochs, warm_epoch=True)     # again, after the same warm-up
+        print(f"--compile: {compiled_tps:10.0f} non-pad tokens/s, {compiled_tps / eager_tps:.2f}× eager "
+              f"({eager_tps:.0f} tokens/s in the same run)")
     return 0
 
 

@@ -129,13 +129,24 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        backend = select_backend(self.backend, x.device, q.dtype, softcap=self.softcap)
-
-        def attend(q, k, v):
-            return packed_attention(q, k, v, cu_seqlens, max_seqlen, backend=backend,
-                                    sliding_window=self.sliding_window, scale=self.scale, softcap=self.softcap)
-        out = ulysses_attention(q, k, v, self.sp_group, attend)
+        out = _attend(q, k, v, cu_seqlens, max_seqlen, requested=self.backend, sliding_window=self.sliding_window,
+                      scale=self.scale, softcap=self.softcap, sp_group=self.sp_group)
         return self.o_proj(out.reshape(b, s, self.local_heads * self.head_dim))
+
+
+@torch.compiler.disable
+def _attend(q, k, v, cu_seqlens, max_seqlen, *, requested, sliding_window, scale, softcap, sp_group=None):
+    """Packed attention, always run eagerly — also inside a block compiled by ``--compile``
+    (``compile_decoder_blocks``): the CPU backends group documents by their lengths read from ``cu_seqlens``
+    on the host (data-dependent shapes: a graph break, and a recompile per batch), flex compiles itself, and
+    the varlen kernels are one opaque call with nothing to fuse. The compiled graphs are then the parts worth
+    fusing — norms, projections, RoPE before; output projection, residual, norm and gated MLP after."""
+    backend = select_backend(requested, q.device, q.dtype, softcap=softcap)
+
+    def attend(q, k, v):
+        return packed_attention(q, k, v, cu_seqlens, max_seqlen, backend=backend, sliding_window=sliding_window,
+                                scale=scale, softcap=softcap)
+    return ulysses_attention(q, k, v, sp_group, attend)      # under --sp: the all-to-all over heads around it
 
 
 class MLP(nn.Module):
@@ -246,6 +257,48 @@ class CausalLM(nn.Module):
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         self.model.activation_checkpointing = bool(enabled)
+
+
+def compile_decoder_blocks(module: nn.Module, backend: str = "inductor") -> int:
+    """``--compile``: ``torch.compile`` each decoder block of ``module`` in place (torchtitan's per-block
+    pattern: a graph break stays inside one block, and the blocks share one compiled graph — their code and
+    shapes are the same, the parameters are graph inputs — so compile time is one block's, not the model's).
+    ``nn.Module.compile`` keeps the parameter names (no ``_orig_mod.`` prefix): checkpoints, the export and
+    DeepSpeed see the same module. Activation checkpointing wraps the call of the block, so the compiled
+    forward runs inside the checkpoint (and again in its recomputation). Idempotent: a block already
+    compiled is left as it is. Returns how many blocks it compiled now."""
+    compiled = 0
+    for block in module.modules():
+        if isinstance(block, DecoderLayer) and not is_compiled_block(block):
+            block.compile(backend=backend)
+            compiled += 1
+    return compiled
+
+
+def compile_refusal(*, zero_stage: int, pp: int, sp: int = 1) -> Optional[str]:
+    """Why ``--compile`` cannot run with this layout (one line), or None."""
+    if sp > 1:
+        return ("not with --sp: compiled blocks around the sequence-parallel all-to-all are not tested yet; train "
+                "without --compile or with --sp 1")
+    if pp > 1:
+        return ("not with --pp: DeepSpeed's pipeline engine runs the stages' blocks (pipeline.py) through its own "
+                "schedule and activation checkpointing, which per-block compilation is not tested against; "
+                "train without --compile or with --pp 1")
+    if zero_stage == 3:
+        return ("not with ZeRO-3: its parameter-gathering hooks run on every submodule and are excluded from "
+                "compilation (torch.compiler.disable in DeepSpeed's parameter_offload.py): each block's graph is "
+                "cut at its submodules and dynamo's recompile limit is reached, so the blocks fall back to eager "
+                "(tried on DeepSpeed 0.19.8, torch 2.13); DeepSpeed's own route is its whole-model DeepCompile "
+                "(engine.compile); use ZeRO-0..2 or train without --compile")
+    return None
+
+
+def is_compiled_block(block: nn.Module) -> bool:
+    return getattr(block, "_compiled_call_impl", None) is not None    # what nn.Module.compile sets
+
+
+def compiled_block_count(module: nn.Module) -> int:
+    return sum(1 for m in module.modules() if isinstance(m, DecoderLayer) and is_compiled_block(m))
 
 
 def packed_positions(doc_lengths_per_row: Sequence[Sequence[int]], seq_len: int

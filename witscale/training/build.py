@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from witscale.model import ModelConfig, load_model_weights
-from witscale.model.transformer import CausalLM
+from witscale.model.transformer import CausalLM, compile_decoder_blocks
 from witscale.parallel.layers import skip_init
 from witscale.training.ds_config import zero_stage
 
@@ -67,7 +67,7 @@ def training_device() -> torch.device:
 
 def build_module(config: ModelConfig, topo, ds_config: dict, *, model_dir: Optional[str], seed: int,
                  pp_partition: str = "uniform", attention: str = "auto", activation_checkpointing: bool = False,
-                 grow_vocab_from: Optional[int] = None):
+                 grow_vocab_from: Optional[int] = None, compile_blocks: bool = False):
     """This rank's module (whole model or pipeline stage), weights loaded.
 
     Memory: each rank allocates only what it keeps — its tensor-parallel shard, its pipeline stage, under
@@ -75,7 +75,8 @@ def build_module(config: ModelConfig, topo, ds_config: dict, *, model_dir: Optio
     config says so), with no random init that the load would overwrite (``skip_init``). The load then
     writes every parameter once (docs/parallel-layout.md). ``grow_vocab_from``: the vocabulary size of
     ``model_dir``, smaller than ``config``'s (data packed with --add-special-tokens): the new rows start
-    from the mean of the old ones (witscale/model/grow.py)."""
+    from the mean of the old ones (witscale/model/grow.py). ``compile_blocks`` (--compile): each decoder block
+    compiled in place once its weights are in (transformer.py ``compile_decoder_blocks``)."""
     dtype = torch.bfloat16 if (ds_config.get("bf16") or {}).get("enabled") is True else torch.float32
     with _materialize_on(training_device(), dtype):
         if topo.pp > 1:
@@ -88,6 +89,10 @@ def build_module(config: ModelConfig, topo, ds_config: dict, *, model_dir: Optio
                                   activation_checkpointing=activation_checkpointing,
                                   sp_group=getattr(topo, "sp_group", None))
     load_model_weights(module, config, model_dir=model_dir, seed=seed, topo=topo, grow_from=grow_vocab_from)
+    if compile_blocks:
+        compiled = compile_decoder_blocks(module)
+        if _global_rank() == 0:
+            log.info(f"--compile: {compiled} decoder blocks compiled with torch.compile (on their first step)")
     if grow_vocab_from and model_dir and _global_rank() == 0:
         new = config.vocab_size - grow_vocab_from
         log.info(f"grew the vocabulary from {grow_vocab_from} to {config.vocab_size}: {new} new tokens, "

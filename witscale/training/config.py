@@ -216,6 +216,9 @@ class RunConfig:
                 "(FlashAttention-2) kernels on a bf16 GPU, sdpa_grouped (documents batched by length) on the CPU; "
                 "with attention soft-capping (Gemma-2) flash_varlen or flex on a GPU, eager on the CPU. All keep "
                 "attention inside documents.", group=RUNTIME, metavar="BACKEND", check=_attention_backend)
+    compile: bool = option(                 # refused with ZeRO-3 and --pp by witscale/train.py
+        False, "torch.compile each decoder block (norms, RoPE and the gated MLP fused; attention stays eager); "
+               "ZeRO-0..2 with any --tp", group=RUNTIME)
     dist_timeout: float = option(
         30.0, "collective timeout (NCCL/gloo) in minutes; a rank that fails ends the job at once whatever this is "
               "(default 30: long enough for a 70B checkpoint write between barriers); after the first step it "
