@@ -113,3 +113,78 @@ def test_refusals_name_what_is_missing():
     with pytest.raises(ValueError, match="different weights"):
         WeightLearner(parse_learn_classes(""), build_weight_table(0.5, 1.0, {TokenClass.SYSTEM: 0.2}),
                       validation_table(""), None)
+
+
+# --- through the CLI: logging, checkpoints, resume, export, refusals --------------------------------------
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from tests.conftest import REPO_ROOT  # noqa: E402
+from tests.test_train_cli_operations import _cli, _env, run_inputs  # noqa: E402,F401  (a fixture)
+
+
+def _learn_args(inputs, out, *extra, ds="zero0"):
+    return ["--ds_config", f"ds_configs/{ds}.json", "--data", inputs["train"], "--model-config", inputs["config"],
+            "--output-dir", str(out), "--prompt-weight", "0.3", "--micro-batch-size", "2", "--grad-accum", "2",
+            "--lr", "3e-3", "--max-steps", "6", "--seed", "7", "--eval-data", inputs["eval"], "--learn-weights",
+            "--weights-every", "2", "--weights-lr", "0.3", "--no-tensorboard", *extra]
+
+
+def _train(args, **env):
+    res = subprocess.run([sys.executable, "witscale/train.py", *args], cwd=REPO_ROOT, env=_env(**env),
+                         capture_output=True, text=True, timeout=600)
+    return res.returncode, res.stdout + res.stderr
+
+
+def _records(out):
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in line]
+
+
+def test_learned_weights_are_logged_saved_exported_and_resume_bit_exact(run_inputs, tmp_path):
+    ref = tmp_path / "ref"
+    code, log = _train(_learn_args(run_inputs, ref, "--save-steps", "3", "--export-hf", str(ref / "hf"),
+                                   "--tokenizer", run_inputs["tokenizer"]))
+    assert code == 0, log
+    records = _records(ref)
+    lambdas = [r["lambda_prompt_side"] for r in records]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6] and len(set(lambdas)) > 1, lambdas
+    tag = (ref / "checkpoints" / "latest").read_text().strip()
+    state = json.load(open(ref / "checkpoints" / tag / "witscale_state.json"))
+    assert state["learned_weights"]["lambda"] == [lambdas[-1]] and state["learned_weights"]["updates"] == 3
+    meta = json.load(open(ref / "hf" / "witscale.json"))
+    assert meta["learned_weights"]["lambda_prompt_side"] == lambdas[-1]
+    assert meta["weights"]["prompt"] == pytest.approx(lambdas[-1], rel=1e-6) and meta["weights"]["response"] == 1.0
+    # A run that dies after the step-3 checkpoint and resumes: the same losses and λ, bit for bit.
+    run = tmp_path / "resumed"
+    code, _ = _train(_learn_args(run_inputs, run, "--save-steps", "3"), WITSCALE_FAULT="raise_in_step:4")
+    assert code != 0
+    code, log = _train(_learn_args(run_inputs, run, "--save-steps", "3", "--resume", "auto"))
+    assert code == 0, log
+    resumed = {r["step"]: r for r in _records(run)}
+    for r in records:
+        assert resumed[r["step"]]["loss"] == r["loss"], r["step"]
+        assert resumed[r["step"]]["lambda_prompt_side"] == r["lambda_prompt_side"], r["step"]
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"--eval-data": None}, "--learn-weights needs --eval-data"),
+    ({"--ds_config": "ds_configs/zero3.json"}, "--learn-weights does not support ZeRO-3"),
+    ({"--normalization": "weight_sum"}, "--learn-weights needs --normalization nonzero or tokens"),
+    ({"--learn-classes": "answer"}, "--learn-classes: unknown token class 'answer'"),
+    ({"--weights-objective": "pad=0"}, "--weights-objective"),
+])
+def test_learn_weights_refusals_are_one_line(run_inputs, tmp_path, change, message, capsys):
+    args = _learn_args(run_inputs, tmp_path)
+    for flag, value in change.items():
+        if flag not in args:
+            args += [flag, value]
+            continue
+        i = args.index(flag)
+        args[i + 1:i + 2] = [] if value is None else [value]
+        if value is None:
+            del args[i]
+    code, err = _cli(args, capsys)
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err

@@ -39,6 +39,8 @@ def tb_tag(key: str):
         return "train_" + objective_tags[key]
     if key.startswith("eval_") and key[len("eval_"):] in objective_tags:
         return "eval_" + objective_tags[key[len("eval_"):]]
+    if key.startswith("lambda_"):       # --learn-weights: the learned λ per group
+        return "learned_weights/" + key[len("lambda_"):]
     if key.startswith("eval_nll_"):
         return "eval_class_nll/" + key[len("eval_nll_"):]
     if key.startswith("nll_"):
