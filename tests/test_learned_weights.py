@@ -188,3 +188,102 @@ def test_learn_weights_refusals_are_one_line(run_inputs, tmp_path, change, messa
     code, err = _cli(args, capsys)
     assert code == 2
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+# --- layouts: dp2 against one rank; the engine's own accumulation undisturbed ------------------------------
+from tests.distributed import run_distributed  # noqa: E402
+
+
+class _DataParallel:
+    tp = 1
+
+    def __init__(self, world):
+        self.dp = world
+
+    def tp_group_or_none(self):
+        return None
+
+    def get_data_parallel_group(self):
+        return torch.distributed.group.WORLD
+
+
+def _hyper_setup():
+    table = build_weight_table(0.5, 1.0)
+    data = random_packed(6, 40, TINY["vocab_size"], seed=3)
+    val_data = random_packed(4, 40, TINY["vocab_size"], seed=9)
+    loader = PackedLoader(data, table, micro_batch_size=3, grad_accum=1, shuffle=False)
+    val_loader = PackedLoader(val_data, table, micro_batch_size=2, grad_accum=1, shuffle=False)
+    learner = WeightLearner(parse_learn_classes("prompt,eot"), table, validation_table(""), val_loader)
+    global_mb = loader.make_micro_batch(range(6))
+    return model_and(learner, loader, global_mb)
+
+
+def model_and(learner, loader, global_mb):
+    return _model(), learner, loader, float((global_mb.weights > 0).sum())
+
+
+def _hyper_worker(rank, world):
+    model, learner, loader, denominator = _hyper_setup()
+    mb = loader.make_micro_batch(range(3 * rank, 3 * rank + 3))      # this rank's half of the global batch
+    return learner.hypergradient(model, mb, learner.val_micro_batch(), eta=1e-3, denominator=denominator,
+                                 per_step=world, topo=_DataParallel(world)).tolist()
+
+
+def test_dp2_hypergradient_equals_one_rank_over_the_same_global_batch():
+    model, learner, loader, denominator = _hyper_setup()
+    one = learner.hypergradient(model, loader.make_micro_batch(range(6)), learner.val_micro_batch(), eta=1e-3,
+                                denominator=denominator, per_step=1, topo=_OneRank())
+    ranks = run_distributed(_hyper_worker, 2)
+    assert ranks[0] == ranks[1]
+    np.testing.assert_allclose(ranks[0], one, rtol=1e-6)
+    assert np.abs(one).min() > 0
+
+
+def _learn_worker(rank, world, stage, learner_lr, steps=3):
+    """Train ``steps`` steps (micro-batch 1 × grad-accum 2 per rank) with no learner (learner_lr None) or one that
+    measures h every step and moves λ by learner_lr (0: measured but never applied)."""
+    from witscale.parallel.topology import ParallelDims, Topology
+    from witscale.training.build import build_module
+    from witscale.training.distributed import init_distributed
+    from witscale.training.trainer import Trainer
+    from tests.train_helpers import ds_config
+
+    init_distributed()
+    cfg = ModelConfig.from_dict(TINY)
+    topo = Topology(ParallelDims(world, 1, 1, stage, cfg))
+    config = ds_config(stage, 1, 2, topo.dp)
+    torch.manual_seed(0)
+    module = build_module(cfg, topo, config, model_dir=None, seed=0)
+    table = build_weight_table(0.2, 1.0)
+    loader = PackedLoader(random_packed(8, 48, cfg.vocab_size, 1), table, micro_batch_size=1, grad_accum=2,
+                          dp_size=topo.dp, dp_rank=topo.dp_rank, seed=0)
+    learner = None
+    if learner_lr is not None:
+        val_loader = PackedLoader(random_packed(3, 48, cfg.vocab_size, 5), table, micro_batch_size=2,
+                                  grad_accum=1, shuffle=False)
+        learner = WeightLearner(parse_learn_classes(""), table, validation_table(""), val_loader, every=1,
+                                lr=learner_lr)
+    trainer = Trainer(module=module, ds_config=config, loader=loader, topo=topo, normalization="nonzero", lr=1e-3,
+                      weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, total_steps=steps, warmup_ratio=0.0,
+                      weight_learner=learner)
+    results = [trainer.train_step(loader.next_step()) for _ in range(steps)]
+    return {"losses": [r.loss for r in results], "lambdas": [r.learned_weights for r in results],
+            "params": {k: v.numpy() for k, v in trainer.full_dense_state_dict().items()}}
+
+
+@pytest.mark.parametrize("stage,world", [(0, 1), (2, 2)])
+def test_measuring_the_hypergradient_does_not_disturb_the_step(stage, world):
+    """α = 0: h is measured every step (extra forwards and autograd.grad on the engine's module) but λ never
+    moves — the run is bit-identical to one without --learn-weights: DeepSpeed's accumulation is untouched."""
+    off = run_distributed(_learn_worker, world, stage, None, timeout=600)
+    measured = run_distributed(_learn_worker, world, stage, 0.0, timeout=600)
+    learned = run_distributed(_learn_worker, world, stage, 0.5, timeout=600)
+    for a, b in zip(off, measured):
+        assert a["losses"] == b["losses"]
+        for name in a["params"]:
+            assert np.array_equal(a["params"][name], b["params"][name]), name
+    assert all(r["lambdas"][-1]["lambda_prompt_side"] == float(np.float32(0.2)) for r in measured)
+    # ... and with α > 0 λ moves, the same on every rank, and the next steps train on it
+    assert learned[0]["lambdas"] == learned[-1]["lambdas"]
+    assert learned[0]["lambdas"][0]["lambda_prompt_side"] != float(np.float32(0.2))
+    assert learned[0]["losses"][0] == off[0]["losses"][0] and learned[0]["losses"][1:] != off[0]["losses"][1:]
