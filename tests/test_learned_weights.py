@@ -287,3 +287,28 @@ def test_measuring_the_hypergradient_does_not_disturb_the_step(stage, world):
     assert learned[0]["lambdas"] == learned[-1]["lambdas"]
     assert learned[0]["lambdas"][0]["lambda_prompt_side"] != float(np.float32(0.2))
     assert learned[0]["losses"][0] == off[0]["losses"][0] and learned[0]["losses"][1:] != off[0]["losses"][1:]
+
+
+def _tp_worker(rank, world):
+    """h on a module built for tp = world (dp 1) from the same seed: the same dense weights, sharded."""
+    from witscale.parallel.topology import ParallelDims, Topology
+    from witscale.training.build import build_module
+    from witscale.training.distributed import init_distributed
+    from tests.train_helpers import ds_config
+
+    init_distributed()
+    cfg = ModelConfig.from_dict(TINY)
+    topo = Topology(ParallelDims(world, world, 1, 0, cfg))
+    module = build_module(cfg, topo, ds_config(0, 1, 1, 1), model_dir=None, seed=0)
+    _, learner, loader, denominator = _hyper_setup()
+    return learner.hypergradient(module, loader.make_micro_batch(range(6)), learner.val_micro_batch(), eta=1e-3,
+                                 denominator=denominator, per_step=1, topo=topo).tolist()
+
+
+def test_tp2_hypergradient_equals_one_rank():
+    """Dot products over TP shards summed, replicated parameters (norms) counted once."""
+    one = run_distributed(_tp_worker, 1)[0]
+    tp2 = run_distributed(_tp_worker, 2)
+    assert tp2[0] == tp2[1]
+    np.testing.assert_allclose(tp2[0], one, rtol=1e-4)
+    assert np.abs(one).min() > 0
