@@ -150,6 +150,7 @@ def test_learned_weights_are_logged_saved_exported_and_resume_bit_exact(run_inpu
     records = _records(ref)
     lambdas = [r["lambda_prompt_side"] for r in records]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6] and len(set(lambdas)) > 1, lambdas
+    assert f"λ_prompt_side {lambdas[-1]:.4g}" in log        # the console line
     tag = (ref / "checkpoints" / "latest").read_text().strip()
     state = json.load(open(ref / "checkpoints" / tag / "witscale_state.json"))
     assert state["learned_weights"]["lambda"] == [lambdas[-1]] and state["learned_weights"]["updates"] == 3

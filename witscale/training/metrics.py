@@ -174,6 +174,7 @@ class MetricsLogger:
         elif step % self.log_every == 0 or step == self.total_steps:
             gn = record.get("grad_norm")
             middle = self.objective.console(record)
+            middle += "".join(f"λ_{k[len('lambda_'):]} {v:.4g} " for k, v in record.items() if k.startswith("lambda_"))
             log.info(f"step {step}/{self.total_steps} loss {record['loss']:.4f} {middle}"
                      f"lr {record['lr']:.3g} grad_norm {'-' if gn is None else f'{gn:.3f}'} "
                      f"tok/s {record['tokens_per_s']:.0f}")
