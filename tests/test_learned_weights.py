@@ -191,6 +191,13 @@ def test_learn_weights_refusals_are_one_line(run_inputs, tmp_path, change, messa
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
+def test_learned_weight_settings_without_learn_weights_are_refused(run_inputs, tmp_path, capsys):
+    args = _learn_args(run_inputs, tmp_path)
+    args.remove("--learn-weights")
+    code, err = _cli(args, capsys)
+    assert code == 2 and err == ["error: --weights-every, --weights-lr apply with --learn-weights only"], err
+
+
 # --- layouts: dp2 against one rank; the engine's own accumulation undisturbed ------------------------------
 from tests.distributed import run_distributed  # noqa: E402
 

@@ -186,8 +186,7 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
             raise UsageError(f"--eval-data {cfg.eval_data}: {e}") from None
         _check_tokenizer_identity(cfg, eval_dataset, "--eval-data")
         _check_objective(cfg, eval_dataset, table, flag="--eval-data")
-    if cfg.learn_weights:
-        _check_learn_weights(cfg, table, zero_stage(raw_ds))
+    _check_learn_weights(cfg, table, zero_stage(raw_ds))
     report_sinks(cfg)
     if cfg.resume not in (None, "auto") and not os.path.exists(cfg.resume):
         raise UsageError(f"--resume {cfg.resume}: no such checkpoint")
@@ -212,9 +211,17 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
 
 
 def _check_learn_weights(cfg: RunConfig, table, stage: int) -> None:
-    """--learn-weights: refused in one line before anything starts where it cannot work."""
+    """--learn-weights: refused in one line before anything starts where it cannot work; its settings without it
+    are refused rather than ignored."""
     from witscale.training.learned_weights import WeightLearner, check_layout, parse_learn_classes, validation_table
     from witscale.training.objectives import DEFAULT_OBJECTIVE
+    if not cfg.learn_weights:
+        given = [f"--{f.replace('_', '-')}" for f in ("learn_classes", "weights_every", "weights_lr", "weights_bounds",
+                                                      "weights_objective")
+                 if getattr(cfg, f) != getattr(RunConfig, f)]
+        if given:
+            raise UsageError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} with --learn-weights only")
+        return
     if not cfg.eval_data:
         raise UsageError("--learn-weights needs --eval-data: the validation loss it tunes the weights on")
     if cfg.objective != DEFAULT_OBJECTIVE:
