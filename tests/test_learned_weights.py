@@ -95,7 +95,8 @@ def test_update_moves_lambda_against_the_hypergradient_within_bounds():
         learner.update(np.array([-3e-7]))
     assert learner.lam[0] == 2.0                   # clamped
     learner.update(np.array([np.nan]))             # skipped
-    assert learner.lam[0] == 2.0
+    learner.update(np.array([0.0]))                # no information (η = 0): skipped, the RMS not diluted
+    assert learner.lam[0] == 2.0 and learner.updates == 51
     applied = learner.apply(table)
     assert all(applied[int(c)] == 2.0 for c in PROMPT_SIDE) and applied[int(TokenClass.RESPONSE)] == 1.0
     assert [learner.due(s) for s in (1, 2, 10, 11, 21)] == [True, False, False, True, True]

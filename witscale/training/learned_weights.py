@@ -170,10 +170,12 @@ class WeightLearner:
         return -(eta / denominator) * per_step * total if denominator > 0 else np.zeros_like(total)
 
     def update(self, h: np.ndarray) -> None:
-        """λ ← clamp(λ · exp(−α ĥ)), ĥ = h / its bias-corrected running RMS. A non-finite h is skipped."""
+        """λ ← clamp(λ · exp(−α ĥ)), ĥ = h / its bias-corrected running RMS. A non-finite h is skipped, and so
+        is an all-zero one (η = 0 at the warm-up's start, or no learned token in the micro-batch): it says nothing
+        and would only dilute the RMS."""
         h = np.asarray(h, dtype=np.float64)
         self.last_h = h
-        if not np.isfinite(h).all():
+        if not np.isfinite(h).all() or not h.any():
             return
         self.updates += 1
         self.rms_sq = RMS_DECAY * self.rms_sq + (1 - RMS_DECAY) * h * h
