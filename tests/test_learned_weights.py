@@ -1,9 +1,17 @@
 """--learn-weights (witscale/training/learned_weights.py, docs/objective.md#learned-weights): the first-order
 validation hypergradient against finite differences, the λ update, and what the trainer does with it."""
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
+from tests.conftest import REPO_ROOT
+from tests.distributed import run_distributed
+from tests.test_train_cli_operations import _cli, _env, run_inputs  # noqa: F401  (run_inputs: a fixture)
 from tests.train_helpers import TINY, random_packed
 from witscale.data.classes import PROMPT_SIDE, TokenClass
 from witscale.data.loader import PackedLoader
@@ -117,13 +125,6 @@ def test_refusals_name_what_is_missing():
 
 
 # --- through the CLI: logging, checkpoints, resume, export, refusals --------------------------------------
-import json  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-from tests.conftest import REPO_ROOT  # noqa: E402
-from tests.test_train_cli_operations import _cli, _env, run_inputs  # noqa: E402,F401  (a fixture)
 
 
 def _learn_args(inputs, out, *extra, ds="zero0"):
@@ -200,7 +201,6 @@ def test_learned_weight_settings_without_learn_weights_are_refused(run_inputs, t
 
 
 # --- layouts: dp2 against one rank; the engine's own accumulation undisturbed ------------------------------
-from tests.distributed import run_distributed  # noqa: E402
 
 
 class _DataParallel:
@@ -223,12 +223,8 @@ def _hyper_setup():
     loader = PackedLoader(data, table, micro_batch_size=3, grad_accum=1, shuffle=False)
     val_loader = PackedLoader(val_data, table, micro_batch_size=2, grad_accum=1, shuffle=False)
     learner = WeightLearner(parse_learn_classes("prompt,eot"), table, validation_table(""), val_loader)
-    global_mb = loader.make_micro_batch(range(6))
-    return model_and(learner, loader, global_mb)
-
-
-def model_and(learner, loader, global_mb):
-    return _model(), learner, loader, float((global_mb.weights > 0).sum())
+    denominator = float((loader.make_micro_batch(range(6)).weights > 0).sum())     # `nonzero` over the global batch
+    return _model(), learner, loader, denominator
 
 
 def _hyper_worker(rank, world):

@@ -78,6 +78,16 @@ def tokens_per_s(records, every: int) -> float:
     return sum(r["tokens"] for r in window) / sum(r["tokens"] / r["tokens_per_s"] for r in window)
 
 
+def step_cost(records, every: int) -> tuple[float, float]:
+    """Within the learned run (robust to load that differs between runs): the median time of a measuring step
+    (steps 1 + nK, n ≥ 1) and of the other steps after the first."""
+    import statistics
+    times = {r["step"]: r["tokens"] / r["tokens_per_s"] for r in records if "loss" in r}
+    measuring = [t for s, t in times.items() if s > 1 and (s - 1) % every == 0]
+    other = [t for s, t in times.items() if s > 1 and (s - 1) % every]
+    return statistics.median(measuring), statistics.median(other)
+
+
 def final_eval(records, key="eval_response_nll") -> float:
     return [r[key] for r in records if key in r][-1]
 
@@ -112,6 +122,7 @@ def main(argv=None) -> int:
     learned = run(args, inputs, os.path.join(tmp, "learned"), "--prompt-weight", str(args.start_lp), *learn)
     t_off, t_on = tokens_per_s(base, args.every), tokens_per_s(learned, args.every)
     predicted = (1 + 1) / (args.every * args.grad_accum)       # one learned group, b_val = b
+    measure, other = step_cost(learned, args.every)
     lines = ["## --learn-weights: overhead", "",
              f"{args.steps} steps, micro-batch {args.micro_batch} × grad-accum {args.grad_accum}, K = {args.every}, "
              f"hidden {args.hidden}, {args.layers} layers, seq {args.seq_len}, CPU {args.threads} thread(s)", "",
@@ -119,6 +130,10 @@ def main(argv=None) -> int:
              f"| fixed λp = {args.start_lp:g} | {t_off:.0f} |", f"| --learn-weights | {t_on:.0f} |", "",
              f"overhead: {100 * (t_off / t_on - 1):.1f}% (formula: {100 * predicted:.0f}% of the step's "
              "forward+backward, less of the whole step)", "",
+             f"within the learned run: a measuring step takes {measure:.3f} s (median), another step {other:.3f} s: "
+             f"+{measure / other - 1:.2f} steps per K = {args.every} → overhead "
+             f"{100 * (measure / other - 1) / args.every:.1f}%",
+             "",
              f"learned λp per step: {[round(r['lambda_prompt_side'], 4) for r in learned if 'loss' in r]}", ""]
     if not args.skip_grid:
         cells = {}
