@@ -276,7 +276,7 @@ def _learn_worker(rank, world, stage, learner_lr, steps=3):
             "params": {k: v.numpy() for k, v in trainer.full_dense_state_dict().items()}}
 
 
-@pytest.mark.parametrize("stage,world", [(0, 1), (2, 2)])
+@pytest.mark.parametrize("stage,world", [(0, 1), (1, 2), (2, 2)])
 def test_measuring_the_hypergradient_does_not_disturb_the_step(stage, world):
     """α = 0: h is measured every step (extra forwards and autograd.grad on the engine's module) but λ never
     moves — the run is bit-identical to one without --learn-weights: DeepSpeed's accumulation is untouched."""
