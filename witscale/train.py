@@ -198,6 +198,7 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
             raise UsageError(f"--eval-data {cfg.eval_data}: {e}") from None
         _check_tokenizer_identity(cfg, eval_dataset, "--eval-data")
         _check_objective(cfg, eval_dataset, table, flag="--eval-data")
+    _check_learn_weights(cfg, table, zero_stage(raw_ds))
     report_sinks(cfg)
     if cfg.resume not in (None, "auto") and not os.path.exists(cfg.resume):
         raise UsageError(f"--resume {cfg.resume}: no such checkpoint")
@@ -219,6 +220,30 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
     checkpointing = _activation_checkpointing(cfg, model_config, dims, ds_config, dataset.seq_len)
     return Plan(cfg, model_config, dataset, eval_dataset, table, ds_config, world_size, dims, total,
                 steps_per_epoch, checkpointing, grown_from)
+
+
+def _check_learn_weights(cfg: RunConfig, table, stage: int) -> None:
+    """--learn-weights: refused in one line before anything starts where it cannot work; its settings without it
+    are refused rather than ignored."""
+    from witscale.training.learned_weights import WeightLearner, check_layout, parse_learn_classes, validation_table
+    from witscale.training.objectives import DEFAULT_OBJECTIVE
+    if not cfg.learn_weights:
+        given = [f"--{f.replace('_', '-')}" for f in ("learn_classes", "weights_every", "weights_lr", "weights_bounds",
+                                                      "weights_objective")
+                 if getattr(cfg, f) != getattr(RunConfig, f)]
+        if given:
+            raise UsageError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} with --learn-weights only")
+        return
+    if not cfg.eval_data:
+        raise UsageError("--learn-weights needs --eval-data: the validation loss it tunes the weights on")
+    if cfg.objective != DEFAULT_OBJECTIVE:
+        raise UsageError(f"--learn-weights tunes the weighted token loss (--objective {DEFAULT_OBJECTIVE}) only")
+    try:
+        check_layout(stage, cfg.pp, cfg.normalization, cfg.sp)
+        WeightLearner(parse_learn_classes(cfg.learn_classes), table, validation_table(cfg.weights_objective), None,
+                      every=cfg.weights_every, lr=cfg.weights_lr, bounds=cfg.weights_bounds)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _check_tokenizer_identity(cfg: RunConfig, dataset, flag: str) -> None:
@@ -374,11 +399,17 @@ def train_loop(plan: Plan, topo, module):
         eval_loader = PackedLoader(plan.eval_dataset, plan.weight_table,
                                    micro_batch_size=min(cfg.micro_batch_size, len(plan.eval_dataset)),
                                    grad_accum=1, dp_size=1, dp_rank=0, seed=0, shuffle=False, vocab_size=vocab)
+    learner = None
+    if cfg.learn_weights:       # checked by plan_run
+        from witscale.training.learned_weights import WeightLearner, parse_learn_classes, validation_table
+        learner = WeightLearner(parse_learn_classes(cfg.learn_classes), plan.weight_table,
+                                validation_table(cfg.weights_objective), eval_loader, every=cfg.weights_every,
+                                lr=cfg.weights_lr, bounds=cfg.weights_bounds)
     trainer = Trainer(module=module, ds_config=plan.ds_config, loader=loader, topo=topo,
                       normalization=cfg.normalization, lr=cfg.lr, weight_decay=cfg.weight_decay,
                       betas=cfg.adam_betas, eps=cfg.adam_eps, total_steps=plan.total_steps,
                       warmup_ratio=cfg.warmup_ratio, activation_checkpointing=plan.activation_checkpointing,
-                      objective=objective_for(cfg), peak_tflops=cfg.peak_tflops)
+                      objective=objective_for(cfg), peak_tflops=cfg.peak_tflops, weight_learner=learner)
     ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
     fingerprints = {"data_fingerprint": checkpoint.data_fingerprint(plan.dataset.manifest),
                     "model_fingerprint": checkpoint.model_fingerprint(plan.model_config)}
@@ -468,8 +499,11 @@ def train_loop(plan: Plan, topo, module):
             if cfg.export_hf:
                 from witscale.training.export import export_from_engine
                 from witscale.data.template_jinja import training_meta
-                meta = training_meta(cfg.data, {CLASS_NAMES[i]: float(w) for i, w in enumerate(plan.weight_table)},
+                # the loader's table: the run's weights, or the learned ones at the end (--learn-weights)
+                meta = training_meta(cfg.data, {CLASS_NAMES[i]: float(w) for i, w in enumerate(trainer.loader.table)},
                                      cfg.normalization, cfg.objective)
+                if learner is not None:
+                    meta["learned_weights"] = learner.metrics()
                 with long_collectives():
                     export_from_engine(trainer, plan.model_config, cfg.export_hf,
                                        tokenizer_src=_export_tokenizer(cfg, plan.dataset), dtype=cfg.export_dtype,

@@ -92,6 +92,23 @@ class RunConfig:
     response_weight: float = option(1.0, f"λr for {_side(RESPONSE_SIDE)} tokens (default 1)", group=WEIGHTS)
     class_weights: str = option("", "per-class overrides, e.g. 'template=0,reasoning=0.3,tool=0'", group=WEIGHTS)
     normalization: str = option("nonzero", NORMALIZATION_HELP, group=WEIGHTS, choices=NORMALIZATIONS)
+    # learned weights (docs/objective.md#learned-weights; witscale/training/learned_weights.py)
+    learn_weights: bool = option(
+        False, "tune the class weights online by a first-order validation hypergradient on --eval-data (needed); "
+               "ZeRO-0/1/2 ± tp, --normalization nonzero or tokens", group=WEIGHTS)
+    learn_classes: str = option(
+        "", "--learn-weights: classes each learned on its own weight, e.g. 'prompt,system'; the others stay fixed "
+            "(default: one weight for the prompt side, the response side fixed as the reference)", group=WEIGHTS)
+    weights_every: int = option(10, "--learn-weights: measure the hypergradient and update λ every K steps",
+                                group=WEIGHTS, metavar="K", check=at_least(1))
+    weights_lr: float = option(0.1, "--learn-weights: α in λ ← λ·exp(−α·h/RMS(h))", group=WEIGHTS,
+                               check=non_negative)
+    weights_bounds: tuple[float, float] = option(
+        (1e-3, 10.0), "--learn-weights: λ is kept in [LOW, HIGH] (LOW > 0; a class starting at 0 starts at LOW)",
+        group=WEIGHTS, metavar=("LOW", "HIGH"))
+    weights_objective: str = option(
+        "", "--learn-weights: the validation loss's class weights, e.g. 'response=1,eot=1' (classes not named: 0; "
+            "default: the response side's mean NLL)", group=WEIGHTS)
     # objective (docs/objective.md#dpo): 'sft' (the weighted token loss) or 'dpo' on preference pairs
     objective: str = option("sft", "sft: the weighted token loss (default); dpo: Direct Preference Optimization on "
                                    "a preference dataset (pack_dataset.py --task preference) whose reference "
@@ -253,6 +270,7 @@ class RunConfig:
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in vars(args).items() if k in names}
         values["adam_betas"] = tuple(values.get("adam_betas", cls.adam_betas))
+        values["weights_bounds"] = tuple(values.get("weights_bounds", cls.weights_bounds))
         return cls(**values)
 
     def as_dict(self) -> dict:

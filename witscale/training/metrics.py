@@ -39,6 +39,8 @@ def tb_tag(key: str):
         return "train_" + objective_tags[key]
     if key.startswith("eval_") and key[len("eval_"):] in objective_tags:
         return "eval_" + objective_tags[key[len("eval_"):]]
+    if key.startswith("lambda_"):       # --learn-weights: the learned λ per group
+        return "learned_weights/" + key[len("lambda_"):]
     if key.startswith("eval_nll_"):
         return "eval_class_nll/" + key[len("eval_nll_"):]
     if key.startswith("nll_"):
@@ -172,6 +174,7 @@ class MetricsLogger:
         elif step % self.log_every == 0 or step == self.total_steps:
             gn = record.get("grad_norm")
             middle = self.objective.console(record)
+            middle += "".join(f"λ_{k[len('lambda_'):]} {v:.4g} " for k, v in record.items() if k.startswith("lambda_"))
             log.info(f"step {step}/{self.total_steps} loss {record['loss']:.4f} {middle}"
                      f"lr {record['lr']:.3g} grad_norm {'-' if gn is None else f'{gn:.3f}'} "
                      f"tok/s {record['tokens_per_s']:.0f}")

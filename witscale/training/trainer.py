@@ -84,14 +84,17 @@ class StepResult:
     nonfinite: bool = False
     update_skipped: bool = False
     raw_grad_norm: Optional[float] = None           # as measured (``grad_norm`` hides a NaN)
+    learned_weights: dict = field(default_factory=dict)   # --learn-weights: λ per learned group (lambda_<name>)
 
     def as_dict(self) -> dict:
         out = {k: v for k, v in self.__dict__.items()
-               if k not in ("class_nll", "objective_metrics", "raw_grad_norm", "nonfinite", "update_skipped")}
+               if k not in ("class_nll", "objective_metrics", "raw_grad_norm", "nonfinite", "update_skipped",
+                            "learned_weights")}
         if self.nonfinite:
             out.update(nonfinite=True, update_skipped=self.update_skipped)
         out.update({f"nll_{name}": v for name, v in self.class_nll.items()})
         out.update(self.objective_metrics)
+        out.update(self.learned_weights)
         return out
 
 
@@ -290,12 +293,14 @@ class Trainer:
                  normalization: str, lr: float, weight_decay: float, betas, eps: float,
                  total_steps: int, warmup_ratio: float, activation_checkpointing: bool = False,
                  objective: Optional[Objective] = None, optimizer_state: bool = True,
-                 peak_tflops: Optional[float] = None):
+                 peak_tflops: Optional[float] = None, weight_learner=None):
         """objective: the run's (witscale/training/objectives; default: ``default_objective()``).
         peak_tflops: the GPU's dense bf16 peak for MFU (default: witscale/training/peak_flops.py's table).
         optimizer_state=False: an engine for forward passes only (tools/precompute_reference.py) — no
         optimizer, so ZeRO allocates no fp32 master copy, gradient partitions or Adam moments (at 70B under
-        ZeRO-3 on 64 GPUs ≈14 GiB per GPU the pass does not need); ``train_step`` is then refused."""
+        ZeRO-3 on 64 GPUs ≈14 GiB per GPU the pass does not need); ``train_step`` is then refused.
+        weight_learner: a ``learned_weights.WeightLearner`` (--learn-weights): the class weights the loader applies
+        are tuned every K steps by a validation hypergradient (docs/objective.md#learned-weights)."""
         import deepspeed
 
         if normalization not in NORMALIZATIONS:
@@ -315,6 +320,11 @@ class Trainer:
             config = pipeline_ds_config(ds_config, activation_checkpointing)
         self.grad_accum = int(config["gradient_accumulation_steps"])
         self.zero_stage = zero_stage(config)
+        self.weight_learner = weight_learner
+        if weight_learner is not None:
+            from witscale.training.learned_weights import check_layout
+            check_layout(self.zero_stage, topo.pp, normalization)
+            loader.table = weight_learner.apply(loader.table)
         bf16 = bool((config.get("bf16") or {}).get("enabled"))
 
         self.trains = optimizer_state
@@ -379,6 +389,8 @@ class Trainer:
         if poison is not None:
             first = micro_batches[0]
             first.weights = torch.where(first.weights != 0, torch.full_like(first.weights, poison), first.weights)
+        if self.weight_learner is not None and self.weight_learner.due(self.step + 1):
+            self._learn_weights(micro_batches[0], lr, denominator)
         skipped_before = self.engine.skipped_steps
         totals = self.runner.train(micro_batches, scale, self.device)
         sums = StepSums.from_vector(totals, self.objective.sums)
@@ -410,7 +422,17 @@ class Trainer:
             nonfinite=nonfinite,
             update_skipped=self.engine.skipped_steps > skipped_before,
             raw_grad_norm=grad_norm,
+            learned_weights=self.weight_learner.metrics() if self.weight_learner is not None else {},
         )
+
+    def _learn_weights(self, train_mb: MicroBatch, lr: float, denominator: float) -> None:
+        """--learn-weights: the hypergradient at this step's θ (before its update) from its first micro-batch,
+        then λ's update into the loader's table — the next step's batch is weighted with it."""
+        learner = self.weight_learner
+        h = learner.hypergradient(self.engine.module, train_mb, learner.val_micro_batch().to(self.device), eta=lr,
+                                  denominator=denominator, per_step=self.grad_accum * self.topo.dp, topo=self.topo)
+        learner.update(h)
+        self.loader.table = learner.apply(self.loader.table)
 
     # --- evaluation ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -478,11 +500,15 @@ class Trainer:
         return {"step": self.step, "loader": self.loader.state_dict(),
                 "layout": {"dp": self.topo.dp, "tp": self.topo.tp, "pp": self.topo.pp,
                            **({"sp": self.topo.sp} if getattr(self.topo, "sp", 1) > 1 else {})},
-                "skipped_nonfinite_steps": list(self.skipped_nonfinite)}
+                "skipped_nonfinite_steps": list(self.skipped_nonfinite),
+                **({"learned_weights": self.weight_learner.state_dict()} if self.weight_learner is not None else {})}
 
     def load_state_dict(self, state: dict, *, data_position: bool = True) -> None:
         self.step = int(state["step"])
         self.skipped_nonfinite = [int(s) for s in state.get("skipped_nonfinite_steps") or []]
+        if self.weight_learner is not None and state.get("learned_weights") is not None:
+            self.weight_learner.load_state_dict(state["learned_weights"])
+            self.loader.table = self.weight_learner.apply(self.loader.table)
         if data_position:
             self.loader.load_state_dict(state["loader"])
 
