@@ -61,13 +61,11 @@ class ParallelDims:
     def dp(self) -> int:
         return self.world_size // (self.tp * self.pp * self.sp)
 
-    # What sp > 1 has been tested with (tests/test_sequence_parallel.py: ZeRO-0, ZeRO-3, × tp); the rest is refused.
+    # What sp > 1 has been tested with (tests/test_sequence_parallel.py: ZeRO-0..3, × tp); the rest is refused.
     def _check_sequence_parallel(self) -> None:
         missing = []
         if self.pp > 1:
             missing.append(f"--pp {self.pp} (the pipeline stages do not pass the sequence-parallel group)")
-        if self.zero_stage in (1, 2):
-            missing.append(f"ZeRO stage {self.zero_stage} (tested: ZeRO-0 and ZeRO-3)")
         if missing:
             raise LayoutError(f"--sp {self.sp} is not supported with " + "; ".join(missing))
 
