@@ -151,18 +151,55 @@ def test_sp_must_divide_the_heads_per_rank():
         ParallelDims(2, sp=2, model=cfg3)
 
 
-def test_pair_objectives_are_refused_under_sp():
+def _pair_runs():
+    """DPO with λp 0.3 (so weighted prompt tokens of a completion lie on both sides of the cut), SimPO (label
+    smoothing), ORPO under weight_sum (λp 0.3) and under tokens (its per-completion position count is one more
+    sum over the sp ranks)."""
+    from tests.test_simpo_orpo import _objectives, _table
+    from witscale.training.objectives.orpo import ORPO, ORPOSettings
+    runs = _objectives()
+    return {"dpo": dict(table=_table(0.3)), "simpo": runs["simpo"], "orpo": runs["orpo"],
+            "orpo tokens": dict(objective=ORPO(ORPOSettings(lam=0.5, normalization="tokens")))}
+
+
+@pytest.mark.slow
+def test_pair_objectives_sp2_equal_sp1():
+    """DPO, SimPO and ORPO at sp 2 (2 ranks, ZeRO-0: every row cut in two, completions crossing the cut)
+    against one rank: 3 steps' losses, rewards, accuracy, gradient norms, parameters and the evaluation. Each
+    completion's log-prob, token count and weight sum are added over the sp ranks inside the head's hook; the
+    pair terms are counted once (sp rank 0)."""
+    from tests.test_dpo import SEQ, _layouts, _same_run, layout_data, micro_batch
+    from tests.test_simpo_orpo import _table
+    rows, refs = layout_data(3)
+    crossing = 0
+    for row, ref in zip(rows, refs):
+        mb = micro_batch([row], SEQ, _table(0.3), reference=ref)
+        weighted = [{int(d) for d, w in zip(mb.doc_index[0, part], mb.weights[0, part]) if d >= 0 and w != 0}
+                    for part in (slice(0, SEQ // 2), slice(SEQ // 2, SEQ))]
+        crossing += len(weighted[0] & weighted[1])
+    assert crossing >= 2, "completions with weighted tokens on both sides of the cut"
+    runs = _pair_runs()
+    want = run_distributed(_layouts, 1, list(runs.values()))[0]
+    out = run_distributed(_layouts, 2, [dict(r, sp=2) for r in runs.values()], timeout=600)
+    for rank in (0, 1):
+        for i, name in enumerate(runs):
+            _same_run(out[rank][i], want[i], f"{name} sp=2 rank {rank}")
+            for a, b in zip(out[rank][i]["results"], want[i]["results"]):
+                for key in ("sft_loss", "log_odds_ratio") if name.startswith("orpo") else ():
+                    assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), f"{name}: {key}"
+
+
+def test_pair_objectives_are_accepted_under_sp():
     from witscale.training.objectives import registered
     from witscale.training.trainer import check_sequence_parallel_objective
 
     for cls in registered():
         objective = cls()
-        if objective.sums:
-            with pytest.raises(ValueError, match=rf"^--sp 2 cannot train --objective {cls.name}: "):
-                check_sequence_parallel_objective(objective, 2)
-        else:
-            check_sequence_parallel_objective(objective, 2)
+        group = object()
+        check_sequence_parallel_objective(objective, 2, group)
         check_sequence_parallel_objective(objective, 1)
+        if objective.sums:                   # the pair objectives: their completions' sums added over the group
+            assert objective.sequence_group is group
 
 
 @pytest.mark.parametrize("change, message", [
