@@ -285,3 +285,30 @@ def test_planner_counts_one_sp_shard_of_the_row():
     assert (sharded.param_gib, sharded.grad_gib, sharded.optim_gib) == (half_row.param_gib, half_row.grad_gib,
                                                                         half_row.optim_gib)
     assert planner.Layout(dp=2, sp=2).world == 4 and "sp2" in planner.Layout(dp=2, sp=2).name()
+
+
+def test_sp_tp_group_must_fit_in_a_node(run_inputs, tmp_path, monkeypatch):
+    """An sp × tp group larger than a node (its all-to-alls over the network) is refused in one line where the
+    node size is known: ParallelDims(gpus_per_node=…), tools/plan.py --gpus-per-node, torchrun's LOCAL_WORLD_SIZE."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+    from witscale.train import UsageError, build_parser, plan_run
+    from witscale.training.config import RunConfig
+
+    ParallelDims(16, tp=4, sp=2, gpus_per_node=8)
+    ParallelDims(64, tp=8, sp=8)                       # node size not known: not checked
+    with pytest.raises(LayoutError, match=r"^--sp 4 × --tp 4 = 16 ranks exceed the 8 GPUs of a node: an sp × tp "
+                                          r"group must stay inside one node$"):
+        ParallelDims(16, tp=4, sp=4, gpus_per_node=8)
+    plan = subprocess.run([sys.executable, "tools/plan.py", "--model", "70B", "--gpus", "64", "--seq-len", "131072",
+                           "--tp", "8", "--sp", "8"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert plan.returncode == 2 and plan.stdout == "", plan
+    assert plan.stderr == ("tools/plan.py: --sp 8 × --tp 8 = 64 ranks exceed the 8 GPUs of a node: an sp × tp "
+                           "group must stay inside one node\n")
+    args = dict(zip(*[iter(operations._args(run_inputs, tmp_path, 2))] * 2))
+    args.update({"--ds_config": "ds_configs/zero0.json", "--sp": "2"})
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")        # two nodes of one process each
+    with pytest.raises(UsageError, match=r"^--sp 2 × --tp 1 = 2 ranks exceed the 1 GPUs of a node"):
+        plan_run(RunConfig.from_args(build_parser().parse_args([x for kv in args.items() for x in kv])), 2)
