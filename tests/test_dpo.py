@@ -181,7 +181,7 @@ def layout_data(steps, seed=5):
     return rows, refs
 
 
-def dpo_worker(rank, world, *, tp=1, pp=1, stage=0, steps=3, lr=1e-3, beta=0.5, loss="sigmoid", objective=None,
+def dpo_worker(rank, world, *, tp=1, pp=1, sp=1, stage=0, steps=3, lr=1e-3, beta=0.5, loss="sigmoid", objective=None,
                table=None):
     """``steps`` DPO steps of GLOBAL_ROWS rows on a tp × pp × dp layout (hand-made micro-batches, the real
     Trainer and DeepSpeed engine); returns the step results and the dense parameters. ``objective`` (another
@@ -196,7 +196,7 @@ def dpo_worker(rank, world, *, tp=1, pp=1, stage=0, steps=3, lr=1e-3, beta=0.5, 
 
     init_distributed()
     cfg = ModelConfig.from_dict(TINY)
-    topo = Topology(ParallelDims(world, tp, pp, stage, cfg))
+    topo = Topology(ParallelDims(world, tp, pp, stage, cfg, sp=sp))
     accum = GLOBAL_ROWS // topo.dp
     config = ds_config(stage, 1, accum, topo.dp)
     torch.manual_seed(0)

@@ -108,9 +108,29 @@ def test_zero3_dp2_sp2_matches_zero3_dp2():
             np.testing.assert_allclose(got["params"][name], p, rtol=0, atol=1e-5, err_msg=f"rank {rank}: {name}")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, world", [(1, 2), (2, 4)])
+def test_zero1_zero2_sp2_match_sp1(stage, world):
+    """ZeRO-1 sp2 × dp1 (2 ranks) against one rank and ZeRO-2 dp2 × sp2 (4 ranks) against dp2: 3 steps' losses,
+    gradient norms and parameters. DeepSpeed's stage 1/2 optimizer partitions and averages over its dp group,
+    here dp × sp (the mpu offers no sp size, so it divides by the whole group on every path): the loss scale
+    dp × sp / N gives the sp1 gradient."""
+    run = dict(stage=stage, micro=2, accum=2, steps=3, lr=1e-3, eps=1e-6, lp=0.5, seq_len=SEQ_LEN,
+               data_seed=DATA_SEED, with_weights=True)
+    want = run_distributed(_worker, world // 2, [run])[0][0]
+    out = [o[0] for o in run_distributed(_worker, world, [dict(run, sp=2)])]
+    norms = lambda run: [r["grad_norm"] for r in run["results"]]  # noqa: E731
+    for rank, got in enumerate(out):
+        assert got["losses"][0] == pytest.approx(want["losses"][0], rel=1e-7)
+        assert norms(got)[0] == pytest.approx(norms(want)[0], rel=1e-6), (norms(got), norms(want))
+        np.testing.assert_allclose(got["losses"], want["losses"], rtol=1e-5, err_msg=f"rank {rank}")
+        np.testing.assert_allclose(norms(got), norms(want), rtol=1e-5, err_msg=f"rank {rank}")
+        for name, p in want["params"].items():
+            np.testing.assert_allclose(got["params"][name], p, rtol=0, atol=1e-5, err_msg=f"rank {rank}: {name}")
+
+
 @pytest.mark.parametrize("dims, message", [
     (dict(world_size=4, pp=2, sp=2), r"^--sp 2 is not supported with --pp 2 "),
-    (dict(world_size=4, zero_stage=2, sp=2), r"^--sp 2 is not supported with ZeRO stage 2 \(tested: ZeRO-0 and"),
     (dict(world_size=6, sp=4), r"^world size 6 is not divisible by tp × sp × pp = 1 × 4 × 1 = 4$"),
 ])
 def test_untested_sp_layouts_are_refused_in_one_line(dims, message):
@@ -131,23 +151,60 @@ def test_sp_must_divide_the_heads_per_rank():
         ParallelDims(2, sp=2, model=cfg3)
 
 
-def test_pair_objectives_are_refused_under_sp():
+def _pair_runs():
+    """DPO with λp 0.3 (so weighted prompt tokens of a completion lie on both sides of the cut), SimPO (label
+    smoothing), ORPO under weight_sum (λp 0.3) and under tokens (its per-completion position count is one more
+    sum over the sp ranks)."""
+    from tests.test_simpo_orpo import _objectives, _table
+    from witscale.training.objectives.orpo import ORPO, ORPOSettings
+    runs = _objectives()
+    return {"dpo": dict(table=_table(0.3)), "simpo": runs["simpo"], "orpo": runs["orpo"],
+            "orpo tokens": dict(objective=ORPO(ORPOSettings(lam=0.5, normalization="tokens")))}
+
+
+@pytest.mark.slow
+def test_pair_objectives_sp2_equal_sp1():
+    """DPO, SimPO and ORPO at sp 2 (2 ranks, ZeRO-0: every row cut in two, completions crossing the cut)
+    against one rank: 3 steps' losses, rewards, accuracy, gradient norms, parameters and the evaluation. Each
+    completion's log-prob, token count and weight sum are added over the sp ranks inside the head's hook; the
+    pair terms are counted once (sp rank 0)."""
+    from tests.test_dpo import SEQ, _layouts, _same_run, layout_data, micro_batch
+    from tests.test_simpo_orpo import _table
+    rows, refs = layout_data(3)
+    crossing = 0
+    for row, ref in zip(rows, refs):
+        mb = micro_batch([row], SEQ, _table(0.3), reference=ref)
+        weighted = [{int(d) for d, w in zip(mb.doc_index[0, part], mb.weights[0, part]) if d >= 0 and w != 0}
+                    for part in (slice(0, SEQ // 2), slice(SEQ // 2, SEQ))]
+        crossing += len(weighted[0] & weighted[1])
+    assert crossing >= 2, "completions with weighted tokens on both sides of the cut"
+    runs = _pair_runs()
+    want = run_distributed(_layouts, 1, list(runs.values()))[0]
+    out = run_distributed(_layouts, 2, [dict(r, sp=2) for r in runs.values()], timeout=600)
+    for rank in (0, 1):
+        for i, name in enumerate(runs):
+            _same_run(out[rank][i], want[i], f"{name} sp=2 rank {rank}")
+            for a, b in zip(out[rank][i]["results"], want[i]["results"]):
+                for key in ("sft_loss", "log_odds_ratio") if name.startswith("orpo") else ():
+                    assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), f"{name}: {key}"
+
+
+def test_pair_objectives_are_accepted_under_sp():
     from witscale.training.objectives import registered
     from witscale.training.trainer import check_sequence_parallel_objective
 
     for cls in registered():
         objective = cls()
-        if objective.sums:
-            with pytest.raises(ValueError, match=rf"^--sp 2 cannot train --objective {cls.name}: "):
-                check_sequence_parallel_objective(objective, 2)
-        else:
-            check_sequence_parallel_objective(objective, 2)
+        group = object()
+        check_sequence_parallel_objective(objective, 2, group)
         check_sequence_parallel_objective(objective, 1)
+        if objective.sums:                   # the pair objectives: their completions' sums added over the group
+            assert objective.sequence_group is group
 
 
 @pytest.mark.parametrize("change, message", [
     ({"--sp": "2"}, None),                                     # ZeRO-0, 2 ranks: dp 1 × sp 2
-    ({"--sp": "2", "--ds_config": "ds_configs/zero1.json"}, "--sp 2 is not supported with ZeRO stage 1 "),
+    ({"--sp": "2", "--ds_config": "ds_configs/zero1.json"}, None),
     ({"--sp": "3"}, "world size 2 is not divisible by tp × sp × pp = 1 × 3 × 1 = 3"),
     ({"--sp": "0"}, "--sp 0 is out of range"),
 ])
@@ -228,3 +285,30 @@ def test_planner_counts_one_sp_shard_of_the_row():
     assert (sharded.param_gib, sharded.grad_gib, sharded.optim_gib) == (half_row.param_gib, half_row.grad_gib,
                                                                         half_row.optim_gib)
     assert planner.Layout(dp=2, sp=2).world == 4 and "sp2" in planner.Layout(dp=2, sp=2).name()
+
+
+def test_sp_tp_group_must_fit_in_a_node(run_inputs, tmp_path, monkeypatch):
+    """An sp × tp group larger than a node (its all-to-alls over the network) is refused in one line where the
+    node size is known: ParallelDims(gpus_per_node=…), tools/plan.py --gpus-per-node, torchrun's LOCAL_WORLD_SIZE."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+    from witscale.train import UsageError, build_parser, plan_run
+    from witscale.training.config import RunConfig
+
+    ParallelDims(16, tp=4, sp=2, gpus_per_node=8)
+    ParallelDims(64, tp=8, sp=8)                       # node size not known: not checked
+    with pytest.raises(LayoutError, match=r"^--sp 4 × --tp 4 = 16 ranks exceed the 8 GPUs of a node: an sp × tp "
+                                          r"group must stay inside one node$"):
+        ParallelDims(16, tp=4, sp=4, gpus_per_node=8)
+    plan = subprocess.run([sys.executable, "tools/plan.py", "--model", "70B", "--gpus", "64", "--seq-len", "131072",
+                           "--tp", "8", "--sp", "8"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert plan.returncode == 2 and plan.stdout == "", plan
+    assert plan.stderr == ("tools/plan.py: --sp 8 × --tp 8 = 64 ranks exceed the 8 GPUs of a node: an sp × tp "
+                           "group must stay inside one node\n")
+    args = dict(zip(*[iter(operations._args(run_inputs, tmp_path, 2))] * 2))
+    args.update({"--ds_config": "ds_configs/zero0.json", "--sp": "2"})
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")        # two nodes of one process each
+    with pytest.raises(UsageError, match=r"^--sp 2 × --tp 1 = 2 ranks exceed the 1 GPUs of a node"):
+        plan_run(RunConfig.from_args(build_parser().parse_args([x for kv in args.items() for x in kv])), 2)

@@ -14,6 +14,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from witscale import planner  # noqa: E402
+from witscale.parallel.topology import LayoutError, ParallelDims  # noqa: E402
 
 
 def load_shape(spec: str) -> planner.ModelShape:
@@ -52,6 +53,12 @@ def main(argv=None) -> int:
     if args.tp:
         dp = args.dp or max(1, args.gpus // (args.tp * args.pp * args.sp))
         layouts = [planner.Layout(args.tp, args.pp, dp, args.zero, args.sp)]
+        try:       # the layout rules the trainer applies, with this job's node size
+            ParallelDims(layouts[0].world, args.tp, args.pp, args.zero, shape, sp=args.sp,
+                         gpus_per_node=args.gpus_per_node)
+        except LayoutError as e:
+            print(f"tools/plan.py: {e}", file=sys.stderr)
+            return 2
     else:
         layouts = planner.valid_layouts(shape, args.gpus, args.gpus_per_node)
     print(f"model {args.model}: {shape.total_params() / 1e9:.2f} B parameters; seq-len {args.seq_len}, "

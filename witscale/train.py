@@ -156,7 +156,8 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
     _require_file(cfg.ds_config, "--ds_config")
     try:
         raw_ds = load_ds_config(cfg.ds_config)
-        dims = ParallelDims(world_size, cfg.tp, cfg.pp, zero_stage(raw_ds), model_config, sp=cfg.sp)
+        dims = ParallelDims(world_size, cfg.tp, cfg.pp, zero_stage(raw_ds), model_config, sp=cfg.sp,
+                            gpus_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None)    # torchrun's
     except (DSConfigError, LayoutError) as e:
         raise UsageError(str(e)) from None
     if dataset.seq_len % cfg.sp:     # each sp rank takes a contiguous 1/sp of every row

@@ -38,6 +38,7 @@ class ParallelDims:
     zero_stage: int = 0
     model: Optional[object] = field(default=None, compare=False, repr=False)
     sp: int = 1
+    gpus_per_node: Optional[int] = field(default=None, compare=False)    # when known: sp × tp fits in one node
 
     def __post_init__(self):
         w, tp, pp, sp = self.world_size, self.tp, self.pp, self.sp
@@ -61,13 +62,15 @@ class ParallelDims:
     def dp(self) -> int:
         return self.world_size // (self.tp * self.pp * self.sp)
 
-    # What sp > 1 has been tested with (tests/test_sequence_parallel.py: ZeRO-0, ZeRO-3, × tp); the rest is refused.
+    # What sp > 1 has been tested with (tests/test_sequence_parallel.py: ZeRO-0..3, × tp); the rest is refused.
     def _check_sequence_parallel(self) -> None:
         missing = []
         if self.pp > 1:
             missing.append(f"--pp {self.pp} (the pipeline stages do not pass the sequence-parallel group)")
-        if self.zero_stage in (1, 2):
-            missing.append(f"ZeRO stage {self.zero_stage} (tested: ZeRO-0 and ZeRO-3)")
+        if self.gpus_per_node and self.sp * self.tp > self.gpus_per_node:
+            # An sp group's all-to-alls (and tp's collectives) over the inter-node network: refused, not slow.
+            raise LayoutError(f"--sp {self.sp} × --tp {self.tp} = {self.sp * self.tp} ranks exceed the "
+                              f"{self.gpus_per_node} GPUs of a node: an sp × tp group must stay inside one node")
         if missing:
             raise LayoutError(f"--sp {self.sp} is not supported with " + "; ".join(missing))
 

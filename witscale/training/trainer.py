@@ -164,10 +164,10 @@ def sequence_shard_micro_batch(mb: MicroBatch, topo) -> MicroBatch:
     from dataclasses import replace
 
     from witscale.parallel.sequence import sequence_shard
-    if mb.doc_index is not None:
-        raise ValueError(f"--sp {sp}: preference micro-batches cannot be sequence-sharded yet")
-    cut = {name: sequence_shard(getattr(mb, name), sp, topo.sp_rank)
-           for name in ("input_ids", "labels", "weights", "target_classes", "position_ids")}
+    # doc_index is per position too (a pair objective's completions: its hook adds their sums over sp).
+    names = ("input_ids", "labels", "weights", "target_classes", "position_ids") + (
+        ("doc_index",) if mb.doc_index is not None else ())
+    cut = {name: sequence_shard(getattr(mb, name), sp, topo.sp_rank) for name in names}
     return replace(mb, **cut)
 
 
@@ -279,12 +279,14 @@ class _PipelineEngine:
         return totals
 
 
-def check_sequence_parallel_objective(objective: Objective, sp: int) -> None:
-    """--sp shards rows: an objective with a head hook (``sums``: DPO and the other pair objectives) would see
-    partial completions per rank; summing a completion's log-probs over the sp group first is not built."""
+def check_sequence_parallel_objective(objective: Objective, sp: int, sequence_group=None) -> None:
+    """--sp shards rows: an objective with a head hook (``sums``) sees a shard of each row. The pair objectives
+    (objectives/pairs.py) add their per-completion sums over ``sequence_group``; any other is refused."""
     if sp > 1 and objective.sums:
-        raise ValueError(f"--sp {sp} cannot train --objective {objective.name}: its per-completion sums would "
-                         "need adding across the sequence-parallel ranks first (not built); use --sp 1")
+        if not hasattr(objective, "sequence_group"):
+            raise ValueError(f"--sp {sp} cannot train --objective {objective.name}: its head's sums would need "
+                             "adding across the sequence-parallel ranks first (not built); use --sp 1")
+        objective.sequence_group = sequence_group
 
 
 # --- the trainer ---------------------------------------------------------------------------------------
@@ -311,7 +313,7 @@ class Trainer:
         self.normalization = normalization
         self.objective = objective if objective is not None else default_objective()
         self.objective.check()
-        check_sequence_parallel_objective(self.objective, getattr(topo, "sp", 1))
+        check_sequence_parallel_objective(self.objective, getattr(topo, "sp", 1), getattr(topo, "sp_group", None))
         self.total_steps = total_steps
         pipelined = topo.pp > 1
         config = dict(ds_config)

@@ -54,8 +54,10 @@ class ResponseMeans:
     def __init__(self, c: Completions, response: torch.Tensor):
         self.response, self.doc_index = response, c.doc_index
         num_docs = c.role.shape[0]
-        self.length = per_completion(response, c.doc_index, num_docs)
-        self.mean = per_completion(-response * c.token_nll, c.doc_index, num_docs) / self.length.clamp(min=1.0)
+        both = c.across_sequence(torch.stack([per_completion(response, c.doc_index, num_docs),
+                                              per_completion(-response * c.token_nll, c.doc_index, num_docs)]))
+        self.length = both[0]
+        self.mean = both[1] / self.length.clamp(min=1.0)
 
     def token_grad(self, dloss_dmean: torch.Tensor) -> torch.Tensor:
         """[T] a_t = −∂L/∂ā_{d(t)}·m_t/|y_{d(t)}|: then ∇Σ a·nll = Σ_d ∂L/∂ā_d·∇ā_d."""
@@ -66,8 +68,9 @@ class ResponseMeanHead(PairHead):
     """``PairHead`` whose terms also see the positions' response mask (from the kernel's target classes):
     ``terms(completions, means: ResponseMeans) -> PairTerms``."""
 
-    def __init__(self, terms, *inputs, stats_type):
-        super().__init__(lambda c: terms(c, ResponseMeans(c, self._response)), *inputs, stats_type=stats_type)
+    def __init__(self, terms, *inputs, stats_type, sequence_group=None):
+        super().__init__(lambda c: terms(c, ResponseMeans(c, self._response)), *inputs, stats_type=stats_type,
+                         sequence_group=sequence_group)
         self._response = None
 
     def __call__(self, fused_loss, h, labels, weights, target_classes):
@@ -83,7 +86,8 @@ class ResponseMeanObjective(PairObjective):
         raise NotImplementedError
 
     def head(self, *inputs) -> ResponseMeanHead:
-        return ResponseMeanHead(self.response_terms, *inputs, stats_type=self.stats_type)
+        return ResponseMeanHead(self.response_terms, *inputs, stats_type=self.stats_type,
+                                sequence_group=self.sequence_group)
 
     def metrics(self, sums: dict, prefix: str = "") -> dict:
         return pair_means(sums, prefix)

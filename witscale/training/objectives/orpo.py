@@ -68,7 +68,7 @@ def sft_denominators(c: Completions, normalization: str) -> torch.Tensor:
         return c.tokens                # w ≠ 0 (weights are ≥ 0)
     if normalization == "weight_sum":
         return c.weight_sums
-    return per_completion(torch.ones_like(c.token_nll), c.doc_index, c.role.shape[0])
+    return c.across_sequence(per_completion(torch.ones_like(c.token_nll), c.doc_index, c.role.shape[0]))
 
 
 def orpo_terms(settings: ORPOSettings, c: Completions, means: ResponseMeans) -> PairTerms:

@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import ClassVar, NamedTuple, Optional
 
 import torch
+import torch.distributed as dist
 
 from witscale.training.objectives.base import HeadStats, Objective
 
@@ -43,11 +44,24 @@ class Completions(NamedTuple):
     token_nll: torch.Tensor        # [T] float64, each position's NLL (0 where nothing is predicted)
     weights: torch.Tensor          # [T] float64, w_t
     doc_index: torch.Tensor        # [T] the completion of each position, −1 where none
+    sequence_group: object = None  # --sp: the ranks holding the other shards of these rows (None: whole rows)
+
+    def across_sequence(self, per_doc: torch.Tensor) -> torch.Tensor:
+        """Per-completion sums over this rank's positions → over the whole rows (added over the sp group)."""
+        return add_over_sequence(per_doc, self.sequence_group)
 
     def per_pair(self, values: torch.Tensor, role: int) -> torch.Tensor:
         """[P]: ``values`` [D] of each pair's chosen (role 0) or rejected (role 1) completion."""
         out = torch.zeros(self.num_pairs, dtype=values.dtype, device=values.device)
         return out.index_add(0, self.pair, torch.where(self.role == role, values, 0.0))
+
+
+def add_over_sequence(per_doc: torch.Tensor, group) -> torch.Tensor:
+    """``per_doc`` summed over the sequence-parallel ``group`` (None: the rows are whole here)."""
+    if group is not None:
+        per_doc = per_doc.contiguous()       # completion_sums' rows are a strided view: reduce a dense copy
+        dist.all_reduce(per_doc, group=group)
+    return per_doc
 
 
 class PairTerms(NamedTuple):
@@ -96,8 +110,9 @@ class PairHead:
     """The LM head's objective hook of a pair objective for one micro-batch (see the module docstring).
     ``terms(completions) -> PairTerms``; ``stats_type`` the HeadStats (sub)class it returns."""
 
-    def __init__(self, terms, doc_index, doc_role, doc_pair, reference_logps, stats_type=HeadStats):
-        self.terms, self.stats_type = terms, stats_type
+    def __init__(self, terms, doc_index, doc_role, doc_pair, reference_logps, stats_type=HeadStats,
+                 sequence_group=None):
+        self.terms, self.stats_type, self.sequence_group = terms, stats_type, sequence_group
         self.doc_index, self.doc_role, self.doc_pair = doc_index, doc_role, doc_pair
         self.reference_logps = reference_logps
 
@@ -106,12 +121,17 @@ class PairHead:
         idx = self.doc_index.reshape(-1)
         with torch.no_grad():
             first = fused_loss(h, labels, weights, target_classes)
-            logps, tokens, weight_sums = completion_sums(first.token_nll, weights, self.doc_index, num_docs)
-            done = Completions(logps, tokens, weight_sums, self.doc_role, self.doc_pair,
+            # --sp: this rank holds a shard of each row; a completion's sums are its shards' added (one
+            # all-reduce of [3, D]). The pair terms are then the same on every sp rank: counted on rank 0 only.
+            sums = add_over_sequence(completion_sums(first.token_nll, weights, self.doc_index, num_docs),
+                                     self.sequence_group)
+            done = Completions(*sums, self.doc_role, self.doc_pair,
                                num_docs // 2,      # every pair is whole in its row (the packer's contract)
                                self.reference_logps.double(), first.token_nll.reshape(-1).double(),
-                               weights.reshape(-1).double(), idx)
+                               weights.reshape(-1).double(), idx, self.sequence_group)
             terms = self.terms(done)
+            if self.sequence_group is not None and dist.get_rank(self.sequence_group) > 0:
+                terms = terms._replace(sums=torch.zeros_like(terms.sums))
             # w'_t = −∂L/∂logp_{d(t)}·w_t (+ a_t): then ∇Σ w'·nll = Σ_d ∂L/∂logp_d·∇logp_d (+ Σ a_t·∇nll_t).
             # Positions outside any completion read a spare trailing 0 (also valid when there are none).
             grad = terms.dloss_dlogp
@@ -137,6 +157,7 @@ class PairObjective(Objective):
     flags: ClassVar[dict] = {"pairs_per_step": "--pairs-per-step"}
     uses_reference: ClassVar[bool] = False
     stats_type: ClassVar[type] = HeadStats
+    sequence_group = None      # set by the Trainer under --sp (the group its completions' sums are added over)
 
     def pair_terms(self, completions: Completions) -> PairTerms:
         raise NotImplementedError
@@ -151,7 +172,7 @@ class PairObjective(Objective):
         return pair_inputs(mb)
 
     def head(self, *inputs) -> PairHead:
-        return PairHead(self.pair_terms, *inputs, stats_type=self.stats_type)
+        return PairHead(self.pair_terms, *inputs, stats_type=self.stats_type, sequence_group=self.sequence_group)
 
     def console(self, record: dict) -> str:
         return ""
