@@ -43,6 +43,7 @@ class StepWatchdog:
         self.phase: Optional[str] = None
         self._suspended = 0
         self._warned = False
+        self._long_first = False                      # the armed phase has a first timeout above timeout_s
         self.fired = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="witscale-step-watchdog", daemon=True)
@@ -54,12 +55,15 @@ class StepWatchdog:
         ``beat``. A phase that ended after more than half its time is warned about, once: a healthy step must not
         come near the timeout (raise --step-timeout)."""
         now = time.monotonic()
+        # (a phase armed with a longer first timeout is not warned about; compared as the timeout itself, not as
+        # deadline − start: that difference of two large monotonic times can round above timeout_s)
         if self.phase is not None and not self._warned and now - self._since > self.timeout_s / 2 \
-                and self._deadline is not None and self._deadline - self._since <= self.timeout_s:
+                and self._deadline is not None and not self._long_first:
             self._warned = True
             _warn_slow(self.phase, now - self._since, self.timeout_s)
         self.phase = phase
         self._since = now
+        self._long_first = bool(first_timeout_s) and first_timeout_s > self.timeout_s
         self._deadline = now + (first_timeout_s or self.timeout_s)
 
     def beat(self) -> None:
@@ -67,6 +71,7 @@ class StepWatchdog:
         if self.phase is not None:
             self._since = time.monotonic()
             self._deadline = self._since + self.timeout_s
+            self._long_first = False
 
     def disarm(self) -> None:
         self.phase, self._deadline = None, None
