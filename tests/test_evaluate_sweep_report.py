@@ -244,3 +244,27 @@ def test_colour_scales_are_centred_on_it_and_not_stretched(tmp_path):
     assert all(abs(a - b) < 30 for a, b in zip(pale, (247, 247, 247)))
     assert mod._scale_colour(scale, 0, 5.0, metric) == (33, 102, 172)         # a real gain: full blue
     assert "matplotlib" == mod.heatmaps(table, table.metrics, str(tmp_path / "f.png"))
+
+
+def test_learned_weights_are_reported_without_a_direction(tmp_path):
+    """--learn-weights cells: the λ each learned group ended at (the last training record's lambda_<group>) is a
+    reportable metric (--metric, a table, the cells CSV), with no best cell and no gain: it is where the run's own
+    tuning went, not a quality."""
+    root = tmp_path / "sweep"
+    root.mkdir()
+    _class_cell(root, "0.0", "1.0", 2.0)                  # IT: fixed weights, no λ learned
+    _class_cell(root, "0.5", "1.0", 1.9)
+    d = root / "lp0.5_lr1.0"
+    (d / "metrics.jsonl").write_text(
+        json.dumps({"step": 9, "loss": 3.1, "lambda_prompt_side": 0.4}) + "\n"
+        + json.dumps({"step": 10, "loss": 3.0, "response_nll": 3.1, "lambda_prompt_side": 0.62}) + "\n"
+        + json.dumps({"step": 10, "eval_loss": 1.9, "eval_response_nll": 1.9, "eval_prompt_nll": 2.9}) + "\n")
+    res = collect(root, "--metric", "lambda_prompt_side")
+    grid_md = (root / "sweep_grid.md").read_text()
+    assert "lambda_prompt_side" in grid_md and "0.6200" in grid_md
+    report = (root / "sweep_report.md").read_text()
+    assert "### lambda_prompt_side (the λ --learn-weights ended at; no direction)" in report
+    assert "★" not in report.split("### lambda_prompt_side", 1)[1].split("###", 1)[0]
+    header = next(csv.reader(open(root / "sweep_cells.csv")))
+    assert "lambda_prompt_side" in header
+    assert res.returncode == 0

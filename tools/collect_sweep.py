@@ -4,7 +4,8 @@
     python tools/collect_sweep.py runs/sweep [--metric eval_response_nll] [--out DIR]
 
 Metrics per cell (witscale/evaluation/sweep.py): held-out NLL from the trainer's last eval record
-(eval_response_nll, eval_prompt_nll, per class eval_nll_<class>; without an eval record the last training value, marked "(train)"; not
+(eval_response_nll, eval_prompt_nll, per class eval_nll_<class>; --learn-weights cells: the final λ of each learned
+group, lambda_<group>; without an eval record the last training value, marked "(train)"; not
 eval_loss, each cell's own weighted objective, which does not compare across cells), and from
 tools/evaluate.py's eval_results.json: POSIX (overall and per variant kind; lower is more robust) and each
 benchmark's score. Plus the paper's summary: the **average** of the benchmark scores (with two benchmarks or
@@ -67,6 +68,8 @@ def _num(v: float) -> str:
 
 
 def _arrow(metric) -> str:
+    if metric.kind == "learned":
+        return "the λ --learn-weights ended at; no direction"
     return "higher is better" if metric.higher_is_better else "lower is better"
 
 

@@ -48,6 +48,9 @@ NLL_METRICS = ("eval_response_nll", "eval_prompt_nll")
 TRAIN_FALLBACK = {"eval_response_nll": "response_nll", "eval_prompt_nll": "prompt_nll"}
 # Per-class held-out NLL (eval_nll_<class>; training records' nll_<class> as the fallback): comparable too.
 CLASS_NLL_PREFIX = "eval_nll_"
+# --learn-weights runs: the λ each learned group ended at (metrics.jsonl's lambda_<group>, the last training
+# record): where the run's own tuning took it, reported beside the grid; not a quality, so no direction.
+LEARNED_PREFIX = "lambda_"
 IT_CELL = (0.0, 1.0)
 AVERAGE = "average"
 DPO_SUBDIR = "dpo"
@@ -171,6 +174,9 @@ def read_cell(path: str, weights: Optional[tuple[float, float]] = None) -> Optio
         v = (last_train or {}).get(metric)
         if _finite(v):
             cell.values[metric] = Value("ok", float(v), "train")
+    for key, v in (last_train or {}).items():
+        if key.startswith(LEARNED_PREFIX) and _finite(v):
+            cell.values[key] = Value("ok", float(v), "train")
     cell.step = (last_eval or last_train or {}).get("step")
     cell.source = "eval" if last_eval else ("train" if last_train else None)
     for metric, m in ((results or {}).get("metrics") or {}).items():
@@ -228,7 +234,8 @@ def collect(sweep_dir: str) -> list[Cell]:
 class Metric:
     name: str
     higher_is_better: bool
-    kind: str                     # "nll" | "posix" | "benchmark" | "average" | "training" (an objective's)
+    kind: str                     # "nll" | "posix" | "benchmark" | "average" | "training" (an objective's) |
+                                  # "learned" (--learn-weights' final λ)
 
 
 def metrics_of(sweep_dir: str, cells: list[Cell]) -> list[Metric]:
@@ -247,7 +254,8 @@ def metrics_of(sweep_dir: str, cells: list[Cell]) -> list[Metric]:
                 directions.setdefault("posix", False)
     names = {m for c in cells for m in c.values if not m.startswith("_")}
     bench = sorted(n for n in names | set(directions)
-                   if n not in NLL_METRICS and n not in own and not n.startswith(("posix", CLASS_NLL_PREFIX)))
+                   if n not in NLL_METRICS and n not in own
+                   and not n.startswith(("posix", CLASS_NLL_PREFIX, LEARNED_PREFIX)))
     posix = sorted((n for n in names | set(directions) if n.startswith("posix")), key=lambda n: (n != "posix", n))
     out = [Metric(n, directions.get(n, True), "benchmark") for n in bench]
     if len(bench) > 1:
@@ -256,6 +264,7 @@ def metrics_of(sweep_dir: str, cells: list[Cell]) -> list[Metric]:
     out += [Metric(n, False, "nll") for n in NLL_METRICS if n in names]
     out += [Metric(n, False, "nll") for n in sorted(n for n in names if n.startswith(CLASS_NLL_PREFIX))]
     out += [Metric(n, higher, "training") for n, higher in own.items() if n in names]
+    out += [Metric(n, True, "learned") for n in sorted(n for n in names if n.startswith(LEARNED_PREFIX))]
     return out
 
 
@@ -322,7 +331,7 @@ def value_of(cell: Cell, metric: Metric, bench: list[str]) -> Value:
         return Value("failed", None, cell.train_failed)
     if metric.name in cell.values:
         return cell.values[metric.name]
-    if metric.kind not in ("nll", "training"):        # training metrics: no evaluation part produces them
+    if metric.kind not in ("nll", "training", "learned"):    # no evaluation part produces these
         part = "posix" if metric.kind == "posix" else f"tasks/{metric.name}"
         if part in cell.failed_parts:
             return Value("failed", None, cell.failed_parts[part])
@@ -380,10 +389,11 @@ def build_table(sweep_dir: str, cells: Optional[list[Cell]] = None) -> Table:
     gains, best = {}, {}
     for m in metrics:
         it_value = values[(it, m.name)] if it else Value("missing")
+        directed = m.kind != "learned"             # a learned λ is where a run went, neither better nor worse
         for c in cells:
-            gains[(c.name, m.name)] = gain(values[(c.name, m.name)], it_value, m.higher_is_better)
+            gains[(c.name, m.name)] = gain(values[(c.name, m.name)], it_value, m.higher_is_better) if directed else None
         ok = [(values[(c.name, m.name)].value, c.name) for c in cells if values[(c.name, m.name)].ok]
-        best[m.name] = (max(ok) if m.higher_is_better else min(ok))[1] if ok else None
+        best[m.name] = (max(ok) if m.higher_is_better else min(ok))[1] if ok and directed else None
     return Table(cells, metrics, values, gains, best, it)
 
 
