@@ -70,6 +70,7 @@ wit_defaults() {
     : "${SAVE_STEPS:=200}"
     : "${TP:=1}"
     : "${PP:=1}"
+    : "${SP:=1}"                           # --sp: Ulysses sequence parallelism (README "Sequence parallelism")
     : "${EXTRA_ARGS:=}"
     : "${RESUME:=auto}"
     : "${ACTIVATION_CHECKPOINTING:=auto}"  # auto | on | off (auto: where the planner says it is needed; 70B template: on)
@@ -86,15 +87,16 @@ wit_defaults() {
     fi
     [ -n "${MODEL:-}${MODEL_CONFIG:-}" ] || wit_die "set MODEL (HF directory) or MODEL_CONFIG (config.json, random init)"
     : "${GLOBAL_BATCH:=64}"
-    wit_require_int NNODES NPROC_PER_NODE TP PP MICRO_BATCH GLOBAL_BATCH
+    wit_require_int NNODES NPROC_PER_NODE TP PP SP MICRO_BATCH GLOBAL_BATCH
     if [ -z "${GRAD_ACCUM:-}" ] && [ -z "${PAIRS_PER_STEP:-}" ]; then
         # The paper's effective batch of GLOBAL_BATCH sequences: micro × accum × data-parallel ranks.
         # (DPO's PAIRS_PER_STEP leaves it to the trainer, which knows the data's pairs per row.)
-        if [ "$TP" -lt 1 ] || [ "$PP" -lt 1 ] || [ "$MICRO_BATCH" -lt 1 ]; then
-            wit_die "TP, PP and MICRO_BATCH must be >= 1"
+        if [ "$TP" -lt 1 ] || [ "$PP" -lt 1 ] || [ "$SP" -lt 1 ] || [ "$MICRO_BATCH" -lt 1 ]; then
+            wit_die "TP, PP, SP and MICRO_BATCH must be >= 1"
         fi
-        local dp=$((NNODES * NPROC_PER_NODE / (TP * PP)))
-        [ "$dp" -ge 1 ] || wit_die "TP=$TP × PP=$PP exceeds the $((NNODES * NPROC_PER_NODE)) ranks"
+        # sp ranks share each row: the data-parallel ranks are world / (tp × pp × sp)
+        local dp=$((NNODES * NPROC_PER_NODE / (TP * PP * SP)))
+        [ "$dp" -ge 1 ] || wit_die "TP=$TP × PP=$PP × SP=$SP exceeds the $((NNODES * NPROC_PER_NODE)) ranks"
         GRAD_ACCUM=$((GLOBAL_BATCH / (MICRO_BATCH * dp)))
         [ "$GRAD_ACCUM" -ge 1 ] || GRAD_ACCUM=1
     fi
@@ -156,7 +158,7 @@ wit_train_args() {
     WIT_TRAIN_ARGS=("$WITSCALE_HOME/witscale/train.py" --data "$DATA" --output-dir "$OUTPUT"
         --ds_config "$DS_CONFIG" --prompt-weight "$PROMPT_WEIGHT" --response-weight "$RESPONSE_WEIGHT"
         --normalization "$NORMALIZATION" --micro-batch-size "$MICRO_BATCH"
-        --lr "$LR" --seed "$SEED" --save-steps "$SAVE_STEPS" --tp "$TP" --pp "$PP"
+        --lr "$LR" --seed "$SEED" --save-steps "$SAVE_STEPS" --tp "$TP" --pp "$PP" --sp "$SP"
         --activation-checkpointing "$ACTIVATION_CHECKPOINTING")
     if [ -n "${GRAD_ACCUM:-}" ]; then WIT_TRAIN_ARGS+=(--grad-accum "$GRAD_ACCUM"); fi
     if [ -n "${PAIRS_PER_STEP:-}" ]; then WIT_TRAIN_ARGS+=(--pairs-per-step "$PAIRS_PER_STEP"); fi
@@ -337,7 +339,7 @@ wit_convert_layout() {
     local rc=0 pid
     srun --ntasks=1 --nodes=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" --label \
         "$PYTHON" -m witscale.training.layout_conversion --output-dir "$OUTPUT" --resume "$RESUME" \
-        --world $((NNODES * NPROC_PER_NODE)) --tp "$TP" --pp "$PP" --ds_config "$DS_CONFIG" &
+        --world $((NNODES * NPROC_PER_NODE)) --tp "$TP" --pp "$PP" --sp "$SP" --ds_config "$DS_CONFIG" &
     pid=$!
     # as for the training step: a trapped signal ends `wait` early
     while kill -0 "$pid" 2>/dev/null; do

@@ -123,3 +123,28 @@ def test_a_launch_killed_by_sigabrt_is_requeued_only_when_the_failure_file_says_
     else:
         assert res.returncode == 134 and "requeue" not in calls, res.stdout + res.stderr + calls
         assert "training exited with status 134" in res.stdout and "died of SIGABRT" in res.stdout, res.stdout
+
+
+def test_sp_ranks_share_rows_so_the_global_batch_counts_dp_without_them(tmp_path):
+    """SP=2 on 4 ranks: 2 data-parallel ranks, so GLOBAL_BATCH 8 at micro-batch 1 is 4 accumulation steps (dp
+    counted as world / (tp × pp) would give 2: half the paper's batch), and the trainer is told --sp 2."""
+    fake_py = tmp_path / "python"
+    fake_py.write_text("#!/bin/sh\necho False\n")
+    fake_py.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in CLEAR + ("SP", "TP", "PP", "NNODES", "SLURM_NNODES")}
+    env.update(WITSCALE_HOME=REPO_ROOT, PYTHON=str(fake_py), DATA="d", MODEL_CONFIG="m", MASTER_ADDR="10.0.0.1",
+               OUTPUT=str(tmp_path / "out"), PATH="/usr/bin:/bin", NPROC_PER_NODE="4", SP="2", GLOBAL_BATCH="8",
+               MICRO_BATCH="1")
+    script = 'source slurm/common.sh; wit_defaults; wit_train_args; echo "$GRAD_ACCUM"; echo "${WIT_TRAIN_ARGS[*]}"'
+    res = subprocess.run(["bash", "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    accum, args = res.stdout.strip().splitlines()[-2:]
+    assert accum == "4"
+    assert " --sp 2 " in f" {args} " and " --grad-accum 4 " in f" {args} "
+
+
+def test_the_conversion_step_counts_sp_ranks_out_of_dp(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "witscale.training.layout_conversion", "--output-dir", str(tmp_path),
+                          "--world", "6", "--sp", "4", "--ds_config", "ds_configs/zero1.json"], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "not a multiple of --tp 1 × --pp 1 × --sp 4" in res.stderr, res.stderr

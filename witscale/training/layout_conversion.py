@@ -50,16 +50,19 @@ def main(argv=None) -> int:
     p.add_argument("--world", type=int, required=True, help="ranks of the training step")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--sp", type=int, default=1, help="the training step's --sp (its ranks share rows, not data)")
     p.add_argument("--ds_config", "--ds-config", required=True, help="the training step's DeepSpeed config")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="[witscale] %(message)s", stream=sys.stdout)
     log.setLevel(logging.INFO)
 
     from witscale.training.checkpoint import CheckpointError, convert_to_universal
-    if args.tp < 1 or args.pp < 1 or args.world % (args.tp * args.pp):
-        print(f"error: --world {args.world} is not a multiple of --tp {args.tp} × --pp {args.pp}", file=sys.stderr)
+    if args.tp < 1 or args.pp < 1 or args.sp < 1 or args.world % (args.tp * args.pp * args.sp):
+        print(f"error: --world {args.world} is not a multiple of --tp {args.tp} × --pp {args.pp} × --sp {args.sp}",
+              file=sys.stderr)
         return 2
-    layout = {"dp": args.world // (args.tp * args.pp), "tp": args.tp, "pp": args.pp}
+    layout = {"dp": args.world // (args.tp * args.pp * args.sp), "tp": args.tp, "pp": args.pp,
+              **({"sp": args.sp} if args.sp > 1 else {})}      # as the trainer records it
     try:
         with open(args.ds_config, encoding="utf-8") as f:
             zero_stage = int((json.load(f).get("zero_optimization") or {}).get("stage", 0))
