@@ -133,7 +133,7 @@ def test_training_template_passes_every_path_whole(odd, launcher):
         assert (odd.root / "out" / "hostfile.42").read_text() == "node1 slots=1\n"
 
 
-@pytest.mark.parametrize("var", ["NPROC_PER_NODE", "NNODES", "TP", "PP", "MICRO_BATCH", "GLOBAL_BATCH"])
+@pytest.mark.parametrize("var", ["NPROC_PER_NODE", "NNODES", "TP", "PP", "SP", "MICRO_BATCH", "GLOBAL_BATCH"])
 def test_numbers_that_reach_arithmetic_are_refused(odd, var):
     """bash evaluates a variable inside $(( )) as an expression: `a[$(cmd)]` there runs cmd."""
     env = _job_env(odd)
