@@ -162,6 +162,14 @@ def test_learned_weights_are_logged_saved_exported_and_resume_bit_exact(run_inpu
     meta = json.load(open(ref / "hf" / "witscale.json"))
     assert meta["learned_weights"]["lambda_prompt_side"] == lambdas[-1]
     assert meta["weights"]["prompt"] == pytest.approx(lambdas[-1], rel=1e-6) and meta["weights"]["response"] == 1.0
+    # tools/export_hf.py from the last checkpoint records the same learned weights (not the run's starting ones)
+    res = subprocess.run([sys.executable, "tools/export_hf.py", str(ref / "checkpoints"), str(tmp_path / "offline"),
+                          "--tokenizer", run_inputs["tokenizer"]], cwd=REPO_ROOT, env=_env(), capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    offline = json.load(open(tmp_path / "offline" / "witscale.json"))
+    assert offline["learned_weights"] == meta["learned_weights"]
+    assert offline["weights"] == pytest.approx(meta["weights"], rel=1e-6)
     # A run that dies after the step-3 checkpoint and resumes: the same losses and λ, bit for bit.
     run = tmp_path / "resumed"
     code, _ = _train(_learn_args(run_inputs, run, "--save-steps", "3"), WITSCALE_FAULT="raise_in_step:4")

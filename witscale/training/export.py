@@ -394,8 +394,9 @@ def _merge_zero3(flat_groups, group_offsets, offset, partitioned_numel, shape, d
     return out.view(shape)
 
 
-def _run_meta(run_dir: str) -> Optional[dict]:
-    """witscale.json's content from the run's effective_config.json (None for a run without one)."""
+def _run_meta(run_dir: str, state: Optional[dict] = None) -> Optional[dict]:
+    """witscale.json's content from the run's effective_config.json (None for a run without one); with
+    --learn-weights the weights the checkpoint had learned (its ``state``), as the live export writes them."""
     from witscale.data.template_jinja import training_meta
     path = os.path.join(run_dir, "effective_config.json")
     if not os.path.exists(path):
@@ -403,8 +404,26 @@ def _run_meta(run_dir: str) -> Optional[dict]:
     with open(path, encoding="utf-8") as f:
         eff = json.load(f)
     args = eff.get("args", {})
-    return training_meta(args.get("data"), eff.get("weight_table"), args.get("normalization"),
-                         args.get("objective", "sft"))
+    weights = dict(eff.get("weight_table") or {})
+    learned = (state or {}).get("learned_weights")
+    if learned and args.get("learn_weights"):
+        from witscale.data.classes import CLASS_NAMES
+        from witscale.training.learned_weights import parse_learn_classes
+        groups = parse_learn_classes(args.get("learn_classes") or "")
+        if [g.name for g in groups] != learned.get("groups"):
+            raise ValueError(f"{path}: --learn-classes {args.get('learn_classes')!r} does not match the checkpoint's "
+                             f"learned groups {learned.get('groups')}")
+        for g, lam in zip(groups, learned["lambda"]):
+            weights.update({CLASS_NAMES[c]: float(lam) for c in g.classes})
+    meta = training_meta(args.get("data"), weights, args.get("normalization"), args.get("objective", "sft"))
+    if learned and args.get("learn_weights"):
+        meta["learned_weights"] = {f"lambda_{name}": float(lam) for name, lam in zip(learned["groups"], learned["lambda"])}
+    return meta
+
+
+def _checkpoint_state(root: str, tag: str) -> Optional[dict]:
+    from witscale.training.checkpoint import STATE_FILE, read_state
+    return read_state(root, tag) if os.path.exists(os.path.join(root, tag, STATE_FILE)) else None
 
 
 def export_checkpoint(checkpoint_path: str, out_dir: str, tokenizer_src: Optional[str] = None, dtype="bf16",
@@ -428,4 +447,4 @@ def export_checkpoint(checkpoint_path: str, out_dir: str, tokenizer_src: Optiona
         for name, t in reader:
             writer.write(name, t)
             n += 1
-        _finish(writer, out_dir, tokenizer_src, n, torch_dtype, _run_meta(run_dir))
+        _finish(writer, out_dir, tokenizer_src, n, torch_dtype, _run_meta(run_dir, _checkpoint_state(root, tag)))
