@@ -88,6 +88,20 @@ def test_sp2_tp2_matches_sp1_tp1_zero0():
             np.testing.assert_allclose(got["params"][name], p, rtol=0, atol=1e-5, err_msg=f"rank {rank}: {name}")
 
 
+
+def _assert_same_steps(out: list, want: dict) -> None:
+    """Every rank's 3 steps equal the reference run's. The first step is the same sums in another order (the
+    gradient norm too: Adam would hide a wrong scale); later steps differ by fp32 summation order through Adam
+    (~1e-6), as in the tp × ZeRO-3 test."""
+    norms = lambda run: [r["grad_norm"] for r in run["results"]]  # noqa: E731
+    for rank, got in enumerate(out):
+        assert got["losses"][0] == pytest.approx(want["losses"][0], rel=1e-7)
+        assert norms(got)[0] == pytest.approx(norms(want)[0], rel=1e-6), (norms(got), norms(want))
+        np.testing.assert_allclose(got["losses"], want["losses"], rtol=1e-5, err_msg=f"rank {rank}")
+        np.testing.assert_allclose(norms(got), norms(want), rtol=1e-5, err_msg=f"rank {rank}")
+        for name, p in want["params"].items():
+            np.testing.assert_allclose(got["params"][name], p, rtol=0, atol=1e-5, err_msg=f"rank {rank}: {name}")
+
 @pytest.mark.slow
 def test_zero3_dp2_sp2_matches_zero3_dp2():
     """ZeRO-3 partitioned over dp × sp (4 ranks) against ZeRO-3 over dp=2 alone: 3 steps' losses and the
@@ -96,16 +110,7 @@ def test_zero3_dp2_sp2_matches_zero3_dp2():
                data_seed=DATA_SEED, with_weights=True)
     want = run_distributed(_worker, 2, [run])[0][0]
     out = [o[0] for o in run_distributed(_worker, 4, [dict(run, sp=2)])]
-    norms = lambda run: [r["grad_norm"] for r in run["results"]]  # noqa: E731
-    for rank, got in enumerate(out):
-        # The first step is the same sums in another order (the gradient norm too: Adam would hide a wrong scale);
-        # later steps differ by fp32 summation order through Adam (~1e-6), as in the tp × ZeRO-3 test.
-        assert got["losses"][0] == pytest.approx(want["losses"][0], rel=1e-7)
-        assert norms(got)[0] == pytest.approx(norms(want)[0], rel=1e-6), (norms(got), norms(want))
-        np.testing.assert_allclose(got["losses"], want["losses"], rtol=1e-5, err_msg=f"rank {rank}")
-        np.testing.assert_allclose(norms(got), norms(want), rtol=1e-5, err_msg=f"rank {rank}")
-        for name, p in want["params"].items():
-            np.testing.assert_allclose(got["params"][name], p, rtol=0, atol=1e-5, err_msg=f"rank {rank}: {name}")
+    _assert_same_steps(out, want)
 
 
 @pytest.mark.slow
@@ -119,14 +124,7 @@ def test_zero1_zero2_sp2_match_sp1(stage, world):
                data_seed=DATA_SEED, with_weights=True)
     want = run_distributed(_worker, world // 2, [run])[0][0]
     out = [o[0] for o in run_distributed(_worker, world, [dict(run, sp=2)])]
-    norms = lambda run: [r["grad_norm"] for r in run["results"]]  # noqa: E731
-    for rank, got in enumerate(out):
-        assert got["losses"][0] == pytest.approx(want["losses"][0], rel=1e-7)
-        assert norms(got)[0] == pytest.approx(norms(want)[0], rel=1e-6), (norms(got), norms(want))
-        np.testing.assert_allclose(got["losses"], want["losses"], rtol=1e-5, err_msg=f"rank {rank}")
-        np.testing.assert_allclose(norms(got), norms(want), rtol=1e-5, err_msg=f"rank {rank}")
-        for name, p in want["params"].items():
-            np.testing.assert_allclose(got["params"][name], p, rtol=0, atol=1e-5, err_msg=f"rank {rank}: {name}")
+    _assert_same_steps(out, want)
 
 
 @pytest.mark.parametrize("dims, message", [
