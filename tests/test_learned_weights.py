@@ -180,6 +180,14 @@ def test_learned_weights_are_logged_saved_exported_and_resume_bit_exact(run_inpu
     for r in records:
         assert resumed[r["step"]]["loss"] == r["loss"], r["step"]
         assert resumed[r["step"]]["lambda_prompt_side"] == r["lambda_prompt_side"], r["step"]
+    # Resuming it without --learn-weights would silently train on the flags' weights: refused in one line.
+    args = [a for a in _learn_args(run_inputs, run, "--max-steps", "8", "--reschedule", "--resume", "auto")
+            if a != "--learn-weights"]
+    for flag in ("--weights-every", "--weights-lr"):
+        i = args.index(flag)
+        del args[i:i + 2]
+    code, log = _train(args)
+    assert code == 2 and "learned its class weights (--learn-weights); without --learn-weights" in log, log[-2000:]
 
 
 @pytest.mark.parametrize("change,message", [

@@ -552,6 +552,10 @@ class Trainer:
                                       allow_data_change=allow_data_change, where=where)
         if state.get("data_fingerprint") == data_fingerprint:
             self._check_global_batch(state, where)
+        if state.get("learned_weights") is not None and self.weight_learner is None:
+            raise checkpoint.CheckpointError(
+                f"{where} learned its class weights (--learn-weights); without --learn-weights this run would "
+                "train on the flags' weights instead: resume with --learn-weights and the same --learn-classes")
         zero_stage = self.engine.zero_optimization_stage()
         other = checkpoint.layout_change(state, self.state_dict()["layout"], where=where, zero_stage=zero_stage)
         universal = other and zero_stage > 0          # ZeRO-0: the whole optimizer state is in the mp files
