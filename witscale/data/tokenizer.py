@@ -186,11 +186,13 @@ class HFTokenizer(Tokenizer):
         self.added = read_added_record(path)
 
     def encode_with_offsets(self, text: str, continuation: bool = False):
-        return self.encode_many([(text, continuation)])[0]
+        shift = len(self._anchor) if continuation and self._anchor is not None else 0
+        enc = self.hf(self._anchor + text if shift else text, add_special_tokens=False, return_offsets_mapping=True)
+        return self._strip_anchor(enc["input_ids"], enc["offset_mapping"], shift)
 
     def encode_many(self, requests: list) -> list:
-        # one call of the transformers tokenizer on the list: the same pipeline as a single string (which it
-        # encodes as a batch of one, through the backend's encode_batch), in Rust, for every string at once
+        # one call of the transformers tokenizer on the list: the pipeline of a single string (which it encodes
+        # as a batch of one, through the backend's encode_batch), in Rust, for every string at once
         if not requests:
             return []
         shifts = [len(self._anchor) if c and self._anchor is not None else 0 for _, c in requests]
