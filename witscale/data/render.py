@@ -20,7 +20,8 @@ from witscale.data.templates import (TEMPLATE_NAMES, TEMPLATES, TOOL_TEMPLATES, 
                                      Text, classify_tokens)
 from witscale.data.tokenizer import Tokenizer
 
-_RESPONSE_SIDE = np.array(sorted(int(c) for c in RESPONSE_SIDE))
+_IS_RESPONSE_SIDE = np.zeros(256, dtype=bool)        # by class id (uint8): a lookup, not np.isin's sort
+_IS_RESPONSE_SIDE[[int(c) for c in RESPONSE_SIDE]] = True
 
 
 def _resolve(spec: TemplateSpec, name: str, tokenizer: Tokenizer) -> int | None:
@@ -197,9 +198,9 @@ class Renderer:
         idx = np.arange(len(cls))
         for (turn, first, _, turn_end), n_prompt in zip(_boundaries(run), n_prompts):
             in_turn = begin < turn_end
-            after = in_turn & (idx >= n_prompt) & ~np.isin(cls, _RESPONSE_SIDE)
+            after = in_turn & (idx >= n_prompt) & ~_IS_RESPONSE_SIDE[cls]
             cls[after], msg[after] = first, turn
-            before = (idx < n_prompt) & (msg == turn) & np.isin(cls, _RESPONSE_SIDE)
+            before = (idx < n_prompt) & (msg == turn) & _IS_RESPONSE_SIDE[cls]
             cls[before] = TokenClass.PROMPT
         return cls, msg
 

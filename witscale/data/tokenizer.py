@@ -197,13 +197,20 @@ class HFTokenizer(Tokenizer):
             return []
         shifts = [len(self._anchor) if c and self._anchor is not None else 0 for _, c in requests]
         texts = [self._anchor + t if shift else t for (t, _), shift in zip(requests, shifts)]
+        backend = self.hf.backend_tokenizer
+        if backend.truncation is None and backend.padding is None \
+                and backend.encode_special_tokens == bool(self.hf.split_special_tokens):
+            # the state transformers' call would set: its backend call, without building Python lists of
+            # dicts per string (as much time as the tokenizing)
+            encodings = backend.encode_batch(texts, add_special_tokens=False)
+            return [self._strip_anchor(e.ids, e.offsets, shift) for e, shift in zip(encodings, shifts)]
         enc = self.hf(texts, add_special_tokens=False, return_offsets_mapping=True)
         return [self._strip_anchor(ids, offs, shift)
                 for ids, offs, shift in zip(enc["input_ids"], enc["offset_mapping"], shifts)]
 
     def _strip_anchor(self, ids, offs, shift: int):
-        ids = np.asarray(ids, dtype=np.int32)
-        offs = np.asarray(offs, dtype=np.int64).reshape(-1, 2)
+        ids = np.array(ids, dtype=np.int32)
+        offs = np.array(offs, dtype=np.int64).reshape(-1, 2)
         if shift:
             if len(ids) == 0 or ids[0] != self._anchor_id:
                 raise TokenizerError(f"special token {self._anchor!r} is not kept whole by the tokenizer", self.path)
