@@ -101,12 +101,15 @@ def test_batched_documents_equal_one_record_at_a_time_llama(llama_like_hf, templ
 
 
 def test_batched_encoding_equals_one_string_at_a_time(llama_like_hf):
-    """encode_many is encode_with_offsets per string — continuation (after a special token) included."""
+    """encode_many is encode_with_offsets per string — continuation (after a special token) included; for
+    lengths_only, the number of tokens."""
     requests = [(t, c) for t in ["", " ", "Hello world", " Hello", "\nSum: 5", "日本 é x."] for c in (False, True)]
     many = llama_like_hf.encode_many(requests)
-    for (t, c), got in zip(requests, many):
+    lengths = llama_like_hf.encode_many(requests, lengths_only=set(range(0, len(requests), 3)))
+    for k, ((t, c), got) in enumerate(zip(requests, many)):
         want = llama_like_hf.encode_with_offsets(t, c)
         assert all(g.dtype == w.dtype and g.tolist() == w.tolist() for g, w in zip(got, want)), (t, c)
+        assert lengths[k] == len(want[0]) if k % 3 == 0 else lengths[k][0].tolist() == want[0].tolist()
     assert llama_like_hf.encode_many([]) == []
 
 

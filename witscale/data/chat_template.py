@@ -100,11 +100,11 @@ class HFChatRenderer:
             return None
 
     def __call__(self, conv: Conversation):
-        requests, finish = self.plan(conv)
+        requests, _, finish = self.plan(conv)
         return finish([self.tok.encode_with_offsets(t, c) for t, c in requests])
 
     def plan(self, conv: Conversation):
-        """([(the rendered text, continuation=False)], its encoding → (ids, classes, message per token)): the
+        """([(the rendered text, continuation=False)], [], its encoding → (ids, classes, message per token)): the
         Jinja rendering and the character classes here; the one encoding can be batched across records
         (Renderer.render_many)."""
         hmsgs = [hf_message(m) for m in conv.messages]
@@ -172,7 +172,7 @@ class HFChatRenderer:
             is_special = np.isin(ids, self._special_ids)
             cls = np.where(cls == _END, np.where(is_special, TokenClass.EOT, TokenClass.TEMPLATE), cls)
             return ids.astype(np.int32), cls.astype(np.uint8), msg
-        return [(text, False)], finish
+        return [(text, False)], [], finish
 
     @staticmethod
     def _find(delta: str, content: str, pos: int) -> tuple[int, str]:

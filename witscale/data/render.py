@@ -79,8 +79,9 @@ class Renderer:
     def __call__(self, conv: Conversation) -> Document:
         """One record, its strings encoded one call each (the reference the batched path must equal)."""
         self.check(conv)
-        requests, finish = self._plan(conv)
-        return self._document(conv, finish([self.tokenizer.encode_with_offsets(t, c) for t, c in requests]))
+        requests, lengths_only, finish = self._plan(conv)
+        encodings = [self.tokenizer.encode_with_offsets(t, c) for t, c in requests]
+        return self._document(conv, finish([len(e[0]) if i in lengths_only else e for i, e in enumerate(encodings)]))
 
     def render_many(self, convs: list) -> list:
         """Documents of many records — the same as ``[self(c) for c in convs]`` — with every string they need
@@ -94,8 +95,12 @@ class Renderer:
                 plans.append(self._plan(conv))
             except RecordError as e:
                 plans.append(e)
-        requests = [r for p in plans if not isinstance(p, RecordError) for r in p[0]]
-        encodings = iter(self.tokenizer.encode_many(requests))
+        requests, lengths_only = [], set()
+        for p in plans:
+            if not isinstance(p, RecordError):
+                lengths_only.update(len(requests) + i for i in p[1])
+                requests.extend(p[0])
+        encodings = iter(self.tokenizer.encode_many(requests, lengths_only))
         out = []
         for conv, p in zip(convs, plans):
             if isinstance(p, RecordError):
@@ -103,15 +108,16 @@ class Renderer:
                 continue
             mine = [next(encodings) for _ in p[0]]
             try:
-                out.append(self._document(conv, p[1](mine)))
+                out.append(self._document(conv, p[2](mine)))
             except RecordError as e:
                 out.append(e)
         return out
 
     def _plan(self, conv: Conversation):
-        """(the strings to encode — (text, continuation) pairs —, a function of their encodings, in that order,
-        → (ids, classes, message index per token)). Everything but the encoding: rendering is per record,
-        encoding can be batched across records."""
+        """(the strings to encode — (text, continuation) pairs —, the indices of those of which only the number
+        of tokens is needed, a function of their encodings in that order (those: an int) → (ids, classes,
+        message index per token)). Everything but the encoding: rendering is per record, encoding can be
+        batched across records."""
         if self._hf is not None:
             return self._hf.plan(conv)
         return self._plan_items(self.items(conv))
@@ -130,6 +136,7 @@ class Renderer:
         # encoded as one string, with the index of its encoding and of each boundary prefix's (plain)
         pieces: list = []
         requests: list[tuple[str, bool]] = []
+        lengths_only: list[int] = []
         run: list[Text] = []
         started = False          # has a token other than a leading BOS been emitted?
 
@@ -141,7 +148,9 @@ class Renderer:
             requests.append((text, started))
             at = len(requests) - 1
             requests.extend((text[:c], started) for _, _, c, _ in _boundaries(run))
-            pieces.append((list(run), text, at, list(range(at + 1, len(requests)))))
+            prefixes = list(range(at + 1, len(requests)))        # plain's boundary: only their token counts
+            lengths_only.extend(prefixes)
+            pieces.append((list(run), text, at, prefixes))
             started = True
             run.clear()
 
@@ -181,12 +190,12 @@ class Renderer:
                 tok_ids, begin, end = encodings[at]
                 cls, msg = classify_tokens(text, char_cls, char_msg, begin, end)
                 if prefixes:
-                    cls, msg = self._paper_boundary(run_, begin, cls, msg, [len(encodings[j][0]) for j in prefixes])
+                    cls, msg = self._paper_boundary(run_, begin, cls, msg, [encodings[j] for j in prefixes])
                 ids.append(tok_ids.astype(np.int32))
                 classes.append(cls.astype(np.uint8))
                 msgs.append(msg)
             return np.concatenate(ids), np.concatenate(classes), np.concatenate(msgs)
-        return requests, finish
+        return requests, lengths_only, finish
 
     @staticmethod
     def _paper_boundary(run: list, begin: np.ndarray, cls: np.ndarray, msg: np.ndarray, n_prompts: list):
