@@ -128,3 +128,60 @@ def test_chunk_size_and_workers_give_the_same_bytes_with_a_fast_tokenizer(tmp_pa
     assert outs[0] == outs[1] == outs[2]
     m = json.loads(outs[0]["manifest.json"])
     assert m["num_documents"] > 100
+
+
+def _classify_by_class_counts(text, char_cls, char_msg, begin, end, num_classes):
+    """classify_tokens as it was (per-class prefix counts of non-whitespace characters): the reference."""
+    from witscale.data.classes import TokenClass
+    from witscale.data.templates import _IS_SPACE, BoundaryError
+    n = len(text)
+    code_points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+    nonws = ~_IS_SPACE[np.minimum(code_points, len(_IS_SPACE) - 1)]
+    onehot = np.zeros((num_classes, n + 1), dtype=np.int32)
+    onehot[char_cls[nonws], np.nonzero(nonws)[0] + 1] = 1
+    cum = np.cumsum(onehot, axis=1)
+    present = (cum[:, end] - cum[:, begin]) > 0
+    bad = np.nonzero(present.sum(axis=0) > 1)[0]
+    if len(bad):
+        k = int(bad[0])
+        names = [TokenClass(c).name.lower() if c < 9 else "end-of-turn" for c in np.nonzero(present[:, k])[0]]
+        raise BoundaryError(f"token {k} covers {text[begin[k]:end[k]]!r}, which spans classes "
+                            f"{' and '.join(names)}: the class boundary falls inside a token")
+    next_nonws = np.full(n + 1, n, dtype=np.int64)
+    idx = np.nonzero(nonws)[0]
+    if len(idx):
+        pos = np.searchsorted(idx, np.arange(n + 1), side="left")
+        ok = pos < len(idx)
+        next_nonws[ok] = idx[pos[ok]]
+    first = next_nonws[np.minimum(begin, n)]
+    at = np.where(first < end, first, np.minimum(begin, max(n - 1, 0)))
+    return char_cls[at], char_msg[at]
+
+
+def test_classify_tokens_equals_the_per_class_count_formulation():
+    """classify_tokens (class changes between consecutive non-whitespace characters) gives the classes, message
+    indices and BoundaryError messages of the per-class prefix counts it replaced, on random texts, classes and
+    token segmentations (zero-width tokens, whitespace-only tokens, Unicode spaces)."""
+    from witscale.data.templates import classify_tokens
+    rng = np.random.default_rng(0)
+    alphabet = list("ab  \n\té日x.") + ["\u3000", "\u00a0"]
+    errors = 0
+    for _ in range(3000):
+        n = int(rng.integers(1, 30))
+        text = "".join(rng.choice(alphabet, n))
+        cls = np.resize(np.repeat(rng.integers(0, 10, 6).astype(np.uint8), 6), n).astype(np.uint8)
+        msg = rng.integers(0, 4, n).astype(np.int64)
+        cuts = np.sort(rng.choice(np.arange(1, n), size=int(rng.integers(0, n)), replace=False)) if n > 1 else []
+        bounds = np.concatenate([[0], cuts, [n]]).astype(np.int64)
+        begin, end = bounds[:-1], bounds[1:]
+        if rng.random() < 0.2:
+            begin, end = np.append(begin, n), np.append(end, n)
+        outs = []
+        for f in (_classify_by_class_counts, classify_tokens):
+            try:
+                outs.append([a.tolist() for a in f(text, cls, msg, begin, end, num_classes=10)])
+            except RecordError as e:
+                outs.append(str(e))
+        assert outs[0] == outs[1], (text, cls, begin)
+        errors += isinstance(outs[0], str)
+    assert 300 < errors < 2700
