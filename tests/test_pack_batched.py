@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import witscale.data.pack as pack
-from tests.test_templates import OPENAI_TOOLS, SHAREGPT_TOOLS, TOOL_CHAT, _both_content_and_call, hf_tool_tokenizers  # noqa: F401
+from tests.test_templates import (OPENAI_TOOLS, SHAREGPT_TOOLS, TOOL_CHAT, _both_content_and_call,  # noqa: F401
+                                  hf_tool_tokenizers)
 from witscale.data.errors import RecordError
 from witscale.data.pack import PackOptions, pack_records
 from witscale.data.readers import normalize_record

@@ -201,8 +201,9 @@ class HFTokenizer(Tokenizer):
         shifts = [len(self._anchor) if c and self._anchor is not None else 0 for _, c in requests]
         texts = [self._anchor + t if shift else t for (t, _), shift in zip(requests, shifts)]
         backend = self.hf.backend_tokenizer
+        split_specials = bool(getattr(self.hf, "split_special_tokens", False))
         if backend.truncation is None and backend.padding is None \
-                and backend.encode_special_tokens == bool(self.hf.split_special_tokens):
+                and getattr(backend, "encode_special_tokens", None) == split_specials:
             # the state transformers' call would set: its backend call, without building Python lists of
             # dicts per string (as much time as the tokenizing)
             encodings = backend.encode_batch(texts, add_special_tokens=False)
