@@ -100,6 +100,13 @@ class HFChatRenderer:
             return None
 
     def __call__(self, conv: Conversation):
+        requests, _, finish = self.plan(conv)
+        return finish([self.tok.encode_with_offsets(t, c) for t, c in requests])
+
+    def plan(self, conv: Conversation):
+        """([(the rendered text, continuation=False)], [], its encoding → (ids, classes, message per token)): the
+        Jinja rendering and the character classes here; the one encoding can be batched across records
+        (Renderer.render_many)."""
         hmsgs = [hf_message(m) for m in conv.messages]
         tools = [dict(t) for t in conv.tools] if conv.tools else None
         text, cls_parts, msg_parts = "", [], []
@@ -158,11 +165,14 @@ class HFChatRenderer:
         char_msg = np.concatenate(msg_parts) if msg_parts else np.zeros(0, np.int64)
         if conv.tools:
             self._mark_tools(text, char_cls, conv.tools)
-        ids, begin, end = self.tok.encode_with_offsets(text)
-        cls, msg = classify_tokens(text, char_cls, char_msg, begin, end, num_classes=_END + 1)
-        is_special = np.isin(ids, self._special_ids)
-        cls = np.where(cls == _END, np.where(is_special, TokenClass.EOT, TokenClass.TEMPLATE), cls)
-        return ids.astype(np.int32), cls.astype(np.uint8), msg
+
+        def finish(encodings: list):
+            ids, begin, end = encodings[0]
+            cls, msg = classify_tokens(text, char_cls, char_msg, begin, end, num_classes=_END + 1)
+            is_special = np.isin(ids, self._special_ids)
+            cls = np.where(cls == _END, np.where(is_special, TokenClass.EOT, TokenClass.TEMPLATE), cls)
+            return ids.astype(np.int32), cls.astype(np.uint8), msg
+        return [(text, False)], [], finish
 
     @staticmethod
     def _find(delta: str, content: str, pos: int) -> tuple[int, str]:

@@ -20,7 +20,8 @@ from witscale.data.templates import (TEMPLATE_NAMES, TEMPLATES, TOOL_TEMPLATES, 
                                      Text, classify_tokens)
 from witscale.data.tokenizer import Tokenizer
 
-_RESPONSE_SIDE = np.array(sorted(int(c) for c in RESPONSE_SIDE))
+_IS_RESPONSE_SIDE = np.zeros(256, dtype=bool)        # by class id (uint8): a lookup, not np.isin's sort
+_IS_RESPONSE_SIDE[[int(c) for c in RESPONSE_SIDE]] = True
 
 
 def _resolve(spec: TemplateSpec, name: str, tokenizer: Tokenizer) -> int | None:
@@ -76,19 +77,66 @@ class Renderer:
                               f"--template {', '.join(TOOL_TEMPLATES[:-1])} or {TOOL_TEMPLATES[-1]}")
 
     def __call__(self, conv: Conversation) -> Document:
+        """One record, its strings encoded one call each (the reference the batched path must equal)."""
         self.check(conv)
+        requests, lengths_only, finish = self._plan(conv)
+        encodings = [self.tokenizer.encode_with_offsets(t, c) for t, c in requests]
+        return self._document(conv, finish([len(e[0]) if i in lengths_only else e for i, e in enumerate(encodings)]))
+
+    def render_many(self, convs: list) -> list:
+        """Documents of many records — the same as ``[self(c) for c in convs]`` — with every string they need
+        encoded in ONE ``Tokenizer.encode_many`` call (a fast tokenizer's batch API: one call per record through
+        transformers' Python wrapper cost more than the tokenizing). A record this template cannot express
+        gives its RecordError in its place (not located: the caller knows where the record came from)."""
+        plans = []
+        for conv in convs:
+            try:
+                self.check(conv)
+                plans.append(self._plan(conv))
+            except RecordError as e:
+                plans.append(e)
+        requests, lengths_only = [], set()
+        for p in plans:
+            if not isinstance(p, RecordError):
+                lengths_only.update(len(requests) + i for i in p[1])
+                requests.extend(p[0])
+        encodings = iter(self.tokenizer.encode_many(requests, lengths_only))
+        out = []
+        for conv, p in zip(convs, plans):
+            if isinstance(p, RecordError):
+                out.append(p)
+                continue
+            mine = [next(encodings) for _ in p[0]]
+            try:
+                out.append(self._document(conv, p[2](mine)))
+            except RecordError as e:
+                out.append(e)
+        return out
+
+    def _plan(self, conv: Conversation):
+        """(the strings to encode — (text, continuation) pairs —, the indices of those of which only the number
+        of tokens is needed, a function of their encodings in that order (those: an int) → (ids, classes,
+        message index per token)). Everything but the encoding: rendering is per record, encoding can be
+        batched across records."""
         if self._hf is not None:
-            ids, classes, msgs = self._hf(conv)
-        else:
-            ids, classes, msgs = self._tokenize_items(self.items(conv))
+            return self._hf.plan(conv)
+        return self._plan_items(self.items(conv))
+
+    @staticmethod
+    def _document(conv: Conversation, tokenized) -> Document:
+        ids, classes, msgs = tokenized
         weights = None
         if conv.has_weights:
             mw = np.array([m.weight if m.weight is not None else 1.0 for m in conv.messages] + [1.0], dtype=np.float32)
             weights = mw[msgs] * np.float32(conv.weight if conv.weight is not None else 1.0)
         return Document(ids, classes, weights)
 
-    def _tokenize_items(self, items: list):
-        ids, classes, msgs = [], [], []
+    def _plan_items(self, items: list):
+        # pieces in document order: a special token (its id, class, message) or a run of consecutive texts
+        # encoded as one string, with the index of its encoding and of each boundary prefix's (plain)
+        pieces: list = []
+        requests: list[tuple[str, bool]] = []
+        lengths_only: list[int] = []
         run: list[Text] = []
         started = False          # has a token other than a leading BOS been emitted?
 
@@ -97,16 +145,12 @@ class Renderer:
             if not run:
                 return
             text = "".join(t.text for t in run)
-            lens = [len(t.text) for t in run]
-            char_cls = np.repeat(np.array([t.cls for t in run], dtype=np.uint8), lens)
-            char_msg = np.repeat(np.array([t.msg for t in run], dtype=np.int64), lens)
-            tok_ids, begin, end = self.tokenizer.encode_with_offsets(text, continuation=started)
-            cls, msg = classify_tokens(text, char_cls, char_msg, begin, end)
-            if any(t.boundary for t in run):
-                cls, msg = self._paper_boundary(run, text, begin, cls, msg, continuation=started)
-            ids.append(tok_ids.astype(np.int32))
-            classes.append(cls.astype(np.uint8))
-            msgs.append(msg)
+            requests.append((text, started))
+            at = len(requests) - 1
+            requests.extend((text[:c], started) for _, _, c, _ in _boundaries(run))
+            prefixes = list(range(at + 1, len(requests)))        # plain's boundary: only their token counts
+            lengths_only.extend(prefixes)
+            pieces.append((list(run), text, at, prefixes))
             started = True
             run.clear()
 
@@ -125,35 +169,62 @@ class Renderer:
                     continue
                 raise TokenizerError(f"template {self.template!r} needs {it.name!r}, which the tokenizer lacks",
                                      self.tokenizer.path)
-            ids.append(np.array([tid], dtype=np.int32))
-            classes.append(np.array([it.cls], dtype=np.uint8))
-            msgs.append(np.array([it.msg], dtype=np.int64))
+            pieces.append((tid, it.cls, it.msg))
             if not (k == 0 and it.name == "bos"):
                 started = True
         flush()
-        return np.concatenate(ids), np.concatenate(classes), np.concatenate(msgs)
 
-    def _paper_boundary(self, run: list, text: str, begin: np.ndarray, cls: np.ndarray, msg: np.ndarray,
-                        continuation: bool):
+        def finish(encodings: list):
+            ids, classes, msgs = [], [], []
+            for piece in pieces:
+                if len(piece) == 3:
+                    tid, c, m = piece
+                    ids.append(np.array([tid], dtype=np.int32))
+                    classes.append(np.array([c], dtype=np.uint8))
+                    msgs.append(np.array([m], dtype=np.int64))
+                    continue
+                run_, text, at, prefixes = piece
+                lens = [len(t.text) for t in run_]
+                char_cls = np.repeat(np.array([t.cls for t in run_], dtype=np.uint8), lens)
+                char_msg = np.repeat(np.array([t.msg for t in run_], dtype=np.int64), lens)
+                tok_ids, begin, end = encodings[at]
+                cls, msg = classify_tokens(text, char_cls, char_msg, begin, end)
+                if prefixes:
+                    cls, msg = self._paper_boundary(run_, begin, cls, msg, [encodings[j] for j in prefixes])
+                ids.append(tok_ids.astype(np.int32))
+                classes.append(cls.astype(np.uint8))
+                msgs.append(msg)
+            return np.concatenate(ids), np.concatenate(classes), np.concatenate(msgs)
+        return requests, lengths_only, finish
+
+    @staticmethod
+    def _paper_boundary(run: list, begin: np.ndarray, cls: np.ndarray, msg: np.ndarray, n_prompts: list):
         """The paper's rule at each boundary-marked text (plain's joining space before an answer): the tokens
         of the answer's turn at index ≥ len(tokenize(everything before the boundary)) are response-side,
-        those before it prompt-side — whatever characters they cover."""
+        those before it prompt-side — whatever characters they cover. ``n_prompts``: those lengths, one per
+        boundary of ``_boundaries(run)``."""
         cls, msg = cls.copy(), msg.copy()
-        offsets = np.cumsum([0] + [len(t.text) for t in run])
-        for k, t in enumerate(run):
-            if not t.boundary:
-                continue
-            turn = t.msg
-            first = next((u.cls for u in run[k:] if u.msg == turn and u.cls in RESPONSE_SIDE), None)
-            if first is None:             # an answer demoted to prompt-side (--last-turn-only): no boundary
-                continue
-            c = int(offsets[k])
-            turn_end = int(offsets[max(j for j, u in enumerate(run) if u.msg == turn) + 1])
-            n_prompt = len(self.tokenizer.encode_with_offsets(text[:c], continuation=continuation)[0])
-            idx = np.arange(len(cls))
+        idx = np.arange(len(cls))
+        for (turn, first, _, turn_end), n_prompt in zip(_boundaries(run), n_prompts):
             in_turn = begin < turn_end
-            after = in_turn & (idx >= n_prompt) & ~np.isin(cls, _RESPONSE_SIDE)
+            after = in_turn & (idx >= n_prompt) & ~_IS_RESPONSE_SIDE[cls]
             cls[after], msg[after] = first, turn
-            before = (idx < n_prompt) & (msg == turn) & np.isin(cls, _RESPONSE_SIDE)
+            before = (idx < n_prompt) & (msg == turn) & _IS_RESPONSE_SIDE[cls]
             cls[before] = TokenClass.PROMPT
         return cls, msg
+
+
+def _boundaries(run: list):
+    """(turn, its first response-side class, the boundary's character offset in the run's text, the turn's end
+    offset) for each boundary-marked text of a run whose turn has a response-side text; an answer demoted to
+    prompt-side (--last-turn-only) has no boundary."""
+    offsets = np.cumsum([0] + [len(t.text) for t in run])
+    for k, t in enumerate(run):
+        if not t.boundary:
+            continue
+        turn = t.msg
+        first = next((u.cls for u in run[k:] if u.msg == turn and u.cls in RESPONSE_SIDE), None)
+        if first is None:
+            continue
+        turn_end = int(offsets[max(j for j, u in enumerate(run) if u.msg == turn) + 1])
+        yield turn, first, int(offsets[k]), turn_end

@@ -294,30 +294,29 @@ _IS_SPACE = np.array([chr(c).isspace() for c in range(0x3002)], dtype=bool)
 def classify_tokens(text: str, char_cls: np.ndarray, char_msg: np.ndarray, begin: np.ndarray, end: np.ndarray,
                     num_classes: int = NUM_CLASSES):
     """Per token: (class, message index) from the characters it covers. Raises BoundaryError on a token whose
-    non-whitespace characters have two classes."""
+    non-whitespace characters have two classes. (``num_classes``: the classes' range, values ≥ NUM_CLASSES
+    named "end-of-turn" in the error; the check itself needs no per-class table.)"""
     n = len(text)
     code_points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
-    nonws = ~_IS_SPACE[np.minimum(code_points, len(_IS_SPACE) - 1)]
-    # prefix counts of non-whitespace characters per class: counts over [b, e) in O(1) per token
-    onehot = np.zeros((num_classes, n + 1), dtype=np.int32)
-    onehot[char_cls[nonws], np.nonzero(nonws)[0] + 1] = 1
-    cum = np.cumsum(onehot, axis=1)
-    present = (cum[:, end] - cum[:, begin]) > 0                   # [classes, tokens]
-    npresent = present.sum(axis=0)
-    bad = np.nonzero(npresent > 1)[0]
+    nonws = np.nonzero(~_IS_SPACE[np.minimum(code_points, len(_IS_SPACE) - 1)])[0]   # positions, ascending
+    # each token's non-whitespace characters are nonws[lo:hi]; they have two classes iff the class changes
+    # between two consecutive ones inside that range (prefix counts of the changes: O(1) per token)
+    lo = np.searchsorted(nonws, np.minimum(begin, n), side="left")
+    hi = np.searchsorted(nonws, end, side="left")
+    nw_cls = char_cls[nonws]
+    changes = np.concatenate([[0], np.cumsum(nw_cls[1:] != nw_cls[:-1])])       # changes[j]: among nonws[:j+1]
+    last = max(len(nonws) - 1, 0)
+    spans = (hi - lo > 1) & (changes[np.clip(hi - 1, 0, last)] > changes[np.minimum(lo, last)]) if len(nonws) \
+        else np.zeros(len(begin), dtype=bool)
+    bad = np.nonzero(spans)[0]
     if len(bad):
         k = int(bad[0])
         names = [TokenClass(c).name.lower() if c < NUM_CLASSES else "end-of-turn"
-                 for c in np.nonzero(present[:, k])[0]]
+                 for c in np.unique(nw_cls[lo[k]:hi[k]])]
         raise BoundaryError(f"token {k} covers {text[begin[k]:end[k]]!r}, which spans classes "
                             f"{' and '.join(names)}: the class boundary falls inside a token")
     # the first non-whitespace character of each token, or its first position when it has none
-    next_nonws = np.full(n + 1, n, dtype=np.int64)
-    idx = np.nonzero(nonws)[0]
-    if len(idx):
-        pos = np.searchsorted(idx, np.arange(n + 1), side="left")
-        ok = pos < len(idx)
-        next_nonws[ok] = idx[pos[ok]]
-    first = next_nonws[np.minimum(begin, n)]
+    first = np.where(lo < len(nonws), nonws[np.minimum(lo, last)], n) if len(nonws) \
+        else np.full(len(begin), n, dtype=np.int64)
     at = np.where(first < end, first, np.minimum(begin, max(n - 1, 0)))
     return char_cls[at], char_msg[at]

@@ -1,0 +1,188 @@
+"""Batched tokenization (issue 22 item 1): a chunk of records is encoded in one fast-tokenizer call
+(``Renderer.render_many`` → ``Tokenizer.encode_many``); the documents — ids, classes, weights — and the refusals
+must be exactly those of rendering each record alone, one encode call per string."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import witscale.data.pack as pack
+from tests.test_templates import (OPENAI_TOOLS, SHAREGPT_TOOLS, TOOL_CHAT, _both_content_and_call,  # noqa: F401
+                                  hf_tool_tokenizers)
+from witscale.data.errors import RecordError
+from witscale.data.pack import PackOptions, pack_records
+from witscale.data.readers import normalize_record
+from witscale.data.render import Renderer
+from witscale.data.tokenizer import load_tokenizer
+
+TEXT_TEMPLATES = ["plain", "alpaca", "chatml", "tulu"]
+ALL_TEMPLATES = TEXT_TEMPLATES + ["llama3", "hf"]
+
+
+@pytest.fixture(scope="module")
+def llama_like_hf(sp_model_path, tmp_path_factory):
+    """The conftest SentencePiece model converted to a fast LLaMA tokenizer (Metaspace: the case where a string
+    after a special token is encoded differently) with the ChatML specials — what the benchmark packs with."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "bench"))
+    from bench_pack import hf_tokenizer_dir
+    return load_tokenizer(hf_tokenizer_dir(sp_model_path, str(tmp_path_factory.mktemp("llama-hf"))))
+
+
+def _records():
+    rng = np.random.default_rng(0)
+    words = ["Add", "two", "and", "three", "the", "sum", "is", "five", "é", "日本", "  ", "\n", "x.", "Paris?"]
+
+    def text(n):
+        return " ".join(rng.choice(words, int(rng.integers(0, n))))
+    recs = [TOOL_CHAT, OPENAI_TOOLS, SHAREGPT_TOOLS, _both_content_and_call(),
+            {"messages": [{"role": "user", "content": "2+2?"},
+                          {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"}]},
+            {"instruction": "Name a city.", "input": "", "output": "Paris"},
+            {"instruction": "Sum", "input": "2 and 3", "output": "5", "system": "Be exact."}]
+    for i in range(40):
+        turns = [{"role": "system", "content": text(8)}] if i % 4 == 0 else []
+        for t in range(1 + i % 3):
+            turns += [{"role": "user", "content": text(20) or "hi", "loss_weight": 0.5 if i % 5 == 0 else 1.0},
+                      {"role": "assistant", "content": text(30) + " five"}]
+        recs.append({"messages": turns, **({"weight": 2} if i % 7 == 0 else {})})
+    return recs
+
+
+def _convs(last_turn_only=False):
+    out = []
+    for r in _records():
+        fmt = "alpaca" if "instruction" in r else ("sharegpt" if "conversations" in r else "messages")
+        out.append(normalize_record(r, fmt, last_turn_only=last_turn_only))
+    return out
+
+
+def _one_by_one(renderer, convs):
+    out = []
+    for c in convs:
+        try:
+            out.append(renderer(c))
+        except RecordError as e:
+            out.append(e)
+    return out
+
+
+def _assert_same(batched, reference):
+    assert len(batched) == len(reference)
+    for k, (b, r) in enumerate(zip(batched, reference)):
+        if isinstance(r, RecordError):
+            assert isinstance(b, RecordError) and str(b) == str(r), k
+            continue
+        assert not isinstance(b, RecordError), (k, b)
+        assert b.ids.dtype == r.ids.dtype and b.ids.tolist() == r.ids.tolist(), k
+        assert b.classes.dtype == r.classes.dtype and b.classes.tolist() == r.classes.tolist(), k
+        assert (b.weights is None) == (r.weights is None), k
+        if r.weights is not None:
+            assert b.weights.dtype == r.weights.dtype and b.weights.tolist() == r.weights.tolist(), k
+
+
+@pytest.mark.parametrize("last_turn_only", [False, True])
+@pytest.mark.parametrize("template", ALL_TEMPLATES)
+def test_batched_documents_equal_one_record_at_a_time_bpe(hf_tool_tokenizers, template, last_turn_only):  # noqa: F811
+    """Byte-level BPE with every special (and a Qwen-like chat_template for ``hf``): every template, records with
+    tools, reasoning, system prompts, weights, several turns — and the refusals (tools under a text template)."""
+    renderer = Renderer(template, hf_tool_tokenizers["qwen"])
+    convs = _convs(last_turn_only)
+    docs = renderer.render_many(convs)
+    _assert_same(docs, _one_by_one(renderer, convs))
+    assert sum(not isinstance(d, RecordError) for d in docs) >= 40
+
+
+@pytest.mark.parametrize("template", TEXT_TEMPLATES)
+def test_batched_documents_equal_one_record_at_a_time_llama(llama_like_hf, template):
+    renderer = Renderer(template, llama_like_hf)
+    convs = _convs()
+    _assert_same(renderer.render_many(convs), _one_by_one(renderer, convs))
+
+
+def test_batched_encoding_equals_one_string_at_a_time(llama_like_hf):
+    """encode_many is encode_with_offsets per string — continuation (after a special token) included; for
+    lengths_only, the number of tokens."""
+    requests = [(t, c) for t in ["", " ", "Hello world", " Hello", "\nSum: 5", "日本 é x."] for c in (False, True)]
+    many = llama_like_hf.encode_many(requests)
+    lengths = llama_like_hf.encode_many(requests, lengths_only=set(range(0, len(requests), 3)))
+    for k, ((t, c), got) in enumerate(zip(requests, many)):
+        want = llama_like_hf.encode_with_offsets(t, c)
+        assert all(g.dtype == w.dtype and g.tolist() == w.tolist() for g, w in zip(got, want)), (t, c)
+        assert lengths[k] == len(want[0]) if k % 3 == 0 else lengths[k][0].tolist() == want[0].tolist()
+    assert llama_like_hf.encode_many([]) == []
+
+
+@pytest.mark.parametrize("template", ["plain", "chatml"])
+def test_chunk_size_and_workers_give_the_same_bytes_with_a_fast_tokenizer(tmp_path, monkeypatch, llama_like_hf,
+                                                                          template):
+    """Chunks of 1 record (each its own batch) and of 64 (one batch), 1 or 2 workers: the same packed bytes."""
+    recs = _records() * 3
+    outs = []
+    for chunk, workers in ((1, 1), (64, 1), (5, 2)):
+        monkeypatch.setattr(pack, "CHUNK_RECORDS", chunk)
+        out = str(tmp_path / f"c{chunk}w{workers}")
+        pack_records(recs, llama_like_hf.path, out, PackOptions(seq_len=256, template=template, workers=workers,
+                                                                skip_invalid=True, max_skip_fraction=1.0))
+        outs.append({n: open(os.path.join(out, n), "rb").read() for n in sorted(os.listdir(out))})
+    assert outs[0] == outs[1] == outs[2]
+    m = json.loads(outs[0]["manifest.json"])
+    assert m["num_documents"] > 100
+
+
+def _classify_by_class_counts(text, char_cls, char_msg, begin, end, num_classes):
+    """classify_tokens as it was (per-class prefix counts of non-whitespace characters): the reference."""
+    from witscale.data.classes import TokenClass
+    from witscale.data.templates import _IS_SPACE, BoundaryError
+    n = len(text)
+    code_points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+    nonws = ~_IS_SPACE[np.minimum(code_points, len(_IS_SPACE) - 1)]
+    onehot = np.zeros((num_classes, n + 1), dtype=np.int32)
+    onehot[char_cls[nonws], np.nonzero(nonws)[0] + 1] = 1
+    cum = np.cumsum(onehot, axis=1)
+    present = (cum[:, end] - cum[:, begin]) > 0
+    bad = np.nonzero(present.sum(axis=0) > 1)[0]
+    if len(bad):
+        k = int(bad[0])
+        names = [TokenClass(c).name.lower() if c < 9 else "end-of-turn" for c in np.nonzero(present[:, k])[0]]
+        raise BoundaryError(f"token {k} covers {text[begin[k]:end[k]]!r}, which spans classes "
+                            f"{' and '.join(names)}: the class boundary falls inside a token")
+    next_nonws = np.full(n + 1, n, dtype=np.int64)
+    idx = np.nonzero(nonws)[0]
+    if len(idx):
+        pos = np.searchsorted(idx, np.arange(n + 1), side="left")
+        ok = pos < len(idx)
+        next_nonws[ok] = idx[pos[ok]]
+    first = next_nonws[np.minimum(begin, n)]
+    at = np.where(first < end, first, np.minimum(begin, max(n - 1, 0)))
+    return char_cls[at], char_msg[at]
+
+
+def test_classify_tokens_equals_the_per_class_count_formulation():
+    """classify_tokens (class changes between consecutive non-whitespace characters) gives the classes, message
+    indices and BoundaryError messages of the per-class prefix counts it replaced, on random texts, classes and
+    token segmentations (zero-width tokens, whitespace-only tokens, Unicode spaces)."""
+    from witscale.data.templates import classify_tokens
+    rng = np.random.default_rng(0)
+    alphabet = list("ab  \n\té日x.") + ["\u3000", "\u00a0"]
+    errors = 0
+    for _ in range(3000):
+        n = int(rng.integers(1, 30))
+        text = "".join(rng.choice(alphabet, n))
+        cls = np.resize(np.repeat(rng.integers(0, 10, 6).astype(np.uint8), 6), n).astype(np.uint8)
+        msg = rng.integers(0, 4, n).astype(np.int64)
+        cuts = np.sort(rng.choice(np.arange(1, n), size=int(rng.integers(0, n)), replace=False)) if n > 1 else []
+        bounds = np.concatenate([[0], cuts, [n]]).astype(np.int64)
+        begin, end = bounds[:-1], bounds[1:]
+        if rng.random() < 0.2:
+            begin, end = np.append(begin, n), np.append(end, n)
+        outs = []
+        for f in (_classify_by_class_counts, classify_tokens):
+            try:
+                outs.append([a.tolist() for a in f(text, cls, msg, begin, end, num_classes=10)])
+            except RecordError as e:
+                outs.append(str(e))
+        assert outs[0] == outs[1], (text, cls, begin)
+        errors += isinstance(outs[0], str)
+    assert 300 < errors < 2700
