@@ -24,15 +24,11 @@ if __package__ in (None, ""):   # run as a script: make the repository importabl
 
 from witscale.data.classes import CLASS_NAMES, PROMPT_SIDE, RESPONSE_SIDE  # noqa: E402
 from witscale.data.weighting import build_weight_table, describe_weight_table, parse_class_weights  # noqa: E402
-from witscale.training.config import GROUPS, PRESETS, SETTINGS, RunConfig  # noqa: E402
+from witscale.training.config import GROUPS, PRESETS, SETTINGS, RunConfig, side_names  # noqa: E402
 from witscale.training.ds_config import DSConfigError, fill_ds_config, load_ds_config, zero_stage  # noqa: E402
 from witscale.training.flags import UsageError, add_flags  # noqa: E402,F401 - UsageError: train.py's refusals
 
 log = logging.getLogger("witscale")
-
-
-def _side(classes, sep: str) -> str:
-    return sep.join(c.name.lower() for c in classes)
 
 
 class _PresetParser(argparse.ArgumentParser):
@@ -78,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _PresetParser(
         prog="witscale/train.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Weighted Instruction Tuning on DeepSpeed: prompt tokens weighted λp, response tokens λr.",
-        epilog="Token classes: " + ", ".join(CLASS_NAMES) + f". --prompt-weight sets {_side(PROMPT_SIDE, ', ')}; "
-               f"--response-weight sets {_side(RESPONSE_SIDE, ', ')}; pad is always 0.")
+        epilog="Token classes: " + ", ".join(CLASS_NAMES) + f". --prompt-weight sets {side_names(PROMPT_SIDE, ', ')}; "
+               f"--response-weight sets {side_names(RESPONSE_SIDE, ', ')}; pad is always 0.")
     groups = add_flags(p, RunConfig, groups=GROUPS)
     groups[SETTINGS].add_argument(
         "--config", default=None, metavar="FILE",

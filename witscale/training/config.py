@@ -59,8 +59,9 @@ without clipping ignores that scale (up to its eps), so there only the ratio λp
 zero matter. With --clip-grad the scale decides how much is clipped (docs/objective.md)."""
 
 
-def _side(classes) -> str:
-    return "/".join(c.name.lower() for c in classes)
+def side_names(classes, sep: str = "/") -> str:
+    """A side's class names for help texts (e.g. 'system/prompt/template')."""
+    return sep.join(c.name.lower() for c in classes)
 
 
 def _number(v) -> str:
@@ -88,8 +89,8 @@ class RunConfig:
     model_config: Optional[str] = option(None, "HF-style config.json; the model starts from a seeded random init",
                                          group=DATA, one_of="model", required=True)
     # loss weights (docs/objective.md); their checks: witscale/data/weighting.py (the weight table)
-    prompt_weight: float = option(0.0, f"λp for {_side(PROMPT_SIDE)} tokens (default 0)", group=WEIGHTS)
-    response_weight: float = option(1.0, f"λr for {_side(RESPONSE_SIDE)} tokens (default 1)", group=WEIGHTS)
+    prompt_weight: float = option(0.0, f"λp for {side_names(PROMPT_SIDE)} tokens (default 0)", group=WEIGHTS)
+    response_weight: float = option(1.0, f"λr for {side_names(RESPONSE_SIDE)} tokens (default 1)", group=WEIGHTS)
     class_weights: str = option("", "per-class overrides, e.g. 'template=0,reasoning=0.3,tool=0'", group=WEIGHTS)
     normalization: str = option("nonzero", NORMALIZATION_HELP, group=WEIGHTS, choices=NORMALIZATIONS)
     # learned weights (docs/objective.md#learned-weights; witscale/training/learned_weights.py)
