@@ -389,7 +389,8 @@ def train_loop(plan: Plan, topo, module):
     vocab = plan.model_config.vocab_size
     loader = PackedLoader(plan.dataset, plan.weight_table, micro_batch_size=cfg.micro_batch_size,
                           grad_accum=cfg.grad_accum, dp_size=topo.dp, dp_rank=topo.dp_rank, seed=cfg.seed,
-                          shuffle=not cfg.no_shuffle, vocab_size=vocab)
+                          shuffle=not cfg.no_shuffle, vocab_size=vocab,
+                          sp_size=topo.sp, sp_rank=topo.sp_rank)   # --sp: each rank reads its part of the rows
     eval_loader = None
     if plan.eval_dataset is not None:
         # Evaluation reads every row once; a set smaller than one micro-batch is fine.

@@ -159,6 +159,11 @@ def sequence_shard_micro_batch(mb: MicroBatch, topo) -> MicroBatch:
     after a cut is predicted by the rank before it — and positions are per document; ``cu_seqlens`` and
     ``max_seqlen`` stay the whole rows' (attention runs on whole rows: witscale/parallel/sequence.py)."""
     sp = getattr(topo, "sp", 1)
+    if mb.sequence_shard is not None:       # read already cut by the loader (PackedLoader(sp_size=…))
+        if mb.sequence_shard != (getattr(topo, "sp_rank", 0), sp):
+            raise ValueError(f"a micro-batch cut for sp rank {mb.sequence_shard[0]} of {mb.sequence_shard[1]} on "
+                             f"sp rank {getattr(topo, 'sp_rank', 0)} of {sp}")
+        return mb
     if sp == 1:
         return mb
     from dataclasses import replace
@@ -382,6 +387,8 @@ class Trainer:
             raise ValueError(f"the step has {len(batch.micro_batches)} micro-batches, the engine expects "
                              f"{self.grad_accum}")
         # Counted over the global batch before the forward pass (docs/objective.md#global-denominator).
+        if batch.shard_counts is not None:
+            batch = self._sum_shard_counts(batch)
         denominator = batch.denominators[self.objective.denominator(self.normalization)]
         # A global batch with nothing to learn from (e.g. all weights 0) gives a zero gradient, not NaN.
         scale = self.runner.loss_scale(denominator, self.grad_accum)
@@ -435,6 +442,15 @@ class Trainer:
                                   denominator=denominator, per_step=self.grad_accum * self.topo.dp, topo=self.topo)
         learner.update(h)
         self.loader.table = learner.apply(self.loader.table)
+
+    def _sum_shard_counts(self, batch: StepBatch) -> StepBatch:
+        """A loader that read only this sp rank's part of the rows counted only that part of the denominators:
+        exact integers (loader.ShardCounts), summed over the sp group — one small all-reduce and one host
+        transfer per optimizer step, before the forward pass."""
+        counts = torch.from_numpy(batch.shard_counts).to(self.device)
+        if getattr(self.topo, "sp", 1) > 1:
+            dist.all_reduce(counts, group=self.topo.sp_group)
+        return batch.with_shard_counts_summed(counts.cpu().numpy())
 
     # --- evaluation ---------------------------------------------------------------------------------
     @torch.no_grad()
