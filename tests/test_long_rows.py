@@ -213,3 +213,11 @@ def test_a_micro_batch_cut_for_another_sp_rank_is_refused():
                     max_seqlen=8, sequence_shard=(1, 2))
     with pytest.raises(ValueError, match="cut for sp rank 1 of 2 on sp rank 0 of 2"):
         sequence_shard_micro_batch(mb, SimpleNamespace(sp=2, sp_rank=0))
+
+
+def test_a_micro_batch_beyond_int32_cu_seqlens_is_refused():
+    """B × S ≥ 2^31 tokens would wrap the int32 cu_seqlens silently: refused in one line when the loader is built."""
+    rows = type("Rows", (), {"seq_len": MILLION, "__len__": lambda self: 4096})()
+    PackedLoader(rows, build_weight_table(0.3, 1.0), micro_batch_size=2047, grad_accum=1)
+    with pytest.raises(ValueError, match=r"^a micro-batch of 2048 rows × 1048576 tokens is 2\^31 tokens or more"):
+        PackedLoader(rows, build_weight_table(0.3, 1.0), micro_batch_size=2048, grad_accum=1)

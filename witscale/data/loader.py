@@ -240,6 +240,10 @@ class PackedLoader:
             raise ValueError(
                 f"the dataset has {len(dataset)} packed rows but one global batch needs {self.global_rows} "
                 f"(micro-batch {micro_batch_size} × grad-accum {grad_accum} × data-parallel {dp_size})")
+        if micro_batch_size * dataset.seq_len >= 1 << 31:
+            # cu_seqlens are int32 over the micro-batch's B × S tokens (what flash-attn takes): they would wrap
+            raise ValueError(f"a micro-batch of {micro_batch_size} rows × {dataset.seq_len} tokens is 2^31 tokens or "
+                             f"more, beyond the int32 cu_seqlens of packed attention: lower the micro-batch size")
         self.steps_per_epoch = len(dataset) // self.global_rows
         self.preference = bool(getattr(dataset, "is_preference", False))
         self.epoch = 0
