@@ -396,7 +396,8 @@ def train_loop(plan: Plan, topo, module):
         # Evaluation reads every row once; a set smaller than one micro-batch is fine.
         eval_loader = PackedLoader(plan.eval_dataset, plan.weight_table,
                                    micro_batch_size=min(cfg.micro_batch_size, len(plan.eval_dataset)),
-                                   grad_accum=1, dp_size=1, dp_rank=0, seed=0, shuffle=False, vocab_size=vocab)
+                                   grad_accum=1, dp_size=1, dp_rank=0, seed=0, shuffle=False, vocab_size=vocab,
+                                   sp_size=topo.sp, sp_rank=topo.sp_rank)
     learner = None
     if cfg.learn_weights:       # checked by plan_run
         from witscale.training.learned_weights import WeightLearner, parse_learn_classes, validation_table

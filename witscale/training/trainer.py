@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 
 from witscale.data.classes import CLASS_NAMES, NUM_CLASSES, PROMPT_SIDE, RESPONSE_SIDE
-from witscale.data.loader import MicroBatch, PackedLoader, StepBatch
+from witscale.data.loader import MicroBatch, PackedLoader, ShardCounts, StepBatch
 from witscale.data.weighting import NORMALIZATIONS, denominators_of
 from witscale.training import checkpoint
 from witscale.training.ds_config import zero_stage
@@ -447,10 +447,15 @@ class Trainer:
         """A loader that read only this sp rank's part of the rows counted only that part of the denominators:
         exact integers (loader.ShardCounts), summed over the sp group — one small all-reduce and one host
         transfer per optimizer step, before the forward pass."""
-        counts = torch.from_numpy(batch.shard_counts).to(self.device)
-        if getattr(self.topo, "sp", 1) > 1:
-            dist.all_reduce(counts, group=self.topo.sp_group)
-        return batch.with_shard_counts_summed(counts.cpu().numpy())
+        return batch.with_shard_counts_summed(self._sum_over_sp(batch.shard_counts))
+
+    def _sum_over_sp(self, counts: np.ndarray) -> np.ndarray:
+        """``counts`` (int64, ShardCounts) summed over the sp group, on the host."""
+        if getattr(self.topo, "sp", 1) == 1:
+            return counts
+        summed = torch.from_numpy(counts).to(self.device)
+        dist.all_reduce(summed, group=self.topo.sp_group)
+        return summed.cpu().numpy()
 
     # --- evaluation ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -463,10 +468,17 @@ class Trainer:
         out of rows.
         """
         micro_batches, denominators = [], np.zeros(len(NORMALIZATIONS))
+        parts = np.zeros(ShardCounts.SIZE, dtype=np.int64)     # a loader reading each sp rank's part of the rows
         for _, mb in self.rank_micro_batches(eval_loader):
-            counts = denominators_of(mb.labels.numpy(), mb.weights.numpy())
-            denominators += [counts[k] for k in NORMALIZATIONS]
+            if mb.sequence_shard is not None:
+                parts += ShardCounts.of(mb.labels.numpy(), mb.weights.numpy())
+            else:
+                counts = denominators_of(mb.labels.numpy(), mb.weights.numpy())
+                denominators += [counts[k] for k in NORMALIZATIONS]
             micro_batches.append(mb.to(self.device))
+        if getattr(eval_loader, "sp_size", 1) > 1:      # the parts summed over sp (one all-reduce): the whole rows' counts
+            whole = ShardCounts.denominators(self._sum_over_sp(parts))
+            denominators = np.array([whole[k] for k in NORMALIZATIONS])
         self.engine.eval()
         try:
             totals = self.runner.score(micro_batches, torch.tensor(denominators, dtype=torch.float64,
