@@ -1,7 +1,6 @@
 """Long packed rows (issue 24): the packer at --seq-len 1,048,576, and a loader that reads only its sp rank's part
 of every row. The sharded loader's micro-batches are byte-equal to the whole-row loader's cut by the trainer
 (sequence_shard_micro_batch), and its exact per-part counts add up to the whole batch's denominators."""
-import os
 import time
 from types import SimpleNamespace
 

@@ -3,7 +3,8 @@
 One optimizer step consumes a *global batch* of ``dp × grad_accum × micro_batch_size`` rows. The sampler
 draws it from a seeded per-epoch permutation; every data-parallel rank draws the same permutation, so each
 rank can compute the denominators of the whole global batch (count of non-zero-weight targets, weight sum,
-target count) locally, without communication, before any forward pass. Every micro-batch on every rank and
+target count) locally, without communication, before any forward pass (under --sp, a rank that reads only its
+part of the rows counts that part exactly, ShardCounts, and the sp group sums the parts once per step). Every micro-batch on every rank and
 pipeline stage is then divided by the same constant — the paper's objective, with no per-micro-batch or
 per-rank normalization ("gradient accumulation bug").
 
@@ -87,7 +88,7 @@ class StepBatch:
     step_in_epoch: int
     global_sum_sq_doc_lengths: float = 0.0   # Σ L² over the global batch's documents (attention FLOPs)
     # A loader that reads only its sp rank's part of the rows: this rank's part of the denominators as exact
-    # integers (ShardCounts.vector), summed over the sp group by the trainer once per step (``denominators``
+    # integers (ShardCounts.of), summed over the sp group by the trainer once per step (``denominators``
     # holds only the counts every rank knows, e.g. 'pairs', until then). None: denominators are complete.
     shard_counts: np.ndarray | None = None
 
@@ -170,8 +171,8 @@ class ShardCounts:
     ranks' parts add up, in any order, to the whole rows' counts: [non-zero-weight targets, targets, then the
     weight sum as float32 mantissa sums per binary exponent]. A float64 sum of each part would round differently
     from the sum over the whole row; integers do not. :meth:`denominators` rounds the exact weight sum once
-    (equal to denominators_of's float64 sum whenever that one is exact — any weights within 2^29 of one another
-    per batch; otherwise closer to the true sum)."""
+    (equal to denominators_of's float64 sum whenever that one is exact, else the correctly rounded sum:
+    docs/packed-format.md#what-the-loader-derives-from-a-row)."""
 
     EXPONENTS = 255                 # biased exponents 1..254 of finite float32 (subnormals share 1's scale)
     SIZE = 2 + EXPONENTS
@@ -184,12 +185,14 @@ class ShardCounts:
         mantissa = (bits & 0x7FFFFF) | ((exponent > 0).astype(np.uint32) << 23)
         if len(exponent) and int(exponent.max()) == 0xFF:
             raise ValueError("a target weight is not finite")
-        # float64 bincount is exact here: each mantissa < 2^24, fewer than 2^29 tokens in a row's part
-        sums = np.bincount(np.maximum(exponent, 1), weights=mantissa, minlength=cls.EXPONENTS)
+        # bincount sums in float64: the mantissas' two 12-bit halves each stay exact up to 2^41 tokens
+        exponent = np.maximum(exponent, 1)
+        high = np.bincount(exponent, weights=mantissa >> 12, minlength=cls.EXPONENTS).astype(np.int64)
+        low = np.bincount(exponent, weights=mantissa & 0xFFF, minlength=cls.EXPONENTS).astype(np.int64)
         out = np.zeros(cls.SIZE, dtype=np.int64)
         out[0] = np.count_nonzero(predicted & (weights > 0))
         out[1] = np.count_nonzero(predicted)
-        out[2:] = sums.astype(np.int64)
+        out[2:] = (high << 12) + low
         return out
 
     @classmethod
