@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests import test_train_cli_operations as operations
 from witscale.data.classes import TokenClass
 from witscale.data.format import PackedDataset, PackedWriter, TokenizedCorpus, write_packed
 from witscale.data.loader import MicroBatch, PackedLoader, ShardCounts
@@ -220,3 +221,21 @@ def test_a_micro_batch_beyond_int32_cu_seqlens_is_refused():
     PackedLoader(rows, build_weight_table(0.3, 1.0), micro_batch_size=2047, grad_accum=1)
     with pytest.raises(ValueError, match=r"^a micro-batch of 2048 rows × 1048576 tokens is 2\^31 tokens or more"):
         PackedLoader(rows, build_weight_table(0.3, 1.0), micro_batch_size=2048, grad_accum=1)
+
+
+run_inputs = operations.run_inputs      # the session fixture: packed data, a tiny Llama config, the tokenizer
+
+
+def test_train_refuses_a_micro_batch_beyond_int32_cu_seqlens_up_front(run_inputs, tmp_path):
+    """witscale/train.py's plan_run, before any process group: one line naming the data."""
+    from witscale.train import UsageError, build_parser, plan_run
+    from witscale.training.config import RunConfig
+    seq_len = PackedDataset(run_inputs["train"]).seq_len
+    args = dict(zip(*[iter(operations._args(run_inputs, tmp_path, 2))] * 2))
+    micro = -(-(1 << 31) // seq_len)                    # the fewest rows reaching 2^31 tokens
+    args["--micro-batch-size"] = str(micro)
+    with pytest.raises(UsageError) as e:
+        plan_run(RunConfig.from_args(build_parser().parse_args([x for kv in args.items() for x in kv])), 1)
+    assert str(e.value) == (f"--data {run_inputs['train']}: --micro-batch-size {micro} rows of "
+                            f"{seq_len} tokens is 2^31 tokens or more, beyond the int32 cu_seqlens of packed "
+                            f"attention: lower it")

@@ -159,6 +159,9 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
     if dataset.seq_len % cfg.sp:     # each sp rank takes a contiguous 1/sp of every row
         raise UsageError(f"--data {cfg.data}: rows of {dataset.seq_len} tokens cannot be cut into --sp {cfg.sp} "
                          "equal parts; repack with a --seq-len divisible by it")
+    if cfg.micro_batch_size * dataset.seq_len >= 1 << 31:     # PackedLoader refuses it too (int32 cu_seqlens)
+        raise UsageError(f"--data {cfg.data}: --micro-batch-size {cfg.micro_batch_size} rows of {dataset.seq_len} "
+                         f"tokens is 2^31 tokens or more, beyond the int32 cu_seqlens of packed attention: lower it")
     if cfg.compile:
         from witscale.model.transformer import compile_refusal
         why = compile_refusal(zero_stage=dims.zero_stage, pp=dims.pp, sp=dims.sp)
