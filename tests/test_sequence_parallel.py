@@ -38,8 +38,12 @@ def test_sp2_matches_sp1_zero0():
     runs = [dict(model=model, stage=0, micro=2, accum=2, steps=3, lr=1e-3, eps=1e-6, do_probe=True, lp=0.5,
                  seq_len=SEQ_LEN, data_seed=DATA_SEED, with_weights=True)
             for model in ({}, {"num_key_value_heads": 1})]
+    # Long rows (issue 24): rows twice as long, the loader reading only each sp rank's part (train.py's), in the
+    # same launches (tests/test_long_rows.py: its micro-batches are byte-equal to the whole rows cut).
+    runs.append(dict(runs[0], seq_len=2 * SEQ_LEN, do_probe=False, evaluate=True, shard_loader=True))
     ref = run_distributed(_worker, 1, [dict(r, sp=1) for r in runs])[0]
     out = run_distributed(_worker, 2, [dict(r, sp=2) for r in runs])
+    _assert_sharded_loader_run(out, ref)
     for i, what in enumerate(("GQA 4/2", "1 KV head")):
         want = ref[i]
         logits = np.concatenate([out[0][i]["probe"]["logits"], out[1][i]["probe"]["logits"]], axis=1)
@@ -58,6 +62,21 @@ def test_sp2_matches_sp1_zero0():
             # Adam turns fp32 rounding of a ~0 gradient into a step of up to ±lr (see the tp tests): 1e-5 after 3 steps.
             for name, p in want["params"].items():
                 np.testing.assert_allclose(got["params"][name], p, rtol=0, atol=1e-5, err_msg=f"{what}: {name}")
+
+
+def _assert_sharded_loader_run(out: list, ref: list) -> None:
+    """Run 2 of test_sp2_matches_sp1_zero0: sp 2 with each rank reading its part of the rows (and of the
+    evaluation's) trains and evaluates as one rank: 3 steps' losses, gradient norms, parameters, the evaluation."""
+    want = ref[2]
+    for rank in (0, 1):
+        sharded = out[rank][2]
+        for key, value in want["eval"].items():
+            assert sharded["eval"][key] == pytest.approx(value, rel=1e-6), f"rank {rank}: {key}"
+        np.testing.assert_allclose(sharded["losses"], want["losses"], rtol=1e-6, err_msg=f"rank {rank}")
+        np.testing.assert_allclose([r["grad_norm"] for r in sharded["results"]],
+                                   [r["grad_norm"] for r in want["results"]], rtol=1e-6, err_msg=f"rank {rank}")
+        for name, p in want["params"].items():
+            np.testing.assert_allclose(sharded["params"][name], p, rtol=0, atol=1e-5, err_msg=f"rank {rank}: {name}")
 
 
 # 8 heads / 4 KV heads: at tp=2 × sp=2 each rank attends over 2 query heads and 1 KV head of the whole rows.

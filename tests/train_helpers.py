@@ -98,8 +98,11 @@ def probe(module, loader, topo):
 
 
 def train_worker(rank, world, *, tp=1, sp=1, do_probe=False, stage=0, micro=1, accum=1, steps=1, normalization="nonzero", lp=0.2, lr_w=1.0,
-                 lr=1e-3, clip=0.0, eps=1e-8, seed=0, rows=8, seq_len=48, with_weights=False, model=None, data_seed=1):
-    """Train ``steps`` optimizer steps on a world of ``world`` data-parallel ranks; return losses and params."""
+                 lr=1e-3, clip=0.0, eps=1e-8, seed=0, rows=8, seq_len=48, with_weights=False, model=None, data_seed=1,
+                 shard_loader=False, evaluate=False):
+    """Train ``steps`` optimizer steps on a world of ``world`` data-parallel ranks; return losses and params.
+    ``shard_loader``: under sp, each rank's loader reads only its part of the rows (what train.py runs);
+    ``evaluate``: then one evaluation over the whole data set."""
     import torch
 
     from witscale.data.loader import PackedLoader
@@ -119,11 +122,18 @@ def train_worker(rank, world, *, tp=1, sp=1, do_probe=False, stage=0, micro=1, a
     module = build_module(cfg, topo, config, model_dir=None, seed=seed)
     data = random_packed(rows, seq_len, cfg.vocab_size, data_seed, with_weights)
     loader = PackedLoader(data, build_weight_table(lp, lr_w), micro_batch_size=micro, grad_accum=accum,
-                          dp_size=topo.dp, dp_rank=topo.dp_rank, seed=seed)
+                          dp_size=topo.dp, dp_rank=topo.dp_rank, seed=seed,
+                          **(dict(sp_size=topo.sp, sp_rank=topo.sp_rank) if shard_loader else {}))
     probed = probe(module, loader, topo) if do_probe else None
     trainer = Trainer(module=module, ds_config=config, loader=loader, topo=topo, normalization=normalization,
                       lr=lr, weight_decay=0.0, betas=(0.9, 0.999), eps=eps, total_steps=steps, warmup_ratio=0.0)
     results = [trainer.train_step(loader.next_step()) for _ in range(steps)]
     params = trainer.full_dense_state_dict()
+    evaluation = None
+    if evaluate:                 # the whole data set as the evaluation set, read as the training loader reads it
+        evaluation = trainer.evaluate(PackedLoader(data, build_weight_table(lp, lr_w), micro_batch_size=micro,
+                                                   grad_accum=1, shuffle=False,
+                                                   **(dict(sp_size=topo.sp, sp_rank=topo.sp_rank)
+                                                      if shard_loader else {})))
     return {"losses": [r.loss for r in results], "results": [r.as_dict() for r in results],
-            "params": {k: v.numpy() for k, v in params.items()}, "probe": probed}
+            "params": {k: v.numpy() for k, v in params.items()}, "probe": probed, "eval": evaluation}

@@ -159,6 +159,9 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
     if dataset.seq_len % cfg.sp:     # each sp rank takes a contiguous 1/sp of every row
         raise UsageError(f"--data {cfg.data}: rows of {dataset.seq_len} tokens cannot be cut into --sp {cfg.sp} "
                          "equal parts; repack with a --seq-len divisible by it")
+    if cfg.micro_batch_size * dataset.seq_len >= 1 << 31:     # PackedLoader refuses it too (int32 cu_seqlens)
+        raise UsageError(f"--data {cfg.data}: --micro-batch-size {cfg.micro_batch_size} rows of {dataset.seq_len} "
+                         f"tokens is 2^31 tokens or more, beyond the int32 cu_seqlens of packed attention: lower it")
     if cfg.compile:
         from witscale.model.transformer import compile_refusal
         why = compile_refusal(zero_stage=dims.zero_stage, pp=dims.pp, sp=dims.sp)
@@ -389,13 +392,15 @@ def train_loop(plan: Plan, topo, module):
     vocab = plan.model_config.vocab_size
     loader = PackedLoader(plan.dataset, plan.weight_table, micro_batch_size=cfg.micro_batch_size,
                           grad_accum=cfg.grad_accum, dp_size=topo.dp, dp_rank=topo.dp_rank, seed=cfg.seed,
-                          shuffle=not cfg.no_shuffle, vocab_size=vocab)
+                          shuffle=not cfg.no_shuffle, vocab_size=vocab,
+                          sp_size=topo.sp, sp_rank=topo.sp_rank)   # --sp: each rank reads its part of the rows
     eval_loader = None
     if plan.eval_dataset is not None:
         # Evaluation reads every row once; a set smaller than one micro-batch is fine.
         eval_loader = PackedLoader(plan.eval_dataset, plan.weight_table,
                                    micro_batch_size=min(cfg.micro_batch_size, len(plan.eval_dataset)),
-                                   grad_accum=1, dp_size=1, dp_rank=0, seed=0, shuffle=False, vocab_size=vocab)
+                                   grad_accum=1, dp_size=1, dp_rank=0, seed=0, shuffle=False, vocab_size=vocab,
+                                   sp_size=topo.sp, sp_rank=topo.sp_rank)
     learner = None
     if cfg.learn_weights:       # checked by plan_run
         from witscale.training.learned_weights import WeightLearner, parse_learn_classes, validation_table

@@ -3,7 +3,8 @@
 One optimizer step consumes a *global batch* of ``dp × grad_accum × micro_batch_size`` rows. The sampler
 draws it from a seeded per-epoch permutation; every data-parallel rank draws the same permutation, so each
 rank can compute the denominators of the whole global batch (count of non-zero-weight targets, weight sum,
-target count) locally, without communication, before any forward pass. Every micro-batch on every rank and
+target count) locally, without communication, before any forward pass (under --sp, a rank that reads only its
+part of the rows counts that part exactly, ShardCounts, and the sp group sums the parts once per step). Every micro-batch on every rank and
 pipeline stage is then divided by the same constant — the paper's objective, with no per-micro-batch or
 per-rank normalization ("gradient accumulation bug").
 
@@ -42,6 +43,9 @@ class MicroBatch:
     doc_role: torch.Tensor | None = None         # [D] int64, 0 chosen / 1 rejected
     doc_pair: torch.Tensor | None = None         # [D] int64, local pair 0..P-1 (chosen and rejected share it)
     reference_logps: torch.Tensor | None = None  # [D] float64, the reference model's; NaN when the data has none
+    # (sp_rank, sp) when the loader read only this sp rank's contiguous 1/sp of every row (PackedLoader(sp_size=…)):
+    # the per-token tensors are [B, S/sp], cu_seqlens / max_seqlen / real_tokens stay the whole rows'.
+    sequence_shard: tuple[int, int] | None = None
 
     TENSORS = ("input_ids", "labels", "weights", "target_classes", "position_ids", "cu_seqlens",
                "doc_index", "doc_role", "doc_pair", "reference_logps")
@@ -83,6 +87,15 @@ class StepBatch:
     epoch: int
     step_in_epoch: int
     global_sum_sq_doc_lengths: float = 0.0   # Σ L² over the global batch's documents (attention FLOPs)
+    # A loader that reads only its sp rank's part of the rows: this rank's part of the denominators as exact
+    # integers (ShardCounts.of), summed over the sp group by the trainer once per step (``denominators``
+    # holds only the counts every rank knows, e.g. 'pairs', until then). None: denominators are complete.
+    shard_counts: np.ndarray | None = None
+
+    def with_shard_counts_summed(self, total: np.ndarray) -> "StepBatch":
+        """This batch with its denominators complete, ``total`` the sum of every sp rank's ``shard_counts``."""
+        return replace(self, denominators={**self.denominators, **ShardCounts.denominators(total)},
+                       shard_counts=None)
 
 
 def row_targets(tokens: np.ndarray, classes: np.ndarray, explicit: np.ndarray | None,
@@ -113,6 +126,85 @@ def row_targets(tokens: np.ndarray, classes: np.ndarray, explicit: np.ndarray | 
     return labels, weights, target_classes, positions, used
 
 
+def shard_bounds(seq_len: int, sp: int, sp_rank: int) -> tuple[int, int]:
+    """[start, stop) of sp rank ``sp_rank``'s contiguous part of a row (parallel/sequence.sequence_shard's cut)."""
+    if seq_len % sp:
+        raise ValueError(f"row length {seq_len} is not divisible by --sp {sp}")
+    n = seq_len // sp
+    return sp_rank * n, (sp_rank + 1) * n
+
+
+def shard_targets(tokens: np.ndarray, classes: np.ndarray, explicit: np.ndarray | None, doc_lengths: np.ndarray,
+                  table: np.ndarray, start: int, stop: int, seq_len: int):
+    """:func:`row_targets` of positions [start, stop) of a row, from the row's arrays read over
+    [start, min(stop + 1, seq_len)) only: one position past the part, whose token, class and weight are the
+    target of the part's last position (the token after a cut is predicted by the rank before it). The
+    documents' lengths (the whole row's: a few numbers) place the document ends and positions. Equal, value for
+    value, to row_targets' arrays sliced [start:stop] (tests/test_long_rows.py)."""
+    n = stop - start
+    ends = np.cumsum(doc_lengths, dtype=np.int64)
+    used = int(ends[-1]) if len(ends) else 0
+    labels = np.full(n, IGNORE_INDEX, dtype=np.int64)
+    last = min(stop, used - 1)               # labels exist for t < used - 1
+    if last > start:
+        labels[:last - start] = tokens[1:last - start + 1]
+    inside = ends[(ends - 1 >= start) & (ends - 1 < stop)] - 1
+    labels[inside - start] = IGNORE_INDEX    # a document's last token predicts nothing
+    target_classes = np.zeros(n, dtype=np.int64)
+    shifted = min(stop, seq_len - 1) - start  # the row's last position has no next token
+    target_classes[:shifted] = classes[1:shifted + 1]
+    ignored = labels == IGNORE_INDEX
+    target_classes[ignored] = TokenClass.PAD
+    weights = table[target_classes].astype(np.float32)
+    if explicit is not None:
+        weights[:shifted] *= explicit[1:shifted + 1]
+    weights[ignored] = 0.0
+    t = np.arange(start, stop, dtype=np.int64)
+    doc = np.searchsorted(ends, t, side="right")                 # the document of each position (k: pad tail)
+    doc_starts = np.concatenate([[0], ends])
+    positions = t - doc_starts[np.minimum(doc, len(ends))]       # the pad tail counts from `used` = ends[-1]
+    return labels, weights, target_classes, positions, used
+
+
+class ShardCounts:
+    """This rank's part of the denominators (:func:`denominators_of`) as exact int64 numbers, so that the sp
+    ranks' parts add up, in any order, to the whole rows' counts: [non-zero-weight targets, targets, then the
+    weight sum as float32 mantissa sums per binary exponent]. A float64 sum of each part would round differently
+    from the sum over the whole row; integers do not. :meth:`denominators` rounds the exact weight sum once
+    (equal to denominators_of's float64 sum whenever that one is exact, else the correctly rounded sum:
+    docs/packed-format.md#what-the-loader-derives-from-a-row)."""
+
+    EXPONENTS = 255                 # biased exponents 1..254 of finite float32 (subnormals share 1's scale)
+    SIZE = 2 + EXPONENTS
+
+    @classmethod
+    def of(cls, labels: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        predicted = labels != IGNORE_INDEX
+        bits = np.ascontiguousarray(weights[predicted], dtype=np.float32).view(np.uint32)
+        exponent = (bits >> 23) & 0xFF
+        mantissa = (bits & 0x7FFFFF) | ((exponent > 0).astype(np.uint32) << 23)
+        if len(exponent) and int(exponent.max()) == 0xFF:
+            raise ValueError("a target weight is not finite")
+        # bincount sums in float64: the mantissas' two 12-bit halves each stay exact up to 2^41 tokens
+        exponent = np.maximum(exponent, 1)
+        high = np.bincount(exponent, weights=mantissa >> 12, minlength=cls.EXPONENTS).astype(np.int64)
+        low = np.bincount(exponent, weights=mantissa & 0xFFF, minlength=cls.EXPONENTS).astype(np.int64)
+        out = np.zeros(cls.SIZE, dtype=np.int64)
+        out[0] = np.count_nonzero(predicted & (weights > 0))
+        out[1] = np.count_nonzero(predicted)
+        out[2:] = (high << 12) + low
+        return out
+
+    @classmethod
+    def denominators(cls, total: np.ndarray) -> dict[str, float]:
+        """{'nonzero', 'weight_sum', 'tokens'} of the summed counts. A float32 of biased exponent e ≥ 1 and
+        mantissa m is m · 2^(e−150): Σ = (Σ_e sum_e · 2^(e−1)) · 2^−149, an exact integer divided once
+        (Python's int / int is correctly rounded)."""
+        total = [int(x) for x in np.asarray(total, dtype=np.int64)]
+        exact = sum(m << (e - 1) for e, m in enumerate(total[2:]) if m and e >= 1)
+        return {"nonzero": float(total[0]), "weight_sum": exact / (1 << 149), "tokens": float(total[1])}
+
+
 def segment_lengths(doc_lengths: np.ndarray, seq_len: int) -> list[int]:
     """Attention segments of a row: its documents, then the pad tail as a segment of its own."""
     lens = [int(x) for x in doc_lengths]
@@ -132,8 +224,12 @@ class PackedLoader:
 
     def __init__(self, dataset, weight_table: np.ndarray, *, micro_batch_size: int, grad_accum: int,
                  dp_size: int = 1, dp_rank: int = 0, seed: int = 0, shuffle: bool = True,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, sp_size: int = 1, sp_rank: int = 0):
         self.dataset = dataset
+        # sp_size > 1: read only sp rank `sp_rank`'s contiguous 1/sp of every row (plus one position past it):
+        # micro-batches come cut (MicroBatch.sequence_shard) and the denominators as ShardCounts to sum over sp
+        self.sp_size, self.sp_rank = sp_size, sp_rank
+        self.shard = shard_bounds(dataset.seq_len, sp_size, sp_rank) if sp_size > 1 else None
         self.vocab_size = vocab_size      # token ids are checked against it row by row (None: not checked)
         self.table = np.asarray(weight_table, dtype=np.float32)
         self.micro_batch_size = micro_batch_size
@@ -147,6 +243,10 @@ class PackedLoader:
             raise ValueError(
                 f"the dataset has {len(dataset)} packed rows but one global batch needs {self.global_rows} "
                 f"(micro-batch {micro_batch_size} × grad-accum {grad_accum} × data-parallel {dp_size})")
+        if micro_batch_size * dataset.seq_len >= 1 << 31:
+            # cu_seqlens are int32 over the micro-batch's B × S tokens (what flash-attn takes): they would wrap
+            raise ValueError(f"a micro-batch of {micro_batch_size} rows × {dataset.seq_len} tokens is 2^31 tokens or "
+                             f"more, beyond the int32 cu_seqlens of packed attention: lower the micro-batch size")
         self.steps_per_epoch = len(dataset) // self.global_rows
         self.preference = bool(getattr(dataset, "is_preference", False))
         self.epoch = 0
@@ -176,14 +276,21 @@ class PackedLoader:
 
     # --- assembly ----------------------------------------------------------------------------------
     def _row(self, index: int):
-        """(tokens, doc_lengths, labels, weights, target_classes, positions, used) of one packed row."""
+        """(tokens, doc_lengths, labels, weights, target_classes, positions, used) of one packed row — of this
+        sp rank's part of it when the loader is sharded (the per-token arrays read over that part and one
+        position past it only; doc_lengths always the whole row's)."""
         ds = self.dataset
-        explicit = ds.weights[index] if ds.weights is not None else None
-        tokens, doc_lengths, classes = ds.tokens[index], ds.doc_lengths(index), ds.classes[index]
+        read = index if self.shard is None else (index, slice(self.shard[0], min(self.shard[1] + 1, ds.seq_len)))
+        tokens, doc_lengths, classes = ds.tokens[read], ds.doc_lengths(index), ds.classes[read]
+        explicit = ds.weights[read] if ds.weights is not None else None
         self._check_row(index, tokens, classes)
         if self.preference:
             self._check_pairs(index)
-        return (tokens, doc_lengths) + row_targets(tokens, classes, explicit, doc_lengths, self.table)
+        if self.shard is None:
+            return (tokens, doc_lengths) + row_targets(tokens, classes, explicit, doc_lengths, self.table)
+        start, stop = self.shard
+        return (tokens[:stop - start], doc_lengths) + shard_targets(tokens, classes, explicit, doc_lengths, self.table,
+                                                                    start, stop, ds.seq_len)
 
     def _check_pairs(self, index: int) -> None:
         """A row of preference data must hold whole pairs, chosen then rejected of the same pair: a split or
@@ -235,6 +342,7 @@ class PackedLoader:
         cu = np.zeros(len(segs) + 1, dtype=np.int32)
         np.cumsum(segs, out=cu[1:])
         preference = self._preference_tensors(rows, labs) if self.preference else {}
+        shard = {"sequence_shard": (self.sp_rank, self.sp_size)} if self.shard is not None else {}
         return MicroBatch(
             input_ids=torch.from_numpy(np.stack(ids)),
             labels=torch.from_numpy(np.stack(labs)),
@@ -246,28 +354,29 @@ class PackedLoader:
             rows=[int(r) for r in rows],
             real_tokens=real,
             **preference,
+            **shard,
         )
 
     def _preference_tensors(self, rows, labels: list) -> dict:
         """doc_index / doc_role / doc_pair / reference_logps of the micro-batch of `rows` (their labels)."""
         ds = self.dataset
-        seq_len = ds.seq_len
+        start, stop = self.shard or (0, ds.seq_len)
         index_rows, roles, refs = [], [], []
         first = 0                                  # local index of the row's first completion
         for r, row_labels in zip(rows, labels):
-            start, end = ds.doc_range(int(r))
+            d0, d1 = ds.doc_range(int(r))
             lengths = np.asarray(ds.doc_lengths(int(r)), dtype=np.int64)
-            index = np.full(seq_len, -1, dtype=np.int64)
-            used = int(lengths.sum())
-            index[:used] = np.repeat(np.arange(first, first + end - start, dtype=np.int64), lengths)
+            # the completion of each position of [start, stop): its document, -1 on the pad tail
+            doc = np.searchsorted(np.cumsum(lengths), np.arange(start, stop), side="right")
+            index = np.where(doc < len(lengths), first + doc, -1)
             index[row_labels == IGNORE_INDEX] = -1   # a document's last token and padding predict nothing
             index_rows.append(index)
-            roles.append(np.asarray(ds.doc_role[start:end], dtype=np.int64))
+            roles.append(np.asarray(ds.doc_role[d0:d1], dtype=np.int64))
             if ds.reference_logps is not None:
-                refs.append(np.asarray(ds.reference_logps[start:end], dtype=np.float64))
+                refs.append(np.asarray(ds.reference_logps[d0:d1], dtype=np.float64))
             else:
-                refs.append(np.full(end - start, np.nan))
-            first += end - start
+                refs.append(np.full(d1 - d0, np.nan))
+            first += d1 - d0
         # rows hold whole pairs, chosen first (_check_pairs): the local pair of completion d is d // 2
         return {"doc_index": torch.from_numpy(np.stack(index_rows)),
                 "doc_role": torch.from_numpy(np.concatenate(roles)),
@@ -278,11 +387,17 @@ class PackedLoader:
         rows = self.global_batch_rows(epoch, step_in_epoch)
         # Every row of the global batch is read once: for the denominators (all ranks' rows) and, for
         # this rank's rows, again from the same arrays for its micro-batches.
+        # A sharded loader reads its part of every row: its part of the counts, summed over sp by the trainer.
         cache = {int(r): self._row(int(r)) for r in rows}
-        denominators = {"nonzero": 0.0, "weight_sum": 0.0, "tokens": 0.0}
-        for _, _, labels, weights, _, _, _ in cache.values():
-            for k, v in denominators_of(labels, weights).items():
-                denominators[k] += v
+        denominators, shard_counts = {}, None
+        if self.shard is None:
+            denominators = {"nonzero": 0.0, "weight_sum": 0.0, "tokens": 0.0}
+            for _, _, labels, weights, _, _, _ in cache.values():
+                for k, v in denominators_of(labels, weights).items():
+                    denominators[k] += v
+        else:
+            shard_counts = sum((ShardCounts.of(entry[2], entry[3]) for entry in cache.values()),
+                               np.zeros(ShardCounts.SIZE, dtype=np.int64))
         if self.preference:
             # every row holds whole pairs: the global batch's pairs are half its documents
             denominators["pairs"] = float(sum(len(entry[1]) for entry in cache.values()) // 2)
@@ -290,7 +405,8 @@ class PackedLoader:
         sum_sq = float(sum(np.square(entry[1], dtype=np.float64).sum() for entry in cache.values()))
         micro = [self.make_micro_batch(self.rank_micro_rows(rows, m, self.dp_rank), cache)
                  for m in range(self.grad_accum)]
-        return StepBatch(micro, denominators, real, len(rows) * self.dataset.seq_len, epoch, step_in_epoch, sum_sq)
+        return StepBatch(micro, denominators, real, len(rows) * self.dataset.seq_len, epoch, step_in_epoch, sum_sq,
+                         shard_counts)
 
     def next_step(self) -> StepBatch:
         if self.step_in_epoch >= self.steps_per_epoch:

@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 
 from witscale.data.classes import CLASS_NAMES, NUM_CLASSES, PROMPT_SIDE, RESPONSE_SIDE
-from witscale.data.loader import MicroBatch, PackedLoader, StepBatch
+from witscale.data.loader import MicroBatch, PackedLoader, ShardCounts, StepBatch
 from witscale.data.weighting import NORMALIZATIONS, denominators_of
 from witscale.training import checkpoint
 from witscale.training.ds_config import zero_stage
@@ -159,6 +159,11 @@ def sequence_shard_micro_batch(mb: MicroBatch, topo) -> MicroBatch:
     after a cut is predicted by the rank before it — and positions are per document; ``cu_seqlens`` and
     ``max_seqlen`` stay the whole rows' (attention runs on whole rows: witscale/parallel/sequence.py)."""
     sp = getattr(topo, "sp", 1)
+    if mb.sequence_shard is not None:       # read already cut by the loader (PackedLoader(sp_size=…))
+        if mb.sequence_shard != (getattr(topo, "sp_rank", 0), sp):
+            raise ValueError(f"a micro-batch cut for sp rank {mb.sequence_shard[0]} of {mb.sequence_shard[1]} on "
+                             f"sp rank {getattr(topo, 'sp_rank', 0)} of {sp}")
+        return mb
     if sp == 1:
         return mb
     from dataclasses import replace
@@ -382,6 +387,8 @@ class Trainer:
             raise ValueError(f"the step has {len(batch.micro_batches)} micro-batches, the engine expects "
                              f"{self.grad_accum}")
         # Counted over the global batch before the forward pass (docs/objective.md#global-denominator).
+        if batch.shard_counts is not None:
+            batch = self._sum_shard_counts(batch)
         denominator = batch.denominators[self.objective.denominator(self.normalization)]
         # A global batch with nothing to learn from (e.g. all weights 0) gives a zero gradient, not NaN.
         scale = self.runner.loss_scale(denominator, self.grad_accum)
@@ -436,6 +443,20 @@ class Trainer:
         learner.update(h)
         self.loader.table = learner.apply(self.loader.table)
 
+    def _sum_shard_counts(self, batch: StepBatch) -> StepBatch:
+        """A loader that read only this sp rank's part of the rows counted only that part of the denominators:
+        exact integers (loader.ShardCounts), summed over the sp group — one small all-reduce and one host
+        transfer per optimizer step, before the forward pass."""
+        return batch.with_shard_counts_summed(self._sum_over_sp(batch.shard_counts))
+
+    def _sum_over_sp(self, counts: np.ndarray) -> np.ndarray:
+        """``counts`` (int64, ShardCounts) summed over the sp group, on the host."""
+        if getattr(self.topo, "sp", 1) == 1:
+            return counts
+        summed = torch.from_numpy(counts).to(self.device)
+        dist.all_reduce(summed, group=self.topo.sp_group)
+        return summed.cpu().numpy()
+
     # --- evaluation ---------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, eval_loader: "PackedLoader", progress=None) -> dict:
@@ -447,10 +468,17 @@ class Trainer:
         out of rows.
         """
         micro_batches, denominators = [], np.zeros(len(NORMALIZATIONS))
+        parts = np.zeros(ShardCounts.SIZE, dtype=np.int64)     # a loader reading each sp rank's part of the rows
         for _, mb in self.rank_micro_batches(eval_loader):
-            counts = denominators_of(mb.labels.numpy(), mb.weights.numpy())
-            denominators += [counts[k] for k in NORMALIZATIONS]
+            if mb.sequence_shard is not None:
+                parts += ShardCounts.of(mb.labels.numpy(), mb.weights.numpy())
+            else:
+                counts = denominators_of(mb.labels.numpy(), mb.weights.numpy())
+                denominators += [counts[k] for k in NORMALIZATIONS]
             micro_batches.append(mb.to(self.device))
+        if getattr(eval_loader, "sp_size", 1) > 1:      # the parts summed over sp (one all-reduce): the whole rows' counts
+            whole = ShardCounts.denominators(self._sum_over_sp(parts))
+            denominators = np.array([whole[k] for k in NORMALIZATIONS])
         self.engine.eval()
         try:
             totals = self.runner.score(micro_batches, torch.tensor(denominators, dtype=torch.float64,
