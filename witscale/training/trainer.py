@@ -488,7 +488,12 @@ class Trainer:
         """Each micro-batch's LM-head hook output, no grad, for a ``probe`` with an objective's ``inputs(mb)`` and
         ``head(*inputs)`` (e.g. objectives/reference.py's ``ReferencePass``: the reference log-probs). Collective
         like a forward (ZeRO-3 gathers, the pipeline schedule); under pp only the last stage has them (None on
-        the others)."""
+        the others). Under --sp each rank's hook sees its shard of the rows: a probe adds its sums over
+        ``topo.sp_group`` (``ReferencePass(topo.sp_group)``); one that does not say so is refused."""
+        sp = getattr(self.topo, "sp", 1)
+        if sp > 1 and getattr(probe, "sequence_group", None) is not self.topo.sp_group:
+            raise ValueError(f"--sp {sp}: {type(probe).__name__} must add its sums over the sequence-parallel "
+                             "group (sequence_group=topo.sp_group); it would return one shard's")
         self.engine.eval()
         try:
             return self.runner.forward_only([mb.to(self.device) for mb in micro_batches], probe)
