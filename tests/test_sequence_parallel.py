@@ -250,6 +250,20 @@ def test_another_sp_with_another_pp_or_tp_at_zero0_is_refused_in_one_line():
         layout_change(saved, {"dp": 1, "tp": 2, "pp": 1}, where="c", zero_stage=0)
 
 
+def test_the_conversion_step_converts_for_another_sp(tmp_path):
+    """witscale.training.layout_conversion (the Slurm job step before training) decides as the trainer does: a
+    checkpoint written at sp 2 resumed at sp 1 (or dp 2 at dp 1 × sp 2) needs its universal checkpoint."""
+    from witscale.training.layout_conversion import conversion_needed
+
+    tag = tmp_path / "checkpoints" / "step_00000002"
+    tag.mkdir(parents=True)
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000002")
+    for saved, mine in (({"dp": 1, "sp": 2}, {"dp": 1}), ({"dp": 2}, {"dp": 1, "sp": 2})):
+        (tag / "witscale_state.json").write_text(json.dumps({"layout": dict(saved, tp=1, pp=1)}))
+        assert conversion_needed(str(tmp_path), "auto", dict(mine, tp=1, pp=1), 1) == (str(tag.parent), tag.name)
+        assert conversion_needed(str(tmp_path), "auto", dict(saved, tp=1, pp=1), 1) is None
+
+
 RESUME_STEPS = 4
 
 

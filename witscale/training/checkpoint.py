@@ -630,8 +630,8 @@ def read_state(root: str, tag: str) -> dict:
 
 def load(engine, root: str, tag: str, *, universal: bool = False, topo=None) -> dict:
     """Collective: restore the engine (model, optimizer, schedule) and this rank's RNG; return client state.
-    ``universal``: through the tag's universal checkpoint (another dp, sp or tp; ``topo`` the new layout). A file that torch
-    cannot read is named in a one-line ``CheckpointError``."""
+    ``universal``: through the tag's universal checkpoint (another dp, sp or tp; ``topo`` the new layout). A file
+    that torch cannot read is named in a one-line ``CheckpointError``."""
     client_state = read_state(root, tag)
     ce = engine.checkpoint_engine
 
