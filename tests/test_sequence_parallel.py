@@ -264,11 +264,39 @@ def test_the_conversion_step_converts_for_another_sp(tmp_path):
         assert conversion_needed(str(tmp_path), "auto", dict(saved, tp=1, pp=1), 1) is None
 
 
+def test_each_step_reads_the_same_rows_whatever_the_split_between_dp_and_sp():
+    """The loader is keyed by dp_rank over dp ranks, and the sp peers of a group share their dp_rank: each step's
+    rows are the same at dp 2 × sp 1 (grad-accum 2), dp 1 × sp 2 and sp 1 (grad-accum 4) — what a resume across
+    sp sizes relies on (the data position is kept in global batches)."""
+    from witscale.data.loader import PackedLoader
+    from witscale.data.weighting import build_weight_table
+
+    data, table = random_packed(16, SEQ_LEN, TINY["vocab_size"], DATA_SEED), build_weight_table(0.5, 1.0)
+
+    def step_rows(world, sp, accum):
+        dims = ParallelDims(world, sp=sp)
+        rows = [[] for _ in range(6)]
+        for rank in range(world):
+            _, dp_rank, _ = dims.coords(rank)
+            loader = PackedLoader(data, table, micro_batch_size=1, grad_accum=accum, dp_size=dims.dp,
+                                  dp_rank=dp_rank, seed=3)
+            for step in range(6):       # 1½ epochs
+                mine = sorted(int(r) for mb in loader.next_step().micro_batches for r in mb.rows)
+                rows[step].append(mine)
+        return rows
+
+    dp2 = step_rows(2, 1, 2)
+    sp2, sp1 = step_rows(2, 2, 4), step_rows(1, 1, 4)
+    for step in range(6):
+        assert sp2[step][0] == sp2[step][1], step                  # the sp peers read the same rows
+        assert sorted(dp2[step][0] + dp2[step][1]) == sp2[step][0] == sp1[step][0], step
+
+
 RESUME_STEPS = 4
 
 
-def _resume_job(rank, world, *, stage, sp, accum, out, resume=None):
-    """Train to step RESUME_STEPS at dp × sp = world (micro-batch 1, grad-accum ``accum``), saving every step
+def _resume_job(rank, world, *, stage, sp, accum, out, resume=None, save_at=None):
+    """Train to step RESUME_STEPS at dp × sp = world (micro-batch 1, grad-accum ``accum``), saving step ``save_at``
     under ``out``; ``resume``: first continue from that checkpoint (Trainer.resume: train.py's path, the
     universal conversion included). Returns each step's loss and gradient norm and the final dense weights."""
     import torch
@@ -297,7 +325,8 @@ def _resume_job(rank, world, *, stage, sp, accum, out, resume=None):
     while trainer.step < RESUME_STEPS:
         result = trainer.train_step(loader.next_step())
         steps[trainer.step] = (result.loss, result.grad_norm)
-        trainer.save_checkpoint(root, keep=0, **prints)
+        if trainer.step == save_at:
+            trainer.save_checkpoint(root, keep=0, **prints)
     return {"steps": steps, "params": {k: v.numpy() for k, v in trainer.full_dense_state_dict().items()}}
 
 
@@ -319,10 +348,11 @@ def test_resume_across_sp_sizes_equals_the_uninterrupted_run(tmp_path):
     run = lambda name, stage: str(tmp_path / f"{name}{stage}")  # noqa: E731
     tag = lambda name, stage, step: f"{run(name, stage)}/checkpoints/step_{step:08d}"  # noqa: E731
     first = run_distributed(_resume_worker, 2, [j for s in stages for j in (
-        dict(stage=s, sp=1, accum=2, out=run("dp2", s)),
-        dict(stage=s, sp=2, accum=4, out=run("sp2", s), resume=tag("dp2", s, 1)))], timeout=600)[0]
+        dict(stage=s, sp=1, accum=2, out=run("dp2", s), save_at=1),
+        dict(stage=s, sp=2, accum=4, out=run("sp2", s), resume=tag("dp2", s, 1), save_at=2))], timeout=600)[0]
     sp1 = run_distributed(_resume_worker, 1, [
-        dict(stage=s, sp=1, accum=4, out=run("sp1", s), resume=tag("sp2", s, 2)) for s in stages], timeout=600)[0]
+        dict(stage=s, sp=1, accum=4, out=run("sp1", s), resume=tag("sp2", s, 2), save_at=3) for s in stages],
+        timeout=600)[0]
     back = run_distributed(_resume_worker, 2, [
         dict(stage=s, sp=2, accum=4, out=run("back", s), resume=tag("sp1", s, 3)) for s in stages], timeout=600)[0]
     for i, stage in enumerate(stages):
