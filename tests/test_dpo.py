@@ -304,7 +304,7 @@ def write_preference_data(path, pairs):
 @pytest.fixture(scope="module")
 def pref(tmp_path_factory):
     """A preference dataset (90 pairs), a reference HF model, its log-probs precomputed at tp=2, and the same
-    at ZeRO-3 dp=2 and pp=2 into copies; a policy config; and the reference's log-probs by transformers."""
+    at ZeRO-3 dp=2, pp=2 and sp=2 into copies; a policy config; and the reference's log-probs by transformers."""
     import json
     import os
     import shutil
@@ -312,7 +312,7 @@ def pref(tmp_path_factory):
     root = tmp_path_factory.mktemp("dpo")
     pairs = make_pairs(np.random.default_rng(11), 90, TINY["vocab_size"], completion_len=(2, 6))
     data = write_preference_data(root / "train", pairs)
-    copies = {name: str(root / name) for name in ("zero3", "pp2")}
+    copies = {name: str(root / name) for name in ("zero3", "pp2", "sp2")}
     for c in copies.values():
         shutil.copytree(data, c)
     shutil.copytree(data, root / "no_reference")
@@ -325,7 +325,8 @@ def pref(tmp_path_factory):
     common = ["--model", str(root / "reference"), "--micro-batch-size", "2"]
     run_distributed(_precompute_worker, 2, [["--data", data, "--tp", "2", *common],
                                             ["--data", copies["zero3"], "--ds_config", ds, *common],
-                                            ["--data", copies["pp2"], "--pp", "2", *common]], timeout=300)
+                                            ["--data", copies["pp2"], "--pp", "2", *common],
+                                            ["--data", copies["sp2"], "--sp", "2", *common]], timeout=300)
     with open(root / "policy.json", "w") as f:
         json.dump(TINY, f)
     from witscale.data.format import PackedDataset
@@ -362,6 +363,26 @@ def test_precomputed_reference_equals_a_live_forward(pref):
     meta = ds.manifest["reference"]
     assert meta["fingerprint"] == reference_fingerprint(pref["reference"]) != reference_fingerprint(pref["other"])
     assert meta["weight_table"] == [float(x) for x in dpo_table()] and meta["layout"]["tp"] == 2
+
+
+@pytest.mark.slow
+def test_reference_log_probs_at_sp2_equal_sp1(pref):
+    """tools/precompute_reference.py --sp 2 (2 ranks, dp 1, ZeRO-0: each rank holds half of every row, its
+    per-completion sums added over the sp group) writes the log-probs the sp-1 passes wrote (ZeRO-3 dp 2 and
+    tp 2; fp32), to rtol 1e-6, completions crossing the cut included; the manifest records sp 2."""
+    from witscale.data.format import PackedDataset
+
+    ds = PackedDataset(pref["copies"]["sp2"])
+    crossing = 0
+    for row in range(len(ds)):
+        ends = np.cumsum(ds.doc_lengths(row))
+        crossing += int(((ends - ds.doc_lengths(row) < SEQ // 2) & (ends > SEQ // 2)).sum())
+    assert crossing >= 10, crossing
+    got = np.asarray(ds.reference_logps)
+    for sp1 in (pref["copies"]["zero3"], pref["data"]):
+        np.testing.assert_allclose(got, np.asarray(PackedDataset(sp1).reference_logps), rtol=1e-6, atol=0,
+                                   err_msg=sp1)
+    assert ds.manifest["reference"]["layout"] == {"dp": 1, "tp": 1, "pp": 1, "sp": 2}
 
 
 def _forward_only_engine_worker(rank, world, stage):

@@ -1,6 +1,7 @@
 """Ulysses sequence parallelism (--sp) on real gloo ranks through the Trainer and DeepSpeed's engine: sp=2
 against sp=1 on rows whose documents cross the shard cut; the layouts not built yet refused in one line."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -244,15 +245,149 @@ def test_sp_flag_is_planned_or_refused_in_one_line(run_inputs, tmp_path, change,
     assert message in str(e.value) and "\n" not in str(e.value), e.value
 
 
-@pytest.mark.parametrize("saved, mine", [({"sp": 2}, {}), ({}, {"sp": 2}), ({"sp": 2}, {"sp": 4})])
-def test_resume_on_another_sp_is_refused_in_one_line(saved, mine):
-    from witscale.training.checkpoint import CheckpointError, layout_change
+@pytest.mark.parametrize("saved, mine", [({"sp": 2}, {}), ({}, {"sp": 2}), ({"sp": 2}, {"sp": 4}),
+                                         ({"dp": 2}, {"sp": 2})])
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_resume_on_another_sp_is_a_layout_change(saved, mine, stage):
+    """Another sp is another data-parallel world for ZeRO (dp × sp): a layout change, as another dp is."""
+    from witscale.training.checkpoint import layout_change
 
     base = {"dp": 1, "tp": 1, "pp": 1}
-    with pytest.raises(CheckpointError, match=rf"^ckpt/step_2 was written at --sp {saved.get('sp', 1)}; this run "
-                                              rf"has --sp {mine.get('sp', 1)}: resuming on another sp is not "):
-        layout_change({"layout": dict(base, **saved)}, dict(base, **mine), where="ckpt/step_2", zero_stage=0)
-    assert layout_change({"layout": dict(base, **saved)}, dict(base, **saved), where="x", zero_stage=0) is False
+    assert layout_change({"layout": dict(base, **saved)}, dict(base, **mine), where="x", zero_stage=stage) is True
+    assert layout_change({"layout": dict(base, **saved)}, dict(base, **saved), where="x", zero_stage=stage) is False
+
+
+def test_another_sp_with_another_pp_or_tp_at_zero0_is_refused_in_one_line():
+    from witscale.training.checkpoint import CheckpointError, layout_change
+
+    saved = {"layout": {"dp": 1, "sp": 2, "tp": 1, "pp": 1}}
+    with pytest.raises(CheckpointError, match=r"^c was written at dp=1 sp=2 tp=1 pp=1; this run is dp=1 sp=1 tp=1 "
+                                              r"pp=2: resuming on another layout under pipeline parallelism"):
+        layout_change(saved, {"dp": 1, "tp": 1, "pp": 2}, where="c", zero_stage=1)
+    with pytest.raises(CheckpointError, match=r"^c was written at dp=1 sp=2 tp=1 pp=1; this run is dp=1 sp=1 tp=2 "
+                                              r"pp=1: another tp needs DeepSpeed's universal checkpoint"):
+        layout_change(saved, {"dp": 1, "tp": 2, "pp": 1}, where="c", zero_stage=0)
+
+
+def test_the_conversion_step_converts_for_another_sp(tmp_path):
+    """witscale.training.layout_conversion (the Slurm job step before training) decides as the trainer does: a
+    checkpoint written at sp 2 resumed at sp 1 (or dp 2 at dp 1 × sp 2) needs its universal checkpoint."""
+    from witscale.training.layout_conversion import conversion_needed
+
+    tag = tmp_path / "checkpoints" / "step_00000002"
+    tag.mkdir(parents=True)
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000002")
+    for saved, mine in (({"dp": 1, "sp": 2}, {"dp": 1}), ({"dp": 2}, {"dp": 1, "sp": 2})):
+        (tag / "witscale_state.json").write_text(json.dumps({"layout": dict(saved, tp=1, pp=1)}))
+        assert conversion_needed(str(tmp_path), "auto", dict(mine, tp=1, pp=1), 1) == (str(tag.parent), tag.name)
+        assert conversion_needed(str(tmp_path), "auto", dict(saved, tp=1, pp=1), 1) is None
+
+
+def test_each_step_reads_the_same_rows_whatever_the_split_between_dp_and_sp():
+    """The loader is keyed by dp_rank over dp ranks, and the sp peers of a group share their dp_rank: each step's
+    rows are the same at dp 2 × sp 1 (grad-accum 2), dp 1 × sp 2 and sp 1 (grad-accum 4) — what a resume across
+    sp sizes relies on (the data position is kept in global batches)."""
+    from witscale.data.loader import PackedLoader
+    from witscale.data.weighting import build_weight_table
+
+    data, table = random_packed(16, SEQ_LEN, TINY["vocab_size"], DATA_SEED), build_weight_table(0.5, 1.0)
+
+    def step_rows(world, sp, accum):
+        dims = ParallelDims(world, sp=sp)
+        rows = [[] for _ in range(6)]
+        for rank in range(world):
+            _, dp_rank, _ = dims.coords(rank)
+            loader = PackedLoader(data, table, micro_batch_size=1, grad_accum=accum, dp_size=dims.dp,
+                                  dp_rank=dp_rank, seed=3)
+            for step in range(6):       # 1½ epochs
+                mine = sorted(int(r) for mb in loader.next_step().micro_batches for r in mb.rows)
+                rows[step].append(mine)
+        return rows
+
+    dp2 = step_rows(2, 1, 2)
+    sp2, sp1 = step_rows(2, 2, 4), step_rows(1, 1, 4)
+    for step in range(6):
+        assert sp2[step][0] == sp2[step][1], step                  # the sp peers read the same rows
+        assert sorted(dp2[step][0] + dp2[step][1]) == sp2[step][0] == sp1[step][0], step
+
+
+RESUME_STEPS = 4
+
+
+def _resume_job(rank, world, *, stage, sp, accum, out, resume=None, save_at=None):
+    """Train to step RESUME_STEPS at dp × sp = world (micro-batch 1, grad-accum ``accum``), saving step ``save_at``
+    under ``out``; ``resume``: first continue from that checkpoint (Trainer.resume: train.py's path, the
+    universal conversion included). Returns each step's loss and gradient norm and the final dense weights."""
+    import torch
+
+    from witscale.data.loader import PackedLoader
+    from witscale.data.weighting import build_weight_table
+    from witscale.model import ModelConfig
+    from witscale.parallel.topology import ParallelDims, Topology
+    from witscale.training.build import build_module
+    from witscale.training.trainer import Trainer
+    from tests.train_helpers import ds_config
+
+    cfg = ModelConfig.from_dict(TINY)
+    topo = Topology(ParallelDims(world, 1, 1, stage, cfg, sp=sp))
+    config = ds_config(stage, 1, accum, topo.dp)
+    torch.manual_seed(0)
+    module = build_module(cfg, topo, config, model_dir=None, seed=0)
+    loader = PackedLoader(random_packed(8, SEQ_LEN, cfg.vocab_size, DATA_SEED, True), build_weight_table(0.5, 1.0),
+                          micro_batch_size=1, grad_accum=accum, dp_size=topo.dp, dp_rank=topo.dp_rank, seed=0)
+    trainer = Trainer(module=module, ds_config=config, loader=loader, topo=topo, normalization="nonzero", lr=1e-3,
+                      weight_decay=0.0, betas=(0.9, 0.999), eps=1e-6, total_steps=RESUME_STEPS, warmup_ratio=0.0)
+    root, prints = os.path.join(out, "checkpoints"), dict(data_fingerprint="d", model_fingerprint="m")
+    if resume:
+        trainer.resume(resume, root, **prints)
+    steps = {}
+    while trainer.step < RESUME_STEPS:
+        result = trainer.train_step(loader.next_step())
+        steps[trainer.step] = (result.loss, result.grad_norm)
+        if trainer.step == save_at:
+            trainer.save_checkpoint(root, keep=0, **prints)
+    return {"steps": steps, "params": {k: v.numpy() for k, v in trainer.full_dense_state_dict().items()}}
+
+
+def _resume_worker(rank, world, jobs):
+    from witscale.training.distributed import init_distributed
+    init_distributed()
+    return [_resume_job(rank, world, **job) for job in jobs]
+
+
+@pytest.mark.slow
+def test_resume_across_sp_sizes_equals_the_uninterrupted_run(tmp_path):
+    """ZeRO-0, 1 and 3, 4 steps of a global batch of 4 rows, one chain per stage: the uninterrupted run at
+    dp 2 × sp 1; its step 1 resumed at dp 1 × sp 2 (2 ranks, grad-accum doubled); that run's step 2 at sp 1 (one
+    rank); that run's step 3 at sp 2 again. Each continues the uninterrupted run's losses and gradient norms
+    (rtol 1e-5, as the dp and tp layout changes: tests/test_checkpoint_layout.py) and ends at its weights, so
+    the weights, Adam moments and data position went through DeepSpeed's universal checkpoint (ZeRO ≥ 1; ZeRO-0's
+    files hold the whole state) of the dp × sp partitions."""
+    stages = (0, 1, 3)
+    run = lambda name, stage: str(tmp_path / f"{name}{stage}")  # noqa: E731
+    tag = lambda name, stage, step: f"{run(name, stage)}/checkpoints/step_{step:08d}"  # noqa: E731
+    first = run_distributed(_resume_worker, 2, [j for s in stages for j in (
+        dict(stage=s, sp=1, accum=2, out=run("dp2", s), save_at=1),
+        dict(stage=s, sp=2, accum=4, out=run("sp2", s), resume=tag("dp2", s, 1), save_at=2))], timeout=600)[0]
+    sp1 = run_distributed(_resume_worker, 1, [
+        dict(stage=s, sp=1, accum=4, out=run("sp1", s), resume=tag("sp2", s, 2), save_at=3) for s in stages],
+        timeout=600)[0]
+    back = run_distributed(_resume_worker, 2, [
+        dict(stage=s, sp=2, accum=4, out=run("back", s), resume=tag("sp1", s, 3)) for s in stages], timeout=600)[0]
+    for i, stage in enumerate(stages):
+        want = first[2 * i]
+        assert sorted(want["steps"]) == [1, 2, 3, 4]
+        for what, got, start in (("dp2 sp1 -> dp1 sp2", first[2 * i + 1], 2), ("sp2 -> sp1", sp1[i], 3),
+                                 ("sp1 -> sp2", back[i], 4)):
+            what = f"ZeRO-{stage} {what}"
+            assert sorted(got["steps"]) == list(range(start, RESUME_STEPS + 1)), what
+            for step, (loss, norm) in got["steps"].items():
+                assert loss == pytest.approx(want["steps"][step][0], rel=1e-5, abs=0), (what, step)
+                assert norm == pytest.approx(want["steps"][step][1], rel=1e-5, abs=0), (what, step)
+            for name, p in want["params"].items():
+                np.testing.assert_allclose(got["params"][name], p, rtol=0, atol=1e-5, err_msg=f"{what}: {name}")
+        for name, step in (("dp2", 1), ("sp2", 2), ("sp1", 3)):
+            assert os.path.isdir(f"{tag(name, stage, step)}/universal") == (stage > 0), (stage, name)
 
 
 @pytest.mark.slow

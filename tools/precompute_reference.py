@@ -2,11 +2,11 @@
 """Reference log-probs for DPO, computed once and stored in the packed preference dataset.
 
     torchrun --nproc_per_node 8 tools/precompute_reference.py --data packed/prefs-4k --model runs/sft/hf \\
-        --ds_config ds_configs/zero3.json [--tp 2] [--pp 2]
+        --ds_config ds_configs/zero3.json [--tp 2] [--pp 2] [--sp 2]
     python tools/precompute_reference.py --data packed/prefs-4k --model runs/sft/hf     (one process)
 
 A no-grad pass of the reference (SFT) model over every packed row — each data-parallel rank its share of
-the rows, every layout training has (ZeRO-0..3, tp, pp; the model built and loaded by the trainer's own
+the rows, every layout training has (ZeRO-0..3, tp, pp, sp; the model built and loaded by the trainer's own
 path, witscale/training/build.py, and run through the same DeepSpeed engine) — gives each completion's
 summed log-prob of its loss tokens, Σ_t w_t·log p(y_t), from the same fused vocab-parallel kernel that DPO
 training uses (witscale/training/objectives/reference.py: ``ReferencePass``, run by ``Trainer.forward_only``
@@ -38,7 +38,7 @@ from witscale.training.flags import UsageError, add_flags, check_values  # noqa:
 log = logging.getLogger("witscale")
 
 
-SHARED_WITH_TRAIN = ("tp", "pp", "micro_batch_size", "prompt_weight", "response_weight", "class_weights",
+SHARED_WITH_TRAIN = ("tp", "pp", "sp", "micro_batch_size", "prompt_weight", "response_weight", "class_weights",
                      "attention", "allow_tokenizer_mismatch", "dist_timeout", "log_level")
 
 
@@ -109,7 +109,8 @@ def plan(args, world_size: int):
         raise UsageError(f"--ds_config {ds_path}: no such file")
     try:
         raw = load_ds_config(ds_path)
-        dims = ParallelDims(world_size, args.tp, args.pp, zero_stage(raw), model_config)
+        dims = ParallelDims(world_size, args.tp, args.pp, zero_stage(raw), model_config, sp=args.sp,
+                            gpus_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None)    # as train.py
         import torch
         ds_config = fill_ds_config(raw, micro_batch_size=args.micro_batch_size, grad_accum=1, dp_size=dims.dp,
                                    clip_grad=None, lr=1e-6, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8,
@@ -117,20 +118,24 @@ def plan(args, world_size: int):
                                    path=ds_path)
     except (DSConfigError, LayoutError) as e:
         raise UsageError(str(e)) from None
+    if dataset.seq_len % dims.sp:     # each sp rank takes a contiguous 1/sp of every row, as in training
+        raise UsageError(f"--data {args.data}: rows of {dataset.seq_len} tokens cannot be cut into --sp {dims.sp} "
+                         "equal parts; repack with a --seq-len divisible by it")
     return dataset, model_config, table, ds_config, dims
 
 
 def reference_pass(trainer, loader, dataset):
     """This rank's (global document ids, log-probs): the trainer's row loop (``Trainer.rank_micro_batches``:
-    contiguous shares over the data-parallel ranks, as many forwards on every rank), each micro-batch through
-    ``ReferencePass``. Under pp only the last stage returns values."""
+    contiguous shares over the data-parallel ranks, as many forwards on every rank; sp peers take the same
+    rows), each micro-batch through ``ReferencePass``, whose per-completion sums are added over the sp group
+    (every sp rank returns the whole rows'). Under pp only the last stage returns values."""
     import numpy as np
 
     from witscale.training.objectives.reference import ReferencePass
 
     ids, values = [], []
     for chunk, mb in trainer.rank_micro_batches(loader):
-        (out,) = trainer.forward_only([mb], ReferencePass)
+        (out,) = trainer.forward_only([mb], ReferencePass(trainer.topo.sp_group))
         logps = None if out is None else out.logps
         if logps is not None and len(chunk):
             # the micro-batch's completions are its rows' documents, row by row (the loader's order)
@@ -193,8 +198,8 @@ def run(args) -> str:
     ids, values = reference_pass(trainer, loader, dataset)
     from witscale.training.faults import slow_reference_seconds
     time.sleep(slow_reference_seconds())         # tests: a long pass, for a preemption warning to land in
-    # Only one rank per (dp replica) contributes: the last stage's tp rank 0 (tp peers hold the same numbers).
-    contributes = topo.pp_rank == topo.pp - 1 and topo.tp_rank == 0
+    # Only one rank per (dp replica) contributes: the last stage's tp and sp rank 0 (their peers hold the same numbers).
+    contributes = topo.pp_rank == topo.pp - 1 and topo.tp_rank == 0 and topo.sp_rank == 0
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object((ids, values) if contributes else None, gathered, dst=0)
     where = ""
@@ -210,7 +215,7 @@ def run(args) -> str:
                                f"(first: document {int(missing[0])})")
         meta = {"model": os.path.abspath(args.model), "fingerprint": fingerprint,
                 "weight_table": weight_table_record(table),
-                "layout": {"dp": dims.dp, "tp": dims.tp, "pp": dims.pp},
+                "layout": {"dp": dims.dp, "tp": dims.tp, "pp": dims.pp, "sp": dims.sp},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         notice = replacement_notice(dataset.manifest, fingerprint)
         if notice:

@@ -20,7 +20,7 @@ has its shape, each ``.pt`` is a complete zip archive, the files this rank verif
 digest) and the ranks agree with one all-reduce; ``--resume auto`` then falls back to the newest older complete
 checkpoint that passes (``choose``), naming why. Every file is unpickled by torch's ``weights_only`` loader with
 DeepSpeed's few types allow-listed (``safe_load``, ``safe_globals``): a checkpoint never runs code.
-A checkpoint of another dp or tp is loaded
+A checkpoint of another dp, sp or tp is loaded
 through DeepSpeed's universal checkpoint (``layout_change``, ``universal_tag``, ``load(universal=True)``).
 """
 from __future__ import annotations
@@ -630,8 +630,8 @@ def read_state(root: str, tag: str) -> dict:
 
 def load(engine, root: str, tag: str, *, universal: bool = False, topo=None) -> dict:
     """Collective: restore the engine (model, optimizer, schedule) and this rank's RNG; return client state.
-    ``universal``: through the tag's universal checkpoint (another dp or tp; ``topo`` the new layout). A file that torch
-    cannot read is named in a one-line ``CheckpointError``."""
+    ``universal``: through the tag's universal checkpoint (another dp, sp or tp; ``topo`` the new layout). A file
+    that torch cannot read is named in a one-line ``CheckpointError``."""
     client_state = read_state(root, tag)
     ce = engine.checkpoint_engine
 
@@ -705,26 +705,37 @@ def check_fingerprints(client_state: dict, *, data_fp: str, model_fp: str, allow
 
 
 def layout_change(client_state: dict, layout: dict, *, where: str, zero_stage: int) -> bool:
-    """True when the checkpoint was written at another dp or tp (resumable through DeepSpeed's universal
+    """True when the checkpoint was written at another dp, sp or tp (resumable through DeepSpeed's universal
     checkpoint, ``universal_tag``); False when the layout is the same or was not recorded (older checkpoints;
     DeepSpeed then checks what it can). Another pp, any change under pp > 1 and another tp under ZeRO-0 (no
-    optimizer partitions to convert) are refused in one line."""
+    optimizer partitions to convert) are refused in one line.
+
+    Another sp is a change of the data-parallel world alone: ZeRO partitions over dp × sp (DeepSpeed is given
+    the dp × sp group, which names its files), sp peers read the same rows and the loader's global batch is
+    micro × accum × dp — so sp 2 → 1 is converted exactly as dp 2 → 1 is (docs/checkpoints.md)."""
     saved = client_state.get("layout")
-    # --sp (recorded when > 1): ZeRO partitions over dp × sp and no conversion across sp sizes is tested yet.
-    if saved and int(saved.get("sp", 1)) != int(layout.get("sp", 1)):
-        raise CheckpointError(f"{where} was written at --sp {saved.get('sp', 1)}; this run has --sp "
-                              f"{layout.get('sp', 1)}: resuming on another sp is not supported yet — run at "
-                              f"--sp {saved.get('sp', 1)}")
-    if not saved or all(int(saved[k]) == int(layout[k]) for k in ("dp", "tp", "pp")):
+    if not saved:
         return False
-    fmt = lambda d: " ".join(f"{k}={d[k]}" for k in ("dp", "tp", "pp"))  # noqa: E731
-    if int(saved["pp"]) != int(layout["pp"]) or int(layout["pp"]) > 1:
-        raise CheckpointError(f"{where} was written at {fmt(saved)}; this run is {fmt(layout)}: resuming on another "
+    keys = ("dp", "sp", "tp", "pp")
+    sizes = lambda d: {k: int(d.get(k, 1)) for k in keys}  # noqa: E731 - sp is recorded only when > 1
+    saved, now = sizes(saved), sizes(layout)
+    if saved == now:
+        return False
+    fmt = lambda d: layout_text(d, now if d is saved else saved, ("dp", "tp", "pp"))  # noqa: E731
+    if saved["pp"] != now["pp"] or now["pp"] > 1:
+        raise CheckpointError(f"{where} was written at {fmt(saved)}; this run is {fmt(now)}: resuming on another "
                               f"layout under pipeline parallelism is not supported yet — run at {fmt(saved)}")
-    if zero_stage == 0 and int(saved["tp"]) != int(layout["tp"]):
-        raise CheckpointError(f"{where} was written at {fmt(saved)}; this run is {fmt(layout)}: another tp needs "
+    if zero_stage == 0 and saved["tp"] != now["tp"]:
+        raise CheckpointError(f"{where} was written at {fmt(saved)}; this run is {fmt(now)}: another tp needs "
                               f"DeepSpeed's universal checkpoint, which needs ZeRO ≥ 1 — run at tp={saved['tp']}")
     return True
+
+
+def layout_text(layout: dict, other: dict, keys=("dp", "tp")) -> str:
+    """``dp=2 tp=1``: ``layout`` in a message about a change from or to ``other``, with ``sp=N`` after dp where
+    either has sp > 1."""
+    with_sp = max(int(layout.get("sp", 1)), int(other.get("sp", 1))) > 1
+    return " ".join(f"{k}={int(layout.get(k, 1))}" for k in (keys[:1] + ("sp",) * with_sp + keys[1:]))
 
 
 def universal_info(module) -> dict:
@@ -792,7 +803,7 @@ def universal_tag(root: str, tag: str) -> str:
         convert_to_universal(root, tag)
     if dist.get_rank() == 0:        # made now or found (left by an earlier resume, the conversion step, or crafted)
         refuse_unsafe_pickles(out)
-    _wait_until_vetted(out, tag)
+    _wait_until_vetted(out)
     return f"{tag}/{UNIVERSAL}"
 
 
@@ -830,13 +841,14 @@ def convert_to_universal(root: str, tag: str) -> str:
     return out
 
 
-def _wait_until_vetted(out: str, tag: str) -> None:
+def _wait_until_vetted(out: str) -> None:
     """Every rank but 0 waits, outside any collective, until rank 0 has converted *and vetted* ``out``
     (DeepSpeed's universal loader unpickles: a directory found there, crafted, must be refused before any rank
     loads it). Rank 0 says so under a key of the rendezvous store; without a store (a test's adopted group),
     the directory's appearance is the signal."""
     from witscale.training.distributed import _default_store
-    store, key = _default_store(), f"witscale/universal_vetted/{tag}"
+    # Keyed by the directory, not the tag name: one process may resume from two runs' step_N (tests do).
+    store, key = _default_store(), f"witscale/universal_vetted/{os.path.abspath(out)}"
     if dist.get_rank() == 0:
         if store is not None:
             store.set(key, "1")

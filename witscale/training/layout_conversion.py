@@ -1,9 +1,9 @@
 """The universal-checkpoint conversion of a resume at another layout, as a step of its own before training.
 
     python -m witscale.training.layout_conversion --output-dir OUT --resume auto --world 64 --tp 8 --pp 1 \
-        --ds_config ds_configs/zero3.json
+        --sp 1 --ds_config ds_configs/zero3.json
 
-A run resumed at another data-parallel size or tp loads DeepSpeed's universal checkpoint of the tag
+A run resumed at another data-parallel size, sp or tp loads DeepSpeed's universal checkpoint of the tag
 (``checkpoint.universal_tag``). Making it reads and writes the whole optimizer state — 30–90 minutes of I/O at 70B —
 so the Slurm templates run this first, as its own job step on one node (slurm/common.sh ``wit_convert_layout``):
 no rank of the training step exists yet, so none waits on it in a collective or against a timeout. It decides as

@@ -516,7 +516,12 @@ class Trainer:
         """Each micro-batch's LM-head hook output, no grad, for a ``probe`` with an objective's ``inputs(mb)`` and
         ``head(*inputs)`` (e.g. objectives/reference.py's ``ReferencePass``: the reference log-probs). Collective
         like a forward (ZeRO-3 gathers, the pipeline schedule); under pp only the last stage has them (None on
-        the others)."""
+        the others). Under --sp each rank's hook sees its shard of the rows: a probe adds its sums over
+        ``topo.sp_group`` (``ReferencePass(topo.sp_group)``); one that does not say so is refused."""
+        sp = getattr(self.topo, "sp", 1)
+        if sp > 1 and getattr(probe, "sequence_group", None) is not self.topo.sp_group:
+            raise ValueError(f"--sp {sp}: {type(probe).__name__} must add its sums over the sequence-parallel "
+                             "group (sequence_group=topo.sp_group); it would return one shard's")
         self.engine.eval()
         try:
             return self.runner.forward_only([mb.to(self.device) for mb in micro_batches], probe)
@@ -569,8 +574,8 @@ class Trainer:
         checkpoint's path, or None when 'auto' finds none. Every rank checks the checkpoint's files first and
         the ranks agree (``checkpoint.choose``): 'auto' falls back past a damaged checkpoint to the newest one
         that loads. A checkpoint of another model is refused, one of other data too unless
-        ``allow_data_change`` (then the data position starts afresh), one of another tp or pp too; one of another
-        dp loads through DeepSpeed's universal checkpoint, made on the way (``checkpoint.universal_tag``)."""
+        ``allow_data_change`` (then the data position starts afresh), one of another pp too; one of another
+        dp, sp or tp loads through DeepSpeed's universal checkpoint, made on the way (``checkpoint.universal_tag``)."""
         found = checkpoint.choose(spec, root, self.device)
         if found is None:
             return None
@@ -588,10 +593,11 @@ class Trainer:
         other = checkpoint.layout_change(state, self.state_dict()["layout"], where=where, zero_stage=zero_stage)
         universal = other and zero_stage > 0          # ZeRO-0: the whole optimizer state is in the mp files
         if other:
-            saved = state["layout"]
-            log.warning(f"{where} was written at dp={saved['dp']} tp={saved['tp']}, this run has dp={self.topo.dp} "
-                        f"tp={self.topo.tp}" + (": loading it through DeepSpeed's universal checkpoint" if universal
-                                                else " (ZeRO-0: DeepSpeed's files hold the whole optimizer state)"))
+            saved, mine = state["layout"], self.state_dict()["layout"]
+            log.warning(f"{where} was written at {checkpoint.layout_text(saved, mine)}, this run has "
+                        f"{checkpoint.layout_text(mine, saved)}"
+                        + (": loading it through DeepSpeed's universal checkpoint" if universal
+                           else " (ZeRO-0: DeepSpeed's files hold the whole optimizer state)"))
         state = checkpoint.load(self.engine, *found, universal=universal, topo=self.topo)
         self.load_state_dict(state, data_position=state.get("data_fingerprint") == data_fingerprint)
         return where

@@ -14,7 +14,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from witscale.training.objectives.pairs import check_preference_data, completion_logps, pair_inputs
+from witscale.training.objectives.pairs import (add_over_sequence, check_preference_data, completion_logps,
+                                               pair_inputs)
 
 
 class CompletionLogps(NamedTuple):
@@ -25,29 +26,36 @@ class CompletionLogps(NamedTuple):
 
 class ReferenceLogps:
     """The head's hook for the reference pass: one no-grad pass of the same fused kernel, each completion's
-    Σ w·log p — exactly what a pair objective subtracts them from."""
+    Σ w·log p — exactly what a pair objective subtracts them from. Under --sp this rank holds a shard of each
+    row: its per-completion sums are added over ``sequence_group`` (the training hook's ``add_over_sequence``),
+    so every sp rank returns the whole rows' log-probs."""
 
-    def __init__(self, doc_index, doc_role, *_ignored):
+    def __init__(self, doc_index, doc_role, *_ignored, sequence_group=None):
         self.doc_index, self.num_docs = doc_index, doc_role.shape[0]
+        self.sequence_group = sequence_group
 
     def __call__(self, fused_loss, h, labels, weights, target_classes) -> CompletionLogps:
         with torch.no_grad():
             stats = fused_loss(h, labels, weights, target_classes)
             logps = completion_logps(stats.token_nll, weights, self.doc_index, self.num_docs)
+            logps = add_over_sequence(logps, self.sequence_group)
         return CompletionLogps(torch.zeros((), dtype=h.dtype, device=h.device), logps)
 
 
 class ReferencePass:
     """What ``Trainer.forward_only`` runs for tools/precompute_reference.py: the preference tensors of each
-    micro-batch into ``ReferenceLogps`` (an objective's ``inputs``/``head`` pair, without a loss)."""
+    micro-batch into ``ReferenceLogps`` (an objective's ``inputs``/``head`` pair, without a loss).
+    ``sequence_group``: the run's sp group (``Topology.sp_group``; None at sp 1), as a pair objective's."""
+
+    def __init__(self, sequence_group=None):
+        self.sequence_group = sequence_group
 
     @staticmethod
     def inputs(mb) -> tuple:
         return pair_inputs(mb)
 
-    @staticmethod
-    def head(*inputs) -> ReferenceLogps:
-        return ReferenceLogps(*inputs)
+    def head(self, *inputs) -> ReferenceLogps:
+        return ReferenceLogps(*inputs, sequence_group=self.sequence_group)
 
 
 # --- the reference model's fingerprint -----------------------------------------------------------------
