@@ -24,8 +24,32 @@ GEMMA3 = dict(TINY, model_type="gemma3_text", vocab_size=64, num_attention_heads
               tie_word_embeddings=True, layer_types=["sliding_attention", "full_attention"])
 
 
-def _worker(rank, world, runs):
-    return [train_worker(rank, world, **kw) for kw in runs]
+def _worker(rank, world, runs, shapes=False):
+    out = [train_worker(rank, world, **kw) for kw in runs]
+    return out + [_sharded_shapes(world)] if shapes else out
+
+
+def _sharded_shapes(tp):
+    """What a decoder block, the final norm and the head receive at tp = ``tp`` with sequence-sharded regions
+    and recomputed blocks: the block input (what the checkpoint keeps) and the final norm's input hold 1/tp of
+    the rows' tokens, the head the whole rows."""
+    import torch
+
+    from witscale.model import CausalLM, ModelConfig, packed_positions
+    from witscale.parallel.topology import ParallelDims, Topology
+
+    cfg = ModelConfig.from_dict(dict(TINY, **LLAMA))
+    topo = Topology(ParallelDims(tp, tp, 1, 0, cfg))
+    torch.manual_seed(0)
+    model = CausalLM(cfg, topo.tp_group_or_none(), activation_checkpointing=True, tp_sequence_parallel=True)
+    seen = {}
+    for name, module in (("block", model.model.layers[0]), ("norm", model.model.norm), ("head", model.lm_head)):
+        module.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, tuple(args[0].shape)))
+    positions, cu, longest = packed_positions([[20, 28], [48]], SEQ_LEN)
+    ids = torch.randint(3, cfg.vocab_size, (2, SEQ_LEN))
+    stats = model(ids, positions, cu, longest, ids, torch.ones(2, SEQ_LEN), torch.zeros_like(ids))
+    stats.weighted_sum.backward()
+    return seen
 
 
 def _same(got: dict, want: dict, what: str, steps_rtol: float = 1e-6) -> None:
@@ -64,7 +88,8 @@ def test_tp_sequence_parallel_equals_tp_without_it_and_one_rank():
     sp_run = dict(PROBED, model=LLAMA, activation_checkpointing=True)
     want = run_distributed(_worker, 1, [RUNS[n] for n in names] + [sp_run])[0]
     runs = [dict(RUNS[n], tp=2, tp_sequence_parallel=on) for n in names for on in (False, True)]
-    out = run_distributed(_worker, 2, runs, timeout=600)
+    out = run_distributed(_worker, 2, runs, True, timeout=600)
+    assert out[0][-1] == {"block": (2, SEQ_LEN // 2, 32), "norm": (2, SEQ_LEN // 2, 32), "head": (2, SEQ_LEN, 32)}
     for rank in (0, 1):
         for i, name in enumerate(names):
             without, with_sp = out[rank][2 * i], out[rank][2 * i + 1]
@@ -85,3 +110,76 @@ def test_tp_sequence_parallel_equals_tp_without_it_and_one_rank():
         for name, g in ref["probe"]["grads"].items():
             np.testing.assert_allclose(got["probe"]["grads"][name], g, rtol=1e-6, atol=1e-6 * np.abs(g).max(),
                                        err_msg=f"sp 2 × tp 2 rank {rank}: {name}")
+
+
+def _plan(run_inputs, tmp_path, world, **flags):
+    from witscale.train import build_parser, plan_run
+    from witscale.training.config import RunConfig
+
+    args = dict(zip(*[iter(operations._args(run_inputs, tmp_path, 2))] * 2))
+    args.update({"--ds_config": "ds_configs/zero1.json", **flags})
+    argv = []
+    for k, v in args.items():
+        argv += [k] if v is None else [k, v]
+    return plan_run(RunConfig.from_args(build_parser().parse_args(argv)), world)
+
+
+@pytest.mark.parametrize("world, flags, on", [
+    (2, {"--tp": "2"}, False),                                         # auto: no --sp, checkpointing off (CPU)
+    (2, {"--tp": "2", "--activation-checkpointing": "on"}, True),      # auto: memory is tight
+    (2, {"--tp": "2", "--tp-sequence-parallel": "on"}, True),
+    (2, {"--tp": "2", "--activation-checkpointing": "on", "--tp-sequence-parallel": "off"}, False),
+    (4, {"--tp": "2", "--sp": "2"}, True),                             # auto: --sp > 1
+    (2, {"--tp": "2", "--activation-checkpointing": "on", "--compile": None}, False),   # auto: not with --compile
+    (2, {"--activation-checkpointing": "on"}, False),                   # auto at tp 1
+])
+def test_tp_sequence_parallel_flag_resolves(run_inputs, tmp_path, world, flags, on):
+    plan = _plan(run_inputs, tmp_path, world, **flags)
+    assert plan.tp_sequence_parallel is on
+    from witscale.train import resolved_config
+    assert resolved_config(plan)["layout"]["tp_sequence_parallel"] is on
+
+
+@pytest.mark.parametrize("world, flags, message", [
+    (2, {}, "--tp-sequence-parallel on: it shards over the TP ranks and --tp is 1; or pass "
+            "--tp-sequence-parallel off"),
+    (4, {"--tp": "2", "--pp": "2"}, "--tp-sequence-parallel on: not with --pp: "),
+    (2, {"--tp": "2", "--compile": None}, "--tp-sequence-parallel on: not with --compile: "),
+    (2, {"--tp": "2", "--tp-sequence-parallel": "sometimes"}, "invalid choice: 'sometimes'"),
+])
+def test_tp_sequence_parallel_refusals_are_one_line(run_inputs, tmp_path, capsys, world, flags, message):
+    from witscale.train import UsageError
+    with pytest.raises((UsageError, SystemExit)) as e:
+        _plan(run_inputs, tmp_path, world, **{"--tp-sequence-parallel": "on", **flags})
+    text = str(e.value) if isinstance(e.value, UsageError) else capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in text and "\n" not in text, text
+
+
+def test_rows_that_do_not_divide_by_tp_are_refused_with_on_and_turn_auto_off():
+    """The row rule: each TP rank holds (seq_len / sp) / tp tokens; the data and eval data are named."""
+    from types import SimpleNamespace
+
+    from witscale.parallel.topology import ParallelDims
+    from witscale.train import UsageError, _tp_sequence_parallel
+
+    dims = ParallelDims(4, tp=2, sp=2)
+    data = ("--data", "train", SimpleNamespace(seq_len=96))
+    odd = ("--eval-data", "eval", SimpleNamespace(seq_len=50))      # 25 tokens per sp rank
+    cfg = lambda mode: SimpleNamespace(tp_sequence_parallel=mode, compile=False)  # noqa: E731
+    assert _tp_sequence_parallel(cfg("auto"), dims, False, [data, ("--eval-data", None, None)]) is True
+    assert _tp_sequence_parallel(cfg("auto"), dims, False, [data, odd]) is False
+    with pytest.raises(UsageError, match=r"^--tp-sequence-parallel on: --eval-data eval: rows of 50 tokens \(25 per "
+                                         r"--sp rank\) cannot be cut into --tp 2 equal parts \(repack with a "
+                                         r"--seq-len divisible by sp × tp = 4\); or pass --tp-sequence-parallel off$"):
+        _tp_sequence_parallel(cfg("on"), dims, False, [data, odd])
+
+
+def test_the_model_refuses_rows_that_do_not_divide_by_tp():
+    """Without the plan's check (a direct user of the model): one line at the first reduce-scatter."""
+    import torch
+
+    from witscale.parallel.comm import _check_sequence
+
+    assert _check_sequence(torch.zeros(1, 8, 4), 2) == 4
+    with pytest.raises(ValueError, match=r"^--tp-sequence-parallel: 7 tokens per row cannot be cut into --tp 2 "):
+        _check_sequence(torch.zeros(1, 7, 4), 2)
