@@ -43,8 +43,13 @@ def _sharded_shapes(tp):
     torch.manual_seed(0)
     model = CausalLM(cfg, topo.tp_group_or_none(), activation_checkpointing=True, tp_sequence_parallel=True)
     seen = {}
+
+    def record(name):
+        def hook(module, args):
+            seen.setdefault(name, tuple(args[0].shape))     # returns None: the arguments are left as they are
+        return hook
     for name, module in (("block", model.model.layers[0]), ("norm", model.model.norm), ("head", model.lm_head)):
-        module.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, tuple(args[0].shape)))
+        module.register_forward_pre_hook(record(name))
     positions, cu, longest = packed_positions([[20, 28], [48]], SEQ_LEN)
     ids = torch.randint(3, cfg.vocab_size, (2, SEQ_LEN))
     stats = model(ids, positions, cu, longest, ids, torch.ones(2, SEQ_LEN), torch.zeros_like(ids))
