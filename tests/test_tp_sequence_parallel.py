@@ -136,6 +136,7 @@ def _plan(run_inputs, tmp_path, world, **flags):
     (2, {"--tp": "2", "--activation-checkpointing": "on", "--tp-sequence-parallel": "off"}, False),
     (4, {"--tp": "2", "--sp": "2"}, True),                             # auto: --sp > 1
     (2, {"--tp": "2", "--activation-checkpointing": "on", "--compile": None}, False),   # auto: not with --compile
+    (4, {"--tp": "2", "--pp": "2", "--activation-checkpointing": "on"}, True),   # the stages carry 1/tp of a row
     (2, {"--activation-checkpointing": "on"}, False),                   # auto at tp 1
 ])
 def test_tp_sequence_parallel_flag_resolves(run_inputs, tmp_path, world, flags, on):
@@ -148,7 +149,6 @@ def test_tp_sequence_parallel_flag_resolves(run_inputs, tmp_path, world, flags, 
 @pytest.mark.parametrize("world, flags, message", [
     (2, {}, "--tp-sequence-parallel on: it shards over the TP ranks and --tp is 1; or pass "
             "--tp-sequence-parallel off"),
-    (4, {"--tp": "2", "--pp": "2"}, "--tp-sequence-parallel on: not with --pp: "),
     (2, {"--tp": "2", "--compile": None}, "--tp-sequence-parallel on: not with --compile: "),
     (2, {"--tp": "2", "--tp-sequence-parallel": "sometimes"}, "invalid choice: 'sometimes'"),
 ])

@@ -216,8 +216,8 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
     steps_per_epoch = len(dataset) // global_rows
     total = cfg.max_steps if cfg.max_steps else max(1, int(steps_per_epoch * (cfg.epochs or 1.0)))
     checkpointing = _activation_checkpointing(cfg, model_config, dims, ds_config, dataset.seq_len)
-    tp_sequence_parallel = _tp_sequence_parallel(cfg, dims, checkpointing, [("--data", cfg.data, dataset),
-                                                                             ("--eval-data", cfg.eval_data, eval_dataset)])
+    rows = [("--data", cfg.data, dataset), ("--eval-data", cfg.eval_data, eval_dataset)]
+    tp_sequence_parallel = _tp_sequence_parallel(cfg, dims, checkpointing, rows)
     return Plan(cfg, model_config, dataset, eval_dataset, table, ds_config, world_size, dims, total,
                 steps_per_epoch, checkpointing, tp_sequence_parallel, grown_from)
 
@@ -327,8 +327,6 @@ def _tp_sequence_parallel(cfg: RunConfig, dims, checkpointing: bool, datasets) -
     why = None
     if dims.tp == 1:
         why = "it shards over the TP ranks and --tp is 1"
-    elif dims.pp > 1:
-        why = "not with --pp: the pipeline stages do not build the sequence-sharded blocks yet"
     elif cfg.compile:
         why = "not with --compile: compiled blocks around its sequence collectives are not tested yet"
     else:

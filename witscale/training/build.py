@@ -79,15 +79,14 @@ def build_module(config: ModelConfig, topo, ds_config: dict, *, model_dir: Optio
     from the mean of the old ones (witscale/model/grow.py). ``compile_blocks`` (--compile): each decoder block
     compiled in place once its weights are in (transformer.py ``compile_decoder_blocks``).
     ``tp_sequence_parallel`` (--tp-sequence-parallel resolved on, tp > 1): the decoder's sequence-sharded TP
-    regions (transformer.py); the same parameters either way. Not built for --pp (train.py refuses it)."""
-    if tp_sequence_parallel and topo.pp > 1:
-        raise ValueError("--tp-sequence-parallel is not built for --pp > 1")
+    regions (transformer.py, pipeline.py); the same parameters either way."""
     dtype = torch.bfloat16 if (ds_config.get("bf16") or {}).get("enabled") is True else torch.float32
     with _materialize_on(training_device(), dtype):
         if topo.pp > 1:
             from witscale.model.pipeline import build_pipeline_module
             module = build_pipeline_module(config, topo, partition=pp_partition, attention_backend=attention,
-                                           activation_checkpointing=activation_checkpointing)
+                                           activation_checkpointing=activation_checkpointing,
+                                           tp_sequence_parallel=tp_sequence_parallel)
         else:
             with construction_context(ds_config, topo):
                 module = CausalLM(config, topo.tp_group_or_none(), attention_backend=attention,

@@ -229,7 +229,7 @@ class RunConfig:
                 "linears, reduce-scatter after the row-parallel ones; the same results, 1/tp of that memory; "
                 "docs/parallel-layout.md#tp-sequence-parallelism). auto (default): on at --tp > 1 with --sp > 1 or "
                 "activation checkpointing on; each rank's row length (--seq-len / --sp) must divide by --tp; not "
-                "with --pp or --compile", group=RUNTIME, choices=TP_SEQUENCE_PARALLEL)
+                "with --compile", group=RUNTIME, choices=TP_SEQUENCE_PARALLEL)
     pp_partition: str = option(
         "uniform", "pipeline stages: the same number of decoder layers each (embedding on the first, norm + LM "
                    "head on the last), or balanced parameter counts", group=RUNTIME, choices=PARTITION_METHODS)
