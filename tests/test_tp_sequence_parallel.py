@@ -2,7 +2,8 @@
 real gloo ranks: tp 2 with them against tp 2 without and against one rank (logits, loss, every gradient of a
 packed micro-batch, then 3 Trainer/DeepSpeed steps), under ZeRO-0 and ZeRO-3, for Llama with every bias and a
 Gemma-3 layout (sandwich norms, q/k norms, one KV head replicated); sp 2 × tp 2 with them against one rank; and
-the flag's resolution and refusals in one line."""
+the flag's resolution and refusals in one line. (tp 2 × pp 2 with them: tests/test_train_pipeline_parallel.py,
+in the launch of its tp 2 × pp 2 run.)"""
 import numpy as np
 import pytest
 
