@@ -14,7 +14,7 @@ from tests.train_helpers import TINY, ds_config, random_packed, train_worker
 
 def pipe_worker(rank, world, *, tp=1, pp=2, stage=0, micro=1, accum=4, steps=2, normalization="nonzero", lp=0.3,
                 lr=1e-2, clip=0.0, seed=0, rows=16, seq_len=48, with_weights=True, model=None, data_seed=1,
-                activation_checkpointing=False, partition="uniform", resume_dir=None):
+                activation_checkpointing=False, partition="uniform", resume_dir=None, tp_sequence_parallel=False):
     """Train ``steps`` steps on a tp × pp × dp layout with the Trainer; return losses, dense params.
     With ``resume_dir``: save after ``steps // 2`` steps, finish, then restore into a fresh engine and
     redo the second half (returned as ``resumed``)."""
@@ -35,7 +35,8 @@ def pipe_worker(rank, world, *, tp=1, pp=2, stage=0, micro=1, accum=4, steps=2, 
     def fresh():
         torch.manual_seed(seed)
         module = build_module(cfg, topo, ds_config(stage, micro, accum, topo.dp, clip), model_dir=None, seed=seed,
-                              pp_partition=partition, activation_checkpointing=activation_checkpointing)
+                              pp_partition=partition, activation_checkpointing=activation_checkpointing,
+                              tp_sequence_parallel=tp_sequence_parallel)
         loader = PackedLoader(data, build_weight_table(lp, 1.0), micro_batch_size=micro, grad_accum=accum,
                               dp_size=topo.dp, dp_rank=topo.dp_rank, seed=seed)
         trainer = Trainer(module=module, ds_config=ds_config(stage, micro, accum, topo.dp, clip),
@@ -122,9 +123,12 @@ def test_pp2_equals_pp1_for_every_normalization(reference, tmp_path):
 
 
 def _layouts_worker(rank, world):
-    # 4 ranks: tp2 × pp2 (ZeRO-0), then pp2 × dp2 (ZeRO-1, accum 2 so that the global batch is the same).
+    # 4 ranks: tp2 × pp2 (ZeRO-0), then pp2 × dp2 (ZeRO-1, accum 2 so that the global batch is the same); then
+    # tp2 × pp2 again with --tp-sequence-parallel and recomputed blocks (the stages carry 1/tp of the rows).
     return [pipe_worker(rank, world, tp=2, pp=2, stage=0, accum=4, normalization="nonzero"),
-            pipe_worker(rank, world, tp=1, pp=2, stage=1, accum=2, normalization="nonzero")]
+            pipe_worker(rank, world, tp=1, pp=2, stage=1, accum=2, normalization="nonzero"),
+            pipe_worker(rank, world, tp=2, pp=2, stage=0, accum=4, normalization="nonzero",
+                        tp_sequence_parallel=True, activation_checkpointing=True)]
 
 
 @pytest.mark.slow
@@ -140,6 +144,13 @@ def test_tp2_pp2_and_pp2_dp2_zero1_equal_one_rank(reference):
             _close(r["params"], want["params"], what=layout)
             for a, b in zip(r["results"], want["results"]):
                 assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), layout
+    # tp2 × pp2 with --tp-sequence-parallel equals it without (same sums in another order: fp32 rounding).
+    for rank, res in enumerate(out):
+        without, with_sp = res[0], res[2]
+        np.testing.assert_allclose(with_sp["losses"], without["losses"], rtol=1e-6, err_msg=f"rank {rank}")
+        np.testing.assert_allclose([r["grad_norm"] for r in with_sp["results"]],
+                                   [r["grad_norm"] for r in without["results"]], rtol=1e-6, err_msg=f"rank {rank}")
+        _close(with_sp["params"], without["params"], atol=1e-5, what=f"tp2×pp2 --tp-sequence-parallel rank {rank}")
 
 
 @pytest.mark.slow

@@ -99,7 +99,7 @@ def probe(module, loader, topo):
 
 def train_worker(rank, world, *, tp=1, sp=1, do_probe=False, stage=0, micro=1, accum=1, steps=1, normalization="nonzero", lp=0.2, lr_w=1.0,
                  lr=1e-3, clip=0.0, eps=1e-8, seed=0, rows=8, seq_len=48, with_weights=False, model=None, data_seed=1,
-                 shard_loader=False, evaluate=False):
+                 shard_loader=False, evaluate=False, tp_sequence_parallel=False, activation_checkpointing=False):
     """Train ``steps`` optimizer steps on a world of ``world`` data-parallel ranks; return losses and params.
     ``shard_loader``: under sp, each rank's loader reads only its part of the rows (what train.py runs);
     ``evaluate``: then one evaluation over the whole data set."""
@@ -119,7 +119,8 @@ def train_worker(rank, world, *, tp=1, sp=1, do_probe=False, stage=0, micro=1, a
     topo = Topology(dims)
     config = ds_config(stage, micro, accum, topo.dp, clip)
     torch.manual_seed(seed)
-    module = build_module(cfg, topo, config, model_dir=None, seed=seed)
+    module = build_module(cfg, topo, config, model_dir=None, seed=seed, tp_sequence_parallel=tp_sequence_parallel,
+                          activation_checkpointing=activation_checkpointing)
     data = random_packed(rows, seq_len, cfg.vocab_size, data_seed, with_weights)
     loader = PackedLoader(data, build_weight_table(lp, lr_w), micro_batch_size=micro, grad_accum=accum,
                           dp_size=topo.dp, dp_rank=topo.dp_rank, seed=seed,

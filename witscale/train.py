@@ -99,6 +99,7 @@ class Plan:
     total_steps: int
     steps_per_epoch: int
     activation_checkpointing: bool = False
+    tp_sequence_parallel: bool = False      # --tp-sequence-parallel, resolved (_tp_sequence_parallel)
     vocab_grown_from: int | None = None     # --model's vocabulary, grown to the data's (--add-special-tokens)
     config_file: dict | None = None         # --config's path and digest (config_file.config_file_record)
 
@@ -218,8 +219,10 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
     steps_per_epoch = len(dataset) // global_rows
     total = cfg.max_steps if cfg.max_steps else max(1, int(steps_per_epoch * (cfg.epochs or 1.0)))
     checkpointing = _activation_checkpointing(cfg, model_config, dims, ds_config, dataset.seq_len)
+    rows = [("--data", cfg.data, dataset), ("--eval-data", cfg.eval_data, eval_dataset)]
+    tp_sequence_parallel = _tp_sequence_parallel(cfg, dims, checkpointing, rows)
     return Plan(cfg, model_config, dataset, eval_dataset, table, ds_config, world_size, dims, total,
-                steps_per_epoch, checkpointing, grown_from)
+                steps_per_epoch, checkpointing, tp_sequence_parallel, grown_from)
 
 
 def _check_learn_weights(cfg: RunConfig, table, stage: int) -> None:
@@ -316,6 +319,39 @@ def _activation_checkpointing(cfg: RunConfig, model_config, dims, ds_config: dic
     return on
 
 
+def _tp_sequence_parallel(cfg: RunConfig, dims, checkpointing: bool, datasets) -> bool:
+    """--tp-sequence-parallel: ``on`` where it cannot run is refused in one line; ``auto`` is on at tp > 1 when
+    sp > 1 or activation checkpointing resolved on (the planner said memory is tight, or the user asked),
+    and off where it cannot run (said in the log). The rule for rows: each TP rank holds 1/tp of the tokens
+    an sp rank holds, so seq_len / sp of the training (and eval) rows must divide by tp — packed rows have a
+    fixed length, so this is decided here, once."""
+    if cfg.tp_sequence_parallel == "off":
+        return False
+    why = None
+    if dims.tp == 1:
+        why = "it shards over the TP ranks and --tp is 1"
+    elif cfg.compile:
+        why = "not with --compile: compiled blocks around its sequence collectives are not tested yet"
+    else:
+        for flag, path, data in (d for d in datasets if d[2] is not None):
+            per_rank = data.seq_len // dims.sp
+            if per_rank % dims.tp:
+                why = (f"{flag} {path}: rows of {data.seq_len} tokens ({per_rank} per --sp rank) cannot be cut into "
+                       f"--tp {dims.tp} equal parts (repack with a --seq-len divisible by sp × tp = "
+                       f"{dims.sp * dims.tp})")
+                break
+    if cfg.tp_sequence_parallel == "on":
+        if why:
+            raise UsageError(f"--tp-sequence-parallel on: {why}; or pass --tp-sequence-parallel off")
+        return True
+    on = why is None and (dims.sp > 1 or checkpointing)
+    if dims.tp > 1:
+        reason = why or ("--sp > 1" if dims.sp > 1 else "activation checkpointing on" if checkpointing
+                         else "neither --sp > 1 nor activation checkpointing")
+        log.info(f"--tp-sequence-parallel auto: {'on' if on else 'off'} ({reason})")
+    return on
+
+
 def run(args: argparse.Namespace | RunConfig):
     """Validate, start the process group, train. Returns (trainer, per-step results)."""
     import torch
@@ -345,7 +381,8 @@ def run(args: argparse.Namespace | RunConfig):
         module = build_module(plan.model_config, topo, plan.ds_config, model_dir=config.model, seed=config.seed,
                               pp_partition=config.pp_partition, attention=config.attention,
                               activation_checkpointing=plan.activation_checkpointing,
-                              grow_vocab_from=plan.vocab_grown_from, compile_blocks=config.compile)
+                              grow_vocab_from=plan.vocab_grown_from, compile_blocks=config.compile,
+                              tp_sequence_parallel=plan.tp_sequence_parallel)
         result = train_loop(plan, topo, module)
         if watch is not None:
             watch.stop()        # from here on, rank 0 (the store's host) may leave first
@@ -547,7 +584,7 @@ def resolved_config(plan: Plan) -> dict:
             "weight_table": {CLASS_NAMES[i]: float(w) for i, w in enumerate(plan.weight_table)},
             "total_steps": plan.total_steps,
             "layout": {"world": plan.dims.world_size, "tp": plan.dims.tp, "pp": plan.dims.pp, "dp": plan.dims.dp,
-                       "sp": plan.dims.sp},
+                       "sp": plan.dims.sp, "tp_sequence_parallel": plan.tp_sequence_parallel},
             "rendezvous": f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}",
             "config_file": plan.config_file}
 

@@ -15,6 +15,10 @@ straight from the data iterator to the last stage (DeepSpeed's labels tuple), wh
 the fused vocab-parallel weighted cross-entropy. With tied embeddings the embedding is a ``TiedLayerSpec``
 at both ends (DeepSpeed all-reduces its gradient between the first and last stage).
 
+``--tp-sequence-parallel`` (transformer.py's module docstring): the stages carry each TP rank's [B, S/tp, H] part
+of the hidden state (each rank sends to the same tp rank of the next stage); the embedding reduce-scatters, the
+final norm's output is all-gathered before the head. The whole row length comes from ``position_ids``.
+
 Parameter names: witscale/model/hf_names.py maps ``3.self_attn.q_proj.weight`` ↔
 ``model.layers.2.self_attn.q_proj.weight``; loading, the seeded init and export (witscale/model/weights.py,
 witscale/model/state.py) work by HF name for this module and the dense one alike.
@@ -33,7 +37,9 @@ from torch import nn
 from witscale.model.config import ModelConfig
 from witscale.model.family import family_spec
 from witscale.model.rope import RotaryEmbedding
-from witscale.model.transformer import DecoderLayer, make_lm_head, make_norm, scale_embeddings
+from witscale.model.transformer import (DecoderLayer, make_lm_head, make_norm, scale_embeddings,
+                                        sequence_parallel_group)
+from witscale.parallel.comm import gather_sequence_replicated_grad
 from witscale.parallel.layers import VocabParallelEmbedding, VocabParallelLMHead
 
 PARTITION_METHODS = ("uniform", "parameters")
@@ -46,9 +52,10 @@ def pipe_inputs(mb) -> tuple:
 
 
 class EmbeddingPipe(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp_group):
+    def __init__(self, cfg: ModelConfig, tp_group, tp_sequence_parallel: bool = False):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_group)
+        sharded = sequence_parallel_group(tp_group, tp_sequence_parallel) is not None
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_group, sequence_parallel=sharded)
         self.spec = family_spec(cfg)
 
     def forward(self, inputs):
@@ -60,8 +67,8 @@ class TiedEmbeddingPipe(EmbeddingPipe):
     """Embedding and LM head sharing one weight; DeepSpeed keeps one copy on the first and one on the last
     stage and all-reduces their gradients."""
 
-    def __init__(self, cfg: ModelConfig, tp_group, loss_chunk_size: int = 4096):
-        super().__init__(cfg, tp_group)
+    def __init__(self, cfg: ModelConfig, tp_group, loss_chunk_size: int = 4096, tp_sequence_parallel: bool = False):
+        super().__init__(cfg, tp_group, tp_sequence_parallel)
         self.lm_head = make_lm_head(cfg, self.spec, tp_group, loss_chunk_size)
         self.lm_head.weight = self.embed_tokens.weight
 
@@ -72,9 +79,10 @@ def _tied_head_passthrough(module, hidden):
 
 
 class DecoderLayerPipe(DecoderLayer):
-    def __init__(self, cfg: ModelConfig, tp_group, attention_backend: str, layer_index: int):
+    def __init__(self, cfg: ModelConfig, tp_group, attention_backend: str, layer_index: int,
+                 tp_sequence_parallel: bool = False):
         spec = family_spec(cfg)
-        super().__init__(cfg, tp_group, attention_backend, layer_index, spec)
+        super().__init__(cfg, tp_group, attention_backend, layer_index, spec, None, tp_sequence_parallel)
         rope = spec.ropes[spec.layers[layer_index].rope_index]
         self.rotary = RotaryEmbedding(cfg.head_dim, rope.theta, rope.scaling)   # this layer's RoPE
 
@@ -83,17 +91,20 @@ class DecoderLayerPipe(DecoderLayer):
         cos, sin = self.rotary.cos_sin(position_ids.to(x.device), x.dtype)
         # The row length bounds the longest segment (segments never cross rows): the attention kernels
         # take it as max_seqlen, where reading the exact maximum off the device would sync every layer.
-        x = super().forward(x, cos, sin, cu_seqlens, x.shape[1])
+        # position_ids' length, not x's: under --tp-sequence-parallel x holds 1/tp of the row.
+        x = super().forward(x, cos, sin, cu_seqlens, position_ids.shape[1])
         return x, position_ids, cu_seqlens
 
 
 class FinalNormPipe(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp_group=None, tp_sequence_parallel: bool = False):
         super().__init__()
-        self.norm = make_norm(cfg, family_spec(cfg))
+        self.sequence_group = sequence_parallel_group(tp_group, tp_sequence_parallel)
+        self.norm = make_norm(cfg, family_spec(cfg), sharded_input_group=self.sequence_group)
 
     def forward(self, inputs):
-        return self.norm(inputs[0])
+        # --tp-sequence-parallel: the whole rows for the head (its loss returns the complete dL/dh on every rank)
+        return gather_sequence_replicated_grad(self.norm(inputs[0]), self.sequence_group)
 
 
 class LMHeadPipe(nn.Module):
@@ -133,24 +144,27 @@ class PipelineLoss:
 
 
 # --- building -----------------------------------------------------------------------------------------
-def layer_specs(cfg: ModelConfig, tp_group, *, attention_backend: str = "auto", loss_chunk_size: int = 4096):
+def layer_specs(cfg: ModelConfig, tp_group, *, attention_backend: str = "auto", loss_chunk_size: int = 4096,
+                tp_sequence_parallel: bool = False):
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
+    sp_tp = tp_sequence_parallel
     if cfg.tie_word_embeddings:
-        first = TiedLayerSpec("embed", TiedEmbeddingPipe, cfg, tp_group, loss_chunk_size,
+        first = TiedLayerSpec("embed", TiedEmbeddingPipe, cfg, tp_group, loss_chunk_size, sp_tp,
                               tied_weight_attr=["embed_tokens.weight"])
-        last = TiedLayerSpec("embed", TiedEmbeddingPipe, cfg, tp_group, loss_chunk_size,
+        last = TiedLayerSpec("embed", TiedEmbeddingPipe, cfg, tp_group, loss_chunk_size, sp_tp,
                              forward_fn=_tied_head_passthrough, tied_weight_attr=["embed_tokens.weight"])
     else:
-        first = LayerSpec(EmbeddingPipe, cfg, tp_group)
+        first = LayerSpec(EmbeddingPipe, cfg, tp_group, sp_tp)
         last = LayerSpec(LMHeadPipe, cfg, tp_group, loss_chunk_size)
-    return ([first] + [LayerSpec(DecoderLayerPipe, cfg, tp_group, attention_backend, i)
+    return ([first] + [LayerSpec(DecoderLayerPipe, cfg, tp_group, attention_backend, i, sp_tp)
                        for i in range(cfg.num_hidden_layers)]
-            + [LayerSpec(FinalNormPipe, cfg), last])
+            + [LayerSpec(FinalNormPipe, cfg, tp_group, sp_tp), last])
 
 
 def build_pipeline_module(cfg: ModelConfig, topo, *, partition: str = "uniform",
-                          activation_checkpointing: bool = False, attention_backend: str = "auto"):
+                          activation_checkpointing: bool = False, attention_backend: str = "auto",
+                          tp_sequence_parallel: bool = False):
     """The PipelineModule for this rank's stage. ``partition``: 'uniform' (the same number of decoder
     layers per stage; embedding on the first, norm + head on the last) or 'parameters' (balance parameter
     counts, the vocabulary-sized embedding and head included)."""
@@ -163,7 +177,8 @@ def build_pipeline_module(cfg: ModelConfig, topo, *, partition: str = "uniform",
     ds_topo = PipeModelDataParallelTopology(num_pp=topo.pp, num_mp=topo.tp, num_dp=topo.dp)
     loss = PipelineLoss()
     module = PipelineModule(
-        layer_specs(cfg, topo.tp_group_or_none(), attention_backend=attention_backend),
+        layer_specs(cfg, topo.tp_group_or_none(), attention_backend=attention_backend,
+                    tp_sequence_parallel=tp_sequence_parallel),
         topology=ds_topo, loss_fn=loss,
         partition_method="type:DecoderLayerPipe" if partition == "uniform" else "parameters",
         activation_checkpoint_interval=1 if activation_checkpointing else 0,

@@ -12,6 +12,13 @@ replicated and each rank using its query heads' KV head (``ReplicatedKVHeadLinea
 ``forward`` takes packed rows: input ids, per-document position ids and ``cu_seqlens`` segment
 boundaries over the flattened tokens (see attention.py). With labels it returns the weighted-loss
 statistics computed by the fused vocab-parallel head; without, the final hidden states.
+
+``tp_sequence_parallel`` (--tp-sequence-parallel, at tp > 1; Megatron's sequence parallelism): between the
+linears — the residual stream, every norm, the checkpointed block input — each TP rank holds a contiguous 1/tp
+of the rows' tokens, [B, S/tp, H]. The embedding reduce-scatters its partial sums, each block all-gathers
+the sequence before q/k/v and gate/up and reduce-scatters after o and down (instead of copy + all-reduce),
+and the final norm's output is all-gathered before the LM head; ``forward``'s inputs and outputs are the
+same as without it (docs/parallel-layout.md#tp-sequence-parallelism).
 """
 from __future__ import annotations
 
@@ -27,7 +34,7 @@ from witscale.model.attention import check_backend_name, packed_attention, selec
 from witscale.model.config import ModelConfig
 from witscale.model.family import FamilySpec, family_spec
 from witscale.model.rope import RotaryEmbedding, apply_rope
-from witscale.parallel.comm import copy_to_tp
+from witscale.parallel.comm import copy_to_tp, gather_sequence_from_tp, gather_sequence_replicated_grad
 from witscale.parallel.sequence import ulysses_attention
 from witscale.parallel.layers import (ColumnParallelLinear, ReplicatedKVHeadLinear, RowParallelLinear,
                                       VocabParallelEmbedding, VocabParallelLMHead, divide, kv_heads_replicated,
@@ -37,9 +44,10 @@ from witscale.parallel.layers import (ColumnParallelLinear, ReplicatedKVHeadLine
 class RMSNorm(nn.Module):
     """x / rms(x) · w (``offset`` 0: Llama, Qwen) or · (1 + w) in fp32 (``offset`` 1: Gemma, whose weights are
     stored around 0). ``sharded_input_group``: the TP group when the norm runs on this rank's shard of the heads (Qwen3 and
-    Gemma-3's per-head q_norm/k_norm): its replicated weight's gradient is then partial per rank and summed
-    over the group (the TP gradient rule, parallel/layers.py ``sum_grad_over_tp``). None (the default) for
-    norms of replicated activations (input, post-attention, final), whose gradient is already complete."""
+    Gemma-3's per-head q_norm/k_norm) or of the tokens (every norm under --tp-sequence-parallel): its replicated
+    weight's gradient is then partial per rank and summed over the group (the TP gradient rule,
+    parallel/layers.py ``sum_grad_over_tp``). None (the default) for norms of replicated activations (input,
+    post-attention, final without --tp-sequence-parallel), whose gradient is already complete."""
 
     def __init__(self, dim: int, eps: float, sharded_input_group=None, offset: float = 0.0):
         super().__init__()
@@ -57,6 +65,12 @@ class RMSNorm(nn.Module):
             # Gemma multiplies in fp32 and casts after ((x̂ · (1 + w)).to(dtype)); Llama casts x̂ first.
             return (normed * (self.offset + weight.float())).to(dtype)
         return weight * normed.to(dtype)
+
+
+def sequence_parallel_group(tp_group, tp_sequence_parallel: bool):
+    """The TP group when the residual stream is sharded along the sequence over it (--tp-sequence-parallel at
+    tp > 1), else None: what the residual stream's norms pass as ``sharded_input_group``."""
+    return tp_group if tp_sequence_parallel and tp_size_rank(tp_group)[0] > 1 else None
 
 
 def make_norm(cfg: ModelConfig, spec: FamilySpec, dim: Optional[int] = None, sharded_input_group=None) -> RMSNorm:
@@ -88,10 +102,11 @@ class Attention(nn.Module):
     the attention itself runs on the whole rows (witscale/parallel/sequence.py)."""
 
     def __init__(self, cfg: ModelConfig, tp_group, attention_backend: str, layer_index: int,
-                 spec: Optional[FamilySpec] = None, sp_group=None):
+                 spec: Optional[FamilySpec] = None, sp_group=None, tp_sequence_parallel: bool = False):
         super().__init__()
         spec = spec or family_spec(cfg)
         tp, _ = tp_size_rank(tp_group)
+        self.tp_sequence_parallel = tp_sequence_parallel and tp > 1
         self.head_dim = cfg.head_dim
         self.local_heads = divide(cfg.num_attention_heads, tp, "attention heads")
         q_out, kv_out = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
@@ -107,7 +122,8 @@ class Attention(nn.Module):
             self.local_kv_heads = divide(cfg.num_key_value_heads, tp, "key/value heads")
             self.k_proj = ColumnParallelLinear(cfg.hidden_size, kv_out, cfg.attention_bias, tp_group)
             self.v_proj = ColumnParallelLinear(cfg.hidden_size, kv_out, cfg.attention_bias, tp_group)
-        self.o_proj = RowParallelLinear(q_out, cfg.hidden_size, cfg.o_bias, tp_group)
+        self.o_proj = RowParallelLinear(q_out, cfg.hidden_size, cfg.o_bias, tp_group,
+                                        sequence_parallel=self.tp_sequence_parallel)
         if spec.qk_norm:
             # Per head, on this rank's heads only: the weight's gradient is summed over tp (layers.py's rule).
             self.q_norm = make_norm(cfg, spec, cfg.head_dim, sharded_input_group=tp_group)
@@ -121,8 +137,8 @@ class Attention(nn.Module):
         self.sp_group = sp_group
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
+        x = tp_block_input(x, self.tp_group, self.tp_sequence_parallel)      # once for q, k and v
         b, s, _ = x.shape
-        x = copy_to_tp(x, self.tp_group)        # once for q, k and v: one all-reduce of dL/dx in backward
         q = self.q_proj(x, input_copied=True).view(b, s, self.local_heads, self.head_dim)
         k = self.k_proj(x, input_copied=True).view(b, s, self.local_kv_heads, self.head_dim)
         v = self.v_proj(x, input_copied=True).view(b, s, self.local_kv_heads, self.head_dim)
@@ -132,6 +148,15 @@ class Attention(nn.Module):
         out = _attend(q, k, v, cu_seqlens, max_seqlen, requested=self.backend, sliding_window=self.sliding_window,
                       scale=self.scale, softcap=self.softcap, sp_group=self.sp_group)
         return self.o_proj(out.reshape(b, s, self.local_heads * self.head_dim))
+
+
+def tp_block_input(x: torch.Tensor, tp_group, tp_sequence_parallel: bool) -> torch.Tensor:
+    """The input of a block's column-parallel linears, once for all of them (q/k/v, gate/up): ``copy_to_tp``
+    (one all-reduce of dL/dx in backward), or under --tp-sequence-parallel the all-gather of the rank's
+    [B, S/tp, H] along the sequence (one reduce-scatter of dL/dx in backward)."""
+    if tp_sequence_parallel:
+        return gather_sequence_from_tp(x, tp_group)
+    return copy_to_tp(x, tp_group)
 
 
 @torch.compiler.disable
@@ -150,16 +175,18 @@ def _attend(q, k, v, cu_seqlens, max_seqlen, *, requested, sliding_window, scale
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp_group):
+    def __init__(self, cfg: ModelConfig, tp_group, tp_sequence_parallel: bool = False):
         super().__init__()
+        self.tp_sequence_parallel = tp_sequence_parallel and tp_size_rank(tp_group)[0] > 1
         self.gate_proj = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, tp_group)
         self.up_proj = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, tp_group)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, tp_group)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, tp_group,
+                                           sequence_parallel=self.tp_sequence_parallel)
         self.gelu = cfg.hidden_act == "gelu_pytorch_tanh"       # GeGLU (Gemma) instead of SwiGLU
         self.tp_group = tp_group
 
     def forward(self, x):
-        x = copy_to_tp(x, self.tp_group)        # once for gate and up: one all-reduce of dL/dx in backward
+        x = tp_block_input(x, self.tp_group, self.tp_sequence_parallel)      # once for gate and up
         gate = self.gate_proj(x, input_copied=True)
         gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
         return self.down_proj(gate * self.up_proj(x, input_copied=True))
@@ -170,17 +197,18 @@ class DecoderLayer(nn.Module):
     on each branch; Gemma ("sandwich"): each branch also normed on its output, before the residual add."""
 
     def __init__(self, cfg: ModelConfig, tp_group, attention_backend: str, layer_index: int,
-                 spec: Optional[FamilySpec] = None, sp_group=None):
+                 spec: Optional[FamilySpec] = None, sp_group=None, tp_sequence_parallel: bool = False):
         super().__init__()
         spec = spec or family_spec(cfg)
-        self.input_layernorm = make_norm(cfg, spec)
-        self.self_attn = Attention(cfg, tp_group, attention_backend, layer_index, spec, sp_group)
-        self.post_attention_layernorm = make_norm(cfg, spec)
-        self.mlp = MLP(cfg, tp_group)
+        sharded = sequence_parallel_group(tp_group, tp_sequence_parallel)     # norms on 1/tp of the tokens
+        self.input_layernorm = make_norm(cfg, spec, sharded_input_group=sharded)
+        self.self_attn = Attention(cfg, tp_group, attention_backend, layer_index, spec, sp_group, tp_sequence_parallel)
+        self.post_attention_layernorm = make_norm(cfg, spec, sharded_input_group=sharded)
+        self.mlp = MLP(cfg, tp_group, tp_sequence_parallel)
         self.sandwich_norms = spec.sandwich_norms
         if spec.sandwich_norms:
-            self.pre_feedforward_layernorm = make_norm(cfg, spec)
-            self.post_feedforward_layernorm = make_norm(cfg, spec)
+            self.pre_feedforward_layernorm = make_norm(cfg, spec, sharded_input_group=sharded)
+            self.post_feedforward_layernorm = make_norm(cfg, spec, sharded_input_group=sharded)
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
         if self.sandwich_norms:
@@ -193,13 +221,16 @@ class DecoderLayer(nn.Module):
 
 class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig, tp_group, attention_backend: str, activation_checkpointing: bool,
-                 sp_group=None):
+                 sp_group=None, tp_sequence_parallel: bool = False):
         super().__init__()
         self.spec = spec = family_spec(cfg)
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_group)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, tp_group, attention_backend, i, spec, sp_group)
+        self.sequence_group = sequence_parallel_group(tp_group, tp_sequence_parallel)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_group,
+                                                   sequence_parallel=self.sequence_group is not None)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, tp_group, attention_backend, i, spec, sp_group,
+                                                 tp_sequence_parallel)
                                     for i in range(cfg.num_hidden_layers))
-        self.norm = make_norm(cfg, spec)
+        self.norm = make_norm(cfg, spec, sharded_input_group=self.sequence_group)
         # One table per distinct RoPE (Gemma-3: local and global), cos/sin computed once per forward for each.
         self.rotary = [RotaryEmbedding(cfg.head_dim, r.theta, r.scaling) for r in spec.ropes]
         self.activation_checkpointing = activation_checkpointing
@@ -213,19 +244,25 @@ class Decoder(nn.Module):
                 x = checkpoint(layer, x, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, cu_seqlens, max_seqlen)
-        return self.norm(x)
+        # --tp-sequence-parallel: the whole rows again for the head, whose fused loss returns the same, complete
+        # dL/dh on every TP rank (backward keeps this rank's part). A no-op otherwise.
+        return gather_sequence_replicated_grad(self.norm(x), self.sequence_group)
 
 
 class CausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, tp_group=None, *, attention_backend: str = "auto",
-                 activation_checkpointing: bool = False, loss_chunk_size: int = 4096, sp_group=None):
+                 activation_checkpointing: bool = False, loss_chunk_size: int = 4096, sp_group=None,
+                 tp_sequence_parallel: bool = False):
         """``sp_group`` (--sp > 1): forward then takes this rank's 1/sp of every row (``sequence_shard``) with
-        the whole rows' ``cu_seqlens``/``max_seqlen``; the loss statistics are this rank's part."""
+        the whole rows' ``cu_seqlens``/``max_seqlen``; the loss statistics are this rank's part.
+        ``tp_sequence_parallel`` (at tp > 1): the blocks run on 1/tp of those tokens per TP rank (module
+        docstring); the row length each rank gets must then divide by tp."""
         super().__init__()
         self.config = cfg
         self.tp_group = tp_group
         self.sp_group = sp_group
-        self.model = Decoder(cfg, tp_group, attention_backend, activation_checkpointing, sp_group)
+        self.model = Decoder(cfg, tp_group, attention_backend, activation_checkpointing, sp_group,
+                             tp_sequence_parallel)
         self.lm_head = make_lm_head(cfg, self.model.spec, tp_group, loss_chunk_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -5,6 +5,19 @@ the model is visible where it happens and testable on its own. ``group=None`` me
     reduce_from_tp          forward: all-reduce (sum)    backward: identity
     scatter_to_tp_last_dim  forward: keep own chunk      backward: all-gather the gradient
     gather_from_tp_last_dim forward: all-gather          backward: keep own chunk of the gradient
+
+and, for sequence-sharded TP regions (``--tp-sequence-parallel``: each TP rank holds a contiguous 1/tp of the
+sequence, dimension 1 of [B, S, H]; docs/parallel-layout.md#tp-sequence-parallelism), Megatron's sequence pair:
+
+    gather_sequence_from_tp         forward: all-gather (sequence)   backward: reduce-scatter (sequence)
+    reduce_scatter_sequence_to_tp   forward: reduce-scatter          backward: all-gather
+    gather_sequence_replicated_grad forward: all-gather              backward: keep own chunk of the gradient
+
+The first goes before column-parallel linears (each rank's input gradient is a partial sum), the second
+replaces the all-reduce after row-parallel linears and the vocab-parallel embedding, the third goes before a
+consumer that returns the same, complete gradient on every TP rank (the fused loss all-reduces dL/dh itself).
+gloo in torch 2.13 has ``all_gather_into_tensor`` and ``reduce_scatter_tensor`` (checked on this CPU), so the
+CPU tests run the same collectives as NCCL.
 """
 from __future__ import annotations
 
@@ -107,3 +120,99 @@ def gather_from_tp_last_dim(x: torch.Tensor, group=None) -> torch.Tensor:
     """Forward: all-gather of the ranks' chunks, concatenated along the last dimension. Backward: this rank's
     chunk of the gradient."""
     return x if _size(group) == 1 else _GatherFromTP.apply(x, group)
+
+
+# --- sequence-sharded TP regions ---------------------------------------------------------------------------
+def _check_sequence(x: torch.Tensor, n: int) -> int:
+    if x.dim() != 3 or x.shape[1] % n:
+        raise ValueError(f"--tp-sequence-parallel: {x.shape[1] if x.dim() == 3 else tuple(x.shape)} tokens per row "
+                         f"cannot be cut into --tp {n} equal parts (rows [batch, seq, hidden] with seq divisible "
+                         "by tp)")
+    return x.shape[1] // n
+
+
+def _gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    """[B, s, H] per rank → [B, n·s, H], the ranks' parts in rank order along the sequence."""
+    n = _size(group)
+    if n == 1:
+        return x
+    b, s, h = x.shape
+    # Flat [tokens, H] buffers: gloo checks the first dimensions (output = n × input), NCCL only the sizes.
+    out = torch.empty((n * b * s, h), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, x.reshape(b * s, h).contiguous(), group=group)
+    # [n, B, s, H] → [B, n·s, H]: a view at B = 1 (the usual packed micro-batch), one copy otherwise.
+    return out.view(n, b, s, h).transpose(0, 1).reshape(b, n * s, h)
+
+
+def _reduce_scatter_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    """[B, S, H] partial sums per rank → this rank's [B, S/n, H] part of their sum."""
+    n = _size(group)
+    if n == 1:
+        return x
+    b, _, h = x.shape
+    s = _check_sequence(x, n)
+    parts = x.reshape(b, n, s, h).transpose(0, 1).reshape(n * b * s, h)       # no copy at B = 1
+    out = torch.empty((b * s, h), dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_tensor(out, parts.contiguous(), group=group)
+    return out.view(b, s, h)
+
+
+def _own_sequence_chunk(x: torch.Tensor, group) -> torch.Tensor:
+    n = _size(group)
+    if n == 1:
+        return x
+    s = _check_sequence(x, n)
+    r = dist.get_rank(group)
+    return x[:, r * s:(r + 1) * s].contiguous()
+
+
+class _GatherSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather_sequence(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _reduce_scatter_sequence(g, ctx.group), None
+
+
+class _ReduceScatterSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_sequence(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _gather_sequence(g, ctx.group), None
+
+
+class _GatherSequenceReplicatedGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather_sequence(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _own_sequence_chunk(g, ctx.group), None
+
+
+def gather_sequence_from_tp(x: torch.Tensor, group=None) -> torch.Tensor:
+    """[B, S/tp, H] → [B, S, H] (all-gather along the sequence). Backward: reduce-scatter of the gradient —
+    every rank's column-parallel shard contributed a partial dL/dx for every token. Replaces ``copy_to_tp``
+    in front of q/k/v and gate/up under --tp-sequence-parallel."""
+    return x if _size(group) == 1 else _GatherSequence.apply(x, group)
+
+
+def reduce_scatter_sequence_to_tp(x: torch.Tensor, group=None) -> torch.Tensor:
+    """[B, S, H] partial sums → this rank's [B, S/tp, H] of their sum. Backward: all-gather. Replaces
+    ``reduce_from_tp`` after o/down and the vocab-parallel embedding under --tp-sequence-parallel."""
+    return x if _size(group) == 1 else _ReduceScatterSequence.apply(x, group)
+
+
+def gather_sequence_replicated_grad(x: torch.Tensor, group=None) -> torch.Tensor:
+    """[B, S/tp, H] → [B, S, H] (all-gather) for a consumer whose gradient is already complete and the same on
+    every TP rank (the fused vocab-parallel loss all-reduces dL/dh itself): backward keeps this rank's chunk."""
+    return x if _size(group) == 1 else _GatherSequenceReplicatedGrad.apply(x, group)

@@ -28,6 +28,15 @@ that rank computed with it. Two kinds:
   parameter once per model replica like any replicated one. (Its output is a view of the parameter: under
   ZeRO-3 a view saved for backward keeps the gathered storage alive until then — nothing for a [head_dim]
   norm weight; ``ReplicatedKVHeadLinear`` saves a copy of its head's rows instead.)
+Under ``--tp-sequence-parallel`` (``sequence_parallel=True``: each TP rank holds 1/tp of the sequence between the
+linears) the norms of the residual stream and the row-parallel biases see the rank's SHARD of the tokens too, so
+they move to the second kind: read through ``sum_grad_over_tp`` (transformer.py passes the TP group to them).
+
+Sequence-sharded TP regions (``sequence_parallel=True``, Megatron's sequence parallelism): a column-parallel
+layer all-gathers its [B, S/tp, H] input along the sequence (backward: reduce-scatter) instead of ``copy_to_tp``;
+a row-parallel layer and the vocab-parallel embedding reduce-scatter their partial sums along the sequence
+(backward: all-gather) instead of all-reducing them. The weights, their shards and names are the same either
+way: checkpoints do not depend on it.
 """
 from __future__ import annotations
 
@@ -39,7 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from witscale.parallel.cross_entropy import LossStats, fused_weighted_cross_entropy, soft_cap
-from witscale.parallel.comm import copy_to_tp, gather_from_tp_last_dim, reduce_from_tp, scatter_to_tp_last_dim
+from witscale.parallel.comm import (copy_to_tp, gather_from_tp_last_dim, gather_sequence_from_tp, reduce_from_tp,
+                                    reduce_scatter_sequence_to_tp, scatter_to_tp_last_dim)
 
 
 def tp_size_rank(group) -> tuple[int, int]:
@@ -197,10 +207,11 @@ class ColumnParallelLinear(nn.Module):
     ``gather_output=True`` (all-gather)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, tp_group=None,
-                 gather_output: bool = False):
+                 gather_output: bool = False, sequence_parallel: bool = False):
         super().__init__()
         self.tp_group = tp_group
         self.gather_output = gather_output
+        self.sequence_parallel = sequence_parallel      # input [B, S/tp, H]: all-gathered along the sequence
         tp, _ = tp_size_rank(tp_group)
         self.in_features, self.out_features = in_features, out_features
         local = divide(out_features, tp, "output size")
@@ -214,23 +225,28 @@ class ColumnParallelLinear(nn.Module):
         return _block(self.out_features, rank, tp, "output size"), slice(None)
 
     def forward(self, x: torch.Tensor, *, input_copied: bool = False) -> torch.Tensor:
-        """``input_copied``: the caller already passed ``x`` through ``copy_to_tp`` — layers that share one
-        input (q/k/v, gate/up) copy it once, so backward sums their input gradients locally and all-reduces
-        once per block instead of once per projection."""
-        y = F.linear(x if input_copied else copy_to_tp(x, self.tp_group), self.weight, self.bias)
+        """``input_copied``: the caller already passed ``x`` through ``copy_to_tp`` (or, sequence-parallel,
+        ``gather_sequence_from_tp``) — layers that share one input (q/k/v, gate/up) copy it once, so backward sums
+        their input gradients locally and all-reduces once per block instead of once per projection."""
+        if not input_copied:
+            x = gather_sequence_from_tp(x, self.tp_group) if self.sequence_parallel else copy_to_tp(x, self.tp_group)
+        y = F.linear(x, self.weight, self.bias)
         return gather_from_tp_last_dim(y, self.tp_group) if self.gather_output else y
 
 
 class RowParallelLinear(nn.Module):
     """y = x Wᵀ + b with W's input columns split over the TP ranks: each rank multiplies its slice of the
     features, the partial products are all-reduced (``reduce_from_tp``), the bias is added once after.
-    With ``input_is_parallel=False`` the full input is taken and this rank's slice cut out first."""
+    With ``input_is_parallel=False`` the full input is taken and this rank's slice cut out first.
+    ``sequence_parallel``: the partial products are reduce-scattered along the sequence instead (output
+    [B, S/tp, H]); the bias, added to the rank's tokens only, then has its gradient summed over tp."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, tp_group=None,
-                 input_is_parallel: bool = True):
+                 input_is_parallel: bool = True, sequence_parallel: bool = False):
         super().__init__()
         self.tp_group = tp_group
         self.input_is_parallel = input_is_parallel
+        self.sequence_parallel = sequence_parallel
         tp, _ = tp_size_rank(tp_group)
         self.in_features, self.out_features = in_features, out_features
         local = divide(in_features, tp, "input size")
@@ -246,7 +262,11 @@ class RowParallelLinear(nn.Module):
     def forward(self, x_local: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x_local = scatter_to_tp_last_dim(x_local, self.tp_group)
-        y = reduce_from_tp(F.linear(x_local, self.weight), self.tp_group)
+        y = F.linear(x_local, self.weight)
+        if self.sequence_parallel:
+            y = reduce_scatter_sequence_to_tp(y, self.tp_group)
+            return y + sum_grad_over_tp(self.bias, self.tp_group) if self.bias is not None else y
+        y = reduce_from_tp(y, self.tp_group)
         return y + self.bias if self.bias is not None else y   # bias added once, after the reduce
 
 
@@ -282,7 +302,12 @@ class _VocabShard(nn.Module):
 class VocabParallelEmbedding(_VocabShard):
     """Embedding with the vocabulary rows split over the TP ranks (vocabulary padded to a multiple of tp):
     each rank looks up the ids in its range, zeroes the others, and the partial embeddings are summed
-    (``reduce_from_tp``). Padding rows are zero and never looked up."""
+    (``reduce_from_tp``). Padding rows are zero and never looked up. ``sequence_parallel``: the partial
+    embeddings are reduce-scattered along the sequence instead (output [B, S/tp, H]: the rank's part of it)."""
+
+    def __init__(self, vocab_size: int, dim: int, tp_group=None, sequence_parallel: bool = False):
+        super().__init__(vocab_size, dim, tp_group)
+        self.sequence_parallel = sequence_parallel
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp_group is None:
@@ -291,6 +316,8 @@ class VocabParallelEmbedding(_VocabShard):
         outside = (local < 0) | (local >= self.weight.shape[0])
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
         out = out.masked_fill(outside[..., None], 0.0)
+        if self.sequence_parallel:
+            return reduce_scatter_sequence_to_tp(out, self.tp_group)
         return reduce_from_tp(out, self.tp_group)
 
 

@@ -67,7 +67,8 @@ def training_device() -> torch.device:
 
 def build_module(config: ModelConfig, topo, ds_config: dict, *, model_dir: Optional[str], seed: int,
                  pp_partition: str = "uniform", attention: str = "auto", activation_checkpointing: bool = False,
-                 grow_vocab_from: Optional[int] = None, compile_blocks: bool = False):
+                 grow_vocab_from: Optional[int] = None, compile_blocks: bool = False,
+                 tp_sequence_parallel: bool = False):
     """This rank's module (whole model or pipeline stage), weights loaded.
 
     Memory: each rank allocates only what it keeps — its tensor-parallel shard, its pipeline stage, under
@@ -76,18 +77,22 @@ def build_module(config: ModelConfig, topo, ds_config: dict, *, model_dir: Optio
     writes every parameter once (docs/parallel-layout.md). ``grow_vocab_from``: the vocabulary size of
     ``model_dir``, smaller than ``config``'s (data packed with --add-special-tokens): the new rows start
     from the mean of the old ones (witscale/model/grow.py). ``compile_blocks`` (--compile): each decoder block
-    compiled in place once its weights are in (transformer.py ``compile_decoder_blocks``)."""
+    compiled in place once its weights are in (transformer.py ``compile_decoder_blocks``).
+    ``tp_sequence_parallel`` (--tp-sequence-parallel resolved on, tp > 1): the decoder's sequence-sharded TP
+    regions (transformer.py, pipeline.py); the same parameters either way."""
     dtype = torch.bfloat16 if (ds_config.get("bf16") or {}).get("enabled") is True else torch.float32
     with _materialize_on(training_device(), dtype):
         if topo.pp > 1:
             from witscale.model.pipeline import build_pipeline_module
             module = build_pipeline_module(config, topo, partition=pp_partition, attention_backend=attention,
-                                           activation_checkpointing=activation_checkpointing)
+                                           activation_checkpointing=activation_checkpointing,
+                                           tp_sequence_parallel=tp_sequence_parallel)
         else:
             with construction_context(ds_config, topo):
                 module = CausalLM(config, topo.tp_group_or_none(), attention_backend=attention,
                                   activation_checkpointing=activation_checkpointing,
-                                  sp_group=getattr(topo, "sp_group", None))
+                                  sp_group=getattr(topo, "sp_group", None),
+                                  tp_sequence_parallel=tp_sequence_parallel)
     load_model_weights(module, config, model_dir=model_dir, seed=seed, topo=topo, grow_from=grow_vocab_from)
     if compile_blocks:
         compiled = compile_decoder_blocks(module)

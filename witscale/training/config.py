@@ -28,6 +28,7 @@ DPO_DEFAULTS = get_objective("dpo").defaults
 SIMPO_DEFAULTS = get_objective("simpo").defaults
 ORPO_DEFAULTS = get_objective("orpo").defaults
 ACTIVATION_CHECKPOINTING = ("auto", "on", "off")
+TP_SEQUENCE_PARALLEL = ("auto", "on", "off")
 
 # Documented presets: a preset fills defaults, every flag given explicitly still wins.
 PRESETS = {
@@ -220,8 +221,15 @@ class RunConfig:
     tp: int = option(1, "tensor-parallel size", group=RUNTIME)
     pp: int = option(1, "pipeline-parallel size (ZeRO-0/1 configs only)", group=RUNTIME)
     sp: int = option(1, "sequence-parallel size (Ulysses): each rank holds 1/sp of every packed row, attention "
-                        "exchanges heads for the whole row (docs/parallel-layout.md#sequence-parallelism); ZeRO-0, "
-                        "without --tp/--pp and pair objectives for now", group=RUNTIME, check=at_least(1))
+                        "exchanges heads for the whole row (docs/parallel-layout.md#sequence-parallelism); ZeRO-0..3, "
+                        "with --tp; not with --pp, --compile or --learn-weights", group=RUNTIME, check=at_least(1))
+    tp_sequence_parallel: str = option(  # resolved by witscale/train.py
+        "auto", "at --tp > 1, shard the residual stream, the norms and the checkpointed block inputs along the "
+                "sequence over the TP ranks (Megatron's sequence parallelism: all-gather before the column-parallel "
+                "linears, reduce-scatter after the row-parallel ones; the same results, 1/tp of that memory; "
+                "docs/parallel-layout.md#tp-sequence-parallelism). auto (default): on at --tp > 1 with --sp > 1 or "
+                "activation checkpointing on; each rank's row length (--seq-len / --sp) must divide by --tp; not "
+                "with --compile", group=RUNTIME, choices=TP_SEQUENCE_PARALLEL)
     pp_partition: str = option(
         "uniform", "pipeline stages: the same number of decoder layers each (embedding on the first, norm + LM "
                    "head on the last), or balanced parameter counts", group=RUNTIME, choices=PARTITION_METHODS)
