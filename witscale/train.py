@@ -98,7 +98,7 @@ class Plan:
     dims: object
     total_steps: int
     steps_per_epoch: int
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | str = False     # True/False, or "offload"
     vocab_grown_from: int | None = None     # --model's vocabulary, grown to the data's (--add-special-tokens)
     config_file: dict | None = None         # --config's path and digest (config_file.config_file_record)
 
@@ -159,6 +159,10 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
     if dataset.seq_len % cfg.sp:     # each sp rank takes a contiguous 1/sp of every row
         raise UsageError(f"--data {cfg.data}: rows of {dataset.seq_len} tokens cannot be cut into --sp {cfg.sp} "
                          "equal parts; repack with a --seq-len divisible by it")
+    if dims.pp > 1 and (cfg.activation_checkpointing == "offload" or cfg.tiled_mlp > 1):
+        # DeepSpeed's pipeline engine checkpoints the stages' blocks itself (pipeline.py): neither is wired there
+        raise UsageError(f"--pp {dims.pp}: --activation-checkpointing offload and --tiled-mlp are not supported with "
+                         "pipeline parallelism yet; use --activation-checkpointing on and --tiled-mlp 1")
     if cfg.compile:
         from witscale.model.transformer import compile_refusal
         why = compile_refusal(zero_stage=dims.zero_stage, pp=dims.pp, sp=dims.sp)
@@ -297,8 +301,11 @@ def grad_accum_for_pairs(cfg: RunConfig, manifest: dict, dp: int) -> int:
     return accum
 
 
-def _activation_checkpointing(cfg: RunConfig, model_config, dims, ds_config: dict, seq_len: int) -> bool:
-    """--activation-checkpointing auto: on where the planner's estimate without it exceeds 90% of this GPU."""
+def _activation_checkpointing(cfg: RunConfig, model_config, dims, ds_config: dict, seq_len: int) -> bool | str:
+    """--activation-checkpointing auto: on where the planner's estimate without it exceeds 90% of this GPU;
+    'offload' as given (the model's mode: witscale/model/memory.py)."""
+    if cfg.activation_checkpointing == "offload":
+        return "offload"
     if cfg.activation_checkpointing != "auto":
         return cfg.activation_checkpointing == "on"
     import torch
@@ -342,7 +349,8 @@ def run(args: argparse.Namespace | RunConfig):
         module = build_module(plan.model_config, topo, plan.ds_config, model_dir=config.model, seed=config.seed,
                               pp_partition=config.pp_partition, attention=config.attention,
                               activation_checkpointing=plan.activation_checkpointing,
-                              grow_vocab_from=plan.vocab_grown_from, compile_blocks=config.compile)
+                              grow_vocab_from=plan.vocab_grown_from, compile_blocks=config.compile,
+                              tiled_mlp=config.tiled_mlp)
         result = train_loop(plan, topo, module)
         if watch is not None:
             watch.stop()        # from here on, rank 0 (the store's host) may leave first

@@ -67,7 +67,7 @@ def training_device() -> torch.device:
 
 def build_module(config: ModelConfig, topo, ds_config: dict, *, model_dir: Optional[str], seed: int,
                  pp_partition: str = "uniform", attention: str = "auto", activation_checkpointing: bool = False,
-                 grow_vocab_from: Optional[int] = None, compile_blocks: bool = False):
+                 grow_vocab_from: Optional[int] = None, compile_blocks: bool = False, tiled_mlp: int = 1):
     """This rank's module (whole model or pipeline stage), weights loaded.
 
     Memory: each rank allocates only what it keeps — its tensor-parallel shard, its pipeline stage, under
@@ -75,7 +75,8 @@ def build_module(config: ModelConfig, topo, ds_config: dict, *, model_dir: Optio
     config says so), with no random init that the load would overwrite (``skip_init``). The load then
     writes every parameter once (docs/parallel-layout.md). ``grow_vocab_from``: the vocabulary size of
     ``model_dir``, smaller than ``config``'s (data packed with --add-special-tokens): the new rows start
-    from the mean of the old ones (witscale/model/grow.py). ``compile_blocks`` (--compile): each decoder block
+    from the mean of the old ones (witscale/model/grow.py). ``tiled_mlp`` (--tiled-mlp): each block's MLP over
+    that many sequence tiles (witscale/model/memory.py). ``compile_blocks`` (--compile): each decoder block
     compiled in place once its weights are in (transformer.py ``compile_decoder_blocks``)."""
     dtype = torch.bfloat16 if (ds_config.get("bf16") or {}).get("enabled") is True else torch.float32
     with _materialize_on(training_device(), dtype):
@@ -87,7 +88,7 @@ def build_module(config: ModelConfig, topo, ds_config: dict, *, model_dir: Optio
             with construction_context(ds_config, topo):
                 module = CausalLM(config, topo.tp_group_or_none(), attention_backend=attention,
                                   activation_checkpointing=activation_checkpointing,
-                                  sp_group=getattr(topo, "sp_group", None))
+                                  sp_group=getattr(topo, "sp_group", None), tiled_mlp=tiled_mlp)
     load_model_weights(module, config, model_dir=model_dir, seed=seed, topo=topo, grow_from=grow_vocab_from)
     if compile_blocks:
         compiled = compile_decoder_blocks(module)
