@@ -91,6 +91,10 @@ class SavedTensorBytes(torch.autograd.graph.saved_tensors_hooks):
         self._holders: dict[int, int] = {}       # storage address -> how many saved tensors hold it
         super().__init__(self._pack, lambda saved: saved.tensor)
 
+    def __enter__(self) -> "SavedTensorBytes":
+        super().__enter__()
+        return self
+
     def _pack(self, t: torch.Tensor) -> _Saved:
         saved = _Saved(t)
         storage = t.untyped_storage()
