@@ -8,7 +8,7 @@
 - the tiled MLP (N = 1, 2, 3, 7 over rows of 13 tokens: no N > 1 divides them) equals the untiled one, alone
   and with on/offload; the peak of bytes saved for backward by an MLP falls with N (saved-tensor hooks);
   ZeRO's "gradient ready" flag is set on the last tile torch.chunk really makes (12 tokens in 7 → 6 tiles);
-- slow (gloo ranks, one launch): tp=2 and ZeRO-3 over dp=2 with tiles and offload equal without; the CLI with
+- slow (gloo ranks, one launch): tp=2, sp=2 and ZeRO-3 over dp=2 with tiles and offload equal without; the CLI with
   ``--activation-checkpointing offload --tiled-mlp 4`` trains as the plain reference run (ZeRO-3, 2 ranks).
 """
 from __future__ import annotations
@@ -191,8 +191,8 @@ def test_mode_names_and_the_pp_refusal():
 # ---- slow: gloo ranks ----------------------------------------------------------------------------------------
 
 def tiles_worker(rank, world):
-    """One launch of 2 ranks: (1) tp=2, dense gradients of one micro-batch with and without tiles + offload;
-    (2) ZeRO-3 over dp=2 (parameters partitioned, gathered by DeepSpeed's hooks for every tile, in forward and
+    """One launch of 2 ranks: (1) tp=2, then sp=2, dense gradients of one micro-batch with and without tiles +
+    offload; (2) ZeRO-3 over dp=2 (parameters partitioned, gathered by DeepSpeed's hooks for every tile, in forward and
     in the recomputation of backward): each rank's full gradients after one backward, with and without."""
     from tests.train_helpers import TINY, ds_config, probe, random_packed
     from witscale.data.loader import PackedLoader
@@ -217,6 +217,13 @@ def tiles_worker(rank, world):
     set_tiled_mlp(module, 3)
     module.set_activation_checkpointing("offload")
     out["tp_tiled"] = probe(module, loader, topo)
+
+    topo = Topology(ParallelDims(world, 1, 1, 0, cfg, sp=2))     # Ulysses: each rank tiles its half of the row
+    module = build_module(cfg, topo, ds_config(0, 2, 1, topo.dp), model_dir=None, seed=0)
+    out["sp_plain"] = probe(module, loader, topo)
+    set_tiled_mlp(module, 3)
+    module.set_activation_checkpointing("offload")
+    out["sp_tiled"] = probe(module, loader, topo)
 
     import deepspeed
     topo = Topology(ParallelDims(world, 1, 1, 3, cfg))
@@ -249,9 +256,10 @@ def _same(got, want):
 
 
 @pytest.mark.slow
-def test_tp2_and_zero3_with_tiles_and_offload_equal_without():
+def test_tp2_sp2_and_zero3_with_tiles_and_offload_equal_without():
     for out in run_distributed(tiles_worker, 2, timeout=600):
         _same(out["tp_tiled"], out["tp_plain"])
+        _same(out["sp_tiled"], out["sp_plain"])
         _same(out["zero3_tiled"], out["zero3_plain"])
         assert any(np.abs(g).max() > 0 for g in out["zero3_plain"]["grads"].values())
 
@@ -264,6 +272,8 @@ def test_the_cli_flags_train_as_the_plain_run(reference_run, run_inputs, tmp_pat
     code, log = operations._torchrun(operations._args(run_inputs, tmp_path, 8, "--activation-checkpointing",
                                                       "offload", "--tiled-mlp", "4"))
     assert code == 0, log[-3000:]
+    assert "--activation-checkpointing offload: each decoder block's input waits in host memory" in log
+    assert "--tiled-mlp 4: the MLP of 2 decoder blocks runs over sequence tiles" in log
     got, want = operations._train_losses(str(tmp_path)), operations._train_losses(str(reference_run))
     assert got.keys() == want.keys() and want
     for step, loss in want.items():

@@ -90,6 +90,8 @@ def build_module(config: ModelConfig, topo, ds_config: dict, *, model_dir: Optio
                                   activation_checkpointing=activation_checkpointing,
                                   sp_group=getattr(topo, "sp_group", None), tiled_mlp=tiled_mlp)
     load_model_weights(module, config, model_dir=model_dir, seed=seed, topo=topo, grow_from=grow_vocab_from)
+    if _global_rank() == 0:
+        _log_memory_options(module)
     if compile_blocks:
         compiled = compile_decoder_blocks(module)
         if _global_rank() == 0:
@@ -104,3 +106,14 @@ def build_module(config: ModelConfig, topo, ds_config: dict, *, model_dir: Optio
 def _global_rank() -> int:
     import torch.distributed as dist
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _log_memory_options(module) -> None:
+    """What the model itself runs of --activation-checkpointing offload and --tiled-mlp (memory.py)."""
+    from witscale.model.transformer import DecoderLayer
+    decoder = getattr(module, "model", None)
+    if getattr(decoder, "activation_checkpointing", None) == "offload":
+        log.info("--activation-checkpointing offload: each decoder block's input waits in host memory until backward")
+    tiles = [m.mlp_tiles for m in module.modules() if isinstance(m, DecoderLayer) and m.mlp_tiles > 1]
+    if tiles:
+        log.info(f"--tiled-mlp {max(tiles)}: the MLP of {len(tiles)} decoder blocks runs over sequence tiles")
