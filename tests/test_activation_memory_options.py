@@ -188,6 +188,30 @@ def test_mode_names_and_the_pp_refusal():
     assert model.model.activation_checkpointing == "off"
 
 
+def test_pp_refuses_both_options_in_one_line(run_inputs, tmp_path):
+    from tests import test_train_cli_operations as operations
+    from witscale.train import UsageError, build_parser, plan_run
+    from witscale.training.config import RunConfig
+    argv = operations._args(run_inputs, tmp_path, 2, "--pp", "2")
+    argv[argv.index("--ds_config") + 1] = "ds_configs/pipeline.json"
+
+    def planned(*more):
+        return plan_run(RunConfig.from_args(build_parser().parse_args(argv + list(more))), 2)
+
+    for extra in (["--activation-checkpointing", "offload"], ["--tiled-mlp", "2"]):
+        with pytest.raises(UsageError) as e:
+            planned(*extra)
+        assert str(e.value).startswith("--pp 2: --activation-checkpointing offload and --tiled-mlp are not supported")
+        assert "\n" not in str(e.value)
+    assert planned("--activation-checkpointing", "on", "--tiled-mlp", "1").activation_checkpointing is True
+    argv[argv.index("--pp") + 1] = "1"
+    argv[argv.index("--ds_config") + 1] = "ds_configs/zero2.json"
+    plan = planned("--activation-checkpointing", "offload", "--tiled-mlp", "3")
+    assert (plan.activation_checkpointing, plan.config.tiled_mlp) == ("offload", 3)
+    with pytest.raises(UsageError, match=r"^--tiled-mlp 0 is out of range"):       # N ≥ 1, the flag's check
+        planned("--tiled-mlp", "0")
+
+
 # ---- slow: gloo ranks ----------------------------------------------------------------------------------------
 
 def tiles_worker(rank, world):
