@@ -17,11 +17,19 @@ rows that each hold one document: it saves q, k, v, the output and the logsumexp
 kernels save on a GPU, and what the planner assumes. witscale's CPU backends (``sdpa_grouped`` gathers
 padded copies of q/k/v per group of documents; ``sdpa_segments`` and ``dense`` keep more) would measure a
 CPU-only implementation detail instead.
+
+``SavedTensorBytes`` counts what autograd itself holds for backward (saved-tensor hooks): the bytes of the
+distinct storages saved and not yet released, and their peak — per decoder block and per MLP tile count in
+tests/test_activation_memory_options.py and tools/bench/bench_activations.py. The host copies of
+``--activation-checkpointing offload`` (witscale/model/memory.py ``host_copy``) are host memory, which the
+GPU's allocator does not count: ``measure_activation_peak`` leaves them out of its device figures and
+reports them as ``host_bytes``.
 """
 from __future__ import annotations
 
 import contextlib
 import weakref
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +72,68 @@ class LiveTensorPeak(TorchDispatchMode):
         return out
 
 
+class _Saved:
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+
+class SavedTensorBytes(torch.autograd.graph.saved_tensors_hooks):
+    """Saved-tensor hooks counting the bytes autograd holds for backward: ``now`` (distinct storages saved and
+    not yet released by the graph) and ``peak``. Only what is saved while the hooks are the innermost ones is
+    seen: a checkpointed block's inside is packed by the checkpoint's own hooks (nothing kept), its inputs by
+    these — or by the offload's hooks (memory.py), which are inside."""
+
+    def __init__(self):
+        self.now = 0
+        self.peak = 0
+        self._holders: dict[int, int] = {}       # storage address -> how many saved tensors hold it
+        super().__init__(self._pack, lambda saved: saved.tensor)
+
+    def __enter__(self) -> "SavedTensorBytes":
+        super().__enter__()
+        return self
+
+    def _pack(self, t: torch.Tensor) -> _Saved:
+        saved = _Saved(t)
+        storage = t.untyped_storage()
+        address = storage.data_ptr()
+        if self._holders.get(address, 0) == 0:
+            self.now += storage.nbytes()
+            self.peak = max(self.peak, self.now)
+        self._holders[address] = self._holders.get(address, 0) + 1
+        weakref.finalize(saved, self._released, address, storage.nbytes())
+        return saved
+
+    def _released(self, address: int, nbytes: int) -> None:
+        self._holders[address] -= 1
+        if self._holders[address] == 0:
+            del self._holders[address]
+            self.now -= nbytes
+
+
+@contextlib.contextmanager
+def host_copies_outside(mode: TorchDispatchMode, on_copy: Callable[[torch.Tensor], None] = lambda host: None):
+    """Inside, the offload's host copies (memory.py ``host_copy``) are made outside ``mode``: host memory is not
+    what the device allocator counts. ``on_copy`` sees each copy."""
+    from torch.utils._python_dispatch import _disable_current_modes
+    import witscale.model.memory as memory
+
+    original = memory.host_copy
+
+    def uncounted(t):
+        with _disable_current_modes():
+            host = original(t)
+        on_copy(host)
+        return host
+    memory.host_copy = uncounted
+    try:
+        yield
+    finally:
+        memory.host_copy = original
+
+
 def _one_document_per_row_attention(q, k, v, cu_seqlens, max_seqlen, *, backend, sliding_window=None, scale=None,
                                     **options):
     b, s = q.shape[:2]
@@ -92,7 +162,9 @@ def flash_like_attention():
 def measure_activation_peak(module: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                             weights: torch.Tensor) -> dict[str, int]:
     """Peak bytes allocated by one forward + backward of ``module`` (a ``CausalLM``) on rows that are one
-    document each, gradients dropped as accumulated: {"forward_peak", "peak"} (the latter over both)."""
+    document each, gradients dropped as accumulated: {"forward_peak", "peak"} (the latter over both),
+    "held_after_forward" (device bytes still allocated when forward returns: what backward needs) and
+    "host_bytes" (what --activation-checkpointing offload copied to host memory, not in the others)."""
     b, s = input_ids.shape
     position_ids = torch.arange(s).repeat(b, 1)
     cu_seqlens = torch.arange(0, b * s + 1, s, dtype=torch.int32)
@@ -100,11 +172,13 @@ def measure_activation_peak(module: torch.nn.Module, input_ids: torch.Tensor, la
                for p in module.parameters() if p.requires_grad]
     module.train()
     try:
-        with flash_like_attention(), LiveTensorPeak() as mode:
+        host = []
+        with flash_like_attention(), LiveTensorPeak() as mode, host_copies_outside(mode, host.append):
             stats = module(input_ids, position_ids, cu_seqlens, s, labels, weights)
-            forward_peak = mode.peak
+            forward_peak, held = mode.peak, mode.now
             stats.weighted_sum.backward()
     finally:
         for h in handles:
             h.remove()
-    return {"forward_peak": forward_peak, "peak": mode.peak}
+    return {"forward_peak": forward_peak, "peak": mode.peak, "held_after_forward": held,
+            "host_bytes": sum(h.untyped_storage().nbytes() for h in host)}

@@ -98,7 +98,7 @@ class Plan:
     dims: object
     total_steps: int
     steps_per_epoch: int
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | str = False     # True/False, or "offload"
     tp_sequence_parallel: bool = False      # --tp-sequence-parallel, resolved (_tp_sequence_parallel)
     vocab_grown_from: int | None = None     # --model's vocabulary, grown to the data's (--add-special-tokens)
     config_file: dict | None = None         # --config's path and digest (config_file.config_file_record)
@@ -163,6 +163,10 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
     if cfg.micro_batch_size * dataset.seq_len >= 1 << 31:     # PackedLoader refuses it too (int32 cu_seqlens)
         raise UsageError(f"--data {cfg.data}: --micro-batch-size {cfg.micro_batch_size} rows of {dataset.seq_len} "
                          f"tokens is 2^31 tokens or more, beyond the int32 cu_seqlens of packed attention: lower it")
+    if dims.pp > 1 and (cfg.activation_checkpointing == "offload" or cfg.tiled_mlp > 1):
+        # DeepSpeed's pipeline engine checkpoints the stages' blocks itself (pipeline.py): neither is wired there
+        raise UsageError(f"--pp {dims.pp}: --activation-checkpointing offload and --tiled-mlp are not supported with "
+                         "pipeline parallelism yet; use --activation-checkpointing on and --tiled-mlp 1")
     if cfg.compile:
         from witscale.model.transformer import compile_refusal
         why = compile_refusal(zero_stage=dims.zero_stage, pp=dims.pp, sp=dims.sp)
@@ -303,8 +307,11 @@ def grad_accum_for_pairs(cfg: RunConfig, manifest: dict, dp: int) -> int:
     return accum
 
 
-def _activation_checkpointing(cfg: RunConfig, model_config, dims, ds_config: dict, seq_len: int) -> bool:
-    """--activation-checkpointing auto: on where the planner's estimate without it exceeds 90% of this GPU."""
+def _activation_checkpointing(cfg: RunConfig, model_config, dims, ds_config: dict, seq_len: int) -> bool | str:
+    """--activation-checkpointing auto: on where the planner's estimate without it exceeds 90% of this GPU;
+    'offload' as given (the model's mode: witscale/model/memory.py)."""
+    if cfg.activation_checkpointing == "offload":
+        return "offload"
     if cfg.activation_checkpointing != "auto":
         return cfg.activation_checkpointing == "on"
     import torch
@@ -319,7 +326,7 @@ def _activation_checkpointing(cfg: RunConfig, model_config, dims, ds_config: dic
     return on
 
 
-def _tp_sequence_parallel(cfg: RunConfig, dims, checkpointing: bool, datasets) -> bool:
+def _tp_sequence_parallel(cfg: RunConfig, dims, checkpointing, datasets) -> bool:
     """--tp-sequence-parallel: ``on`` where it cannot run is refused in one line; ``auto`` is on at tp > 1 when
     sp > 1 or activation checkpointing resolved on (the planner said memory is tight, or the user asked),
     and off where it cannot run (said in the log). The rule for rows: each TP rank holds 1/tp of the tokens
@@ -382,7 +389,7 @@ def run(args: argparse.Namespace | RunConfig):
                               pp_partition=config.pp_partition, attention=config.attention,
                               activation_checkpointing=plan.activation_checkpointing,
                               grow_vocab_from=plan.vocab_grown_from, compile_blocks=config.compile,
-                              tp_sequence_parallel=plan.tp_sequence_parallel)
+                              tp_sequence_parallel=plan.tp_sequence_parallel, tiled_mlp=config.tiled_mlp)
         result = train_loop(plan, topo, module)
         if watch is not None:
             watch.stop()        # from here on, rank 0 (the store's host) may leave first

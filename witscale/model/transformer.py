@@ -22,6 +22,7 @@ same as without it (docs/parallel-layout.md#tp-sequence-parallelism).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Optional, Sequence
 
@@ -33,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from witscale.model.attention import check_backend_name, packed_attention, select_backend
 from witscale.model.config import ModelConfig
 from witscale.model.family import FamilySpec, family_spec
+from witscale.model.memory import BlockInputOffload, checkpointing_mode, set_tiled_mlp, tiled_mlp
 from witscale.model.rope import RotaryEmbedding, apply_rope
 from witscale.parallel.comm import copy_to_tp, gather_sequence_from_tp, gather_sequence_replicated_grad
 from witscale.parallel.sequence import ulysses_attention
@@ -205,6 +207,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, tp_group, attention_backend, layer_index, spec, sp_group, tp_sequence_parallel)
         self.post_attention_layernorm = make_norm(cfg, spec, sharded_input_group=sharded)
         self.mlp = MLP(cfg, tp_group, tp_sequence_parallel)
+        self.mlp_tiles = 1          # --tiled-mlp: the MLP over this many sequence tiles (memory.py)
         self.sandwich_norms = spec.sandwich_norms
         if spec.sandwich_norms:
             self.pre_feedforward_layernorm = make_norm(cfg, spec, sharded_input_group=sharded)
@@ -214,13 +217,14 @@ class DecoderLayer(nn.Module):
         if self.sandwich_norms:
             x = x + self.post_attention_layernorm(
                 self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen))
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            return x + self.post_feedforward_layernorm(tiled_mlp(self.mlp, self.pre_feedforward_layernorm(x),
+                                                                 self.mlp_tiles))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + tiled_mlp(self.mlp, self.post_attention_layernorm(x), self.mlp_tiles)
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp_group, attention_backend: str, activation_checkpointing: bool,
+    def __init__(self, cfg: ModelConfig, tp_group, attention_backend: str, activation_checkpointing,
                  sp_group=None, tp_sequence_parallel: bool = False):
         super().__init__()
         self.spec = spec = family_spec(cfg)
@@ -233,17 +237,25 @@ class Decoder(nn.Module):
         self.norm = make_norm(cfg, spec, sharded_input_group=self.sequence_group)
         # One table per distinct RoPE (Gemma-3: local and global), cos/sin computed once per forward for each.
         self.rotary = [RotaryEmbedding(cfg.head_dim, r.theta, r.scaling) for r in spec.ropes]
-        self.activation_checkpointing = activation_checkpointing
+        self.activation_checkpointing = checkpointing_mode(activation_checkpointing)     # off / on / offload
+        self.offloaded_bytes = 0        # host bytes the last offloaded forward held for backward (memory probes)
 
     def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen):
         x = scale_embeddings(self.embed_tokens(input_ids), self.spec)
         tables = [rope.cos_sin(position_ids.to(x.device), x.dtype) for rope in self.rotary]
+        recompute = self.activation_checkpointing != "off" and self.training and torch.is_grad_enabled()
+        # offload: the same checkpoint, its saved inputs (each block's hidden state) packed to host memory by
+        # saved-tensor hooks around the call (memory.py says why this and not save_on_cpu / DeepSpeed's).
+        offload = BlockInputOffload() if recompute and self.activation_checkpointing == "offload" else None
         for layer, layer_spec in zip(self.layers, self.spec.layers):
             cos, sin = tables[layer_spec.rope_index]
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False)
+            if recompute:
+                with offload if offload is not None else contextlib.nullcontext():
+                    x = checkpoint(layer, x, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, cu_seqlens, max_seqlen)
+        if offload is not None:
+            self.offloaded_bytes = offload.host_bytes
         # --tp-sequence-parallel: the whole rows again for the head, whose fused loss returns the same, complete
         # dL/dh on every TP rank (backward keeps this rank's part). A no-op otherwise.
         return gather_sequence_replicated_grad(self.norm(x), self.sequence_group)
@@ -251,12 +263,13 @@ class Decoder(nn.Module):
 
 class CausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, tp_group=None, *, attention_backend: str = "auto",
-                 activation_checkpointing: bool = False, loss_chunk_size: int = 4096, sp_group=None,
-                 tp_sequence_parallel: bool = False):
-        """``sp_group`` (--sp > 1): forward then takes this rank's 1/sp of every row (``sequence_shard``) with
-        the whole rows' ``cu_seqlens``/``max_seqlen``; the loss statistics are this rank's part.
-        ``tp_sequence_parallel`` (at tp > 1): the blocks run on 1/tp of those tokens per TP rank (module
-        docstring); the row length each rank gets must then divide by tp."""
+                 activation_checkpointing=False, loss_chunk_size: int = 4096, sp_group=None,
+                 tp_sequence_parallel: bool = False, tiled_mlp: int = 1):
+        """``activation_checkpointing``: False/'off', True/'on' or 'offload' (memory.py); ``tiled_mlp``: the
+        MLP of each block over that many sequence tiles (1: untiled). ``sp_group`` (--sp > 1): forward then takes
+        this rank's 1/sp of every row (``sequence_shard``) with the whole rows' ``cu_seqlens``/``max_seqlen``; the
+        loss statistics are this rank's part. ``tp_sequence_parallel`` (at tp > 1): the blocks run on 1/tp of those
+        tokens per TP rank (module docstring); the row length each rank gets must then divide by tp."""
         super().__init__()
         self.config = cfg
         self.tp_group = tp_group
@@ -266,6 +279,7 @@ class CausalLM(nn.Module):
         self.lm_head = make_lm_head(cfg, self.model.spec, tp_group, loss_chunk_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        set_tiled_mlp(self, tiled_mlp)
 
     def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int, labels: Optional[torch.Tensor] = None,
                 weights: Optional[torch.Tensor] = None, target_classes: Optional[torch.Tensor] = None,
@@ -292,8 +306,9 @@ class CausalLM(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.backend = backend
 
-    def set_activation_checkpointing(self, enabled: bool) -> None:
-        self.model.activation_checkpointing = bool(enabled)
+    def set_activation_checkpointing(self, enabled) -> None:
+        """True/'on', False/'off' or 'offload'."""
+        self.model.activation_checkpointing = checkpointing_mode(enabled)
 
 
 def compile_decoder_blocks(module: nn.Module, backend: str = "inductor") -> int:

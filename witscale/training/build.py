@@ -68,7 +68,7 @@ def training_device() -> torch.device:
 def build_module(config: ModelConfig, topo, ds_config: dict, *, model_dir: Optional[str], seed: int,
                  pp_partition: str = "uniform", attention: str = "auto", activation_checkpointing: bool = False,
                  grow_vocab_from: Optional[int] = None, compile_blocks: bool = False,
-                 tp_sequence_parallel: bool = False):
+                 tp_sequence_parallel: bool = False, tiled_mlp: int = 1):
     """This rank's module (whole model or pipeline stage), weights loaded.
 
     Memory: each rank allocates only what it keeps — its tensor-parallel shard, its pipeline stage, under
@@ -76,7 +76,8 @@ def build_module(config: ModelConfig, topo, ds_config: dict, *, model_dir: Optio
     config says so), with no random init that the load would overwrite (``skip_init``). The load then
     writes every parameter once (docs/parallel-layout.md). ``grow_vocab_from``: the vocabulary size of
     ``model_dir``, smaller than ``config``'s (data packed with --add-special-tokens): the new rows start
-    from the mean of the old ones (witscale/model/grow.py). ``compile_blocks`` (--compile): each decoder block
+    from the mean of the old ones (witscale/model/grow.py). ``tiled_mlp`` (--tiled-mlp): each block's MLP over
+    that many sequence tiles (witscale/model/memory.py). ``compile_blocks`` (--compile): each decoder block
     compiled in place once its weights are in (transformer.py ``compile_decoder_blocks``).
     ``tp_sequence_parallel`` (--tp-sequence-parallel resolved on, tp > 1): the decoder's sequence-sharded TP
     regions (transformer.py, pipeline.py); the same parameters either way."""
@@ -92,8 +93,10 @@ def build_module(config: ModelConfig, topo, ds_config: dict, *, model_dir: Optio
                 module = CausalLM(config, topo.tp_group_or_none(), attention_backend=attention,
                                   activation_checkpointing=activation_checkpointing,
                                   sp_group=getattr(topo, "sp_group", None),
-                                  tp_sequence_parallel=tp_sequence_parallel)
+                                  tp_sequence_parallel=tp_sequence_parallel, tiled_mlp=tiled_mlp)
     load_model_weights(module, config, model_dir=model_dir, seed=seed, topo=topo, grow_from=grow_vocab_from)
+    if _global_rank() == 0:
+        _log_memory_options(module)
     if compile_blocks:
         compiled = compile_decoder_blocks(module)
         if _global_rank() == 0:
@@ -108,3 +111,14 @@ def build_module(config: ModelConfig, topo, ds_config: dict, *, model_dir: Optio
 def _global_rank() -> int:
     import torch.distributed as dist
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _log_memory_options(module) -> None:
+    """What the model itself runs of --activation-checkpointing offload and --tiled-mlp (memory.py)."""
+    from witscale.model.transformer import DecoderLayer
+    decoder = getattr(module, "model", None)
+    if getattr(decoder, "activation_checkpointing", None) == "offload":
+        log.info("--activation-checkpointing offload: each decoder block's input waits in host memory until backward")
+    tiles = [m.mlp_tiles for m in module.modules() if isinstance(m, DecoderLayer) and m.mlp_tiles > 1]
+    if tiles:
+        log.info(f"--tiled-mlp {max(tiles)}: the MLP of {len(tiles)} decoder blocks runs over sequence tiles")

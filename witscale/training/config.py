@@ -27,7 +27,7 @@ from witscale.training.flags import at_least, check_values, fraction, non_negati
 DPO_DEFAULTS = get_objective("dpo").defaults
 SIMPO_DEFAULTS = get_objective("simpo").defaults
 ORPO_DEFAULTS = get_objective("orpo").defaults
-ACTIVATION_CHECKPOINTING = ("auto", "on", "off")
+ACTIVATION_CHECKPOINTING = ("auto", "on", "off", "offload")
 TP_SEQUENCE_PARALLEL = ("auto", "on", "off")
 
 # Documented presets: a preset fills defaults, every flag given explicitly still wins.
@@ -234,9 +234,14 @@ class RunConfig:
         "uniform", "pipeline stages: the same number of decoder layers each (embedding on the first, norm + LM "
                    "head on the last), or balanced parameter counts", group=RUNTIME, choices=PARTITION_METHODS)
     activation_checkpointing: str = option(  # resolved by witscale/train.py
-        "auto", "recompute each decoder block in backward (saves activations, costs ~1/3 more compute); auto "
-                "(default): on where the planner says the layout would not fit this GPU without it, off on the CPU",
-        group=RUNTIME, choices=ACTIVATION_CHECKPOINTING, nargs="?", const="on")
+        "auto", "recompute each decoder block in backward (saves activations, costs ~1/3 more compute); offload: "
+                "the same, each block's input kept in (pinned) host memory until backward (long rows; not with "
+                "--pp); auto (default): on where the planner says the layout would not fit this GPU without it, "
+                "off on the CPU", group=RUNTIME, choices=ACTIVATION_CHECKPOINTING, nargs="?", const="on")
+    tiled_mlp: int = option(
+        1, "run each block's gated MLP over N sequence tiles, forward and backward (DeepSpeed's TiledMLP): its "
+           "[tokens, intermediate] activations exist for one tile at a time, for one more MLP forward per step "
+           "(long rows; not with --pp); 1 (default): untiled", group=RUNTIME, metavar="N", check=at_least(1))
     attention: str = option(
         "auto", "packed-attention backend (witscale/model/attention.py lists them); auto: torch's varlen "
                 "(FlashAttention-2) kernels on a bf16 GPU, sdpa_grouped (documents batched by length) on the CPU; "
