@@ -8,7 +8,7 @@
 - the tiled MLP (N = 1, 2, 3, 7 over rows of 13 tokens: no N > 1 divides them) equals the untiled one, alone
   and with on/offload; the peak of bytes saved for backward by an MLP falls with N (saved-tensor hooks);
   ZeRO's "gradient ready" flag is set on the last tile torch.chunk really makes (12 tokens in 7 → 6 tiles);
-- slow (gloo ranks, one launch): tp=2, sp=2 and ZeRO-3 over dp=2 with tiles and offload equal without; the CLI with
+- slow (gloo ranks, one launch): tp=2 (also with --tp-sequence-parallel), sp=2 and ZeRO-3 over dp=2 with tiles and offload equal without; the CLI with
   ``--activation-checkpointing offload --tiled-mlp 4`` trains as the plain reference run (ZeRO-3, 2 ranks).
 """
 from __future__ import annotations
@@ -241,6 +241,11 @@ def tiles_worker(rank, world):
     set_tiled_mlp(module, 3)
     module.set_activation_checkpointing("offload")
     out["tp_tiled"] = probe(module, loader, topo)
+    # the same with the TP ranks' sequence sharding (--tp-sequence-parallel): each rank tiles its 13 tokens
+    module = build_module(cfg, topo, ds_config(0, 2, 1, topo.dp), model_dir=None, seed=0, tp_sequence_parallel=True)
+    set_tiled_mlp(module, 3)
+    module.set_activation_checkpointing("offload")
+    out["tpsp_tiled"] = probe(module, loader, topo)
 
     topo = Topology(ParallelDims(world, 1, 1, 0, cfg, sp=2))     # Ulysses: each rank tiles its half of the row
     module = build_module(cfg, topo, ds_config(0, 2, 1, topo.dp), model_dir=None, seed=0)
@@ -283,6 +288,7 @@ def _same(got, want):
 def test_tp2_sp2_and_zero3_with_tiles_and_offload_equal_without():
     for out in run_distributed(tiles_worker, 2, timeout=600):
         _same(out["tp_tiled"], out["tp_plain"])
+        _same(out["tpsp_tiled"], out["tp_plain"])
         _same(out["sp_tiled"], out["sp_plain"])
         _same(out["zero3_tiled"], out["zero3_plain"])
         assert any(np.abs(g).max() > 0 for g in out["zero3_plain"]["grads"].values())

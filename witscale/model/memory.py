@@ -138,7 +138,12 @@ def tiled_mlp(mlp: nn.Module, x: torch.Tensor, tiles: int) -> torch.Tensor:
 
 
 def _call_module(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return module(x)        # through __call__: ZeRO-3's hooks gather the parameters for every tile
+    # Through __call__: ZeRO-3's hooks gather the parameters for every tile. TiledMLP's backward passes flat
+    # [tokens, H] tiles; the MLP's sequence collectives (--tp-sequence-parallel) take [B, S, H], so a flat tile
+    # runs as one row (the MLP is per token, and every TP rank cuts its equal part into the same tiles).
+    if x.dim() == 2:
+        return module(x.unsqueeze(0)).squeeze(0)
+    return module(x)
 
 
 def set_tiled_mlp(module: nn.Module, tiles: int) -> int:
