@@ -105,9 +105,9 @@ def test_auto_picks_the_cheapest_layout_that_fits():
     seven = planner.ModelShape.from_config(planner.NAMED_SIZES["7B"])
     short = planner.choose_layout(seven, 8, seq_len=2048)
     assert short.estimate.layout.checkpointing == "off" and short.estimate.layout.tiled_mlp == 1
-    assert short.estimate.total_gib <= 80
+    assert short.estimate.total_gib <= 0.9 * 80
     fits = planner.fitting_layouts(SHAPE_8B, 8, seq_len=1 << 20)
-    assert fits and all(c.estimate.total_gib <= 80 for c in fits)
+    assert fits and all(c.estimate.total_gib <= 0.9 * 80 for c in fits)
     assert [c.cost for c in fits] == sorted(c.cost for c in fits)
     assert planner.choose_layout(SHAPE_8B, 8, seq_len=1 << 20).cost == fits[0].cost
     assert planner.choose_layout(SHAPE_70B, 8, seq_len=4096) is None       # 70B on one node: nothing fits
@@ -119,7 +119,7 @@ def test_the_issue_cases_fit_and_the_longest_8b_row():
     assert planner.choose_layout(SHAPE_70B, 64, seq_len=1 << 18, host_gib_per_node=1024) is not None
     assert planner.choose_layout(SHAPE_8B, 8, seq_len=1 << 20, host_gib_per_node=1024) is not None
     rows, choice = planner.longest_row(SHAPE_8B, 8, host_gib_per_node=1024)
-    assert rows >= 3 * 2 ** 20 and choice.estimate.total_gib <= 80
+    assert rows >= 3 * 2 ** 20 and choice.estimate.total_gib <= 0.9 * 80
     assert planner.choose_layout(SHAPE_8B, 8, seq_len=rows + 8192, host_gib_per_node=1024) is None
     # with the host memory bounded, offload stops where the node's pinned memory ends
     assert choice.host_gib_per_node <= 1024

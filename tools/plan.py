@@ -81,7 +81,7 @@ def main(argv=None) -> int:
         if not choices:
             print(f"auto: no layout fits {args.gpus} × {args.gpu_mem:g} GiB at seq-len {args.seq_len}")
             return 1
-        print(f"auto: {choices[0].estimate.layout.name()}  (cheapest of {len(choices)} that fit; "
+        print(f"auto: {choices[0].estimate.layout.name()}  (cheapest of {len(choices)} that fit in 90% of the GPU; "
               "cheapest = least recompute, then no tiling, then fewest bytes sent per GPU)")
         _table([c.estimate for c in choices[:args.top]], args, args.seq_len)
         return 0

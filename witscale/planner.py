@@ -342,15 +342,16 @@ class Choice:
 
 def fitting_layouts(shape: ModelShape, gpus: int, *, seq_len: int, micro_batch: int = 1,
                     gpus_per_node: int = 8, gpu_gib: float = 80.0, host_gib_per_node: float | None = None,
-                    layouts: list[Layout] | None = None) -> list[Choice]:
-    """Every variant of ``layouts`` (default: ``valid_layouts``) that fits ``gpu_gib`` per GPU — and, with
-    offload, ``host_gib_per_node`` of pinned host memory per node where given — cheapest first."""
+                    layouts: list[Layout] | None = None, headroom: float = 0.9) -> list[Choice]:
+    """Every variant of ``layouts`` (default: ``valid_layouts``) that fits ``headroom`` × ``gpu_gib`` per GPU
+    (0.9: the margin the trainer's --activation-checkpointing auto keeps) — and, with offload,
+    ``host_gib_per_node`` of pinned host memory per node where given — cheapest first."""
     out = []
     for base in valid_layouts(shape, gpus, gpus_per_node) if layouts is None else layouts:
         for layout in layout_variants(shape, base, seq_len=seq_len, micro_batch=micro_batch):
             est = estimate(shape, layout, seq_len=seq_len, micro_batch=micro_batch)
             host = est.host_gib * min(gpus_per_node, layout.world)
-            if est.total_gib > gpu_gib or (host_gib_per_node is not None and host > host_gib_per_node):
+            if est.total_gib > headroom * gpu_gib or (host_gib_per_node is not None and host > host_gib_per_node):
                 continue
             out.append(Choice(est, host, layout_cost(shape, layout, seq_len=seq_len, micro_batch=micro_batch)))
     return sorted(out, key=lambda c: c.cost)
