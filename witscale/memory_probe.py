@@ -98,7 +98,7 @@ def measure_activation_peak(module: torch.nn.Module, input_ids: torch.Tensor, la
     position_ids = torch.arange(s).repeat(b, 1)
     cu_seqlens = torch.arange(0, b * s + 1, s, dtype=torch.int32)
     sp_group = getattr(module, "sp_group", None)
-    if sp_group is not None:      # --sp: this rank's 1/sp of every row, as the trainer hands it over (cu_seqlens: whole)
+    if sp_group is not None:      # --sp: this rank's 1/sp of every row, as the trainer hands it over (whole cu_seqlens)
         from witscale.parallel.sequence import sequence_shard, sp_size_rank
 
         sp, sp_rank = sp_size_rank(sp_group)
