@@ -29,6 +29,29 @@ Assumptions (bf16 training on GPU, the paper's recipe):
   3.9 GiB at 70B tp1), plus one chunk of [chunk × vocab/tp] fp32 logits (and its bf16 copy) alive at a time
   and, in bf16, one [8192 × h] block of the head's gradient product;
 - ``overhead_gib`` covers the CUDA context, NCCL buffers and allocator fragmentation.
+
+Long context (issue 24; each term checked against the memory probe where the CPU can run it,
+tests/test_planner_activations.py):
+- attention is the varlen/flash kernel's: O(T) saved tensors, never a T × T score matrix, and the fused loss keeps
+  one bounded [chunk × vocab/tp] logits block (its budget: parallel/cross_entropy.py), never the full logits;
+- ``--sp N`` (Ulysses): a rank holds T/sp tokens of every row, so every per-token term divides by sp; the
+  kernel sees the whole row with heads/sp (the same bytes per local token), attention's output exists twice
+  (the kernel's and o_proj's input after the all-to-all back: e·q/tp more), and KV heads per TP rank fewer
+  than sp are replicated to sp (sp heads' worth of k and v). ZeRO partitions over dp × sp;
+- ``--tp-sequence-parallel on`` (Megatron SP inside TP): the norms' saved tensors and the checkpointed layer
+  inputs are sharded over tp (e·h/tp per token per layer; the projections save their sharded input and
+  gather it again in backward); the final norm and the loss's dL/dh are still counted whole;
+- ``--activation-checkpointing offload``: every layer's input goes to pinned host memory (``host``:
+  layers × T × e·h/(tp if Megatron SP) per rank; tools/plan.py sums it over a node's ranks) and the device
+  keeps two layers' worth in flight;
+- ``--tiled-mlp N``: the MLP saves nothing between forward and backward and recomputes one tile of T/N rows at
+  a time, so its [T × I/tp] tensors (four in forward, two gradients) exist for T/N rows only.
+
+``auto`` (``choose_layout``, tools/plan.py --auto) searches every layout ``valid_layouts`` lists (sp included)
+with every setting of these features and picks the cheapest that fits in 90% of the GPU (and the node's host
+memory): least recompute first (checkpointing off < on < offload), then no tiling (fewer tiles first), then the
+fewest bytes a GPU sends per micro-batch (TP, Ulysses and ZeRO collectives: ``communication_bytes``), then fewer
+pipeline stages.
 """
 from __future__ import annotations
 
