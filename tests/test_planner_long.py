@@ -144,3 +144,12 @@ def test_plan_cli_auto_offload_column_and_single_layout(capsys):
     # 32 layers × 128k tokens × 4096 × 2 bytes = 32 GiB per rank, 8 ranks per node
     assert line.split()[-2] == "256.0" and line.endswith("yes")
     assert "host/node" not in _plan("--model", "8B", "--gpus", "8")
+
+
+def test_tp_sequence_parallel_auto_turns_it_on_only_where_needed():
+    """--tp-sequence-parallel auto: on where the layout fits with Megatron SP and not without it."""
+    layout = planner.Layout(tp=2, dp=8, sp=4, tiled_mlp=4)
+    assert planner.needs_tp_sequence_parallel(SHAPE_70B, layout, seq_len=1 << 18, micro_batch=1, gpu_gib=80)
+    assert not planner.needs_tp_sequence_parallel(SHAPE_70B, layout, seq_len=4096, micro_batch=1, gpu_gib=80)
+    assert not planner.needs_tp_sequence_parallel(SHAPE_70B, planner.Layout(tp=1, dp=64), seq_len=1 << 18,
+                                                  micro_batch=1, gpu_gib=80)

@@ -403,6 +403,22 @@ def longest_row(shape: ModelShape, gpus: int, *, step: int = 8192, limit: int = 
     return lo * step, best
 
 
+def needs_tp_sequence_parallel(shape: ModelShape, layout: Layout, *, seq_len: int, micro_batch: int, gpu_gib: float,
+                               activation_checkpointing: bool | str = True, headroom: float = 0.9) -> bool:
+    """For --tp-sequence-parallel auto: True when tp > 1 and the layout fits ``headroom`` × the GPU's memory with
+    Megatron SP but not without it. It moves the same bytes as TP's all-reduces (``layout_cost``), but where it
+    is not needed, off keeps the simpler path."""
+    if layout.tp == 1:
+        return False
+    from dataclasses import replace
+
+    def total(tp_sp: bool) -> float:
+        return estimate(shape, replace(layout, tp_sp=tp_sp), seq_len=seq_len, micro_batch=micro_batch,
+                        activation_checkpointing=activation_checkpointing).total_gib
+
+    return total(False) > headroom * gpu_gib >= total(True)
+
+
 def needs_activation_checkpointing(shape: ModelShape, layout: Layout, *, seq_len: int, micro_batch: int,
                                    gpu_gib: float, headroom: float = 0.9) -> bool:
     """True when the layout would not fit in ``headroom`` × the GPU's memory without recomputing blocks."""
