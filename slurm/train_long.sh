@@ -11,8 +11,8 @@
 #   TP=2 SP=4                  each rank holds 1/4 of every row (Ulysses) and half of every matrix
 #   TP_SEQUENCE_PARALLEL=on    Megatron sequence parallelism inside TP: norms, residuals, checkpoints sharded by tp
 #   ACTIVATION_CHECKPOINTING=on
-#   TILED_MLP=4                the MLP over 4 tiles of the rank's 64k tokens
-# ≈ 71.6 GiB per GPU (parameters 4.6, gradients 2.1, Adam 12.3, activations 49.6, other 3.0). Rows must be a
+#   TILED_MLP=8                the MLP over 8 tiles of the rank's 64k tokens
+# ≈ 72.0 GiB per GPU (parameters 4.6, gradients 2.1, Adam 12.3, activations 50.0, other 3.0). Rows must be a
 # multiple of SP long (the trainer refuses others). Other sizes: the planner's table for the model, rows and GPUs;
 # ACTIVATION_CHECKPOINTING=offload keeps the checkpoints in pinned host memory (its host/node column).
 # All other variables as in slurm/train_70b.sh (DATA, MODEL, OUTPUT, PROMPT_WEIGHT, RESPONSE_WEIGHT,
@@ -40,7 +40,7 @@ set -euo pipefail
 : "${DS_CONFIG:=ds_configs/zero3.json}"
 : "${TP:=2}" "${SP:=4}"
 : "${TP_SEQUENCE_PARALLEL:=on}"          # --tp-sequence-parallel auto | on | off
-: "${TILED_MLP:=4}"                      # --tiled-mlp N (1: off)
+: "${TILED_MLP:=8}"                      # --tiled-mlp N (1: off)
 : "${ACTIVATION_CHECKPOINTING:=on}"      # on | offload (off does not fit at 256k)
 # 70B checkpoints are big: save less often than the 7B default.
 : "${SAVE_STEPS:=100}"

@@ -192,6 +192,30 @@ def test_activation_estimate_within_15_percent_with_tiled_mlp():
                _estimate(SHAPES[name], rows, seq, torch.float32, ac, tiled_mlp=4), f"{name} tiled 4 AC {ac}")
 
 
+def test_tiled_mlp_term_within_15_percent_with_checkpointed_tiles(monkeypatch):
+    """The planner's tiled-MLP term against a stand-in that keeps what a tiled MLP keeps: each MLP run as N
+    checkpointed tiles of the rows (nothing saved but the tile's input, a view; backward recomputes one tile at a
+    time). Until --tiled-mlp exists this checks the term itself; the test above checks the real one."""
+    from torch.utils.checkpoint import checkpoint
+
+    import witscale.model.transformer as transformer
+
+    tiles, plain = 4, transformer.MLP.forward
+
+    def tiled_forward(self, x):
+        n = x.shape[1] // tiles
+        return torch.cat([checkpoint(plain, self, x[:, i * n:(i + 1) * n], use_reentrant=False)
+                          for i in range(tiles)], dim=1)
+
+    monkeypatch.setattr(transformer.MLP, "forward", tiled_forward)
+    name = "gqa"
+    rows, seq = ROWS[name]
+    for ac in (False, True):
+        _check(_measure(SHAPES[name], rows, seq, torch.float32, ac),
+               _estimate(SHAPES[name], rows, seq, torch.float32, ac, tiled_mlp=tiles),
+               f"{name} checkpointed tiles {tiles} AC {ac}")
+
+
 def test_activation_estimate_within_15_percent_with_offload():
     """--activation-checkpointing offload: on the CPU host and device memory are one, so the probe sees both:
     the estimate's device peak plus its host term (every layer's input), within 15%."""

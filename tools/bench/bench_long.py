@@ -11,7 +11,7 @@ same rank. Activation memory per rank must fall ~1/sp.
 
 Part (b), the planner (witscale/planner.py, bf16 on 80 GiB GPUs, 1 TiB of pinned host memory per node):
 ``auto`` for 70B at 256k on 64 GPUs and 8B at 1M on 8 GPUs (both must fit), and the longest 8B row that fits
-on 8 GPUs (ALST, arXiv 2506.13996, reports 3.7M on 8 H100s).
+on 8 GPUs (ALST, Snowflake 2025, reports 3.7M on 8 H100s).
 """
 from __future__ import annotations
 
