@@ -45,7 +45,8 @@ tests/test_planner_activations.py):
   layers × T × e·h/(tp if Megatron SP) per rank; tools/plan.py sums it over a node's ranks) and the device
   keeps two layers' worth in flight;
 - ``--tiled-mlp N``: the MLP saves nothing between forward and backward and recomputes one tile of T/N rows at
-  a time, so its [T × I/tp] tensors (four in forward, two gradients) exist for T/N rows only.
+  a time, so its [T × I/tp] tensors (four in forward, two gradients) exist for T/N rows only; two [T × h]
+  buffers join the tiles in backward (the output gathered, the input's gradient assembled).
 
 ``auto`` (``choose_layout``, tools/plan.py --auto) searches every layout ``valid_layouts`` lists (sp included)
 with every setting of these features and picks the cheapest that fits in 90% of the GPU (and the node's host
