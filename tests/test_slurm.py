@@ -25,8 +25,8 @@ SLURM_CONF = os.path.join(SLURM_DIR, "slurm.conf")
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                 "DEADLINE", "PREEMPTED"}
 SCRIPTS = [f"slurm/{n}" for n in ("common.sh", "launch_task.sh", "site_env.sh", "train_7b.sh", "train_70b.sh",
-                                   "sweep_weights.sh", "followups.sh", "sweep_report.sh", "evaluate_cell.sh",
-                                   "dpo_common.sh", "dpo_7b.sh", "sweep_dpo.sh")] + [
+                                   "train_long.sh", "sweep_weights.sh", "followups.sh", "sweep_report.sh",
+                                   "evaluate_cell.sh", "dpo_common.sh", "dpo_7b.sh", "sweep_dpo.sh")] + [
     f"slurm/local/{n}" for n in ("install.sh", "start.sh", "stop.sh")]
 
 

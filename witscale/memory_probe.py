@@ -164,10 +164,18 @@ def measure_activation_peak(module: torch.nn.Module, input_ids: torch.Tensor, la
     """Peak bytes allocated by one forward + backward of ``module`` (a ``CausalLM``) on rows that are one
     document each, gradients dropped as accumulated: {"forward_peak", "peak"} (the latter over both),
     "held_after_forward" (device bytes still allocated when forward returns: what backward needs) and
-    "host_bytes" (what --activation-checkpointing offload copied to host memory, not in the others)."""
+    "host_bytes" (what --activation-checkpointing offload copied to host memory, not in the others). Under
+    --sp (the module's ``sp_group``) the rows given are whole and each rank runs its 1/sp of them."""
     b, s = input_ids.shape
     position_ids = torch.arange(s).repeat(b, 1)
     cu_seqlens = torch.arange(0, b * s + 1, s, dtype=torch.int32)
+    sp_group = getattr(module, "sp_group", None)
+    if sp_group is not None:      # --sp: this rank's 1/sp of every row, as the trainer hands it over (whole cu_seqlens)
+        from witscale.parallel.sequence import sequence_shard, sp_size_rank
+
+        sp, sp_rank = sp_size_rank(sp_group)
+        input_ids, position_ids, labels, weights = (sequence_shard(t, sp, sp_rank)
+                                                    for t in (input_ids, position_ids, labels, weights))
     handles = [p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
                for p in module.parameters() if p.requires_grad]
     module.train()
