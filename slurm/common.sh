@@ -73,7 +73,7 @@ wit_defaults() {
     : "${SP:=1}"                           # --sp: Ulysses sequence parallelism (README "Sequence parallelism")
     : "${EXTRA_ARGS:=}"
     : "${RESUME:=auto}"
-    : "${ACTIVATION_CHECKPOINTING:=auto}"  # auto | on | off (auto: where the planner says it is needed; 70B template: on)
+    : "${ACTIVATION_CHECKPOINTING:=auto}"  # auto | on | off | offload (auto: where the planner says it is needed; 70B template: on)
     [ -n "${DATA:-}" ] || wit_die "set DATA to a packed dataset directory (tools/pack_dataset.py)"
     if [ -z "${OUTPUT:-}" ] && [ -n "${SCRATCH:-}" ]; then
         OUTPUT=$SCRATCH/${USER:-$(id -un)}/witscale/${SLURM_JOB_NAME:-run}-${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID:-local}}

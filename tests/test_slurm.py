@@ -7,6 +7,7 @@ Jobs are waited for by polling `scontrol` every 0.5 s: `sbatch --wait` polls wit
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -200,6 +201,22 @@ def test_train_70b_template_deepspeed_launcher_2x2(slurm_cluster, tiny, tmp_path
     assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", log
     assert world_of(tmp_path / "out") == 4, log
     assert sorted(train_losses(tmp_path / "out")) == [1, 2, 3], log
+
+
+def test_train_long_template_one_node_tp2_sp2_with_its_long_context_flags(slurm_cluster, tiny, tmp_path):
+    """train_long.sh (8 nodes × 8 by default) on one node × 4 ranks: TP 2 × SP 2 (the sp × tp group inside the
+    node), Megatron SP on, the MLP over 2 tiles, offloaded checkpoints; the trainer says it runs all of them."""
+    env = job_env(slurm_cluster, tiny, tmp_path / "out", NPROC_PER_NODE=4, GRAD_ACCUM=1, MAX_STEPS=2, TP=2, SP=2,
+                  TILED_MLP=2, ACTIVATION_CHECKPOINTING="offload", DS_CONFIG="ds_configs/zero1.json")
+    job = sbatch("slurm/train_long.sh", env, tmp_path / "logs", "--nodes=1", "--ntasks-per-node=4")
+    (rec,) = wait_job(job, env)
+    log = read_log(tmp_path / "logs")
+    assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", log
+    assert world_of(tmp_path / "out") == 4, log
+    assert sorted(train_losses(tmp_path / "out")) == [1, 2], log
+    layout = json.loads((tmp_path / "out" / "effective_config.json").read_text())["layout"]
+    assert layout["tp_sequence_parallel"] is True, layout
+    assert "tiled" in log.lower() and "offload" in log.lower(), log
 
 
 def test_preemption_checkpoints_requeues_and_resumes_to_the_same_loss(slurm_cluster, tiny, run_7b, tmp_path):
