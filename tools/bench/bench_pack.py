@@ -150,7 +150,8 @@ def alpaca_like_jsonl(path: str, n: int, seed: int = 0) -> str:
 
 
 def measured(cmd: list) -> dict:
-    """Run cmd; its wall time, its stdout and two peaks of resident memory: of its largest process (the
+    """Run cmd; its wall time, its CPU time (user + system, workers included: on a loaded machine the steadier
+    measure of the work done), its stdout and two peaks of resident memory: of its largest process (the
     ru_maxrss wait4 reports: exact) and of its whole process tree (the sum of PSS — forked workers share
     pages, which a sum of RSS would count once per process — sampled every 20 ms: a lower bound of the peak)."""
     import subprocess
@@ -185,7 +186,8 @@ def measured(cmd: list) -> dict:
     dt = time.perf_counter() - t0
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {chunks['err'].strip()[-2000:]}")
-    return {"s": dt, "main": usage.ru_maxrss * 1024, "tree": peak["tree"], "out": chunks["out"]}
+    return {"s": dt, "main": usage.ru_maxrss * 1024, "tree": peak["tree"], "out": chunks["out"],
+            "cpu": usage.ru_utime + usage.ru_stime}      # its own and its waited-for children's (the workers')
 
 
 _MAP_SCRIPT = r"""
@@ -231,7 +233,8 @@ def memory_benchmark(args, tmp: str) -> None:
     if args.baseline_rev:
         packers[args.baseline_rev] = os.path.join(baseline_tree(args.baseline_rev, tmp), "tools", "pack_dataset.py")
     print(f"tokenizer {tok_dir} (fast)  workers {args.workers}  seq-len {args.seq_len}  template {args.template}")
-    print(f"{'':>30} {'records':>8} {'tokens':>11} {'s':>7} {'tokens/s':>10} {'RSS max 1':>9} {'PSS tree':>9}")
+    print(f"{'':>30} {'records':>8} {'tokens':>11} {'s':>7} {'tokens/s':>10} {'RSS max 1':>9} {'PSS tree':>9} "
+          f"{'CPU s':>7}")
     points = []
     for n in [int(x) for x in args.memory_records.split(",")]:
         data = alpaca_like_jsonl(os.path.join(tmp, f"alpaca-{n}.jsonl"), n)
@@ -244,7 +247,8 @@ def memory_benchmark(args, tmp: str) -> None:
                                             "--seq-len", str(args.seq_len), "--template", args.template,
                                             "--workers", str(args.workers), "--output", out, "--overwrite"]))
         best = {name: dict(min(r, key=lambda x: x["s"]), main=max(x["main"] for x in r),
-                           tree=max(x["tree"] for x in r)) for name, r in runs.items()}
+                           tree=max(x["tree"] for x in r), cpu=min(x["cpu"] for x in r))
+                for name, r in runs.items()}
         base, packed = best["map"], best["pack"]
         with open(os.path.join(out, "manifest.json"), encoding="utf-8") as f:
             manifest = json.load(f)
@@ -253,17 +257,21 @@ def memory_benchmark(args, tmp: str) -> None:
         mib = lambda b: f"{b / 2**20:.0f} MiB" if b else "-"  # noqa: E731
         for name, r, t in (("datasets.map + fast tokenizer", base, map_tokens), ("pack_dataset.py (streaming)", packed, tokens)):
             print(f"{name:>30} {n:>8} {t:>11,} {r['s']:>7.1f} {t / r['s']:>10,.0f} {mib(r['main']):>9} "
-                  f"{mib(r['tree']):>9}")
+                  f"{mib(r['tree']):>9} {r['cpu']:>7.1f}")
         print(f"{'':>30} packed/map tokens/s: {(tokens / packed['s']) / (map_tokens / base['s']):.2f}x  "
+              f"(tokens per CPU-second: {(tokens / packed['cpu']) / (map_tokens / base['cpu']):.2f}x)  "
               f"efficiency {100 * manifest['packing_efficiency']:.2f}%")
         for name in packers:
             if name != "pack":                # --baseline-rev: the same documents, so the same tokens
                 b = best[name]
                 print(f"{'baseline ' + name:>30} {n:>8} {tokens:>11,} {b['s']:>7.1f} {tokens / b['s']:>10,.0f} "
-                      f"{mib(b['main']):>9} {mib(b['tree']):>9}")
-                print(f"{'':>30} baseline/map tokens/s: {(tokens / b['s']) / (map_tokens / base['s']):.2f}x; this code "
-                      f"{b['s'] / packed['s']:.2f}x as fast; each run's s (map / this / {name}): "
-                      + ", ".join(f"{x['s']:.1f}/{y['s']:.1f}/{z['s']:.1f}"
+                      f"{mib(b['main']):>9} {mib(b['tree']):>9} {b['cpu']:>7.1f}")
+                print(f"{'':>30} baseline/map tokens/s: {(tokens / b['s']) / (map_tokens / base['s']):.2f}x "
+                      f"(per CPU-second: {(tokens / b['cpu']) / (map_tokens / base['cpu']):.2f}x); this code "
+                      f"{b['s'] / packed['s']:.2f}x as fast ({b['cpu'] / packed['cpu']:.2f}x less CPU); each run's "
+                      f"s, CPU s (map / this / {name}): "
+                      + ", ".join(f"{x['s']:.1f}/{y['s']:.1f}/{z['s']:.1f}, "
+                                  f"{x['cpu']:.1f}/{y['cpu']:.1f}/{z['cpu']:.1f}"
                                   for x, y, z in zip(runs["map"], runs["pack"], runs[name])))
         points.append((n, tokens, packed["tree"]))
         import shutil
