@@ -186,3 +186,36 @@ def test_classify_tokens_equals_the_per_class_count_formulation():
         assert outs[0] == outs[1], (text, cls, begin)
         errors += isinstance(outs[0], str)
     assert 300 < errors < 2700
+
+
+def test_a_worker_chunk_packed_for_the_trip_back_unpacks_to_the_same_outcomes(llama_like_hf):
+    """_tokenize_chunk_packed → pickle → _unpack_chunk gives what _tokenize_chunk gives: documents (weighted or
+    not), preference pairs (truncated or not) and refusals, in order — the documents as views of three arrays."""
+    import pickle
+    from witscale.data.preference import PairDocuments
+    from witscale.data.readers import SourceRecord
+    sft = [r for r in _records() if "tools" not in r and "conversations" not in r][:30]
+    sft.insert(5, {"messages": [{"role": "robot", "content": "x"}]})                      # refused
+    pairs = [{"prompt": "Say " + "yes " * k, "chosen": "yes " * (3 * k), "rejected": "no"} for k in (1, 40)]
+    tasks = [pack._Task("messages" if "messages" in r else "alpaca", SourceRecord("in.jsonl", f"line {i}", r))
+             for i, r in enumerate(sft, 1)]
+    tasks += [pack._Task("preference", SourceRecord("in.jsonl", f"line {i}", r)) for i, r in enumerate(pairs, 99)]
+    for template in ("plain", "chatml"):
+        pack._init_worker(llama_like_hf.path, PackOptions(seq_len=64, template=template, max_prompt_length=8),
+                          llama_like_hf)
+        want = pack._tokenize_chunk(tasks)
+        got = pack._unpack_chunk(pickle.loads(pickle.dumps(pack._tokenize_chunk_packed(tasks))))
+        assert [k for _, k in got] == [k for _, k in want]
+        docs = {"want": [], "got": []}
+        for side, outs in (("want", want), ("got", got)):
+            for out, _ in outs:
+                if isinstance(out, PairDocuments):
+                    docs[side] += [out.chosen, out.rejected, out.truncated]
+                else:
+                    docs[side].append(out)
+        truncated = [d for d in docs["want"] if isinstance(d, tuple) and not hasattr(d, "ids")]
+        assert ("prompt",) in truncated or ("prompt", "completion") in truncated     # a pair was cut
+        assert any(getattr(d, "weights", None) is not None for d in docs["want"])
+        assert [d for d in docs["got"] if isinstance(d, tuple) and not hasattr(d, "ids")] == truncated
+        strip = lambda ds: [d for d in ds if not (isinstance(d, tuple) and not hasattr(d, "ids"))]  # noqa: E731
+        _assert_same(strip(docs["got"]), strip(docs["want"]))

@@ -22,6 +22,10 @@ of its largest process (ru_maxrss) and of the whole process tree (PSS, sampled e
 the memory's fixed part and its slope per document, extrapolated to the issue's 200,000 records:
 
     python tools/bench/bench_pack.py --memory --tokenizer ../shared/data/llama2_tokenizer.model --workers 2
+
+``--baseline-rev REV`` adds the packer of git revision REV (``git archive`` of this repository into the
+temporary directory) to the interleaved runs: the speed-up of the code as it is over REV's, measured under the
+same load, beside both packers' ratio to ``datasets.map``.
 """
 import argparse
 import json
@@ -146,7 +150,8 @@ def alpaca_like_jsonl(path: str, n: int, seed: int = 0) -> str:
 
 
 def measured(cmd: list) -> dict:
-    """Run cmd; its wall time, its stdout and two peaks of resident memory: of its largest process (the
+    """Run cmd; its wall time, its CPU time (user + system, workers included: on a loaded machine the steadier
+    measure of the work done), its stdout and two peaks of resident memory: of its largest process (the
     ru_maxrss wait4 reports: exact) and of its whole process tree (the sum of PSS — forked workers share
     pages, which a sum of RSS would count once per process — sampled every 20 ms: a lower bound of the peak)."""
     import subprocess
@@ -181,7 +186,8 @@ def measured(cmd: list) -> dict:
     dt = time.perf_counter() - t0
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {chunks['err'].strip()[-2000:]}")
-    return {"s": dt, "main": usage.ru_maxrss * 1024, "tree": peak["tree"], "out": chunks["out"]}
+    return {"s": dt, "main": usage.ru_maxrss * 1024, "tree": peak["tree"], "out": chunks["out"],
+            "cpu": usage.ru_utime + usage.ru_stime}      # its own and its waited-for children's (the workers')
 
 
 _MAP_SCRIPT = r"""
@@ -207,24 +213,43 @@ print(sum(len(ids) for ids in out["input_ids"]))
 """
 
 
+def baseline_tree(rev: str, tmp: str) -> str:
+    """This repository's tree at git revision `rev`, unpacked under `tmp` (its tools put their own root first
+    on sys.path, so its pack_dataset.py runs its own witscale)."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    dest = os.path.join(tmp, "baseline")
+    os.makedirs(dest)
+    archive = subprocess.run(["git", "-C", root, "archive", rev], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
+    return dest
+
+
 def memory_benchmark(args, tmp: str) -> None:
     tok_dir = hf_tokenizer_dir(args.tokenizer, tmp)
     here = os.path.dirname(os.path.abspath(__file__))
     tool = os.path.join(os.path.dirname(here), "pack_dataset.py")
+    packers = {"pack": tool}
+    if args.baseline_rev:
+        packers[args.baseline_rev] = os.path.join(baseline_tree(args.baseline_rev, tmp), "tools", "pack_dataset.py")
     print(f"tokenizer {tok_dir} (fast)  workers {args.workers}  seq-len {args.seq_len}  template {args.template}")
-    print(f"{'':>30} {'records':>8} {'tokens':>11} {'s':>7} {'tokens/s':>10} {'RSS max 1':>9} {'PSS tree':>9}")
+    print(f"{'':>30} {'records':>8} {'tokens':>11} {'s':>7} {'tokens/s':>10} {'RSS max 1':>9} {'PSS tree':>9} "
+          f"{'CPU s':>7}")
     points = []
     for n in [int(x) for x in args.memory_records.split(",")]:
         data = alpaca_like_jsonl(os.path.join(tmp, f"alpaca-{n}.jsonl"), n)
         out = os.path.join(tmp, f"packed-{n}")
-        runs = {"map": [], "pack": []}
+        runs = {"map": [], **{name: [] for name in packers}}
         for _ in range(args.repeat):        # interleaved, best of each: the machine's load changes by the minute
             runs["map"].append(measured([sys.executable, "-c", _MAP_SCRIPT, data, tok_dir, str(args.workers)]))
-            runs["pack"].append(measured([sys.executable, tool, "--input", data, "--tokenizer", tok_dir,
-                                          "--seq-len", str(args.seq_len), "--template", args.template,
-                                          "--workers", str(args.workers), "--output", out, "--overwrite"]))
-        base, packed = (dict(min(r, key=lambda x: x["s"]), main=max(x["main"] for x in r),
-                             tree=max(x["tree"] for x in r)) for r in (runs["map"], runs["pack"]))
+            for name, packer in packers.items():
+                runs[name].append(measured([sys.executable, packer, "--input", data, "--tokenizer", tok_dir,
+                                            "--seq-len", str(args.seq_len), "--template", args.template,
+                                            "--workers", str(args.workers), "--output", out, "--overwrite"]))
+        best = {name: dict(min(r, key=lambda x: x["s"]), main=max(x["main"] for x in r),
+                           tree=max(x["tree"] for x in r), cpu=min(x["cpu"] for x in r))
+                for name, r in runs.items()}
+        base, packed = best["map"], best["pack"]
         with open(os.path.join(out, "manifest.json"), encoding="utf-8") as f:
             manifest = json.load(f)
         tokens = int(np.fromfile(os.path.join(out, "doc_lengths.bin"), dtype=np.int32).sum())
@@ -232,9 +257,22 @@ def memory_benchmark(args, tmp: str) -> None:
         mib = lambda b: f"{b / 2**20:.0f} MiB" if b else "-"  # noqa: E731
         for name, r, t in (("datasets.map + fast tokenizer", base, map_tokens), ("pack_dataset.py (streaming)", packed, tokens)):
             print(f"{name:>30} {n:>8} {t:>11,} {r['s']:>7.1f} {t / r['s']:>10,.0f} {mib(r['main']):>9} "
-                  f"{mib(r['tree']):>9}")
+                  f"{mib(r['tree']):>9} {r['cpu']:>7.1f}")
         print(f"{'':>30} packed/map tokens/s: {(tokens / packed['s']) / (map_tokens / base['s']):.2f}x  "
+              f"(tokens per CPU-second: {(tokens / packed['cpu']) / (map_tokens / base['cpu']):.2f}x)  "
               f"efficiency {100 * manifest['packing_efficiency']:.2f}%")
+        for name in packers:
+            if name != "pack":                # --baseline-rev: the same documents, so the same tokens
+                b = best[name]
+                print(f"{'baseline ' + name:>30} {n:>8} {tokens:>11,} {b['s']:>7.1f} {tokens / b['s']:>10,.0f} "
+                      f"{mib(b['main']):>9} {mib(b['tree']):>9} {b['cpu']:>7.1f}")
+                print(f"{'':>30} baseline/map tokens/s: {(tokens / b['s']) / (map_tokens / base['s']):.2f}x "
+                      f"(per CPU-second: {(tokens / b['cpu']) / (map_tokens / base['cpu']):.2f}x); this code "
+                      f"{b['s'] / packed['s']:.2f}x as fast ({b['cpu'] / packed['cpu']:.2f}x less CPU); each run's "
+                      f"s, CPU s (map / this / {name}): "
+                      + ", ".join(f"{x['s']:.1f}/{y['s']:.1f}/{z['s']:.1f}, "
+                                  f"{x['cpu']:.1f}/{y['cpu']:.1f}/{z['cpu']:.1f}"
+                                  for x, y, z in zip(runs["map"], runs["pack"], runs[name])))
         points.append((n, tokens, packed["tree"]))
         import shutil
         shutil.rmtree(out)
@@ -262,6 +300,8 @@ def main(argv=None):
     p.add_argument("--memory", action="store_true",
                    help="tokens/s and peak RSS of pack_dataset.py against datasets.map, on generated data")
     p.add_argument("--memory-records", default="1000,4000", help="--memory: the two corpus sizes (records)")
+    p.add_argument("--baseline-rev", default=None, metavar="REV",
+                   help="--memory: also run the packer of git revision REV, interleaved (speed-up over it)")
     p.add_argument("--repeat", type=int, default=2,
                    help="--memory: runs of each, interleaved; the fastest counts, the largest memory")
     args = p.parse_args(argv)

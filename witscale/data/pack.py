@@ -13,6 +13,8 @@ import re
 import time
 from typing import Callable, Iterable, NamedTuple
 
+import numpy as np
+
 from witscale.data.errors import DataError, RecordError
 from witscale.data.format import PackedWriter, check_output
 from witscale.data.inputs import dataset_digest, iter_dataset, load_dataset_source, resolve_inputs
@@ -99,6 +101,56 @@ def _tokenize_chunk(tasks: list) -> list:
     return out
 
 
+def _tokenize_chunk_packed(tasks: list):
+    """``_tokenize_chunk(tasks)`` for the trip back from a worker process: the documents' ids, classes and
+    weights concatenated into one array each (pickled as three buffers, not three arrays per document) and,
+    per task, its outcome with each document replaced by its length (and whether it has weights).
+    :func:`_unpack_chunk` gives back the list — its documents views into those arrays."""
+    outcomes, ids, classes, weights = [], [], [], []
+
+    def shelve(doc: Document):
+        ids.append(doc.ids)
+        classes.append(doc.classes)
+        if doc.weights is not None:
+            weights.append(doc.weights)
+        return len(doc.ids), doc.weights is not None
+    for out, kinds in _tokenize_chunk(tasks):
+        if isinstance(out, Document):
+            out = _Shelved((shelve(out),))
+        elif isinstance(out, PairDocuments):
+            out = _Shelved((shelve(out.chosen), shelve(out.rejected)), out.truncated)
+        outcomes.append((out, kinds))
+    cat = lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
+    return outcomes, cat(ids, np.int32), cat(classes, np.uint8), cat(weights, np.float32)
+
+
+class _Shelved(NamedTuple):
+    """A record's documents in a packed chunk: (length, has weights) of each — one, or a pair's two — and what
+    of the pair was truncated."""
+    docs: tuple
+    truncated: tuple = ()
+
+
+def _unpack_chunk(packed) -> list:
+    """The inverse of :func:`_tokenize_chunk_packed`."""
+    outcomes, ids, classes, weights = packed
+    at = {"tokens": 0, "weights": 0}
+
+    def take(length: int, has_weights: bool) -> Document:
+        t, w = at["tokens"], at["weights"]
+        at["tokens"] += length
+        if has_weights:
+            at["weights"] += length
+        return Document(ids[t:t + length], classes[t:t + length], weights[w:w + length] if has_weights else None)
+    out = []
+    for o, kinds in outcomes:
+        if isinstance(o, _Shelved):
+            docs = [take(*d) for d in o.docs]
+            o = docs[0] if len(docs) == 1 else PairDocuments(*docs, o.truncated)
+        out.append((o, kinds))
+    return out
+
+
 # ------------------------------------------------------------------------------------------ orchestration
 def sha256_file(path: str) -> str:
     h = hashlib.sha256()
@@ -150,10 +202,10 @@ def tokenize_tasks(tasks: Iterable[_Task], tokenizer_path: str, opts: PackOption
                 chunk = next(chunks, None)
                 if chunk is None:
                     break
-                pending.append(pool.apply_async(_tokenize_chunk, (chunk,)))
+                pending.append(pool.apply_async(_tokenize_chunk_packed, (chunk,)))
             if not pending:
                 return
-            results = pending.popleft().get()
+            results = _unpack_chunk(pending.popleft().get())
             if progress:
                 progress(len(results))
             yield from results

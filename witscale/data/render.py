@@ -10,6 +10,8 @@ templates.py).
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from witscale.data.chat_template import HFChatRenderer
@@ -147,10 +149,11 @@ class Renderer:
             text = "".join(t.text for t in run)
             requests.append((text, started))
             at = len(requests) - 1
-            requests.extend((text[:c], started) for _, _, c, _ in _boundaries(run))
+            bounds = _boundaries(run)
+            requests.extend((text[:c], started) for _, _, c, _ in bounds)
             prefixes = list(range(at + 1, len(requests)))        # plain's boundary: only their token counts
             lengths_only.extend(prefixes)
-            pieces.append((list(run), text, at, prefixes))
+            pieces.append((list(run), text, at, prefixes, bounds))
             started = True
             run.clear()
 
@@ -179,18 +182,18 @@ class Renderer:
             for piece in pieces:
                 if len(piece) == 3:
                     tid, c, m = piece
-                    ids.append(np.array([tid], dtype=np.int32))
-                    classes.append(np.array([c], dtype=np.uint8))
-                    msgs.append(np.array([m], dtype=np.int64))
+                    ids.append(_one(tid, np.int32))
+                    classes.append(_one(c, np.uint8))
+                    msgs.append(_one(m, np.int64))
                     continue
-                run_, text, at, prefixes = piece
+                run_, text, at, prefixes, bounds = piece
                 lens = [len(t.text) for t in run_]
                 char_cls = np.repeat(np.array([t.cls for t in run_], dtype=np.uint8), lens)
                 char_msg = np.repeat(np.array([t.msg for t in run_], dtype=np.int64), lens)
                 tok_ids, begin, end = encodings[at]
                 cls, msg = classify_tokens(text, char_cls, char_msg, begin, end)
                 if prefixes:
-                    cls, msg = self._paper_boundary(run_, begin, cls, msg, [encodings[j] for j in prefixes])
+                    cls, msg = self._paper_boundary(bounds, begin, cls, msg, [encodings[j] for j in prefixes])
                 ids.append(tok_ids.astype(np.int32))
                 classes.append(cls.astype(np.uint8))
                 msgs.append(msg)
@@ -198,14 +201,14 @@ class Renderer:
         return requests, lengths_only, finish
 
     @staticmethod
-    def _paper_boundary(run: list, begin: np.ndarray, cls: np.ndarray, msg: np.ndarray, n_prompts: list):
+    def _paper_boundary(bounds: list, begin: np.ndarray, cls: np.ndarray, msg: np.ndarray, n_prompts: list):
         """The paper's rule at each boundary-marked text (plain's joining space before an answer): the tokens
         of the answer's turn at index ≥ len(tokenize(everything before the boundary)) are response-side,
         those before it prompt-side — whatever characters they cover. ``n_prompts``: those lengths, one per
-        boundary of ``_boundaries(run)``."""
+        boundary of ``bounds`` (``_boundaries(run)``)."""
         cls, msg = cls.copy(), msg.copy()
         idx = np.arange(len(cls))
-        for (turn, first, _, turn_end), n_prompt in zip(_boundaries(run), n_prompts):
+        for (turn, first, _, turn_end), n_prompt in zip(bounds, n_prompts):
             in_turn = begin < turn_end
             after = in_turn & (idx >= n_prompt) & ~_IS_RESPONSE_SIDE[cls]
             cls[after], msg[after] = first, turn
@@ -214,11 +217,27 @@ class Renderer:
         return cls, msg
 
 
-def _boundaries(run: list):
+def _one(value: int, dtype) -> np.ndarray:
+    """A read-only one-element array, shared (documents concatenate them, never write into them)."""
+    key = (value, dtype)
+    a = _ONE.get(key)
+    if a is None:
+        a = _ONE[key] = np.array([value], dtype=dtype)
+        a.flags.writeable = False
+    return a
+
+
+_ONE: dict = {}
+
+
+def _boundaries(run: list) -> list:
     """(turn, its first response-side class, the boundary's character offset in the run's text, the turn's end
     offset) for each boundary-marked text of a run whose turn has a response-side text; an answer demoted to
-    prompt-side (--last-turn-only) has no boundary."""
-    offsets = np.cumsum([0] + [len(t.text) for t in run])
+    prompt-side (--last-turn-only) has no boundary. Computed once per run (the plan keeps it for the assembly)."""
+    if not any(t.boundary for t in run):
+        return []
+    offsets = list(itertools.accumulate((len(t.text) for t in run), initial=0))
+    out = []
     for k, t in enumerate(run):
         if not t.boundary:
             continue
@@ -226,5 +245,6 @@ def _boundaries(run: list):
         first = next((u.cls for u in run[k:] if u.msg == turn and u.cls in RESPONSE_SIDE), None)
         if first is None:
             continue
-        turn_end = int(offsets[max(j for j, u in enumerate(run) if u.msg == turn) + 1])
-        yield turn, first, int(offsets[k]), turn_end
+        turn_end = offsets[max(j for j, u in enumerate(run) if u.msg == turn) + 1]
+        out.append((turn, first, offsets[k], turn_end))
+    return out

@@ -205,9 +205,18 @@ class HFTokenizer(Tokenizer):
         if backend.truncation is None and backend.padding is None \
                 and getattr(backend, "encode_special_tokens", None) == split_specials:
             # the state transformers' call would set: its backend call, without building Python lists of
-            # dicts per string (as much time as the tokenizing)
-            encodings = backend.encode_batch(texts, add_special_tokens=False)
-            return [self._length(e.ids, shift) if i in lengths_only else self._strip_anchor(e.ids, e.offsets, shift)
+            # dicts per string (as much time as the tokenizing). The strings of which only the token count is
+            # needed go through encode_batch_fast where there is one: the same pipeline without tracking
+            # offsets (a third of encode_batch's time)
+            fast = getattr(backend, "encode_batch_fast", None) if lengths_only else None
+            counted = [i for i in range(len(texts)) if i in lengths_only] if fast is not None else []
+            encodings = backend.encode_batch([t for i, t in enumerate(texts) if i not in lengths_only] if counted
+                                             else texts, add_special_tokens=False)
+            if counted:
+                merged = dict(zip(counted, fast([texts[i] for i in counted], add_special_tokens=False)))
+                rest = iter(encodings)
+                encodings = [merged[i] if i in merged else next(rest) for i in range(len(texts))]
+            return [self._length(e, shift) if i in lengths_only else self._strip_anchor(e.ids, e.offsets, shift)
                     for i, (e, shift) in enumerate(zip(encodings, shifts))]
         enc = self.hf(texts, add_special_tokens=False, return_offsets_mapping=True)
         return [self._length(ids, shift) if i in lengths_only else self._strip_anchor(ids, offs, shift)
@@ -217,10 +226,11 @@ class HFTokenizer(Tokenizer):
         if len(ids) == 0 or ids[0] != self._anchor_id:
             raise TokenizerError(f"special token {self._anchor!r} is not kept whole by the tokenizer", self.path)
 
-    def _length(self, ids: list, shift: int) -> int:
+    def _length(self, encoding, shift: int) -> int:
+        """The token count of an encoding (a list of ids, or a backend Encoding: its len, no list built)."""
         if shift:
-            self._check_anchor(ids)
-        return len(ids) - (1 if shift else 0)
+            self._check_anchor(encoding if isinstance(encoding, list) else encoding.ids)
+        return len(encoding) - (1 if shift else 0)
 
     def _strip_anchor(self, ids: list, offs: list, shift: int):
         # np.fromiter: a third faster than np.array on the lists of ints and of (begin, end) tuples
