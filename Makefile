@@ -40,9 +40,11 @@ demo: $(STAMP)
 ## The README's test command (also what .ci/run calls): every test, both tiers, in TEST_WORKERS parallel pytest
 ## processes (pytest-xdist). More workers than cores on purpose: most of a multi-process test's wall time is waiting
 ## (process start-up, timeouts the tests provoke), not CPU. --dist loadgroup: tests/conftest.py puts what one
-## machine has one of (the local Slurm, mpirun's port) into one group, run by one worker in order.
+## machine has one of (the local Slurm, mpirun's port) into one group, run by one worker in order. DeepSpeed's JIT
+## extensions are built first, once (tests/build_extensions.py), not by a rank of whichever worker gets there first.
 TEST_WORKERS ?= 3
 test: $(STAMP)
+	$(PY) tests/build_extensions.py
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
 
 ## The fast tier, before a commit: every test not marked `slow` (no ranks, Slurm, demo or benchmark; README, Tests).
