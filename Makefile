@@ -25,7 +25,7 @@ $(STAMP): constraints.txt setup.cfg
 	$(PIP_INSTALL) torch==2.13.0
 	$(PIP_INSTALL) --no-build-isolation deepspeed
 	$(PIP_INSTALL) transformers datasets tensorboard mpi4py sentencepiece safetensors protobuf psutil \
-	    pyarrow pytest hypothesis matplotlib pyyaml
+	    pyarrow pytest pytest-xdist hypothesis matplotlib pyyaml
 	$(PIP_INSTALL) --no-build-isolation --no-deps -e .
 # the evaluation extra (witscale[eval]): lm-eval for tools/evaluate.py --tasks, accelerate for its HF backend
 	$(PIP_INSTALL) lm-eval accelerate
@@ -37,9 +37,15 @@ $(STAMP): constraints.txt setup.cfg
 demo: $(STAMP)
 	$(PY) tools/demo.py
 
-## The README's test command (also what .ci/run calls): every test, both tiers.
+## The README's test command (also what .ci/run calls): every test, both tiers, in TEST_WORKERS parallel pytest
+## processes (pytest-xdist). More workers than cores on purpose: most of a multi-process test's wall time is waiting
+## (process start-up, timeouts the tests provoke), not CPU. --dist loadgroup: tests/conftest.py puts what one
+## machine has one of (the local Slurm, mpirun's port) into one group, run by one worker in order. DeepSpeed's JIT
+## extensions are built first, once (tests/build_extensions.py), not by a rank of whichever worker gets there first.
+TEST_WORKERS ?= 3
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) tests/build_extensions.py
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
 
 ## The fast tier, before a commit: every test not marked `slow` (no ranks, Slurm, demo or benchmark; README, Tests).
 test-fast: $(STAMP)

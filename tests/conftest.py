@@ -63,8 +63,30 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: starts ranks (gloo harness, torchrun, the DeepSpeed launcher, mpirun, "
                                        "Slurm), trains through the CLI, runs the demo or a benchmark; "
                                        "`make test-fast` deselects it")
+    config.addinivalue_line("markers", "xdist_group(name): pytest-xdist --dist loadgroup runs a group's tests in "
+                                       "one worker, one after another (set by pytest_collection_modifyitems)")
     from tests import tiers
     tiers.install()
+
+
+# `make test` runs the tests in parallel worker processes (pytest-xdist, --dist loadgroup). What is one per
+# machine is serialized by putting its tests into one group: the local Slurm (one cluster, started and stopped
+# by a session fixture — a session per worker) and mpirun (a fixed rendezvous port of its own, below the
+# ephemeral range, see tests/test_mpi.py) share the group "slurm-mpi".
+SERIAL_GROUPS = {"slurm-mpi": ("test_slurm.py", "test_slurm_values.py", "test_mpi.py")}
+
+
+def pytest_collection_modifyitems(config, items):
+    serial = set()
+    for item in items:
+        for group, files in SERIAL_GROUPS.items():
+            if item.path.name in files or "slurm_cluster" in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(group))
+                serial.add(item.nodeid)
+    # A group is one worker's queue from its first test on, and the Slurm group is the longest one (under load
+    # about half of the suite's wall time): started first, the other workers share the rest beside it instead of
+    # waiting for it at the end. Stable: the order within and outside the groups is unchanged.
+    items.sort(key=lambda item: item.nodeid not in serial)
 
 
 def pytest_unconfigure(config):

@@ -5,13 +5,18 @@
 
 ``worker`` must be a top-level (importable) function; ``results[r]`` is what rank r returned. Each rank
 is a fresh process with RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE/MASTER_ADDR=127.0.0.1/MASTER_PORT
-(a free port) and OMP_NUM_THREADS=1 set (so DeepSpeed finds the same group), initialises gloo, runs the
+(the port of a TCP store the parent holds open for the run) and OMP_NUM_THREADS=1 set (so DeepSpeed finds the same group), initialises gloo, runs the
 worker, pickles its result (or traceback) to a per-rank file in a temporary directory (never stdout), and
 leaves through ``barrier`` + ``destroy_process_group``. A failing rank raises ``DistributedTestError``
 in the parent with that rank's traceback (the rank that failed first is named first: the others usually
 fail only because a peer vanished); a hang ends at ``timeout`` seconds with an error naming the ranks
 still running. The process group's own timeout is set a little below ``timeout``, so a rank stuck in a
 collective usually reports *where* it is stuck rather than being killed silently.
+
+The rendezvous store is a ``TCPStore`` the parent opens on port 0 (the kernel picks a free port and the parent
+keeps it bound until every rank is gone); the ranks join it as clients. Picking a "free" port by binding and
+closing a socket, and letting rank 0 bind it again later, races with every other process doing the same on the
+machine (pytest-xdist workers launching ranks at once): two runs could share a store or fail with EADDRINUSE.
 
 Speed. Start-up is the cost of a multi-rank test: a spawned rank imports torch (~1 s of CPU each, 4 ranks
 on 2 cores ≈ 5 s) and Python's teardown of torch takes seconds more. So:
@@ -26,11 +31,11 @@ on 2 cores ≈ 5 s) and Python's teardown of torch takes seconds more. So:
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import multiprocessing.connection
 import os
 import pickle
-import socket
 import sys
 import tempfile
 import time
@@ -47,12 +52,6 @@ launch_guard = None
 
 class DistributedTestError(RuntimeError):
     """A rank failed, died, or the run did not finish in time."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _write(path: str, obj) -> None:
@@ -78,8 +77,9 @@ def _child(rank: int, world_size: int, port: int, out_dir: str, payload: bytes, 
 
         torch.set_num_threads(1)
         fn, args = pickle.loads(payload)
-        dist.init_process_group("gloo", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=pg_timeout_s))
+        timeout = datetime.timedelta(seconds=pg_timeout_s)
+        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timeout)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
         result = fn(rank, world_size, *args)
         _write(path, ("ok", result, time.time()))
         ok = True
@@ -111,6 +111,21 @@ def _context(start_method: str | None):
     return ctx
 
 
+@contextlib.contextmanager
+def _rendezvous_store(world_size: int, timeout_s: float):
+    """A TCP store on a port the kernel picks (bound here, for the whole run); yields its port."""
+    import datetime
+
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        yield store.port
+    finally:
+        del store   # closes the listening socket once the ranks are gone
+
+
 def run_distributed(fn, world_size: int, *args, timeout: float = 180, start_method: str | None = None) -> list:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return the per-rank results."""
     try:
@@ -121,11 +136,11 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 180, start_meth
     if launch_guard is not None:
         launch_guard(world_size)
     ctx = _context(start_method)
-    with tempfile.TemporaryDirectory(prefix="witscale-dist-") as out_dir:
-        port = _free_port()
+    pg_timeout_s = max(5.0, 0.85 * timeout)
+    with tempfile.TemporaryDirectory(prefix="witscale-dist-") as out_dir, _rendezvous_store(world_size,
+                                                                                          pg_timeout_s) as port:
         procs = [ctx.Process(target=_child, name=f"rank{r}",
-                             args=(r, world_size, port, out_dir, payload, list(sys.path),
-                                   max(5.0, 0.85 * timeout)))
+                             args=(r, world_size, port, out_dir, payload, list(sys.path), pg_timeout_s))
                  for r in range(world_size)]
         for p in procs:
             p.start()

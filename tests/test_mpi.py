@@ -19,6 +19,21 @@ def tiny(tmp_path_factory, sp_model_path):
     return make_tiny_inputs(tmp_path_factory.mktemp("mpi_data"), sp_model_path)
 
 
+def _port_below_the_ephemeral_range() -> int:
+    """A port no other process is given by the kernel (bind to port 0 draws from 32768-60999): a port picked by
+    binding port 0 and closing could be handed to a parallel test's store before rank 0 binds it. This file's tests
+    run one at a time (tests/conftest.py, the group "slurm-mpi"); the Slurm templates' ports are 20000-32767."""
+    import socket
+    for port in range(19500, 19600):
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 19500-19599")
+
+
 def test_mpirun_two_ranks_train_as_one_world(tiny, tmp_path):
     mpirun = shutil.which("mpirun")
     if mpirun is None:
@@ -41,14 +56,11 @@ def test_mpirun_keeps_the_computed_rendezvous(tiny, tmp_path):
     """MASTER_ADDR set by the launcher (slurm/common.sh: the first node's NodeAddr) is the rendezvous: DeepSpeed's
     MPI discovery would replace it with the first word of `hostname -I` (0.19.8, deepspeed/comm/comm.py)."""
     import json
-    import socket
 
     mpirun = shutil.which("mpirun")
     if mpirun is None:
         unavailable("mpirun is not installed (apt-get install openmpi-bin, or slurm/local/install.sh)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _port_below_the_ephemeral_range()
     out = tmp_path / "out"
     env = cpu_env(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_btl="self,tcp",
                   MASTER_ADDR="127.0.0.2", MASTER_PORT=port)     # loopback, but not what `hostname -I` says
