@@ -76,26 +76,23 @@ class _ReduceFromTP(torch.autograd.Function):
         return g, None
 
 
-class _ScatterToTP(torch.autograd.Function):
-    @staticmethod
+def _conjugate(name: str, forward_op, backward_op) -> type:
+    """An autograd Function whose forward is one collective over ``group`` and whose backward is its conjugate
+    (gather ↔ scatter, reduce-scatter ↔ all-gather) on the gradient."""
     def forward(ctx, x, group):
         ctx.group = group
-        return _own_chunk(x, group)
+        return forward_op(x, group)
 
-    @staticmethod
     def backward(ctx, g):
-        return _gather_last(g, ctx.group), None
+        return backward_op(g, ctx.group), None
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
 
-class _GatherFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _gather_last(x, group)
+_ScatterToTP = _conjugate("_ScatterToTP", _own_chunk, _gather_last)
 
-    @staticmethod
-    def backward(ctx, g):
-        return _own_chunk(g, ctx.group), None
+
+_GatherFromTP = _conjugate("_GatherFromTP", _gather_last, _own_chunk)
 
 
 def copy_to_tp(x: torch.Tensor, group=None) -> torch.Tensor:
@@ -166,37 +163,13 @@ def _own_sequence_chunk(x: torch.Tensor, group) -> torch.Tensor:
     return x[:, r * s:(r + 1) * s].contiguous()
 
 
-class _GatherSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _gather_sequence(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _reduce_scatter_sequence(g, ctx.group), None
+_GatherSequence = _conjugate("_GatherSequence", _gather_sequence, _reduce_scatter_sequence)
 
 
-class _ReduceScatterSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter_sequence(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _gather_sequence(g, ctx.group), None
+_ReduceScatterSequence = _conjugate("_ReduceScatterSequence", _reduce_scatter_sequence, _gather_sequence)
 
 
-class _GatherSequenceReplicatedGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _gather_sequence(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _own_sequence_chunk(g, ctx.group), None
+_GatherSequenceReplicatedGrad = _conjugate("_GatherSequenceReplicatedGrad", _gather_sequence, _own_sequence_chunk)
 
 
 def gather_sequence_from_tp(x: torch.Tensor, group=None) -> torch.Tensor:
