@@ -27,6 +27,7 @@ def test_a_dp_change_with_a_conversion_longer_than_the_collective_timeout_resume
     code, log = _torchrun(args, env=_env(WITSCALE_SLOW_CONVERSION="15"))
     assert code == 0, log[-4000:]
     assert "converting to a universal checkpoint" in log and "resumed from" in log, log[-4000:]
+    assert log.count("was written at") == 1, log[-4000:]          # the layout change said once, not per rank
     assert sorted(_train_losses(out)) == [1, 2, 3, 4]
 
 

@@ -46,3 +46,18 @@ def test_every_multi_process_entry_point_leaves_through_the_shared_teardown():
         else:
             assert "from witscale.parallel.topology import teardown" in text, path
         assert "destroy_process_group" not in text, path
+
+
+def test_a_single_process_run_takes_no_port():
+    """One process (`python witscale/train.py`, no launcher) gets a world of one on an in-memory store: no port is
+    picked by binding and closing a socket (two such runs on a node could take the same one), none is bound."""
+    probe = ("import os, sys; sys.path.insert(0, sys.argv[1]); import torch.distributed as dist; "
+             "from witscale.training.distributed import init_distributed; init_distributed(); "
+             "print(dist.get_world_size(), os.environ.get('MASTER_PORT'), "
+             "type(dist.distributed_c10d._get_default_store().underlying_store).__name__)")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    done = subprocess.run([sys.executable, "-c", probe, REPO_ROOT], env=dict(env, DS_ACCELERATOR="cpu"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-3:] == ["1", "None", "HashStore"], done.stdout

@@ -592,7 +592,8 @@ def resolved_config(plan: Plan) -> dict:
             "total_steps": plan.total_steps,
             "layout": {"world": plan.dims.world_size, "tp": plan.dims.tp, "pp": plan.dims.pp, "dp": plan.dims.dp,
                        "sp": plan.dims.sp, "tp_sequence_parallel": plan.tp_sequence_parallel},
-            "rendezvous": f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}",
+            "rendezvous": (f"{os.environ['MASTER_ADDR']}:{os.environ.get('MASTER_PORT')}"   # None: one process,
+                           if os.environ.get("MASTER_ADDR") else None),                      # an in-memory store
             "config_file": plan.config_file}
 
 

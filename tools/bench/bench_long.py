@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -55,27 +53,10 @@ def child(seq: int) -> dict:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(seq: int, sp: int) -> list[dict]:
-    port, procs = _free_port(), []
-    for rank in range(sp):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(sp), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(sp),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
-                   PYTHONWARNINGS="ignore")
-        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", str(seq)], cwd=ROOT,
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    results = []
-    for rank, proc in enumerate(procs):
-        stdout, stderr = proc.communicate(timeout=1800)
-        if proc.returncode != 0:
-            raise RuntimeError(f"seq {seq} sp {sp} rank {rank} failed:\n{stderr[-3000:]}")
-        results.append(json.loads(stdout.strip().splitlines()[-1]))
-    return results
+    from tools.bench.local_ranks import run_ranks
+    return run_ranks([sys.executable, os.path.abspath(__file__), "--child", str(seq)], sp, cwd=ROOT,
+                     what=f"seq {seq} sp {sp}")
 
 
 def measured_part(lengths: list[int], sps: list[int]) -> list[dict]:

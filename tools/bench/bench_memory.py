@@ -31,8 +31,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -150,31 +148,12 @@ def child(args) -> dict:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_case(args, case: str, world: int) -> list[dict]:
-    port = _free_port()
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
-                   PYTHONWARNINGS="ignore")
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", case, "--workdir", args.workdir,
-               *[f"--{k}={getattr(args, k.replace('-', '_'))}" for k in
-                 ("hidden", "layers", "heads", "kv-heads", "intermediate", "vocab")]]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env))
-    results = []
-    for rank, proc in enumerate(procs):
-        stdout, stderr = proc.communicate(timeout=1800)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{case} rank {rank} failed:\n{stderr[-3000:]}")
-        results.append(json.loads(stdout.strip().splitlines()[-1]))
-    return results
+    from tools.bench.local_ranks import run_ranks
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", case, "--workdir", args.workdir,
+           *[f"--{k}={getattr(args, k.replace('-', '_'))}" for k in
+             ("hidden", "layers", "heads", "kv-heads", "intermediate", "vocab")]]
+    return run_ranks(cmd, world, cwd=ROOT, what=case, env={"MALLOC_MMAP_THRESHOLD_": "65536"})
 
 
 def main(argv=None) -> int:

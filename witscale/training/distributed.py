@@ -51,12 +51,6 @@ def rank_from_env() -> int:
     return 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(timeout_minutes: float = 30.0) -> None:
     """Initialise torch.distributed (gloo on CPU, nccl on GPU) and DeepSpeed's view of it.
 
@@ -86,11 +80,13 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
             # DeepSpeed's discovery would overwrite MASTER_ADDR with the first word of `hostname -I` on rank 0 —
             # docker0 or an IPoIB address on many nodes — so the ranks' environment is set here instead.
             _env_from_mpi()
-        if "WORLD_SIZE" not in os.environ:  # a single process: a world of one on loopback
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(_free_port()))
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if "WORLD_SIZE" not in os.environ:
+            # A single process: a world of one on an in-memory store, adopted below. No port: picking a "free"
+            # one by binding and closing a socket races with every other process on the node doing the same.
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
     if torch.cuda.is_available():
         # Under MPI the local rank is known only now (DeepSpeed's discovery sets LOCAL_RANK).

@@ -592,7 +592,7 @@ class Trainer:
         zero_stage = self.engine.zero_optimization_stage()
         other = checkpoint.layout_change(state, self.state_dict()["layout"], where=where, zero_stage=zero_stage)
         universal = other and zero_stage > 0          # ZeRO-0: the whole optimizer state is in the mp files
-        if other:
+        if other and self.topo.rank == 0:     # every rank sees the same change: one line, not one per rank
             saved, mine = state["layout"], self.state_dict()["layout"]
             log.warning(f"{where} was written at {checkpoint.layout_text(saved, mine)}, this run has "
                         f"{checkpoint.layout_text(mine, saved)}"
