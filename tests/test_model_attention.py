@@ -86,6 +86,9 @@ SIGNATURES = {"2.10": torch_2_10, "2.11": torch_2_11, "2.13": torch_2_13}
 @pytest.fixture
 def fresh(monkeypatch):
     monkeypatch.setattr(attention_mod, "_announced", set())
+    for fn in SIGNATURES.values():      # the once-per-process probe of un-repeated K/V, made before the test
+        monkeypatch.setattr(attention_mod, "_varlen_attn", fn)
+        attention_mod.varlen_takes_grouped_kv("cpu", torch.float32)
     CALLS.clear()
 
 
@@ -171,6 +174,55 @@ def test_varlen_wrapper_reads_nothing_back(monkeypatch):
     cu = torch.empty(6, dtype=torch.int32, device="meta")
     assert packed_attention(q, k, v, cu, 16, backend="varlen", sliding_window=4).shape == q.shape
     assert seen == [("meta", 16, (3, 0), 2)]
+
+
+# ---- varlen without enable_gqa: un-repeated K/V only where a probe showed them exact (issue 28 item 7) -------
+
+def torch_2_11_grouped(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                       window_size=(-1, -1)):
+    """A 2.11 whose kernel takes Hq % Hkv == 0 (FlashAttention's varlen kernel does): query head h reads K/V head
+    h // (Hq / Hkv)."""
+    CALLS.append(dict(kv_heads=key.shape[1], window_size=window_size))
+    return _emulated_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size,
+                            enable_gqa=key.shape[1] != query.shape[1], scale=scale)
+
+
+def torch_2_11_misgrouped(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                          window_size=(-1, -1)):
+    """Takes un-repeated K/V without complaint but groups the heads the other way (h % Hkv): wrong."""
+    CALLS.append(dict(kv_heads=key.shape[1], window_size=window_size))
+    rep = query.shape[1] // key.shape[1]
+    key, value = key.repeat(1, rep, 1), value.repeat(1, rep, 1)
+    return _emulated_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size, enable_gqa=False,
+                            scale=scale)
+
+
+@pytest.mark.parametrize("fn, grouped, why", [
+    (torch_2_10, False, "un-repeated K/V refused"), (torch_2_11, False, "un-repeated K/V refused"),
+    (torch_2_11_grouped, True, "output bitwise equal"), (torch_2_11_misgrouped, False, "output differs"),
+    (torch_2_13, False, "this torch has enable_gqa")])
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "inference"])
+def test_the_grouped_kv_probe_says_yes_only_where_un_repeated_kv_give_the_repeated_result(fn, grouped, why, mode,
+                                                                                          monkeypatch):
+    monkeypatch.setattr(attention_mod, "_GROUPED_KV_PROBES", {})
+    monkeypatch.setattr(attention_mod, "_varlen_attn", fn)
+    context = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference": torch.inference_mode}[mode]
+    with context():           # the first attention call may come from an evaluation
+        found = attention_mod.varlen_takes_grouped_kv("cpu", torch.float32)
+    assert found["grouped"] is grouped and found["why"].startswith(why), found
+
+
+@pytest.mark.parametrize("fn, kv_heads_passed", [(torch_2_11_grouped, 2), (torch_2_11_misgrouped, 4), (torch_2_11, 4)])
+def test_varlen_passes_un_repeated_kv_only_where_the_probe_said_so_and_equals_dense(fn, kv_heads_passed, fresh,
+                                                                                    monkeypatch):
+    monkeypatch.setattr(attention_mod, "_varlen_attn", fn)
+    attention_mod.varlen_takes_grouped_kv("cpu", torch.float32)
+    CALLS.clear()
+    q, k, v, cu, true_max = _inputs(ROWS, SEQ, 4, 2)
+    varlen = _run(q, k, v, cu, true_max, "varlen", None)
+    dense = _run(q, k, v, cu, true_max, "dense", None, weight=varlen[2])
+    _assert_same(varlen, dense)
+    assert [c["kv_heads"] for c in CALLS] == [kv_heads_passed]
 
 
 # ---- dense: sync-free, and exact against the per-segment reference --------------------------------------

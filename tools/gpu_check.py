@@ -356,6 +356,10 @@ def env_varlen(on_cuda: bool, fn=None, device: str = "cuda") -> dict:
     # bf16 output of unit-scale values: rounding alone is up to ~4e-3; 2e-2 flags only real disagreement.
     if not err <= 2e-2:
         raise CheckFailed(f"varlen_attn disagrees with per-document causal SDPA: max abs error {err:.3g}", out)
+    if "enable_gqa" not in params:
+        # torch 2.10/2.11: may the trainer skip repeating K/V? The trainer asks the same probe (once per process).
+        from witscale.model.attention import varlen_takes_grouped_kv
+        out["grouped_kv_probe"] = varlen_takes_grouped_kv(device, torch.bfloat16)
     return out
 
 
@@ -787,7 +791,9 @@ def summarize(data: dict) -> str:
                         f"transformers {v.get('transformers')}")
             if g.get("name"):
                 bits.append(f"{g['name']} sm_{''.join(map(str, g.get('compute_capability', [])))}")
-            bits.append(f"varlen_attn {'yes' if va.get('exists') else 'no'}")
+            bits.append(f"varlen_attn {'yes' if va.get('exists') else 'no'}"
+                        + (f" (un-repeated K/V: {'exact, used' if va['grouped_kv_probe']['grouped'] else 'not used'})"
+                           if va.get("grouped_kv_probe") else ""))
             bits.append(f"auto attention {checks.get('witscale_attention_auto', {}).get('auto_selects')}")
             sc = checks.get("softcap_gemma2", {})
             if sc.get("attention"):

@@ -14,7 +14,8 @@ Backends, chosen once by ``select_backend`` and logged:
     2.11  ``(…, max_k, *, return_aux=None, scale=None, window_size=(-1, -1))`` (by the PR dates; not
           checked on a 2.11 install): ``is_causal`` is gone, causal is ``window_size=(-1, 0)``;
     2.12+ adds ``enable_gqa=False`` (and ``seqused_k``, ``block_table``, ``num_splits``).
-  Without ``enable_gqa`` K/V are repeated to the query heads; without ``window_size``, a layer whose
+  Without ``enable_gqa`` K/V are repeated to the query heads, unless a probe, once per device and dtype,
+  showed un-repeated K/V give the same result (``varlen_takes_grouped_kv``); without ``window_size``, a layer whose
   sliding window can bite (max_seqlen > window) goes to ``flash_varlen`` if installed, else ``dense``.
 - ``flash_varlen``: flash-attn's ``flash_attn_varlen_func`` (CUDA, when the package is installed): the
   same kernels; the CUDA default when torch has no usable ``varlen_attn``.
@@ -352,7 +353,7 @@ def _varlen(q, k, v, cu_seqlens, max_seqlen: int, window: Optional[int], scale: 
     if hkv != hq:
         if "enable_gqa" in params:                    # torch ≥ 2.12
             kwargs["enable_gqa"] = True
-        else:
+        elif not varlen_takes_grouped_kv(q.device, q.dtype)["grouped"]:
             kf, vf = kf.repeat_interleave(hq // hkv, dim=1), vf.repeat_interleave(hq // hkv, dim=1)
     if "is_causal" in params and not window:          # 2.10 (is_causal is its only causal mode)
         kwargs["is_causal"] = True
@@ -361,6 +362,71 @@ def _varlen(q, k, v, cu_seqlens, max_seqlen: int, window: Optional[int], scale: 
         kwargs["window_size"] = (window - 1, 0) if window else (-1, 0)
     out = _varlen_attn(qf, kf, vf, cu, cu, max_seqlen, max_seqlen, **kwargs)
     return out.reshape(b, s, hq, d)
+
+
+_GROUPED_KV_PROBES: dict = {}
+
+
+def varlen_takes_grouped_kv(device, dtype) -> dict:
+    """Whether this torch's varlen_attn, without ``enable_gqa`` (2.10, 2.11), computes grouped-query attention
+    from un-repeated K/V: FlashAttention's varlen kernel needs only Hq % Hkv == 0, but torch's wrapper may check
+    the heads, or route the call to a kernel that needs them equal (2.11's cuDNN path). Repeating K/V costs a
+    copy of each layer's K and V at Hq heads, forward and backward. So it is probed, not assumed: once per
+    device and dtype, on a small problem, un-repeated against repeated — the output must be bitwise equal, the
+    gradients equal up to the summation order of the K/V gradient over each group (a few units of rounding);
+    any error, or any other difference, answers no. ``{"grouped": bool, "why": str}``; with ``enable_gqa`` in
+    the signature the question does not arise (``grouped`` False: that path is taken before asking)."""
+    key = (_varlen_attn, str(torch.device(device)), dtype)
+    if key not in _GROUPED_KV_PROBES:
+        found = _GROUPED_KV_PROBES[key] = _probe_grouped_kv(_varlen_attn, torch.device(device), dtype)
+        _announce(f"varlen-gqa-{key[1:]}", f"varlen_attn with un-repeated K/V on {key[1]} {dtype}: "
+                                           f"{'used' if found['grouped'] else 'not used'} ({found['why']})")
+    return _GROUPED_KV_PROBES[key]
+
+
+def _probe_grouped_kv(fn, device: torch.device, dtype: torch.dtype) -> dict:
+    if fn is None:
+        return {"grouped": False, "why": "no varlen_attn"}
+    params = _varlen_params(fn)
+    if "enable_gqa" in params:
+        return {"grouped": False, "why": "this torch has enable_gqa"}
+    lengths, hq, hkv, d = [5, 17, 1, 41], 4, 2, 64
+    gen = torch.Generator().manual_seed(0)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    total, longest = sum(lengths), max(lengths)
+    q, k, v = (torch.randn(total, h, d, generator=gen).to(device=device, dtype=dtype) for h in (hq, hkv, hkv))
+    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+
+    def run(repeat: bool):
+        qq, kk, vv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+        kr, vr = (kk.repeat_interleave(hq // hkv, dim=1), vv.repeat_interleave(hq // hkv, dim=1)) if repeat \
+            else (kk, vv)
+        out = fn(qq, kr, vr, cu, cu, longest, longest, **causal)
+        out = out[0] if isinstance(out, tuple) else out
+        out.backward(torch.ones_like(out))
+        return out.detach(), qq.grad, kk.grad, vv.grad
+
+    try:
+        with torch.inference_mode(False), torch.enable_grad():      # the first call may come from an evaluation
+            want = run(repeat=True)
+    except Exception as e:       # noqa: BLE001 - the repeated call is the backend's own business, not the probe's
+        return {"grouped": False, "why": f"the repeated call failed: {type(e).__name__}: {e}"}
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            got = run(repeat=False)
+    except Exception as e:       # noqa: BLE001 - any refusal of un-repeated K/V answers no
+        return {"grouped": False, "why": f"un-repeated K/V refused: {type(e).__name__}: {str(e)[:200]}"}
+    if not torch.equal(got[0], want[0]):
+        return {"grouped": False, "why": f"output differs (max {float((got[0] - want[0]).abs().max()):.3g})"}
+    eps = torch.finfo(dtype).eps
+    for name, g, w in zip(("q", "k", "v"), got[1:], want[1:]):
+        if g is None or g.shape != w.shape:
+            return {"grouped": False, "why": f"no gradient of {name} of its shape"}
+        tolerance = 4 * eps * (hq // hkv) * float(w.abs().max().clamp_min(1.0))
+        err = float((g.float() - w.float()).abs().max())
+        if not err <= tolerance:
+            return {"grouped": False, "why": f"gradient of {name} differs by {err:.3g} (> {tolerance:.3g})"}
+    return {"grouped": True, "why": "output bitwise equal, gradients within rounding"}
 
 
 def _checked_bounds(cu_seqlens: torch.Tensor, total: int) -> list[int]:
@@ -497,8 +563,16 @@ def _build_flex_block_mask(cu_seqlens: torch.Tensor, b: int, s: int, window: Opt
         ok = (seg[batch, q_idx] == seg[batch, kv_idx]) & (q_idx >= kv_idx)
         return ok & (q_idx - kv_idx < window) if window else ok
 
-    # Compiled on CUDA: the eager build materializes a [B, S, S] mask.
-    return create_block_mask(visible, b, None, s, s, device=device, _compile=torch.device(device).type == "cuda")
+    # Compiled on CUDA: the eager build materializes a [B, S, S] mask. torch.compile(create_block_mask), not
+    # create_block_mask(_compile=True): that flag is deprecated since torch 2.11 (and does just this).
+    build = _compiled_create_block_mask() if torch.device(device).type == "cuda" else create_block_mask
+    return build(visible, b, None, s, s, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_create_block_mask():
+    from torch.nn.attention.flex_attention import create_block_mask
+    return torch.compile(create_block_mask)
 
 
 _block_mask_cache = BlockMaskCache(_build_flex_block_mask)
