@@ -466,6 +466,7 @@ def run_trainer(name: str, work: Workload, model_dir: str, ckpt: bool, args, dev
            "startup_s": round(first_seen - t0 - step_s[0], 2),
            "wall_s": round(time.perf_counter() - t0, 2),
            "first_step_loss": records[0]["loss"], "losses": [r["loss"] for r in records],
+           "first_step_grad_norm": records[0].get("grad_norm"),
            # the same rows per step as the Workload's: equal real-token counts and loss denominators
            "rows_match": all(r["tokens"] == s["real_tokens"] and abs(r["denominator"] - s["denominator"]) < 0.5
                              for r, s in zip(records, work.steps)),
@@ -478,6 +479,18 @@ def run_trainer(name: str, work: Workload, model_dir: str, ckpt: bool, args, dev
         + (f", peak {out['peak_memory_gib']:.1f} GiB" if out["peak_memory_gib"] else "")
         + f", start-up {out['startup_s']:.1f} s, optimizer {out['optimizer_wrapper']}")
     return out
+
+
+def first_step_grad_norm(model, step: dict) -> float:
+    """The global gradient norm of one optimizer step's loss (Σ w·nll / its denominator) at the model's weights,
+    the norm the Trainer logs as ``grad_norm``; the gradients are cleared after. Far more sensitive to the
+    weights than the loss at a random init (whose predictions are nearly uniform whatever the weights)."""
+    for mb in step["packed"]:
+        witscale_microbatch(model, mb, step["denominator"]).backward()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in model.parameters()
+                                                 if p.grad is not None]))
+    model.zero_grad(set_to_none=True)
+    return float(norm)
 
 
 def first_loss(model, mb_fn, batches, denominator: float = 1.0) -> float:
@@ -610,7 +623,8 @@ def main(argv=None) -> int:
         "systems": {}, "parity": {},
     }
     init_state, losses, logit_err, ref_logits = None, {}, {}, None
-    step_losses = {}        # the first optimizer step's loss (Σ w·nll / its denominator): the trainer's parity
+    # The first optimizer step's loss (Σ w·nll / its denominator) and gradient norm: the trainer's parity.
+    step_losses, step_grad_norms = {}, {}
     # Parity inputs: the packed row of the first step that holds the most documents, and its documents
     # as padded batches.
     first_packed = [max(work.steps[0]["packed"], key=lambda mb: len(work.dataset.doc_lengths(mb["row"])))]
@@ -629,6 +643,8 @@ def main(argv=None) -> int:
         losses["witscale"] = first_loss(model, witscale_microbatch, first_packed)
         step_losses["witscale"] = first_loss(model, witscale_microbatch, work.steps[0]["packed"],
                                              work.steps[0]["denominator"])
+        if any(n in systems for n in TRAINER_SYSTEMS):
+            step_grad_norms["witscale"] = first_step_grad_norm(model, work.steps[0])
         ref_logits = real_token_logits("witscale", model, first_packed)
         if "witscale" not in systems:
             return {}
@@ -694,6 +710,7 @@ def main(argv=None) -> int:
             r = run_trainer(name, work, model_dir, True, args, device)
         if "first_step_loss" in r:
             step_losses[name] = r["first_step_loss"]
+            step_grad_norms[name] = r["first_step_grad_norm"]
         return r
 
     # The order puts the issue's figures first (witscale, transformers padded, the trainer) and the compiles
@@ -704,9 +721,11 @@ def main(argv=None) -> int:
     for name in runners:
         if name in systems:
             result["systems"][name] = runners[name](name)
-            summarize(result, args, dtype, work, first_packed, losses, logit_err, step_losses, t_start, complete=False)
+            summarize(result, args, dtype, work, first_packed, losses, logit_err, step_losses, step_grad_norms,
+                      t_start, complete=False)
     ref_logits = None
-    summarize(result, args, dtype, work, first_packed, losses, logit_err, step_losses, t_start, complete=True)
+    summarize(result, args, dtype, work, first_packed, losses, logit_err, step_losses, step_grad_norms, t_start,
+              complete=True)
     for name, ratio in result["ratio"].items():
         log(f"{name}: {ratio:.2f}×")
     shutil.rmtree(work.tmp, ignore_errors=True)
@@ -715,7 +734,7 @@ def main(argv=None) -> int:
 
 
 def summarize(result: dict, args, dtype, work: Workload, first_packed, losses: dict, logit_err: dict,
-              step_losses: dict, t_start: float, complete: bool) -> None:
+              step_losses: dict, step_grad_norms: dict, t_start: float, complete: bool) -> None:
     """Parity, ratios and targets from the systems measured so far, and the JSON written to --output."""
     # Parity at the initial weights, on the first packed row: witscale's logits against transformers' (the
     # same tokens: a wrong weight copy, wrong positions or attention across documents give O(1) errors), and
@@ -730,8 +749,10 @@ def summarize(result: dict, args, dtype, work: Workload, first_packed, losses: d
         parity["ok"] = (all(math.isfinite(v) for v in losses.values())
                         and all(d <= tol for d in parity["loss_rel_diff"].values())
                         and all(e <= tol for e in logit_err.values()))
-    # The trainer's first-step loss (metrics.jsonl) against the standalone model's over the same step's rows
-    # at the same weights, the same normalization: a wrong weight load or other rows give O(1) differences.
+    # The trainer's first step (metrics.jsonl) against the standalone model's over the same step's rows at the
+    # same weights, the same normalization: its loss and its gradient norm (at a random init the loss hardly
+    # depends on the weights — nearly uniform predictions — the gradient norm does: a layer's weights permuted
+    # move it by a few %), and its real-token count and denominator (other rows: unequal).
     step_ref = step_losses.get("witscale")
     trainers = [n for n in TRAINER_SYSTEMS if n in step_losses]       # a failed run is an error, not a parity
     if trainers and step_ref is not None:
@@ -739,8 +760,14 @@ def summarize(result: dict, args, dtype, work: Workload, first_packed, losses: d
         parity["trainer_loss_rel_diff"] = {k: abs(v - step_ref) / max(abs(step_ref), 1e-12)
                                            for k, v in step_losses.items() if k != "witscale"}
         parity["trainer_rows_match"] = {n: result["systems"][n].get("rows_match") for n in trainers}
+        gref = step_grad_norms.get("witscale")
+        parity["first_step_grad_norm"] = step_grad_norms
+        parity["trainer_grad_norm_rel_diff"] = {
+            k: abs(v - gref) / max(abs(gref), 1e-12) if v is not None and gref else float("inf")
+            for k, v in step_grad_norms.items() if k != "witscale"}
         parity["trainer_ok"] = (all(math.isfinite(step_losses[n]) for n in trainers)
                                 and all(d <= tol for d in parity["trainer_loss_rel_diff"].values())
+                                and all(d <= tol for d in parity["trainer_grad_norm_rel_diff"].values())
                                 and all(parity["trainer_rows_match"].values()))
         parity["ok"] = parity.get("ok", True) and parity["trainer_ok"]
     result["parity"] = parity
