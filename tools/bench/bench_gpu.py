@@ -386,6 +386,17 @@ def trainer_ds_config(name: str, out_dir: str) -> str:
     return path
 
 
+def _die_with_parent() -> None:
+    """In the train.py child: killed when this benchmark dies (gpu_check kills it at its time limit), so no
+    orphaned trainer keeps the GPU. Linux's PR_SET_PDEATHSIG; elsewhere nothing."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)    # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def run_trainer(name: str, work: Workload, model_dir: str, ckpt: bool, args, device) -> dict:
     """``python witscale/train.py`` on the Workload's packed rows from ``model_dir``'s weights: micro-batch 1,
     grad-accum = rows per step, the Workload's seed (the loader gives the same rows per step), warm-up +
@@ -394,7 +405,6 @@ def run_trainer(name: str, work: Workload, model_dir: str, ckpt: bool, args, dev
     parity) and its per-step tokens and denominators (the same rows as the Workload's?). train.py always saves
     a checkpoint at the end (--save-steps 0 saves nothing before): the process is killed once the last step's
     record is written, so that save is never waited for."""
-    import signal
     import subprocess
 
     out_dir = os.path.join(work.tmp, name)
@@ -417,7 +427,7 @@ def run_trainer(name: str, work: Workload, model_dir: str, ckpt: bool, args, dev
     t0 = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as log_file:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                preexec_fn=_die_with_parent)
         try:
             while True:
                 if os.path.exists(metrics_path):
@@ -435,7 +445,7 @@ def run_trainer(name: str, work: Workload, model_dir: str, ckpt: bool, args, dev
                 time.sleep(0.05)
         finally:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)     # the final checkpoint save: not waited for
+                proc.kill()         # the final checkpoint save: not waited for
             proc.wait()
     with open(log_path, encoding="utf-8", errors="replace") as f:
         text = f.read()
@@ -654,6 +664,8 @@ def main(argv=None) -> int:
     if "witscale" in systems:
         out["attention_backend"] = backend
         result["systems"]["witscale"] = out
+    summarize(result, args, dtype, work, first_packed, losses, logit_err, step_losses, step_grad_norms, t_start,
+              complete=False)
 
     def run_compiled():
         def build_compiled(ckpt):
