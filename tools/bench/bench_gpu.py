@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""GPU training throughput of witscale against transformers, on a ~1B Llama (Llama-3.2-1B shape).
+"""GPU training throughput of witscale — the model alone and train.py's Trainer under DeepSpeed — against
+transformers, on a ~1B Llama (Llama-3.2-1B shape).
 
-    python3 tools/bench/bench_gpu.py                        # one CUDA GPU, bf16, seq-len 4096 (~1-2 min)
+    python3 tools/bench/bench_gpu.py                        # one CUDA GPU, bf16, seq-len 4096 (~2-3 min)
     python3 tools/bench/bench_gpu.py --tiny --device cpu    # the same code on a tiny model, fp32, on a CPU
 
 What is timed, for each system: forward + backward + optimizer step over the SAME documents, one optimizer
@@ -16,6 +17,26 @@ weights (witscale's seeded init, copied into transformers by name: witscale's pa
 - ``hf_padded``: ``transformers`` ``LlamaForCausalLM`` (``attn_implementation="sdpa"``), the paper's
   reference style: the step's documents (seeded order) in batches padded to their longest, at most
   ``--pad-budget`` (4096) padded tokens per batch, full logits cast to fp32 + weighted cross-entropy;
+- ``trainer_zero1``, ``trainer_zero3``: what users run — ``python witscale/train.py`` in a subprocess, one
+  process (a world of one: a real DeepSpeed engine with its hooks, ZeRO buckets and optimizer wrapper),
+  with ``ds_configs/zero1.json`` / ``zero3.json`` less their "optimizer" entry (so the Trainer builds
+  torch's AdamW, fused on CUDA — the standalone systems' kernel — and no FusedAdam JIT build, about a minute
+  where it is not prebuilt, falls inside the benchmark). On CUDA the trainer trains bf16 with fp32 gradient
+  accumulation, which DeepSpeed runs at ZeRO-1 with its ``BF16_Optimizer`` (``optimizer_wrapper`` in the
+  JSON, from the Trainer's "DeepSpeed optimizer:" log line; on the CPU, fp32: ``DeepSpeedZeroOptimizer``).
+  Same data and weights: ``--data`` is the Workload's packed directory, ``--model`` an HF directory
+  written from the standalone model's initial weights (witscale's names are HF's), micro-batch 1,
+  grad-accum = ``--rows-per-step``, ``--seed`` = the Workload loader's (so the same rows per step:
+  checked, ``rows_match``), warm-up + timed steps, the standalone model's attention backend and
+  activation checkpointing choice. From its metrics.jsonl, the warm-up steps dropped: tokens/s = Σ tokens
+  / Σ step times, MFU as the trainer logs it (its per-step MFU, 6·N + attention, weighted by step time;
+  ``--peak-tflops`` is passed the peak used here; ``mfu_bench_formula`` recomputes it with this file's
+  FLOPs), peak memory, and ``startup_s`` (process start to the first step's start: imports, model load,
+  engine init) apart. train.py always checkpoints at its end (``--save-steps 0`` saves nothing before):
+  the process is killed once its last step is logged, so that save is not waited for; it also dies with
+  this benchmark (gpu_check's time limit). Their start-up dominates their cost (tens of seconds each on a
+  GPU); their steps are the standalone's (not trimmed). Ratios ``trainer_zero1_vs_witscale``,
+  ``trainer_zero1_vs_hf_padded`` (and ``_hf_packed``, the same for ZeRO-3);
 - ``hf_packed``: the same transformers model, padding-free: the same packed rows as witscale, with
   per-document ``position_ids`` and no attention mask. transformers 5 detects the packed documents from the
   restarting position ids (``masking_utils.find_packed_sequence_indices``) and builds a block-diagonal
@@ -50,9 +71,18 @@ every system (the same documents), so padding is never counted as work.
 Output: a human summary on stderr and ONE JSON line on stdout (also written to ``--output``) with each
 system's tokens/s, MFU, peak memory (``torch.cuda.max_memory_allocated`` from the model's construction to
 the end of its timed steps), the witscale/transformers ratios and the issue's targets (MFU ≥ 40% and ≥ 1.5×
-transformers' padded tokens/s: a benchmark, not a test). ``parity`` compares the weighted loss of the first
-micro-batch of every system at the initial weights (the same tokens, the same weights: a wrong weight copy
-or a packed path that attends across documents shows up there).
+transformers' padded tokens/s, and the trainer's MFU at ZeRO-1 ≥ 45%: a benchmark, not a test). ``parity``
+compares the weighted loss of the first micro-batch of every system at the initial weights (the same
+tokens, the same weights: a wrong weight copy or a packed path that attends across documents shows up
+there), and each trainer's first step against the standalone model's over the same step's rows at the same
+weights (``trainer_ok``): its loss (Σ w·nll / the step's nonzero-weight count, the trainer's normalization),
+its gradient norm (at a random init the loss barely depends on the weights — the predictions are nearly
+uniform — the gradient norm does: one layer's weights permuted move it ~3%), and its real tokens and
+denominator (other rows differ there); the same tolerance rule. Systems run in the order witscale,
+hf_padded, trainer_zero1, trainer_zero3, hf_packed, witscale_compiled, and the JSON (``complete``: false
+until the end) is rewritten after each, so a run stopped at a time limit still leaves what it measured.
+Default ``--systems``: witscale, hf_padded, hf_packed, trainer_zero1, trainer_zero3 (on the CPU ``--tiny``
+too: each trainer run takes ~8 s there).
 """
 from __future__ import annotations
 
