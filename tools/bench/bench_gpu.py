@@ -635,7 +635,9 @@ def main(argv=None) -> int:
                                     if device.type == "cuda" and dtype == torch.bfloat16 else None)
     torch.manual_seed(args.seed)
     if device.type == "cpu":
-        torch.set_num_threads(max(1, min(8, os.cpu_count() or 1)))
+        # OMP_NUM_THREADS where set (gpu_check sets it; on a loaded CPU more threads than free cores is several
+        # times slower); the train.py runs get the same count
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, min(8, os.cpu_count() or 1)))
 
     import transformers
 
