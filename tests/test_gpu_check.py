@@ -72,6 +72,20 @@ def test_gpu_check_dry_run(tmp_path):
     assert set(bench["systems"]) >= {"witscale", "hf_padded"}
     assert bench["systems"]["witscale"]["tokens_per_s"] > 0
     assert bench["parity"]["ok"] is True
+    # witscale/train.py's Trainer under DeepSpeed (ZeRO-1, ZeRO-3; a world of one) on the same rows from the same
+    # initial weights: timed, and its first step (loss, gradient norm, tokens, denominator) equal to the
+    # standalone model's
+    parity = bench["parity"]
+    for name, wrapper in (("trainer_zero1", "DeepSpeedZeroOptimizer"), ("trainer_zero3", "DeepSpeedZeroOptimizer_Stage3")):
+        trainer = bench["systems"][name]
+        assert trainer["tokens_per_s"] > 0 and trainer["timed_steps"] == bench["timed_steps"], name
+        assert trainer["startup_s"] > 0 and trainer["bf16"] is False and trainer["optimizer_wrapper"] == wrapper
+        assert trainer["rows_match"] is True and parity["trainer_rows_match"][name] is True
+        assert parity["trainer_loss_rel_diff"][name] <= parity["trainer_rtol"] == parity["rtol"]
+        assert parity["trainer_grad_norm_rel_diff"][name] <= parity["trainer_rtol"]
+        assert bench["ratio"][f"{name}_vs_witscale"] > 0 and bench["ratio"][f"{name}_vs_hf_padded"] > 0
+    assert parity["trainer_ok"] is True and bench["complete"] is True
+    assert bench["targets"]["trainer_mfu_min"] == 0.45 and bench["targets"]["trainer_mfu_met"] is None  # no MFU on a CPU
     assert "report:" in p.stdout and "dry run" in p.stdout
 
 

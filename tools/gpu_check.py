@@ -24,7 +24,13 @@ stop the others, and the exit code is 1 if any check failed:
                   tolerance; tokens/s, MFU and peak memory of the GPU runs where metrics.jsonl has them.
                   The CPU runs go in parallel with the GPU runs (other resources).
   d  bench_gpu    tools/bench/bench_gpu.py: a ~1B Llama at seq-len 4096 against transformers, witscale with
-                  and without --compile (compiled decoder blocks); its JSON.
+                  and without --compile (compiled decoder blocks), and witscale/train.py's Trainer under
+                  DeepSpeed ZeRO-1 (bf16: BF16_Optimizer) and ZeRO-3 on the same rows from the same weights
+                  (the trainer's MFU as it logs it); its JSON. The benchmark writes its JSON after each
+                  system, the decisive ones first (witscale, transformers padded, the trainers; the compiles
+                  last), so a run stopped at the phase's budget still reports what it measured. The trainer
+                  systems cost mostly their start-up (process, model load, engine: tens of seconds each on a
+                  GPU; their steps are the standalone's, ~0.3 s each), so their steps are not trimmed.
 
 ``--dry-run`` runs everything that needs no CUDA — argument parsing, data generation and packing, the CPU
 reference runs, ``pytest -m gpu --collect-only``, bench_gpu on a tiny model on the CPU — and marks the
@@ -750,8 +756,8 @@ def step_bench(report: Report) -> None:
         cmd = [sys.executable, "tools/bench/bench_gpu.py", "--output", out_file]
         if tiny:
             cmd += ["--tiny", "--device", "cpu"]
-        else:       # with and without --compile (each block compiled), the ratio in its JSON
-            cmd += ["--systems", "witscale,witscale_compiled,hf_padded,hf_packed"]
+        else:       # with and without --compile (each block compiled), the Trainer at ZeRO-1 and 3; ratios in its JSON
+            cmd += ["--systems", "witscale,witscale_compiled,hf_padded,hf_packed,trainer_zero1,trainer_zero3"]
         env = cpu_env(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(8, os.cpu_count() or 1)))) if tiny \
             else gpu_env()
         r = run(cmd, env, report.left(300 if not tiny else 240))
@@ -766,8 +772,8 @@ def step_bench(report: Report) -> None:
             raise CheckFailed(f"bench_gpu exited with {r['rc']}", rec)
         parity = result.get("parity") or {}
         if parity.get("ok") is False:
-            raise CheckFailed(f"bench_gpu parity: witscale and transformers disagree at the same weights: "
-                              f"{parity}", rec)
+            raise CheckFailed(f"bench_gpu parity: witscale, transformers and the Trainer disagree at the same "
+                              f"weights: {parity}", rec)
         return rec
 
     report.check(step, "tiny_cpu", lambda: bench(True), skip=None if report.args.dry_run else "not a dry run")
@@ -832,13 +838,21 @@ def summarize(data: dict) -> str:
                 if ws.get("peak_memory_gib") is not None:
                     part += f", {ws['peak_memory_gib']:.1f} GiB"
                 for other, ratio in (res.get("ratio") or {}).items():
-                    part += (f"; --compile {ratio:.2f}× eager" if other == "witscale_compiled_vs_witscale"
-                             else f"; {ratio:.2f}× {other.replace('witscale_vs_', '')}")
+                    if other.startswith("witscale_"):
+                        part += (f"; --compile {ratio:.2f}× eager" if other == "witscale_compiled_vs_witscale"
+                                 else f"; {ratio:.2f}× {other.replace('witscale_vs_', '')}")
+                for trainer in ("trainer_zero1", "trainer_zero3"):       # train.py's Trainer under DeepSpeed
+                    tr = sysd.get(trainer) or {}
+                    if tr.get("tokens_per_s"):
+                        part += (f"; {trainer} {tr['tokens_per_s']:,.0f} tok/s"
+                                 + (f", MFU {tr['mfu']:.1%}" if tr.get("mfu") is not None else "")
+                                 + f" ({tr.get('optimizer_wrapper')}, start-up {tr.get('startup_s', 0):.0f} s)")
                 t = res.get("targets") or {}
                 if key == "gpu":
                     yes = {True: "met", False: "NOT met", None: "n/a"}
                     part += (f"; targets: MFU ≥ {t.get('mfu_min', 0):.0%} {yes[t.get('mfu_met')]}, "
-                             f"≥ {t.get('speedup_vs_hf_padded_min')}× {yes[t.get('speedup_met')]}")
+                             f"≥ {t.get('speedup_vs_hf_padded_min')}× {yes[t.get('speedup_met')]}, "
+                             f"trainer MFU ≥ {t.get('trainer_mfu_min', 0):.0%} {yes[t.get('trainer_mfu_met')]}")
                 bits.append(part)
         failed = [f"{k}: {v.get('error', v.get('reason', ''))}"[:160] for k, v in checks.items()
                   if v.get("status") == "failed"]

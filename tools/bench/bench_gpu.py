@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""GPU training throughput of witscale against transformers, on a ~1B Llama (Llama-3.2-1B shape).
+"""GPU training throughput of witscale — the model alone and train.py's Trainer under DeepSpeed — against
+transformers, on a ~1B Llama (Llama-3.2-1B shape).
 
-    python3 tools/bench/bench_gpu.py                        # one CUDA GPU, bf16, seq-len 4096 (~1-2 min)
+    python3 tools/bench/bench_gpu.py                        # one CUDA GPU, bf16, seq-len 4096 (~2-3 min)
     python3 tools/bench/bench_gpu.py --tiny --device cpu    # the same code on a tiny model, fp32, on a CPU
 
 What is timed, for each system: forward + backward + optimizer step over the SAME documents, one optimizer
@@ -16,6 +17,26 @@ weights (witscale's seeded init, copied into transformers by name: witscale's pa
 - ``hf_padded``: ``transformers`` ``LlamaForCausalLM`` (``attn_implementation="sdpa"``), the paper's
   reference style: the step's documents (seeded order) in batches padded to their longest, at most
   ``--pad-budget`` (4096) padded tokens per batch, full logits cast to fp32 + weighted cross-entropy;
+- ``trainer_zero1``, ``trainer_zero3``: what users run — ``python witscale/train.py`` in a subprocess, one
+  process (a world of one: a real DeepSpeed engine with its hooks, ZeRO buckets and optimizer wrapper),
+  with ``ds_configs/zero1.json`` / ``zero3.json`` less their "optimizer" entry (so the Trainer builds
+  torch's AdamW, fused on CUDA — the standalone systems' kernel — and no FusedAdam JIT build, about a minute
+  where it is not prebuilt, falls inside the benchmark). On CUDA the trainer trains bf16 with fp32 gradient
+  accumulation, which DeepSpeed runs at ZeRO-1 with its ``BF16_Optimizer`` (``optimizer_wrapper`` in the
+  JSON, from the Trainer's "DeepSpeed optimizer:" log line; on the CPU, fp32: ``DeepSpeedZeroOptimizer``).
+  Same data and weights: ``--data`` is the Workload's packed directory, ``--model`` an HF directory
+  written from the standalone model's initial weights (witscale's names are HF's), micro-batch 1,
+  grad-accum = ``--rows-per-step``, ``--seed`` = the Workload loader's (so the same rows per step:
+  checked, ``rows_match``), warm-up + timed steps, the standalone model's attention backend and
+  activation checkpointing choice. From its metrics.jsonl, the warm-up steps dropped: tokens/s = Σ tokens
+  / Σ step times, MFU as the trainer logs it (its per-step MFU, 6·N + attention, weighted by step time;
+  ``--peak-tflops`` is passed the peak used here; ``mfu_bench_formula`` recomputes it with this file's
+  FLOPs), peak memory, and ``startup_s`` (process start to the first step's start: imports, model load,
+  engine init) apart. train.py always checkpoints at its end (``--save-steps 0`` saves nothing before):
+  the process is killed once its last step is logged, so that save is not waited for; it also dies with
+  this benchmark (gpu_check's time limit). Their start-up dominates their cost (tens of seconds each on a
+  GPU); their steps are the standalone's (not trimmed). Ratios ``trainer_zero1_vs_witscale``,
+  ``trainer_zero1_vs_hf_padded`` (and ``_hf_packed``, the same for ZeRO-3);
 - ``hf_packed``: the same transformers model, padding-free: the same packed rows as witscale, with
   per-document ``position_ids`` and no attention mask. transformers 5 detects the packed documents from the
   restarting position ids (``masking_utils.find_packed_sequence_indices``) and builds a block-diagonal
@@ -50,9 +71,18 @@ every system (the same documents), so padding is never counted as work.
 Output: a human summary on stderr and ONE JSON line on stdout (also written to ``--output``) with each
 system's tokens/s, MFU, peak memory (``torch.cuda.max_memory_allocated`` from the model's construction to
 the end of its timed steps), the witscale/transformers ratios and the issue's targets (MFU ≥ 40% and ≥ 1.5×
-transformers' padded tokens/s: a benchmark, not a test). ``parity`` compares the weighted loss of the first
-micro-batch of every system at the initial weights (the same tokens, the same weights: a wrong weight copy
-or a packed path that attends across documents shows up there).
+transformers' padded tokens/s, and the trainer's MFU at ZeRO-1 ≥ 45%: a benchmark, not a test). ``parity``
+compares the weighted loss of the first micro-batch of every system at the initial weights (the same
+tokens, the same weights: a wrong weight copy or a packed path that attends across documents shows up
+there), and each trainer's first step against the standalone model's over the same step's rows at the same
+weights (``trainer_ok``): its loss (Σ w·nll / the step's nonzero-weight count, the trainer's normalization),
+its gradient norm (at a random init the loss barely depends on the weights — the predictions are nearly
+uniform — the gradient norm does: one layer's weights permuted move it ~3%), and its real tokens and
+denominator (other rows differ there); the same tolerance rule. Systems run in the order witscale,
+hf_padded, trainer_zero1, trainer_zero3, hf_packed, witscale_compiled, and the JSON (``complete``: false
+until the end) is rewritten after each, so a run stopped at a time limit still leaves what it measured.
+Default ``--systems``: witscale, hf_padded, hf_packed, trainer_zero1, trainer_zero3 (on the CPU ``--tiny``
+too: each trainer run takes ~8 s there).
 """
 from __future__ import annotations
 
@@ -61,6 +91,8 @@ import gc
 import json
 import math
 import os
+import re
+import shutil
 import sys
 import tempfile
 import time
@@ -84,7 +116,8 @@ TINY = dict(model_type="llama", vocab_size=512, hidden_size=128, intermediate_si
             rope_theta=500000.0, tie_word_embeddings=True, initializer_range=0.02, bos_token_id=1, eos_token_id=2)
 # Lengths (the module docstring): Alpaca-like prompt and response token counts.
 TEMPLATE_TOKENS, PROMPT_MEDIAN, PROMPT_SIGMA, RESPONSE_MEDIAN, RESPONSE_SIGMA = 40, 30.0, 0.8, 110.0, 0.9
-TARGET_MFU, TARGET_SPEEDUP = 0.40, 1.5
+TARGET_MFU, TARGET_SPEEDUP, TARGET_TRAINER_MFU = 0.40, 1.5, 0.45
+DEFAULT_SYSTEMS = "witscale,hf_padded,hf_packed,trainer_zero1,trainer_zero3"
 
 
 def log(msg: str) -> None:
@@ -131,7 +164,7 @@ class Workload:
         n_docs = int(rows_needed * args.seq_len / 230 * 1.15) + 16
         docs = alpaca_like_documents(n_docs, cfg["vocab_size"], args.seed)
         self.tmp = tempfile.mkdtemp(prefix="bench-gpu-")
-        path = os.path.join(self.tmp, "packed")
+        path = self.path = os.path.join(self.tmp, "packed")
         manifest = write_packed(path, TokenizedCorpus.from_documents(docs), seq_len=args.seq_len, pad_id=0)
         ds = PackedDataset(path)
         if len(ds) < rows_needed:
@@ -354,9 +387,155 @@ def run_system(name: str, model, work: Workload, micro_fn, batches_key: str, arg
     return out
 
 
-def first_loss(model, mb_fn, batches) -> float:
+# ------------------------------------------------------------------------------------------------ the trainer
+# witscale/train.py's own Trainer under DeepSpeed, one process (a world of one: a real engine), per ZeRO config.
+TRAINER_SYSTEMS = {"trainer_zero1": "zero1.json", "trainer_zero3": "zero3.json"}
+_OPTIMIZER_LINE = re.compile(r"DeepSpeed optimizer: (\w+) over (\w+)")     # the Trainer's log line
+
+
+def write_init_model(cfg_dict: dict, state: dict, out_dir: str) -> str:
+    """The standalone model's initial weights as an HF directory (witscale's names are HF's) for --model."""
+    from witscale.model import ModelConfig
+    from witscale.model.hf_io import save_hf_checkpoint
+
+    save_hf_checkpoint(state, ModelConfig.from_dict(cfg_dict), out_dir)
+    return out_dir
+
+
+def trainer_ds_config(name: str, out_dir: str) -> str:
+    """ds_configs/<stage>.json without its "optimizer": the Trainer then builds torch's AdamW (fused on CUDA,
+    the standalone systems' kernel) instead of DeepSpeed's FusedAdam, whose JIT build (about a minute where
+    it is not prebuilt) would fall inside the benchmark's time. Everything else — ZeRO stage, buckets, bf16
+    with fp32 gradient accumulation (BF16_Optimizer at ZeRO-1) — is the shipped config's."""
+    with open(os.path.join(ROOT, "ds_configs", TRAINER_SYSTEMS[name]), encoding="utf-8") as f:
+        cfg = json.load(f)
+    cfg.pop("optimizer", None)
+    path = os.path.join(out_dir, f"{name}_ds_config.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(cfg, f)
+    return path
+
+
+def _die_with_parent() -> None:
+    """In the train.py child: killed when this benchmark dies (gpu_check kills it at its time limit), so no
+    orphaned trainer keeps the GPU. Linux's PR_SET_PDEATHSIG; elsewhere nothing."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)    # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run_trainer(name: str, work: Workload, model_dir: str, ckpt: bool, args, device) -> dict:
+    """``python witscale/train.py`` on the Workload's packed rows from ``model_dir``'s weights: micro-batch 1,
+    grad-accum = rows per step, the Workload's seed (the loader gives the same rows per step), warm-up +
+    timed steps. Read back from metrics.jsonl: tokens/s over the timed steps (Σ tokens / Σ step time), MFU as
+    the trainer logs it (its per-step MFU weighted by step time), peak memory, the first step's loss (the
+    parity) and its per-step tokens and denominators (the same rows as the Workload's?). train.py always saves
+    a checkpoint at the end (--save-steps 0 saves nothing before): the process is killed once the last step's
+    record is written, so that save is never waited for."""
+    import subprocess
+
+    out_dir = os.path.join(work.tmp, name)
+    total = args.warmup + args.steps
+    cmd = [sys.executable, os.path.join(ROOT, "witscale", "train.py"),
+           "--ds_config", trainer_ds_config(name, work.tmp), "--data", work.path, "--model", model_dir,
+           "--output-dir", out_dir, "--micro-batch-size", "1", "--grad-accum", str(args.rows_per_step),
+           "--max-steps", str(total), "--seed", str(args.trainer_seed), "--prompt-weight", str(args.prompt_weight),
+           "--lr", "1e-5", "--weight-decay", "0", "--warmup-ratio", "0", "--save-steps", "0",
+           "--no-tensorboard", "--log-every", "1", "--attention", args.attention,
+           "--activation-checkpointing", "on" if ckpt else "off"]
+    if args.peak:
+        cmd += ["--peak-tflops", repr(args.peak / 1e12)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if device.type == "cpu":        # a world of one on the CPU (gloo), even where a GPU exists
+        env.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(torch.get_num_threads()))
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    log_path = os.path.join(work.tmp, f"{name}.log")
+    records, first_seen = [], None
+    t0 = time.perf_counter()
+    with open(log_path, "w", encoding="utf-8") as log_file:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                preexec_fn=_die_with_parent)
+        try:
+            while True:
+                if os.path.exists(metrics_path):
+                    with open(metrics_path, encoding="utf-8") as f:
+                        records = [json.loads(line) for line in f if line.endswith("\n")]
+                    records = [r for r in records if "loss" in r]       # step records (no eval here)
+                    if records and first_seen is None:
+                        first_seen = time.perf_counter()
+                    if len(records) >= total:
+                        break
+                if proc.poll() is not None:
+                    break
+                if time.perf_counter() - t0 > args.trainer_timeout:
+                    break
+                time.sleep(0.05)
+        finally:
+            if proc.poll() is None:
+                proc.kill()         # the final checkpoint save: not waited for
+            proc.wait()
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    optimizer = _OPTIMIZER_LINE.findall(text)
+    if len(records) < total:
+        tail = "\n".join(text.strip().splitlines()[-15:])
+        log(f"{name}: train.py stopped after {len(records)} of {total} steps (exit {proc.returncode}):\n{tail}")
+        return {"error": f"train.py stopped after {len(records)} of {total} steps (exit {proc.returncode}): "
+                         f"{tail.splitlines()[-1] if tail else ''}", "cmd": cmd,
+                "out_of_memory": "OutOfMemoryError" in text or "CUDA out of memory" in text}
+    with open(os.path.join(out_dir, "effective_config.json"), encoding="utf-8") as f:
+        bf16 = bool(((json.load(f).get("ds_config") or {}).get("bf16") or {}).get("enabled"))
+    step_s = [r["tokens"] / r["tokens_per_s"] for r in records]
+    timed = records[args.warmup:]
+    timed_s = step_s[args.warmup:]
+    real = sum(r["tokens"] for r in timed)
+    total_s = sum(timed_s)
+    flops = sum(step_flops(args.model_cfg, s["doc_lengths"]) for s in work.steps[args.warmup:])
+    logged_mfu = [r.get("mfu") for r in timed]
+    out = {"tokens_per_s": real / total_s, "step_s": [round(t, 4) for t in timed_s], "timed_steps": len(timed),
+           "real_tokens": real, "model_flops": flops, "achieved_flops_per_s": flops / total_s,
+           # the trainer's own MFU (its 6·N + attention FLOPs per step over its step time), time-weighted
+           "mfu": (sum(m * t for m, t in zip(logged_mfu, timed_s)) / total_s
+                   if all(m is not None for m in logged_mfu) else None),
+           "mfu_bench_formula": flops / total_s / args.peak if args.peak else None,
+           "peak_memory_gib": max((r.get("peak_memory_gib") or 0.0 for r in timed), default=0.0) or None,
+           # process start to the end of the first step, less that step: imports, model load, engine init
+           "startup_s": round(first_seen - t0 - step_s[0], 2),
+           "wall_s": round(time.perf_counter() - t0, 2),
+           "first_step_loss": records[0]["loss"], "losses": [r["loss"] for r in records],
+           "first_step_grad_norm": records[0].get("grad_norm"),
+           # the same rows per step as the Workload's: equal real-token counts and loss denominators
+           "rows_match": all(r["tokens"] == s["real_tokens"] and abs(r["denominator"] - s["denominator"]) < 0.5
+                             for r, s in zip(records, work.steps)),
+           "ds_config": f"ds_configs/{TRAINER_SYSTEMS[name]} without its optimizer (torch AdamW)",
+           "optimizer_wrapper": optimizer[-1][0] if optimizer else None,
+           "basic_optimizer": optimizer[-1][1] if optimizer else None,
+           "bf16": bf16, "activation_checkpointing": ckpt, "attention": args.attention,
+           "final_save": "not waited for (killed after the last step's record)"}
+    log(f"{name}: {out['tokens_per_s']:,.0f} tokens/s" + (f", MFU {out['mfu']:.1%}" if out["mfu"] else "")
+        + (f", peak {out['peak_memory_gib']:.1f} GiB" if out["peak_memory_gib"] else "")
+        + f", start-up {out['startup_s']:.1f} s, optimizer {out['optimizer_wrapper']}")
+    return out
+
+
+def first_step_grad_norm(model, step: dict) -> float:
+    """The global gradient norm of one optimizer step's loss (Σ w·nll / its denominator) at the model's weights,
+    the norm the Trainer logs as ``grad_norm``; the gradients are cleared after. Far more sensitive to the
+    weights than the loss at a random init (whose predictions are nearly uniform whatever the weights)."""
+    for mb in step["packed"]:
+        witscale_microbatch(model, mb, step["denominator"]).backward()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in model.parameters()
+                                                 if p.grad is not None]))
+    model.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+def first_loss(model, mb_fn, batches, denominator: float = 1.0) -> float:
     with torch.no_grad():
-        return float(sum(float(mb_fn(model, b, 1.0)) for b in batches))
+        return float(sum(float(mb_fn(model, b, denominator)) for b in batches))
 
 
 @torch.no_grad()
@@ -420,12 +599,16 @@ def main(argv=None) -> int:
     p.add_argument("--pad-budget", type=int, default=None, help="padded tokens per transformers batch (= seq-len)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (2; --tiny 1)")
     p.add_argument("--steps", type=int, default=None, help="timed optimizer steps (6; --tiny 2)")
-    p.add_argument("--systems", default="witscale,hf_padded,hf_packed")
+    p.add_argument("--systems", default=None,
+                   help=f"default {DEFAULT_SYSTEMS}; also witscale_compiled")
     p.add_argument("--attention", default="auto", help="witscale's attention backend (default auto)")
     p.add_argument("--activation-checkpointing", default="auto", choices=("auto", "on", "off"))
     p.add_argument("--prompt-weight", type=float, default=0.2)
     p.add_argument("--peak-flops", type=float, default=None, help="the device's dense bf16 peak (default: by name)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trainer-seed", type=int, default=None,
+                   help="train.py's --seed (default --seed: the same rows per step; another one breaks the parity)")
+    p.add_argument("--trainer-timeout", type=float, default=900.0, help="seconds per train.py run")
     p.add_argument("--output", default=None, help="also write the JSON result here")
     args = p.parse_args(argv)
 
@@ -442,8 +625,9 @@ def main(argv=None) -> int:
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 2)
     args.steps = args.steps or (2 if args.tiny else 6)
     args.model_cfg = cfg
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = set(systems) - {"witscale", "witscale_compiled", "hf_padded", "hf_packed"}
+    args.trainer_seed = args.seed if args.trainer_seed is None else args.trainer_seed
+    systems = [s.strip() for s in (args.systems or DEFAULT_SYSTEMS).split(",") if s.strip()]
+    unknown = set(systems) - {"witscale", "witscale_compiled", "hf_padded", "hf_packed", *TRAINER_SYSTEMS}
     if unknown:
         p.error(f"--systems: unknown {sorted(unknown)}")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -451,7 +635,9 @@ def main(argv=None) -> int:
                                     if device.type == "cuda" and dtype == torch.bfloat16 else None)
     torch.manual_seed(args.seed)
     if device.type == "cpu":
-        torch.set_num_threads(max(1, min(8, os.cpu_count() or 1)))
+        # OMP_NUM_THREADS where set (gpu_check sets it; on a loaded CPU more threads than free cores is several
+        # times slower); the train.py runs get the same count
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, min(8, os.cpu_count() or 1)))
 
     import transformers
 
@@ -479,6 +665,8 @@ def main(argv=None) -> int:
         "systems": {}, "parity": {},
     }
     init_state, losses, logit_err, ref_logits = None, {}, {}, None
+    # The first optimizer step's loss (Σ w·nll / its denominator) and gradient norm: the trainer's parity.
+    step_losses, step_grad_norms = {}, {}
     # Parity inputs: the packed row of the first step that holds the most documents, and its documents
     # as padded batches.
     first_packed = [max(work.steps[0]["packed"], key=lambda mb: len(work.dataset.doc_lengths(mb["row"])))]
@@ -495,6 +683,10 @@ def main(argv=None) -> int:
     def measure_ws(model):
         nonlocal ref_logits
         losses["witscale"] = first_loss(model, witscale_microbatch, first_packed)
+        step_losses["witscale"] = first_loss(model, witscale_microbatch, work.steps[0]["packed"],
+                                             work.steps[0]["denominator"])
+        if any(n in systems for n in TRAINER_SYSTEMS):
+            step_grad_norms["witscale"] = first_step_grad_norm(model, work.steps[0])
         ref_logits = real_token_logits("witscale", model, first_packed)
         if "witscale" not in systems:
             return {}
@@ -504,7 +696,10 @@ def main(argv=None) -> int:
     if "witscale" in systems:
         out["attention_backend"] = backend
         result["systems"]["witscale"] = out
-    if "witscale_compiled" in systems:
+    summarize(result, args, dtype, work, first_packed, losses, logit_err, step_losses, step_grad_norms, t_start,
+              complete=False)
+
+    def run_compiled():
         def build_compiled(ckpt):
             from witscale.model.transformer import compile_decoder_blocks
             model = build_ws(ckpt)          # the same seeded weights
@@ -514,36 +709,77 @@ def main(argv=None) -> int:
         def measure_compiled(model):
             losses["witscale_compiled"] = first_loss(model, witscale_microbatch, first_packed)
             return run_system("witscale_compiled", model, work, witscale_microbatch, "packed", args, device)
-        result["systems"]["witscale_compiled"] = with_checkpointing_fallback(
-            "witscale_compiled", build_compiled, measure_compiled, args.activation_checkpointing, device)
+        return with_checkpointing_fallback("witscale_compiled", build_compiled, measure_compiled,
+                                           args.activation_checkpointing, device)
 
     try:
         import transformers.masking_utils as masking_utils
         packed_ok = hasattr(masking_utils, "find_packed_sequence_indices")
     except ImportError:
         packed_ok = False
-    for name, fn, key in (("hf_padded", hf_padded_microbatch, "padded"), ("hf_packed", hf_packed_microbatch, "packed")):
-        if name not in systems:
-            continue
-        if init_state is None:
-            result["systems"][name] = {"error": "no initial weights (the witscale model failed)"}
-            continue
-        if name == "hf_packed" and not packed_ok:
-            result["systems"][name] = {"skipped": "this transformers has no masking_utils.find_packed_sequence_indices "
-                                                  "(padding-free packed input for sdpa)"}
-            continue
 
-        def measure(model, name=name, fn=fn, key=key):
+    def run_hf(name):
+        fn, key = {"hf_padded": (hf_padded_microbatch, "padded"), "hf_packed": (hf_packed_microbatch, "packed")}[name]
+        if init_state is None:
+            return {"error": "no initial weights (the witscale model failed)"}
+        if name == "hf_packed" and not packed_ok:
+            return {"skipped": "this transformers has no masking_utils.find_packed_sequence_indices "
+                               "(padding-free packed input for sdpa)"}
+
+        def measure(model):
             batches = first_row_docs if key == "padded" else first_packed
             losses[name] = first_loss(model, fn, batches)
             if ref_logits is not None:
                 logit_err[name] = relative_error(real_token_logits(name, model, batches), ref_logits)
             return run_system(name, model, work, fn, key, args, device)
-        result["systems"][name] = with_checkpointing_fallback(
+        return with_checkpointing_fallback(
             name, lambda ckpt: build_hf(cfg, init_state, device, dtype, ckpt), measure, args.activation_checkpointing,
             device)
-    ref_logits = None
 
+    # The Trainer under DeepSpeed, from the same initial weights (an HF directory) on the same packed rows,
+    # with the standalone model's activation checkpointing choice (on after an out-of-memory error at 'auto').
+    model_dir = None
+
+    def run_trainer_system(name):
+        nonlocal model_dir
+        if init_state is None:
+            return {"error": "no initial weights (the witscale model failed)"}
+        if model_dir is None:
+            model_dir = write_init_model(cfg, init_state, os.path.join(work.tmp, "init_model"))
+        ckpt = out.get("activation_checkpointing", args.activation_checkpointing == "on")
+        release(device)
+        r = run_trainer(name, work, model_dir, ckpt, args, device)
+        if r.get("out_of_memory") and not ckpt and args.activation_checkpointing == "auto":
+            log(f"{name}: out of memory with activation checkpointing off")
+            r = run_trainer(name, work, model_dir, True, args, device)
+        if "first_step_loss" in r:
+            step_losses[name] = r["first_step_loss"]
+            step_grad_norms[name] = r["first_step_grad_norm"]
+        return r
+
+    # The order puts the issue's figures first (witscale, transformers padded, the trainer) and the compiles
+    # last: each system's result is written to --output as it ends, so a run stopped at its time limit
+    # (gpu_check's budget) still leaves what it measured.
+    runners = {"hf_padded": run_hf, "trainer_zero1": run_trainer_system, "trainer_zero3": run_trainer_system,
+               "hf_packed": run_hf, "witscale_compiled": lambda name: run_compiled()}
+    for name in runners:
+        if name in systems:
+            result["systems"][name] = runners[name](name)
+            summarize(result, args, dtype, work, first_packed, losses, logit_err, step_losses, step_grad_norms,
+                      t_start, complete=False)
+    ref_logits = None
+    summarize(result, args, dtype, work, first_packed, losses, logit_err, step_losses, step_grad_norms, t_start,
+              complete=True)
+    for name, ratio in result["ratio"].items():
+        log(f"{name}: {ratio:.2f}×")
+    shutil.rmtree(work.tmp, ignore_errors=True)
+    print(json.dumps(result, default=str), flush=True)
+    return 0 if result["ok"] else 1
+
+
+def summarize(result: dict, args, dtype, work: Workload, first_packed, losses: dict, logit_err: dict,
+              step_losses: dict, step_grad_norms: dict, t_start: float, complete: bool) -> None:
+    """Parity, ratios and targets from the systems measured so far, and the JSON written to --output."""
     # Parity at the initial weights, on the first packed row: witscale's logits against transformers' (the
     # same tokens: a wrong weight copy, wrong positions or attention across documents give O(1) errors), and
     # the weighted NLL sums. bf16: every logit carries ~3 significant digits after 16 bf16 layers and
@@ -557,6 +793,30 @@ def main(argv=None) -> int:
         parity["ok"] = (all(math.isfinite(v) for v in losses.values())
                         and all(d <= tol for d in parity["loss_rel_diff"].values())
                         and all(e <= tol for e in logit_err.values()))
+    # The trainer's first step (metrics.jsonl) against the standalone model's over the same step's rows at the
+    # same weights, the same normalization: its loss and its gradient norm (at a random init the loss hardly
+    # depends on the weights — nearly uniform predictions — the gradient norm does: a layer's weights permuted
+    # move it by a few %), and its real-token count and denominator (other rows: unequal).
+    step_ref = step_losses.get("witscale")
+    trainers = [n for n in TRAINER_SYSTEMS if n in step_losses]       # a failed run is an error, not a parity
+    if trainers and step_ref is not None:
+        parity["first_step_loss"] = step_losses
+        parity["trainer_loss_rel_diff"] = {k: abs(v - step_ref) / max(abs(step_ref), 1e-12)
+                                           for k, v in step_losses.items() if k != "witscale"}
+        parity["trainer_rows_match"] = {n: result["systems"][n].get("rows_match") for n in trainers}
+        gref = step_grad_norms.get("witscale")
+        # the trainer trains bf16 on CUDA whatever --dtype: the bf16 rule where either side is bf16
+        ttol = 5e-2 if any(result["systems"][n].get("bf16") for n in trainers) else tol
+        parity["trainer_rtol"] = ttol
+        parity["first_step_grad_norm"] = step_grad_norms
+        parity["trainer_grad_norm_rel_diff"] = {
+            k: abs(v - gref) / max(abs(gref), 1e-12) if v is not None and gref else float("inf")
+            for k, v in step_grad_norms.items() if k != "witscale"}
+        parity["trainer_ok"] = (all(math.isfinite(step_losses[n]) for n in trainers)
+                                and all(d <= ttol for d in parity["trainer_loss_rel_diff"].values())
+                                and all(d <= ttol for d in parity["trainer_grad_norm_rel_diff"].values())
+                                and all(parity["trainer_rows_match"].values()))
+        parity["ok"] = parity.get("ok", True) and parity["trainer_ok"]
     result["parity"] = parity
 
     ws = result["systems"].get("witscale", {})
@@ -568,22 +828,30 @@ def main(argv=None) -> int:
     compiled = result["systems"].get("witscale_compiled", {})
     if ws.get("tokens_per_s") and compiled.get("tokens_per_s"):
         ratios["witscale_compiled_vs_witscale"] = compiled["tokens_per_s"] / ws["tokens_per_s"]
+    for name in TRAINER_SYSTEMS:
+        other = result["systems"].get(name, {})
+        if ws.get("tokens_per_s") and other.get("tokens_per_s"):
+            ratios[f"{name}_vs_witscale"] = other["tokens_per_s"] / ws["tokens_per_s"]
+            for hf in ("hf_padded", "hf_packed"):
+                if result["systems"].get(hf, {}).get("tokens_per_s"):
+                    ratios[f"{name}_vs_{hf}"] = other["tokens_per_s"] / result["systems"][hf]["tokens_per_s"]
     result["ratio"] = ratios
+    zero1 = result["systems"].get("trainer_zero1", {})
     result["targets"] = {
+        "trainer_mfu_min": TARGET_TRAINER_MFU, "trainer_zero1_mfu": zero1.get("mfu"),
+        "trainer_mfu_met": None if zero1.get("mfu") is None else zero1["mfu"] >= TARGET_TRAINER_MFU,
         "mfu_min": TARGET_MFU, "speedup_vs_hf_padded_min": TARGET_SPEEDUP,
         "mfu_met": None if ws.get("mfu") is None else ws["mfu"] >= TARGET_MFU,
         "speedup_met": None if "witscale_vs_hf_padded" not in ratios else ratios["witscale_vs_hf_padded"] >= TARGET_SPEEDUP,
     }
     result["wall_s"] = round(time.perf_counter() - t_start, 2)
-    result["ok"] = bool(ws.get("tokens_per_s")) and all("error" not in s for s in result["systems"].values())
-    for name, ratio in ratios.items():
-        log(f"{name}: {ratio:.2f}×")
-    line = json.dumps(result, default=str)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(line + "\n")
-    print(line, flush=True)
-    return 0 if result["ok"] else 1
+    result["complete"] = complete
+    result["ok"] = (complete and bool(ws.get("tokens_per_s"))
+                    and all("error" not in s for s in result["systems"].values()))
+    if args.output:         # written aside and renamed: a reader never sees half a file
+        with open(args.output + ".tmp", "w", encoding="utf-8") as f:
+            f.write(json.dumps(result, default=str) + "\n")
+        os.replace(args.output + ".tmp", args.output)
 
 
 if __name__ == "__main__":

@@ -366,6 +366,9 @@ class Trainer:
             model=module, optimizer=optimizer, config=config, mpu=None if pipelined else topo,
             model_parameters=None if optimizer is not None else groups,
             lr_scheduler=lambda opt: cosine_with_warmup(opt, total_steps, warmup_ratio))
+        if dist.get_rank() == 0:    # which wrapper DeepSpeed chose (BF16_Optimizer at bf16 ZeRO-1); bench_gpu reads it
+            log.info(f"DeepSpeed optimizer: {type(self.engine.optimizer).__name__} "
+                     f"over {type(self.engine.basic_optimizer).__name__}")
         self._finish_init(module, topo, pipelined)
 
     def _finish_init(self, module, topo, pipelined: bool) -> None:
