@@ -197,7 +197,7 @@ class Renderer:
                 if prefixes:
                     cls, msg = self._paper_boundary(bounds, spans, cls, msg, [encodings[j] for j in prefixes])
                 ids.append(spans.ids.astype(np.int32, copy=False))
-                classes.append(cls.astype(np.uint8))
+                classes.append(cls.astype(np.uint8, copy=False))
                 msgs.append(msg)
             return np.concatenate(ids), np.concatenate(classes), np.concatenate(msgs)
         return requests, lengths_only, finish
