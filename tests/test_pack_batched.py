@@ -400,3 +400,37 @@ def test_paper_boundary_from_spans_equals_the_per_token_mask(llama_like_hf):
             ref = want if s.monotone else _paper_boundary_per_token(bounds, b, cls, msg, n_prompts)
             got = Renderer._paper_boundary(bounds, s, cls, msg, n_prompts)
             assert [a.tolist() for a in got] == [a.tolist() for a in ref], (text, bounds, n_prompts)
+
+
+class _FakeEncoding:
+    """A backend Encoding's offset interface (tokenizers' semantics: char_to_token is the first token whose
+    span holds the character) over chosen offsets — zero-width tokens, shared spans, uncovered characters."""
+
+    def __init__(self, offsets):
+        self.offsets = offsets
+
+    def token_to_chars(self, i):
+        return self.offsets[i]
+
+    def char_to_token(self, pos):
+        return next((i for i, (b, e) in enumerate(self.offsets) if b <= pos < e), None)
+
+
+def test_encoding_spans_first_from_with_zero_width_and_uncovered_positions():
+    """EncodingSpans.first_from (char_to_token, then moved back over tokens that begin at or after the position
+    and forward over those that begin before it; a binary search where no token covers it) is the number of
+    tokens that begin before the position, on random monotone spans with an anchor shift or without."""
+    from witscale.data.tokenizer import EncodingSpans
+    rng = np.random.default_rng(5)
+    for _ in range(2000):
+        n = int(rng.integers(1, 15))
+        shift = int(rng.choice([0, 0, 3]))
+        points = np.sort(rng.integers(0, n + 1, size=(int(rng.integers(1, 12)), 2)), axis=None).reshape(-1, 2)
+        begin = np.sort(points[:, 0])
+        end = np.maximum(np.sort(points[:, 1]), begin)
+        offsets = [(int(b) + shift, int(e) + shift) for b, e in zip(begin, end)]
+        if shift:
+            offsets.insert(0, (0, shift))                   # the anchor token
+        spans = EncodingSpans(_FakeEncoding(offsets), shift, np.zeros(len(begin), np.int32))
+        for p in range(n + 2):
+            assert spans.first_from(p) == int(np.sum(begin < p)), (offsets, shift, p)
