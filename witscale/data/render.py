@@ -87,9 +87,10 @@ class Renderer:
 
     def render_many(self, convs: list) -> list:
         """Documents of many records — the same as ``[self(c) for c in convs]`` — with every string they need
-        encoded in ONE ``Tokenizer.encode_many`` call (a fast tokenizer's batch API: one call per record through
-        transformers' Python wrapper cost more than the tokenizing). A record this template cannot express
-        gives its RecordError in its place (not located: the caller knows where the record came from)."""
+        encoded in ONE ``Tokenizer.encode_spans`` call (``encode_many`` for ``hf``; a fast tokenizer's batch API:
+        one call per record through transformers' Python wrapper cost more than the tokenizing). A record this
+        template cannot express gives its RecordError in its place (not located: the caller knows where the
+        record came from)."""
         plans = []
         for conv in convs:
             try:

@@ -39,7 +39,7 @@ def _char_offsets(text: str, byte_begin: np.ndarray, byte_end: np.ndarray):
 class Spans:
     """One string's tokens: ``ids`` (int32) and each token's character span — the (begin, end) that
     ``encode_with_offsets`` gives — read per token (``span``) rather than as arrays: the classes of a run change
-    at a few character positions (render.classify_run), so only the tokens near those are looked at.
+    at a few character positions (templates.classify_segments), so only the tokens near those are looked at.
     ``monotone``: begins and ends never decrease along the tokens (what ``first_from`` needs)."""
     ids: np.ndarray
     monotone = True
