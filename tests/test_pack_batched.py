@@ -434,3 +434,22 @@ def test_encoding_spans_first_from_with_zero_width_and_uncovered_positions():
         spans = EncodingSpans(_FakeEncoding(offsets), shift, np.zeros(len(begin), np.int32))
         for p in range(n + 2):
             assert spans.first_from(p) == int(np.sum(begin < p)), (offsets, shift, p)
+
+
+def test_encode_spans_through_transformers_call_when_the_backend_state_differs(llama_like_hf):
+    """A tokenizer whose transformers state the backend call would not reproduce (special tokens split) is
+    encoded through transformers' own call: encode_spans then gives arrays (ArraySpans) equal to
+    encode_with_offsets."""
+    from witscale.data.tokenizer import ArraySpans
+    tok = llama_like_hf
+    tok.hf.split_special_tokens = True
+    try:
+        requests = [("Hi <|im_start|> 😀 there", False), ("x é", False), ("two", False)]
+        spans = tok.encode_spans(requests, {2})
+        assert spans[2] == len(tok.encode_with_offsets("two")[0])
+        for (text, cont), sp in zip(requests[:2], spans):
+            ids, begin, end = tok.encode_with_offsets(text, cont)
+            assert isinstance(sp, ArraySpans)
+            assert [sp.ids.tolist(), *[a.tolist() for a in sp.arrays()]] == [ids.tolist(), begin.tolist(), end.tolist()]
+    finally:
+        tok.hf.split_special_tokens = False
