@@ -219,3 +219,237 @@ def test_a_worker_chunk_packed_for_the_trip_back_unpacks_to_the_same_outcomes(ll
         assert [d for d in docs["got"] if isinstance(d, tuple) and not hasattr(d, "ids")] == truncated
         strip = lambda ds: [d for d in ds if not (isinstance(d, tuple) and not hasattr(d, "ids"))]  # noqa: E731
         _assert_same(strip(docs["got"]), strip(docs["want"]))
+
+
+# ------------------------------------------------------------------ classes from the tokens near class changes
+# The fixed templates class a run's tokens from the spans of the tokens near the characters where the class or
+# message changes (templates.classify_segments over tokenizer.Spans) rather than from every token's offsets
+# (classify_tokens). The references below are the per-token path as it was.
+_ADVERSARIAL = ["a", "b", "é", "e\u0301", "日本", "😀", "👩‍💻", "\U0001f9ec", "ñ", " ", "  ", "\n", "\t", "\u3000",
+                "\u00a0", "x.", "Paris", "?", "Add", "###", "\u200b", "ﬁ", "Ⅻ", "0", "12"]
+
+
+@pytest.fixture(scope="module")
+def wordpiece_hf(tmp_path_factory):
+    """A BERT-like fast tokenizer: lower-casing, accent-stripping normalizer, whitespace dropped (characters in
+    no token: Encoding.char_to_token finds nothing there)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    core = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    core.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True)
+    core.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    core.train_from_iterator(["Add two and three. Paris is five. naïve café 日本"] * 4,
+                             trainers.WordPieceTrainer(vocab_size=200, special_tokens=["[UNK]", "[SEP]"],
+                                                       show_progress=False))
+    path = str(tmp_path_factory.mktemp("wordpiece"))
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", eos_token="[SEP]").save_pretrained(path)
+    return load_tokenizer(path)
+
+
+@pytest.fixture(scope="module")
+def span_tokenizers(llama_like_hf, hf_tool_tokenizers, wordpiece_hf, sp_tokenizer):  # noqa: F811
+    return {"llama-hf": llama_like_hf, "bytelevel-bpe": hf_tool_tokenizers["qwen"], "wordpiece": wordpiece_hf,
+            "sentencepiece": sp_tokenizer}
+
+
+def _adversarial_texts(rng, count, max_parts=12):
+    return ["".join(rng.choice(_ADVERSARIAL, int(rng.integers(1, max_parts)))) for _ in range(count)]
+
+
+@pytest.mark.parametrize("name", ["llama-hf", "bytelevel-bpe", "wordpiece", "sentencepiece"])
+def test_spans_equal_the_offset_arrays(span_tokenizers, name):
+    """encode_spans gives encode_with_offsets' ids and, token by token, its (begin, end); the begins and ends
+    never decrease (what first_from and classify_segments rely on); first_from(p) is the number of tokens that
+    begin before p, for every p — on text with emoji, byte fallback, combining marks, ZWJ sequences, Unicode
+    spaces, ligatures, and strings after a special token (continuation)."""
+    tok = span_tokenizers[name]
+    rng = np.random.default_rng(1)
+    requests = [(t, bool(rng.random() < 0.4)) for t in _adversarial_texts(rng, 300)]
+    counted = set(range(0, len(requests), 7))
+    spans = tok.encode_spans(requests, counted)
+    for i, ((text, cont), sp) in enumerate(zip(requests, spans)):
+        ids, begin, end = tok.encode_with_offsets(text, cont)
+        if i in counted:
+            assert sp == len(ids)
+            continue
+        assert sp.ids.dtype == np.int32 and sp.ids.tolist() == ids.tolist(), text
+        assert [sp.span(k) for k in range(len(ids))] == list(zip(begin.tolist(), end.tolist())), text
+        assert [a.tolist() for a in sp.arrays()] == [begin.tolist(), end.tolist()]
+        assert sp.monotone and bool(np.all(np.diff(begin) >= 0) and np.all(np.diff(end) >= 0)), text
+        for p in range(len(text) + 2):
+            assert sp.first_from(p) == int(np.sum(begin < p)), (text, p)
+
+
+def _classify_both(text, parts, spans, begin, end):
+    """(classify_segments' outcome, classify_tokens' on per-character arrays): classes and messages as lists,
+    or the BoundaryError's message."""
+    from witscale.data.render import _segments
+    from witscale.data.templates import Text, classify_segments, classify_tokens
+    run = [Text(t, c, m) for t, c, m in parts]
+    lens = [len(t) for t, _, _ in parts]
+    char_cls = np.repeat(np.array([c for _, c, _ in parts], dtype=np.uint8), lens)
+    char_msg = np.repeat(np.array([m for _, _, m in parts], dtype=np.int64), lens)
+    outs = []
+    for f in (lambda: classify_segments(text, *_segments(run), spans),
+              lambda: classify_tokens(text, char_cls, char_msg, begin, end)):
+        try:
+            cls, msg = f()
+            outs.append((cls.dtype.str, cls.tolist(), msg.dtype.str, msg.tolist()))
+        except RecordError as e:
+            outs.append(str(e))
+    return outs
+
+
+@pytest.mark.parametrize("name", ["llama-hf", "bytelevel-bpe", "wordpiece", "sentencepiece"])
+def test_classify_segments_equals_classify_tokens_on_real_tokenizations(span_tokenizers, name):
+    """A run of texts with random classes and messages (boundaries inside words, between a character and its
+    combining mark, inside whitespace, next to emoji split into byte-fallback tokens, one-character texts),
+    tokenized whole: classify_segments on the tokens near the class changes gives classify_tokens' classes,
+    message indices and BoundaryError message (the first token that spans two classes) — a token that covers a
+    class change, whitespace-only tokens, tokens of no width."""
+    from witscale.data.tokenizer import ArraySpans
+    tok = span_tokenizers[name]
+    rng = np.random.default_rng(2)
+    runs = []
+    for _ in range(400):
+        text = _adversarial_texts(rng, 1, 10)[0]
+        cuts = sorted(set(rng.integers(1, len(text), int(rng.integers(0, 4))).tolist())) if len(text) > 1 else []
+        seg = [0, *cuts, len(text)]
+        parts = [(text[a:b], int(rng.choice([1, 3, 4, 4, 6, 7])), int(rng.integers(-1, 2)))
+                 for a, b in zip(seg[:-1], seg[1:])]
+        runs.append((text, parts, bool(rng.random() < 0.4)))
+    spans = tok.encode_spans([(text, cont) for text, _, cont in runs])
+    errors = 0
+    for (text, parts, cont), sp in zip(runs, spans):
+        ids, begin, end = tok.encode_with_offsets(text, cont)
+        for s in (sp, ArraySpans(ids, begin, end)):
+            new, old = _classify_both(text, parts, s, begin, end)
+            assert new == old, (text, parts)
+        errors += isinstance(old, str)
+    assert 20 < errors < 380          # both outcomes exercised
+
+
+def test_classify_segments_equals_classify_tokens_on_random_segmentations():
+    """The same on synthetic monotone segmentations (several zero-width tokens at one place, tokens sharing a
+    span as byte-fallback bytes do, overlapping spans as a byte-level BPE splitting a character gives, tokens
+    covering several class changes, past-the-end empty tokens), and the fallback for spans that are not
+    monotone."""
+    from witscale.data.tokenizer import ArraySpans
+    rng = np.random.default_rng(3)
+    alphabet = list("ab  \n\té日x.") + ["\u3000", "\u00a0"]
+    errors = 0
+    for trial in range(3000):
+        n = int(rng.integers(1, 30))
+        text = "".join(rng.choice(alphabet, n))
+        cuts = np.sort(rng.choice(np.arange(1, n), size=int(rng.integers(0, n)), replace=False)) if n > 1 else []
+        seg = np.concatenate([[0], cuts, [n]]).astype(int)
+        parts = [(text[a:b], int(rng.integers(1, 9)), int(rng.integers(0, 3))) for a, b in zip(seg[:-1], seg[1:])]
+        points = np.sort(rng.integers(0, n + 1, int(rng.integers(1, 2 * n + 2))))
+        begin, end = points[:-1].astype(np.int64), points[1:].astype(np.int64)
+        if len(begin) and rng.random() < 0.3:        # shared spans and overlaps, still monotone
+            k = int(rng.integers(0, len(begin)))
+            begin = np.insert(begin, k, begin[k])
+            end = np.insert(end, k, end[k])
+            if k + 1 < len(begin) and rng.random() < 0.5:
+                begin[k + 1] = max(begin[k + 1] - 1, begin[k])
+        if rng.random() < 0.1:
+            begin, end = np.append(begin, n), np.append(end, n)
+        if trial % 10 == 0 and len(begin) > 1:   # not monotone: classify_tokens on the arrays
+            begin, end = begin[::-1].copy(), end[::-1].copy()
+        ids = np.zeros(len(begin), dtype=np.int32)
+        new, old = _classify_both(text, parts, ArraySpans(ids, begin, end), begin, end)
+        assert new == old, (text, parts, begin.tolist(), end.tolist())
+        errors += isinstance(old, str)
+    assert 300 < errors < 2700
+
+
+def _paper_boundary_per_token(bounds, begin, cls, msg, n_prompts):
+    """Renderer._paper_boundary as it was (a mask over every token's begin): the reference."""
+    from witscale.data.classes import RESPONSE_SIDE, TokenClass
+    is_rs = np.zeros(256, dtype=bool)
+    is_rs[[int(c) for c in RESPONSE_SIDE]] = True
+    cls, msg = cls.copy(), msg.copy()
+    idx = np.arange(len(cls))
+    for (turn, first, _, turn_end), n_prompt in zip(bounds, n_prompts):
+        in_turn = begin < turn_end
+        after = in_turn & (idx >= n_prompt) & ~is_rs[cls]
+        cls[after], msg[after] = first, turn
+        before = (idx < n_prompt) & (msg == turn) & is_rs[cls]
+        cls[before] = TokenClass.PROMPT
+    return cls, msg
+
+
+def test_paper_boundary_from_spans_equals_the_per_token_mask(llama_like_hf):
+    """plain's boundary rule on Spans (the turn's tokens: the first first_from(turn_end)) gives what the mask
+    over every token's begin gave — several boundaries, prompt lengths before, inside and past the turn."""
+    from witscale.data.tokenizer import ArraySpans
+    rng = np.random.default_rng(4)
+    texts = _adversarial_texts(rng, 300, 20)
+    spans = llama_like_hf.encode_spans([(t, False) for t in texts])
+    for text, sp in zip(texts, spans):
+        ids, begin, end = llama_like_hf.encode_with_offsets(text)
+        n = len(ids)
+        cls = rng.integers(1, 9, n).astype(np.uint8)
+        msg = rng.integers(0, 3, n).astype(np.int64)
+        bounds = [(int(rng.integers(0, 3)), int(rng.choice([4, 5, 6, 7])), 0, int(rng.integers(1, len(text) + 1)))
+                  for _ in range(int(rng.integers(1, 4)))]
+        n_prompts = [int(rng.integers(0, n + 2)) for _ in bounds]
+        want = _paper_boundary_per_token(bounds, begin, cls, msg, n_prompts)
+        for s in (sp, ArraySpans(ids, begin, end), ArraySpans(ids[::-1], begin[::-1], end[::-1])):
+            b = begin if s.monotone else begin[::-1]
+            ref = want if s.monotone else _paper_boundary_per_token(bounds, b, cls, msg, n_prompts)
+            got = Renderer._paper_boundary(bounds, s, cls, msg, n_prompts)
+            assert [a.tolist() for a in got] == [a.tolist() for a in ref], (text, bounds, n_prompts)
+
+
+class _FakeEncoding:
+    """A backend Encoding's offset interface (tokenizers' semantics: char_to_token is the first token whose
+    span holds the character) over chosen offsets — zero-width tokens, shared spans, uncovered characters."""
+
+    def __init__(self, offsets):
+        self.offsets = offsets
+
+    def token_to_chars(self, i):
+        return self.offsets[i]
+
+    def char_to_token(self, pos):
+        return next((i for i, (b, e) in enumerate(self.offsets) if b <= pos < e), None)
+
+
+def test_encoding_spans_first_from_with_zero_width_and_uncovered_positions():
+    """EncodingSpans.first_from (char_to_token, then moved back over tokens that begin at or after the position
+    and forward over those that begin before it; a binary search where no token covers it) is the number of
+    tokens that begin before the position, on random monotone spans with an anchor shift or without."""
+    from witscale.data.tokenizer import EncodingSpans
+    rng = np.random.default_rng(5)
+    for _ in range(2000):
+        n = int(rng.integers(1, 15))
+        shift = int(rng.choice([0, 0, 3]))
+        points = np.sort(rng.integers(0, n + 1, size=(int(rng.integers(1, 12)), 2)), axis=None).reshape(-1, 2)
+        begin = np.sort(points[:, 0])
+        end = np.maximum(np.sort(points[:, 1]), begin)
+        offsets = [(int(b) + shift, int(e) + shift) for b, e in zip(begin, end)]
+        if shift:
+            offsets.insert(0, (0, shift))                   # the anchor token
+        spans = EncodingSpans(_FakeEncoding(offsets), shift, np.zeros(len(begin), np.int32))
+        for p in range(n + 2):
+            assert spans.first_from(p) == int(np.sum(begin < p)), (offsets, shift, p)
+
+
+def test_encode_spans_through_transformers_call_when_the_backend_state_differs(llama_like_hf):
+    """A tokenizer whose transformers state the backend call would not reproduce (special tokens split) is
+    encoded through transformers' own call: encode_spans then gives arrays (ArraySpans) equal to
+    encode_with_offsets."""
+    from witscale.data.tokenizer import ArraySpans
+    tok = llama_like_hf
+    tok.hf.split_special_tokens = True
+    try:
+        requests = [("Hi <|im_start|> 😀 there", False), ("x é", False), ("two", False)]
+        spans = tok.encode_spans(requests, {2})
+        assert spans[2] == len(tok.encode_with_offsets("two")[0])
+        for (text, cont), sp in zip(requests[:2], spans):
+            ids, begin, end = tok.encode_with_offsets(text, cont)
+            assert isinstance(sp, ArraySpans)
+            assert [sp.ids.tolist(), *[a.tolist() for a in sp.arrays()]] == [ids.tolist(), begin.tolist(), end.tolist()]
+    finally:
+        tok.hf.split_special_tokens = False

@@ -19,7 +19,9 @@ generated Alpaca-like JSONL at two sizes (``--memory-records``), against ``datas
 records with the same fast tokenizer in the same run (``--workers`` processes each; ``--repeat`` runs of
 each, interleaved, the fastest counting — a shared machine's load changes by the minute): tokens/s and peak RSS —
 of its largest process (ru_maxrss) and of the whole process tree (PSS, sampled every 20 ms). The two sizes give
-the memory's fixed part and its slope per document, extrapolated to the issue's 200,000 records:
+the memory's fixed part and its slope per document, extrapolated to the issue's 200,000 records, and likewise
+each side's CPU: its fixed part (imports, tokenizer loading, process starts) and its tokens per CPU-second of the
+records themselves, whose ratio is what the packer/map ratio tends to at 200,000 records:
 
     python tools/bench/bench_pack.py --memory --tokenizer ../shared/data/llama2_tokenizer.model --workers 2
 
@@ -273,14 +275,26 @@ def memory_benchmark(args, tmp: str) -> None:
                       + ", ".join(f"{x['s']:.1f}/{y['s']:.1f}/{z['s']:.1f}, "
                                   f"{x['cpu']:.1f}/{y['cpu']:.1f}/{z['cpu']:.1f}"
                                   for x, y, z in zip(runs["map"], runs["pack"], runs[name])))
-        points.append((n, tokens, packed["tree"]))
+        points.append((n, tokens, packed["tree"], map_tokens, base["cpu"], packed["cpu"]))
         import shutil
         shutil.rmtree(out)
     if len(points) >= 2:
-        (n0, t0, r0), (n1, t1, r1) = points[0], points[-1]
+        (n0, t0, r0, m0, c0, p0), (n1, t1, r1, m1, c1, p1) = points[0], points[-1]
+        target = 200_000
+
+        def extrapolated(tok0, cpu0, tok1, cpu1):
+            """(tokens per CPU-second of the records themselves, the fixed CPU — imports (both import torch
+            through transformers), tokenizer loading, process starts —, tokens per CPU-second at `target`)."""
+            marginal = (tok1 - tok0) / (cpu1 - cpu0)
+            fixed = cpu0 - tok0 / marginal
+            tokens = tok1 / n1 * target
+            return marginal, fixed, tokens / (fixed + tokens / marginal)
+        (map_m, map_f, map_t), (pack_m, pack_f, pack_t) = extrapolated(m0, c0, m1, c1), extrapolated(t0, p0, t1, p1)
+        print(f"\nper CPU-second, fit over {n0}..{n1} records: datasets.map {map_m:,.0f} tokens/s + {map_f:.1f} s "
+              f"fixed, packer {pack_m:,.0f} tokens/s + {pack_f:.1f} s fixed; marginal packer/map {pack_m / map_m:.2f}x, "
+              f"at {target:,} records {pack_t / map_t:.2f}x")
         per_record = max((r1 - r0) / (n1 - n0), 0.0)       # noise can make it negative: memory is flat
         fixed = r1 - per_record * n1
-        target = 200_000
         print(f"\npacker tree PSS ~ {fixed / 2**20:.0f} MiB + {per_record:.0f} B/record (fit over {n0}..{n1} records); "
               f"at {target:,} records ({t1 / n1 * target / 1e6:.0f}M tokens): {(fixed + per_record * target) / 2**30:.2f} GiB")
 

@@ -19,8 +19,8 @@ from witscale.data.classes import RESPONSE_SIDE, TokenClass
 from witscale.data.errors import DataError, RecordError, TokenizerError
 from witscale.data.readers import Conversation
 from witscale.data.templates import (TEMPLATE_NAMES, TEMPLATES, TOOL_TEMPLATES, Document, Special, TemplateSpec,
-                                     Text, classify_tokens)
-from witscale.data.tokenizer import Tokenizer
+                                     Text, classify_segments)
+from witscale.data.tokenizer import ArraySpans, Spans, Tokenizer
 
 _IS_RESPONSE_SIDE = np.zeros(256, dtype=bool)        # by class id (uint8): a lookup, not np.isin's sort
 _IS_RESPONSE_SIDE[[int(c) for c in RESPONSE_SIDE]] = True
@@ -87,9 +87,10 @@ class Renderer:
 
     def render_many(self, convs: list) -> list:
         """Documents of many records — the same as ``[self(c) for c in convs]`` — with every string they need
-        encoded in ONE ``Tokenizer.encode_many`` call (a fast tokenizer's batch API: one call per record through
-        transformers' Python wrapper cost more than the tokenizing). A record this template cannot express
-        gives its RecordError in its place (not located: the caller knows where the record came from)."""
+        encoded in ONE ``Tokenizer.encode_spans`` call (``encode_many`` for ``hf``; a fast tokenizer's batch API:
+        one call per record through transformers' Python wrapper cost more than the tokenizing). A record this
+        template cannot express gives its RecordError in its place (not located: the caller knows where the
+        record came from)."""
         plans = []
         for conv in convs:
             try:
@@ -102,7 +103,10 @@ class Renderer:
             if not isinstance(p, RecordError):
                 lengths_only.update(len(requests) + i for i in p[1])
                 requests.extend(p[0])
-        encodings = iter(self.tokenizer.encode_many(requests, lengths_only))
+        # the fixed templates' runs need only the tokens near their class changes (Spans); the hf template
+        # classes every token from its characters' arrays
+        encode = self.tokenizer.encode_many if self._hf is not None else self.tokenizer.encode_spans
+        encodings = iter(encode(requests, lengths_only))
         out = []
         for conv, p in zip(convs, plans):
             if isinstance(p, RecordError):
@@ -153,7 +157,7 @@ class Renderer:
             requests.extend((text[:c], started) for _, _, c, _ in bounds)
             prefixes = list(range(at + 1, len(requests)))        # plain's boundary: only their token counts
             lengths_only.extend(prefixes)
-            pieces.append((list(run), text, at, prefixes, bounds))
+            pieces.append((text, at, prefixes, bounds, *_segments(run)))
             started = True
             run.clear()
 
@@ -186,34 +190,37 @@ class Renderer:
                     classes.append(_one(c, np.uint8))
                     msgs.append(_one(m, np.int64))
                     continue
-                run_, text, at, prefixes, bounds = piece
-                lens = [len(t.text) for t in run_]
-                char_cls = np.repeat(np.array([t.cls for t in run_], dtype=np.uint8), lens)
-                char_msg = np.repeat(np.array([t.msg for t in run_], dtype=np.int64), lens)
-                tok_ids, begin, end = encodings[at]
-                cls, msg = classify_tokens(text, char_cls, char_msg, begin, end)
+                text, at, prefixes, bounds, starts, seg_cls, seg_msg = piece
+                spans = encodings[at]
+                if not isinstance(spans, Spans):          # encode_with_offsets' arrays (the one-record path)
+                    spans = ArraySpans(*spans)
+                cls, msg = classify_segments(text, starts, seg_cls, seg_msg, spans)
                 if prefixes:
-                    cls, msg = self._paper_boundary(bounds, begin, cls, msg, [encodings[j] for j in prefixes])
-                ids.append(tok_ids.astype(np.int32))
-                classes.append(cls.astype(np.uint8))
+                    cls, msg = self._paper_boundary(bounds, spans, cls, msg, [encodings[j] for j in prefixes])
+                ids.append(spans.ids.astype(np.int32, copy=False))
+                classes.append(cls.astype(np.uint8, copy=False))
                 msgs.append(msg)
             return np.concatenate(ids), np.concatenate(classes), np.concatenate(msgs)
         return requests, lengths_only, finish
 
     @staticmethod
-    def _paper_boundary(bounds: list, begin: np.ndarray, cls: np.ndarray, msg: np.ndarray, n_prompts: list):
+    def _paper_boundary(bounds: list, spans: Spans, cls: np.ndarray, msg: np.ndarray, n_prompts: list):
         """The paper's rule at each boundary-marked text (plain's joining space before an answer): the tokens
         of the answer's turn at index ≥ len(tokenize(everything before the boundary)) are response-side,
         those before it prompt-side — whatever characters they cover. ``n_prompts``: those lengths, one per
-        boundary of ``bounds`` (``_boundaries(run)``)."""
+        boundary of ``bounds`` (``_boundaries(run)``). The turn's tokens: those that begin before its end —
+        the first ``first_from(turn_end)`` where begins never decrease."""
         cls, msg = cls.copy(), msg.copy()
-        idx = np.arange(len(cls))
         for (turn, first, _, turn_end), n_prompt in zip(bounds, n_prompts):
-            in_turn = begin < turn_end
-            after = in_turn & (idx >= n_prompt) & ~_IS_RESPONSE_SIDE[cls]
-            cls[after], msg[after] = first, turn
-            before = (idx < n_prompt) & (msg == turn) & _IS_RESPONSE_SIDE[cls]
-            cls[before] = TokenClass.PROMPT
+            if spans.monotone:                     # the turn's tokens after the prompt's: a range
+                after = np.arange(n_prompt, spans.first_from(turn_end))
+            else:
+                after = np.nonzero(spans.arrays()[0] < turn_end)[0]
+                after = after[after >= n_prompt]
+            flip = after[~_IS_RESPONSE_SIDE[cls[after]]]
+            cls[flip], msg[flip] = first, turn
+            c, m = cls[:n_prompt], msg[:n_prompt]
+            c[(m == turn) & _IS_RESPONSE_SIDE[c]] = TokenClass.PROMPT
         return cls, msg
 
 
@@ -228,6 +235,20 @@ def _one(value: int, dtype) -> np.ndarray:
 
 
 _ONE: dict = {}
+
+
+def _segments(run: list):
+    """(the first character of each segment, its class uint8[k], its message int64[k]): a run's texts, those
+    next to each other with one class and message merged (classify_segments' input; texts are never empty)."""
+    starts, cls, msg = [], [], []
+    pos = 0
+    for t in run:
+        if not cls or t.cls != cls[-1] or t.msg != msg[-1]:
+            starts.append(pos)
+            cls.append(t.cls)
+            msg.append(t.msg)
+        pos += len(t.text)
+    return starts, np.array(cls, dtype=np.uint8), np.array(msg, dtype=np.int64)
 
 
 def _boundaries(run: list) -> list:

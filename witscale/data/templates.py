@@ -30,6 +30,7 @@ every user → assistant boundary (tokenize everything before the joining space)
 """
 from __future__ import annotations
 
+import bisect
 import json
 from typing import NamedTuple
 
@@ -320,3 +321,58 @@ def classify_tokens(text: str, char_cls: np.ndarray, char_msg: np.ndarray, begin
         else np.full(len(begin), n, dtype=np.int64)
     at = np.where(first < end, first, np.minimum(begin, max(n - 1, 0)))
     return char_cls[at], char_msg[at]
+
+
+def classify_segments(text: str, starts: list, seg_cls: np.ndarray, seg_msg: np.ndarray, spans):
+    """:func:`classify_tokens` where the characters' class and message are constant over segments — segment j
+    holds characters ``starts[j]`` up to the next start (``starts[0] == 0``) — from the token spans near the
+    segment boundaries only (``spans``: a tokenizer.Spans). The same classes, messages and BoundaryError:
+
+    * a token whose characters lie in one segment takes that segment's class and message — the one of
+      character ``min(begin, n - 1)`` (classify_tokens' ``at`` is a character of the token, or that one);
+      since begins never decrease, those tokens are cut into the segments at ``first_from(start)``;
+    * a token that covers a segment start p (begin < p < end) — since ends never decrease, the tokens just
+      before ``first_from(p)`` whose end is past p — goes through classify_tokens' rule one token at a time.
+
+    Spans that are not monotone fall back to classify_tokens on their arrays."""
+    n = len(text)
+    if not spans.monotone:
+        begin, end = spans.arrays()
+        lens = np.diff(np.append(starts, n))
+        return classify_tokens(text, np.repeat(seg_cls, lens), np.repeat(seg_msg, lens), begin, end)
+    if len(starts) == 1:
+        return np.full(len(spans), seg_cls[0], np.uint8), np.full(len(spans), seg_msg[0], np.int64)
+    cuts = [spans.first_from(p) for p in starts[1:]]
+    counts = [b - a for a, b in zip([0, *cuts], [*cuts, len(spans)])]
+    cls, msg = np.repeat(seg_cls, counts), np.repeat(seg_msg, counts)
+    across = set()                           # tokens that cover a segment start
+    for p, k in zip(starts[1:], cuts):
+        i = k - 1
+        while i >= 0 and spans.span(i)[1] > p:
+            across.add(i)
+            i -= 1
+    for i in sorted(across):                 # ascending: the first token that spans two classes is the one named
+        begin, end = spans.span(i)
+        j = _segment_token_at(text, begin, end, i, starts, seg_cls)
+        cls[i], msg[i] = seg_cls[j], seg_msg[j]
+    return cls, msg
+
+
+def _segment_token_at(text: str, begin: int, end: int, k: int, starts: list, seg_cls) -> int:
+    """classify_tokens' rule for one token k: the segment of its first non-whitespace character (of character
+    ``min(begin, n - 1)`` when it has none); BoundaryError when its non-whitespace characters have two classes."""
+    n = len(text)
+    top = len(_IS_SPACE) - 1
+    at, classes = None, set()
+    for q in range(min(begin, n), end):
+        if not _IS_SPACE[min(ord(text[q]), top)]:
+            if at is None:
+                at = q
+            classes.add(int(seg_cls[bisect.bisect_right(starts, q) - 1]))
+    if len(classes) > 1:
+        names = [TokenClass(c).name.lower() if c < NUM_CLASSES else "end-of-turn" for c in sorted(classes)]
+        raise BoundaryError(f"token {k} covers {text[begin:end]!r}, which spans classes "
+                            f"{' and '.join(names)}: the class boundary falls inside a token")
+    if at is None:
+        at = min(begin, max(n - 1, 0))
+    return bisect.bisect_right(starts, at) - 1

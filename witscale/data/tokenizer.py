@@ -36,6 +36,96 @@ def _char_offsets(text: str, byte_begin: np.ndarray, byte_end: np.ndarray):
     return np.maximum(begin, 0), end
 
 
+class Spans:
+    """One string's tokens: ``ids`` (int32) and each token's character span — the (begin, end) that
+    ``encode_with_offsets`` gives — read per token (``span``) rather than as arrays: the classes of a run change
+    at a few character positions (templates.classify_segments), so only the tokens near those are looked at.
+    ``monotone``: begins and ends never decrease along the tokens (what ``first_from`` needs)."""
+    ids: np.ndarray
+    monotone = True
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def span(self, i: int) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def first_from(self, pos: int) -> int:
+        """The index of the first token whose span begins at or after character ``pos`` (the number of tokens
+        that begin before it): a binary search over the begins."""
+        lo, hi = 0, len(self.ids)
+        if hi == 0 or self.span(hi - 1)[0] < pos:      # at or past the last token (a turn ending the text)
+            return hi
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.span(mid)[0] < pos:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(begin int64[n], end int64[n])."""
+        raise NotImplementedError
+
+
+class ArraySpans(Spans):
+    """Spans of ``encode_with_offsets``' arrays (SentencePiece; any tokenizer's reference path)."""
+
+    def __init__(self, ids: np.ndarray, begin: np.ndarray, end: np.ndarray):
+        self.ids, self.begin, self.end = ids, begin, end
+        self.monotone = bool(np.all(begin[1:] >= begin[:-1]) and np.all(end[1:] >= end[:-1]))
+
+    def span(self, i: int) -> tuple[int, int]:
+        return int(self.begin[i]), int(self.end[i])
+
+    def first_from(self, pos: int) -> int:
+        return int(np.searchsorted(self.begin, pos, side="left"))
+
+    def arrays(self):
+        return self.begin, self.end
+
+
+class EncodingSpans(Spans):
+    """Spans of a fast tokenizer's backend ``Encoding`` (its anchor stripped: HFTokenizer's continuation), read
+    through ``Encoding.token_to_chars`` one token at a time: the list of every token's offset tuple, and its
+    conversion to arrays, cost a third of the tokenizing. The tokenizers library emits offsets in order — each
+    pre-tokenized split's tokens, the splits in text order, alignments kept in order by every normalizer —
+    so begins and ends never decrease (``monotone``; tests/test_pack_batched.py checks it on adversarial text
+    against the arrays)."""
+
+    def __init__(self, encoding, shift: int, ids: np.ndarray):
+        self.ids = ids
+        self._enc, self._shift, self._first = encoding, shift, 1 if shift else 0
+
+    def span(self, i: int) -> tuple[int, int]:
+        b, e = self._enc.token_to_chars(i + self._first)
+        if self._shift:      # as HFTokenizer._strip_anchor: shifted, clipped at 0
+            return max(b - self._shift, 0), max(e - self._shift, 0)
+        return b, e
+
+    def first_from(self, pos: int) -> int:
+        # the first token covering character pos (Encoding.char_to_token, a scan in Rust), moved to the first
+        # token that begins at or after pos: a few span reads instead of a binary search's dozen
+        if pos <= 0:
+            return 0
+        t = self._enc.char_to_token(pos + self._shift)
+        if t is None or t < self._first:                 # pos is in no token (dropped whitespace)
+            return super().first_from(pos)
+        i, n = t - self._first, len(self.ids)
+        while i > 0 and self.span(i - 1)[0] >= pos:
+            i -= 1
+        while i < n and self.span(i)[0] < pos:
+            i += 1
+        return i
+
+    def arrays(self):
+        offs = self._enc.offsets
+        offs = np.fromiter(itertools.chain.from_iterable(offs), dtype=np.int64, count=2 * len(offs)).reshape(-1, 2)
+        offs = offs[self._first:] - self._shift
+        return np.maximum(offs[:, 0], 0), np.maximum(offs[:, 1], 0)
+
+
 class Tokenizer:
     kind = "?"
     path: str
@@ -55,6 +145,11 @@ class Tokenizer:
         one batch call (SentencePiece: one call each)."""
         return [len(enc[0]) if i in lengths_only else enc
                 for i, enc in enumerate(self.encode_with_offsets(t, c) for t, c in requests)]
+
+    def encode_spans(self, requests: list, lengths_only=frozenset()) -> list:
+        """``encode_many``, each encoding (not counted-only) as a :class:`Spans`."""
+        return [enc if i in lengths_only else ArraySpans(*enc)
+                for i, enc in enumerate(self.encode_many(requests, lengths_only))]
 
     def encode(self, text: str, continuation: bool = False) -> list[int]:
         return self.encode_with_offsets(text, continuation)[0].tolist()
@@ -198,29 +293,58 @@ class HFTokenizer(Tokenizer):
         # as a batch of one, through the backend's encode_batch), in Rust, for every string at once
         if not requests:
             return []
+        shifts, encodings = self._backend_encodings(requests, lengths_only)
+        if encodings is not None:
+            return [self._length(e, shift) if i in lengths_only else self._strip_anchor(e.ids, e.offsets, shift)
+                    for i, (e, shift) in enumerate(zip(encodings, shifts))]
+        texts = [self._anchor + t if shift else t for (t, _), shift in zip(requests, shifts)]
+        enc = self.hf(texts, add_special_tokens=False, return_offsets_mapping=True)
+        return [self._length(ids, shift) if i in lengths_only else self._strip_anchor(ids, offs, shift)
+                for i, (ids, offs, shift) in enumerate(zip(enc["input_ids"], enc["offset_mapping"], shifts))]
+
+    def encode_spans(self, requests: list, lengths_only=frozenset()) -> list:
+        # the backend's encodings kept: their offsets are read only where a caller asks (EncodingSpans)
+        if not requests:
+            return []
+        shifts, encodings = self._backend_encodings(requests, lengths_only)
+        if encodings is None:
+            return super().encode_spans(requests, lengths_only)
+        out = []
+        for i, (e, shift) in enumerate(zip(encodings, shifts)):
+            if i in lengths_only:
+                out.append(self._length(e, shift))
+                continue
+            ids = e.ids
+            if shift:
+                self._check_anchor(ids)
+            ids = np.fromiter(ids, dtype=np.int32, count=len(ids))
+            out.append(EncodingSpans(e, shift, ids[1:] if shift else ids))
+        return out
+
+    def _backend_encodings(self, requests: list, lengths_only):
+        """(the anchor shift of each request, the backend's Encoding of each — or None where the transformers
+        tokenizer's state (truncation, padding, special-token splitting) differs from the backend's: then
+        only its own call is right)."""
         shifts = [len(self._anchor) if c and self._anchor is not None else 0 for _, c in requests]
         texts = [self._anchor + t if shift else t for (t, _), shift in zip(requests, shifts)]
         backend = self.hf.backend_tokenizer
         split_specials = bool(getattr(self.hf, "split_special_tokens", False))
-        if backend.truncation is None and backend.padding is None \
-                and getattr(backend, "encode_special_tokens", None) == split_specials:
-            # the state transformers' call would set: its backend call, without building Python lists of
-            # dicts per string (as much time as the tokenizing). The strings of which only the token count is
-            # needed go through encode_batch_fast where there is one: the same pipeline without tracking
-            # offsets (a third of encode_batch's time)
-            fast = getattr(backend, "encode_batch_fast", None) if lengths_only else None
-            counted = [i for i in range(len(texts)) if i in lengths_only] if fast is not None else []
-            encodings = backend.encode_batch([t for i, t in enumerate(texts) if i not in lengths_only] if counted
-                                             else texts, add_special_tokens=False)
-            if counted:
-                merged = dict(zip(counted, fast([texts[i] for i in counted], add_special_tokens=False)))
-                rest = iter(encodings)
-                encodings = [merged[i] if i in merged else next(rest) for i in range(len(texts))]
-            return [self._length(e, shift) if i in lengths_only else self._strip_anchor(e.ids, e.offsets, shift)
-                    for i, (e, shift) in enumerate(zip(encodings, shifts))]
-        enc = self.hf(texts, add_special_tokens=False, return_offsets_mapping=True)
-        return [self._length(ids, shift) if i in lengths_only else self._strip_anchor(ids, offs, shift)
-                for i, (ids, offs, shift) in enumerate(zip(enc["input_ids"], enc["offset_mapping"], shifts))]
+        if backend.truncation is not None or backend.padding is not None \
+                or getattr(backend, "encode_special_tokens", None) != split_specials:
+            return shifts, None
+        # the state transformers' call would set: its backend call, without building Python lists of dicts
+        # per string (as much time as the tokenizing). The strings of which only the token count is needed go
+        # through encode_batch_fast where there is one: the same pipeline without tracking offsets (a third of
+        # encode_batch's time)
+        fast = getattr(backend, "encode_batch_fast", None) if lengths_only else None
+        counted = [i for i in range(len(texts)) if i in lengths_only] if fast is not None else []
+        encodings = backend.encode_batch([t for i, t in enumerate(texts) if i not in lengths_only] if counted
+                                         else texts, add_special_tokens=False)
+        if counted:
+            merged = dict(zip(counted, fast([texts[i] for i in counted], add_special_tokens=False)))
+            rest = iter(encodings)
+            encodings = [merged[i] if i in merged else next(rest) for i in range(len(texts))]
+        return shifts, encodings
 
     def _check_anchor(self, ids) -> None:
         if len(ids) == 0 or ids[0] != self._anchor_id:
