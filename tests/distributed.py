@@ -10,7 +10,8 @@ worker, pickles its result (or traceback) to a per-rank file in a temporary dire
 leaves through ``barrier`` + ``destroy_process_group``. A failing rank raises ``DistributedTestError``
 in the parent with that rank's traceback (the rank that failed first is named first: the others usually
 fail only because a peer vanished); a hang ends at ``timeout`` seconds with an error naming the ranks
-still running. The process group's own timeout is set a little below ``timeout``, so a rank stuck in a
+still running. Each rank leads a process group of its own, which is killed when the run ends (a timeout, an
+error, an interrupt): nothing a rank started — a compiler, a subprocess — outlives the run. The process group's own timeout is set a little below ``timeout``, so a rank stuck in a
 collective usually reports *where* it is stuck rather than being killed silently.
 
 The rendezvous store is a ``TCPStore`` the parent opens on port 0 (the kernel picks a free port and the parent
@@ -63,6 +64,7 @@ def _write(path: str, obj) -> None:
 
 def _child(rank: int, world_size: int, port: int, out_dir: str, payload: bytes, sys_path: list,
            pg_timeout_s: float) -> None:
+    os.setpgid(0, 0)    # a process group of its own: what the rank starts (a compiler) is killed with it (_kill_groups)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
@@ -126,6 +128,22 @@ def _rendezvous_store(world_size: int, timeout_s: float):
         del store   # closes the listening socket once the ranks are gone
 
 
+def _kill_groups(procs) -> None:
+    """SIGKILL each rank's process group (the rank and whatever it started: a compiler building a torch extension
+    once outlived its killed rank and kept the build lock, stalling every later test that built it), then reap.
+    A rank that has already exited leaves its group behind only if it started something still running."""
+    import signal
+
+    for p in procs:
+        if p.pid is None:       # never started
+            continue
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):  # nothing left in it; or a pid the kernel has given again
+            pass
+        p.join(5)
+
+
 def run_distributed(fn, world_size: int, *args, timeout: float = 180, start_method: str | None = None) -> list:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return the per-rank results."""
     try:
@@ -142,27 +160,32 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 180, start_meth
         procs = [ctx.Process(target=_child, name=f"rank{r}",
                              args=(r, world_size, port, out_dir, payload, list(sys.path), pg_timeout_s))
                  for r in range(world_size)]
-        for p in procs:
-            p.start()
+        try:
+            for p in procs:
+                p.start()
+        except BaseException:
+            _kill_groups(procs)
+            raise
         deadline = time.monotonic() + timeout
         grace_end = None        # after a first failure, give the peers a moment to report theirs
         timed_out = False
-        while True:
-            alive = [p for p in procs if p.exitcode is None]
-            if not alive:
-                break
-            now = time.monotonic()
-            if grace_end is None and any(p.exitcode not in (None, 0) for p in procs):
-                grace_end = now + 3.0
-            if now > deadline or (grace_end is not None and now > grace_end):
-                timed_out = grace_end is None
-                break
-            mp.connection.wait([p.sentinel for p in alive], timeout=0.2)
+        try:
+            while True:
+                alive = [p for p in procs if p.exitcode is None]
+                if not alive:
+                    break
+                now = time.monotonic()
+                if grace_end is None and any(p.exitcode not in (None, 0) for p in procs):
+                    grace_end = now + 3.0
+                if now > deadline or (grace_end is not None and now > grace_end):
+                    timed_out = grace_end is None
+                    break
+                mp.connection.wait([p.sentinel for p in alive], timeout=0.2)
+        except BaseException:
+            _kill_groups(procs)
+            raise
         still_running = [r for r, p in enumerate(procs) if p.exitcode is None]
-        for p in procs:
-            if p.exitcode is None:
-                p.kill()
-            p.join(5)
+        _kill_groups(procs)
 
         outcomes = {}
         for r in range(world_size):

@@ -55,6 +55,43 @@ def test_hang_ends_at_the_timeout():
     assert time.monotonic() - t0 < 20
 
 
+def _rank_0_starts_a_process_and_fails(rank, world, pid_file):
+    if rank == 0:
+        import subprocess
+        child = subprocess.Popen(["sleep", "300"])       # e.g. the compiler of a torch extension build
+        with open(pid_file, "w") as f:
+            f.write(str(child.pid))
+        raise ValueError("deliberate failure on rank 0")
+    return rank
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or a zombie (killed, waiting for init to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.slow
+def test_what_a_rank_started_does_not_outlive_the_run(tmp_path):
+    """Each rank leads its own process group, killed when the run ends: a process it started (a compiler holding
+    torch's extension build lock, once) no longer lives on after its rank failed, hung or was killed."""
+    pid_file = tmp_path / "child.pid"
+    with pytest.raises(DistributedTestError, match="deliberate failure on rank 0"):
+        run_distributed(_rank_0_starts_a_process_and_fails, 2, str(pid_file), timeout=60)
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while not _gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        assert _gone(pid), f"the rank's child {pid} outlived the run"
+    finally:
+        if not _gone(pid):
+            os.kill(pid, 9)
+
+
 def test_worker_must_be_picklable():
     with pytest.raises(TypeError, match="top-level"):
         run_distributed(lambda rank, world: rank, 2)
