@@ -89,6 +89,21 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.nodeid not in serial)
 
 
+@pytest.fixture(autouse=True)
+def slurm_jobs(request):
+    """Around every test that uses the local Slurm (the `slurm_cluster` fixture): it starts on idle nodes (else it
+    fails at once, naming what holds them), and when it ends — passed or failed — the jobs it submitted (those
+    slurmctld did not know before it) are cancelled and the nodes are idle again before the next test; a job
+    that would not go away fails this test's teardown, naming it (tests/slurm_helpers.py)."""
+    if "slurm_cluster" not in request.fixturenames:
+        yield
+        return
+    from tests import slurm_helpers as sh
+    env = sh.slurm_env(request.getfixturevalue("slurm_cluster"))
+    with sh.jobs_cancelled_at_exit(env, request.node.name):
+        yield
+
+
 def pytest_unconfigure(config):
     from tests import tiers
     tiers.uninstall()
