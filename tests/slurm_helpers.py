@@ -195,7 +195,10 @@ def run_launcher(cmd, timeout, **kwargs) -> subprocess.CompletedProcess:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
+        try:                    # a process that left the group could still hold the pipes: do not wait on it
+            out, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            out, err = "", ""
         raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
     finally:
         try:                    # what the launcher left behind (nothing, when it ended normally)

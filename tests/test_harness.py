@@ -95,3 +95,23 @@ def test_what_a_rank_started_does_not_outlive_the_run(tmp_path):
 def test_worker_must_be_picklable():
     with pytest.raises(TypeError, match="top-level"):
         run_distributed(lambda rank, world: rank, 2)
+
+
+def test_a_launcher_that_times_out_is_killed_with_its_ranks(tmp_path):
+    """tests/slurm_helpers.run_launcher (mpirun in tests/test_mpi.py): on the timeout the launcher's whole process
+    group is killed — subprocess.run killed the launcher alone and its ranks lived on."""
+    import subprocess
+
+    from tests.slurm_helpers import run_launcher
+    pid_file = tmp_path / "rank.pid"
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_launcher(["bash", "-c", f'sleep 300 & echo $! > "{pid_file}"; wait'], timeout=2)
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while not _gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        assert _gone(pid), f"the launcher's child {pid} outlived it"
+    finally:
+        if not _gone(pid):
+            os.kill(pid, 9)
