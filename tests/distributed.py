@@ -37,6 +37,7 @@ import multiprocessing as mp
 import multiprocessing.connection
 import os
 import pickle
+import subprocess
 import sys
 import tempfile
 import time
@@ -142,6 +143,46 @@ def _kill_groups(procs) -> None:
         except (ProcessLookupError, PermissionError):  # nothing left in it; or a pid the kernel has given again
             pass
         p.join(5)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a launcher, every process below it and its process group. The tree is listed before anything is
+    killed (an orphan is no longer found under its launcher): torchrun starts each worker in a session of its own,
+    so killing the launcher's group alone would miss the ranks."""
+    import signal
+
+    import psutil
+
+    try:
+        below = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        below = []
+    for target in (pid, *(p.pid for p in below)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(target, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def run_launcher(cmd, timeout, stderr=subprocess.PIPE, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True, timeout=…)`` for a command that starts ranks (mpirun,
+    torchrun): in a session of its own, and on the timeout (or any error here) the launcher and everything below it
+    are killed (kill_tree) before TimeoutExpired is raised. subprocess.run killed the launcher alone: its ranks lived
+    on, holding cores, ports and locks for the tests after it. ``stderr=subprocess.STDOUT`` merges the two."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True,
+                            **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException as e:
+        kill_tree(proc.pid)
+        try:                    # a process that escaped the kill could still hold the pipes: do not wait on it
+            out, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            out, err = "", ""
+        if isinstance(e, subprocess.TimeoutExpired):
+            raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 180, start_method: str | None = None) -> list:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -184,26 +183,3 @@ def cancel_jobs(env, jobs) -> None:
     if alive:
         subprocess.run(["scancel", *alive], env=env, capture_output=True, text=True, timeout=60)
 
-
-def run_launcher(cmd, timeout, **kwargs) -> subprocess.CompletedProcess:
-    """``subprocess.run(cmd, capture_output=True, text=True, timeout=…)`` for a launcher (mpirun): started in a
-    session of its own, whose whole process group is killed on the timeout (and on any error here). subprocess.run
-    kills the launcher alone, and its ranks lived on, holding the cores, the rendezvous port and any lock."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            **kwargs)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        try:                    # a process that left the group could still hold the pipes: do not wait on it
-            out, err = proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            out, err = "", ""
-        raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
-    finally:
-        try:                    # what the launcher left behind (nothing, when it ended normally)
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

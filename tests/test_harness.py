@@ -98,14 +98,15 @@ def test_worker_must_be_picklable():
 
 
 def test_a_launcher_that_times_out_is_killed_with_its_ranks(tmp_path):
-    """tests/slurm_helpers.run_launcher (mpirun in tests/test_mpi.py): on the timeout the launcher's whole process
-    group is killed — subprocess.run killed the launcher alone and its ranks lived on."""
+    """tests/distributed.run_launcher (mpirun, torchrun): on the timeout the launcher and everything below it are
+    killed — also a rank in a session of its own, as torchrun starts them; subprocess.run killed the launcher alone
+    and its ranks lived on."""
     import subprocess
 
-    from tests.slurm_helpers import run_launcher
+    from tests.distributed import run_launcher
     pid_file = tmp_path / "rank.pid"
     with pytest.raises(subprocess.TimeoutExpired):
-        run_launcher(["bash", "-c", f'sleep 300 & echo $! > "{pid_file}"; wait'], timeout=2)
+        run_launcher(["bash", "-c", f'setsid sleep 300 & echo $! > "{pid_file}"; wait'], timeout=2)
     pid = int(pid_file.read_text())
     deadline = time.monotonic() + 10
     while not _gone(pid) and time.monotonic() < deadline:

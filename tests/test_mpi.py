@@ -8,8 +8,8 @@ import shutil
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tests.slurm_helpers import (PY, TRAIN, cpu_env, make_tiny_inputs, run_launcher, train_flags, train_losses,
-                                 unavailable, world_of)
+from tests.distributed import run_launcher
+from tests.slurm_helpers import PY, TRAIN, cpu_env, make_tiny_inputs, train_flags, train_losses, unavailable, world_of
 
 pytestmark = pytest.mark.slow  # mpirun and srun ranks
 
