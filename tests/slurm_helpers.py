@@ -159,9 +159,9 @@ def wait_nodes_idle(env, jobs=(), bound=IDLE_BOUND_S) -> str:
 
 @contextlib.contextmanager
 def jobs_cancelled_at_exit(env, test: str, bound: float = IDLE_BOUND_S):
-    """Around one test: fail at once unless the nodes are idle (naming what holds them), and at the exit cancel the
-    jobs submitted inside (those slurmctld did not know at the entry) and wait for idle nodes; a job that would not
-    go away fails, naming it."""
+    """Around one test: wait up to ``bound`` s for idle nodes, else fail naming what holds them (never cancelled
+    here: it may be a user's job); at the exit cancel the jobs submitted inside (those slurmctld did not know at the
+    entry) and wait for idle nodes; a job that would not go away fails, naming it."""
     held = wait_nodes_idle(env, bound=bound)
     if held:
         pytest.fail(f"the local Slurm's nodes are not free before {test} (these tests need both nodes idle: an "
