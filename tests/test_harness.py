@@ -116,3 +116,25 @@ def test_a_launcher_that_times_out_is_killed_with_its_ranks(tmp_path):
     finally:
         if not _gone(pid):
             os.kill(pid, 9)
+
+
+def test_the_serial_group_runs_in_one_worker_in_order(tmp_path):
+    """--dist loadgroup sends every test of tests/conftest.py's SERIAL_GROUPS files (the local Slurm, mpirun) to one
+    worker, in file order, while the other tests spread: an inner pytest on 2 workers over the Slurm files' tests
+    that need no cluster and a fast file (under pytest 9, xdist's own marker-based grouping spread them)."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "WITSCALE_REQUIRE"))}
+    res = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", "--dist", "loadgroup", "-v", "-p",
+                          "no:cacheprovider", f"--basetemp={tmp_path}/t", "tests/test_slurm.py", "tests/test_tiers.py",
+                          "-k", "signal_lead or preemptible or shellcheck or launchers_are_recognized"],
+                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    ran = re.findall(r"^\[(gw\d)\] \[ *\d+%\] \w+ (tests/test_\w+\.py)::(\w+)", res.stdout, re.M)
+    slurm = [(worker, test) for worker, path, test in ran if path == "tests/test_slurm.py"]
+    assert len(slurm) == 3 and len({w for w, _ in slurm}) == 1, res.stdout[-3000:]
+    assert [t for _, t in slurm] == ["test_scripts_pass_shellcheck",
+                                     "test_templates_pass_their_signal_lead_to_the_trainer",
+                                     "test_every_preemptible_template_exports_its_own_signal_lead"], res.stdout[-3000:]
