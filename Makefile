@@ -42,9 +42,10 @@ demo: $(STAMP)
 ## (process start-up, timeouts the tests provoke), not CPU. --dist loadgroup: tests/conftest.py puts what one
 ## machine has one of (the local Slurm, mpirun's port) into one group, run by one worker in order. DeepSpeed's JIT
 ## extensions are built first, once (tests/build_extensions.py), not by a rank of whichever worker gets there first.
-# 3 workers: ~22-25 minutes instead of ~33 one test at a time. The local-Slurm tests stand the other workers' load
-# (issue 26): their waits are hang bounds that allow for it, and each starts on idle nodes and cancels its jobs when
-# it ends (tests/slurm_helpers.py, README's Tests). TEST_WORKERS=1 runs one test at a time.
+# 3 workers: ~22-25 minutes instead of ~33 one test at a time. Issue 26: the Slurm tests had not been serialized at
+# all (xdist's group marker does nothing under pytest 9; tests/conftest.py now groups them in xdist's scheduler);
+# their waits are hang bounds that allow for the load, and each starts on idle nodes and cancels its jobs when it
+# ends (tests/slurm_helpers.py, README's Tests). TEST_WORKERS=1 runs one test at a time.
 TEST_WORKERS ?= 3
 test: $(STAMP)
 	$(PY) tests/build_extensions.py
