@@ -10,7 +10,8 @@ worker, pickles its result (or traceback) to a per-rank file in a temporary dire
 leaves through ``barrier`` + ``destroy_process_group``. A failing rank raises ``DistributedTestError``
 in the parent with that rank's traceback (the rank that failed first is named first: the others usually
 fail only because a peer vanished); a hang ends at ``timeout`` seconds with an error naming the ranks
-still running. The process group's own timeout is set a little below ``timeout``, so a rank stuck in a
+still running. Each rank leads a process group of its own, which is killed when the run ends (a timeout, an
+error, an interrupt): nothing a rank started — a compiler, a subprocess — outlives the run. The process group's own timeout is set a little below ``timeout``, so a rank stuck in a
 collective usually reports *where* it is stuck rather than being killed silently.
 
 The rendezvous store is a ``TCPStore`` the parent opens on port 0 (the kernel picks a free port and the parent
@@ -36,6 +37,7 @@ import multiprocessing as mp
 import multiprocessing.connection
 import os
 import pickle
+import subprocess
 import sys
 import tempfile
 import time
@@ -63,6 +65,7 @@ def _write(path: str, obj) -> None:
 
 def _child(rank: int, world_size: int, port: int, out_dir: str, payload: bytes, sys_path: list,
            pg_timeout_s: float) -> None:
+    os.setpgid(0, 0)    # a process group of its own: what the rank starts (a compiler) is killed with it (_kill_groups)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
@@ -126,6 +129,62 @@ def _rendezvous_store(world_size: int, timeout_s: float):
         del store   # closes the listening socket once the ranks are gone
 
 
+def _kill_groups(procs) -> None:
+    """SIGKILL each rank's process group (the rank and whatever it started: a compiler building a torch extension
+    once outlived its killed rank and kept the build lock, stalling every later test that built it), then reap.
+    A rank that has already exited leaves its group behind only if it started something still running."""
+    import signal
+
+    for p in procs:
+        if p.pid is None:       # never started
+            continue
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):  # nothing left in it; or a pid the kernel has given again
+            pass
+        p.join(5)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a launcher, every process below it and its process group. The tree is listed before anything is
+    killed (an orphan is no longer found under its launcher): torchrun starts each worker in a session of its own,
+    so killing the launcher's group alone would miss the ranks."""
+    import signal
+
+    import psutil
+
+    try:
+        below = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        below = []
+    for target in (pid, *(p.pid for p in below)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(target, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def run_launcher(cmd, timeout, stderr=subprocess.PIPE, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True, timeout=…)`` for a command that starts ranks (mpirun,
+    torchrun): in a session of its own, and on the timeout (or any error here) the launcher and everything below it
+    are killed (kill_tree) before TimeoutExpired is raised. subprocess.run killed the launcher alone: its ranks lived
+    on, holding cores, ports and locks for the tests after it. ``stderr=subprocess.STDOUT`` merges the two."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True,
+                            **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException as e:
+        kill_tree(proc.pid)
+        try:                    # a process that escaped the kill could still hold the pipes: do not wait on it
+            out, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            out, err = "", ""
+        if isinstance(e, subprocess.TimeoutExpired):
+            raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run_distributed(fn, world_size: int, *args, timeout: float = 180, start_method: str | None = None) -> list:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return the per-rank results."""
     try:
@@ -142,27 +201,32 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 180, start_meth
         procs = [ctx.Process(target=_child, name=f"rank{r}",
                              args=(r, world_size, port, out_dir, payload, list(sys.path), pg_timeout_s))
                  for r in range(world_size)]
-        for p in procs:
-            p.start()
+        try:
+            for p in procs:
+                p.start()
+        except BaseException:
+            _kill_groups(procs)
+            raise
         deadline = time.monotonic() + timeout
         grace_end = None        # after a first failure, give the peers a moment to report theirs
         timed_out = False
-        while True:
-            alive = [p for p in procs if p.exitcode is None]
-            if not alive:
-                break
-            now = time.monotonic()
-            if grace_end is None and any(p.exitcode not in (None, 0) for p in procs):
-                grace_end = now + 3.0
-            if now > deadline or (grace_end is not None and now > grace_end):
-                timed_out = grace_end is None
-                break
-            mp.connection.wait([p.sentinel for p in alive], timeout=0.2)
+        try:
+            while True:
+                alive = [p for p in procs if p.exitcode is None]
+                if not alive:
+                    break
+                now = time.monotonic()
+                if grace_end is None and any(p.exitcode not in (None, 0) for p in procs):
+                    grace_end = now + 3.0
+                if now > deadline or (grace_end is not None and now > grace_end):
+                    timed_out = grace_end is None
+                    break
+                mp.connection.wait([p.sentinel for p in alive], timeout=0.2)
+        except BaseException:
+            _kill_groups(procs)
+            raise
         still_running = [r for r, p in enumerate(procs) if p.exitcode is None]
-        for p in procs:
-            if p.exitcode is None:
-                p.kill()
-            p.join(5)
+        _kill_groups(procs)
 
         outcomes = {}
         for r in range(world_size):

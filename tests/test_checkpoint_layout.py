@@ -11,14 +11,15 @@ import sys
 import pytest
 
 from tests.conftest import REPO_ROOT
+from tests.distributed import run_launcher
 from tests.test_train_cli_operations import _args, _env, _torchrun, _train_losses, run_inputs  # noqa: F401
 
 
 def _torchrun_n(n, args):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
            os.path.join(REPO_ROOT, "witscale/train.py"), *args]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(WITSCALE_UNIVERSAL_WORKERS="1"), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=300)
+    proc = run_launcher(cmd, timeout=300, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                        env=_env(WITSCALE_UNIVERSAL_WORKERS="1"))
     return proc.returncode, proc.stdout
 
 

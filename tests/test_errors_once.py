@@ -26,12 +26,12 @@ def test_a_checkpoint_error_every_rank_meets_is_printed_once(run_inputs, tmp_pat
     import sys
 
     from tests.conftest import REPO_ROOT
+    from tests.distributed import run_launcher
 
     def torchrun(args):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                os.path.join(REPO_ROOT, "witscale/train.py"), *args]
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, timeout=300)
+        proc = run_launcher(cmd, timeout=300, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=_env())
         return proc.returncode, proc.stdout
 
     args = [a if a != "ds_configs/zero3.json" else "ds_configs/zero0.json" for a in _args(run_inputs, tmp_path, 2)]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO_ROOT, write_jsonl
+from tests.distributed import run_launcher
 from tests.eval_helpers import capitals_task, make_tiny_hf, reference_logprob
 from witscale.evaluation import harness
 from witscale.evaluation.results import merge_results
@@ -25,7 +25,7 @@ PROMPTS = [{"instruction": "What is the capital of Zorvia?"},
 
 def evaluate(*args, launcher=None, timeout=300):
     cmd = (launcher or [sys.executable]) + ["tools/evaluate.py", "--no-progress", *map(str, args)]
-    return subprocess.run(cmd, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return run_launcher(cmd, timeout=timeout, cwd=REPO_ROOT, env=ENV)      # torchrun: its ranks killed on the timeout
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,11 @@ mpirun is missing, unless WITSCALE_REQUIRE_SLURM=1."""
 from __future__ import annotations
 
 import shutil
-import subprocess
 
 import pytest
 
 from tests.conftest import REPO_ROOT
+from tests.distributed import run_launcher
 from tests.slurm_helpers import PY, TRAIN, cpu_env, make_tiny_inputs, train_flags, train_losses, unavailable, world_of
 
 pytestmark = pytest.mark.slow  # mpirun and srun ranks
@@ -46,7 +46,7 @@ def test_mpirun_two_ranks_train_as_one_world(tiny, tmp_path):
     env = cpu_env(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_btl="self,tcp")
     cmd = [mpirun, "--oversubscribe", "--bind-to", "none", "-np", "2", "-x", "DS_ACCELERATOR", "-x", "OMP_NUM_THREADS",
            "-x", "PYTHONWARNINGS", PY, TRAIN, *train_flags(tiny, out, 4)]
-    res = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    res = run_launcher(cmd, timeout=300, cwd=REPO_ROOT, env=env)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert world_of(out) == 2, res.stdout[-4000:]
     assert sorted(train_losses(out)) == [1, 2, 3, 4]
@@ -66,7 +66,7 @@ def test_mpirun_keeps_the_computed_rendezvous(tiny, tmp_path):
                   MASTER_ADDR="127.0.0.2", MASTER_PORT=port)     # loopback, but not what `hostname -I` says
     cmd = [mpirun, "--oversubscribe", "--bind-to", "none", "-np", "2", "-x", "DS_ACCELERATOR", "-x", "OMP_NUM_THREADS",
            "-x", "PYTHONWARNINGS", "-x", "MASTER_ADDR", "-x", "MASTER_PORT", PY, TRAIN, *train_flags(tiny, out, 2)]
-    res = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    res = run_launcher(cmd, timeout=300, cwd=REPO_ROOT, env=env)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     effective = json.loads((out / "effective_config.json").read_text())
     assert effective["rendezvous"] == f"127.0.0.2:{port}" and effective["layout"]["world"] == 2

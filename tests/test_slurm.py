@@ -3,7 +3,13 @@ machine (slurm/local/start.sh), each template run as written with environment ov
 a tiny CPU/gloo run. Skipped when Slurm cannot be started here, unless WITSCALE_REQUIRE_SLURM=1 (CI).
 
 Jobs are waited for by polling `scontrol` every 0.5 s: `sbatch --wait` polls with a back-off that reaches
-32 s and would triple this file's wall time."""
+32 s and would triple this file's wall time.
+
+Every wait is a hang bound, not a speed assertion (README, Tests): it returns or fails
+as soon as its job reaches a final state (or a dependency that can never be met), and otherwise allows
+`hang_bound(s)` — the time measured on this machine alone × LOAD_ALLOWANCE, for `make test`'s other workers on
+the same cores. Each Slurm test starts on idle nodes and leaves them idle: tests/conftest.py's `slurm_jobs`
+fixture cancels what the test submitted, pass or fail (tests/slurm_helpers.py)."""
 from __future__ import annotations
 
 import csv
@@ -16,15 +22,13 @@ import time
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tests.slurm_helpers import (PY, cpu_env, make_tiny_inputs, read_metrics, train_losses, unavailable,
-                                 world_of)
+from tests.slurm_helpers import (FINAL_STATES, PY, cpu_env, hang_bound, make_tiny_inputs, note_wait, read_metrics,
+                                 train_losses, unavailable, world_of)
 
 pytestmark = pytest.mark.slow  # a real local Slurm
 
 SLURM_DIR = os.environ.get("WITSCALE_SLURM_DIR", "/tmp/witscale-slurm")
 SLURM_CONF = os.path.join(SLURM_DIR, "slurm.conf")
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                "DEADLINE", "PREEMPTED"}
 SCRIPTS = [f"slurm/{n}" for n in ("common.sh", "launch_task.sh", "site_env.sh", "train_7b.sh", "train_70b.sh",
                                    "train_long.sh", "sweep_weights.sh", "followups.sh", "sweep_report.sh",
                                    "evaluate_cell.sh", "dpo_common.sh", "dpo_7b.sh", "sweep_dpo.sh")] + [
@@ -131,14 +135,22 @@ def job_records(job, env) -> list[dict]:
 
 
 def wait_job(job, env, timeout=240) -> list[dict]:
-    """Poll until every record of the job (all tasks of an array) is in a final state."""
-    deadline = time.time() + timeout
+    """Poll until every record of the job (all tasks of an array) is in a final state. ``timeout``: the wait on
+    this machine alone, allowed ``hang_bound(timeout)``; a task whose dependency can never be met ends it at once."""
+    started = time.time()
+    deadline = started + hang_bound(timeout)
     recs = []
     held_since: dict[str, float] = {}
     while time.time() < deadline:
         recs = job_records(job, env)
         if recs and all(r.get("JobState") in FINAL_STATES for r in recs):
+            note_wait(f"job {job}", started, timeout)
             return recs
+        never = [r["JobId"] for r in recs if r.get("Reason") == "DependencyNeverSatisfied"]
+        if never:   # Slurm keeps such a job PENDING for ever (no kill_invalid_depend here): nothing left to wait for
+            subprocess.run(["scancel", str(job)], env=env)
+            pytest.fail(f"job {job}: {never} can never start, their dependency failed: "
+                        f"{[(r.get('JobId'), r.get('JobState'), r.get('Dependency')) for r in recs]}")
         for r in recs:
             # Slurm holds a requeued job for ~2 minutes (Reason=BeginTime); release it early here — but not
             # within the same second as the requeue: slurmd compares credential times in whole seconds and
@@ -150,13 +162,16 @@ def wait_job(job, env, timeout=240) -> list[dict]:
                                    capture_output=True)
         time.sleep(0.5)
     subprocess.run(["scancel", str(job)], env=env)
-    pytest.fail(f"job {job} did not finish in {timeout}s: {[(r.get('JobId'), r.get('JobState')) for r in recs]}")
+    pytest.fail(f"job {job} did not finish in {hang_bound(timeout):.0f}s: "
+                f"{[(r.get('JobId'), r.get('JobState'), r.get('Reason')) for r in recs]}")
 
 
 def wait_for_step(out, step, job, env, timeout=120):
-    deadline = time.time() + timeout
+    started = time.time()
+    deadline = started + hang_bound(timeout)
     while time.time() < deadline:
         if max(train_losses(out), default=0) >= step:
+            note_wait(f"step {step}", started, timeout)
             return
         recs = job_records(job, env)
         if recs and all(r.get("JobState") in FINAL_STATES for r in recs):
@@ -170,7 +185,7 @@ def signal_batch(job, env, signal="USR1", timeout=30):
     state (an array task being split off its array record, a step being set up) with "Job can not be altered now,
     try again later" — its own instruction, so that one answer (and only it) is retried; seen once under 3 test
     workers on 2 cores, when the refused signal left the test's jobs running and the next Slurm tests waited on them."""
-    deadline = time.time() + timeout
+    deadline = time.time() + hang_bound(timeout)
     while True:
         res = subprocess.run(["scancel", "--batch", f"--signal={signal}", str(job)], env=env, capture_output=True,
                              text=True)
@@ -184,6 +199,67 @@ def signal_batch(job, env, signal="USR1", timeout=30):
 def read_log(log_dir) -> str:
     return "".join(open(os.path.join(log_dir, n), encoding="utf-8", errors="replace").read()
                    for n in sorted(os.listdir(log_dir)))
+
+
+def test_a_test_starts_on_idle_nodes_and_its_jobs_are_cancelled_when_it_ends(slurm_cluster, tmp_path):
+    """What tests/conftest.py's `slurm_jobs` does around every Slurm test: a job held from outside (not cancelled:
+    it may be a user's) makes the next test fail at its start, naming it; the jobs submitted inside are cancelled at
+    the exit, pass or fail, and the nodes are idle again."""
+    from tests.slurm_helpers import jobs_cancelled_at_exit, known_jobs, slurm_env
+    env = slurm_env(slurm_cluster)
+
+    def sleep_job(name):
+        res = subprocess.run(["sbatch", "--parsable", "--nodes=2", f"--job-name={name}", f"--output={tmp_path}/%j.out",
+                              "--wrap", "sleep 600"], env=env, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        return res.stdout.strip().split(";")[0]
+
+    outside = sleep_job("outside")
+    try:
+        with pytest.raises(pytest.fail.Exception, match=rf"nodes are not free before t1 .*'{outside}'"):
+            with jobs_cancelled_at_exit(env, "t1", bound=3):
+                pass
+    finally:
+        subprocess.run(["scancel", outside], env=env)
+    with pytest.raises(RuntimeError, match="the test failed"):
+        with jobs_cancelled_at_exit(env, "t2"):
+            inside = sleep_job("inside")
+            wait_for_state(inside, env, "RUNNING")
+            raise RuntimeError("the test failed")
+    assert known_jobs(env)[inside][0] == "CANCELLED"
+    assert {r["JobState"] for r in job_records(outside, env)} == {"CANCELLED"}
+    res = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True, text=True)
+    assert res.stdout.split() == ["idle", "idle"], res.stdout
+
+
+def test_a_wait_ends_at_once_when_its_job_can_never_start(slurm_cluster, tmp_path):
+    """A job whose dependency failed stays PENDING for ever (DependencyNeverSatisfied): the wait fails at once,
+    saying so, instead of at its hang bound (a failed sweep cell used to hold the test for its whole bound)."""
+    from tests.slurm_helpers import slurm_env
+    env = slurm_env(slurm_cluster)
+
+    def submit(*flags):
+        res = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/%j.out", *flags, "--wrap", "false"],
+                             env=env, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        return res.stdout.strip().split(";")[0]
+
+    first = submit()
+    after = submit(f"--dependency=afterok:{first}")
+    with pytest.raises(pytest.fail.Exception, match=rf"job {after}: \['{after}'\] can never start"):
+        wait_job(after, env)
+    assert {r["JobState"] for r in job_records(after, env)} == {"CANCELLED"}
+
+
+def wait_for_state(job, env, state, timeout=60):
+    deadline = time.time() + hang_bound(timeout)
+    while time.time() < deadline:
+        recs = job_records(job, env)
+        if recs and recs[0].get("JobState") == state:
+            return
+        assert not recs or recs[0].get("JobState") not in FINAL_STATES, recs
+        time.sleep(0.2)
+    pytest.fail(f"job {job} never {state}")
 
 
 # ------------------------------------------------------------------------------------------------- templates
@@ -536,11 +612,12 @@ def test_dpo_7b_template_two_nodes_from_a_shared_preference_dataset(slurm_cluste
     for var in ("DATA", "GRAD_ACCUM", "PROMPT_WEIGHT", "MODEL_CONFIG", "LR"):
         env.pop(var, None)
     job = sbatch("slurm/dpo_7b.sh", env, tmp_path / "logs", "--nodes=2")
-    deadline = time.time() + 120
+    deadline = time.time() + hang_bound(120)
     while "reference pass: " not in read_log(tmp_path / "logs"):
         assert time.time() < deadline and job_records(job, env)[0]["JobState"] in ("PENDING", "RUNNING"), \
             read_log(tmp_path / "logs")
         time.sleep(0.5)
+    note_wait("reference pass started", deadline - hang_bound(120), 120)
     signal_batch(job, env)
     (rec,) = wait_job(job, env, timeout=360)
     log = read_log(tmp_path / "logs")

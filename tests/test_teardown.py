@@ -4,12 +4,12 @@ last collective, and die at exit of std::terminate (issue 26: tools/evaluate.py 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
 
 from tests.conftest import REPO_ROOT
+from tests.distributed import run_launcher
 
 SCRIPT = r'''
 import os, sys, time
@@ -32,8 +32,8 @@ def test_evaluation_close_waits_for_every_rank_before_the_group_goes(tmp_path):
     script = tmp_path / "close.py"
     script.write_text(SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(script), str(tmp_path), REPO_ROOT], env=env, capture_output=True, text=True, timeout=180)
+    res = run_launcher([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), str(tmp_path), REPO_ROOT], timeout=180, env=env)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert (tmp_path / "rank1_saw").read_text() == "True"     # rank 1 left only after rank 0 finished
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO_ROOT
+from tests.distributed import run_launcher
 from tests.train_helpers import tiny_llama_config
 
 SEQ = 160
@@ -50,12 +51,11 @@ def _args(inputs, out, steps, *extra):
 def _torchrun(args, env=None, wait=True):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(REPO_ROOT, "witscale/train.py"), *args]
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    if wait:            # on the timeout, torchrun and its ranks are killed (not torchrun alone)
+        res = run_launcher(cmd, timeout=300, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env or _env())
+        return res.returncode, res.stdout
+    return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
-    if not wait:
-        return proc
-    out, _ = proc.communicate(timeout=300)
-    return proc.returncode, out
 
 
 def _train_losses(out_dir):
