@@ -4,6 +4,7 @@ last collective, and die at exit of std::terminate (issue 26: tools/evaluate.py 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import pytest
