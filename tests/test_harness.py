@@ -74,6 +74,18 @@ def _gone(pid: int) -> bool:
         return True
 
 
+def _assert_gone_soon(pid: int, message: str, seconds: float = 10) -> None:
+    """``pid`` ends within ``seconds`` (else the test fails with ``message`` and the process is killed)."""
+    deadline = time.monotonic() + seconds
+    while not _gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        assert _gone(pid), message.format(pid)
+    finally:
+        if not _gone(pid):
+            os.kill(pid, 9)
+
+
 @pytest.mark.slow
 def test_what_a_rank_started_does_not_outlive_the_run(tmp_path):
     """Each rank leads its own process group, killed when the run ends: a process it started (a compiler holding
@@ -81,15 +93,7 @@ def test_what_a_rank_started_does_not_outlive_the_run(tmp_path):
     pid_file = tmp_path / "child.pid"
     with pytest.raises(DistributedTestError, match="deliberate failure on rank 0"):
         run_distributed(_rank_0_starts_a_process_and_fails, 2, str(pid_file), timeout=60)
-    pid = int(pid_file.read_text())
-    deadline = time.monotonic() + 10
-    while not _gone(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    try:
-        assert _gone(pid), f"the rank's child {pid} outlived the run"
-    finally:
-        if not _gone(pid):
-            os.kill(pid, 9)
+    _assert_gone_soon(int(pid_file.read_text()), "the rank's child {} outlived the run")
 
 
 def test_worker_must_be_picklable():
@@ -107,15 +111,7 @@ def test_a_launcher_that_times_out_is_killed_with_its_ranks(tmp_path):
     pid_file = tmp_path / "rank.pid"
     with pytest.raises(subprocess.TimeoutExpired):
         run_launcher(["bash", "-c", f'setsid sleep 300 & echo $! > "{pid_file}"; wait'], timeout=2)
-    pid = int(pid_file.read_text())
-    deadline = time.monotonic() + 10
-    while not _gone(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    try:
-        assert _gone(pid), f"the launcher's child {pid} outlived it"
-    finally:
-        if not _gone(pid):
-            os.kill(pid, 9)
+    _assert_gone_soon(int(pid_file.read_text()), "the launcher's child {} outlived it")
 
 
 def test_the_serial_group_runs_in_one_worker_in_order(tmp_path):
