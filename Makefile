@@ -42,7 +42,7 @@ demo: $(STAMP)
 ## (process start-up, timeouts the tests provoke), not CPU. --dist loadgroup: tests/conftest.py puts what one
 ## machine has one of (the local Slurm, mpirun's port) into one group, run by one worker in order. DeepSpeed's JIT
 ## extensions are built first, once (tests/build_extensions.py), not by a rank of whichever worker gets there first.
-# 3 workers: ~22 minutes with the machine alone, 30 under another session's load; ~33 one test at a time. Issue 26: the Slurm tests had not been serialized at
+# 3 workers: ~20 minutes on a fresh clone (19 min 16 s of tests), 30 under heavy load; ~33 one test at a time. Issue 26: the Slurm tests had not been serialized at
 # all (xdist's group marker does nothing under pytest 9; tests/conftest.py now groups them in xdist's scheduler);
 # their waits are hang bounds that allow for the load, and each starts on idle nodes and cancels its jobs when it
 # ends (tests/slurm_helpers.py, README's Tests). TEST_WORKERS=1 runs one test at a time.
