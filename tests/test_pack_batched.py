@@ -226,7 +226,10 @@ def test_a_worker_chunk_packed_for_the_trip_back_unpacks_to_the_same_outcomes(ll
 # message changes (templates.classify_segments over tokenizer.Spans) rather than from every token's offsets
 # (classify_tokens). The references below are the per-token path as it was.
 _ADVERSARIAL = ["a", "b", "é", "e\u0301", "日本", "😀", "👩‍💻", "\U0001f9ec", "ñ", " ", "  ", "\n", "\t", "\u3000",
-                "\u00a0", "x.", "Paris", "?", "Add", "###", "\u200b", "ﬁ", "Ⅻ", "0", "12"]
+                "\u00a0", "x.", "Paris", "?", "Add", "###", "\u200b", "ﬁ", "Ⅻ", "0", "12",
+                # what the piece-length table must not take at face value: a literal "▁", specials and a
+                # byte-fallback piece's spelling in the text, an unknown token's
+                "\u2581", "<|im_end|>", "<s>", "<0x41>", "<unk>", "[UNK]"]
 
 
 @pytest.fixture(scope="module")
@@ -453,3 +456,90 @@ def test_encode_spans_through_transformers_call_when_the_backend_state_differs(l
             assert [sp.ids.tolist(), *[a.tolist() for a in sp.arrays()]] == [ids.tolist(), begin.tolist(), end.tolist()]
     finally:
         tok.hf.split_special_tokens = False
+
+
+# ------------------------------------------------------------------ offsets from the pieces' lengths
+# Metaspace and ByteLevel BPE tokenizers encode without offsets (encode_batch_fast) and take each token's span
+# from the UTF-8 bytes its piece spells (witscale/data/piece_offsets.py); a string the table cannot vouch for
+# takes the library's offsets.
+def _legacy_metaspace(llama_like_hf, tmp_path_factory):
+    """The same LLaMA BPE with the older tokenizer.json form: Prepend("▁") + Replace(" ", "▁") normalizer, no
+    pre-tokenizer (a dummy "▁" in front of every string between added tokens)."""
+    from tokenizers import Tokenizer, normalizers
+    from transformers import PreTrainedTokenizerFast
+    core = Tokenizer.from_str(llama_like_hf.hf.backend_tokenizer.to_str())
+    core.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    core.pre_tokenizer = None
+    path = str(tmp_path_factory.mktemp("legacy-metaspace"))
+    PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            additional_special_tokens=["<|im_start|>", "<|im_end|>"]).save_pretrained(path)
+    return load_tokenizer(path)
+
+
+def _nfc_bytelevel(tmp_path_factory):
+    """A byte-level BPE with Qwen2's NFC normalizer and a regex split before the ByteLevel step (Llama 3's)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    core = Tokenizer(models.BPE())
+    core.normalizer = normalizers.NFC()
+    core.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+|\s+"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator(["Add two and three. Paris is five. naïve café 日本 😀 e\u0301"] * 8,
+                             trainers.BpeTrainer(vocab_size=400, special_tokens=["<|im_start|>", "<|im_end|>"],
+                                                 show_progress=False,
+                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    path = str(tmp_path_factory.mktemp("nfc-bytelevel"))
+    PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>",
+                            additional_special_tokens=["<|im_start|>"]).save_pretrained(path)
+    return load_tokenizer(path)
+
+
+@pytest.fixture(scope="module")
+def piece_tokenizers(llama_like_hf, hf_tool_tokenizers, tmp_path_factory):  # noqa: F811
+    return {"metaspace": llama_like_hf, "metaspace-legacy": _legacy_metaspace(llama_like_hf, tmp_path_factory),
+            "bytelevel": hf_tool_tokenizers["qwen"], "bytelevel-nfc": _nfc_bytelevel(tmp_path_factory)}
+
+
+@pytest.mark.parametrize("name", ["metaspace", "metaspace-legacy", "bytelevel", "bytelevel-nfc"])
+def test_piece_lengths_give_the_library_offsets_or_nothing(piece_tokenizers, name):
+    """For every string — adversarial (literal "▁", specials and byte-fallback spellings in the text, emoji,
+    combining marks, non-NFC text), fresh and after the anchor — the piece-length table gives exactly the
+    library's character offsets, or declines; on ordinary text it does not decline (the fast path is taken)."""
+    tok = piece_tokenizers[name]
+    table = tok._piece_lengths()
+    assert table is not None
+    backend = tok.hf.backend_tokenizer
+    rng = np.random.default_rng(5)
+    ordinary = [" ".join(rng.choice(["Add", "two", "and", "three.", "Paris", "is", "five", "café", "日本", "😀",
+                                     "\n", "x"], int(rng.integers(1, 30)))) for _ in range(200)]
+    declined = {"adversarial": 0, "ordinary": 0}
+    for kind, texts in (("adversarial", _adversarial_texts(rng, 600)), ("ordinary", ordinary)):
+        for text in texts:
+            for anchored in (text, tok._anchor + text):
+                enc = backend.encode(anchored, add_special_tokens=False)
+                spans = table.spans(anchored, np.array(enc.ids, dtype=np.int32))
+                if spans is None:
+                    declined[kind] += 1
+                    continue
+                assert list(zip(*[a.tolist() for a in spans])) == [tuple(o) for o in enc.offsets], \
+                    (anchored, list(zip(enc.tokens, enc.offsets)))
+    assert declined["ordinary"] == 0
+    assert declined["adversarial"] < 600                  # the table answers most adversarial strings too
+
+
+def test_piece_lengths_only_for_tokenizers_whose_pieces_spell_the_text(wordpiece_hf, llama_like_hf):
+    """WordPiece (lower-casing, accents stripped, whitespace dropped) has no table: its offsets come from the
+    library; a Metaspace tokenizer's encode_spans takes the table (encode_batch_fast) and gives the arrays of
+    encode_with_offsets, a declined string (literal "▁") among them."""
+    from witscale.data.tokenizer import ArraySpans, EncodingSpans
+    assert wordpiece_hf._piece_lengths() is None
+    tok = load_tokenizer(llama_like_hf.path)      # (another test changes the module's tokenizer's state)
+    requests = [("Paris is five", False), ("a \u2581 b", False), ("x 😀 y", True), ("two", False)]
+    spans = tok.encode_spans(requests, {3})
+    assert [type(s) for s in spans] == [ArraySpans, EncodingSpans, ArraySpans, int]
+    for (text, cont), sp in zip(requests[:3], spans):
+        ids, begin, end = tok.encode_with_offsets(text, cont)
+        assert sp.ids.tolist() == ids.tolist()
+        assert [sp.span(k) for k in range(len(ids))] == list(zip(begin.tolist(), end.tolist()))

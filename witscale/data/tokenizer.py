@@ -23,17 +23,14 @@ import os
 import numpy as np
 
 from witscale.data.errors import TokenizerError
+from witscale.data.piece_offsets import PieceLengths, byte_to_char_offsets
 
 
 def _char_offsets(text: str, byte_begin: np.ndarray, byte_end: np.ndarray):
     """UTF-8 byte offsets → character offsets (a byte-fallback token may cover part of a character)."""
     if text.isascii():
         return byte_begin, byte_end
-    lens = np.fromiter((len(c.encode("utf-8")) for c in text), dtype=np.int64, count=len(text))
-    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
-    begin = np.searchsorted(starts, byte_begin, side="right") - 1
-    end = np.searchsorted(starts, byte_end, side="left")
-    return np.maximum(begin, 0), end
+    return byte_to_char_offsets(text, byte_begin, byte_end)
 
 
 class Spans:
@@ -72,9 +69,10 @@ class Spans:
 class ArraySpans(Spans):
     """Spans of ``encode_with_offsets``' arrays (SentencePiece; any tokenizer's reference path)."""
 
-    def __init__(self, ids: np.ndarray, begin: np.ndarray, end: np.ndarray):
+    def __init__(self, ids: np.ndarray, begin: np.ndarray, end: np.ndarray, monotone: bool | None = None):
         self.ids, self.begin, self.end = ids, begin, end
-        self.monotone = bool(np.all(begin[1:] >= begin[:-1]) and np.all(end[1:] >= end[:-1]))
+        self.monotone = bool(np.all(begin[1:] >= begin[:-1]) and np.all(end[1:] >= end[:-1])) \
+            if monotone is None else monotone
 
     def span(self, i: int) -> tuple[int, int]:
         return int(self.begin[i]), int(self.end[i])
@@ -280,6 +278,7 @@ class HFTokenizer(Tokenizer):
         # special-token ids, resolved once per piece: get_vocab() builds the whole vocabulary dict (151k
         # entries for Qwen) and templates look their specials up for every record
         self._token_ids: dict[str, int | None] = {}
+        self._pieces = False                     # _piece_lengths(): not built yet
         from witscale.data.added_tokens import read_added_record
         self.added = read_added_record(path)
 
@@ -293,6 +292,8 @@ class HFTokenizer(Tokenizer):
         # as a batch of one, through the backend's encode_batch), in Rust, for every string at once
         if not requests:
             return []
+        if self._backend_is_plain() and self._piece_lengths() is not None:     # offsets from the pieces
+            return [s if isinstance(s, int) else (s.ids, *s.arrays()) for s in self.encode_spans(requests, lengths_only)]
         shifts, encodings = self._backend_encodings(requests, lengths_only)
         if encodings is not None:
             return [self._length(e, shift) if i in lengths_only else self._strip_anchor(e.ids, e.offsets, shift)
@@ -303,14 +304,23 @@ class HFTokenizer(Tokenizer):
                 for i, (ids, offs, shift) in enumerate(zip(enc["input_ids"], enc["offset_mapping"], shifts))]
 
     def encode_spans(self, requests: list, lengths_only=frozenset()) -> list:
-        # the backend's encodings kept: their offsets are read only where a caller asks (EncodingSpans)
+        # offsets are read only where a caller asks: from the pieces' lengths where the tokenizer's pieces spell
+        # the text (piece_offsets.py: encode_batch_fast, which tracks no offsets), else from the backend's
+        # Encoding (EncodingSpans)
         if not requests:
             return []
-        shifts, encodings = self._backend_encodings(requests, lengths_only)
-        if encodings is None:
+        shifts, texts = self._anchored(requests)
+        backend = self.hf.backend_tokenizer
+        if not self._backend_is_plain():
             return super().encode_spans(requests, lengths_only)
-        out = []
-        for i, (e, shift) in enumerate(zip(encodings, shifts)):
+        pieces = self._piece_lengths()
+        fast = getattr(backend, "encode_batch_fast", None)
+        if pieces is None or fast is None:
+            _, encodings = self._backend_encodings(requests, lengths_only)
+            return [self._length(e, shift) if i in lengths_only else self._encoding_spans(e, shift)
+                    for i, (e, shift) in enumerate(zip(encodings, shifts))]
+        out, redo = [], []
+        for i, (e, shift, text) in enumerate(zip(fast(texts, add_special_tokens=False), shifts, texts)):
             if i in lengths_only:
                 out.append(self._length(e, shift))
                 continue
@@ -318,20 +328,55 @@ class HFTokenizer(Tokenizer):
             if shift:
                 self._check_anchor(ids)
             ids = np.fromiter(ids, dtype=np.int32, count=len(ids))
-            out.append(EncodingSpans(e, shift, ids[1:] if shift else ids))
+            spans = pieces.spans(text, ids)
+            if spans is None:                    # the library's offsets for this one (a rare string)
+                out.append(None)
+                redo.append(i)
+                continue
+            begin, end = spans
+            if shift:                            # as _strip_anchor
+                ids, begin, end = ids[1:], np.maximum(begin[1:] - shift, 0), np.maximum(end[1:] - shift, 0)
+            out.append(ArraySpans(ids, begin, end, monotone=True))
+        if redo:
+            for i, e in zip(redo, backend.encode_batch([texts[i] for i in redo], add_special_tokens=False)):
+                out[i] = self._encoding_spans(e, shifts[i])
         return out
+
+    def _encoding_spans(self, e, shift: int) -> "EncodingSpans":
+        ids = e.ids
+        if shift:
+            self._check_anchor(ids)
+        ids = np.fromiter(ids, dtype=np.int32, count=len(ids))
+        return EncodingSpans(e, shift, ids[1:] if shift else ids)
+
+    def _piece_lengths(self):
+        """The piece-length table of this tokenizer (piece_offsets.PieceLengths), None where its pieces do not
+        spell the text; built once."""
+        if self._pieces is False:
+            self._pieces = PieceLengths.of(self.hf.backend_tokenizer)
+        return self._pieces
+
+    def _anchored(self, requests: list):
+        """(the anchor shift of each request, its text with the anchor in front where it is a continuation)."""
+        shifts = [len(self._anchor) if c and self._anchor is not None else 0 for _, c in requests]
+        return shifts, [self._anchor + t if shift else t for (t, _), shift in zip(requests, shifts)]
+
+    def _backend_is_plain(self) -> bool:
+        """Whether the backend's own calls give what transformers' call gives: no truncation or padding set on
+        it, special tokens split (or not) as transformers would — else only transformers' call is right."""
+        backend = self.hf.backend_tokenizer
+        split_specials = bool(getattr(self.hf, "split_special_tokens", False))
+        return backend.truncation is None and backend.padding is None \
+            and getattr(backend, "encode_special_tokens", None) == split_specials
 
     def _backend_encodings(self, requests: list, lengths_only):
         """(the anchor shift of each request, the backend's Encoding of each — or None where the transformers
         tokenizer's state (truncation, padding, special-token splitting) differs from the backend's: then
         only its own call is right)."""
-        shifts = [len(self._anchor) if c and self._anchor is not None else 0 for _, c in requests]
-        texts = [self._anchor + t if shift else t for (t, _), shift in zip(requests, shifts)]
-        backend = self.hf.backend_tokenizer
-        split_specials = bool(getattr(self.hf, "split_special_tokens", False))
-        if backend.truncation is not None or backend.padding is not None \
-                or getattr(backend, "encode_special_tokens", None) != split_specials:
+        shifts, texts = self._anchored(requests)
+        if not self._backend_is_plain():
             return shifts, None
+        backend = self.hf.backend_tokenizer
         # the state transformers' call would set: its backend call, without building Python lists of dicts
         # per string (as much time as the tokenizing). The strings of which only the token count is needed go
         # through encode_batch_fast where there is one: the same pipeline without tracking offsets (a third of
