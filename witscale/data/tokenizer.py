@@ -293,7 +293,8 @@ class HFTokenizer(Tokenizer):
         if not requests:
             return []
         if self._backend_is_plain() and self._piece_lengths() is not None:     # offsets from the pieces
-            return [s if isinstance(s, int) else (s.ids, *s.arrays()) for s in self.encode_spans(requests, lengths_only)]
+            return [s if isinstance(s, int) else (s.ids, *s.arrays())
+                    for s in self.encode_spans(requests, lengths_only)]
         shifts, encodings = self._backend_encodings(requests, lengths_only)
         if encodings is not None:
             return [self._length(e, shift) if i in lengths_only else self._strip_anchor(e.ids, e.offsets, shift)
