@@ -18,12 +18,15 @@ records' text with ``datasets.map`` and that fast tokenizer (``--workers`` proce
 generated Alpaca-like JSONL at two sizes (``--memory-records``), against ``datasets.map`` tokenizing the same
 records with the same fast tokenizer in the same run (``--workers`` processes each; ``--repeat`` runs of
 each, interleaved, the fastest counting — a shared machine's load changes by the minute): tokens/s and peak RSS —
-of its largest process (ru_maxrss) and of the whole process tree (PSS, sampled every 20 ms). The two sizes give
+of its largest process (ru_maxrss) and of the whole process tree (PSS, sampled in one more run of each, which is
+not timed: sampling costs CPU on the cores both sides use). The two sizes give
 the memory's fixed part and its slope per document, extrapolated to the issue's 200,000 records, and likewise
 each side's CPU: its fixed part (imports, tokenizer loading, process starts) and its tokens per CPU-second of the
 records themselves, whose ratio is what the packer/map ratio tends to at 200,000 records:
 
     python tools/bench/bench_pack.py --memory --tokenizer ../shared/data/llama2_tokenizer.model --workers 2
+    python tools/bench/bench_pack.py --memory --tokenizer ../shared/data/llama2_tokenizer.model --workers 2 \
+        --memory-records 20000,200000          # the issue's 200,000 records, measured (≈ 8 minutes)
 
 ``--baseline-rev REV`` adds the packer of git revision REV (``git archive`` of this repository into the
 temporary directory) to the interleaved runs: the speed-up of the code as it is over REV's, measured under the
@@ -151,11 +154,14 @@ def alpaca_like_jsonl(path: str, n: int, seed: int = 0) -> str:
     return path
 
 
-def measured(cmd: list) -> dict:
+def measured(cmd: list, sample_memory: bool = False) -> dict:
     """Run cmd; its wall time, its CPU time (user + system, workers included: on a loaded machine the steadier
-    measure of the work done), its stdout and two peaks of resident memory: of its largest process (the
-    ru_maxrss wait4 reports: exact) and of its whole process tree (the sum of PSS — forked workers share
-    pages, which a sum of RSS would count once per process — sampled every 20 ms: a lower bound of the peak)."""
+    measure of the work done), its stdout and the peak resident memory of its largest process (the ru_maxrss
+    wait4 reports: exact). ``sample_memory``: also the peak of its whole process tree (the sum of PSS —
+    forked workers share pages, which a sum of RSS would count once per process — from /proc/PID/smaps_rollup
+    every 100 ms: a lower bound of the peak). Reading a process's PSS walks its page tables (≈ 3 ms for a
+    process that imported torch): sampled runs are not timed runs — sampling every 20 ms through psutil took
+    ≈ 40% of a core from the 2-core machine the two sides compete for."""
     import subprocess
     import threading
     import psutil
@@ -164,17 +170,22 @@ def measured(cmd: list) -> dict:
     peak = {"tree": 0}
     done = threading.Event()
 
+    def pss(pid: int) -> int:
+        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+
     def sample():
         root = psutil.Process(proc.pid)
         while not done.is_set():
             try:
-                rss = sum(p.memory_full_info().pss for p in [root] + root.children(recursive=True))
-            except psutil.Error:
+                rss = sum(pss(p.pid) for p in [root] + root.children(recursive=True))
+            except (psutil.Error, OSError, StopIteration):
                 continue
             peak["tree"] = max(peak["tree"], rss)
-            time.sleep(0.02)
+            time.sleep(0.1)
     sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    if sample_memory:
+        sampler.start()
     chunks = {}
     readers = [threading.Thread(target=lambda k, s: chunks.__setitem__(k, s.read()), args=(k, s), daemon=True)
                for k, s in (("out", proc.stdout), ("err", proc.stderr))]
@@ -182,7 +193,7 @@ def measured(cmd: list) -> dict:
         r.start()
     _, status, usage = os.wait4(proc.pid, 0)       # (not proc.wait: wait4 gives this child's own rusage)
     done.set()
-    for r in readers + [sampler]:
+    for r in readers + ([sampler] if sample_memory else []):
         r.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
     dt = time.perf_counter() - t0
@@ -241,15 +252,17 @@ def memory_benchmark(args, tmp: str) -> None:
     for n in [int(x) for x in args.memory_records.split(",")]:
         data = alpaca_like_jsonl(os.path.join(tmp, f"alpaca-{n}.jsonl"), n)
         out = os.path.join(tmp, f"packed-{n}")
-        runs = {"map": [], **{name: [] for name in packers}}
+        cmds = {"map": [sys.executable, "-c", _MAP_SCRIPT, data, tok_dir, str(args.workers)],
+                **{name: [sys.executable, packer, "--input", data, "--tokenizer", tok_dir, "--seq-len",
+                          str(args.seq_len), "--template", args.template, "--workers", str(args.workers),
+                          "--output", out, "--overwrite"] for name, packer in packers.items()}}
+        runs = {name: [] for name in cmds}
         for _ in range(args.repeat):        # interleaved, best of each: the machine's load changes by the minute
-            runs["map"].append(measured([sys.executable, "-c", _MAP_SCRIPT, data, tok_dir, str(args.workers)]))
-            for name, packer in packers.items():
-                runs[name].append(measured([sys.executable, packer, "--input", data, "--tokenizer", tok_dir,
-                                            "--seq-len", str(args.seq_len), "--template", args.template,
-                                            "--workers", str(args.workers), "--output", out, "--overwrite"]))
-        best = {name: dict(min(r, key=lambda x: x["s"]), main=max(x["main"] for x in r),
-                           tree=max(x["tree"] for x in r), cpu=min(x["cpu"] for x in r))
+            for name, cmd in cmds.items():
+                runs[name].append(measured(cmd))
+        trees = {name: measured(cmd, sample_memory=True) for name, cmd in cmds.items()}  # memory: one more run
+        best = {name: dict(min(r, key=lambda x: x["s"]), main=max(x["main"] for x in r + [trees[name]]),
+                           tree=trees[name]["tree"], cpu=min(x["cpu"] for x in r))
                 for name, r in runs.items()}
         base, packed = best["map"], best["pack"]
         with open(os.path.join(out, "manifest.json"), encoding="utf-8") as f:

@@ -84,7 +84,7 @@ class PieceLengths:
         """(begin int64[n], end int64[n]) of ``ids``, the tokens of ``text`` — or None (take the library's)."""
         if len(ids) == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        nb = self.nbytes[ids]
+        nb = self.nbytes[ids]                # a new array (fancy indexing): adjusted in place below
         dummies = None
         if self.dummy is not None:
             if "\u2581" in text:
@@ -93,14 +93,13 @@ class PieceLengths:
             if dummies is not None:
                 if not self.dummy_first[ids[dummies]].all():
                     return None
-                nb = nb.copy()
                 nb[dummies] -= 1
         ascii_ = text.isascii()
-        if int(nb.sum()) != (len(text) if ascii_ else len(text.encode("utf-8"))):
+        end = np.cumsum(nb)
+        if int(end[-1]) != (len(text) if ascii_ else len(text.encode("utf-8"))):
             return None
         if self.nfc and not ascii_ and not unicodedata.is_normalized("NFC", text):
             return None
-        end = np.cumsum(nb)
         begin = end - nb
         if not ascii_:
             begin, end = byte_to_char_offsets(text, begin, end)
@@ -113,12 +112,16 @@ class PieceLengths:
         does not start with a space or an added token (prepend_scheme 'first'), or the first token of every
         stretch between added tokens, whatever it starts with (the legacy Prepend normalizer)."""
         if self.dummy == "pre":
-            return np.zeros(1, np.intp) if text[:1] != " " and not self.added[ids[0]] else None
+            return _FIRST if text[:1] != " " and not self.added[ids[0]] else None
         if self.dummy == "legacy":
             added = self.added[ids]
             starts = np.flatnonzero(~added & np.concatenate([[True], added[:-1]]))
             return starts if len(starts) else None
         return None
+
+
+_FIRST = np.zeros(1, np.intp)
+_FIRST.flags.writeable = False
 
 
 def byte_to_char_offsets(text: str, byte_begin: np.ndarray, byte_end: np.ndarray):
