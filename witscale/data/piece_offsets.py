@@ -85,12 +85,18 @@ class PieceLengths:
         if len(ids) == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         nb = self.nbytes[ids]                # a new array (fancy indexing): adjusted in place below
-        dummies = None
+        first = dummies = None               # the dummy "▁": on the first token ('pre'), or per section
         if self.dummy is not None:
             if "\u2581" in text:
                 return None                 # a literal "▁" spells 3 bytes, a piece's "▁" counts one
-            dummies = self._dummies(text, ids)
-            if dummies is not None:
+            if self.dummy == "pre":
+                first = text[:1] != " " and not self.added[ids[0]]
+                if first:
+                    if not self.dummy_first[ids[0]]:
+                        return None
+                    nb[0] -= 1
+            elif self.dummy == "legacy":
+                dummies = self._section_starts(ids)
                 if not self.dummy_first[ids[dummies]].all():
                     return None
                 nb[dummies] -= 1
@@ -103,25 +109,19 @@ class PieceLengths:
         begin = end - nb
         if not ascii_:
             begin, end = byte_to_char_offsets(text, begin, end)
-        if dummies is not None:             # the library aligns a dummy "▁" with the character after it
+        # the library aligns a dummy "▁" with the character after it
+        if first and end[0] < 1:
+            end[0] = 1
+        elif dummies is not None:
             end[dummies] = np.maximum(end[dummies], begin[dummies] + 1)
         return begin, end
 
-    def _dummies(self, text: str, ids: np.ndarray):
-        """The tokens that begin with a dummy "▁" (int array), None for none: the first token of a string that
-        does not start with a space or an added token (prepend_scheme 'first'), or the first token of every
-        stretch between added tokens, whatever it starts with (the legacy Prepend normalizer)."""
-        if self.dummy == "pre":
-            return _FIRST if text[:1] != " " and not self.added[ids[0]] else None
-        if self.dummy == "legacy":
-            added = self.added[ids]
-            starts = np.flatnonzero(~added & np.concatenate([[True], added[:-1]]))
-            return starts if len(starts) else None
-        return None
-
-
-_FIRST = np.zeros(1, np.intp)
-_FIRST.flags.writeable = False
+    def _section_starts(self, ids: np.ndarray) -> np.ndarray:
+        """The first token of every stretch between added tokens: where the legacy Prepend normalizer puts a
+        dummy "▁", whatever the stretch starts with (prepend_scheme 'first' puts one only on a string's first
+        token, unless the string starts with a space or an added token)."""
+        added = self.added[ids]
+        return np.flatnonzero(~added & np.concatenate([[True], added[:-1]]))
 
 
 def byte_to_char_offsets(text: str, byte_begin: np.ndarray, byte_end: np.ndarray):

@@ -212,13 +212,16 @@ class Renderer:
         the first ``first_from(turn_end)`` where begins never decrease."""
         cls, msg = cls.copy(), msg.copy()
         for (turn, first, _, turn_end), n_prompt in zip(bounds, n_prompts):
-            if spans.monotone:                     # the turn's tokens after the prompt's: a range
-                after = np.arange(n_prompt, spans.first_from(turn_end))
+            if spans.monotone:                     # the turn's tokens after the prompt's: a range (views)
+                stop = spans.first_from(turn_end)
+                c, m = cls[n_prompt:stop], msg[n_prompt:stop]
+                flip = ~_IS_RESPONSE_SIDE[c]
+                c[flip], m[flip] = first, turn
             else:
                 after = np.nonzero(spans.arrays()[0] < turn_end)[0]
                 after = after[after >= n_prompt]
-            flip = after[~_IS_RESPONSE_SIDE[cls[after]]]
-            cls[flip], msg[flip] = first, turn
+                flip = after[~_IS_RESPONSE_SIDE[cls[after]]]
+                cls[flip], msg[flip] = first, turn
             c, m = cls[:n_prompt], msg[:n_prompt]
             c[(m == turn) & _IS_RESPONSE_SIDE[c]] = TokenClass.PROMPT
         return cls, msg

@@ -342,7 +342,7 @@ def classify_segments(text: str, starts: list, seg_cls: np.ndarray, seg_msg: np.
         return classify_tokens(text, np.repeat(seg_cls, lens), np.repeat(seg_msg, lens), begin, end)
     if len(starts) == 1:
         return np.full(len(spans), seg_cls[0], np.uint8), np.full(len(spans), seg_msg[0], np.int64)
-    cuts = [spans.first_from(p) for p in starts[1:]]
+    cuts = spans.firsts_from(starts[1:])
     counts = [b - a for a, b in zip([0, *cuts], [*cuts, len(spans)])]
     cls, msg = np.repeat(seg_cls, counts), np.repeat(seg_msg, counts)
     across = set()                           # tokens that cover a segment start

@@ -61,6 +61,10 @@ class Spans:
                 hi = mid
         return lo
 
+    def firsts_from(self, positions: list) -> list:
+        """``[first_from(p) for p in positions]``."""
+        return [self.first_from(p) for p in positions]
+
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """(begin int64[n], end int64[n])."""
         raise NotImplementedError
@@ -79,6 +83,9 @@ class ArraySpans(Spans):
 
     def first_from(self, pos: int) -> int:
         return int(np.searchsorted(self.begin, pos, side="left"))
+
+    def firsts_from(self, positions: list) -> list:
+        return np.searchsorted(self.begin, positions, side="left").tolist()
 
     def arrays(self):
         return self.begin, self.end
