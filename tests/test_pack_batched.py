@@ -131,6 +131,24 @@ def test_chunk_size_and_workers_give_the_same_bytes_with_a_fast_tokenizer(tmp_pa
     assert m["num_documents"] > 100
 
 
+def test_forked_workers_leave_the_garbage_collector_as_they_found_it(tmp_path, llama_like_hf):
+    """The pool's parent freezes its objects for the forked workers (out of their collections) and unfreezes them
+    after; a caller that froze objects of its own keeps them frozen (the packer then does not freeze)."""
+    import gc
+    recs = _records()
+    opts = PackOptions(seq_len=256, template="chatml", workers=2, skip_invalid=True, max_skip_fraction=1.0)
+    assert gc.get_freeze_count() == 0
+    pack_records(recs, llama_like_hf.path, str(tmp_path / "a"), opts)
+    assert gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        pack_records(recs, llama_like_hf.path, str(tmp_path / "b"), opts)
+        assert gc.get_freeze_count() >= frozen
+    finally:
+        gc.unfreeze()
+
+
 def _classify_by_class_counts(text, char_cls, char_msg, begin, end, num_classes):
     """classify_tokens as it was (per-class prefix counts of non-whitespace characters): the reference."""
     from witscale.data.classes import TokenClass

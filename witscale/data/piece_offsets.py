@@ -101,7 +101,7 @@ class PieceLengths:
                     return None
                 nb[dummies] -= 1
         ascii_ = text.isascii()
-        end = np.cumsum(nb)
+        end = nb.cumsum()
         if int(end[-1]) != (len(text) if ascii_ else len(text.encode("utf-8"))):
             return None
         if self.nfc and not ascii_ and not unicodedata.is_normalized("NFC", text):

@@ -344,7 +344,7 @@ def classify_segments(text: str, starts: list, seg_cls: np.ndarray, seg_msg: np.
         return np.full(len(spans), seg_cls[0], np.uint8), np.full(len(spans), seg_msg[0], np.int64)
     cuts = spans.firsts_from(starts[1:])
     counts = [b - a for a, b in zip([0, *cuts], [*cuts, len(spans)])]
-    cls, msg = np.repeat(seg_cls, counts), np.repeat(seg_msg, counts)
+    cls, msg = seg_cls.repeat(counts), seg_msg.repeat(counts)       # (methods: no numpy dispatch wrapper)
     across = set()                           # tokens that cover a segment start
     for p, k in zip(starts[1:], cuts):
         i = k - 1
