@@ -82,10 +82,10 @@ class ArraySpans(Spans):
         return int(self.begin[i]), int(self.end[i])
 
     def first_from(self, pos: int) -> int:
-        return int(np.searchsorted(self.begin, pos, side="left"))
+        return int(self.begin.searchsorted(pos, side="left"))
 
     def firsts_from(self, positions: list) -> list:
-        return np.searchsorted(self.begin, positions, side="left").tolist()
+        return self.begin.searchsorted(positions, side="left").tolist()
 
     def arrays(self):
         return self.begin, self.end
