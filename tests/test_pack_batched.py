@@ -474,6 +474,7 @@ def test_encode_spans_through_transformers_call_when_the_backend_state_differs(l
             assert [sp.ids.tolist(), *[a.tolist() for a in sp.arrays()]] == [ids.tolist(), begin.tolist(), end.tolist()]
     finally:
         tok.hf.split_special_tokens = False
+        tok.hf.backend_tokenizer.encode_special_tokens = False   # (transformers' call set the backend's too)
 
 
 # ------------------------------------------------------------------ offsets from the pieces' lengths
@@ -516,7 +517,9 @@ def _nfc_bytelevel(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def piece_tokenizers(llama_like_hf, hf_tool_tokenizers, tmp_path_factory):  # noqa: F811
-    return {"metaspace": llama_like_hf, "metaspace-legacy": _legacy_metaspace(llama_like_hf, tmp_path_factory),
+    # (a fresh copy of the module's LLaMA tokenizer: another test changes that one's special-token splitting)
+    return {"metaspace": load_tokenizer(llama_like_hf.path),
+            "metaspace-legacy": _legacy_metaspace(llama_like_hf, tmp_path_factory),
             "bytelevel": hf_tool_tokenizers["qwen"], "bytelevel-nfc": _nfc_bytelevel(tmp_path_factory)}
 
 
@@ -561,3 +564,37 @@ def test_piece_lengths_only_for_tokenizers_whose_pieces_spell_the_text(wordpiece
         ids, begin, end = tok.encode_with_offsets(text, cont)
         assert sp.ids.tolist() == ids.tolist()
         assert [sp.span(k) for k in range(len(ids))] == list(zip(begin.tolist(), end.tolist()))
+
+
+@pytest.mark.parametrize("name", ["metaspace", "metaspace-legacy"])
+def test_prefix_counts_read_off_the_whole_text_equal_the_prefix_tokenized_alone(piece_tokenizers, name):
+    """plain's paper boundary needs len(tokenize(text[:c])); a Metaspace BPE gives it as the number of tokens
+    before c wherever the whole text's tokens break at c (Tokenizer.prefix_count) — on adversarial text (emoji
+    in byte-fallback bytes, literal "▁", special-token spellings, spaces on both sides of c), fresh and after the
+    anchor. It answers for most cuts (a joining space starts a token), declines where a token covers c."""
+    from witscale.data.tokenizer import ArraySpans
+    tok = piece_tokenizers[name]
+    assert tok.prefix_stable
+    rng = np.random.default_rng(7)
+    answered = declined = 0
+    for text in _adversarial_texts(rng, 500, 14):
+        cont = bool(rng.random() < 0.4)
+        ids, begin, end = tok.encode_with_offsets(text, cont)
+        for spans in tok.encode_spans([(text, cont)]) + [ArraySpans(ids, begin, end)]:
+            for c in range(1, len(text) + 1):
+                n = tok.prefix_count(spans, c)
+                if n is None:
+                    declined += 1
+                    continue
+                answered += 1
+                assert n == len(tok.encode_with_offsets(text[:c], cont)[0]), (text, c, cont)
+    assert answered > 2000 and declined > 200
+
+
+def test_prefix_counts_only_where_the_tokenizer_is_prefix_stable(piece_tokenizers, wordpiece_hf, sp_tokenizer):
+    """ByteLevel BPE (its regex splits a prefix's end differently), WordPiece and SentencePiece models are
+    encoded for every prefix: no count is read off the whole text."""
+    for tok in (piece_tokenizers["bytelevel"], piece_tokenizers["bytelevel-nfc"], wordpiece_hf, sp_tokenizer):
+        assert not tok.prefix_stable
+        spans = tok.encode_spans([("Paris is five", False)])[0]
+        assert tok.prefix_count(spans, 5) is None

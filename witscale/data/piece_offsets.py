@@ -37,12 +37,20 @@ class PieceLengths:
     bytes each token id spells, or None where the table cannot vouch for them (see the module docstring)."""
 
     def __init__(self, nbytes: np.ndarray, dummy_first: np.ndarray | None, added: np.ndarray, dummy: str | None,
-                 nfc: bool):
+                 nfc: bool, prefix_stable: bool = False):
         self.nbytes = nbytes                 # int64 [vocab]: bytes of text each id spells
         self.dummy_first = dummy_first       # bool [vocab]: (Metaspace) the piece starts with "▁"
         self.added = added                   # bool [vocab]: an added token (a section of its own)
         self.dummy = dummy                   # where a dummy "▁" goes: 'first' string, 'each' section, None
         self.nfc = nfc
+        # a Metaspace BPE tokenizes each stretch between added tokens as one word (split=False; with split=True
+        # a word per "▁"), by merges applied in (rank, position) order and never undone. If the tokens of a
+        # string break at character c, no merge crossed c, so the merges before c were those of text[:c]
+        # alone, in the same order: len(tokenize(text[:c])) is the number of tokens before c
+        # (Tokenizer.prefix_count; plain's paper boundary). Not for ByteLevel: its regex pre-tokenizer splits
+        # a prefix's end differently (digits, trailing spaces); not with ignore_merges (a whole word found in
+        # the vocabulary skips the merges), dropout, subword prefixes/suffixes or fused unknowns.
+        self.prefix_stable = prefix_stable
 
     @classmethod
     def of(cls, backend) -> "PieceLengths | None":
@@ -78,7 +86,10 @@ class PieceLengths:
         unk = model.get("unk_token")
         if unk is not None and unk in vocab:
             nbytes[vocab[unk]] = _REFUSE
-        return cls(nbytes, dummy, added_ids, metaspace, nfc=bytelevel and norm is not None)
+        stable = metaspace is not None and not model.get("ignore_merges") and model.get("dropout") is None \
+            and not model.get("continuing_subword_prefix") and not model.get("end_of_word_suffix") \
+            and (bool(model.get("byte_fallback")) or not model.get("fuse_unk"))
+        return cls(nbytes, dummy, added_ids, metaspace, nfc=bytelevel and norm is not None, prefix_stable=stable)
 
     def spans(self, text: str, ids: np.ndarray):
         """(begin int64[n], end int64[n]) of ``ids``, the tokens of ``text`` — or None (take the library's)."""

@@ -81,14 +81,15 @@ class Renderer:
     def __call__(self, conv: Conversation) -> Document:
         """One record, its strings encoded one call each (the reference the batched path must equal)."""
         self.check(conv)
-        requests, lengths_only, finish = self._plan(conv)
+        requests, lengths_only, finish, _ = self._plan(conv)
         encodings = [self.tokenizer.encode_with_offsets(t, c) for t, c in requests]
         return self._document(conv, finish([len(e[0]) if i in lengths_only else e for i, e in enumerate(encodings)]))
 
     def render_many(self, convs: list) -> list:
         """Documents of many records — the same as ``[self(c) for c in convs]`` — with every string they need
-        encoded in ONE ``Tokenizer.encode_spans`` call (``encode_many`` for ``hf``; a fast tokenizer's batch API:
-        one call per record through transformers' Python wrapper cost more than the tokenizing). A record this
+        encoded in one ``Tokenizer.encode_spans`` call (``encode_many`` for ``hf``; a fast tokenizer's batch API:
+        one call per record through transformers' Python wrapper cost more than the tokenizing; a second for
+        ``plain``'s prompts whose count is not read off their run: ``_encode``). A record this
         template cannot express gives its RecordError in its place (not located: the caller knows where the
         record came from)."""
         plans = []
@@ -98,15 +99,14 @@ class Renderer:
                 plans.append(self._plan(conv))
             except RecordError as e:
                 plans.append(e)
-        requests, lengths_only = [], set()
+        requests, lengths_only, prefixes = [], set(), {}
         for p in plans:
             if not isinstance(p, RecordError):
-                lengths_only.update(len(requests) + i for i in p[1])
+                base = len(requests)
+                lengths_only.update(base + i for i in p[1])
+                prefixes.update((base + j, (base + at, c)) for j, (at, c) in p[3].items())
                 requests.extend(p[0])
-        # the fixed templates' runs need only the tokens near their class changes (Spans); the hf template
-        # classes every token from its characters' arrays
-        encode = self.tokenizer.encode_many if self._hf is not None else self.tokenizer.encode_spans
-        encodings = iter(encode(requests, lengths_only))
+        encodings = iter(self._encode(requests, lengths_only, prefixes))
         out = []
         for conv, p in zip(convs, plans):
             if isinstance(p, RecordError):
@@ -119,13 +119,39 @@ class Renderer:
                 out.append(e)
         return out
 
+    def _encode(self, requests: list, lengths_only: set, prefixes: dict) -> list:
+        """The encodings of ``requests`` (token counts for ``lengths_only``). ``prefixes``: of those counted, the
+        ones that are a run's text up to character c — request j → (the run's request, c). Where the tokenizer
+        is prefix-stable (Tokenizer.prefix_count) and the run's tokens break at c, the count is read off the
+        run's encoding; the others are encoded in a second call."""
+        # the fixed templates' runs need only the tokens near their class changes (Spans); the hf template
+        # classes every token from its characters' arrays
+        encode = self.tokenizer.encode_many if self._hf is not None else self.tokenizer.encode_spans
+        if not prefixes or not self.tokenizer.prefix_stable:
+            return encode(requests, lengths_only)
+        first = [i for i in range(len(requests)) if i not in prefixes]
+        encodings: list = [None] * len(requests)
+        sub = {i: k for k, i in enumerate(first)}
+        for i, e in zip(first, encode([requests[i] for i in first], {sub[i] for i in lengths_only if i in sub})):
+            encodings[i] = e
+        missing = []
+        for j, (at, c) in prefixes.items():
+            encodings[j] = self.tokenizer.prefix_count(encodings[at], c)
+            if encodings[j] is None:
+                missing.append(j)
+        if missing:
+            for j, n in zip(missing, encode([requests[j] for j in missing], set(range(len(missing))))):
+                encodings[j] = n
+        return encodings
+
     def _plan(self, conv: Conversation):
         """(the strings to encode — (text, continuation) pairs —, the indices of those of which only the number
         of tokens is needed, a function of their encodings in that order (those: an int) → (ids, classes,
-        message index per token)). Everything but the encoding: rendering is per record, encoding can be
-        batched across records."""
+        message index per token), and of the counted ones those that are a prefix of another request's text:
+        {index: (that request's index, the prefix's length in characters)}). Everything but the encoding:
+        rendering is per record, encoding can be batched across records."""
         if self._hf is not None:
-            return self._hf.plan(conv)
+            return (*self._hf.plan(conv), {})
         return self._plan_items(self.items(conv))
 
     @staticmethod
@@ -143,6 +169,7 @@ class Renderer:
         pieces: list = []
         requests: list[tuple[str, bool]] = []
         lengths_only: list[int] = []
+        prefix_of: dict[int, tuple[int, int]] = {}
         run: list[Text] = []
         started = False          # has a token other than a leading BOS been emitted?
 
@@ -157,6 +184,7 @@ class Renderer:
             requests.extend((text[:c], started) for _, _, c, _ in bounds)
             prefixes = list(range(at + 1, len(requests)))        # plain's boundary: only their token counts
             lengths_only.extend(prefixes)
+            prefix_of.update((j, (at, c)) for j, (_, _, c, _) in zip(prefixes, bounds))
             pieces.append((text, at, prefixes, bounds, *_segments(run)))
             started = True
             run.clear()
@@ -201,7 +229,7 @@ class Renderer:
                 classes.append(cls.astype(np.uint8, copy=False))
                 msgs.append(msg)
             return np.concatenate(ids), np.concatenate(classes), np.concatenate(msgs)
-        return requests, lengths_only, finish
+        return requests, lengths_only, finish, prefix_of
 
     @staticmethod
     def _paper_boundary(bounds: list, spans: Spans, cls: np.ndarray, msg: np.ndarray, n_prompts: list):

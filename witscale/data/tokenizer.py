@@ -156,6 +156,14 @@ class Tokenizer:
         return [enc if i in lengths_only else ArraySpans(*enc)
                 for i, enc in enumerate(self.encode_many(requests, lengths_only))]
 
+    prefix_stable = False     # see prefix_count
+
+    def prefix_count(self, spans, c: int) -> int | None:
+        """``len(encode(text[:c]))`` read off ``spans``, the encoding of the whole ``text`` (same continuation),
+        or None where it cannot be: only a prefix-stable tokenizer (``prefix_stable``) tokenizes a prefix that
+        ends where a token of the whole text begins into exactly the tokens before that one."""
+        return None
+
     def encode(self, text: str, continuation: bool = False) -> list[int]:
         return self.encode_with_offsets(text, continuation)[0].tolist()
 
@@ -349,6 +357,21 @@ class HFTokenizer(Tokenizer):
             for i, e in zip(redo, backend.encode_batch([texts[i] for i in redo], add_special_tokens=False)):
                 out[i] = self._encoding_spans(e, shifts[i])
         return out
+
+    @property
+    def prefix_stable(self) -> bool:
+        pieces = self._piece_lengths()
+        return pieces is not None and pieces.prefix_stable and self._backend_is_plain()
+
+    def prefix_count(self, spans, c: int) -> int | None:
+        # a BPE over one word (Metaspace): merges never undone, applied in (rank, position) order — a word
+        # whose tokens break at c merged its part before c exactly as that part alone (piece_offsets.py)
+        if c <= 0 or not isinstance(spans, Spans) or not spans.monotone or not self.prefix_stable:
+            return None
+        k = spans.first_from(c)
+        if k >= len(spans) or spans.span(k)[0] != c or (k and spans.span(k - 1)[1] > c):
+            return None
+        return k
 
     def _encoding_spans(self, e, shift: int) -> "EncodingSpans":
         ids = e.ids
