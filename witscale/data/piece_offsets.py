@@ -14,7 +14,7 @@ running sum of its pieces' byte lengths, and its character span the characters t
 of a character split into fallback bytes gets that character, as the library gives it.
 
 The sum is checked against the text, one integer comparison per string: a string whose pieces do not add up
-to its bytes (exactly, or by the one dummy "▁") — an unknown token, a literal "▁" in the text, a non-NFC
+to its bytes (once the dummy "▁"s the tokenizer puts in are taken off) — an unknown token, a literal "▁" in the text, a non-NFC
 string, an added token that strips whitespace — is answered ``None`` and takes the library's offsets. A
 tokenizer that is none of these (another model type, normalizer or pre-tokenizer) has no table at all.
 tests/test_pack_batched.py checks the spans equal the library's on adversarial text for both families."""
@@ -36,12 +36,14 @@ class PieceLengths:
     """``spans(text, ids)``: each token's (begin, end) character offsets in ``text`` from a table of the UTF-8
     bytes each token id spells, or None where the table cannot vouch for them (see the module docstring)."""
 
-    def __init__(self, nbytes: np.ndarray, dummy_first: np.ndarray | None, added: np.ndarray, dummy: str | None,
+    def __init__(self, nbytes: np.ndarray, dummy_first: np.ndarray, added: np.ndarray, dummy: str | None,
                  nfc: bool, prefix_stable: bool = False):
         self.nbytes = nbytes                 # int64 [vocab]: bytes of text each id spells
         self.dummy_first = dummy_first       # bool [vocab]: (Metaspace) the piece starts with "▁"
         self.added = added                   # bool [vocab]: an added token (a section of its own)
-        self.dummy = dummy                   # where a dummy "▁" goes: 'first' string, 'each' section, None
+        # Metaspace's dummy "▁" (_metaspace): 'pre' on a string's first token, 'legacy' on every stretch's,
+        # 'never'; None: ByteLevel
+        self.dummy = dummy
         self.nfc = nfc
         # a Metaspace BPE tokenizes each stretch between added tokens as one word (split=False; with split=True
         # a word per "▁"), by merges applied in (rank, position) order and never undone. If the tokens of a

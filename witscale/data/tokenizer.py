@@ -325,10 +325,10 @@ class HFTokenizer(Tokenizer):
         # Encoding (EncodingSpans)
         if not requests:
             return []
-        shifts, texts = self._anchored(requests)
-        backend = self.hf.backend_tokenizer
         if not self._backend_is_plain():
             return super().encode_spans(requests, lengths_only)
+        shifts, texts = self._anchored(requests)
+        backend = self.hf.backend_tokenizer
         pieces = self._piece_lengths()
         fast = getattr(backend, "encode_batch_fast", None)
         if pieces is None or fast is None:
@@ -340,10 +340,7 @@ class HFTokenizer(Tokenizer):
             if i in lengths_only:
                 out.append(self._length(e, shift))
                 continue
-            ids = e.ids
-            if shift:
-                self._check_anchor(ids)
-            ids = np.fromiter(ids, dtype=np.int32, count=len(ids))
+            ids = self._ids(e, shift)
             spans = pieces.spans(text, ids)
             if spans is None:                    # the library's offsets for this one (a rare string)
                 out.append(None)
@@ -373,11 +370,15 @@ class HFTokenizer(Tokenizer):
             return None
         return k
 
-    def _encoding_spans(self, e, shift: int) -> "EncodingSpans":
+    def _ids(self, e, shift: int) -> np.ndarray:
+        """A backend Encoding's ids (int32, the anchor still in front of a continuation, checked)."""
         ids = e.ids
         if shift:
             self._check_anchor(ids)
-        ids = np.fromiter(ids, dtype=np.int32, count=len(ids))
+        return np.fromiter(ids, dtype=np.int32, count=len(ids))
+
+    def _encoding_spans(self, e, shift: int) -> "EncodingSpans":
+        ids = self._ids(e, shift)
         return EncodingSpans(e, shift, ids[1:] if shift else ids)
 
     def _piece_lengths(self):
